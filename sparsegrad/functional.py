@@ -1,0 +1,211 @@
+"""Functional API: lif_layer and li_readout, with argument checking a user can act on."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from . import ops
+
+__all__ = ["lif_layer", "li_readout", "LIFState", "LIFStats", "lif_layer_with_stats"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+# Attribute under which a sparse layer's output spikes carry its active set (CSR over (b, t)).
+_ACTIVE_SET_ATTR = "_sparsegrad_active_set"
+
+
+class LIFState(NamedTuple):
+    """Membrane potential and last spikes, each [B, N_out]."""
+
+    v: torch.Tensor
+    s: torch.Tensor
+
+
+class LIFStats(NamedTuple):
+    """Per-call statistics from the forward kernel (int64 scalar tensors; no host sync made)."""
+
+    spike_count: torch.Tensor
+    active_count: torch.Tensor
+    input_nonzeros: torch.Tensor
+    numel: int  # T * B * N_out
+
+    @property
+    def active_fraction(self) -> float:
+        return float(self.active_count) / max(self.numel, 1)
+
+    @property
+    def spike_rate(self) -> float:
+        return float(self.spike_count) / max(self.numel, 1)
+
+
+def _check_tensor(name, t, rank, dtype=None, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
+    if dtype is None:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+    elif t.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of x ({dtype}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; put them on one device")
+
+
+def _check_scalar(name, value, low, high, low_open, allow_inf=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be finite, got {value}")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        lo = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {lo}{low}, {high}], got {value}")
+    return value
+
+
+def _check_linear(x, weight, bias, what="x"):
+    _check_tensor(what, x, 3)
+    _check_tensor("weight", weight, 2, x.dtype, x.device)
+    if weight.shape[1] != x.shape[2]:
+        raise ValueError(
+            f"weight must be [N_out, N_in] with N_in = {what}.shape[2] = {x.shape[2]}, "
+            f"got weight of shape {tuple(weight.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1, x.dtype, x.device)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def check_lif_args(alpha, threshold, b_th, slope, backward):
+    """Validate LIF hyper-parameters; returns them as floats."""
+    if backward not in ("sparse", "dense"):
+        raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
+    alpha = _check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
+    threshold = _check_scalar("threshold", threshold, 0.0, math.inf, low_open=True)
+    b_th = _check_scalar("b_th", b_th, 0.0, math.inf, low_open=True, allow_inf=True)
+    slope = _check_scalar("slope", slope, 0.0, math.inf, low_open=True)
+    return alpha, threshold, b_th, slope
+
+
+def producer_active_set(x: torch.Tensor, time_major: bool = True):
+    """The active set attached to x by the sparse layer that produced it, or (None, None).
+
+    Only an exact output of a sparse layer carries it: any op applied to the spikes makes a new
+    tensor without it, and the backward then computes dx everywhere (always correct).
+    """
+    if torch.compiler.is_compiling():
+        return None, None
+    meta = getattr(x, _ACTIVE_SET_ATTR, None)
+    if meta is None:
+        return None, None
+    ptr, idx, shape, meta_time_major = meta
+    if meta_time_major != time_major or tuple(x.shape) != shape:
+        return None, None
+    return ptr, idx
+
+
+def attach_active_set(spikes: torch.Tensor, ptr, idx, time_major: bool = True):
+    if not torch.compiler.is_compiling():
+        setattr(spikes, _ACTIVE_SET_ATTR, (ptr, idx, tuple(spikes.shape), time_major))
+
+
+def lif_layer_with_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    slope: float = 100.0,
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+):
+    """lif_layer returning (spikes, LIFState, LIFStats, (act_ptr, act_idx)).
+
+    producer: the (ptr, idx) active set of the sparse layer that made x, if known.
+    """
+    _check_linear(x, weight, bias)
+    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward)
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    v_init = s_init = None
+    if state is not None:
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError("state must be a (v, s) pair of [B, N_out] tensors or None")
+        v_init, s_init = state
+        for name, t in (("state.v", v_init), ("state.s", s_init)):
+            _check_tensor(name, t, 2, x.dtype, x.device)
+            if tuple(t.shape) != (B, n_out):
+                raise ValueError(f"{name} must have shape [{B}, {n_out}], got {tuple(t.shape)}")
+    if producer is None:
+        producer = producer_active_set(x)
+    x_ptr, x_idx = producer
+    sparse = backward == "sparse"
+    (spikes, v_final, act_ptr, act_idx, _sg, _ep, _ei, _ev, stats) = ops.lif_forward(
+        x, weight, bias, v_init, s_init, x_ptr, x_idx, alpha, threshold, b_th, slope, sparse)
+    if sparse:
+        attach_active_set(spikes, act_ptr, act_idx)
+    state_out = LIFState(v_final, spikes[-1])
+    stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n_out)
+    return spikes, state_out, stats_out, (act_ptr, act_idx)
+
+
+def lif_layer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    slope: float = 100.0,
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    return_state: bool = False,
+):
+    """Fused linear + leaky integrate-and-fire layer over a whole sequence.
+
+    x [T, B, N_in] (time-major), weight [N_out, N_in], bias [N_out] -> spikes [T, B, N_out].
+
+        V[t] = alpha*V[t-1] + x[t] @ weight.T + bias - threshold*S[t-1]   (reset detached)
+        S[t] = H(V[t] - threshold)
+
+    backward="sparse" (default) propagates the surrogate gradient 1/(slope*|V-threshold|+1)^2 only
+    where |V - threshold| < b_th, doing work proportional to those entries; backward="dense" uses
+    it everywhere (standard surrogate BPTT). state=(V, S) continues a sequence; with
+    return_state=True the result is (spikes, LIFState(V[T-1], S[T-1])).
+    """
+    spikes, state_out, _, _ = lif_layer_with_stats(
+        x, weight, bias, alpha=alpha, threshold=threshold, b_th=b_th, slope=slope,
+        backward=backward, state=state)
+    if return_state:
+        return spikes, state_out
+    return spikes
+
+
+def li_readout(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    reduce: str = "max",
+    producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+):
+    """Leaky-integrator readout U[t] = alpha*U[t-1] + (1-alpha)*(x[t] @ weight.T + bias).
+
+    reduce = "max" | "sum" | "mean" over time -> [B, N_out]; "none" -> [T, B, N_out].
+    """
+    _check_linear(x, weight, bias)
+    alpha = _check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
+    if reduce not in ops.REDUCTIONS:
+        raise ValueError(f"reduce must be one of {ops.REDUCTIONS}, got {reduce!r}")
+    if producer is None:
+        producer = producer_active_set(x)
+    out, *_ = ops.li_readout_forward(x, weight, bias, producer[0], producer[1], alpha, reduce)
+    return out

@@ -1,0 +1,127 @@
+"""Modules: LIF (nn.Linear + leaky integrate-and-fire, fused) and LIReadout."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional as F_sg
+from . import ops
+
+__all__ = ["LIF", "LIReadout"]
+
+
+class _LinearParams(nn.Module):
+    """weight [out, in] and bias [out], initialised and named exactly as nn.Linear's."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        if bias is False:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _time_major(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(
+                f"input must be [T, B, {self.in_features}] (or [B, T, {self.in_features}] with "
+                f"batch_first=True), got shape {tuple(x.shape)}")
+        return x.transpose(0, 1) if self.batch_first else x
+
+    def _producer(self, x: torch.Tensor):
+        # A batch-first output of a sparse LIF carries its set under time_major=False.
+        return F_sg.producer_active_set(x, time_major=not self.batch_first)
+
+
+class LIF(_LinearParams):
+    """Linear layer followed by leaky integrate-and-fire neurons, as one fused kernel.
+
+    state_dict-compatible with nn.Linear (``weight`` [out, in], ``bias`` [out]). Input [T, B, in]
+    (or [B, T, in] with batch_first=True) -> spikes of the same layout with ``out`` features.
+    After each forward, ``last_stats`` holds that call's spike count and active fraction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 alpha: float = 0.9, threshold: float = 1.0, b_th: float = 0.2,
+                 slope: float = 100.0, backward: str = "sparse", batch_first: bool = False,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward)
+        self.alpha = float(alpha)
+        self.threshold = float(threshold)
+        self.b_th = float(b_th)
+        self.slope = float(slope)
+        self.backward = backward
+        self.batch_first = bool(batch_first)
+        self.last_stats: Optional[F_sg.LIFStats] = None
+
+    def forward(self, x: torch.Tensor, state=None, return_state: bool = False):
+        x_tm = self._time_major(x)
+        spikes, state_out, stats, (ptr, idx) = F_sg.lif_layer_with_stats(
+            x_tm, self.weight, self.bias, alpha=self.alpha, threshold=self.threshold,
+            b_th=self.b_th, slope=self.slope, backward=self.backward, state=state,
+            producer=self._producer(x))
+        self.last_stats = stats
+        if self.batch_first:
+            spikes = spikes.transpose(0, 1)
+            if self.backward == "sparse":
+                F_sg.attach_active_set(spikes, ptr, idx, time_major=False)
+        return (spikes, state_out) if return_state else spikes
+
+    def __getstate__(self):
+        # Per-call statistics are not part of the model: keep pickles and deep copies clean.
+        state = super().__getstate__().copy()
+        state["last_stats"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, alpha={self.alpha}, threshold={self.threshold}, "
+                f"b_th={self.b_th}, slope={self.slope}, backward={self.backward!r}, "
+                f"batch_first={self.batch_first}")
+
+
+class LIReadout(_LinearParams):
+    """Non-spiking leaky-integrator readout: U[t] = alpha*U[t-1] + (1-alpha)*(W x[t] + b).
+
+    reduce over time: "max" (default), "sum", "mean" -> [B, out]; "none" -> [T, B, out]
+    (or [B, T, out] with batch_first=True).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 alpha: float = 0.9, reduce: str = "max", batch_first: bool = False,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        F_sg._check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
+        if reduce not in ops.REDUCTIONS:
+            raise ValueError(f"reduce must be one of {ops.REDUCTIONS}, got {reduce!r}")
+        self.alpha = float(alpha)
+        self.reduce = reduce
+        self.batch_first = bool(batch_first)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F_sg.li_readout(self._time_major(x), self.weight, self.bias, alpha=self.alpha,
+                              reduce=self.reduce, producer=self._producer(x))
+        if self.reduce == "none" and self.batch_first:
+            out = out.transpose(0, 1)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, alpha={self.alpha}, reduce={self.reduce!r}, "
+                f"batch_first={self.batch_first}")

@@ -1,0 +1,201 @@
+"""Thin wrappers over torch.ops.sparsegrad.*: fake (shape-only) kernels and autograd.
+
+The schemas live in csrc/ops.cpp; the device kernels in csrc/cpu and csrc/cuda. Each backward here
+calls another registered op, so torch.compile can trace through training steps.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that registers the ops)
+
+_ops = torch.ops.sparsegrad
+
+DW_ROUTES = {"auto": 0, "events": 1, "active": 2}
+REDUCTIONS = ("max", "sum", "mean", "none")
+
+
+# --------------------------------------------------------------------------------------------
+# Fake kernels: shapes only. Compact tensors have data-dependent lengths (unbacked sizes).
+# --------------------------------------------------------------------------------------------
+def _dynamic(ctx):
+    return ctx.new_dynamic_size()
+
+
+@torch.library.register_fake("sparsegrad::lif_forward")
+def _lif_forward_fake(x, weight, bias, v_init, s_init, x_act_ptr, x_act_idx, alpha, threshold, b_th,
+                      slope, sparse):
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    ctx = torch.library.get_ctx()
+    spikes = x.new_empty(T, B, n_out)
+    v_final = x.new_empty(B, n_out)
+    if sparse:
+        act_ptr = x.new_empty(B * T + 1, dtype=torch.int64)
+        n_active = _dynamic(ctx)
+        act_idx = x.new_empty(n_active, dtype=torch.int32)
+        act_sg = x.new_empty(n_active)
+        ev_ptr, ev_idx, ev_val = _events_fake(x, ctx)
+    else:
+        act_ptr = x.new_empty(0, dtype=torch.int64)
+        act_idx = x.new_empty(0, dtype=torch.int32)
+        act_sg = x.new_empty(T, B, n_out)
+        ev_ptr = x.new_empty(0, dtype=torch.int64)
+        ev_idx = x.new_empty(0, dtype=torch.int32)
+        ev_val = x.new_empty(0)
+    stats = x.new_empty(3, dtype=torch.int64)
+    return spikes, v_final, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, stats
+
+
+def _events_fake(x, ctx):
+    T, B, _ = x.shape
+    ev_ptr = x.new_empty(B * T + 1, dtype=torch.int64)
+    ev_idx = x.new_empty(_dynamic(ctx), dtype=torch.int32)
+    ev_val = x.new_empty(_dynamic(ctx))  # empty when x is binary
+    return ev_ptr, ev_idx, ev_val
+
+
+def _grads_fake(x_shape, like, weight, need_dx, need_dw, need_db):
+    dx = like.new_empty(x_shape) if need_dx else like.new_empty(0)
+    dw = like.new_empty(weight.shape) if need_dw else like.new_empty(0)
+    db = like.new_empty(weight.shape[0]) if need_db else like.new_empty(0)
+    return dx, dw, db
+
+
+@torch.library.register_fake("sparsegrad::lif_backward_sparse")
+def _lif_backward_sparse_fake(grad_spikes, grad_v_final, weight, act_ptr, act_idx, act_sg, ev_ptr,
+                              ev_idx, ev_val, prev_ptr, prev_idx, alpha, need_dx, need_dw, need_db,
+                              need_dv, dw_route):
+    T, B, _ = grad_spikes.shape
+    dx, dw, db = _grads_fake((T, B, weight.shape[1]), grad_spikes, weight, need_dx, need_dw, need_db)
+    dv = grad_spikes.new_empty(B, weight.shape[0]) if need_dv else grad_spikes.new_empty(0)
+    return dx, dw, db, dv
+
+
+@torch.library.register_fake("sparsegrad::lif_backward_dense")
+def _lif_backward_dense_fake(grad_spikes, grad_v_final, x, weight, sg, alpha, need_dx, need_dw,
+                             need_db, need_dv):
+    T, B, _ = grad_spikes.shape
+    dx, dw, db = _grads_fake(x.shape, grad_spikes, weight, need_dx, need_dw, need_db)
+    dv = grad_spikes.new_empty(B, weight.shape[0]) if need_dv else grad_spikes.new_empty(0)
+    return dx, dw, db, dv
+
+
+@torch.library.register_fake("sparsegrad::li_readout_forward")
+def _li_readout_forward_fake(x, weight, bias, x_act_ptr, x_act_idx, alpha, reduce):
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    ctx = torch.library.get_ctx()
+    out = x.new_empty(T, B, n_out) if reduce == "none" else x.new_empty(B, n_out)
+    argmax_t = x.new_empty((B, n_out) if reduce == "max" else (0,), dtype=torch.int64)
+    ev_ptr, ev_idx, ev_val = _events_fake(x, ctx)
+    return out, argmax_t, ev_ptr, ev_idx, ev_val
+
+
+@torch.library.register_fake("sparsegrad::li_readout_backward")
+def _li_readout_backward_fake(grad_out, argmax_t, weight, ev_ptr, ev_idx, ev_val, prev_ptr,
+                              prev_idx, num_steps, alpha, reduce, need_dx, need_dw, need_db):
+    B = grad_out.shape[-2]
+    return _grads_fake((num_steps, B, weight.shape[1]), grad_out, weight, need_dx, need_dw, need_db)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+def _lif_setup_context(ctx, inputs, output):
+    x, weight, bias, v_init, s_init, x_act_ptr, x_act_idx, alpha, threshold, b_th, slope, sparse = inputs
+    spikes, v_final, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, stats = output
+    ctx.alpha = alpha
+    ctx.sparse = sparse
+    ctx.has_bias = bias is not None
+    ctx.has_v_init = v_init is not None
+    ctx.has_prev = x_act_ptr is not None
+    ctx.mark_non_differentiable(act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, stats)
+    if sparse:
+        # Compact data only: no dense [T, B, N] float tensor is kept for the backward.
+        saved = [weight, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val]
+        if ctx.has_prev:
+            saved += [x_act_ptr, x_act_idx]
+    else:
+        saved = [weight, act_sg, x]
+    ctx.save_for_backward(*saved)
+
+
+def _lif_backward(ctx, grad_spikes, grad_v_final, *unused):
+    need_dx, need_dw, need_db, need_dv = (
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.has_bias and ctx.needs_input_grad[2],
+        ctx.has_v_init and ctx.needs_input_grad[3],
+    )
+    if ctx.sparse:
+        weight, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, *prev = ctx.saved_tensors
+        prev_ptr, prev_idx = prev if prev else (None, None)
+        dx, dw, db, dv = _ops.lif_backward_sparse.default(
+            grad_spikes, grad_v_final, weight, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val,
+            prev_ptr, prev_idx, ctx.alpha, need_dx, need_dw, need_db, need_dv, DW_ROUTES["auto"])
+    else:
+        weight, sg, x = ctx.saved_tensors
+        dx, dw, db, dv = _ops.lif_backward_dense.default(
+            grad_spikes, grad_v_final, x, weight, sg, ctx.alpha, need_dx, need_dw, need_db, need_dv)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+            dv if need_dv else None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("sparsegrad::lif_forward", _lif_backward,
+                                setup_context=_lif_setup_context)
+
+
+def _readout_setup_context(ctx, inputs, output):
+    x, weight, bias, x_act_ptr, x_act_idx, alpha, reduce = inputs
+    out, argmax_t, ev_ptr, ev_idx, ev_val = output
+    ctx.alpha = alpha
+    ctx.reduce = reduce
+    ctx.num_steps = x.shape[0]
+    ctx.has_bias = bias is not None
+    ctx.has_prev = x_act_ptr is not None
+    ctx.mark_non_differentiable(argmax_t, ev_ptr, ev_idx, ev_val)
+    saved = [weight, argmax_t, ev_ptr, ev_idx, ev_val]
+    if ctx.has_prev:
+        saved += [x_act_ptr, x_act_idx]
+    ctx.save_for_backward(*saved)
+
+
+def _readout_backward(ctx, grad_out, *unused):
+    weight, argmax_t, ev_ptr, ev_idx, ev_val, *prev = ctx.saved_tensors
+    prev_ptr, prev_idx = prev if prev else (None, None)
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_db = ctx.has_bias and ctx.needs_input_grad[2]
+    dx, dw, db = _ops.li_readout_backward.default(
+        grad_out, argmax_t, weight, ev_ptr, ev_idx, ev_val, prev_ptr, prev_idx, ctx.num_steps,
+        ctx.alpha, ctx.reduce, need_dx, need_dw, need_db)
+    return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("sparsegrad::li_readout_forward", _readout_backward,
+                                setup_context=_readout_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Direct entry points (no validation beyond the C++ checks; see sparsegrad.functional)
+# --------------------------------------------------------------------------------------------
+def lif_forward(x, weight, bias, v_init, s_init, x_act_ptr, x_act_idx, alpha: float,
+                threshold: float, b_th: float, slope: float, sparse: bool):
+    return _ops.lif_forward.default(x, weight, bias, v_init, s_init, x_act_ptr, x_act_idx,
+                                    float(alpha), float(threshold), float(b_th), float(slope),
+                                    bool(sparse))
+
+
+def li_readout_forward(x, weight, bias, x_act_ptr, x_act_idx, alpha: float, reduce: str):
+    return _ops.li_readout_forward.default(x, weight, bias, x_act_ptr, x_act_idx, float(alpha),
+                                           reduce)
+
+
+def registered_kernels(dispatch_key: str = "CPU") -> dict:
+    """Which sparsegrad ops have a kernel for `dispatch_key` ("CPU", "CUDA")."""
+    names = ["lif_forward", "lif_backward_sparse", "lif_backward_dense", "li_readout_forward",
+             "li_readout_backward"]
+    return {n: torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegrad::{n}", dispatch_key)
+            for n in names}
+

@@ -1,0 +1,114 @@
+"""Plain-PyTorch model of every sparsegrad op: the ground truth for tests and benchmarks.
+
+Everything here is written step by step with ordinary autograd, exactly as DESIGN.md §2 states the
+model, so that it can be read against the paper. It is slow on purpose: no fusion, one Python
+iteration per time step (the "dense BPTT" baseline of the benchmarks).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["surrogate_grad", "spike", "lif_layer", "li_readout"]
+
+
+def surrogate_grad(u: torch.Tensor, slope: float) -> torch.Tensor:
+    """SuperSpike / fast-sigmoid derivative 1 / (slope*|u| + 1)^2 at u = V - threshold."""
+    return 1.0 / (slope * u.abs() + 1.0) ** 2
+
+
+class _Spike(torch.autograd.Function):
+    """Heaviside forward; surrogate backward masked to |u| < b_th (b_th = inf: unmasked)."""
+
+    @staticmethod
+    def forward(ctx, u, slope, b_th):
+        ctx.save_for_backward(u)
+        ctx.slope = slope
+        ctx.b_th = b_th
+        return (u > 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (u,) = ctx.saved_tensors
+        sg = surrogate_grad(u, ctx.slope)
+        if not math.isinf(ctx.b_th):
+            sg = sg * (u.abs() < ctx.b_th).to(u.dtype)
+        return grad_out * sg, None, None
+
+
+def spike(u: torch.Tensor, slope: float = 100.0, b_th: float = math.inf) -> torch.Tensor:
+    """S = H(u) with the (optionally masked) fast-sigmoid surrogate gradient."""
+    return _Spike.apply(u, slope, b_th)
+
+
+def lif_layer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    slope: float = 100.0,
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    return_state: bool = False,
+):
+    """Reference LIF layer, time-major x [T, B, N_in] -> spikes [T, B, N_out].
+
+    V[t] = alpha*V[t-1] + x[t] @ W.T + b - threshold*S[t-1] (reset detached), S[t] = H(V[t] - threshold).
+    backward="dense" uses the unmasked surrogate, "sparse" masks it to |V - threshold| < b_th.
+    state = (V, S) of shape [B, N_out] each; the returned state is (V[T-1], S[T-1]).
+    """
+    if backward not in ("sparse", "dense"):
+        raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
+    mask_width = b_th if backward == "sparse" else math.inf
+    current = F.linear(x, weight, bias)
+    T, B, N = current.shape
+    if state is None:
+        v = current.new_zeros(B, N)
+        s = current.new_zeros(B, N)
+    else:
+        v, s = state
+    spikes = []
+    for t in range(T):
+        v = alpha * v + current[t] - threshold * s.detach()
+        s = spike(v - threshold, slope, mask_width)
+        spikes.append(s)
+    out = torch.stack(spikes)
+    if return_state:
+        return out, (v, s)
+    return out
+
+
+def li_readout(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    reduce: str = "max",
+):
+    """Reference leaky-integrator readout: U[t] = alpha*U[t-1] + (1-alpha)*(x[t] @ W.T + b).
+
+    reduce: "max" | "sum" | "mean" over time -> [B, N_out]; "none" -> [T, B, N_out].
+    """
+    current = F.linear(x, weight, bias)
+    u = torch.zeros_like(current[0])
+    trace = []
+    for t in range(current.shape[0]):
+        u = alpha * u + (1.0 - alpha) * current[t]
+        trace.append(u)
+    potentials = torch.stack(trace)
+    if reduce == "max":
+        return potentials.max(dim=0).values
+    if reduce == "sum":
+        return potentials.sum(dim=0)
+    if reduce == "mean":
+        return potentials.mean(dim=0)
+    if reduce == "none":
+        return potentials
+    raise ValueError(f"reduce must be one of 'max', 'sum', 'mean', 'none', got {reduce!r}")
