@@ -56,7 +56,7 @@ def _extensions():
         ("SPARSEGRAD_VERSION", f'"{VERSION}"'),
         ("SPARSEGRAD_TORCH_VERSION", f'"{torch.__version__}"'),
     ]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
     extra_link = ["-fopenmp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if not use_cuda:
@@ -84,7 +84,7 @@ def _extensions():
             define_macros=define_macros,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             extra_link_args=extra_link,
         )

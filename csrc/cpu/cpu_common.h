@@ -1,0 +1,244 @@
+// Helpers shared by the CPU kernels: argument checks, compact input events, input currents,
+// fixed batch chunking (deterministic reductions) and small vector loops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Optional.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "lif_math.h"
+
+namespace sparsegrad {
+namespace cpu {
+
+// ------------------------------------------------------------------------------------------
+// Argument checks (messages name the argument; the Python wrappers check first, these guard
+// direct torch.ops callers).
+// ------------------------------------------------------------------------------------------
+#define SG_CHECK(cond, op, arg, ...) \
+  TORCH_CHECK(cond, "sparsegrad.", op, ": argument '", arg, "' ", __VA_ARGS__)
+
+inline void check_float_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  SG_CHECK(t.dim() == dim, op, name, "must have ", dim, " dimensions, got ", t.sizes());
+  SG_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, name,
+           "must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  SG_CHECK(t.scalar_type() == x.scalar_type(), op, name, "must have the dtype of x (",
+           x.scalar_type(), "), got ", t.scalar_type());
+  SG_CHECK(t.device() == x.device(), op, name, "is on ", t.device(), " but x is on ", x.device());
+}
+
+// x [T,B,N_in], weight [N_out,N_in], bias [N_out]
+inline void check_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, const char* op) {
+  check_float_tensor(x, op, "x", 3);
+  check_float_tensor(weight, op, "weight", 2);
+  check_like(weight, x, op, "weight");
+  SG_CHECK(weight.size(1) == x.size(2), op, "weight",
+           "must be [N_out, N_in] with N_in = x.size(2) = ", x.size(2), ", got ", weight.sizes());
+  if (bias.has_value()) {
+    check_float_tensor(*bias, op, "bias", 1);
+    check_like(*bias, x, op, "bias");
+    SG_CHECK(bias->size(0) == weight.size(0), op, "bias", "must have shape [", weight.size(0),
+             "], got ", bias->sizes());
+  }
+}
+
+inline void check_alpha(double alpha, const char* op) {
+  SG_CHECK(alpha >= 0.0 && alpha <= 1.0, op, "alpha", "must be in [0, 1], got ", alpha);
+}
+
+// A CSR over rows r = b*T + t (ptr [B*T+1] int64, idx int32 ascending within a row), as made by
+// build_events / lif_forward. Checks shapes and dtypes only: the contents are trusted.
+inline void check_csr(const at::Tensor& ptr, const at::Tensor& idx, int64_t rows, const char* op,
+                      const char* ptr_name, const char* idx_name) {
+  SG_CHECK(ptr.dim() == 1 && ptr.scalar_type() == at::kLong && ptr.numel() == rows + 1, op,
+           ptr_name, "must be an int64 row pointer of length ", rows + 1, ", got ",
+           ptr.scalar_type(), " ", ptr.sizes());
+  SG_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kInt, op, idx_name,
+           "must be a 1-D int32 index tensor, got ", idx.scalar_type(), " ", idx.sizes());
+}
+
+// ------------------------------------------------------------------------------------------
+// Small loops over contiguous rows (the hot spots of every kernel).
+// ------------------------------------------------------------------------------------------
+template <typename acc_t, typename in_t>
+inline void axpy(int64_t n, acc_t a, const in_t* __restrict__ x, acc_t* __restrict__ y) {
+  for (int64_t k = 0; k < n; ++k) y[k] += a * static_cast<acc_t>(x[k]);
+}
+
+template <typename acc_t>
+inline void scale_inplace(int64_t n, acc_t a, acc_t* __restrict__ y) {
+  for (int64_t k = 0; k < n; ++k) y[k] *= a;
+}
+
+template <typename acc_t, typename in_t>
+inline acc_t dot(int64_t n, const acc_t* __restrict__ x, const in_t* __restrict__ y) {
+  acc_t s = 0;
+  for (int64_t k = 0; k < n; ++k) s += x[k] * static_cast<acc_t>(y[k]);
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------
+// Fixed batch chunks: reductions over the batch are summed per chunk, then chunk by chunk in
+// order, so results do not depend on the number of threads.
+// ------------------------------------------------------------------------------------------
+constexpr int64_t kMaxChunks = 8;
+
+struct BatchChunks {
+  int64_t batch, count;
+  explicit BatchChunks(int64_t B) : batch(B), count(std::max<int64_t>(1, std::min(B, kMaxChunks))) {}
+  int64_t begin(int64_t c) const { return c * batch / count; }
+  int64_t end(int64_t c) const { return (c + 1) * batch / count; }
+};
+
+// out[k] = scale * sum_c parts[c*n + k], summed in chunk order.
+template <typename acc_t, typename out_t>
+void reduce_chunks(const acc_t* parts, int64_t chunks, int64_t n, acc_t scale, out_t* out) {
+  at::parallel_for(0, n, 4096, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      acc_t s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += parts[c * n + k];
+      out[k] = static_cast<out_t>(scale * s);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Input events: the nonzeros of x [T,B,N] as a CSR over rows b*T + t.
+// ------------------------------------------------------------------------------------------
+struct Events {
+  at::Tensor ptr;  // [B*T+1] int64
+  at::Tensor idx;  // [nnz] int32
+  at::Tensor val;  // [nnz] values, or [0] when every element of x is 0 or 1
+  int64_t nnz = 0;
+  bool binary = true;
+};
+
+template <typename scalar_t>
+Events build_events(const at::Tensor& x) {
+  const int64_t T = x.size(0), B = x.size(1), N = x.size(2);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  std::vector<std::vector<int32_t>> idx(B);
+  std::vector<std::vector<scalar_t>> val(B);
+  std::vector<char> nonbinary(B, 0);
+  Events ev;
+  ev.ptr = at::empty({B * T + 1}, x.options().dtype(at::kLong));
+  int64_t* ptr = ev.ptr.data_ptr<int64_t>();
+  ptr[0] = 0;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t t = 0; t < T; ++t) {
+        const scalar_t* row = xp + (t * B + b) * N;
+        for (int64_t i = 0; i < N; ++i) {
+          const scalar_t v = row[i];
+          if (v != scalar_t(0)) {
+            idx[b].push_back(static_cast<int32_t>(i));
+            val[b].push_back(v);
+            nonbinary[b] |= (v != scalar_t(1));
+          }
+        }
+        ptr[b * T + t + 1] = static_cast<int64_t>(idx[b].size());  // local to b for now
+      }
+    }
+  });
+  std::vector<int64_t> base(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    base[b + 1] = base[b] + static_cast<int64_t>(idx[b].size());
+    ev.binary = ev.binary && !nonbinary[b];
+  }
+  ev.nnz = base[B];
+  ev.idx = at::empty({ev.nnz}, x.options().dtype(at::kInt));
+  ev.val = at::empty({ev.binary ? 0 : ev.nnz}, x.options());
+  int32_t* out_idx = ev.idx.data_ptr<int32_t>();
+  scalar_t* out_val = ev.binary ? nullptr : ev.val.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t t = 0; t < T; ++t) ptr[b * T + t + 1] += base[b];
+      std::copy(idx[b].begin(), idx[b].end(), out_idx + base[b]);
+      if (out_val) std::copy(val[b].begin(), val[b].end(), out_val + base[b]);
+    }
+  });
+  return ev;
+}
+
+// Read-only view of a CSR of events (values implicit 1 when val is null).
+template <typename scalar_t>
+struct EventView {
+  const int64_t* ptr = nullptr;
+  const int32_t* idx = nullptr;
+  const scalar_t* val = nullptr;
+  int64_t T = 0;
+
+  EventView() = default;
+  EventView(const at::Tensor& p, const at::Tensor& i, const at::Tensor& v, int64_t steps)
+      : ptr(p.data_ptr<int64_t>()), idx(i.data_ptr<int32_t>()),
+        val(v.numel() > 0 ? v.data_ptr<scalar_t>() : nullptr), T(steps) {}
+  int64_t begin(int64_t b, int64_t t) const { return ptr[b * T + t]; }
+  int64_t end(int64_t b, int64_t t) const { return ptr[b * T + t + 1]; }
+  scalar_t value(int64_t e) const { return val ? val[e] : scalar_t(1); }
+};
+
+// Event-driven input currents pay nnz*N_out; a GEMM pays T*B*N_in*N_out at a much higher rate.
+// Below this input density the events win (measured with benchmarks/bench_layer.py).
+constexpr double kEventDensityMax = 0.08;
+
+// I[t,b,:] = x[t,b,:] @ W.T + bias, either from the events (W given transposed, [N_in,N_out])
+// or from a precomputed dense GEMM result [T,B,N_out].
+template <typename scalar_t>
+struct InputCurrent {
+  using acc_t = at::opmath_type<scalar_t>;
+  EventView<scalar_t> events;
+  const scalar_t* weight_t = nullptr;  // [N_in, N_out]
+  const scalar_t* bias = nullptr;
+  const scalar_t* dense = nullptr;     // [T, B, N_out] when the GEMM path is used
+  int64_t B = 0, n_out = 0;
+
+  void fill(int64_t b, int64_t t, acc_t* cur) const {
+    if (dense) {
+      const scalar_t* row = dense + (t * B + b) * n_out;
+      for (int64_t j = 0; j < n_out; ++j) cur[j] = static_cast<acc_t>(row[j]);
+      return;
+    }
+    for (int64_t j = 0; j < n_out; ++j) cur[j] = bias ? static_cast<acc_t>(bias[j]) : acc_t(0);
+    for (int64_t e = events.begin(b, t); e < events.end(b, t); ++e) {
+      axpy<acc_t>(n_out, static_cast<acc_t>(events.value(e)), weight_t + events.idx[e] * n_out, cur);
+    }
+  }
+};
+
+// Chooses the path for the input current and owns the buffers it needs.
+template <typename scalar_t>
+struct CurrentPlan {
+  at::Tensor weight_t, dense;
+  InputCurrent<scalar_t> current;
+
+  CurrentPlan(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+              const Events& ev) {
+    const int64_t T = x.size(0), B = x.size(1), n_in = x.size(2), n_out = weight.size(0);
+    const double density = x.numel() > 0 ? double(ev.nnz) / double(x.numel()) : 0.0;
+    current.B = B;
+    current.n_out = n_out;
+    if (density <= kEventDensityMax) {
+      weight_t = weight.t().contiguous();
+      current.events = EventView<scalar_t>(ev.ptr, ev.idx, ev.val, T);
+      current.weight_t = weight_t.data_ptr<scalar_t>();
+      current.bias = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    } else {
+      auto x2 = x.reshape({T * B, n_in});
+      dense = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+      current.dense = dense.data_ptr<scalar_t>();
+    }
+  }
+};
+
+}  // namespace cpu
+}  // namespace sparsegrad

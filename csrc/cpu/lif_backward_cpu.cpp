@@ -1,0 +1,214 @@
+// LIF backward on the CPU: sparse (work on active entries and input events only) and dense
+// (standard surrogate BPTT: reverse scan + two GEMMs).
+#include <torch/library.h>
+
+#include "cpu/trace_backward.h"
+
+namespace sparsegrad {
+namespace cpu {
+namespace {
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void check_grad_inputs(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+                       const at::Tensor& weight, const char* op) {
+  check_float_tensor(grad_spikes, op, "grad_spikes", 3);
+  check_float_tensor(weight, op, "weight", 2);
+  check_like(weight, grad_spikes, op, "weight");
+  SG_CHECK(grad_spikes.size(2) == weight.size(0), op, "grad_spikes", "must be [T, B, ",
+           weight.size(0), "], got ", grad_spikes.sizes());
+  if (grad_v_final.has_value()) {
+    check_like(*grad_v_final, grad_spikes, op, "grad_v_final");
+    SG_CHECK(grad_v_final->dim() == 2 && grad_v_final->size(0) == grad_spikes.size(1) &&
+                 grad_v_final->size(1) == weight.size(0),
+             op, "grad_v_final", "must be [B, N_out], got ", grad_v_final->sizes());
+  }
+}
+
+template <typename scalar_t>
+Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
+                               const at::Tensor& weight, const at::Tensor& act_ptr,
+                               const at::Tensor& act_idx, const at::Tensor& act_sg,
+                               const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
+                               const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
+                               const c10::optional<at::Tensor>& prev_idx, double alpha, bool need_dx,
+                               bool need_dw, bool need_db, bool need_dv, int64_t dw_route) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = gS.size(0), B = gS.size(1), n_out = weight.size(0), n_in = weight.size(1);
+  const auto opts = gS.options();
+  const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const BatchChunks chunks(B);
+
+  TraceProblem<scalar_t> p;
+  p.T = T; p.B = B; p.n_in = n_in; p.n_out = n_out;
+  p.alpha = static_cast<acc_t>(alpha);
+  p.scale = acc_t(1);
+  p.weight = weight.data_ptr<scalar_t>();
+  at::Tensor weight_t;
+  if (need_dx && prev_ptr.has_value()) {
+    weight_t = weight.t().contiguous();
+    p.weight_t = weight_t.data_ptr<scalar_t>();
+    p.prev_ptr = prev_ptr->data_ptr<int64_t>();
+    p.prev_idx = prev_idx->data_ptr<int32_t>();
+  }
+  p.g_init = gV.has_value() ? gV->data_ptr<scalar_t>() : nullptr;
+  p.events = EventView<scalar_t>(ev_ptr, ev_idx, ev_val, T);
+
+  at::Tensor dx = need_dx ? at::zeros({T, B, n_in}, opts) : at::empty({0}, opts);
+  at::Tensor dv = need_dv ? at::empty({B, n_out}, opts) : at::empty({0}, opts);
+  at::Tensor db_parts = need_db ? at::zeros({chunks.count, n_out}, acc_opts) : at::Tensor();
+  p.dx = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
+  p.dv = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
+  p.db_parts = need_db ? db_parts.data_ptr<acc_t>() : nullptr;
+
+  const DwRoute route = choose_dw_route(dw_route, ev_idx.numel(), act_idx.numel(), T, B, n_in, n_out);
+  at::Tensor dw_parts;
+  if (need_dw) {
+    dw_parts = at::zeros({chunks.count, n_in * n_out}, acc_opts);
+    if (route == DwRoute::kEvents) p.dw_t_parts = dw_parts.data_ptr<acc_t>();
+    else p.dw_parts = dw_parts.data_ptr<acc_t>();
+  }
+
+  const int64_t* aptr = act_ptr.data_ptr<int64_t>();
+  const int32_t* aidx = act_idx.data_ptr<int32_t>();
+  const scalar_t* asg = act_sg.data_ptr<scalar_t>();
+  const scalar_t* g = gS.data_ptr<scalar_t>();
+  auto inject = [&](int64_t b, int64_t t, auto&& emit) {
+    const int64_t r = b * T + t;
+    const scalar_t* g_row = g + (t * B + b) * n_out;
+    for (int64_t e = aptr[r]; e < aptr[r + 1]; ++e) {
+      const int64_t j = aidx[e];
+      emit(j, static_cast<acc_t>(g_row[j]) * static_cast<acc_t>(asg[e]));
+    }
+  };
+
+  if (need_dx || need_db || need_dv || (need_dw && route == DwRoute::kEvents))
+    trace_backward<scalar_t>(p, inject);
+  if (need_dw && route == DwRoute::kActive) trace_dw_forward<scalar_t>(p, inject);
+
+  at::Tensor dw = at::empty({0}, opts), db = at::empty({0}, opts);
+  if (need_dw) {
+    if (route == DwRoute::kEvents) {
+      auto dw_t = at::empty({n_in, n_out}, opts);
+      reduce_chunks<acc_t>(dw_parts.data_ptr<acc_t>(), chunks.count, n_in * n_out, acc_t(1),
+                           dw_t.data_ptr<scalar_t>());
+      dw = dw_t.t().contiguous();
+    } else {
+      dw = at::empty({n_out, n_in}, opts);
+      reduce_chunks<acc_t>(dw_parts.data_ptr<acc_t>(), chunks.count, n_in * n_out, acc_t(1),
+                           dw.data_ptr<scalar_t>());
+    }
+  }
+  if (need_db) {
+    db = at::empty({n_out}, opts);
+    reduce_chunks<acc_t>(db_parts.data_ptr<acc_t>(), chunks.count, n_out, acc_t(1),
+                         db.data_ptr<scalar_t>());
+  }
+  return {dx, dw, db, dv};
+}
+
+Grads lif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+                              const at::Tensor& weight, const at::Tensor& act_ptr,
+                              const at::Tensor& act_idx, const at::Tensor& act_sg,
+                              const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
+                              const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
+                              const c10::optional<at::Tensor>& prev_idx, double alpha, bool need_dx,
+                              bool need_dw, bool need_db, bool need_dv, int64_t dw_route) {
+  const char* op = "lif_backward_sparse";
+  check_grad_inputs(grad_spikes, grad_v_final, weight, op);
+  check_alpha(alpha, op);
+  SG_CHECK(dw_route >= 0 && dw_route <= 2, op, "dw_route", "must be 0 (auto), 1 (events) or 2 (active), got ", dw_route);
+  const int64_t rows = grad_spikes.size(0) * grad_spikes.size(1);
+  check_csr(act_ptr, act_idx, rows, op, "act_ptr", "act_idx");
+  check_csr(ev_ptr, ev_idx, rows, op, "ev_ptr", "ev_idx");
+  check_like(act_sg, grad_spikes, op, "act_sg");
+  SG_CHECK(act_sg.numel() == act_idx.numel(), op, "act_sg", "must have one value per active entry (",
+           act_idx.numel(), "), got ", act_sg.numel());
+  SG_CHECK(ev_val.numel() == 0 || ev_val.numel() == ev_idx.numel(), op, "ev_val",
+           "must be empty (binary input) or match ev_idx, got ", ev_val.numel());
+  if (ev_val.numel() > 0) check_like(ev_val, grad_spikes, op, "ev_val");
+  SG_CHECK(prev_ptr.has_value() == prev_idx.has_value(), op, "prev_ptr",
+           "and prev_idx must be given together");
+  if (prev_ptr.has_value()) check_csr(*prev_ptr, *prev_idx, rows, op, "prev_ptr", "prev_idx");
+  const at::Tensor gS = grad_spikes.contiguous(), w = weight.contiguous();
+  c10::optional<at::Tensor> gV;
+  if (grad_v_final.has_value()) gV = grad_v_final->contiguous();
+  auto cont = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
+    return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+  };
+  Grads out;
+  AT_DISPATCH_FLOATING_TYPES(gS.scalar_type(), "lif_backward_sparse_cpu", [&] {
+    out = lif_backward_sparse_impl<scalar_t>(gS, gV, w, act_ptr.contiguous(), act_idx.contiguous(),
+                                             act_sg.contiguous(), ev_ptr.contiguous(),
+                                             ev_idx.contiguous(), ev_val.contiguous(), cont(prev_ptr),
+                                             cont(prev_idx), alpha, need_dx, need_dw, need_db,
+                                             need_dv, dw_route);
+  });
+  return out;
+}
+
+// Dense: G[t] = alpha*G[t+1] + dL/dS[t]*sg[t] for every entry, then dW = G^T x, dx = G W.
+template <typename scalar_t>
+at::Tensor reverse_scan(const at::Tensor& gS, const at::Tensor& sg, const c10::optional<at::Tensor>& gV,
+                        double alpha_d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = gS.size(0), B = gS.size(1), N = gS.size(2);
+  const acc_t alpha = alpha_d;
+  auto G = at::empty({T, B, N}, gS.options());
+  const scalar_t* g = gS.data_ptr<scalar_t>();
+  const scalar_t* s = sg.data_ptr<scalar_t>();
+  const scalar_t* gv = gV.has_value() ? gV->data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = G.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> trace(N);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t j = 0; j < N; ++j) trace[j] = gv ? static_cast<acc_t>(gv[b * N + j]) : acc_t(0);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t row = (t * B + b) * N;
+        const acc_t a = t == T - 1 ? acc_t(1) : alpha;  // G[T-1] = dL/dV_final + delta[T-1]
+        for (int64_t j = 0; j < N; ++j) {
+          trace[j] = math::decay_add(trace[j], static_cast<acc_t>(g[row + j]) * static_cast<acc_t>(s[row + j]), a);
+          out[row + j] = static_cast<scalar_t>(trace[j]);
+        }
+      }
+    }
+  });
+  return G;
+}
+
+Grads lif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+                             const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& sg_in,
+                             double alpha, bool need_dx, bool need_dw, bool need_db, bool need_dv) {
+  const char* op = "lif_backward_dense";
+  check_grad_inputs(grad_spikes, grad_v_final, weight_in, op);
+  check_alpha(alpha, op);
+  check_linear(x_in, weight_in, c10::nullopt, op);
+  SG_CHECK(sg_in.sizes() == grad_spikes.sizes(), op, "sg", "must match grad_spikes ",
+           grad_spikes.sizes(), ", got ", sg_in.sizes());
+  check_like(sg_in, grad_spikes, op, "sg");
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), n_in = weight_in.size(1),
+                n_out = weight_in.size(0);
+  const auto opts = grad_spikes.options();
+  c10::optional<at::Tensor> gV;
+  if (grad_v_final.has_value()) gV = grad_v_final->contiguous();
+  at::Tensor G;
+  AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "lif_backward_dense_cpu", [&] {
+    G = reverse_scan<scalar_t>(grad_spikes.contiguous(), sg_in.contiguous(), gV, alpha);
+  });
+  auto G2 = G.view({T * B, n_out});
+  at::Tensor dx = need_dx ? at::mm(G2, weight_in.contiguous()).view({T, B, n_in}) : at::empty({0}, opts);
+  at::Tensor dw = need_dw ? at::mm(G2.t(), x_in.contiguous().view({T * B, n_in})) : at::empty({0}, opts);
+  at::Tensor db = need_db ? G2.sum(0) : at::empty({0}, opts);
+  at::Tensor dv = need_dv ? (G[0] * alpha).contiguous() : at::empty({0}, opts);
+  return {dx, dw, db, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
+  m.impl("lif_backward_sparse", &lif_backward_sparse_cpu);
+  m.impl("lif_backward_dense", &lif_backward_dense_cpu);
+}
+
+}  // namespace cpu
+}  // namespace sparsegrad

@@ -1,0 +1,146 @@
+// The reverse-time gradient walk shared by the LIF and readout backwards.
+//
+// Both layers reduce to: per batch element b, a trace G over output neurons with
+//     G[t] = alpha * G[t+1] + delta[t]          (G[T-1] starts from g_init, e.g. dL/dV_final)
+// where delta is given at a few (t, j) entries (the "injections"), and gradients
+//     dW = scale * sum_{t,b} G[t,b,:]^T x[t,b,:]     db = scale * sum G     dx = scale * G W
+// (scale = 1 for LIF, 1 - alpha for the leaky readout). Work is proportional to injections and
+// input events, plus one decay of the N_out trace per step; no dense [T,B,N] float is built.
+#pragma once
+
+#include "cpu/cpu_common.h"
+
+namespace sparsegrad {
+namespace cpu {
+
+template <typename scalar_t>
+struct TraceProblem {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t T = 0, B = 0, n_in = 0, n_out = 0;
+  acc_t alpha = 0, scale = 1;
+  const scalar_t* weight = nullptr;    // [N_out, N_in]
+  const scalar_t* weight_t = nullptr;  // [N_in, N_out]
+  const scalar_t* g_init = nullptr;    // [B, N_out] or null
+  EventView<scalar_t> events;          // x's nonzeros (needed for dW via events)
+  const int64_t* prev_ptr = nullptr;   // producer's active set: dx only there
+  const int32_t* prev_idx = nullptr;
+  // outputs (null = not wanted)
+  scalar_t* dx = nullptr;  // [T, B, N_in], zero-initialised
+  scalar_t* dv = nullptr;  // [B, N_out]: alpha * G[0]
+  acc_t* dw_t_parts = nullptr;  // [chunks, N_in, N_out] via events, zero-initialised
+  acc_t* dw_parts = nullptr;    // [chunks, N_out, N_in] via the input trace, zero-initialised
+  acc_t* db_parts = nullptr;    // [chunks, N_out], zero-initialised
+};
+
+// inject(b, t, emit) calls emit(j, delta) for each entry of row (b, t) carrying gradient.
+template <typename scalar_t, typename Inject>
+void trace_backward(const TraceProblem<scalar_t>& p, const Inject& inject) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = p.T, B = p.B, n_in = p.n_in, n_out = p.n_out;
+  const bool full_dx = p.dx && !p.prev_ptr;
+  const bool dw_events = p.dw_t_parts != nullptr;
+  const BatchChunks chunks(B);
+
+  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> G(n_out), dx_trace(full_dx ? n_in : 0);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* dw_t = dw_events ? p.dw_t_parts + c * n_in * n_out : nullptr;
+      acc_t* db = p.db_parts ? p.db_parts + c * n_out : nullptr;
+      for (int64_t b = chunks.begin(c); b < chunks.end(c); ++b) {
+        bool live = false;  // G and dx_trace are exactly zero until the first injection
+        std::fill(G.begin(), G.end(), acc_t(0));
+        std::fill(dx_trace.begin(), dx_trace.end(), acc_t(0));
+        if (p.g_init) {
+          for (int64_t j = 0; j < n_out; ++j) {
+            const acc_t g = static_cast<acc_t>(p.g_init[b * n_out + j]);
+            G[j] = g;
+            if (full_dx && g != acc_t(0)) axpy<acc_t>(n_in, g, p.weight + j * n_in, dx_trace.data());
+          }
+          live = true;
+        }
+        for (int64_t t = T - 1; t >= 0; --t) {
+          if (live && t < T - 1) {
+            scale_inplace<acc_t>(n_out, p.alpha, G.data());
+            if (full_dx) scale_inplace<acc_t>(n_in, p.alpha, dx_trace.data());
+          }
+          inject(b, t, [&](int64_t j, acc_t delta) {
+            G[j] += delta;
+            if (full_dx) axpy<acc_t>(n_in, delta, p.weight + j * n_in, dx_trace.data());
+            live = true;
+          });
+          if (!live) continue;
+          if (db) for (int64_t j = 0; j < n_out; ++j) db[j] += G[j];
+          if (dw_t) {
+            for (int64_t e = p.events.begin(b, t); e < p.events.end(b, t); ++e)
+              axpy<acc_t>(n_out, static_cast<acc_t>(p.events.value(e)), G.data(),
+                          dw_t + int64_t(p.events.idx[e]) * n_out);
+          }
+          if (p.dx) {
+            scalar_t* dx_row = p.dx + (t * B + b) * n_in;
+            if (full_dx) {
+              for (int64_t i = 0; i < n_in; ++i) dx_row[i] = static_cast<scalar_t>(p.scale * dx_trace[i]);
+            } else {
+              const int64_t r = b * T + t;
+              for (int64_t e = p.prev_ptr[r]; e < p.prev_ptr[r + 1]; ++e) {
+                const int64_t i = p.prev_idx[e];
+                dx_row[i] = static_cast<scalar_t>(p.scale * dot<acc_t>(n_out, G.data(), p.weight_t + i * n_out));
+              }
+            }
+          }
+        }
+        if (p.dv) {
+          for (int64_t j = 0; j < n_out; ++j)
+            p.dv[b * n_out + j] = static_cast<scalar_t>(p.alpha * G[j]);
+        }
+      }
+    }
+  });
+}
+
+// dW through the forward input trace X[t] = alpha*X[t-1] + x[t]:  dW[j,:] += delta * X[t].
+// Work: |injections| * N_in plus the trace's decay; better than the events when x is dense.
+template <typename scalar_t, typename Inject>
+void trace_dw_forward(const TraceProblem<scalar_t>& p, const Inject& inject) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = p.T, B = p.B, n_in = p.n_in, n_out = p.n_out;
+  const BatchChunks chunks(B);
+  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> X(n_in);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* dw = p.dw_parts + c * n_out * n_in;
+      for (int64_t b = chunks.begin(c); b < chunks.end(c); ++b) {
+        std::fill(X.begin(), X.end(), acc_t(0));
+        bool live = false;
+        for (int64_t t = 0; t < T; ++t) {
+          if (live) scale_inplace<acc_t>(n_in, p.alpha, X.data());
+          for (int64_t e = p.events.begin(b, t); e < p.events.end(b, t); ++e) {
+            X[p.events.idx[e]] += static_cast<acc_t>(p.events.value(e));
+            live = true;
+          }
+          if (!live) continue;
+          inject(b, t, [&](int64_t j, acc_t delta) { axpy<acc_t>(n_in, delta, X.data(), dw + j * n_in); });
+        }
+        if (p.g_init && live) {
+          for (int64_t j = 0; j < n_out; ++j)
+            axpy<acc_t>(n_in, static_cast<acc_t>(p.g_init[b * n_out + j]), X.data(), dw + j * n_in);
+        }
+      }
+    }
+  });
+}
+
+// Which way dW is cheaper: events cost nnz(x) * N_out, the input trace |injections| * N_in plus
+// one N_in-wide decay per (b, t) (weighted: a decay is a cheap streaming multiply).
+enum class DwRoute : int64_t { kAuto = 0, kEvents = 1, kActive = 2 };
+
+inline DwRoute choose_dw_route(int64_t route, int64_t nnz, int64_t n_active, int64_t T, int64_t B,
+                               int64_t n_in, int64_t n_out) {
+  if (route == 1) return DwRoute::kEvents;
+  if (route == 2) return DwRoute::kActive;
+  const double via_events = double(nnz) * double(n_out);
+  const double via_active = (double(n_active) + 0.25 * double(T) * double(B)) * double(n_in);
+  return via_events <= via_active ? DwRoute::kEvents : DwRoute::kActive;
+}
+
+}  // namespace cpu
+}  // namespace sparsegrad
