@@ -3,6 +3,7 @@ is found. Environment:
   SPARSEGRAD_REQUIRE_CUDA=1   fail instead of silently building CPU-only
   TORCH_CUDA_ARCH_LIST        defaults to "8.0;9.0" (needed when no GPU is visible)
   CUDA_HOME                   defaults to /usr/local/cuda when it exists
+  SPARSEGRAD_PORTABLE=1       build without -march=native (for binaries copied to other CPUs)
   MAX_JOBS                    parallel compile jobs (ninja)
 """
 import glob
@@ -56,7 +57,10 @@ def _extensions():
         ("SPARSEGRAD_VERSION", f'"{VERSION}"'),
         ("SPARSEGRAD_TORCH_VERSION", f'"{torch.__version__}"'),
     ]
-    cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    # -ffp-contract=off: no fused multiply-adds, so results do not depend on the vector width.
+    cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off"]
+    if os.environ.get("SPARSEGRAD_PORTABLE", "0") != "1":
+        cxx_flags.append("-march=native")  # source builds: use this CPU's vector units
     extra_link = ["-fopenmp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if not use_cuda:

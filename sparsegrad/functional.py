@@ -68,6 +68,8 @@ def _check_scalar(name, value, low, high, low_open, allow_inf=False):
 
 def _check_linear(x, weight, bias, what="x"):
     _check_tensor(what, x, 3)
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} must have at least one time step, got shape {tuple(x.shape)}")
     _check_tensor("weight", weight, 2, x.dtype, x.device)
     if weight.shape[1] != x.shape[2]:
         raise ValueError(
