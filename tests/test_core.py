@@ -208,12 +208,13 @@ def test_dx_restricted_to_producer_active_set():
     """With the producer's active set known, dx equals the full dx on that set, zero elsewhere."""
     x, w1, b1 = random_problem(20, 4, 10, 12, rate=0.3)
     w2 = torch.randn(6, 12, dtype=torch.float64)
-    h, _, _, (ptr, idx) = sparsegrad.functional.lif_layer_with_stats(x, w1, b1, alpha=0.9, b_th=0.5)
+    h, _, _, (ptr, idx) = sparsegrad.functional.lif_layer_with_stats(x, w1, b1, alpha=0.9, b_th=0.2)
     h_full = h.detach().clone().requires_grad_(True)  # no producer attached: full dx
     h_restricted = h.detach().clone().requires_grad_(True)
     g = torch.randn(20, 4, 6, dtype=torch.float64)
-    full, = torch.autograd.grad(sparsegrad.lif_layer(h_full, w2, alpha=0.9, b_th=0.5), h_full, g)
-    out = sparsegrad.functional.lif_layer_with_stats(h_restricted, w2, alpha=0.9, b_th=0.5, producer=(ptr, idx))[0]
+    # a wide consumer b_th makes the restricted dx clearly the cheaper choice of the kernel
+    full, = torch.autograd.grad(sparsegrad.lif_layer(h_full, w2, alpha=0.9, b_th=10.0), h_full, g)
+    out = sparsegrad.functional.lif_layer_with_stats(h_restricted, w2, alpha=0.9, b_th=10.0, producer=(ptr, idx))[0]
     restricted, = torch.autograd.grad(out, h_restricted, g)
     mask = torch.zeros(4, 20, 12, dtype=torch.bool)
     rows = torch.repeat_interleave(torch.arange(4 * 20), ptr.diff())

@@ -80,11 +80,18 @@ inline void scale_inplace(int64_t n, acc_t a, acc_t* __restrict__ y) {
   for (int64_t k = 0; k < n; ++k) y[k] *= a;
 }
 
+// Sum in a fixed lane order: vectorises without -ffast-math and gives the same bits everywhere.
 template <typename acc_t, typename in_t>
 inline acc_t dot(int64_t n, const acc_t* __restrict__ x, const in_t* __restrict__ y) {
-  acc_t s = 0;
-  for (int64_t k = 0; k < n; ++k) s += x[k] * static_cast<acc_t>(y[k]);
-  return s;
+  constexpr int64_t kLanes = 16;
+  acc_t lane[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += x[k + l] * static_cast<acc_t>(y[k + l]);
+  for (; k < n; ++k) lane[k % kLanes] += x[k] * static_cast<acc_t>(y[k]);
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t l = 0; l < width; ++l) lane[l] += lane[l + width];
+  return lane[0];
 }
 
 // ------------------------------------------------------------------------------------------
@@ -123,6 +130,16 @@ struct Events {
   bool binary = true;
 };
 
+constexpr int64_t kScanBlock = 32;
+
+// Branch-free test the compiler turns into a few vector compares.
+template <typename scalar_t>
+inline bool any_nonzero(const scalar_t* p, int64_t n) {
+  int found = 0;
+  for (int64_t k = 0; k < n; ++k) found |= (p[k] != scalar_t(0));
+  return found != 0;
+}
+
 template <typename scalar_t>
 Events build_events(const at::Tensor& x) {
   const int64_t T = x.size(0), B = x.size(1), N = x.size(2);
@@ -138,12 +155,16 @@ Events build_events(const at::Tensor& x) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t t = 0; t < T; ++t) {
         const scalar_t* row = xp + (t * B + b) * N;
-        for (int64_t i = 0; i < N; ++i) {
-          const scalar_t v = row[i];
-          if (v != scalar_t(0)) {
-            idx[b].push_back(static_cast<int32_t>(i));
-            val[b].push_back(v);
-            nonbinary[b] |= (v != scalar_t(1));
+        for (int64_t i0 = 0; i0 < N; i0 += kScanBlock) {
+          const int64_t i1 = std::min(N, i0 + kScanBlock);
+          if (!any_nonzero(row + i0, i1 - i0)) continue;  // spikes are rare: skip zero blocks
+          for (int64_t i = i0; i < i1; ++i) {
+            const scalar_t v = row[i];
+            if (v != scalar_t(0)) {
+              idx[b].push_back(static_cast<int32_t>(i));
+              val[b].push_back(v);
+              nonbinary[b] |= (v != scalar_t(1));
+            }
           }
         }
         ptr[b * T + t + 1] = static_cast<int64_t>(idx[b].size());  // local to b for now
@@ -209,7 +230,20 @@ struct InputCurrent {
       return;
     }
     for (int64_t j = 0; j < n_out; ++j) cur[j] = bias ? static_cast<acc_t>(bias[j]) : acc_t(0);
-    for (int64_t e = events.begin(b, t); e < events.end(b, t); ++e) {
+    int64_t e = events.begin(b, t);
+    const int64_t e_end = events.end(b, t);
+    if (!events.val) {  // binary input: add weight rows, four at a time to save passes over cur
+      for (; e + 4 <= e_end; e += 4) {
+        const scalar_t* w0 = weight_t + events.idx[e] * n_out;
+        const scalar_t* w1 = weight_t + events.idx[e + 1] * n_out;
+        const scalar_t* w2 = weight_t + events.idx[e + 2] * n_out;
+        const scalar_t* w3 = weight_t + events.idx[e + 3] * n_out;
+        for (int64_t j = 0; j < n_out; ++j)
+          cur[j] += (static_cast<acc_t>(w0[j]) + static_cast<acc_t>(w1[j])) +
+                    (static_cast<acc_t>(w2[j]) + static_cast<acc_t>(w3[j]));
+      }
+    }
+    for (; e < e_end; ++e) {
       axpy<acc_t>(n_out, static_cast<acc_t>(events.value(e)), weight_t + events.idx[e] * n_out, cur);
     }
   }

@@ -45,7 +45,8 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
   p.scale = acc_t(1);
   p.weight = weight.data_ptr<scalar_t>();
   at::Tensor weight_t;
-  if (need_dx && prev_ptr.has_value()) {
+  if (need_dx && prev_ptr.has_value() &&
+      restrict_dx_to_producer(prev_idx->numel(), act_idx.numel(), T, B, n_in, n_out)) {
     weight_t = weight.t().contiguous();
     p.weight_t = weight_t.data_ptr<scalar_t>();
     p.prev_ptr = prev_ptr->data_ptr<int64_t>();

@@ -51,15 +51,20 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
       for (int64_t t = 0; t < T; ++t) {
         current.fill(b, t, cur.data());
         const int64_t row = (t * B + b) * n_out;
+        // Separate simple loops so that each one vectorises.
         for (int64_t j = 0; j < n_out; ++j) {
           v[j] = math::integrate(v[j], cur[j], s[j], alpha, threshold);
           s[j] = math::fire(v[j], threshold);
           spk[row + j] = static_cast<scalar_t>(s[j]);
-          count += s[j] > acc_t(0);
         }
+        int32_t fired = 0, active = 0;
+        for (int64_t j = 0; j < n_out; ++j) fired += s[j] > acc_t(0);
+        count += fired;
         if (sparse) {
-          for (int64_t j = 0; j < n_out; ++j) {
+          for (int64_t j = 0; j < n_out; ++j) active += math::is_active(v[j], threshold, b_th);
+          for (int64_t j = 0; j < n_out && active > 0; ++j) {
             if (math::is_active(v[j], threshold, b_th)) {
+              --active;
               act_idx[b].push_back(static_cast<int32_t>(j));
               act_sg[b].push_back(static_cast<scalar_t>(math::surrogate(v[j], threshold, slope)));
             }

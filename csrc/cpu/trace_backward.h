@@ -133,6 +133,16 @@ void trace_dw_forward(const TraceProblem<scalar_t>& p, const Inject& inject) {
 // one N_in-wide decay per (b, t) (weighted: a decay is a cheap streaming multiply).
 enum class DwRoute : int64_t { kAuto = 0, kEvents = 1, kActive = 2 };
 
+// dx on the producer's active set costs |A_prev| * N_out dot products; dx everywhere through the
+// reverse trace in input space costs |injections| * N_in plus one N_in-wide decay per (b, t).
+// Both are correct (the producer reads dx only on its active set), so take the cheaper.
+inline bool restrict_dx_to_producer(int64_t n_prev, int64_t n_active, int64_t T, int64_t B,
+                                    int64_t n_in, int64_t n_out) {
+  const double restricted = double(n_prev) * double(n_out);
+  const double full = (double(n_active) + 0.25 * double(T) * double(B)) * double(n_in);
+  return restricted <= full;
+}
+
 inline DwRoute choose_dw_route(int64_t route, int64_t nnz, int64_t n_active, int64_t T, int64_t B,
                                int64_t n_in, int64_t n_out) {
   if (route == 1) return DwRoute::kEvents;

@@ -1,0 +1,580 @@
+// Host side of the CUDA ops: argument checks, buffers, the sequence of kernel launches and ATen
+// calls (GEMMs, scans). Written once as templates over a Launcher and compiled twice:
+//   - csrc/cuda/sparsegrad_cuda.cu: Launcher = CudaLauncher (kernel<<<grid, block, 0, stream>>>
+//     on the current stream, C10_CUDA_KERNEL_LAUNCH_CHECK after each launch), CUDA tensors;
+//   - csrc/emul/emul_ops.cpp: Launcher = the host emulation (csrc/cuda/emulation.h), CPU tensors.
+// So the emulated ops run the same kernel bodies, in the same order, with the same scans and
+// GEMMs in between, as the GPU ops.
+//
+// Launcher requirement: static void launch(int64_t n, void (*kernel)(KArgs...), Args... args)
+// runs `kernel` with enough threads for a grid-stride loop over n items (nothing when n == 0).
+//
+// Host synchronisation (device -> host copies) happens only where a size must be known on the
+// host to allocate an output: the number of input events (plus whether x is binary) in every
+// forward, and the number of active entries in a sparse LIF forward. The backward ops never
+// synchronise.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#include "cpu/trace_backward.h"  // argument checks, Events, kEventDensityMax, choose_dw_route
+#include "cuda/backward.cuh"
+#include "cuda/compaction.cuh"
+#include "cuda/forward.cuh"
+
+namespace sparsegrad {
+namespace cuda {
+namespace host {
+
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LifGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ReadoutForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ReadoutGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+using cpu::Events;
+
+inline c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
+template <typename T>
+inline const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  SG_CHECK(t.device() == ref.device(), op, name, "is on ", t.device(), " but the other inputs are on ",
+           ref.device());
+}
+
+inline at::TensorOptions acc_options(const at::Tensor& like) {
+  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return like.options().dtype(acc);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Input events: count kernel, scan, one device->host copy (nnz and the binary flag), fill kernel.
+// ------------------------------------------------------------------------------------------------
+template <class L, typename scalar_t>
+Events build_events(const at::Tensor& x) {
+  const int64_t T = x.size(0), B = x.size(1), N = x.size(2), R = B * T;
+  const auto long_opts = x.options().dtype(at::kLong);
+  Events ev;
+  ev.ptr = at::zeros({R + 1}, long_opts);
+  auto nonbinary = at::zeros({1}, long_opts);
+  L::launch(R, &events_count_kernel<scalar_t>, x.data_ptr<scalar_t>(), T, B, N,
+            ev.ptr.data_ptr<int64_t>(), nonbinary.data_ptr<int64_t>());
+  ev.ptr.cumsum_(0);
+  const auto sizes = at::cat({ev.ptr.narrow(0, R, 1), nonbinary}).cpu();  // host sync: output size
+  ev.nnz = sizes.data_ptr<int64_t>()[0];
+  ev.binary = sizes.data_ptr<int64_t>()[1] == 0;
+  ev.idx = at::empty({ev.nnz}, x.options().dtype(at::kInt));
+  ev.val = at::empty({ev.binary ? 0 : ev.nnz}, x.options());
+  L::launch(R, &events_fill_kernel<scalar_t>, x.data_ptr<scalar_t>(), T, B, N,
+            ev.ptr.data_ptr<int64_t>(), ev.idx.data_ptr<int32_t>(),
+            ev.binary ? static_cast<scalar_t*>(nullptr) : ev.val.data_ptr<scalar_t>());
+  return ev;
+}
+
+template <typename scalar_t>
+CsrView<scalar_t> csr_view(const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& val) {
+  CsrView<scalar_t> v;
+  v.ptr = ptr.data_ptr<int64_t>();
+  v.idx = idx.data_ptr<int32_t>();
+  v.val = val.numel() > 0 ? val.data_ptr<scalar_t>() : nullptr;
+  return v;
+}
+
+// The input current, as the CPU chooses it: from the events below kEventDensityMax input
+// density, else from one GEMM (cuBLAS on the GPU) into a [T, B, N_out] buffer.
+template <typename scalar_t>
+struct CurrentPlan {
+  at::Tensor weight_t, dense;
+  InputCurrent<scalar_t> current;
+
+  CurrentPlan(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+              const Events& ev) {
+    const int64_t T = x.size(0), B = x.size(1), n_in = x.size(2), n_out = weight.size(0);
+    const double density = x.numel() > 0 ? double(ev.nnz) / double(x.numel()) : 0.0;
+    current.T = T;
+    current.B = B;
+    current.n_out = n_out;
+    if (density <= cpu::kEventDensityMax) {
+      weight_t = weight.t().contiguous();
+      current.events = csr_view<scalar_t>(ev.ptr, ev.idx, ev.val);
+      current.weight_t = weight_t.data_ptr<scalar_t>();
+      current.bias = ptr_or_null<scalar_t>(bias);
+    } else {
+      auto x2 = x.reshape({T * B, n_in});
+      dense = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+      current.dense = dense.data_ptr<scalar_t>();
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// lif_forward
+// ------------------------------------------------------------------------------------------------
+template <class L, typename scalar_t>
+ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& v_init,
+                                const c10::optional<at::Tensor>& s_init, double alpha,
+                                double threshold, double b_th, double slope, bool sparse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = x.size(0), B = x.size(1), n_out = weight.size(0), R = B * T;
+  const auto long_opts = x.options().dtype(at::kLong);
+  const Events ev = build_events<L, scalar_t>(x);
+  CurrentPlan<scalar_t> plan(x, weight, bias, ev);
+
+  auto spikes = at::empty({T, B, n_out}, x.options());
+  auto v_final = at::empty({B, n_out}, x.options());
+  auto stats = at::zeros({3}, long_opts);
+  at::Tensor v_trace, sg_dense = sparse ? at::empty({0}, x.options()) : at::empty({T, B, n_out}, x.options());
+
+  LifForwardArgs<scalar_t> a;
+  a.current = plan.current;
+  a.T = T;
+  a.B = B;
+  a.n_out = n_out;
+  a.alpha = static_cast<acc_t>(alpha);
+  a.threshold = static_cast<acc_t>(threshold);
+  a.slope = static_cast<acc_t>(slope);
+  a.v_init = ptr_or_null<scalar_t>(v_init);
+  a.s_init = ptr_or_null<scalar_t>(s_init);
+  a.spikes = spikes.data_ptr<scalar_t>();
+  a.v_final = v_final.data_ptr<scalar_t>();
+  a.spike_count = stats.data_ptr<int64_t>();
+  if (sparse) {
+    if constexpr (std::is_same_v<acc_t, scalar_t>) {
+      v_trace = plan.dense.defined() ? plan.dense : at::empty({T, B, n_out}, acc_options(x));
+    } else {
+      v_trace = at::empty({T, B, n_out}, acc_options(x));
+    }
+    a.v_trace = v_trace.data_ptr<acc_t>();  // reuses the GEMM buffer when there is one
+  } else {
+    a.sg_dense = sg_dense.data_ptr<scalar_t>();
+  }
+  L::launch(B * n_out, &lif_forward_kernel<scalar_t>, a);
+  stats.narrow(0, 2, 1).fill_(ev.nnz);
+
+  if (!sparse) {
+    stats.narrow(0, 1, 1).fill_(T * B * n_out);
+    auto empty_long = at::empty({0}, long_opts);
+    auto empty_int = at::empty({0}, x.options().dtype(at::kInt));
+    auto empty_val = at::empty({0}, x.options());
+    return {spikes, v_final, empty_long, empty_int, sg_dense, empty_long.clone(), empty_int.clone(),
+            empty_val.clone(), stats};
+  }
+
+  // Compact the active set: count kernel, scan, one device->host copy (its size), fill kernel.
+  auto act_ptr = at::zeros({R + 1}, long_opts);
+  L::launch(R, &active_count_kernel<acc_t>, v_trace.data_ptr<acc_t>(), T, B, n_out,
+            static_cast<acc_t>(threshold), static_cast<acc_t>(b_th), act_ptr.data_ptr<int64_t>());
+  act_ptr.cumsum_(0);
+  const int64_t n_active = act_ptr[R].item<int64_t>();  // host sync: output size
+  auto act_idx = at::empty({n_active}, x.options().dtype(at::kInt));
+  auto act_sg = at::empty({n_active}, x.options());
+  L::launch(R, &active_fill_kernel<scalar_t, acc_t>, v_trace.data_ptr<acc_t>(), T, B, n_out,
+            static_cast<acc_t>(threshold), static_cast<acc_t>(b_th), static_cast<acc_t>(slope),
+            act_ptr.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(), act_sg.data_ptr<scalar_t>());
+  stats.narrow(0, 1, 1).fill_(n_active);
+  return {spikes, v_final, act_ptr, act_idx, act_sg, ev.ptr, ev.idx, ev.val, stats};
+}
+
+template <class L>
+ForwardOutputs lif_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
+                           const c10::optional<at::Tensor>& bias_in,
+                           const c10::optional<at::Tensor>& v_init_in,
+                           const c10::optional<at::Tensor>& s_init_in,
+                           const c10::optional<at::Tensor>& /*x_act_ptr: used by the backward*/,
+                           const c10::optional<at::Tensor>& /*x_act_idx*/, double alpha,
+                           double threshold, double b_th, double slope, bool sparse) {
+  const char* op = "lif_forward";
+  cpu::check_linear(x_in, weight_in, bias_in, op);
+  cpu::check_alpha(alpha, op);
+  SG_CHECK(threshold > 0, op, "threshold", "must be > 0, got ", threshold);
+  SG_CHECK(b_th > 0, op, "b_th", "must be > 0 (inf for no mask), got ", b_th);
+  SG_CHECK(slope > 0, op, "slope", "must be > 0, got ", slope);
+  const int64_t B = x_in.size(1), n_out = weight_in.size(0);
+  for (const auto& [state, name] : {std::pair{&v_init_in, "v_init"}, std::pair{&s_init_in, "s_init"}}) {
+    if (state->has_value()) {
+      cpu::check_float_tensor(**state, op, name, 2);
+      cpu::check_like(**state, x_in, op, name);
+      SG_CHECK((*state)->size(0) == B && (*state)->size(1) == n_out, op, name, "must have shape [",
+               B, ", ", n_out, "], got ", (*state)->sizes());
+    }
+  }
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  ForwardOutputs out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsegrad_lif_forward_cuda", [&] {
+    out = lif_forward_impl<L, scalar_t>(x, weight, contiguous(bias_in), contiguous(v_init_in),
+                                        contiguous(s_init_in), alpha, threshold, b_th, slope, sparse);
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// lif_backward_sparse
+// ------------------------------------------------------------------------------------------------
+inline int64_t tiles(int64_t n) { return (n + kTraceTile - 1) / kTraceTile; }
+
+template <class L, typename scalar_t>
+LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
+                                  const at::Tensor& weight, const at::Tensor& act_ptr,
+                                  const at::Tensor& act_idx, const at::Tensor& act_sg,
+                                  const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
+                                  const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
+                                  const c10::optional<at::Tensor>& prev_idx, double alpha,
+                                  bool need_dx, bool need_dw, bool need_db, bool need_dv,
+                                  int64_t dw_route) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = gS.size(0), B = gS.size(1), n_out = weight.size(0), n_in = weight.size(1);
+  const auto opts = gS.options();
+  const auto acc_opts = acc_options(gS);
+  const auto route = cpu::choose_dw_route(dw_route, ev_idx.numel(), act_idx.numel(), T, B, n_in, n_out);
+  const bool dw_events = need_dw && route == cpu::DwRoute::kEvents;
+  const bool full_dx = need_dx && !prev_ptr.has_value();
+
+  TraceArgs<scalar_t> p;
+  p.T = T;
+  p.B = B;
+  p.n_in = n_in;
+  p.n_out = n_out;
+  p.alpha = static_cast<acc_t>(alpha);
+  p.scale = acc_t(1);
+  p.g_init = ptr_or_null<scalar_t>(gV);
+  p.events = csr_view<scalar_t>(ev_ptr, ev_idx, ev_val);
+  at::Tensor weight_t, dx_acc, g_dense, dw_acc, db_acc, dv = at::empty({0}, opts);
+  if (need_dx && !full_dx) {
+    weight_t = weight.t().contiguous();
+    dx_acc = at::zeros({T, B, n_in}, acc_opts);
+    p.weight_t = weight_t.data_ptr<scalar_t>();
+    p.prev_ptr = prev_ptr->data_ptr<int64_t>();
+    p.prev_idx = prev_idx->data_ptr<int32_t>();
+    p.dx = dx_acc.data_ptr<acc_t>();
+  }
+  if (full_dx) {
+    g_dense = at::zeros({T, B, n_out}, acc_opts);
+    p.g_dense = g_dense.data_ptr<acc_t>();
+  }
+  if (need_dv) {
+    dv = at::empty({B, n_out}, opts);
+    p.dv = dv.data_ptr<scalar_t>();
+  }
+  if (need_db) {
+    db_acc = at::zeros({n_out}, acc_opts);
+    p.db = db_acc.data_ptr<acc_t>();
+  }
+  if (dw_events) {
+    dw_acc = at::zeros({n_in, n_out}, acc_opts);
+    p.dw_t = dw_acc.data_ptr<acc_t>();
+  }
+  LifInject<scalar_t> inject;
+  inject.act = csr_view<scalar_t>(act_ptr, act_idx, act_sg);
+  inject.grad = gS.data_ptr<scalar_t>();
+  inject.T = T;
+  inject.B = B;
+  inject.n_out = n_out;
+  if (need_dx || need_db || need_dv || dw_events)
+    L::launch(B * tiles(n_out), &trace_backward_kernel<scalar_t, LifInject<scalar_t>>, p, inject);
+
+  if (need_dw && !dw_events) {
+    dw_acc = at::zeros({n_out, n_in}, acc_opts);
+    DwActiveArgs<scalar_t> q;
+    q.T = T;
+    q.B = B;
+    q.n_in = n_in;
+    q.n_out = n_out;
+    q.alpha = static_cast<acc_t>(alpha);
+    q.events = p.events;
+    q.act = inject.act;
+    q.grad = inject.grad;
+    q.g_init = p.g_init;
+    q.dw = dw_acc.data_ptr<acc_t>();
+    L::launch(B * tiles(n_in), &dw_active_kernel<scalar_t>, q);
+  }
+
+  at::Tensor dx = at::empty({0}, opts), dw = at::empty({0}, opts), db = at::empty({0}, opts);
+  if (full_dx) dx = at::mm(g_dense.view({T * B, n_out}), weight.to(acc_opts.dtype())).view({T, B, n_in}).to(opts.dtype());
+  else if (need_dx) dx = dx_acc.to(opts.dtype());
+  if (need_dw) dw = (dw_events ? dw_acc.t() : dw_acc).to(opts.dtype()).contiguous();
+  if (need_db) db = db_acc.to(opts.dtype());
+  return {dx, dw, db, dv};
+}
+
+inline void check_grad_inputs(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+                              const at::Tensor& weight, const char* op) {
+  cpu::check_float_tensor(grad_spikes, op, "grad_spikes", 3);
+  cpu::check_float_tensor(weight, op, "weight", 2);
+  cpu::check_like(weight, grad_spikes, op, "weight");
+  SG_CHECK(grad_spikes.size(2) == weight.size(0), op, "grad_spikes", "must be [T, B, ",
+           weight.size(0), "], got ", grad_spikes.sizes());
+  if (grad_v_final.has_value()) {
+    cpu::check_like(*grad_v_final, grad_spikes, op, "grad_v_final");
+    SG_CHECK(grad_v_final->dim() == 2 && grad_v_final->size(0) == grad_spikes.size(1) &&
+                 grad_v_final->size(1) == weight.size(0),
+             op, "grad_v_final", "must be [B, N_out], got ", grad_v_final->sizes());
+  }
+}
+
+template <class L>
+LifGrads lif_backward_sparse(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+                             const at::Tensor& weight, const at::Tensor& act_ptr,
+                             const at::Tensor& act_idx, const at::Tensor& act_sg,
+                             const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
+                             const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
+                             const c10::optional<at::Tensor>& prev_idx, double alpha, bool need_dx,
+                             bool need_dw, bool need_db, bool need_dv, int64_t dw_route) {
+  const char* op = "lif_backward_sparse";
+  check_grad_inputs(grad_spikes, grad_v_final, weight, op);
+  cpu::check_alpha(alpha, op);
+  SG_CHECK(dw_route >= 0 && dw_route <= 2, op, "dw_route",
+           "must be 0 (auto), 1 (events) or 2 (active), got ", dw_route);
+  const int64_t rows = grad_spikes.size(0) * grad_spikes.size(1);
+  cpu::check_csr(act_ptr, act_idx, rows, op, "act_ptr", "act_idx");
+  cpu::check_csr(ev_ptr, ev_idx, rows, op, "ev_ptr", "ev_idx");
+  cpu::check_like(act_sg, grad_spikes, op, "act_sg");
+  SG_CHECK(act_sg.numel() == act_idx.numel(), op, "act_sg", "must have one value per active entry (",
+           act_idx.numel(), "), got ", act_sg.numel());
+  SG_CHECK(ev_val.numel() == 0 || ev_val.numel() == ev_idx.numel(), op, "ev_val",
+           "must be empty (binary input) or match ev_idx, got ", ev_val.numel());
+  if (ev_val.numel() > 0) cpu::check_like(ev_val, grad_spikes, op, "ev_val");
+  SG_CHECK(prev_ptr.has_value() == prev_idx.has_value(), op, "prev_ptr",
+           "and prev_idx must be given together");
+  if (prev_ptr.has_value()) {
+    cpu::check_csr(*prev_ptr, *prev_idx, rows, op, "prev_ptr", "prev_idx");
+    check_device(*prev_ptr, grad_spikes, op, "prev_ptr");
+    check_device(*prev_idx, grad_spikes, op, "prev_idx");
+  }
+  check_device(act_ptr, grad_spikes, op, "act_ptr");
+  check_device(act_idx, grad_spikes, op, "act_idx");
+  check_device(ev_ptr, grad_spikes, op, "ev_ptr");
+  check_device(ev_idx, grad_spikes, op, "ev_idx");
+  c10::optional<at::Tensor> gV = contiguous(grad_v_final);
+  const at::Tensor gS = grad_spikes.contiguous(), w = weight.contiguous();
+  LifGrads out;
+  AT_DISPATCH_FLOATING_TYPES(gS.scalar_type(), "sparsegrad_lif_backward_sparse_cuda", [&] {
+    out = lif_backward_sparse_impl<L, scalar_t>(
+        gS, gV, w, act_ptr.contiguous(), act_idx.contiguous(), act_sg.contiguous(),
+        ev_ptr.contiguous(), ev_idx.contiguous(), ev_val.contiguous(), contiguous(prev_ptr),
+        contiguous(prev_idx), alpha, need_dx, need_dw, need_db, need_dv, dw_route);
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// lif_backward_dense: reverse-scan kernel, then GEMMs and a sum through ATen.
+// ------------------------------------------------------------------------------------------------
+template <class L>
+LifGrads lif_backward_dense(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+                            const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& sg_in,
+                            double alpha, bool need_dx, bool need_dw, bool need_db, bool need_dv) {
+  const char* op = "lif_backward_dense";
+  check_grad_inputs(grad_spikes, grad_v_final, weight_in, op);
+  cpu::check_alpha(alpha, op);
+  cpu::check_linear(x_in, weight_in, c10::nullopt, op);
+  SG_CHECK(sg_in.sizes() == grad_spikes.sizes(), op, "sg", "must match grad_spikes ",
+           grad_spikes.sizes(), ", got ", sg_in.sizes());
+  cpu::check_like(sg_in, grad_spikes, op, "sg");
+  cpu::check_like(x_in, grad_spikes, op, "x");
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), n_in = weight_in.size(1),
+                n_out = weight_in.size(0);
+  const auto opts = grad_spikes.options();
+  const c10::optional<at::Tensor> gV = contiguous(grad_v_final);
+  const at::Tensor gS = grad_spikes.contiguous(), sg = sg_in.contiguous();
+  at::Tensor G = at::empty({T, B, n_out}, opts);
+  AT_DISPATCH_FLOATING_TYPES(gS.scalar_type(), "sparsegrad_lif_backward_dense_cuda", [&] {
+    L::launch(B * n_out, &reverse_scan_kernel<scalar_t>, gS.data_ptr<scalar_t>(),
+              sg.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(gV), T, B, n_out,
+              static_cast<at::opmath_type<scalar_t>>(alpha), G.data_ptr<scalar_t>());
+  });
+  auto G2 = G.view({T * B, n_out});
+  at::Tensor dx = need_dx ? at::mm(G2, weight_in.contiguous()).view({T, B, n_in}) : at::empty({0}, opts);
+  at::Tensor dw = need_dw ? at::mm(G2.t(), x_in.contiguous().view({T * B, n_in})) : at::empty({0}, opts);
+  at::Tensor db = need_db ? G2.sum(0) : at::empty({0}, opts);
+  at::Tensor dv = need_dv ? (G[0] * alpha).contiguous() : at::empty({0}, opts);
+  return {dx, dw, db, dv};
+}
+
+// ------------------------------------------------------------------------------------------------
+// li_readout_forward / li_readout_backward
+// ------------------------------------------------------------------------------------------------
+inline int parse_reduce(c10::string_view reduce, const char* op) {
+  if (reduce == "max") return kReduceMax;
+  if (reduce == "sum") return kReduceSum;
+  if (reduce == "mean") return kReduceMean;
+  if (reduce == "none") return kReduceNone;
+  SG_CHECK(false, op, "reduce", "must be one of 'max', 'sum', 'mean', 'none', got '",
+           std::string(reduce), "'");
+  return kReduceNone;
+}
+
+template <class L, typename scalar_t>
+ReadoutForwardOutputs li_readout_forward_impl(const at::Tensor& x, const at::Tensor& weight,
+                                              const c10::optional<at::Tensor>& bias, double alpha,
+                                              int reduce) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = x.size(0), B = x.size(1), n_out = weight.size(0);
+  const Events ev = build_events<L, scalar_t>(x);
+  CurrentPlan<scalar_t> plan(x, weight, bias, ev);
+  auto out = reduce == kReduceNone ? at::empty({T, B, n_out}, x.options()) : at::empty({B, n_out}, x.options());
+  const auto long_opts = x.options().dtype(at::kLong);
+  auto argmax = reduce == kReduceMax ? at::empty({B, n_out}, long_opts) : at::empty({0}, long_opts);
+  ReadoutForwardArgs<scalar_t> a;
+  a.current = plan.current;
+  a.T = T;
+  a.B = B;
+  a.n_out = n_out;
+  a.alpha = static_cast<acc_t>(alpha);
+  a.reduce = reduce;
+  a.out = out.data_ptr<scalar_t>();
+  a.argmax = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
+  L::launch(B * n_out, &li_readout_forward_kernel<scalar_t>, a);
+  return {out, argmax, ev.ptr, ev.idx, ev.val};
+}
+
+template <class L>
+ReadoutForwardOutputs li_readout_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                         const c10::optional<at::Tensor>& bias_in,
+                                         const c10::optional<at::Tensor>& /*x_act_ptr*/,
+                                         const c10::optional<at::Tensor>& /*x_act_idx*/,
+                                         double alpha, c10::string_view reduce_name) {
+  const char* op = "li_readout_forward";
+  cpu::check_linear(x_in, weight_in, bias_in, op);
+  cpu::check_alpha(alpha, op);
+  const int reduce = parse_reduce(reduce_name, op);
+  SG_CHECK(x_in.size(0) > 0 || reduce == kReduceNone, op, "x", "must have at least one time step");
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const c10::optional<at::Tensor> bias = contiguous(bias_in);
+  ReadoutForwardOutputs out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsegrad_li_readout_forward_cuda", [&] {
+    out = li_readout_forward_impl<L, scalar_t>(x, weight, bias, alpha, reduce);
+  });
+  return out;
+}
+
+template <class L, typename scalar_t>
+ReadoutGrads li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& argmax,
+                                      const at::Tensor& weight, const at::Tensor& ev_ptr,
+                                      const at::Tensor& ev_idx, const at::Tensor& ev_val,
+                                      const c10::optional<at::Tensor>& prev_ptr,
+                                      const c10::optional<at::Tensor>& prev_idx, int64_t T,
+                                      double alpha, int reduce, bool need_dx, bool need_dw,
+                                      bool need_db) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = grad_out.size(-2), n_out = weight.size(0), n_in = weight.size(1);
+  const auto opts = grad_out.options();
+  const auto acc_opts = acc_options(grad_out);
+  const bool full_dx = need_dx && !prev_ptr.has_value();
+  TraceArgs<scalar_t> p;
+  p.T = T;
+  p.B = B;
+  p.n_in = n_in;
+  p.n_out = n_out;
+  p.alpha = static_cast<acc_t>(alpha);
+  p.scale = acc_t(1) - p.alpha;
+  p.events = csr_view<scalar_t>(ev_ptr, ev_idx, ev_val);
+  at::Tensor weight_t, dx_acc, g_dense, dw_acc, db_acc;
+  if (need_dx && !full_dx) {
+    weight_t = weight.t().contiguous();
+    dx_acc = at::zeros({T, B, n_in}, acc_opts);
+    p.weight_t = weight_t.data_ptr<scalar_t>();
+    p.prev_ptr = prev_ptr->data_ptr<int64_t>();
+    p.prev_idx = prev_idx->data_ptr<int32_t>();
+    p.dx = dx_acc.data_ptr<acc_t>();
+  }
+  if (full_dx) {
+    g_dense = at::zeros({T, B, n_out}, acc_opts);
+    p.g_dense = g_dense.data_ptr<acc_t>();
+  }
+  if (need_db) {
+    db_acc = at::zeros({n_out}, acc_opts);
+    p.db = db_acc.data_ptr<acc_t>();
+  }
+  if (need_dw) {
+    dw_acc = at::zeros({n_in, n_out}, acc_opts);
+    p.dw_t = dw_acc.data_ptr<acc_t>();
+  }
+  ReadoutInject<scalar_t> inject;
+  inject.grad = grad_out.data_ptr<scalar_t>();
+  inject.argmax = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
+  inject.reduce = reduce;
+  inject.per_step = reduce == kReduceMean ? acc_t(1) / acc_t(T) : acc_t(1);
+  inject.B = B;
+  inject.n_out = n_out;
+  if (need_dx || need_dw || need_db)
+    L::launch(B * tiles(n_out), &trace_backward_kernel<scalar_t, ReadoutInject<scalar_t>>, p, inject);
+
+  at::Tensor dx = at::empty({0}, opts), dw = at::empty({0}, opts), db = at::empty({0}, opts);
+  if (full_dx) {
+    dx = (at::mm(g_dense.view({T * B, n_out}), weight.to(acc_opts.dtype())) * p.scale)
+             .view({T, B, n_in}).to(opts.dtype());
+  } else if (need_dx) {
+    dx = dx_acc.to(opts.dtype());
+  }
+  if (need_dw) dw = (dw_acc.t() * p.scale).to(opts.dtype()).contiguous();
+  if (need_db) db = (db_acc * p.scale).to(opts.dtype());
+  return {dx, dw, db};
+}
+
+template <class L>
+ReadoutGrads li_readout_backward(const at::Tensor& grad_out_in, const at::Tensor& argmax,
+                                 const at::Tensor& weight_in, const at::Tensor& ev_ptr,
+                                 const at::Tensor& ev_idx, const at::Tensor& ev_val,
+                                 const c10::optional<at::Tensor>& prev_ptr,
+                                 const c10::optional<at::Tensor>& prev_idx, int64_t num_steps,
+                                 double alpha, c10::string_view reduce_name, bool need_dx,
+                                 bool need_dw, bool need_db) {
+  const char* op = "li_readout_backward";
+  const int reduce = parse_reduce(reduce_name, op);
+  cpu::check_alpha(alpha, op);
+  cpu::check_float_tensor(grad_out_in, op, "grad_out", reduce == kReduceNone ? 3 : 2);
+  cpu::check_float_tensor(weight_in, op, "weight", 2);
+  cpu::check_like(weight_in, grad_out_in, op, "weight");
+  SG_CHECK(num_steps >= 1, op, "num_steps", "must be >= 1, got ", num_steps);
+  SG_CHECK(grad_out_in.size(-1) == weight_in.size(0), op, "grad_out", "must end in N_out = ",
+           weight_in.size(0), ", got ", grad_out_in.sizes());
+  if (reduce == kReduceNone)
+    SG_CHECK(grad_out_in.size(0) == num_steps, op, "grad_out", "must have num_steps = ", num_steps,
+             " time steps, got ", grad_out_in.sizes());
+  if (reduce == kReduceMax) {
+    SG_CHECK(argmax.scalar_type() == at::kLong && argmax.sizes() == grad_out_in.sizes(), op,
+             "argmax_t", "must be int64 of shape ", grad_out_in.sizes(), ", got ", argmax.sizes());
+    check_device(argmax, grad_out_in, op, "argmax_t");
+  }
+  const int64_t rows = num_steps * grad_out_in.size(-2);
+  cpu::check_csr(ev_ptr, ev_idx, rows, op, "ev_ptr", "ev_idx");
+  check_device(ev_ptr, grad_out_in, op, "ev_ptr");
+  check_device(ev_idx, grad_out_in, op, "ev_idx");
+  SG_CHECK(ev_val.numel() == 0 || ev_val.numel() == ev_idx.numel(), op, "ev_val",
+           "must be empty (binary input) or match ev_idx, got ", ev_val.numel());
+  if (ev_val.numel() > 0) cpu::check_like(ev_val, grad_out_in, op, "ev_val");
+  SG_CHECK(prev_ptr.has_value() == prev_idx.has_value(), op, "prev_ptr",
+           "and prev_idx must be given together");
+  if (prev_ptr.has_value()) {
+    cpu::check_csr(*prev_ptr, *prev_idx, rows, op, "prev_ptr", "prev_idx");
+    check_device(*prev_ptr, grad_out_in, op, "prev_ptr");
+    check_device(*prev_idx, grad_out_in, op, "prev_idx");
+  }
+  ReadoutGrads out;
+  AT_DISPATCH_FLOATING_TYPES(grad_out_in.scalar_type(), "sparsegrad_li_readout_backward_cuda", [&] {
+    out = li_readout_backward_impl<L, scalar_t>(
+        grad_out_in.contiguous(), argmax.contiguous(), weight_in.contiguous(), ev_ptr.contiguous(),
+        ev_idx.contiguous(), ev_val.contiguous(), contiguous(prev_ptr), contiguous(prev_idx),
+        num_steps, alpha, reduce, need_dx, need_dw, need_db);
+  });
+  return out;
+}
+
+}  // namespace host
+}  // namespace cuda
+}  // namespace sparsegrad

@@ -1,0 +1,111 @@
+// CUDA kernels of every sparsegrad op: TORCH_LIBRARY_IMPL(sparsegrad, CUDA). The kernels live in
+// csrc/cuda/*.cuh, the host sequence (buffers, launches, scans, GEMMs) in csrc/cuda/host_ops.h,
+// both shared with the host emulation that runs them on the CPU in the tests. This file only adds
+// what is GPU-specific: the device guard, the current stream and the launch check.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/host_ops.h"
+
+namespace sparsegrad {
+namespace cuda {
+namespace {
+
+struct CudaLauncher {
+  template <typename... KArgs, typename... Args>
+  static void launch(int64_t n, void (*kernel)(KArgs...), Args... args) {
+    if (n <= 0) return;  // a zero-block launch is an error
+    const LaunchShape shape = launch_shape(n);
+    kernel<<<dim3(unsigned(shape.blocks)), dim3(unsigned(shape.threads)), 0,
+             at::cuda::getCurrentCUDAStream()>>>(static_cast<KArgs>(args)...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+using L = CudaLauncher;
+
+// Every op runs on the device of its first tensor argument, on that device's current stream.
+void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  SG_CHECK(t.is_cuda(), op, name, "must be a CUDA tensor here (the other inputs are), got ", t.device());
+}
+
+host::ForwardOutputs lif_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const c10::optional<at::Tensor>& v_init,
+                                      const c10::optional<at::Tensor>& s_init,
+                                      const c10::optional<at::Tensor>& x_act_ptr,
+                                      const c10::optional<at::Tensor>& x_act_idx, double alpha,
+                                      double threshold, double b_th, double slope, bool sparse) {
+  check_cuda(x, "lif_forward", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return host::lif_forward<L>(x, weight, bias, v_init, s_init, x_act_ptr, x_act_idx, alpha,
+                              threshold, b_th, slope, sparse);
+}
+
+host::LifGrads lif_backward_sparse_cuda(const at::Tensor& grad_spikes,
+                                        const c10::optional<at::Tensor>& grad_v_final,
+                                        const at::Tensor& weight, const at::Tensor& act_ptr,
+                                        const at::Tensor& act_idx, const at::Tensor& act_sg,
+                                        const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
+                                        const at::Tensor& ev_val,
+                                        const c10::optional<at::Tensor>& prev_ptr,
+                                        const c10::optional<at::Tensor>& prev_idx, double alpha,
+                                        bool need_dx, bool need_dw, bool need_db, bool need_dv,
+                                        int64_t dw_route) {
+  check_cuda(grad_spikes, "lif_backward_sparse", "grad_spikes");
+  const c10::cuda::CUDAGuard guard(grad_spikes.device());
+  return host::lif_backward_sparse<L>(grad_spikes, grad_v_final, weight, act_ptr, act_idx, act_sg,
+                                      ev_ptr, ev_idx, ev_val, prev_ptr, prev_idx, alpha, need_dx,
+                                      need_dw, need_db, need_dv, dw_route);
+}
+
+host::LifGrads lif_backward_dense_cuda(const at::Tensor& grad_spikes,
+                                       const c10::optional<at::Tensor>& grad_v_final,
+                                       const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor& sg, double alpha, bool need_dx,
+                                       bool need_dw, bool need_db, bool need_dv) {
+  check_cuda(grad_spikes, "lif_backward_dense", "grad_spikes");
+  const c10::cuda::CUDAGuard guard(grad_spikes.device());
+  return host::lif_backward_dense<L>(grad_spikes, grad_v_final, x, weight, sg, alpha, need_dx,
+                                     need_dw, need_db, need_dv);
+}
+
+host::ReadoutForwardOutputs li_readout_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                    const c10::optional<at::Tensor>& bias,
+                                                    const c10::optional<at::Tensor>& x_act_ptr,
+                                                    const c10::optional<at::Tensor>& x_act_idx,
+                                                    double alpha, c10::string_view reduce) {
+  check_cuda(x, "li_readout_forward", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return host::li_readout_forward<L>(x, weight, bias, x_act_ptr, x_act_idx, alpha, reduce);
+}
+
+host::ReadoutGrads li_readout_backward_cuda(const at::Tensor& grad_out, const at::Tensor& argmax_t,
+                                            const at::Tensor& weight, const at::Tensor& ev_ptr,
+                                            const at::Tensor& ev_idx, const at::Tensor& ev_val,
+                                            const c10::optional<at::Tensor>& prev_ptr,
+                                            const c10::optional<at::Tensor>& prev_idx,
+                                            int64_t num_steps, double alpha,
+                                            c10::string_view reduce, bool need_dx, bool need_dw,
+                                            bool need_db) {
+  check_cuda(grad_out, "li_readout_backward", "grad_out");
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  return host::li_readout_backward<L>(grad_out, argmax_t, weight, ev_ptr, ev_idx, ev_val, prev_ptr,
+                                      prev_idx, num_steps, alpha, reduce, need_dx, need_dw, need_db);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsegrad, CUDA, m) {
+  m.impl("lif_forward", &lif_forward_cuda);
+  m.impl("lif_backward_sparse", &lif_backward_sparse_cuda);
+  m.impl("lif_backward_dense", &lif_backward_dense_cuda);
+  m.impl("li_readout_forward", &li_readout_forward_cuda);
+  m.impl("li_readout_backward", &li_readout_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace sparsegrad
