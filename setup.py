@@ -1,6 +1,7 @@
 """Build sparsegrad._C: the CPU kernels always, the CUDA kernels when torch is a CUDA build and nvcc
 is found. Environment:
   SPARSEGRAD_REQUIRE_CUDA=1   fail instead of silently building CPU-only
+  SPARSEGRAD_NO_CUDA=1        build the CPU kernels only, even with a CUDA torch and nvcc
   TORCH_CUDA_ARCH_LIST        defaults to "8.0;9.0" (needed when no GPU is visible)
   CUDA_HOME                   defaults to /usr/local/cuda when it exists
   SPARSEGRAD_PORTABLE=1       build without -march=native (for binaries copied to other CPUs)
@@ -46,7 +47,9 @@ def _extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     cuda_home = _find_nvcc()
-    use_cuda = torch.version.cuda is not None and cuda_home is not None and bool(cuda_sources)
+    skip_cuda = os.environ.get("SPARSEGRAD_NO_CUDA", "0") == "1"
+    use_cuda = (not skip_cuda and torch.version.cuda is not None and cuda_home is not None
+                and bool(cuda_sources))
     if require_cuda and not use_cuda:
         raise RuntimeError(
             "SPARSEGRAD_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: "

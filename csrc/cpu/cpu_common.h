@@ -132,12 +132,12 @@ struct Events {
 
 constexpr int64_t kScanBlock = 32;
 
-// Branch-free test the compiler turns into a few vector compares.
+// Bit k set iff p[k] != 0 (n <= 32); branch-free, so it compiles to vector compares.
 template <typename scalar_t>
-inline bool any_nonzero(const scalar_t* p, int64_t n) {
-  int found = 0;
-  for (int64_t k = 0; k < n; ++k) found |= (p[k] != scalar_t(0));
-  return found != 0;
+inline uint32_t nonzero_mask(const scalar_t* p, int64_t n) {
+  uint32_t mask = 0;
+  for (int64_t k = 0; k < n; ++k) mask |= static_cast<uint32_t>(p[k] != scalar_t(0)) << k;
+  return mask;
 }
 
 template <typename scalar_t>
@@ -157,14 +157,13 @@ Events build_events(const at::Tensor& x) {
         const scalar_t* row = xp + (t * B + b) * N;
         for (int64_t i0 = 0; i0 < N; i0 += kScanBlock) {
           const int64_t i1 = std::min(N, i0 + kScanBlock);
-          if (!any_nonzero(row + i0, i1 - i0)) continue;  // spikes are rare: skip zero blocks
-          for (int64_t i = i0; i < i1; ++i) {
+          // spikes are rare: find a block's nonzeros as a bit mask, then visit only those
+          for (uint32_t mask = nonzero_mask(row + i0, i1 - i0); mask != 0; mask &= mask - 1) {
+            const int64_t i = i0 + __builtin_ctz(mask);
             const scalar_t v = row[i];
-            if (v != scalar_t(0)) {
-              idx[b].push_back(static_cast<int32_t>(i));
-              val[b].push_back(v);
-              nonbinary[b] |= (v != scalar_t(1));
-            }
+            idx[b].push_back(static_cast<int32_t>(i));
+            val[b].push_back(v);
+            nonbinary[b] |= (v != scalar_t(1));
           }
         }
         ptr[b * T + t + 1] = static_cast<int64_t>(idx[b].size());  // local to b for now
