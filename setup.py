@@ -2,7 +2,7 @@
 is found. Environment:
   SPARSEGRAD_REQUIRE_CUDA=1   fail instead of silently building CPU-only
   SPARSEGRAD_NO_CUDA=1        build the CPU kernels only, even with a CUDA torch and nvcc
-  TORCH_CUDA_ARCH_LIST        defaults to "8.0;9.0" (needed when no GPU is visible)
+  TORCH_CUDA_ARCH_LIST        defaults to the visible GPUs' architectures, else "8.0;9.0"
   CUDA_HOME                   defaults to /usr/local/cuda when it exists
   SPARSEGRAD_PORTABLE=1       build without -march=native (for binaries copied to other CPUs)
   MAX_JOBS                    parallel compile jobs (ninja)
@@ -78,7 +78,15 @@ def _extensions():
             )
         ]
     os.environ["CUDA_HOME"] = cuda_home
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        # The visible GPUs' architectures, else (CI, build machines) sm_80 + sm_90. torch's build
+        # helpers fail without a list when no GPU is visible; setting it also records it.
+        caps = []
+        if torch.cuda.is_available():
+            caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        archs = ";".join(f"{major}.{minor}" for major, minor in caps) or DEFAULT_CUDA_ARCHS
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     cuda_inc = _cuda_include_dirs()
     if cuda_inc:
         os.environ.setdefault("CUDA_INC_PATH", cuda_inc[0])
