@@ -28,9 +28,15 @@ ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
 cpu_ops = torch.ops.sparsegrad
 
 
+# SPARSEGRAD_EMUL_SANITIZE=1 builds the emulation with AddressSanitizer; run pytest with
+# LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 and -k "not host_checks"
+# (a C++ exception thrown under a preloaded ASan aborts; that test only checks error messages).
+SANITIZE = os.environ.get("SPARSEGRAD_EMUL_SANITIZE", "0") == "1"
+
+
 def _build_dir():
     """A cache directory keyed by the sources (headers included) and the torch version."""
-    h = hashlib.sha256(torch.__version__.encode())
+    h = hashlib.sha256((torch.__version__ + ("asan" if SANITIZE else "")).encode())
     files = [EMUL_SOURCE, CSRC / "lif_math.h"] + sorted((CSRC / "cuda").glob("*.cuh")) + \
         sorted((CSRC / "cuda").glob("*.h")) + sorted((CSRC / "cpu").glob("*.h"))
     for f in files:
@@ -47,8 +53,12 @@ def emul():
     from torch.utils.cpp_extension import load
 
     if not hasattr(torch.ops.sparsegrad_emul, "lif_forward"):
+        cflags, ldflags = ["-O1", "-ffp-contract=off"], []
+        if SANITIZE:  # out-of-bounds accesses of the kernels abort the run (see docs/cuda.md)
+            cflags += ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+            ldflags += ["-fsanitize=address"]
         load(name="sparsegrad_emul", sources=[str(EMUL_SOURCE)], extra_include_paths=[str(CSRC)],
-             extra_cflags=["-O1", "-ffp-contract=off"], build_directory=_build_dir(),
+             extra_cflags=cflags, extra_ldflags=ldflags, build_directory=_build_dir(),
              is_python_module=False, verbose=False)
     ops = torch.ops.sparsegrad_emul
     ops.set_launch_config(0, 0, 0, 0)
