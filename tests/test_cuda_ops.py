@@ -95,3 +95,22 @@ def test_cuda_ops_reject_mixed_devices():
     x, w, b = random_problem(4, 2, 5, 3)
     with pytest.raises(RuntimeError, match="weight"):
         ops.lif_forward(x.cuda(), w, b.cuda(), None, None, None, None, 0.9, 1.0, 0.2, 10.0, True)
+
+
+@needs_gpu
+@pytest.mark.nightly
+def test_cuda_indices_beyond_int32():
+    """T*B*N_out > 2^31: the kernels index with int64 (a batch element far from the start gives
+    the same spikes as when run alone)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40e9:
+        pytest.skip("needs a GPU with >= 40 GB")
+    T, B, n_in, n_out = 4096, 512, 8, 1100
+    assert T * B * n_out > 2**31
+    x, w, b = random_problem(T, B, n_in, n_out, rate=0.05, dtype=torch.float32, device="cuda", seed=9)
+    spikes, _, act_ptr, act_idx, _, _, _, _, stats = ops.lif_forward(
+        x, w, b, None, None, None, None, 0.9, 1.0, 0.01, 10.0, True)
+    assert int(stats[0]) == int(spikes.sum(dtype=torch.float64))
+    assert act_ptr[-1] == act_idx.numel() == int(stats[1])
+    alone = ops.lif_forward(x[:, -1:].contiguous(), w, b, None, None, None, None, 0.9, 1.0, 0.01,
+                            10.0, True)[0]
+    assert torch.equal(spikes[:, -1], alone[:, 0])
