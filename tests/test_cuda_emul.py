@@ -360,9 +360,11 @@ def test_emul_random_problems(emul):
         want = reference_grads(x, w, b, v0, g, gv, alpha=alpha, b_th=b_th, slope=slope, backward="sparse")
         assert torch.equal(fwd[0], ref.lif_layer(x, w, b, alpha=alpha, state=(v0, torch.zeros_like(v0))))
         for route in (1, 2):
-            got = emul.lif_backward_sparse(g, gv, w, *fwd[2:8], None, None, alpha, True, True, True, True, route)
-            for a, c in zip(got, want):
+            args = (g, gv, w, *fwd[2:8], None, None, alpha, True, True, True, True, route)
+            got = emul.lif_backward_sparse(*args)
+            for a, c, d in zip(got, want, cpu_ops.lif_backward_sparse(*args)):
                 torch.testing.assert_close(a, c, **TOL[torch.float64])
+                torch.testing.assert_close(a, d, **TOL[torch.float64])
 
     check()
 
