@@ -1,0 +1,380 @@
+"""Turn the benchmark JSON files into PNG plots and markdown tables.
+
+Reads layer.json, network.json, sweeps.json and peers.json from --results (whichever exist),
+writes <name>.png next to them and results.md with every table; --docs PATH also replaces the
+part of PATH between the markers `<!-- results:begin -->` and `<!-- results:end -->` with the
+same tables, so the docs page always shows what the JSON holds.
+
+    python benchmarks/report.py --results benchmarks/results --docs docs/benchmarks.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+NAMES = ("layer", "network", "peers", "sweeps")
+
+
+def _f(v):
+    """JSON stores inf/nan as strings; read every number back as a float."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def ms(summary):
+    med = _f(summary["median"])
+    if math.isinf(med):
+        return "OOM"
+    half = _f(summary.get("iqr", 0)) / 2
+    return f"{med:.1f} ± {half:.1f}" if med < 1000 else f"{med:.0f} ± {half:.0f}"
+
+
+def mb(v):
+    v = _f(v)
+    if math.isnan(v):
+        return "–"
+    return "OOM" if math.isinf(v) else f"{v / 2**20:.2f}"
+
+
+def x(v, digits=1):
+    v = _f(v)
+    return "–" if math.isnan(v) else f"{v:.{digits}f}×"
+
+
+def pct(v, digits=2):
+    v = _f(v)
+    return "–" if math.isnan(v) else f"{100 * v:.{digits}f} %"
+
+
+def table(headers, rows):
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine_line(data):
+    m = data["machine"]
+    return (f"{m.get('cpu')} ({m.get('logical_cpus')} logical CPUs), torch {m.get('torch')}, "
+            f"{m.get('torch_threads')} threads, device {m.get('device')}, dtype "
+            f"{data['settings'].get('dtype')}, {data['settings'].get('repeats')} repeats, "
+            f"{m.get('date_utc')} UTC. Command: `{m.get('command')}`")
+
+
+def checks_md(checks):
+    if not checks:
+        return ""
+    lines = ["", "Targets:"]
+    for name, c in checks.items():
+        lines.append(f"- {'**met**' if c['met'] else '**missed**'}: {name} "
+                     f"(measured {_f(c['value']):.3g})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- markdown
+
+def layer_md(data):
+    rows = []
+    for res in data["results"]:
+        info = res["problem"]
+        for m, r in res["methods"].items():
+            t = r["times"]
+            rows.append([f"{res['label']} T={info['steps']} B={res['batch']}", m,
+                         ms(t["forward"]), ms(t["backward"]), ms(t["total"]),
+                         mb(r["saved_bytes"]), mb(r.get("peak_bytes")),
+                         pct(r["spike_rate"]), pct(r["active_fraction"])])
+    ratio_rows = []
+    for res in data["results"]:
+        q = res["ratios"]
+        ratio_rows.append([f"{res['label']} T={res['problem']['steps']} B={res['batch']}",
+                           pct(res["problem"]["input_rate"]),
+                           x(q["bwd_reference_over_sparse"]), x(q["bwd_dense_over_sparse"]),
+                           x(q["fwd_reference_over_sparse"]), x(q["total_reference_over_sparse"]),
+                           pct(q["saved_sparse_over_reference"]),
+                           pct(q["peak_sparse_over_reference"], 1)])
+    return "\n".join([
+        "### One hidden layer (`bench_layer.py`)", "", machine_line(data), "",
+        table(["layer", "method", "forward ms", "backward ms", "fwd+bwd ms", "saved MB",
+               "peak MB", "spikes", "active"], rows), "",
+        table(["layer", "input rate", "bwd ref/sparse", "bwd dense/sparse", "fwd ref/sparse",
+               "fwd+bwd ref/sparse", "saved sparse/ref", "peak sparse/ref"], ratio_rows),
+        checks_md(data.get("checks")), "", "![layer](../benchmarks/results/layer.png)"])
+
+
+def network_md(data):
+    rows = []
+    for res in data["results"]:
+        info = res["problem"]
+        for m, r in res["methods"].items():
+            t, q = r["times"], res["ratios"].get(m, {})
+            act = r.get("active_fractions")
+            rows.append([f"{res['label']} {info['n_in']}-{info['hidden']}-{info['hidden']}-"
+                         f"{info['classes']} T={info['steps']} B={res['batch']}", m,
+                         ms(t["forward"]), ms(t["backward"]), ms(t["total"]),
+                         mb(r["saved_bytes"]), mb(r["peak_bytes"]),
+                         " / ".join(pct(a, 1) for a in act) if act else "–",
+                         x(q.get("step_over_sparse"))])
+    return "\n".join([
+        "### Training step (`bench_network.py`)", "", machine_line(data), "",
+        "forward = network + loss; backward = loss.backward() + Adam step.", "",
+        table(["setting", "network", "forward ms", "backward+Adam ms", "step ms", "saved MB",
+               "peak MB", "active l1 / l2", "step / sparse step"], rows),
+        checks_md(data.get("checks")), "", "![network](../benchmarks/results/network.png)"])
+
+
+def peers_md(data):
+    rows = []
+    for res in data["results"]:
+        info = res["problem"]
+        for m, r in res["methods"].items():
+            t, q = r["times"], res["ratios"][m]
+            name = f"{m} {r['version']}" if "version" in r else m
+            rows.append([f"{res['label']} T={info['steps']} B={res['batch']}", name,
+                         ms(t["forward"]), ms(t["backward"]), ms(t["total"]),
+                         mb(r["saved_bytes"]), mb(r.get("peak_bytes")),
+                         x(q["bwd_over_sparse"]), x(q["total_over_sparse"])])
+        for peer, why in res.get("skipped", {}).items():
+            rows.append([f"{res['label']} T={info['steps']} B={res['batch']}", peer,
+                         "skipped", why, "", "", "", "", ""])
+    agree = []
+    for res in data["results"]:
+        for peer, c in res.get("peer_checks", {}).items():
+            agree.append([res["label"], peer, f"{c['spike_mismatches']} / {c['entries']}",
+                          f"{c['spikes_peer']} vs {c['spikes_sparsegrad']}"])
+    notes = "\n".join(f"- **{k}**: {v}" for k, v in data.get("peer_notes", {}).items())
+    return "\n".join([
+        "### Other libraries (`bench_peers.py`)", "", machine_line(data), "",
+        table(["layer", "method", "forward ms", "backward ms", "fwd+bwd ms", "saved MB",
+               "peak MB", "bwd / sparse bwd", "fwd+bwd / sparse"], rows), "",
+        "Forward agreement with sparsegrad before timing (small slice of the same problem):", "",
+        table(["layer", "peer", "differing spike entries", "spikes peer vs sparsegrad"], agree),
+        "", notes, checks_md(data.get("checks")), "", "![peers](../benchmarks/results/peers.png)"])
+
+
+def sweeps_md(data):
+    rows = []
+    for p in data["points"]:
+        m = p["methods"]
+        s = m["sparsegrad_sparse"]
+        d = m.get("sparsegrad_dense")
+        rows.append([p["sweep"], f"{p['value']:g}", f"T={p['steps']} B={p['batch']} "
+                     f"{p['n_in']}->{p['hidden']} b_th={p['b_th']:g}",
+                     pct(p["active_fraction"]), p["active_entries"],
+                     ms(s["times"]["backward"]), ms(d["times"]["backward"]) if d else "as above",
+                     mb(s["saved_bytes"]), mb(d["saved_bytes"]) if d else "as above",
+                     mb(s.get("peak_bytes")), mb(d.get("peak_bytes")) if d else "as above"])
+    fit_rows = []
+    for k, f in data["fits"].items():
+        if "slope" in f:
+            ll = f.get("loglog_slope")
+            fit_rows.append([k, f["n"], f"{1e6 * _f(f['slope']):.3g}",
+                             f"{_f(f['intercept']):.3g}", f"{_f(f['r2']):.3f}",
+                             "–" if ll is None else f"{_f(ll):.2f}"])
+    return "\n".join([
+        "### Scaling sweeps (`bench_sweeps.py`)", "", machine_line(data), "",
+        table(["sweep", "value", "layer", "active", "active entries", "sparse bwd ms",
+               "dense bwd ms", "sparse saved MB", "dense saved MB", "sparse peak MB",
+               "dense peak MB"], rows), "",
+        "Straight-line fit of sparse backward time against active entries (log-log slope 1 "
+        "means time proportional to active entries):", "",
+        table(["points", "n", "ms per million active entries", "intercept ms", "R²",
+               "log-log slope"], fit_rows), "",
+        "![sweeps](../benchmarks/results/sweeps.png)"])
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _bars(ax, groups, series, values, ylabel, log=True):
+    import numpy as np
+
+    width = 0.8 / max(len(series), 1)
+    pos = np.arange(len(groups))
+    for k, s in enumerate(series):
+        vals = [values.get((g, s), math.nan) for g in groups]
+        ax.bar(pos + (k - (len(series) - 1) / 2) * width, vals, width, label=s)
+    ax.set_xticks(pos)
+    ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_layer(data, path, plt):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    groups, series, bwd, saved = [], [], {}, {}
+    for res in data["results"]:
+        g = f"{res['label']}\nT={res['problem']['steps']} B={res['batch']}"
+        groups.append(g)
+        for m, r in res["methods"].items():
+            series.append(m) if m not in series else None
+            bwd[(g, m)] = _f(r["times"]["backward"]["median"])
+            saved[(g, m)] = _f(r["saved_bytes"]) / 2**20
+    _bars(axes[0], groups, series, bwd, "backward ms (median)")
+    axes[0].set_title("hidden-layer backward time")
+    _bars(axes[1], groups, series, saved, "saved for backward, MB")
+    axes[1].set_title("saved-for-backward memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_network(data, path, plt):
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    groups, series, vals = [], [], {}
+    for res in data["results"]:
+        g = f"{res['label']} T={res['problem']['steps']}\nB={res['batch']}"
+        groups.append(g)
+        for m, r in res["methods"].items():
+            series.append(m) if m not in series else None
+            vals[(g, m)] = _f(r["times"]["total"]["median"])
+    _bars(ax, groups, series, vals, "training step ms (median)")
+    ax.set_title("2 hidden LIF layers + readout + loss + Adam")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_peers(data, path, plt):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, phase in zip(axes, ("backward", "total")):
+        groups, series, vals = [], [], {}
+        for res in data["results"]:
+            g = f"{res['label']}\nT={res['problem']['steps']} B={res['batch']}"
+            groups.append(g)
+            for m, r in res["methods"].items():
+                series.append(m) if m not in series else None
+                vals[(g, m)] = _f(r["times"][phase]["median"])
+        _bars(ax, groups, series, vals, f"{'fwd+bwd' if phase == 'total' else phase} ms")
+        ax.set_title(f"{'forward+backward' if phase == 'total' else phase}, one hidden layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweeps(data, path, plt):
+    import numpy as np
+
+    points = data["points"]
+    sweeps = list(dict.fromkeys(p["sweep"] for p in points))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 8))
+    ax = axes[0, 0]
+    for s in sweeps:
+        mine = [p for p in points if p["sweep"] == s]
+        ax.plot([p["active_entries"] for p in mine],
+                [_f(p["methods"]["sparsegrad_sparse"]["times"]["backward"]["median"])
+                 for p in mine], "o", label=f"vs {s}")
+    f = data["fits"].get("b_th") or data["fits"].get("all", {})
+    if "slope" in f:
+        xs = np.linspace(0, max(p["active_entries"] for p in points), 50)
+        ax.plot(xs, _f(f["intercept"]) + _f(f["slope"]) * xs, "k--", lw=1,
+                label=f"linear fit (b_th sweep), R²={_f(f['r2']):.2f}")
+    ax.set_xlabel("active entries |A|")
+    ax.set_ylabel("sparse backward ms")
+    ax.set_title("sparse backward time vs active entries")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    for ax, s in zip(list(axes.flat)[1:], sweeps):
+        mine = [p for p in points if p["sweep"] == s]
+        xs = [p["active_fraction"] * 100 if s == "b_th" else p["value"] for p in mine]
+        ax.plot(xs, [_f(p["methods"]["sparsegrad_sparse"]["times"]["backward"]["median"])
+                     for p in mine], "o-", label="sparsegrad sparse")
+        for m, style in (("sparsegrad_dense", "s--"), ("reference", "^:")):
+            have = [(xv, p) for xv, p in zip(xs, mine) if m in p["methods"]]
+            if s == "b_th" and have:  # dense cost does not depend on b_th: a flat line
+                ax.axhline(_f(have[0][1]["methods"][m]["times"]["backward"]["median"]),
+                           ls="--" if m == "sparsegrad_dense" else ":", color="C1"
+                           if m == "sparsegrad_dense" else "C2", label=m.replace("_", " "))
+            elif have:
+                ax.plot([h[0] for h in have],
+                        [_f(h[1]["methods"][m]["times"]["backward"]["median"]) for h in have],
+                        style, label=m.replace("_", " "))
+        ax.set_xlabel("active % (set by b_th)" if s == "b_th" else s)
+        ax.set_ylabel("backward ms")
+        ax.set_yscale("log")
+        if s == "b_th":
+            ax.set_xscale("log")
+        ax.set_title(f"backward vs {s}")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    ax = axes.flat[-1] if len(sweeps) < 5 else None
+    if ax is not None:
+        for s in sweeps:
+            mine = [p for p in points if p["sweep"] == s and "sparsegrad_dense" in p["methods"]]
+            ax.plot([p["active_entries"] for p in mine],
+                    [_f(p["methods"]["sparsegrad_sparse"]["saved_bytes"]) / 2**20 for p in mine],
+                    "o", label=f"sparse, vs {s}")
+            ax.plot([p["active_entries"] for p in mine],
+                    [_f(p["methods"]["sparsegrad_dense"]["saved_bytes"]) / 2**20 for p in mine],
+                    "x", label=f"dense, vs {s}")
+        ax.set_xlabel("active entries |A|")
+        ax.set_ylabel("saved for backward, MB")
+        ax.set_yscale("log")
+        ax.set_xscale("log")
+        ax.set_title("saved-for-backward memory")
+        ax.legend(fontsize=6, ncol=2)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+MARKDOWN = {"layer": layer_md, "network": network_md, "peers": peers_md, "sweeps": sweeps_md}
+PLOTS = {"layer": plot_layer, "network": plot_network, "peers": plot_peers, "sweeps": plot_sweeps}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                     "results"),
+                   help="folder holding layer.json, network.json, peers.json, sweeps.json")
+    p.add_argument("--docs", default=None, metavar="PATH",
+                   help="markdown file whose results section (between the markers) to replace")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    found = {}
+    for name in NAMES:
+        path = os.path.join(args.results, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                found[name] = json.load(f)
+    if not found:
+        raise SystemExit(f"--results: no {'/'.join(NAMES)}.json in {args.results}")
+    sections = [MARKDOWN[n](d) for n, d in found.items()]
+    text = "\n\n".join(sections) + "\n"
+    out_md = os.path.join(args.results, "results.md")
+    with open(out_md, "w") as f:
+        f.write("# Benchmark results\n\n" + text.replace("../benchmarks/results/", ""))
+    written = [out_md]
+    if not args.no_plots:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for name, data in found.items():
+            path = os.path.join(args.results, f"{name}.png")
+            PLOTS[name](data, path, plt)
+            written.append(path)
+    if args.docs:
+        with open(args.docs) as f:
+            doc = f.read()
+        if BEGIN not in doc or END not in doc:
+            raise SystemExit(f"--docs: {args.docs} lacks the markers {BEGIN} ... {END}")
+        head, rest = doc.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        with open(args.docs, "w") as f:
+            f.write(head + BEGIN + "\n" + text + END + tail)
+        written.append(args.docs)
+    for w in written:
+        print(f"wrote {w}")
+    return written
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
