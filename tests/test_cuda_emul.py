@@ -61,18 +61,18 @@ def emul():
              extra_cflags=cflags, extra_ldflags=ldflags, build_directory=_build_dir(),
              is_python_module=False, verbose=False)
     ops = torch.ops.sparsegrad_emul
-    ops.set_launch_config(0, 0, 0, 0)
+    ops.set_launch_config(0, 0, 0, 0, False)
     yield ops
-    ops.set_launch_config(0, 0, 0, 0)
+    ops.set_launch_config(0, 0, 0, 0, False)
 
 
 @pytest.fixture
 def launch(emul):
     """Set the emulated launch geometry / thread order for one test, restore the default after."""
-    def set_config(order="forward", threads=0, max_blocks=0, seed=0):
-        emul.set_launch_config(ORDERS[order], seed, threads, max_blocks)
+    def set_config(order="forward", threads=0, max_blocks=0, seed=0, wide_tiles=False):
+        emul.set_launch_config(ORDERS[order], seed, threads, max_blocks, wide_tiles)
     yield set_config
-    emul.set_launch_config(0, 0, 0, 0)
+    emul.set_launch_config(0, 0, 0, 0, False)
 
 
 def lif_args(x, w, b, v0=None, s0=None, alpha=0.9, threshold=1.0, b_th=0.4, slope=10.0, sparse=True):
@@ -190,16 +190,20 @@ def test_emul_active_set_layout_and_initial_state(emul, dtype):
 
 @pytest.mark.parametrize("order", ["forward", "reverse", "shuffled"])
 @pytest.mark.parametrize("threads,max_blocks", [(0, 0), (1, 1), (3, 2), (32, 1), (7, 1000)])
-def test_emul_launch_geometry_and_thread_order_do_not_matter(emul, launch, order, threads, max_blocks):
-    """Tiny blocks, capped grids (the grid-stride loops wrap) and any thread order give the same
-    result: no kernel depends on the launch shape or on which thread runs first."""
+@pytest.mark.parametrize("wide_tiles", [False, True])
+def test_emul_launch_geometry_and_thread_order_do_not_matter(emul, launch, order, threads, max_blocks,
+                                                              wide_tiles):
+    """Tiny blocks, capped grids (the grid-stride loops wrap), any thread order and either tile
+    width of the backward walks give the same result: no kernel depends on the launch shape or on
+    which thread runs first. (The producer set passed to the backward is the layer's own active
+    set, a valid CSR with columns < N_in.)"""
     x, w, b = random_problem(10, 6, 20, 9, rate=0.3, binary=False, seed=11)
     g = torch.randn(10, 6, 9, dtype=torch.float64)
     gv = torch.randn(6, 9, dtype=torch.float64)
     base_fwd = cpu_ops.lif_forward(*lif_args(x, w, b))
     base_bwd = [emul.lif_backward_sparse(g, gv, w, *base_fwd[2:8], base_fwd[2], base_fwd[3], 0.9,
                                          True, True, True, True, route) for route in (1, 2)]
-    launch(order, threads, max_blocks, seed=3)
+    launch(order, threads, max_blocks, seed=3, wide_tiles=wide_tiles)
     fwd = emul.lif_forward(*lif_args(x, w, b))
     assert_all_equal(fwd, base_fwd, FWD_NAMES)
     for route, base in zip((1, 2), base_bwd):
@@ -227,7 +231,8 @@ def reference_grads(x, w, b, v0, g, gv, *, alpha, b_th, slope, backward):
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 5, 4), (7, 2, 6, 9), (15, 4, 21, 10), (5, 9, 3, 17)])
 @pytest.mark.parametrize("binary", [True, False])
 @pytest.mark.parametrize("with_gv", [True, False])
-def test_emul_lif_backward_sparse_matches_reference(emul, dtype, shape, binary, with_gv):
+@pytest.mark.parametrize("wide_tiles", [False, True])
+def test_emul_lif_backward_sparse_matches_reference(emul, launch, dtype, shape, binary, with_gv, wide_tiles):
     T, B, n_in, n_out = shape
     x, w, b = random_problem(*shape, rate=0.35, binary=binary, dtype=dtype, seed=sum(shape) + binary)
     v0 = torch.rand(B, n_out, dtype=dtype) * 0.5
@@ -236,6 +241,7 @@ def test_emul_lif_backward_sparse_matches_reference(emul, dtype, shape, binary, 
     g = torch.randn(T, B, n_out, generator=gen).to(dtype)
     gv = torch.randn(B, n_out, generator=gen).to(dtype) if with_gv else torch.zeros(B, n_out, dtype=dtype)
     want = reference_grads(x, w, b, v0, g, gv, backward="sparse", **kw)
+    launch(wide_tiles=wide_tiles)
     fwd = emul.lif_forward(*lif_args(x, w, b, v0, None, kw["alpha"], 1.0, kw["b_th"], kw["slope"]))
     for route in (1, 2):
         dx, dw, db, dv = emul.lif_backward_sparse(g, gv if with_gv else None, w, *fwd[2:8], None, None,
@@ -312,7 +318,7 @@ def test_emul_empty_active_set_gives_exact_zeros(emul):
 @pytest.mark.parametrize("reduce", ["max", "sum", "mean", "none"])
 @pytest.mark.parametrize("shape,rate,binary", [((1, 1, 1, 1), 0.5, True), ((16, 5, 12, 4), 0.05, True),
                                                ((9, 4, 30, 10), 0.4, False), ((7, 3, 8, 5), 0.0, True)])
-def test_emul_readout_matches_cpu_and_reference(emul, dtype, reduce, shape, rate, binary):
+def test_emul_readout_matches_cpu_and_reference(emul, launch, dtype, reduce, shape, rate, binary):
     x, w, b = random_problem(*shape, rate=rate, binary=binary, dtype=dtype, seed=sum(shape))
     got = emul.li_readout_forward(x, w, b, None, None, 0.8, reduce)
     assert_all_equal(got, cpu_ops.li_readout_forward(x, w, b, None, None, 0.8, reduce),
@@ -323,10 +329,13 @@ def test_emul_readout_matches_cpu_and_reference(emul, dtype, reduce, shape, rate
     out = ref.li_readout(*leaves, alpha=0.8, reduce=reduce)
     g = torch.randn(out.shape, dtype=dtype)
     want = torch.autograd.grad((out * g).sum(), leaves)
-    dx, dw, db = emul.li_readout_backward(g, got[1], w, *got[2:5], None, None, shape[0], 0.8, reduce,
-                                          True, True, True)
-    for a, c in zip((dx, dw, db), want):
-        torch.testing.assert_close(a, c, **TOL[dtype])
+    for wide_tiles in (False, True):
+        launch(wide_tiles=wide_tiles)
+        dx, dw, db = emul.li_readout_backward(g, got[1], w, *got[2:5], None, None, shape[0], 0.8,
+                                              reduce, True, True, True)
+        for a, c in zip((dx, dw, db), want):
+            torch.testing.assert_close(a, c, **TOL[dtype])
+    launch()
     # dx restricted to a producer's active set (here: every other input neuron of every row)
     T, B, n_in, _ = shape
     keep = torch.arange(n_in, dtype=torch.int32)[::2]

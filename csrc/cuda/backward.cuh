@@ -2,7 +2,7 @@
 //
 // Sparse backward (LIF and readout). Per batch element b the gradient trace over output neurons is
 //     G[t] = alpha * G[t+1] + delta[t]        (G[T-1] starts from dL/dV_final, if given)
-// with delta nonzero only at a few (t, j) entries. One thread owns (b, a tile of kTraceTile output
+// with delta nonzero only at a few (t, j) entries. One thread owns (b, a tile of kTile output
 // neurons), keeps G for its tile in registers and walks t backwards. Per step it
 //   - binary-searches the row (b, t) of the active set for its tile's first entry and adds the
 //     deltas of its tile (active sets are sorted by j within a row),
@@ -11,10 +11,15 @@
 //   - dx on the producer's active set: for each entry (t, b, i), dx += G[tile] . W^T[i, tile],
 //   - or, when dx is wanted everywhere, stores G for a GEMM (dx = G W) afterwards.
 // Memory traffic is proportional to the active entries, the input events and the producer's
-// active entries; the per-step register work is T*B*N_out/kTraceTile multiplies. Cross-thread
-// sums (dW, db, dx) go through atomicAdd.
+// active entries; the per-step register work is T*B*N_out multiplies. Cross-thread sums (dW, db,
+// dx) go through atomicAdd.
 //
-// dW via active entries (the other route, better for dense inputs): one thread per (b, tile of
+// The tile width is a template parameter. The GPU build uses kTile = 1 (host_ops.h): consecutive
+// threads of a warp are then consecutive neurons of one batch element, so their reads of a row
+// are broadcasts and their atomics on dW^T[i, j..j+31] one coalesced transaction, and G is a
+// single register. Wider tiles trade that for fewer threads; the emulation tests run them too.
+//
+// dW via active entries (the other route, better for dense inputs): one thread per (b, tile of kTile
 // input neurons) walks t forwards keeping the input trace X[t] = alpha X[t-1] + x[t] for its tile,
 // and for each active entry (t, b, j) adds delta * X[tile] to dW[j, tile].
 //
@@ -25,8 +30,6 @@
 
 namespace sparsegrad {
 namespace cuda {
-
-constexpr int kTraceTile = 8;
 
 template <typename scalar_t>
 struct TraceArgs {
@@ -103,10 +106,9 @@ struct ReadoutInject {
   }
 };
 
-template <typename scalar_t, typename Inject>
+template <typename scalar_t, int kTile, typename Inject>
 __global__ void trace_backward_kernel(TraceArgs<scalar_t> p, Inject inject) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kTile = kTraceTile;
   const int64_t tiles = (p.n_out + kTile - 1) / kTile;
   SG_KERNEL_LOOP(k, p.B * tiles) {
     const int64_t b = k / tiles, j0 = (k % tiles) * kTile;
@@ -166,10 +168,9 @@ struct DwActiveArgs {
   acc_t* dw = nullptr;               // [N_out, N_in] zero-initialised
 };
 
-template <typename scalar_t>
+template <typename scalar_t, int kTile>
 __global__ void dw_active_kernel(DwActiveArgs<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kTile = kTraceTile;
   const int64_t tiles = (p.n_in + kTile - 1) / kTile;
   SG_KERNEL_LOOP(k, p.B * tiles) {
     const int64_t b = k / tiles, i0 = (k % tiles) * kTile;

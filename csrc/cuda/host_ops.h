@@ -6,8 +6,10 @@
 // So the emulated ops run the same kernel bodies, in the same order, with the same scans and
 // GEMMs in between, as the GPU ops.
 //
-// Launcher requirement: static void launch(int64_t n, void (*kernel)(KArgs...), Args... args)
-// runs `kernel` with enough threads for a grid-stride loop over n items (nothing when n == 0).
+// Launcher requirements: static void launch(int64_t n, void (*kernel)(KArgs...), Args... args)
+// runs `kernel` with enough threads for a grid-stride loop over n items (nothing when n == 0);
+// static constexpr bool kTileChoice: whether wide_tiles() may ask for kWideTile-wide tiles in the
+// backward walks (see backward.cuh); false on the GPU, so only one width is compiled there.
 //
 // Host synchronisation (device -> host copies) happens only where a size must be known on the
 // host to allocate an output: the number of input events (plus whether x is binary) in every
@@ -225,7 +227,33 @@ ForwardOutputs lif_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
 // ------------------------------------------------------------------------------------------------
 // lif_backward_sparse
 // ------------------------------------------------------------------------------------------------
-inline int64_t tiles(int64_t n) { return (n + kTraceTile - 1) / kTraceTile; }
+constexpr int kWideTile = 4;
+
+inline int64_t tiles(int64_t n, int64_t tile) { return (n + tile - 1) / tile; }
+
+// The GPU runs one output (input) neuron per thread; the emulation can also run kWideTile-wide
+// tiles (L::kTileChoice, chosen by the tests), keeping the tiled code path correct for tuning.
+template <class L, typename scalar_t, typename Inject>
+void launch_trace_backward(const TraceArgs<scalar_t>& p, const Inject& inject) {
+  if constexpr (L::kTileChoice) {
+    if (L::wide_tiles()) {
+      L::launch(p.B * tiles(p.n_out, kWideTile), &trace_backward_kernel<scalar_t, kWideTile, Inject>, p, inject);
+      return;
+    }
+  }
+  L::launch(p.B * p.n_out, &trace_backward_kernel<scalar_t, 1, Inject>, p, inject);
+}
+
+template <class L, typename scalar_t>
+void launch_dw_active(const DwActiveArgs<scalar_t>& q) {
+  if constexpr (L::kTileChoice) {
+    if (L::wide_tiles()) {
+      L::launch(q.B * tiles(q.n_in, kWideTile), &dw_active_kernel<scalar_t, kWideTile>, q);
+      return;
+    }
+  }
+  L::launch(q.B * q.n_in, &dw_active_kernel<scalar_t, 1>, q);
+}
 
 template <class L, typename scalar_t>
 LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
@@ -285,7 +313,7 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
   inject.B = B;
   inject.n_out = n_out;
   if (need_dx || need_db || need_dv || dw_events)
-    L::launch(B * tiles(n_out), &trace_backward_kernel<scalar_t, LifInject<scalar_t>>, p, inject);
+    launch_trace_backward<L>(p, inject);
 
   if (need_dw && !dw_events) {
     dw_acc = at::zeros({n_out, n_in}, acc_opts);
@@ -300,7 +328,7 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
     q.grad = inject.grad;
     q.g_init = p.g_init;
     q.dw = dw_acc.data_ptr<acc_t>();
-    L::launch(B * tiles(n_in), &dw_active_kernel<scalar_t>, q);
+    launch_dw_active<L>(q);
   }
 
   at::Tensor dx = at::empty({0}, opts), dw = at::empty({0}, opts), db = at::empty({0}, opts);
@@ -512,7 +540,7 @@ ReadoutGrads li_readout_backward_impl(const at::Tensor& grad_out, const at::Tens
   inject.B = B;
   inject.n_out = n_out;
   if (need_dx || need_dw || need_db)
-    L::launch(B * tiles(n_out), &trace_backward_kernel<scalar_t, ReadoutInject<scalar_t>>, p, inject);
+    launch_trace_backward<L>(p, inject);
 
   at::Tensor dx = at::empty({0}, opts), dw = at::empty({0}, opts), db = at::empty({0}, opts);
   if (full_dx) {

@@ -15,6 +15,8 @@ namespace cuda {
 namespace {
 
 struct CudaLauncher {
+  static constexpr bool kTileChoice = false;  // one neuron per thread in the backward walks
+
   template <typename... KArgs, typename... Args>
   static void launch(int64_t n, void (*kernel)(KArgs...), Args... args) {
     if (n <= 0) return;  // a zero-block launch is an error

@@ -16,6 +16,9 @@ namespace sparsegrad {
 namespace {
 
 struct EmulLauncher {
+  static constexpr bool kTileChoice = true;
+  static bool wide_tiles() { return emulation::config().wide_tiles; }
+
   template <typename... KArgs, typename... Args>
   static void launch(int64_t n, void (*kernel)(KArgs...), Args... args) {
     if (n <= 0) return;  // as on the GPU: a launch with zero blocks is never made
@@ -26,8 +29,10 @@ struct EmulLauncher {
   }
 };
 
-// order: 0 forward, 1 reverse, 2 shuffled (seeded); threads / max_blocks: 0 keeps the defaults.
-void set_launch_config(int64_t order, int64_t seed, int64_t threads, int64_t max_blocks) {
+// order: 0 forward, 1 reverse, 2 shuffled (seeded); threads / max_blocks: 0 keeps the defaults;
+// wide_tiles: run the backward walks with kWideTile neurons per thread instead of one.
+void set_launch_config(int64_t order, int64_t seed, int64_t threads, int64_t max_blocks,
+                       bool wide_tiles) {
   TORCH_CHECK(order >= 0 && order <= 2, "sparsegrad_emul.set_launch_config: argument 'order' must be 0, 1 or 2, got ", order);
   TORCH_CHECK(threads >= 0 && max_blocks >= 0, "sparsegrad_emul.set_launch_config: 'threads' and 'max_blocks' must be >= 0");
   emulation::Config& cfg = emulation::config();
@@ -35,6 +40,7 @@ void set_launch_config(int64_t order, int64_t seed, int64_t threads, int64_t max
   cfg.seed = static_cast<uint64_t>(seed);
   cfg.threads = threads;
   cfg.max_blocks = max_blocks;
+  cfg.wide_tiles = wide_tiles;
 }
 
 // [launches, emulated threads] since the library was loaded.
@@ -70,7 +76,8 @@ TORCH_LIBRARY(sparsegrad_emul, m) {
       "Tensor ev_idx, Tensor ev_val, Tensor? prev_ptr, Tensor? prev_idx, int num_steps, "
       "float alpha, str reduce, bool need_dx, bool need_dw, bool need_db) -> "
       "(Tensor dx, Tensor dweight, Tensor dbias)");
-  m.def("set_launch_config(int order, int seed, int threads, int max_blocks) -> ()", &set_launch_config);
+  m.def("set_launch_config(int order, int seed, int threads, int max_blocks, bool wide_tiles) -> ()",
+        &set_launch_config);
   m.def("launch_counters() -> int[]", &launch_counters);
 }
 
