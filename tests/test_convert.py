@@ -364,3 +364,19 @@ def test_offset_lif_pickles_and_copies():
         assert other.v_init == -0.25 and other.current == -0.125
         x = _inputs(7, torch.float32)[:, :, :5]
         assert torch.equal(other(x), layer(x))
+
+
+def test_linear_without_bias():
+    snn = _snntorch()
+    torch.manual_seed(4)
+    net = _scale_up(nn.Sequential(
+        nn.Linear(N_IN, N_H1, bias=False),
+        snn.Leaky(beta=0.9, spike_grad=snn.surrogate.fast_sigmoid(), init_hidden=True),
+        _Cast()).double(), 3.0)
+    x = _inputs(8)
+    pytest.importorskip("snntorch.utils").reset(net)
+    expected = torch.stack([net(x[t]) for t in range(T)])
+    assert expected.sum() > 0
+    conv = sparsegrad.convert(net)
+    assert conv[0].bias is None
+    assert torch.equal(SequenceModel(conv)(x), expected)
