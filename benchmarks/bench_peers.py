@@ -1,9 +1,9 @@
 """sparsegrad vs other spiking-network libraries on the same hidden layer, same inputs.
 
-Peers (optional imports; a missing one is reported as skipped): plain PyTorch autograd (the
-reference), snnTorch `Leaky`, SpikingJelly `LIFNode` (multi-step), Norse `LIF`. Each peer is fed
-by an nn.Linear applied to the whole sequence at once (the fastest way to use it) holding the same
-weights, with the surrogate closest to sparsegrad's fast sigmoid that the peer offers. Before
+Peers (optional imports; a missing one is reported as skipped): plain PyTorch autograd
+(common.pytorch_lif, the same model as sparsegrad.reference), snnTorch `Leaky`, SpikingJelly `LIFNode` (multi-step), Norse `LIF`. Each peer is fed
+by an nn.Linear applied to the whole sequence at once holding the same weights (snnTorch then
+steps over current.unbind(0): indexing current[t] would add an O(T^2) backward), with the surrogate closest to sparsegrad's fast sigmoid that the peer offers. Before
 timing, every peer's forward spikes are compared with sparsegrad's on a small problem, and the
 agreement is reported (SpikingJelly and Norse implement slightly different reset rules; see
 PEER_NOTES).
@@ -77,8 +77,8 @@ def peer_runner(name, problem, *, alpha=common.ALPHA, slope=common.SLOPE, x=None
             current = fc(x)
             mem = lif.init_leaky()
             spikes = []
-            for t in range(current.shape[0]):
-                spk, mem = lif(current[t], mem)
+            for c in current.unbind(0):  # not current[t]: see common.pytorch_lif
+                spk, mem = lif(c, mem)
                 spikes.append(spk)
             # snnTorch's surrogates return float32 spikes; a no-op unless x is float64
             return torch.stack(spikes).to(current.dtype), None
@@ -162,7 +162,7 @@ def run_config(label, dataset, n_out, batch, args, device, dtype, steps=None):
                                         device=device, seed=args.seed)
     correctness = common.check_sparsegrad_layer(problem.x, problem.weight, problem.bias)
     rows, skipped, checks = {}, {}, {}
-    for method in ("reference", "sparsegrad_sparse", "sparsegrad_dense"):
+    for method in ("pytorch", "sparsegrad_sparse", "sparsegrad_dense"):
         rows[method], _ = common.bench_layer_method(method, problem, device=device,
                                                     repeats=args.repeats, warmup=args.warmup)
     for peer in args.peers:
@@ -212,7 +212,7 @@ def evaluate_checks(results):
     for res in results:
         if res["label"] == "shd 700->200" and res["batch"] == 64:
             out = {}
-            for m in ("reference", "snntorch"):
+            for m in ("pytorch", "snntorch"):
                 if m in res["ratios"]:
                     v = res["ratios"][m]["bwd_over_sparse"]
                     out[f"sparse backward >= 40x {m} backward"] = dict(value=v, met=v >= 40.0)

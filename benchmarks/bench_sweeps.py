@@ -1,7 +1,7 @@
 """How the sparse backward scales: backward time and memory vs b_th (activity), hidden size, T
 and batch, on an SHD-like hidden layer (700 inputs at ~2 % rate, weights calibrated to ~2 %
-output spikes at every size). sparsegrad dense (and with --with-reference the plain PyTorch
-reference) run at every point as the dense baseline. A straight-line fit of sparse backward time
+output spikes at every size). sparsegrad dense (and with --with-pytorch plain PyTorch autograd)
+run at every point as the dense baseline. A straight-line fit of sparse backward time
 against active entries tells whether the cost is linear in them.
 
     python benchmarks/bench_sweeps.py --json benchmarks/results/sweeps.json
@@ -66,8 +66,8 @@ def run_point(sweep, value, base, args, device, dtype, problem=None):
     if sweep != "b_th" or value == args_first_bth(args):
         # the dense baselines do not depend on b_th: measure them once on that sweep
         methods.append("sparsegrad_dense")
-        if args.with_reference:
-            methods.append("reference")
+        if args.with_pytorch:
+            methods.append("pytorch")
     rows = {}
     for m in methods:
         rows[m], _ = common.bench_layer_method(m, problem, device=device, b_th=b_th,
@@ -89,8 +89,8 @@ def args_first_bth(args):
 def main(argv=None):
     parser = common.make_parser(__doc__.splitlines()[0])
     parser.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
-    parser.add_argument("--with-reference", action="store_true",
-                        help="also time the plain PyTorch reference at every point (slow)")
+    parser.add_argument("--with-pytorch", action="store_true",
+                        help="also time plain PyTorch autograd at every point (slower)")
     args = parser.parse_args(argv)
     device, dtype = common.setup(args)
     base = QUICK_BASE if args.quick else BASE

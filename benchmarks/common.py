@@ -378,6 +378,8 @@ def check_sparsegrad_layer(x, weight, bias, *, alpha=ALPHA, b_th=B_TH, producer=
                 s = sparsegrad.lif_layer(xi, wi, bi, alpha=alpha, b_th=b_th, backward=mode)
             s.backward(grad)
             grads[impl] = (s.detach(), wi.grad, bi.grad, xi.grad)
+        if mode == "dense":
+            grads_dense = grads["reference"]
         spikes_diff = assert_spikes_match(f"sparsegrad {mode} forward", grads["sparsegrad"][0],
                                           grads["reference"][0], max_fraction=0.0)
         for label, got, want in zip(("dW", "db", "dx"), grads["sparsegrad"][1:],
@@ -385,6 +387,15 @@ def check_sparsegrad_layer(x, weight, bias, *, alpha=ALPHA, b_th=B_TH, producer=
             torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9,
                                        msg=lambda m: f"sparsegrad {mode} {label}: {m}")
         report[mode] = dict(spike_mismatches=spikes_diff, grads="match (float64, rtol 1e-7)")
+    # the plain-PyTorch baseline is the same model as the reference, gradients included
+    xi, wi, bi = (t.clone().requires_grad_(True) for t in (xs, w, b))
+    s = pytorch_lif(xi, wi, bi, alpha=alpha)
+    s.backward(grad)
+    assert_spikes_match("pytorch baseline", s.detach(), grads_dense[0], max_fraction=0.0)
+    for label, got, want in zip(("dW", "db", "dx"), (wi.grad, bi.grad, xi.grad), grads_dense[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9,
+                                   msg=lambda m: f"pytorch baseline {label}: {m}")
+    report["pytorch"] = dict(spike_mismatches=0, grads="match the reference (float64)")
     return report
 
 
@@ -528,12 +539,46 @@ def make_layer_problem(dataset, batch, n_out, *, steps=None, n_in=None, second_l
                         producer, info)
 
 
-LAYER_METHODS = ("reference", "sparsegrad_dense", "sparsegrad_sparse")
+# Plain PyTorch BPTT of DESIGN.md §2, written as an efficient PyTorch user would: one F.linear
+# over the whole sequence, then a Python loop over current.unbind(0). Indexing current[t] in the
+# loop instead (as sparsegrad.reference does, for readability) makes autograd materialise a
+# zero-filled [T,B,N] gradient per step, an O(T^2 B N) backward that would flatter any speed-up;
+# "reference" below times that file as written, "pytorch" is the baseline the ratios use.
+
+def pytorch_lif(x, weight, bias=None, *, alpha, threshold=THRESHOLD, slope=SLOPE,
+                b_th=math.inf):
+    """Dense surrogate BPTT (b_th=inf) of the LIF layer; equal to sparsegrad.reference."""
+    from sparsegrad import reference as ref
+
+    current = torch.nn.functional.linear(x, weight, bias)
+    v = current.new_zeros(current.shape[1:])
+    s = current.new_zeros(current.shape[1:])
+    spikes = []
+    for c in current.unbind(0):
+        v = alpha * v + c - threshold * s.detach()
+        s = ref.spike(v - threshold, slope, b_th)
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+def pytorch_li_readout(x, weight, bias=None, *, alpha):
+    """Leaky-integrator readout, max over time; equal to sparsegrad.reference.li_readout."""
+    current = torch.nn.functional.linear(x, weight, bias)
+    u = torch.zeros_like(current[0])
+    trace = []
+    for c in current.unbind(0):
+        u = alpha * u + (1.0 - alpha) * c
+        trace.append(u)
+    return torch.stack(trace).max(dim=0).values
+
+
+LAYER_METHODS = ("pytorch", "sparsegrad_dense", "sparsegrad_sparse")
 
 
 def layer_runner(method, problem, *, b_th=B_TH, alpha=ALPHA):
     """(forward, backward, reset, leaves) for one method on one problem. forward() returns
-    (spikes, LIFStats or None); the reference is plain PyTorch autograd with the dense surrogate."""
+    (spikes, LIFStats or None). "pytorch" and "reference" are plain PyTorch autograd with the
+    dense surrogate (see pytorch_lif); "sparsegrad_dense" / "_sparse" are the fused kernels."""
     import sparsegrad.functional as sgf
     from sparsegrad import reference as ref
 
@@ -541,7 +586,10 @@ def layer_runner(method, problem, *, b_th=B_TH, alpha=ALPHA):
     w = problem.weight.detach().clone().requires_grad_(True)
     b = problem.bias.detach().clone().requires_grad_(True)
 
-    if method == "reference":
+    if method == "pytorch":
+        def forward():
+            return pytorch_lif(x, w, b, alpha=alpha), None
+    elif method == "reference":
         def forward():
             return ref.lif_layer(x, w, b, alpha=alpha, b_th=b_th, backward="dense"), None
     elif method in ("sparsegrad_dense", "sparsegrad_sparse"):
@@ -553,7 +601,8 @@ def layer_runner(method, problem, *, b_th=B_TH, alpha=ALPHA):
                                                       backward=mode, producer=producer)
             return s, stats
     else:
-        raise ValueError(f"method must be one of {LAYER_METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {LAYER_METHODS + ('reference',)}, "
+                         f"got {method!r}")
 
     def backward(out):
         out[0].backward(problem.grad)

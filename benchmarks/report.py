@@ -93,16 +93,18 @@ def layer_md(data):
         q = res["ratios"]
         ratio_rows.append([f"{res['label']} T={res['problem']['steps']} B={res['batch']}",
                            pct(res["problem"]["input_rate"]),
-                           x(q["bwd_reference_over_sparse"]), x(q["bwd_dense_over_sparse"]),
-                           x(q["fwd_reference_over_sparse"]), x(q["total_reference_over_sparse"]),
-                           pct(q["saved_sparse_over_reference"]),
-                           pct(q["peak_sparse_over_reference"], 1)])
+                           x(q["bwd_pytorch_over_sparse"]), x(q["bwd_dense_over_sparse"]),
+                           x(q.get("bwd_reference_over_sparse")),
+                           x(q["fwd_pytorch_over_sparse"]), x(q["total_pytorch_over_sparse"]),
+                           pct(q["saved_sparse_over_pytorch"]),
+                           pct(q["peak_sparse_over_pytorch"], 1)])
     return "\n".join([
         "### One hidden layer (`bench_layer.py`)", "", machine_line(data), "",
         table(["layer", "method", "forward ms", "backward ms", "fwd+bwd ms", "saved MB",
                "peak MB", "spikes", "active"], rows), "",
-        table(["layer", "input rate", "bwd ref/sparse", "bwd dense/sparse", "fwd ref/sparse",
-               "fwd+bwd ref/sparse", "saved sparse/ref", "peak sparse/ref"], ratio_rows),
+        table(["layer", "input rate", "bwd pytorch / sparse", "bwd sg dense / sparse",
+               "bwd reference / sparse", "fwd pytorch / sparse", "fwd+bwd pytorch / sparse",
+               "saved sparse / pytorch", "peak sparse / pytorch"], ratio_rows),
         checks_md(data.get("checks")), "", "![layer](../benchmarks/results/layer.png)"])
 
 
@@ -285,7 +287,7 @@ def plot_sweeps(data, path, plt):
         xs = [p["active_fraction"] * 100 if s == "b_th" else p["value"] for p in mine]
         ax.plot(xs, [_f(p["methods"]["sparsegrad_sparse"]["times"]["backward"]["median"])
                      for p in mine], "o-", label="sparsegrad sparse")
-        for m, style in (("sparsegrad_dense", "s--"), ("reference", "^:")):
+        for m, style in (("sparsegrad_dense", "s--"), ("pytorch", "^:")):
             have = [(xv, p) for xv, p in zip(xs, mine) if m in p["methods"]]
             if s == "b_th" and have:  # dense cost does not depend on b_th: a flat line
                 ax.axhline(_f(have[0][1]["methods"][m]["times"]["backward"]["median"]),
