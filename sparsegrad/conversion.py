@@ -150,10 +150,18 @@ def surrogate_slope(fn) -> Tuple[Optional[float], Optional[str]]:
     below = (deriv < peak / 2).nonzero().flatten()
     right = below[below > centre]
     left = below[below < centre]
+    half = peak / 2
+
+    def crossing(i_in, i_out):
+        # Linear interpolation between the last grid point above half maximum and the first below.
+        d_in, d_out = float(deriv[i_in]), float(deriv[i_out])
+        u_in, u_out = float(grid[i_in]), float(grid[i_out])
+        return u_in + (d_in - half) * (u_out - u_in) / (d_in - d_out)
+
     if right.numel():
-        widths.append(float(grid[right[0]] - grid[centre]))
+        widths.append(crossing(int(right[0]) - 1, int(right[0])) - float(grid[centre]))
     if left.numel():
-        widths.append(float(grid[centre] - grid[left[-1]]))
+        widths.append(float(grid[centre]) - crossing(int(left[-1]) + 1, int(left[-1])))
     if not widths or max(widths) <= 0.0:
         return _DEFAULT_SLOPE, (f"its surrogate gradient has no half-maximum width on "
                                 f"[-100, 100]; sparsegrad's fast sigmoid with "
