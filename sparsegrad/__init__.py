@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch  # noqa: F401  (loads libtorch/libc10, which sparsegrad._C links against)
+
 try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - depends on the build
