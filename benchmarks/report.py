@@ -301,7 +301,11 @@ def plot_sweeps(data, path, plt):
         ax.set_ylabel("backward ms")
         ax.set_yscale("log")
         if s == "b_th":
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"backward vs {s}")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
