@@ -71,7 +71,7 @@ def peer_runner(name, problem, *, alpha=common.ALPHA, slope=common.SLOPE, x=None
         from snntorch import surrogate
 
         lif = snn.Leaky(beta=alpha, threshold=common.THRESHOLD, reset_mechanism="subtract",
-                        spike_grad=surrogate.fast_sigmoid(slope=slope))
+                        spike_grad=surrogate.fast_sigmoid(slope=slope)).to(x.device)
 
         def forward():
             current = fc(x)
@@ -94,7 +94,7 @@ def peer_runner(name, problem, *, alpha=common.ALPHA, slope=common.SLOPE, x=None
             # SpikingJelly < 2: choose the backend; >= 2 selects its fastest kernel by itself.
             kwargs["backend"] = "cupy" if x.is_cuda else "torch"
         info["backend"] = kwargs.get("backend", "automatic")
-        node = neuron.LIFNode(**kwargs)
+        node = neuron.LIFNode(**kwargs).to(x.device)
 
         def forward():
             sjf.reset_net(node)
@@ -104,11 +104,13 @@ def peer_runner(name, problem, *, alpha=common.ALPHA, slope=common.SLOPE, x=None
         import norse.torch as nt
 
         dt = 1e-3
-        p = nt.LIFParameters(tau_syn_inv=torch.as_tensor(1.0 / dt),
-                             tau_mem_inv=torch.as_tensor((1.0 - alpha) / dt),
-                             v_leak=torch.as_tensor(0.0), v_th=torch.as_tensor(common.THRESHOLD),
-                             v_reset=torch.as_tensor(0.0), method="super",
-                             alpha=torch.as_tensor(slope))
+        on = dict(device=x.device)
+        p = nt.LIFParameters(tau_syn_inv=torch.as_tensor(1.0 / dt, **on),
+                             tau_mem_inv=torch.as_tensor((1.0 - alpha) / dt, **on),
+                             v_leak=torch.as_tensor(0.0, **on),
+                             v_th=torch.as_tensor(common.THRESHOLD, **on),
+                             v_reset=torch.as_tensor(0.0, **on), method="super",
+                             alpha=torch.as_tensor(slope, **on))
         lif = nt.LIF(p, dt=dt).to(x.device)
         scale = 1.0 / (1.0 - alpha)
 

@@ -62,6 +62,9 @@ def run_point(sweep, value, base, args, device, dtype, problem=None):
         problem = common.make_layer_problem(cfg["dataset"], cfg["batch"], cfg["hidden"],
                                             steps=cfg["steps"], dtype=dtype, device=device,
                                             seed=args.seed)
+    # correctness at this point's b_th before timing (float64, batch slice)
+    correctness = common.check_sparsegrad_layer(problem.x, problem.weight, problem.bias,
+                                                b_th=b_th)
     methods = ["sparsegrad_sparse"]
     if sweep != "b_th" or value == args_first_bth(args):
         # the dense baselines do not depend on b_th: measure them once on that sweep
@@ -78,7 +81,7 @@ def run_point(sweep, value, base, args, device, dtype, problem=None):
                  input_nonzeros=sparse["input_nonzeros"],
                  active_entries=sparse["active_entries"],
                  active_fraction=sparse["active_fraction"], spike_rate=sparse["spike_rate"],
-                 methods=rows)
+                 correctness=correctness, methods=rows)
     return point, problem
 
 
