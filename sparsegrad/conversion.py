@@ -73,8 +73,8 @@ class ConversionReport:
         lines = [f"sparsegrad.convert: {len(self.converted)} layer(s) converted, "
                  f"{len(self.skipped)} module(s) left unchanged"]
         for p in self.converted:
-            lines.append(f"  converted {p.linear} + {p.neuron} ({p.kind}) -> LIF(alpha={p.alpha!r}, "
-                         f"threshold={p.threshold!r}, slope={p.slope!r})")
+            lines.append(f"  converted {p.linear} + {p.neuron} ({p.kind}) -> "
+                         f"LIF(alpha={p.alpha!r}, threshold={p.threshold!r}, slope={p.slope!r})")
             lines.extend(f"    note: {n}" for n in p.notes)
         for name, reason in self.skipped:
             lines.append(f"  left unchanged {name}: {reason}")
@@ -136,7 +136,7 @@ def surrogate_slope(fn) -> Tuple[Optional[float], Optional[str]]:
     probe = int(torch.argmin((grid - 0.1).abs()))
     if float(deriv[grid.numel() // 2]) == 1.0 and 0.0 < float(deriv[probe]) < 1.0:
         k = (1.0 / math.sqrt(float(deriv[probe])) - 1.0) / float(grid[probe])
-        k_rounded = float(f"{k:.6g}")
+        k_rounded = float(f"{k:.10g}")
         expected = 1.0 / (k_rounded * grid.abs() + 1.0) ** 2
         if torch.allclose(deriv, expected, rtol=1e-5, atol=1e-7):
             return k_rounded, None

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import torch.distributed as dist
 
 pytestmark = pytest.mark.skipif(
@@ -25,8 +24,9 @@ def _free_port():
 
 def _env():
     # Keep gloo on the loopback interface; one thread per process (2 processes, 2 cores).
+    path = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
     return dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
-                OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                OMP_NUM_THREADS="1", PYTHONPATH=path)
 
 
 def test_ddp_two_processes_average_gradients_and_keep_replicas_identical(tmp_path):

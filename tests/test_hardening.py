@@ -20,160 +20,168 @@ import torch
 import sparsegrad
 from sparsegrad import reference as ref
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+try:
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    HAVE_HYPOTHESIS = True
+except ImportError:  # only the property tests need it
+    HAVE_HYPOTHESIS = False
 
-CI_SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None,
-                       suppress_health_check=[HealthCheck.too_slow])
-NIGHTLY_SETTINGS = settings(max_examples=1000, deadline=None, database=None,
-                            suppress_health_check=[HealthCheck.too_slow])
-
-
-# --------------------------------------------------------------------------------------- problems
-
-@st.composite
-def lif_problems(draw):
-    """A random LIF problem. float32 problems use weights on a grid of 1/64 and inputs on a grid
-    of 1/4, so the input current is exact whatever the summation order and the kernel and the
-    reference must produce the same bits; float64 problems use arbitrary normal weights."""
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    T = draw(st.integers(1, 24))
-    B = draw(st.integers(1, 6))
-    n_in = draw(st.integers(1, 40))
-    n_out = draw(st.integers(1, 24))
-    rate = draw(st.sampled_from([0.0, 0.01, 0.05, 0.2, 0.5, 1.0]))
-    binary = draw(st.booleans())
-    use_bias = draw(st.booleans())
-    seed = draw(st.integers(0, 2**31 - 1))
-    kw = dict(
-        alpha=draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 1.0)),
-        threshold=draw(st.floats(0.1, 2.0)),
-        b_th=draw(st.sampled_from([math.inf]) | st.floats(0.01, 1.5)),
-        slope=draw(st.floats(0.5, 200.0)),
-        backward=draw(st.sampled_from(["sparse", "dense"])),
-    )
-    with_state = draw(st.booleans())
-
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(T, B, n_in, generator=g) < rate
-    if binary:
-        x = mask.to(torch.float64)
-    else:
-        x = torch.randint(-8, 9, (T, B, n_in), generator=g).to(torch.float64) / 4 * mask
-    scale = 1.5 / max(1.0, (max(rate, 0.01) * n_in) ** 0.5)
-    w = torch.randn(n_out, n_in, generator=g, dtype=torch.float64) * scale
-    b = torch.randn(n_out, generator=g, dtype=torch.float64) * 0.3
-    v0 = torch.randn(B, n_out, generator=g, dtype=torch.float64) * 0.5
-    s0 = (torch.rand(B, n_out, generator=g) < 0.3).to(torch.float64)
-    if dtype == torch.float32:
-        w, b, v0 = (torch.round(t * 64) / 64 for t in (w, b, v0))
-    x, w, b, v0, s0 = (t.to(dtype) for t in (x, w, b, v0, s0))
-    return x, w, (b if use_bias else None), ((v0, s0) if with_state else None), kw
+if HAVE_HYPOTHESIS:
+    CI_SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None,
+                           suppress_health_check=[HealthCheck.too_slow])
+    NIGHTLY_SETTINGS = settings(max_examples=1000, deadline=None, database=None,
+                                suppress_health_check=[HealthCheck.too_slow])
 
 
-def _tol(dtype, scale):
-    if dtype == torch.float64:
-        return dict(rtol=1e-9, atol=1e-11 * max(1.0, scale))
-    return dict(rtol=2e-4, atol=2e-5 * max(1.0, scale))
+    # ---------------------------------------------------------------------------------- problems
+
+    @st.composite
+    def lif_problems(draw):
+        """A random LIF problem. float32 problems use weights on a grid of 1/64 and inputs on a grid
+        of 1/4, so the input current is exact whatever the summation order and the kernel and the
+        reference must produce the same bits; float64 problems use arbitrary normal weights."""
+        dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+        T = draw(st.integers(1, 24))
+        B = draw(st.integers(1, 6))
+        n_in = draw(st.integers(1, 40))
+        n_out = draw(st.integers(1, 24))
+        rate = draw(st.sampled_from([0.0, 0.01, 0.05, 0.2, 0.5, 1.0]))
+        binary = draw(st.booleans())
+        use_bias = draw(st.booleans())
+        seed = draw(st.integers(0, 2**31 - 1))
+        kw = dict(
+            alpha=draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 1.0)),
+            threshold=draw(st.floats(0.1, 2.0)),
+            b_th=draw(st.sampled_from([math.inf]) | st.floats(0.01, 1.5)),
+            slope=draw(st.floats(0.5, 200.0)),
+            backward=draw(st.sampled_from(["sparse", "dense"])),
+        )
+        with_state = draw(st.booleans())
+
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.rand(T, B, n_in, generator=g) < rate
+        if binary:
+            x = mask.to(torch.float64)
+        else:
+            x = torch.randint(-8, 9, (T, B, n_in), generator=g).to(torch.float64) / 4 * mask
+        scale = 1.5 / max(1.0, (max(rate, 0.01) * n_in) ** 0.5)
+        w = torch.randn(n_out, n_in, generator=g, dtype=torch.float64) * scale
+        b = torch.randn(n_out, generator=g, dtype=torch.float64) * 0.3
+        v0 = torch.randn(B, n_out, generator=g, dtype=torch.float64) * 0.5
+        s0 = (torch.rand(B, n_out, generator=g) < 0.3).to(torch.float64)
+        if dtype == torch.float32:
+            w, b, v0 = (torch.round(t * 64) / 64 for t in (w, b, v0))
+        x, w, b, v0, s0 = (t.to(dtype) for t in (x, w, b, v0, s0))
+        return x, w, (b if use_bias else None), ((v0, s0) if with_state else None), kw
 
 
-def check_lif_against_reference(problem):
-    x, w, b, state, kw = problem
-    leaves = [t.clone().requires_grad_(True) for t in (x, w)]
-    if b is not None:
-        leaves.append(b.clone().requires_grad_(True))
-    if state is not None:
-        leaves.append(state[0].clone().requires_grad_(True))
-
-    def run(impl):
-        xs = [t.clone().detach().requires_grad_(True) for t in leaves]
-        bias = xs[2] if b is not None else None
-        st_in = (xs[-1], state[1]) if state is not None else None
-        spikes, (v, s) = impl(xs[0], xs[1], bias, state=st_in, return_state=True, **kw)
-        return xs, spikes, v, s
-
-    xs_k, spk_k, v_k, s_k = run(sparsegrad.lif_layer)
-    xs_r, spk_r, v_r, s_r = run(ref.lif_layer)
-    assert torch.equal(spk_k, spk_r), "spikes differ from the reference"
-    assert torch.equal(s_k, s_r)
-    torch.testing.assert_close(v_k, v_r, **_tol(x.dtype, float(v_r.detach().abs().max())))
-
-    g = torch.Generator().manual_seed(int(spk_r.sum()) + 7)
-    g_spk = torch.randn(spk_r.shape, generator=g, dtype=torch.float64).to(x.dtype)
-    g_v = torch.randn(v_r.shape, generator=g, dtype=torch.float64).to(x.dtype)
-    got = torch.autograd.grad((spk_k * g_spk).sum() + (v_k * g_v).sum(), xs_k)
-    want = torch.autograd.grad((spk_r * g_spk).sum() + (v_r * g_v).sum(), xs_r)
-    for name, gk, gr in zip(["x", "weight", "bias/state", "state"], got, want):
-        torch.testing.assert_close(gk, gr, **_tol(x.dtype, float(gr.abs().max())),
-                                   msg=lambda m: f"d{name} ({kw}): {m}")
+    def _tol(dtype, scale):
+        if dtype == torch.float64:
+            return dict(rtol=1e-9, atol=1e-11 * max(1.0, scale))
+        return dict(rtol=2e-4, atol=2e-5 * max(1.0, scale))
 
 
-@st.composite
-def readout_problems(draw):
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    T, B = draw(st.integers(1, 24)), draw(st.integers(1, 6))
-    n_in, n_out = draw(st.integers(1, 40)), draw(st.integers(1, 12))
-    rate = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
-    seed = draw(st.integers(0, 2**31 - 1))
-    kw = dict(alpha=draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 1.0)),
-              reduce=draw(st.sampled_from(["max", "sum", "mean", "none"])))
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.rand(T, B, n_in, generator=g) < rate).to(dtype)
-    w = torch.randn(n_out, n_in, generator=g, dtype=torch.float64).to(dtype)
-    b = torch.randn(n_out, generator=g, dtype=torch.float64).to(dtype)
-    return x, w, b, kw
+    def check_lif_against_reference(problem):
+        x, w, b, state, kw = problem
+        leaves = [t.clone().requires_grad_(True) for t in (x, w)]
+        if b is not None:
+            leaves.append(b.clone().requires_grad_(True))
+        if state is not None:
+            leaves.append(state[0].clone().requires_grad_(True))
+
+        def run(impl):
+            xs = [t.clone().detach().requires_grad_(True) for t in leaves]
+            bias = xs[2] if b is not None else None
+            st_in = (xs[-1], state[1]) if state is not None else None
+            spikes, (v, s) = impl(xs[0], xs[1], bias, state=st_in, return_state=True, **kw)
+            return xs, spikes, v, s
+
+        xs_k, spk_k, v_k, s_k = run(sparsegrad.lif_layer)
+        xs_r, spk_r, v_r, s_r = run(ref.lif_layer)
+        assert torch.equal(spk_k, spk_r), "spikes differ from the reference"
+        assert torch.equal(s_k, s_r)
+        torch.testing.assert_close(v_k, v_r, **_tol(x.dtype, float(v_r.detach().abs().max())))
+
+        g = torch.Generator().manual_seed(int(spk_r.sum()) + 7)
+        g_spk = torch.randn(spk_r.shape, generator=g, dtype=torch.float64).to(x.dtype)
+        g_v = torch.randn(v_r.shape, generator=g, dtype=torch.float64).to(x.dtype)
+        got = torch.autograd.grad((spk_k * g_spk).sum() + (v_k * g_v).sum(), xs_k)
+        want = torch.autograd.grad((spk_r * g_spk).sum() + (v_r * g_v).sum(), xs_r)
+        for name, gk, gr in zip(["x", "weight", "bias/state", "state"], got, want):
+            torch.testing.assert_close(gk, gr, **_tol(x.dtype, float(gr.abs().max())),
+                                       msg=lambda m: f"d{name} ({kw}): {m}")
 
 
-def check_readout_against_reference(problem):
-    x, w, b, kw = problem
-
-    def run(impl):
-        xs = [t.clone().requires_grad_(True) for t in (x, w, b)]
-        return xs, impl(*xs, **kw)
-
-    xs_k, out_k = run(sparsegrad.li_readout)
-    xs_r, out_r = run(ref.li_readout)
-    scale = float(out_r.abs().max()) if out_r.numel() else 1.0
-    torch.testing.assert_close(out_k, out_r, **_tol(x.dtype, scale))
-    if kw["reduce"] == "max":
-        # The gradient goes to the first time step reaching the maximum: only compare where the
-        # maximum is not a near-tie (a 1-ulp difference may move it to another step).
-        trace = ref.li_readout(x, w, b, alpha=kw["alpha"], reduce="none")
-        top2 = trace.topk(min(2, trace.shape[0]), dim=0).values
-        if trace.shape[0] > 1 and bool(((top2[0] - top2[1]).abs() < 1e-5 * (1 + scale)).any()):
-            return
-    g_out = torch.randn(out_r.shape, generator=torch.Generator().manual_seed(3),
-                        dtype=torch.float64).to(x.dtype)
-    got = torch.autograd.grad((out_k * g_out).sum(), xs_k)
-    want = torch.autograd.grad((out_r * g_out).sum(), xs_r)
-    for gk, gr in zip(got, want):
-        torch.testing.assert_close(gk, gr, **_tol(x.dtype, float(gr.abs().max())))
+    @st.composite
+    def readout_problems(draw):
+        dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+        T, B = draw(st.integers(1, 24)), draw(st.integers(1, 6))
+        n_in, n_out = draw(st.integers(1, 40)), draw(st.integers(1, 12))
+        rate = draw(st.sampled_from([0.0, 0.05, 0.3, 1.0]))
+        seed = draw(st.integers(0, 2**31 - 1))
+        kw = dict(alpha=draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 1.0)),
+                  reduce=draw(st.sampled_from(["max", "sum", "mean", "none"])))
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.rand(T, B, n_in, generator=g) < rate).to(dtype)
+        w = torch.randn(n_out, n_in, generator=g, dtype=torch.float64).to(dtype)
+        b = torch.randn(n_out, generator=g, dtype=torch.float64).to(dtype)
+        return x, w, b, kw
 
 
-@CI_SETTINGS
-@given(lif_problems())
-def test_lif_property_ci(problem):
-    check_lif_against_reference(problem)
+    def check_readout_against_reference(problem):
+        x, w, b, kw = problem
+
+        def run(impl):
+            xs = [t.clone().requires_grad_(True) for t in (x, w, b)]
+            return xs, impl(*xs, **kw)
+
+        xs_k, out_k = run(sparsegrad.li_readout)
+        xs_r, out_r = run(ref.li_readout)
+        scale = float(out_r.abs().max()) if out_r.numel() else 1.0
+        torch.testing.assert_close(out_k, out_r, **_tol(x.dtype, scale))
+        if kw["reduce"] == "max":
+            # The gradient goes to the first time step reaching the maximum: only compare where the
+            # maximum is not a near-tie (a 1-ulp difference may move it to another step).
+            trace = ref.li_readout(x, w, b, alpha=kw["alpha"], reduce="none")
+            top2 = trace.topk(min(2, trace.shape[0]), dim=0).values
+            if trace.shape[0] > 1 and bool(((top2[0] - top2[1]).abs() < 1e-5 * (1 + scale)).any()):
+                return
+        g_out = torch.randn(out_r.shape, generator=torch.Generator().manual_seed(3),
+                            dtype=torch.float64).to(x.dtype)
+        got = torch.autograd.grad((out_k * g_out).sum(), xs_k)
+        want = torch.autograd.grad((out_r * g_out).sum(), xs_r)
+        for gk, gr in zip(got, want):
+            torch.testing.assert_close(gk, gr, **_tol(x.dtype, float(gr.abs().max())))
 
 
-@CI_SETTINGS
-@given(readout_problems())
-def test_readout_property_ci(problem):
-    check_readout_against_reference(problem)
+    @CI_SETTINGS
+    @given(lif_problems())
+    def test_lif_property_ci(problem):
+        check_lif_against_reference(problem)
 
 
-@pytest.mark.nightly
-@NIGHTLY_SETTINGS
-@given(lif_problems())
-def test_lif_property_nightly(problem):
-    check_lif_against_reference(problem)
+    @CI_SETTINGS
+    @given(readout_problems())
+    def test_readout_property_ci(problem):
+        check_readout_against_reference(problem)
 
 
-@pytest.mark.nightly
-@NIGHTLY_SETTINGS
-@given(readout_problems())
-def test_readout_property_nightly(problem):
-    check_readout_against_reference(problem)
+    @pytest.mark.nightly
+    @NIGHTLY_SETTINGS
+    @given(lif_problems())
+    def test_lif_property_nightly(problem):
+        check_lif_against_reference(problem)
+
+
+    @pytest.mark.nightly
+    @NIGHTLY_SETTINGS
+    @given(readout_problems())
+    def test_readout_property_nightly(problem):
+        check_readout_against_reference(problem)
+else:
+    @pytest.mark.skip(reason="the property tests need hypothesis (pip install hypothesis)")
+    def test_property_tests_need_hypothesis():
+        pass
 
 
 # ------------------------------------------------------------------------------------ determinism
