@@ -105,6 +105,28 @@ def load_fmnist(root: str, split: str = "train", *, T: int = 100, tau_eff: float
     return LatencyImageDataset(times, labels, T, classes)
 
 
+def _digits_arrays():
+    """(pixels [1797, 64] float64 in 0..16, labels [1797] int64) of scikit-learn's digits.
+
+    Read straight from the CSV that scikit-learn ships (importing sklearn itself takes seconds);
+    falls back to sklearn.datasets.load_digits if that file is not where it usually is.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        require("sklearn", "the built-in digits dataset")
+    for folder in spec.submodule_search_locations or []:
+        path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+            if table.shape == (1797, 65):
+                return table[:, :64], table[:, 64].astype(np.int64)
+    bunch = require("sklearn.datasets", "the built-in digits dataset").load_digits()
+    return (np.asarray(bunch.data, dtype=np.float64),
+            np.asarray(bunch.target, dtype=np.int64))
+
+
 def load_digits(split: str = "train", *, T: int = 100, tau_eff: float = 20.0,
                 threshold: float = 0.2) -> LatencyImageDataset:
     """scikit-learn's 1,797 8x8 handwritten digits (shipped with it; no download), 64 inputs.
@@ -112,10 +134,8 @@ def load_digits(split: str = "train", *, T: int = 100, tau_eff: float = 20.0,
     Intensities 0..16 are scaled to [0, 1] and latency-encoded. Fixed split: a permutation with
     seed 0; its first 360 images are the test set, the other 1,437 the training set.
     """
-    datasets = require("sklearn.datasets", "the built-in digits dataset")
-    bunch = datasets.load_digits()
-    images = np.asarray(bunch.data, dtype=np.float64) / 16.0
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    data, labels = _digits_arrays()
+    images = data / 16.0
     perm = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(labels.shape[0])
     idx = np.sort(perm[:DIGITS_TEST_SIZE] if split == "test" else perm[DIGITS_TEST_SIZE:])
     times = latency_times(images[idx], T=T, tau_eff=tau_eff, threshold=threshold)
