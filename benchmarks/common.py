@@ -203,6 +203,20 @@ def _mallopt_mmap_threshold(nbytes: int) -> bool:
         return False
 
 
+def _malloc_trim() -> bool:
+    """Return free heap pages to the OS, so that reusing them shows up in the RSS again."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def _proc_status_kib(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
@@ -228,8 +242,9 @@ def peak_memory(step: Callable[[], None], device) -> dict:
 
     CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats (exact, allocator-level).
     CPU: peak resident set size (VmHWM after resetting it via /proc/self/clear_refs) minus the RSS
-    before the step, with glibc's mmap threshold fixed at 64 KiB while measuring so that freed
-    tensors leave the RSS. Pages the OS counts, so it is close to but not exactly tensor bytes.
+    before the step, with free heap pages returned to the OS first (malloc_trim) and glibc's mmap
+    threshold fixed at 64 KiB while measuring, so that what the step allocates shows up in the
+    RSS and what it frees leaves it. Pages the OS counts: close to, not exactly, tensor bytes.
     """
     device = torch.device(device)
     gc.collect()
@@ -243,6 +258,7 @@ def peak_memory(step: Callable[[], None], device) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
         return dict(peak_bytes=peak - base, method="torch.cuda.max_memory_allocated")
     fixed = _mallopt_mmap_threshold(64 * 1024)
+    _malloc_trim()
     try:
         base = _proc_status_kib("VmRSS")
         if base is None or not _reset_peak_rss():

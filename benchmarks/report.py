@@ -1,7 +1,8 @@
 """Turn the benchmark JSON files into PNG plots and markdown tables.
 
-Reads layer.json, network.json, sweeps.json and peers.json from --results (whichever exist),
-writes <name>.png next to them and results.md with every table; --docs PATH also replaces the
+Reads every JSON a bench_*.py script wrote into --results (layer.json, network.json, ...;
+several runs of one script may sit side by side, e.g. layer-1thread.json), writes <stem>.png
+next to each and results.md with every table; --docs PATH also replaces the
 part of PATH between the markers `<!-- results:begin -->` and `<!-- results:end -->` with the
 same tables, so the docs page always shows what the JSON holds.
 
@@ -344,15 +345,24 @@ def main(argv=None):
                    help="markdown file whose results section (between the markers) to replace")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
+    # Every <stem>.json written by a bench_*.py script (e.g. layer.json, layer-1thread.json),
+    # in the order layer, network, peers, sweeps, then by file name.
     found = {}
-    for name in NAMES:
-        path = os.path.join(args.results, f"{name}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                found[name] = json.load(f)
+    for fname in sorted(os.listdir(args.results)):
+        if fname.endswith(".json"):
+            with open(os.path.join(args.results, fname)) as f:
+                data = json.load(f)
+            kind = str(data.get("script", "")).replace("bench_", "")
+            if kind in NAMES:
+                found[fname[:-5]] = (kind, data)
     if not found:
-        raise SystemExit(f"--results: no {'/'.join(NAMES)}.json in {args.results}")
-    sections = [MARKDOWN[n](d) for n, d in found.items()]
+        raise SystemExit(f"--results: no benchmark JSON ({'/'.join(NAMES)}) in {args.results}")
+    found = dict(sorted(found.items(), key=lambda kv: (NAMES.index(kv[1][0]), kv[0])))
+    sections = []
+    for stem, (kind, data) in found.items():
+        title, body = MARKDOWN[kind](data).split("\n", 1)
+        sections.append(f"{title}, `{stem}.json`\n"
+                        + body.replace(f"results/{kind}.png", f"results/{stem}.png"))
     text = "\n\n".join(sections) + "\n"
     out_md = os.path.join(args.results, "results.md")
     with open(out_md, "w") as f:
@@ -363,9 +373,9 @@ def main(argv=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        for name, data in found.items():
-            path = os.path.join(args.results, f"{name}.png")
-            PLOTS[name](data, path, plt)
+        for stem, (kind, data) in found.items():
+            path = os.path.join(args.results, f"{stem}.png")
+            PLOTS[kind](data, path, plt)
             written.append(path)
     if args.docs:
         with open(args.docs) as f:
