@@ -312,14 +312,15 @@ def plot_sweeps(data, path, plt):
         ax.grid(alpha=0.3)
     ax = axes.flat[-1] if len(sweeps) < 5 else None
     if ax is not None:
-        for s in sweeps:
-            mine = [p for p in points if p["sweep"] == s and "sparsegrad_dense" in p["methods"]]
+        for k, s in enumerate(sweeps):
+            mine = [p for p in points if p["sweep"] == s]
             ax.plot([p["active_entries"] for p in mine],
                     [_f(p["methods"]["sparsegrad_sparse"]["saved_bytes"]) / 2**20 for p in mine],
-                    "o", label=f"sparse, vs {s}")
-            ax.plot([p["active_entries"] for p in mine],
-                    [_f(p["methods"]["sparsegrad_dense"]["saved_bytes"]) / 2**20 for p in mine],
-                    "x", label=f"dense, vs {s}")
+                    "o", color=f"C{k}", label=f"sparse, vs {s}")
+            dense = [p for p in mine if "sparsegrad_dense" in p["methods"]]
+            ax.plot([p["active_entries"] for p in dense],
+                    [_f(p["methods"]["sparsegrad_dense"]["saved_bytes"]) / 2**20 for p in dense],
+                    "x", color=f"C{k}", label=f"sg dense, vs {s}")
         ax.set_xlabel("active entries |A|")
         ax.set_ylabel("saved for backward, MB")
         ax.set_yscale("log")
