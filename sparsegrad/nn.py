@@ -25,8 +25,9 @@ class _LinearParams(nn.Module):
         self.out_features = out_features
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        if bias is False:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 

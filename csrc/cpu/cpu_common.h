@@ -95,6 +95,16 @@ inline acc_t dot(int64_t n, const acc_t* __restrict__ x, const in_t* __restrict_
 }
 
 // ------------------------------------------------------------------------------------------
+// Threads only pay off with enough work per task: parallel_for runs serially when the range is
+// not larger than the grain. work_per_item ~ element updates one item (batch element) costs.
+// ------------------------------------------------------------------------------------------
+constexpr int64_t kMinTaskWork = int64_t(1) << 16;
+
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_item));
+}
+
+// ------------------------------------------------------------------------------------------
 // Fixed batch chunks: reductions over the batch are summed per chunk, then chunk by chunk in
 // order, so results do not depend on the number of threads.
 // ------------------------------------------------------------------------------------------
@@ -151,7 +161,7 @@ Events build_events(const at::Tensor& x) {
   ev.ptr = at::empty({B * T + 1}, x.options().dtype(at::kLong));
   int64_t* ptr = ev.ptr.data_ptr<int64_t>();
   ptr[0] = 0;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(T * N), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t t = 0; t < T; ++t) {
         const scalar_t* row = xp + (t * B + b) * N;
@@ -180,7 +190,7 @@ Events build_events(const at::Tensor& x) {
   ev.val = at::empty({ev.binary ? 0 : ev.nnz}, x.options());
   int32_t* out_idx = ev.idx.data_ptr<int32_t>();
   scalar_t* out_val = ev.binary ? nullptr : ev.val.data_ptr<scalar_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(T + ev.nnz / std::max<int64_t>(B, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t t = 0; t < T; ++t) ptr[b * T + t + 1] += base[b];
       std::copy(idx[b].begin(), idx[b].end(), out_idx + base[b]);

@@ -42,7 +42,8 @@ FwdOut li_readout_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   scalar_t* o = out.data_ptr<scalar_t>();
   int64_t* am = reduce == Reduce::kMax ? argmax.data_ptr<int64_t>() : nullptr;
 
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t work_per_b = T * n_out + ev.nnz / std::max<int64_t>(B, 1) * n_out;
+  at::parallel_for(0, B, grain_for(work_per_b), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> u(n_out), cur(n_out), acc(n_out);
     std::vector<int64_t> arg(n_out);
     for (int64_t b = b0; b < b1; ++b) {

@@ -160,7 +160,7 @@ at::Tensor reverse_scan(const at::Tensor& gS, const at::Tensor& sg, const c10::o
   const scalar_t* s = sg.data_ptr<scalar_t>();
   const scalar_t* gv = gV.has_value() ? gV->data_ptr<scalar_t>() : nullptr;
   scalar_t* out = G.data_ptr<scalar_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(T * N), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> trace(N);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t j = 0; j < N; ++j) trace[j] = gv ? static_cast<acc_t>(gv[b * N + j]) : acc_t(0);

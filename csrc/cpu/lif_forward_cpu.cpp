@@ -40,7 +40,8 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   int64_t* aptr = sparse ? act_ptr.data_ptr<int64_t>() : nullptr;
   std::vector<int64_t> spike_count(B, 0);
 
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t work_per_b = T * n_out + ev.nnz / std::max<int64_t>(B, 1) * n_out;
+  at::parallel_for(0, B, grain_for(work_per_b), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> v(n_out), s(n_out), cur(n_out);
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t j = 0; j < n_out; ++j) {
@@ -106,7 +107,7 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   auto sg_out = at::empty({n_active}, x.options());
   int32_t* ip = idx_out.data_ptr<int32_t>();
   scalar_t* sp = sg_out.data_ptr<scalar_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(T + n_active / std::max<int64_t>(B, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t t = 0; t < T; ++t) aptr[b * T + t + 1] += base[b];
       std::copy(act_idx[b].begin(), act_idx[b].end(), ip + base[b]);

@@ -41,7 +41,8 @@ void trace_backward(const TraceProblem<scalar_t>& p, const Inject& inject) {
   const bool dw_events = p.dw_t_parts != nullptr;
   const BatchChunks chunks(B);
 
-  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+  const int64_t work_per_chunk = (B / chunks.count + 1) * T * (n_out + (full_dx ? n_in : 0));
+  at::parallel_for(0, chunks.count, grain_for(work_per_chunk), [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> G(n_out), dx_trace(full_dx ? n_in : 0);
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* dw_t = dw_events ? p.dw_t_parts + c * n_in * n_out : nullptr;
@@ -104,7 +105,8 @@ void trace_dw_forward(const TraceProblem<scalar_t>& p, const Inject& inject) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = p.T, B = p.B, n_in = p.n_in, n_out = p.n_out;
   const BatchChunks chunks(B);
-  at::parallel_for(0, chunks.count, 1, [&](int64_t c0, int64_t c1) {
+  const int64_t work_per_chunk = (B / chunks.count + 1) * T * n_in;
+  at::parallel_for(0, chunks.count, grain_for(work_per_chunk), [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> X(n_in);
     for (int64_t c = c0; c < c1; ++c) {
       acc_t* dw = p.dw_parts + c * n_out * n_in;
