@@ -50,4 +50,8 @@ C10_HOST_DEVICE inline acc_t decay_add(acc_t trace, acc_t delta, acc_t alpha) {
 }
 
 }  // namespace math
+
+// Time reductions of the readout (host and device code).
+enum ReduceKind : int { kReduceMax = 0, kReduceSum = 1, kReduceMean = 2, kReduceNone = 3 };
+
 }  // namespace sparsegrad

@@ -1,8 +1,10 @@
-// The one place where sparsegrad's operator schemas are declared, plus the Python module
+// Registers sparsegrad's operator schemas (written in op_schemas.h) and defines the Python module
 // sparsegrad._C (build information). Kernels register themselves per device in csrc/cpu and
 // csrc/cuda with TORCH_LIBRARY_IMPL; autograd and fake (meta) kernels live in sparsegrad/ops.py.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include "op_schemas.h"
 
 #ifndef SPARSEGRAD_VERSION
 #define SPARSEGRAD_VERSION "unknown"
@@ -14,47 +16,7 @@
 #define SPARSEGRAD_CUDA_ARCHS ""
 #endif
 
-TORCH_LIBRARY(sparsegrad, m) {
-  // Fused LIF forward. Returns the spikes [T,B,N_out], the final membrane [B,N_out], and what the
-  // backward needs. Sparse mode: the active set as CSR over (b, t) rows (act_ptr [B*T+1] int64,
-  // act_idx [n_active] int32 neuron index, act_sg [n_active] surrogate value) and the input as
-  // events (ev_ptr [B*T+1], ev_idx [nnz] int32, ev_val [nnz] values, empty when x is binary).
-  // Dense mode: act_sg holds the surrogate for every entry, [T,B,N_out]; the other compact
-  // tensors are empty. stats = [spike count, active count, input nonzeros] (int64).
-  // x_act_ptr/x_act_idx: the active set of the sparse layer that produced x, if any; the forward
-  // ignores them, the backward computes dx only there (sparsegrad/ops.py saves them).
-  m.def(
-      "lif_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? v_init, Tensor? s_init, "
-      "Tensor? x_act_ptr, Tensor? x_act_idx, float alpha, float threshold, float b_th, float slope, bool sparse) -> "
-      "(Tensor spikes, Tensor v_final, Tensor act_ptr, Tensor act_idx, Tensor act_sg, "
-      "Tensor ev_ptr, Tensor ev_idx, Tensor ev_val, Tensor stats)");
-  // Sparse LIF backward: work proportional to active entries and input events. prev_ptr/prev_idx,
-  // when given, are the active set of the layer that produced x: dx is then computed only there.
-  // dw_route: 0 = choose the cheaper, 1 = through input events, 2 = through active entries.
-  // Gradients not asked for come back as empty tensors.
-  m.def(
-      "lif_backward_sparse(Tensor grad_spikes, Tensor? grad_v_final, Tensor weight, "
-      "Tensor act_ptr, Tensor act_idx, Tensor act_sg, Tensor ev_ptr, Tensor ev_idx, "
-      "Tensor ev_val, Tensor? prev_ptr, Tensor? prev_idx, float alpha, bool need_dx, "
-      "bool need_dw, bool need_db, bool need_dv, int dw_route) -> "
-      "(Tensor dx, Tensor dweight, Tensor dbias, Tensor dv_init)");
-  // Dense LIF backward (standard surrogate BPTT): reverse-time scan, then two GEMMs.
-  m.def(
-      "lif_backward_dense(Tensor grad_spikes, Tensor? grad_v_final, Tensor x, Tensor weight, "
-      "Tensor sg, float alpha, bool need_dx, bool need_dw, bool need_db, bool need_dv) -> "
-      "(Tensor dx, Tensor dweight, Tensor dbias, Tensor dv_init)");
-  // Leaky-integrator readout. reduce in {"max","sum","mean","none"}. argmax_t [B,N_out] int64
-  // (max only, else empty). The input is kept as events, as in lif_forward.
-  m.def(
-      "li_readout_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? x_act_ptr, "
-      "Tensor? x_act_idx, float alpha, str reduce) -> "
-      "(Tensor out, Tensor argmax_t, Tensor ev_ptr, Tensor ev_idx, Tensor ev_val)");
-  m.def(
-      "li_readout_backward(Tensor grad_out, Tensor argmax_t, Tensor weight, Tensor ev_ptr, "
-      "Tensor ev_idx, Tensor ev_val, Tensor? prev_ptr, Tensor? prev_idx, int num_steps, "
-      "float alpha, str reduce, bool need_dx, bool need_dw, bool need_db) -> "
-      "(Tensor dx, Tensor dweight, Tensor dbias)");
-}
+TORCH_LIBRARY(sparsegrad, m) { sparsegrad::define_ops(m); }
 
 namespace {
 

@@ -37,7 +37,7 @@ SANITIZE = os.environ.get("SPARSEGRAD_EMUL_SANITIZE", "0") == "1"
 def _build_dir():
     """A cache directory keyed by the sources (headers included) and the torch version."""
     h = hashlib.sha256((torch.__version__ + ("asan" if SANITIZE else "")).encode())
-    files = [EMUL_SOURCE, CSRC / "lif_math.h"] + sorted((CSRC / "cuda").glob("*.cuh")) + \
+    files = [EMUL_SOURCE] + sorted(CSRC.glob("*.h")) + sorted((CSRC / "cuda").glob("*.cuh")) + \
         sorted((CSRC / "cuda").glob("*.h")) + sorted((CSRC / "cpu").glob("*.h"))
     for f in files:
         h.update(f.read_bytes())

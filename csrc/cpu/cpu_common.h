@@ -1,4 +1,4 @@
-// Helpers shared by the CPU kernels: argument checks, compact input events, input currents,
+// Helpers shared by the CPU kernels: compact input events, input currents,
 // fixed batch chunking (deterministic reductions) and small vector loops.
 #pragma once
 
@@ -13,59 +13,10 @@
 #include <vector>
 
 #include "lif_math.h"
+#include "op_checks.h"
 
 namespace sparsegrad {
 namespace cpu {
-
-// ------------------------------------------------------------------------------------------
-// Argument checks (messages name the argument; the Python wrappers check first, these guard
-// direct torch.ops callers).
-// ------------------------------------------------------------------------------------------
-#define SG_CHECK(cond, op, arg, ...) \
-  TORCH_CHECK(cond, "sparsegrad.", op, ": argument '", arg, "' ", __VA_ARGS__)
-
-inline void check_float_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
-  SG_CHECK(t.dim() == dim, op, name, "must have ", dim, " dimensions, got ", t.sizes());
-  SG_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, name,
-           "must be float32 or float64, got ", t.scalar_type());
-}
-
-inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  SG_CHECK(t.scalar_type() == x.scalar_type(), op, name, "must have the dtype of x (",
-           x.scalar_type(), "), got ", t.scalar_type());
-  SG_CHECK(t.device() == x.device(), op, name, "is on ", t.device(), " but x is on ", x.device());
-}
-
-// x [T,B,N_in], weight [N_out,N_in], bias [N_out]
-inline void check_linear(const at::Tensor& x, const at::Tensor& weight,
-                         const c10::optional<at::Tensor>& bias, const char* op) {
-  check_float_tensor(x, op, "x", 3);
-  check_float_tensor(weight, op, "weight", 2);
-  check_like(weight, x, op, "weight");
-  SG_CHECK(weight.size(1) == x.size(2), op, "weight",
-           "must be [N_out, N_in] with N_in = x.size(2) = ", x.size(2), ", got ", weight.sizes());
-  if (bias.has_value()) {
-    check_float_tensor(*bias, op, "bias", 1);
-    check_like(*bias, x, op, "bias");
-    SG_CHECK(bias->size(0) == weight.size(0), op, "bias", "must have shape [", weight.size(0),
-             "], got ", bias->sizes());
-  }
-}
-
-inline void check_alpha(double alpha, const char* op) {
-  SG_CHECK(alpha >= 0.0 && alpha <= 1.0, op, "alpha", "must be in [0, 1], got ", alpha);
-}
-
-// A CSR over rows r = b*T + t (ptr [B*T+1] int64, idx int32 ascending within a row), as made by
-// build_events / lif_forward. Checks shapes and dtypes only: the contents are trusted.
-inline void check_csr(const at::Tensor& ptr, const at::Tensor& idx, int64_t rows, const char* op,
-                      const char* ptr_name, const char* idx_name) {
-  SG_CHECK(ptr.dim() == 1 && ptr.scalar_type() == at::kLong && ptr.numel() == rows + 1, op,
-           ptr_name, "must be an int64 row pointer of length ", rows + 1, ", got ",
-           ptr.scalar_type(), " ", ptr.sizes());
-  SG_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kInt, op, idx_name,
-           "must be a 1-D int32 index tensor, got ", idx.scalar_type(), " ", idx.sizes());
-}
 
 // ------------------------------------------------------------------------------------------
 // Small loops over contiguous rows (the hot spots of every kernel).

@@ -11,23 +11,11 @@ namespace sparsegrad {
 namespace cpu {
 namespace {
 
-enum class Reduce { kMax, kSum, kMean, kNone };
-
-Reduce parse_reduce(c10::string_view reduce, const char* op) {
-  if (reduce == "max") return Reduce::kMax;
-  if (reduce == "sum") return Reduce::kSum;
-  if (reduce == "mean") return Reduce::kMean;
-  if (reduce == "none") return Reduce::kNone;
-  SG_CHECK(false, op, "reduce", "must be one of 'max', 'sum', 'mean', 'none', got '",
-           std::string(reduce), "'");
-  return Reduce::kNone;
-}
-
 using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename scalar_t>
 FwdOut li_readout_forward_impl(const at::Tensor& x, const at::Tensor& weight,
-                               const c10::optional<at::Tensor>& bias, double alpha_d, Reduce reduce) {
+                               const c10::optional<at::Tensor>& bias, double alpha_d, ReduceKind reduce) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = x.size(0), B = x.size(1), n_out = weight.size(0);
   const acc_t alpha = alpha_d;
@@ -35,12 +23,12 @@ FwdOut li_readout_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   CurrentPlan<scalar_t> plan(x, weight, bias, ev);
   const InputCurrent<scalar_t>& current = plan.current;
 
-  auto out = reduce == Reduce::kNone ? at::empty({T, B, n_out}, x.options())
+  auto out = reduce == kReduceNone ? at::empty({T, B, n_out}, x.options())
                                      : at::empty({B, n_out}, x.options());
   const auto long_opts = x.options().dtype(at::kLong);
-  auto argmax = reduce == Reduce::kMax ? at::empty({B, n_out}, long_opts) : at::empty({0}, long_opts);
+  auto argmax = reduce == kReduceMax ? at::empty({B, n_out}, long_opts) : at::empty({0}, long_opts);
   scalar_t* o = out.data_ptr<scalar_t>();
-  int64_t* am = reduce == Reduce::kMax ? argmax.data_ptr<int64_t>() : nullptr;
+  int64_t* am = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
 
   const int64_t work_per_b = T * n_out + ev.nnz / std::max<int64_t>(B, 1) * n_out;
   at::parallel_for(0, B, grain_for(work_per_b), [&](int64_t b0, int64_t b1) {
@@ -53,25 +41,25 @@ FwdOut li_readout_forward_impl(const at::Tensor& x, const at::Tensor& weight,
         for (int64_t j = 0; j < n_out; ++j) {
           u[j] = math::leaky_integrate(u[j], cur[j], alpha);
           switch (reduce) {
-            case Reduce::kMax:  // first time step reaching the maximum, as torch.max(dim)
+            case kReduceMax:  // first time step reaching the maximum, as torch.max(dim)
               if (t == 0 || u[j] > acc[j] || (u[j] != u[j] && acc[j] == acc[j])) {
                 acc[j] = u[j];
                 arg[j] = t;
               }
               break;
-            case Reduce::kSum:
-            case Reduce::kMean:
+            case kReduceSum:
+            case kReduceMean:
               acc[j] = t == 0 ? u[j] : acc[j] + u[j];
               break;
-            case Reduce::kNone:
+            case kReduceNone:
               o[(t * B + b) * n_out + j] = static_cast<scalar_t>(u[j]);
               break;
           }
         }
       }
-      if (reduce == Reduce::kNone) continue;
+      if (reduce == kReduceNone) continue;
       for (int64_t j = 0; j < n_out; ++j) {
-        const acc_t value = reduce == Reduce::kMean ? acc[j] / acc_t(T) : acc[j];
+        const acc_t value = reduce == kReduceMean ? acc[j] / acc_t(T) : acc[j];
         o[b * n_out + j] = static_cast<scalar_t>(value);
         if (am) am[b * n_out + j] = arg[j];
       }
@@ -85,11 +73,7 @@ FwdOut li_readout_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
                               const c10::optional<at::Tensor>& /*x_act_ptr: used by the backward*/,
                               const c10::optional<at::Tensor>& /*x_act_idx*/, double alpha,
                               c10::string_view reduce_name) {
-  const char* op = "li_readout_forward";
-  check_linear(x_in, weight_in, bias_in, op);
-  check_alpha(alpha, op);
-  const Reduce reduce = parse_reduce(reduce_name, op);
-  SG_CHECK(x_in.size(0) > 0 || reduce == Reduce::kNone, op, "x", "must have at least one time step");
+  const ReduceKind reduce = check_readout_forward_args(x_in, weight_in, bias_in, alpha, reduce_name);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   c10::optional<at::Tensor> bias;
   if (bias_in.has_value()) bias = bias_in->contiguous();
@@ -108,7 +92,7 @@ BwdOut li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& ar
                                 const at::Tensor& ev_idx, const at::Tensor& ev_val,
                                 const c10::optional<at::Tensor>& prev_ptr,
                                 const c10::optional<at::Tensor>& prev_idx, int64_t T, double alpha,
-                                Reduce reduce, bool need_dx, bool need_dw, bool need_db) {
+                                ReduceKind reduce, bool need_dx, bool need_dw, bool need_db) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = grad_out.size(-2), n_out = weight.size(0), n_in = weight.size(1);
   const auto opts = grad_out.options();
@@ -136,19 +120,19 @@ BwdOut li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& ar
   p.dw_t_parts = need_dw ? dw_parts.data_ptr<acc_t>() : nullptr;
 
   const scalar_t* g = grad_out.data_ptr<scalar_t>();
-  const int64_t* am = reduce == Reduce::kMax ? argmax.data_ptr<int64_t>() : nullptr;
-  const acc_t per_step = reduce == Reduce::kMean ? acc_t(1) / acc_t(T) : acc_t(1);
+  const int64_t* am = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
+  const acc_t per_step = reduce == kReduceMean ? acc_t(1) / acc_t(T) : acc_t(1);
   auto inject = [&](int64_t b, int64_t t, auto&& emit) {
     for (int64_t j = 0; j < n_out; ++j) {
       switch (reduce) {
-        case Reduce::kMax:
+        case kReduceMax:
           if (am[b * n_out + j] == t) emit(j, static_cast<acc_t>(g[b * n_out + j]));
           break;
-        case Reduce::kSum:
-        case Reduce::kMean:
+        case kReduceSum:
+        case kReduceMean:
           emit(j, per_step * static_cast<acc_t>(g[b * n_out + j]));
           break;
-        case Reduce::kNone:
+        case kReduceNone:
           emit(j, static_cast<acc_t>(g[(t * B + b) * n_out + j]));
           break;
       }
@@ -178,26 +162,9 @@ BwdOut li_readout_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
                                const c10::optional<at::Tensor>& prev_idx, int64_t num_steps,
                                double alpha, c10::string_view reduce_name, bool need_dx,
                                bool need_dw, bool need_db) {
-  const char* op = "li_readout_backward";
-  const Reduce reduce = parse_reduce(reduce_name, op);
-  check_alpha(alpha, op);
-  check_float_tensor(grad_out_in, op, "grad_out", reduce == Reduce::kNone ? 3 : 2);
-  check_float_tensor(weight_in, op, "weight", 2);
-  check_like(weight_in, grad_out_in, op, "weight");
-  SG_CHECK(num_steps >= 1, op, "num_steps", "must be >= 1, got ", num_steps);
-  SG_CHECK(grad_out_in.size(-1) == weight_in.size(0), op, "grad_out", "must end in N_out = ",
-           weight_in.size(0), ", got ", grad_out_in.sizes());
-  if (reduce == Reduce::kNone)
-    SG_CHECK(grad_out_in.size(0) == num_steps, op, "grad_out", "must have num_steps = ", num_steps,
-             " time steps, got ", grad_out_in.sizes());
-  if (reduce == Reduce::kMax)
-    SG_CHECK(argmax.scalar_type() == at::kLong && argmax.sizes() == grad_out_in.sizes(), op,
-             "argmax_t", "must be int64 of shape ", grad_out_in.sizes(), ", got ", argmax.sizes());
-  const int64_t rows = num_steps * grad_out_in.size(-2);
-  check_csr(ev_ptr, ev_idx, rows, op, "ev_ptr", "ev_idx");
-  SG_CHECK(prev_ptr.has_value() == prev_idx.has_value(), op, "prev_ptr",
-           "and prev_idx must be given together");
-  if (prev_ptr.has_value()) check_csr(*prev_ptr, *prev_idx, rows, op, "prev_ptr", "prev_idx");
+  const ReduceKind reduce = check_readout_backward_args(grad_out_in, argmax, weight_in, ev_ptr, ev_idx,
+                                                        ev_val, prev_ptr, prev_idx, num_steps, alpha,
+                                                        reduce_name);
   auto cont = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
     return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
   };

@@ -10,21 +10,6 @@ namespace {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-void check_grad_inputs(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
-                       const at::Tensor& weight, const char* op) {
-  check_float_tensor(grad_spikes, op, "grad_spikes", 3);
-  check_float_tensor(weight, op, "weight", 2);
-  check_like(weight, grad_spikes, op, "weight");
-  SG_CHECK(grad_spikes.size(2) == weight.size(0), op, "grad_spikes", "must be [T, B, ",
-           weight.size(0), "], got ", grad_spikes.sizes());
-  if (grad_v_final.has_value()) {
-    check_like(*grad_v_final, grad_spikes, op, "grad_v_final");
-    SG_CHECK(grad_v_final->dim() == 2 && grad_v_final->size(0) == grad_spikes.size(1) &&
-                 grad_v_final->size(1) == weight.size(0),
-             op, "grad_v_final", "must be [B, N_out], got ", grad_v_final->sizes());
-  }
-}
-
 template <typename scalar_t>
 Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
                                const at::Tensor& weight, const at::Tensor& act_ptr,
@@ -115,22 +100,8 @@ Grads lif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optional
                               const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
                               const c10::optional<at::Tensor>& prev_idx, double alpha, bool need_dx,
                               bool need_dw, bool need_db, bool need_dv, int64_t dw_route) {
-  const char* op = "lif_backward_sparse";
-  check_grad_inputs(grad_spikes, grad_v_final, weight, op);
-  check_alpha(alpha, op);
-  SG_CHECK(dw_route >= 0 && dw_route <= 2, op, "dw_route", "must be 0 (auto), 1 (events) or 2 (active), got ", dw_route);
-  const int64_t rows = grad_spikes.size(0) * grad_spikes.size(1);
-  check_csr(act_ptr, act_idx, rows, op, "act_ptr", "act_idx");
-  check_csr(ev_ptr, ev_idx, rows, op, "ev_ptr", "ev_idx");
-  check_like(act_sg, grad_spikes, op, "act_sg");
-  SG_CHECK(act_sg.numel() == act_idx.numel(), op, "act_sg", "must have one value per active entry (",
-           act_idx.numel(), "), got ", act_sg.numel());
-  SG_CHECK(ev_val.numel() == 0 || ev_val.numel() == ev_idx.numel(), op, "ev_val",
-           "must be empty (binary input) or match ev_idx, got ", ev_val.numel());
-  if (ev_val.numel() > 0) check_like(ev_val, grad_spikes, op, "ev_val");
-  SG_CHECK(prev_ptr.has_value() == prev_idx.has_value(), op, "prev_ptr",
-           "and prev_idx must be given together");
-  if (prev_ptr.has_value()) check_csr(*prev_ptr, *prev_idx, rows, op, "prev_ptr", "prev_idx");
+  check_lif_backward_sparse_args(grad_spikes, grad_v_final, weight, act_ptr, act_idx, act_sg, ev_ptr,
+                                 ev_idx, ev_val, prev_ptr, prev_idx, alpha, dw_route);
   const at::Tensor gS = grad_spikes.contiguous(), w = weight.contiguous();
   c10::optional<at::Tensor> gV;
   if (grad_v_final.has_value()) gV = grad_v_final->contiguous();
@@ -180,13 +151,7 @@ at::Tensor reverse_scan(const at::Tensor& gS, const at::Tensor& sg, const c10::o
 Grads lif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
                              const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& sg_in,
                              double alpha, bool need_dx, bool need_dw, bool need_db, bool need_dv) {
-  const char* op = "lif_backward_dense";
-  check_grad_inputs(grad_spikes, grad_v_final, weight_in, op);
-  check_alpha(alpha, op);
-  check_linear(x_in, weight_in, c10::nullopt, op);
-  SG_CHECK(sg_in.sizes() == grad_spikes.sizes(), op, "sg", "must match grad_spikes ",
-           grad_spikes.sizes(), ", got ", sg_in.sizes());
-  check_like(sg_in, grad_spikes, op, "sg");
+  check_lif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in, sg_in, alpha);
   const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), n_in = weight_in.size(1),
                 n_out = weight_in.size(0);
   const auto opts = grad_spikes.options();

@@ -124,21 +124,7 @@ Outputs lif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                         const c10::optional<at::Tensor>& /*x_act_ptr: used by the backward*/,
                         const c10::optional<at::Tensor>& /*x_act_idx*/, double alpha,
                         double threshold, double b_th, double slope, bool sparse) {
-  const char* op = "lif_forward";
-  check_linear(x_in, weight_in, bias_in, op);
-  check_alpha(alpha, op);
-  SG_CHECK(threshold > 0, op, "threshold", "must be > 0, got ", threshold);
-  SG_CHECK(b_th > 0, op, "b_th", "must be > 0 (inf for no mask), got ", b_th);
-  SG_CHECK(slope > 0, op, "slope", "must be > 0, got ", slope);
-  const int64_t B = x_in.size(1), n_out = weight_in.size(0);
-  for (const auto& [state, name] : {std::pair{&v_init_in, "v_init"}, std::pair{&s_init_in, "s_init"}}) {
-    if (state->has_value()) {
-      check_float_tensor(**state, op, name, 2);
-      check_like(**state, x_in, op, name);
-      SG_CHECK((*state)->size(0) == B && (*state)->size(1) == n_out, op, name, "must have shape [",
-               B, ", ", n_out, "], got ", (*state)->sizes());
-    }
-  }
+  check_lif_forward_args(x_in, weight_in, bias_in, v_init_in, s_init_in, alpha, threshold, b_th, slope);
   auto contiguous = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
     return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
   };

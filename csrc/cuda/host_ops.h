@@ -26,7 +26,8 @@
 #include <tuple>
 #include <type_traits>
 
-#include "cpu/trace_backward.h"  // argument checks, Events, kEventDensityMax, choose_dw_route
+#include "cpu/trace_backward.h"  // Events, kEventDensityMax, choose_dw_route
+#include "op_checks.h"
 #include "cuda/backward.cuh"
 #include "cuda/compaction.cuh"
 #include "cuda/forward.cuh"
@@ -50,11 +51,6 @@ inline c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) 
 template <typename T>
 inline const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
-inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  SG_CHECK(t.device() == ref.device(), op, name, "is on ", t.device(), " but the other inputs are on ",
-           ref.device());
 }
 
 inline at::TensorOptions acc_options(const at::Tensor& like) {
@@ -200,21 +196,7 @@ ForwardOutputs lif_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
                            const c10::optional<at::Tensor>& /*x_act_ptr: used by the backward*/,
                            const c10::optional<at::Tensor>& /*x_act_idx*/, double alpha,
                            double threshold, double b_th, double slope, bool sparse) {
-  const char* op = "lif_forward";
-  cpu::check_linear(x_in, weight_in, bias_in, op);
-  cpu::check_alpha(alpha, op);
-  SG_CHECK(threshold > 0, op, "threshold", "must be > 0, got ", threshold);
-  SG_CHECK(b_th > 0, op, "b_th", "must be > 0 (inf for no mask), got ", b_th);
-  SG_CHECK(slope > 0, op, "slope", "must be > 0, got ", slope);
-  const int64_t B = x_in.size(1), n_out = weight_in.size(0);
-  for (const auto& [state, name] : {std::pair{&v_init_in, "v_init"}, std::pair{&s_init_in, "s_init"}}) {
-    if (state->has_value()) {
-      cpu::check_float_tensor(**state, op, name, 2);
-      cpu::check_like(**state, x_in, op, name);
-      SG_CHECK((*state)->size(0) == B && (*state)->size(1) == n_out, op, name, "must have shape [",
-               B, ", ", n_out, "], got ", (*state)->sizes());
-    }
-  }
+  check_lif_forward_args(x_in, weight_in, bias_in, v_init_in, s_init_in, alpha, threshold, b_th, slope);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   ForwardOutputs out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsegrad_lif_forward_cuda", [&] {
@@ -339,21 +321,6 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
   return {dx, dw, db, dv};
 }
 
-inline void check_grad_inputs(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
-                              const at::Tensor& weight, const char* op) {
-  cpu::check_float_tensor(grad_spikes, op, "grad_spikes", 3);
-  cpu::check_float_tensor(weight, op, "weight", 2);
-  cpu::check_like(weight, grad_spikes, op, "weight");
-  SG_CHECK(grad_spikes.size(2) == weight.size(0), op, "grad_spikes", "must be [T, B, ",
-           weight.size(0), "], got ", grad_spikes.sizes());
-  if (grad_v_final.has_value()) {
-    cpu::check_like(*grad_v_final, grad_spikes, op, "grad_v_final");
-    SG_CHECK(grad_v_final->dim() == 2 && grad_v_final->size(0) == grad_spikes.size(1) &&
-                 grad_v_final->size(1) == weight.size(0),
-             op, "grad_v_final", "must be [B, N_out], got ", grad_v_final->sizes());
-  }
-}
-
 template <class L>
 LifGrads lif_backward_sparse(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
                              const at::Tensor& weight, const at::Tensor& act_ptr,
@@ -362,31 +329,8 @@ LifGrads lif_backward_sparse(const at::Tensor& grad_spikes, const c10::optional<
                              const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
                              const c10::optional<at::Tensor>& prev_idx, double alpha, bool need_dx,
                              bool need_dw, bool need_db, bool need_dv, int64_t dw_route) {
-  const char* op = "lif_backward_sparse";
-  check_grad_inputs(grad_spikes, grad_v_final, weight, op);
-  cpu::check_alpha(alpha, op);
-  SG_CHECK(dw_route >= 0 && dw_route <= 2, op, "dw_route",
-           "must be 0 (auto), 1 (events) or 2 (active), got ", dw_route);
-  const int64_t rows = grad_spikes.size(0) * grad_spikes.size(1);
-  cpu::check_csr(act_ptr, act_idx, rows, op, "act_ptr", "act_idx");
-  cpu::check_csr(ev_ptr, ev_idx, rows, op, "ev_ptr", "ev_idx");
-  cpu::check_like(act_sg, grad_spikes, op, "act_sg");
-  SG_CHECK(act_sg.numel() == act_idx.numel(), op, "act_sg", "must have one value per active entry (",
-           act_idx.numel(), "), got ", act_sg.numel());
-  SG_CHECK(ev_val.numel() == 0 || ev_val.numel() == ev_idx.numel(), op, "ev_val",
-           "must be empty (binary input) or match ev_idx, got ", ev_val.numel());
-  if (ev_val.numel() > 0) cpu::check_like(ev_val, grad_spikes, op, "ev_val");
-  SG_CHECK(prev_ptr.has_value() == prev_idx.has_value(), op, "prev_ptr",
-           "and prev_idx must be given together");
-  if (prev_ptr.has_value()) {
-    cpu::check_csr(*prev_ptr, *prev_idx, rows, op, "prev_ptr", "prev_idx");
-    check_device(*prev_ptr, grad_spikes, op, "prev_ptr");
-    check_device(*prev_idx, grad_spikes, op, "prev_idx");
-  }
-  check_device(act_ptr, grad_spikes, op, "act_ptr");
-  check_device(act_idx, grad_spikes, op, "act_idx");
-  check_device(ev_ptr, grad_spikes, op, "ev_ptr");
-  check_device(ev_idx, grad_spikes, op, "ev_idx");
+  check_lif_backward_sparse_args(grad_spikes, grad_v_final, weight, act_ptr, act_idx, act_sg, ev_ptr,
+                                 ev_idx, ev_val, prev_ptr, prev_idx, alpha, dw_route);
   c10::optional<at::Tensor> gV = contiguous(grad_v_final);
   const at::Tensor gS = grad_spikes.contiguous(), w = weight.contiguous();
   LifGrads out;
@@ -406,14 +350,7 @@ template <class L>
 LifGrads lif_backward_dense(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
                             const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& sg_in,
                             double alpha, bool need_dx, bool need_dw, bool need_db, bool need_dv) {
-  const char* op = "lif_backward_dense";
-  check_grad_inputs(grad_spikes, grad_v_final, weight_in, op);
-  cpu::check_alpha(alpha, op);
-  cpu::check_linear(x_in, weight_in, c10::nullopt, op);
-  SG_CHECK(sg_in.sizes() == grad_spikes.sizes(), op, "sg", "must match grad_spikes ",
-           grad_spikes.sizes(), ", got ", sg_in.sizes());
-  cpu::check_like(sg_in, grad_spikes, op, "sg");
-  cpu::check_like(x_in, grad_spikes, op, "x");
+  check_lif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in, sg_in, alpha);
   const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), n_in = weight_in.size(1),
                 n_out = weight_in.size(0);
   const auto opts = grad_spikes.options();
@@ -436,16 +373,6 @@ LifGrads lif_backward_dense(const at::Tensor& grad_spikes, const c10::optional<a
 // ------------------------------------------------------------------------------------------------
 // li_readout_forward / li_readout_backward
 // ------------------------------------------------------------------------------------------------
-inline int parse_reduce(c10::string_view reduce, const char* op) {
-  if (reduce == "max") return kReduceMax;
-  if (reduce == "sum") return kReduceSum;
-  if (reduce == "mean") return kReduceMean;
-  if (reduce == "none") return kReduceNone;
-  SG_CHECK(false, op, "reduce", "must be one of 'max', 'sum', 'mean', 'none', got '",
-           std::string(reduce), "'");
-  return kReduceNone;
-}
-
 template <class L, typename scalar_t>
 ReadoutForwardOutputs li_readout_forward_impl(const at::Tensor& x, const at::Tensor& weight,
                                               const c10::optional<at::Tensor>& bias, double alpha,
@@ -476,11 +403,7 @@ ReadoutForwardOutputs li_readout_forward(const at::Tensor& x_in, const at::Tenso
                                          const c10::optional<at::Tensor>& /*x_act_ptr*/,
                                          const c10::optional<at::Tensor>& /*x_act_idx*/,
                                          double alpha, c10::string_view reduce_name) {
-  const char* op = "li_readout_forward";
-  cpu::check_linear(x_in, weight_in, bias_in, op);
-  cpu::check_alpha(alpha, op);
-  const int reduce = parse_reduce(reduce_name, op);
-  SG_CHECK(x_in.size(0) > 0 || reduce == kReduceNone, op, "x", "must have at least one time step");
+  const int reduce = check_readout_forward_args(x_in, weight_in, bias_in, alpha, reduce_name);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   const c10::optional<at::Tensor> bias = contiguous(bias_in);
   ReadoutForwardOutputs out;
@@ -562,37 +485,8 @@ ReadoutGrads li_readout_backward(const at::Tensor& grad_out_in, const at::Tensor
                                  const c10::optional<at::Tensor>& prev_idx, int64_t num_steps,
                                  double alpha, c10::string_view reduce_name, bool need_dx,
                                  bool need_dw, bool need_db) {
-  const char* op = "li_readout_backward";
-  const int reduce = parse_reduce(reduce_name, op);
-  cpu::check_alpha(alpha, op);
-  cpu::check_float_tensor(grad_out_in, op, "grad_out", reduce == kReduceNone ? 3 : 2);
-  cpu::check_float_tensor(weight_in, op, "weight", 2);
-  cpu::check_like(weight_in, grad_out_in, op, "weight");
-  SG_CHECK(num_steps >= 1, op, "num_steps", "must be >= 1, got ", num_steps);
-  SG_CHECK(grad_out_in.size(-1) == weight_in.size(0), op, "grad_out", "must end in N_out = ",
-           weight_in.size(0), ", got ", grad_out_in.sizes());
-  if (reduce == kReduceNone)
-    SG_CHECK(grad_out_in.size(0) == num_steps, op, "grad_out", "must have num_steps = ", num_steps,
-             " time steps, got ", grad_out_in.sizes());
-  if (reduce == kReduceMax) {
-    SG_CHECK(argmax.scalar_type() == at::kLong && argmax.sizes() == grad_out_in.sizes(), op,
-             "argmax_t", "must be int64 of shape ", grad_out_in.sizes(), ", got ", argmax.sizes());
-    check_device(argmax, grad_out_in, op, "argmax_t");
-  }
-  const int64_t rows = num_steps * grad_out_in.size(-2);
-  cpu::check_csr(ev_ptr, ev_idx, rows, op, "ev_ptr", "ev_idx");
-  check_device(ev_ptr, grad_out_in, op, "ev_ptr");
-  check_device(ev_idx, grad_out_in, op, "ev_idx");
-  SG_CHECK(ev_val.numel() == 0 || ev_val.numel() == ev_idx.numel(), op, "ev_val",
-           "must be empty (binary input) or match ev_idx, got ", ev_val.numel());
-  if (ev_val.numel() > 0) cpu::check_like(ev_val, grad_out_in, op, "ev_val");
-  SG_CHECK(prev_ptr.has_value() == prev_idx.has_value(), op, "prev_ptr",
-           "and prev_idx must be given together");
-  if (prev_ptr.has_value()) {
-    cpu::check_csr(*prev_ptr, *prev_idx, rows, op, "prev_ptr", "prev_idx");
-    check_device(*prev_ptr, grad_out_in, op, "prev_ptr");
-    check_device(*prev_idx, grad_out_in, op, "prev_idx");
-  }
+  const int reduce = check_readout_backward_args(grad_out_in, argmax, weight_in, ev_ptr, ev_idx, ev_val,
+                                                 prev_ptr, prev_idx, num_steps, alpha, reduce_name);
   ReadoutGrads out;
   AT_DISPATCH_FLOATING_TYPES(grad_out_in.scalar_type(), "sparsegrad_li_readout_backward_cuda", [&] {
     out = li_readout_backward_impl<L, scalar_t>(

@@ -63,9 +63,6 @@ __device__ __forceinline__ int64_t lower_bound(const int32_t* idx, int64_t lo, i
   return lo;
 }
 
-// Time reductions of the readout.
-enum ReduceKind : int { kReduceMax = 0, kReduceSum = 1, kReduceMean = 2, kReduceNone = 3 };
-
 // A CSR over rows r = b*T + t (the layout of input events and of active sets).
 template <typename scalar_t>
 struct CsrView {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/host_ops.h"
+#include "op_schemas.h"
 
 namespace sparsegrad {
 namespace {
@@ -50,32 +51,9 @@ std::vector<int64_t> launch_counters() {
 
 }  // namespace
 
-// Same schemas as csrc/ops.cpp (tests/test_cuda_emul.py compares them).
+// Same schemas as sparsegrad::* (csrc/op_schemas.h), plus the harness controls.
 TORCH_LIBRARY(sparsegrad_emul, m) {
-  m.def(
-      "lif_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? v_init, Tensor? s_init, "
-      "Tensor? x_act_ptr, Tensor? x_act_idx, float alpha, float threshold, float b_th, float slope, bool sparse) -> "
-      "(Tensor spikes, Tensor v_final, Tensor act_ptr, Tensor act_idx, Tensor act_sg, "
-      "Tensor ev_ptr, Tensor ev_idx, Tensor ev_val, Tensor stats)");
-  m.def(
-      "lif_backward_sparse(Tensor grad_spikes, Tensor? grad_v_final, Tensor weight, "
-      "Tensor act_ptr, Tensor act_idx, Tensor act_sg, Tensor ev_ptr, Tensor ev_idx, "
-      "Tensor ev_val, Tensor? prev_ptr, Tensor? prev_idx, float alpha, bool need_dx, "
-      "bool need_dw, bool need_db, bool need_dv, int dw_route) -> "
-      "(Tensor dx, Tensor dweight, Tensor dbias, Tensor dv_init)");
-  m.def(
-      "lif_backward_dense(Tensor grad_spikes, Tensor? grad_v_final, Tensor x, Tensor weight, "
-      "Tensor sg, float alpha, bool need_dx, bool need_dw, bool need_db, bool need_dv) -> "
-      "(Tensor dx, Tensor dweight, Tensor dbias, Tensor dv_init)");
-  m.def(
-      "li_readout_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? x_act_ptr, "
-      "Tensor? x_act_idx, float alpha, str reduce) -> "
-      "(Tensor out, Tensor argmax_t, Tensor ev_ptr, Tensor ev_idx, Tensor ev_val)");
-  m.def(
-      "li_readout_backward(Tensor grad_out, Tensor argmax_t, Tensor weight, Tensor ev_ptr, "
-      "Tensor ev_idx, Tensor ev_val, Tensor? prev_ptr, Tensor? prev_idx, int num_steps, "
-      "float alpha, str reduce, bool need_dx, bool need_dw, bool need_db) -> "
-      "(Tensor dx, Tensor dweight, Tensor dbias)");
+  define_ops(m);
   m.def("set_launch_config(int order, int seed, int threads, int max_blocks, bool wide_tiles) -> ()",
         &set_launch_config);
   m.def("launch_counters() -> int[]", &launch_counters);

@@ -1,0 +1,210 @@
+// Argument checks of every op, written once for the CPU kernels and the CUDA host code. The
+// Python wrappers check first with the friendliest messages; these guard direct torch.ops callers.
+// Every message names the op and the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+
+#include "lif_math.h"
+
+namespace sparsegrad {
+
+#define SG_CHECK(cond, op, arg, ...) \
+  TORCH_CHECK(cond, "sparsegrad.", op, ": argument '", arg, "' ", __VA_ARGS__)
+
+inline void check_float_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  SG_CHECK(t.dim() == dim, op, name, "must have ", dim, " dimensions, got ", t.sizes());
+  SG_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, name,
+           "must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  SG_CHECK(t.device() == ref.device(), op, name, "is on ", t.device(), " but the other inputs are on ",
+           ref.device());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  SG_CHECK(t.scalar_type() == x.scalar_type(), op, name, "must have the dtype of x (",
+           x.scalar_type(), "), got ", t.scalar_type());
+  check_device(t, x, op, name);
+}
+
+// x [T,B,N_in], weight [N_out,N_in], bias [N_out]
+inline void check_linear(const at::Tensor& x, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, const char* op) {
+  check_float_tensor(x, op, "x", 3);
+  check_float_tensor(weight, op, "weight", 2);
+  check_like(weight, x, op, "weight");
+  SG_CHECK(weight.size(1) == x.size(2), op, "weight",
+           "must be [N_out, N_in] with N_in = x.size(2) = ", x.size(2), ", got ", weight.sizes());
+  // neuron and input indices are stored as int32
+  SG_CHECK(weight.size(0) < (int64_t(1) << 31) && weight.size(1) < (int64_t(1) << 31), op, "weight",
+           "must have fewer than 2^31 rows and columns, got ", weight.sizes());
+  if (bias.has_value()) {
+    check_float_tensor(*bias, op, "bias", 1);
+    check_like(*bias, x, op, "bias");
+    SG_CHECK(bias->size(0) == weight.size(0), op, "bias", "must have shape [", weight.size(0),
+             "], got ", bias->sizes());
+  }
+}
+
+inline void check_alpha(double alpha, const char* op) {
+  SG_CHECK(alpha >= 0.0 && alpha <= 1.0, op, "alpha", "must be in [0, 1], got ", alpha);
+}
+
+// A CSR over rows r = b*T + t (ptr [B*T+1] int64, idx int32 ascending within a row), as made by
+// the forward ops. Checks shapes, dtypes and devices only: the contents are trusted.
+inline void check_csr(const at::Tensor& ptr, const at::Tensor& idx, int64_t rows, const at::Tensor& ref,
+                      const char* op, const char* ptr_name, const char* idx_name) {
+  SG_CHECK(ptr.dim() == 1 && ptr.scalar_type() == at::kLong && ptr.numel() == rows + 1, op,
+           ptr_name, "must be an int64 row pointer of length ", rows + 1, ", got ",
+           ptr.scalar_type(), " ", ptr.sizes());
+  SG_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kInt, op, idx_name,
+           "must be a 1-D int32 index tensor, got ", idx.scalar_type(), " ", idx.sizes());
+  check_device(ptr, ref, op, ptr_name);
+  check_device(idx, ref, op, idx_name);
+}
+
+inline void check_optional_csr(const c10::optional<at::Tensor>& ptr, const c10::optional<at::Tensor>& idx,
+                               int64_t rows, const at::Tensor& ref, const char* op) {
+  SG_CHECK(ptr.has_value() == idx.has_value(), op, "prev_ptr", "and prev_idx must be given together");
+  if (ptr.has_value()) check_csr(*ptr, *idx, rows, ref, op, "prev_ptr", "prev_idx");
+}
+
+// Input events: values empty (binary input) or one per event.
+inline void check_event_values(const at::Tensor& ev_val, const at::Tensor& ev_idx, const at::Tensor& ref,
+                               const char* op) {
+  SG_CHECK(ev_val.numel() == 0 || ev_val.numel() == ev_idx.numel(), op, "ev_val",
+           "must be empty (binary input) or match ev_idx, got ", ev_val.numel());
+  if (ev_val.numel() > 0) check_like(ev_val, ref, op, "ev_val");
+}
+
+inline ReduceKind parse_reduce(c10::string_view reduce, const char* op) {
+  if (reduce == "max") return kReduceMax;
+  if (reduce == "sum") return kReduceSum;
+  if (reduce == "mean") return kReduceMean;
+  if (reduce == "none") return kReduceNone;
+  SG_CHECK(false, op, "reduce", "must be one of 'max', 'sum', 'mean', 'none', got '",
+           std::string(reduce), "'");
+  return kReduceNone;
+}
+
+// ------------------------------------------------------------------------------------------
+// One validator per op.
+// ------------------------------------------------------------------------------------------
+inline void check_lif_forward_args(const at::Tensor& x, const at::Tensor& weight,
+                                   const c10::optional<at::Tensor>& bias,
+                                   const c10::optional<at::Tensor>& v_init,
+                                   const c10::optional<at::Tensor>& s_init, double alpha,
+                                   double threshold, double b_th, double slope) {
+  const char* op = "lif_forward";
+  check_linear(x, weight, bias, op);
+  check_alpha(alpha, op);
+  SG_CHECK(threshold > 0, op, "threshold", "must be > 0, got ", threshold);
+  SG_CHECK(b_th > 0, op, "b_th", "must be > 0 (inf for no mask), got ", b_th);
+  SG_CHECK(slope > 0, op, "slope", "must be > 0, got ", slope);
+  const int64_t B = x.size(1), n_out = weight.size(0);
+  for (const auto& [state, name] : {std::pair{&v_init, "v_init"}, std::pair{&s_init, "s_init"}}) {
+    if (state->has_value()) {
+      check_float_tensor(**state, op, name, 2);
+      check_like(**state, x, op, name);
+      SG_CHECK((*state)->size(0) == B && (*state)->size(1) == n_out, op, name, "must have shape [",
+               B, ", ", n_out, "], got ", (*state)->sizes());
+    }
+  }
+}
+
+inline void check_lif_grad_inputs(const at::Tensor& grad_spikes,
+                                  const c10::optional<at::Tensor>& grad_v_final,
+                                  const at::Tensor& weight, double alpha, const char* op) {
+  check_float_tensor(grad_spikes, op, "grad_spikes", 3);
+  check_float_tensor(weight, op, "weight", 2);
+  check_like(weight, grad_spikes, op, "weight");
+  check_alpha(alpha, op);
+  SG_CHECK(grad_spikes.size(2) == weight.size(0), op, "grad_spikes", "must be [T, B, ",
+           weight.size(0), "], got ", grad_spikes.sizes());
+  if (grad_v_final.has_value()) {
+    check_like(*grad_v_final, grad_spikes, op, "grad_v_final");
+    SG_CHECK(grad_v_final->dim() == 2 && grad_v_final->size(0) == grad_spikes.size(1) &&
+                 grad_v_final->size(1) == weight.size(0),
+             op, "grad_v_final", "must be [B, N_out], got ", grad_v_final->sizes());
+  }
+}
+
+inline void check_lif_backward_sparse_args(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const at::Tensor& weight, const at::Tensor& act_ptr, const at::Tensor& act_idx,
+    const at::Tensor& act_sg, const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
+    const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
+    const c10::optional<at::Tensor>& prev_idx, double alpha, int64_t dw_route) {
+  const char* op = "lif_backward_sparse";
+  check_lif_grad_inputs(grad_spikes, grad_v_final, weight, alpha, op);
+  SG_CHECK(dw_route >= 0 && dw_route <= 2, op, "dw_route",
+           "must be 0 (auto), 1 (events) or 2 (active), got ", dw_route);
+  const int64_t rows = grad_spikes.size(0) * grad_spikes.size(1);
+  check_csr(act_ptr, act_idx, rows, grad_spikes, op, "act_ptr", "act_idx");
+  check_csr(ev_ptr, ev_idx, rows, grad_spikes, op, "ev_ptr", "ev_idx");
+  check_like(act_sg, grad_spikes, op, "act_sg");
+  SG_CHECK(act_sg.numel() == act_idx.numel(), op, "act_sg", "must have one value per active entry (",
+           act_idx.numel(), "), got ", act_sg.numel());
+  check_event_values(ev_val, ev_idx, grad_spikes, op);
+  check_optional_csr(prev_ptr, prev_idx, rows, grad_spikes, op);
+}
+
+inline void check_lif_backward_dense_args(const at::Tensor& grad_spikes,
+                                          const c10::optional<at::Tensor>& grad_v_final,
+                                          const at::Tensor& x, const at::Tensor& weight,
+                                          const at::Tensor& sg, double alpha) {
+  const char* op = "lif_backward_dense";
+  check_lif_grad_inputs(grad_spikes, grad_v_final, weight, alpha, op);
+  check_linear(x, weight, c10::nullopt, op);
+  check_like(x, grad_spikes, op, "x");
+  SG_CHECK(sg.sizes() == grad_spikes.sizes(), op, "sg", "must match grad_spikes ",
+           grad_spikes.sizes(), ", got ", sg.sizes());
+  check_like(sg, grad_spikes, op, "sg");
+}
+
+inline ReduceKind check_readout_forward_args(const at::Tensor& x, const at::Tensor& weight,
+                                             const c10::optional<at::Tensor>& bias, double alpha,
+                                             c10::string_view reduce_name) {
+  const char* op = "li_readout_forward";
+  check_linear(x, weight, bias, op);
+  check_alpha(alpha, op);
+  const ReduceKind reduce = parse_reduce(reduce_name, op);
+  SG_CHECK(x.size(0) > 0 || reduce == kReduceNone, op, "x", "must have at least one time step");
+  return reduce;
+}
+
+inline ReduceKind check_readout_backward_args(
+    const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& weight,
+    const at::Tensor& ev_ptr, const at::Tensor& ev_idx, const at::Tensor& ev_val,
+    const c10::optional<at::Tensor>& prev_ptr, const c10::optional<at::Tensor>& prev_idx,
+    int64_t num_steps, double alpha, c10::string_view reduce_name) {
+  const char* op = "li_readout_backward";
+  const ReduceKind reduce = parse_reduce(reduce_name, op);
+  check_alpha(alpha, op);
+  check_float_tensor(grad_out, op, "grad_out", reduce == kReduceNone ? 3 : 2);
+  check_float_tensor(weight, op, "weight", 2);
+  check_like(weight, grad_out, op, "weight");
+  SG_CHECK(num_steps >= 1, op, "num_steps", "must be >= 1, got ", num_steps);
+  SG_CHECK(grad_out.size(-1) == weight.size(0), op, "grad_out", "must end in N_out = ",
+           weight.size(0), ", got ", grad_out.sizes());
+  if (reduce == kReduceNone)
+    SG_CHECK(grad_out.size(0) == num_steps, op, "grad_out", "must have num_steps = ", num_steps,
+             " time steps, got ", grad_out.sizes());
+  if (reduce == kReduceMax) {
+    SG_CHECK(argmax.scalar_type() == at::kLong && argmax.sizes() == grad_out.sizes(), op,
+             "argmax_t", "must be int64 of shape ", grad_out.sizes(), ", got ", argmax.sizes());
+    check_device(argmax, grad_out, op, "argmax_t");
+  }
+  const int64_t rows = num_steps * grad_out.size(-2);
+  check_csr(ev_ptr, ev_idx, rows, grad_out, op, "ev_ptr", "ev_idx");
+  check_event_values(ev_val, ev_idx, grad_out, op);
+  check_optional_csr(prev_ptr, prev_idx, rows, grad_out, op);
+  return reduce;
+}
+
+}  // namespace sparsegrad
