@@ -67,15 +67,16 @@ def lif_layer(
         raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
     mask_width = b_th if backward == "sparse" else math.inf
     current = F.linear(x, weight, bias)
-    T, B, N = current.shape
+    _, B, N = current.shape
     if state is None:
         v = current.new_zeros(B, N)
         s = current.new_zeros(B, N)
     else:
         v, s = state
     spikes = []
-    for t in range(T):
-        v = alpha * v + current[t] - threshold * s.detach()
+    # unbind, not current[t]: indexing inside the loop would make autograd's backward O(T^2)
+    for current_t in current.unbind(0):
+        v = alpha * v + current_t - threshold * s.detach()
         s = spike(v - threshold, slope, mask_width)
         spikes.append(s)
     out = torch.stack(spikes)
@@ -99,8 +100,8 @@ def li_readout(
     current = F.linear(x, weight, bias)
     u = torch.zeros_like(current[0])
     trace = []
-    for t in range(current.shape[0]):
-        u = alpha * u + (1.0 - alpha) * current[t]
+    for current_t in current.unbind(0):
+        u = alpha * u + (1.0 - alpha) * current_t
         trace.append(u)
     potentials = torch.stack(trace)
     if reduce == "max":
