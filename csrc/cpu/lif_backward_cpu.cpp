@@ -68,9 +68,18 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
     }
   };
 
-  if (need_dx || need_db || need_dv || (need_dw && route == DwRoute::kEvents))
+  if (route == DwRoute::kEvents) {
     trace_backward<scalar_t>(p, inject);
-  if (need_dw && route == DwRoute::kActive) trace_dw_forward<scalar_t>(p, inject);
+  } else {
+    // dW, db, dv by the forward walk over active entries; the reverse walk only for dx.
+    trace_forward_active<scalar_t>(p, inject);
+    if (need_dx) {
+      TraceProblem<scalar_t> dx_only = p;
+      dx_only.dw_t_parts = dx_only.dw_parts = dx_only.db_parts = nullptr;
+      dx_only.dv = nullptr;
+      trace_backward<scalar_t>(dx_only, inject);
+    }
+  }
 
   at::Tensor dw = at::empty({0}, opts), db = at::empty({0}, opts);
   if (need_dw) {

@@ -98,41 +98,67 @@ void trace_backward(const TraceProblem<scalar_t>& p, const Inject& inject) {
   });
 }
 
-// dW through the forward input trace X[t] = alpha*X[t-1] + x[t]:  dW[j,:] += delta * X[t].
-// Work: |injections| * N_in plus the trace's decay; better than the events when x is dense.
+// The same gradients walking forward in time, with work proportional to active entries:
+//   dW[j,:] += delta * X[t]      X[t] = sum_{k<=t} alpha^(t-k) x[k]   (the input trace)
+//   db[j]   += delta * sum_{m<=t} alpha^m                              (sum over k of G[k])
+//   dv[j]   += delta * alpha^(t+1)                                     (alpha * G[0])
+// X decays lazily: each input keeps the time of its last event, and X[t] is formed only for rows
+// that have active entries. Work: nnz(x) + (rows with actives + |A|) * N_in. No dx (see above).
 template <typename scalar_t, typename Inject>
-void trace_dw_forward(const TraceProblem<scalar_t>& p, const Inject& inject) {
+void trace_forward_active(const TraceProblem<scalar_t>& p, const Inject& inject) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = p.T, B = p.B, n_in = p.n_in, n_out = p.n_out;
+  std::vector<acc_t> alpha_pow(T + 1), alpha_sum(T);  // alpha^k; sum_{m<=t} alpha^m
+  alpha_pow[0] = acc_t(1);
+  for (int64_t k = 1; k <= T; ++k) alpha_pow[k] = alpha_pow[k - 1] * p.alpha;
+  for (int64_t t = 0; t < T; ++t) alpha_sum[t] = (t > 0 ? alpha_sum[t - 1] : acc_t(0)) + alpha_pow[t];
   const BatchChunks chunks(B);
-  const int64_t work_per_chunk = (B / chunks.count + 1) * T * n_in;
+  const int64_t work_per_chunk = (B / chunks.count + 1) * (T + n_in);
   at::parallel_for(0, chunks.count, grain_for(work_per_chunk), [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> X(n_in);
+    std::vector<acc_t> X(p.dw_parts ? n_in : 0), X_now(p.dw_parts ? n_in : 0);
+    std::vector<int32_t> last(p.dw_parts ? n_in : 0);
     for (int64_t c = c0; c < c1; ++c) {
-      acc_t* dw = p.dw_parts + c * n_out * n_in;
+      acc_t* dw = p.dw_parts ? p.dw_parts + c * n_out * n_in : nullptr;
+      acc_t* db = p.db_parts ? p.db_parts + c * n_out : nullptr;
       for (int64_t b = chunks.begin(c); b < chunks.end(c); ++b) {
         std::fill(X.begin(), X.end(), acc_t(0));
-        bool live = false;
-        for (int64_t t = 0; t < T; ++t) {
-          if (live) scale_inplace<acc_t>(n_in, p.alpha, X.data());
-          for (int64_t e = p.events.begin(b, t); e < p.events.end(b, t); ++e) {
-            X[p.events.idx[e]] += static_cast<acc_t>(p.events.value(e));
-            live = true;
+        std::fill(last.begin(), last.end(), 0);
+        scalar_t* dv = p.dv ? p.dv + b * n_out : nullptr;
+        if (dv) std::fill(dv, dv + n_out, scalar_t(0));
+        auto trace_at = [&](int64_t t) {  // X[t] into X_now
+          for (int64_t i = 0; i < n_in; ++i) X_now[i] = X[i] * alpha_pow[t - last[i]];
+        };
+        auto add = [&](int64_t t, int64_t j, acc_t delta, bool& have_trace) {
+          if (dw) {
+            if (!have_trace) { trace_at(t); have_trace = true; }
+            axpy<acc_t>(n_in, delta, X_now.data(), dw + j * n_in);
           }
-          if (!live) continue;
-          inject(b, t, [&](int64_t j, acc_t delta) { axpy<acc_t>(n_in, delta, X.data(), dw + j * n_in); });
+          if (db) db[j] += delta * alpha_sum[t];
+          if (dv) dv[j] = static_cast<scalar_t>(static_cast<acc_t>(dv[j]) + delta * alpha_pow[t + 1]);
+        };
+        for (int64_t t = 0; t < T; ++t) {
+          if (dw) {
+            for (int64_t e = p.events.begin(b, t); e < p.events.end(b, t); ++e) {
+              const int64_t i = p.events.idx[e];
+              X[i] = X[i] * alpha_pow[t - last[i]] + static_cast<acc_t>(p.events.value(e));
+              last[i] = static_cast<int32_t>(t);
+            }
+          }
+          bool have_trace = false;
+          inject(b, t, [&](int64_t j, acc_t delta) { add(t, j, delta, have_trace); });
         }
-        if (p.g_init && live) {
+        if (p.g_init) {  // dL/dV_final enters like a delta at t = T-1
+          bool have_trace = false;
           for (int64_t j = 0; j < n_out; ++j)
-            axpy<acc_t>(n_in, static_cast<acc_t>(p.g_init[b * n_out + j]), X.data(), dw + j * n_in);
+            add(T - 1, j, static_cast<acc_t>(p.g_init[b * n_out + j]), have_trace);
         }
       }
     }
   });
 }
 
-// Which way dW is cheaper: events cost nnz(x) * N_out, the input trace |injections| * N_in plus
-// one N_in-wide decay per (b, t) (weighted: a decay is a cheap streaming multiply).
+// Which way dW is cheaper: events cost nnz(x) * N_out, the lazily decayed input trace
+// nnz(x) plus N_in per active entry and per row holding active entries.
 enum class DwRoute : int64_t { kAuto = 0, kEvents = 1, kActive = 2 };
 
 // dx on the producer's active set costs |A_prev| * N_out dot products; dx everywhere through the
@@ -150,7 +176,8 @@ inline DwRoute choose_dw_route(int64_t route, int64_t nnz, int64_t n_active, int
   if (route == 1) return DwRoute::kEvents;
   if (route == 2) return DwRoute::kActive;
   const double via_events = double(nnz) * double(n_out);
-  const double via_active = (double(n_active) + 0.25 * double(T) * double(B)) * double(n_in);
+  const double rows_with_actives = double(std::min(n_active, T * B));
+  const double via_active = double(nnz) + (rows_with_actives + double(n_active)) * double(n_in);
   return via_events <= via_active ? DwRoute::kEvents : DwRoute::kActive;
 }
 
