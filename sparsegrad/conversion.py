@@ -340,26 +340,18 @@ class OffsetLIF(LIF):
         self.v_init = float(v_init)
         self.current = float(current)
 
-    def forward(self, x: torch.Tensor, state=None, return_state: bool = False):
-        x_tm = self._time_major(x)
-        if state is None and self.v_init != 0.0:
-            B = x_tm.shape[1]
-            v0 = x_tm.new_full((B, self.out_features), self.v_init)
-            state = (v0, torch.zeros_like(v0))
-        bias = self.bias
-        if self.current != 0.0:
-            bias = (self.weight.new_full((self.out_features,), self.current) if bias is None
-                    else bias + self.current)
-        spikes, state_out, stats, (ptr, idx) = F_sg.lif_layer_with_stats(
-            x_tm, self.weight, bias, alpha=self.alpha, threshold=self.threshold,
-            b_th=self.b_th, slope=self.slope, backward=self.backward, state=state,
-            producer=self._producer(x))
-        self.last_stats = stats
-        if self.batch_first:
-            spikes = spikes.transpose(0, 1)
-            if self.backward == "sparse":
-                F_sg.attach_active_set(spikes, ptr, idx, time_major=False)
-        return (spikes, state_out) if return_state else spikes
+    def _initial_state(self, x_tm: torch.Tensor):
+        if self.v_init == 0.0:
+            return None
+        v0 = x_tm.new_full((x_tm.shape[1], self.out_features), self.v_init)
+        return (v0, torch.zeros_like(v0))
+
+    def _input_bias(self):
+        if self.current == 0.0:
+            return self.bias
+        if self.bias is None:
+            return self.weight.new_full((self.out_features,), self.current)
+        return self.bias + self.current
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", v_init={self.v_init}, current={self.current}"

@@ -71,10 +71,20 @@ class LIF(_LinearParams):
         self.batch_first = bool(batch_first)
         self.last_stats: Optional[F_sg.LIFStats] = None
 
+    def _input_bias(self) -> Optional[torch.Tensor]:
+        """The bias added to the input current (subclasses may add a constant current)."""
+        return self.bias
+
+    def _initial_state(self, x_tm: torch.Tensor):
+        """State used when forward() gets none (None: V = S = 0)."""
+        return None
+
     def forward(self, x: torch.Tensor, state=None, return_state: bool = False):
         x_tm = self._time_major(x)
+        if state is None:
+            state = self._initial_state(x_tm)
         spikes, state_out, stats, (ptr, idx) = F_sg.lif_layer_with_stats(
-            x_tm, self.weight, self.bias, alpha=self.alpha, threshold=self.threshold,
+            x_tm, self.weight, self._input_bias(), alpha=self.alpha, threshold=self.threshold,
             b_th=self.b_th, slope=self.slope, backward=self.backward, state=state,
             producer=self._producer(x))
         self.last_stats = stats
