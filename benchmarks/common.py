@@ -556,10 +556,10 @@ def make_layer_problem(dataset, batch, n_out, *, steps=None, n_in=None, second_l
 
 
 # Plain PyTorch BPTT of DESIGN.md §2, written as an efficient PyTorch user would: one F.linear
-# over the whole sequence, then a Python loop over current.unbind(0). Indexing current[t] in the
-# loop instead (as sparsegrad.reference does, for readability) makes autograd materialise a
-# zero-filled [T,B,N] gradient per step, an O(T^2 B N) backward that would flatter any speed-up;
-# "reference" below times that file as written, "pytorch" is the baseline the ratios use.
+# over the whole sequence, then a Python loop over current.unbind(0) (indexing current[t] in the
+# loop instead would make autograd materialise a zero-filled [T,B,N] gradient per step, an
+# O(T^2 B N) backward that would flatter any speed-up). sparsegrad.reference is written the same
+# way; "pytorch" is the baseline the ratios use, "reference" times that file.
 
 def pytorch_lif(x, weight, bias=None, *, alpha, threshold=THRESHOLD, slope=SLOPE,
                 b_th=math.inf):

@@ -158,7 +158,8 @@ void trace_forward_active(const TraceProblem<scalar_t>& p, const Inject& inject)
 }
 
 // Which way dW is cheaper: events cost nnz(x) * N_out, the lazily decayed input trace
-// nnz(x) plus N_in per active entry and per row holding active entries.
+// nnz(x) plus N_in per active entry and per row holding active entries, each unit about 2.5x
+// dearer (gathers, a second pass; measured with benchmarks/bench_sweeps.py's b_th sweep).
 enum class DwRoute : int64_t { kAuto = 0, kEvents = 1, kActive = 2 };
 
 // dx on the producer's active set costs |A_prev| * N_out dot products; dx everywhere through the
@@ -177,7 +178,7 @@ inline DwRoute choose_dw_route(int64_t route, int64_t nnz, int64_t n_active, int
   if (route == 2) return DwRoute::kActive;
   const double via_events = double(nnz) * double(n_out);
   const double rows_with_actives = double(std::min(n_active, T * B));
-  const double via_active = double(nnz) + (rows_with_actives + double(n_active)) * double(n_in);
+  const double via_active = 2.5 * (double(nnz) + (rows_with_actives + double(n_active)) * double(n_in));
   return via_events <= via_active ? DwRoute::kEvents : DwRoute::kActive;
 }
 
