@@ -105,12 +105,7 @@ BwdOut li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& ar
   p.scale = acc_t(1) - p.alpha;
   p.weight = weight.data_ptr<scalar_t>();
   at::Tensor weight_t;
-  if (need_dx && prev_ptr.has_value()) {
-    weight_t = weight.t().contiguous();
-    p.weight_t = weight_t.data_ptr<scalar_t>();
-    p.prev_ptr = prev_ptr->data_ptr<int64_t>();
-    p.prev_idx = prev_idx->data_ptr<int32_t>();
-  }
+  if (need_dx && prev_ptr.has_value()) weight_t = restrict_dx(p, weight, *prev_ptr, *prev_idx);
   p.events = EventView<scalar_t>(ev_ptr, ev_idx, ev_val, T);
   at::Tensor dx = need_dx ? at::zeros({T, B, n_in}, opts) : at::empty({0}, opts);
   at::Tensor db_parts = need_db ? at::zeros({chunks.count, n_out}, acc_opts) : at::Tensor();
@@ -142,16 +137,9 @@ BwdOut li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& ar
 
   at::Tensor dw = at::empty({0}, opts), db = at::empty({0}, opts);
   if (need_dw) {
-    auto dw_t = at::empty({n_in, n_out}, opts);
-    reduce_chunks<acc_t>(dw_parts.data_ptr<acc_t>(), chunks.count, n_in * n_out, p.scale,
-                         dw_t.data_ptr<scalar_t>());
-    dw = dw_t.t().contiguous();
+    dw = sum_chunks<scalar_t>(dw_parts, {n_in, n_out}, p.scale, opts).t().contiguous();
   }
-  if (need_db) {
-    db = at::empty({n_out}, opts);
-    reduce_chunks<acc_t>(db_parts.data_ptr<acc_t>(), chunks.count, n_out, p.scale,
-                         db.data_ptr<scalar_t>());
-  }
+  if (need_db) db = sum_chunks<scalar_t>(db_parts, {n_out}, p.scale, opts);
   return {dx, dw, db};
 }
 

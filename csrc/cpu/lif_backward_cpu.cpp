@@ -31,12 +31,8 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
   p.weight = weight.data_ptr<scalar_t>();
   at::Tensor weight_t;
   if (need_dx && prev_ptr.has_value() &&
-      restrict_dx_to_producer(prev_idx->numel(), act_idx.numel(), T, B, n_in, n_out)) {
-    weight_t = weight.t().contiguous();
-    p.weight_t = weight_t.data_ptr<scalar_t>();
-    p.prev_ptr = prev_ptr->data_ptr<int64_t>();
-    p.prev_idx = prev_idx->data_ptr<int32_t>();
-  }
+      restrict_dx_to_producer(prev_idx->numel(), act_idx.numel(), T, B, n_in, n_out))
+    weight_t = restrict_dx(p, weight, *prev_ptr, *prev_idx);
   p.g_init = gV.has_value() ? gV->data_ptr<scalar_t>() : nullptr;
   p.events = EventView<scalar_t>(ev_ptr, ev_idx, ev_val, T);
 
@@ -83,22 +79,11 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
 
   at::Tensor dw = at::empty({0}, opts), db = at::empty({0}, opts);
   if (need_dw) {
-    if (route == DwRoute::kEvents) {
-      auto dw_t = at::empty({n_in, n_out}, opts);
-      reduce_chunks<acc_t>(dw_parts.data_ptr<acc_t>(), chunks.count, n_in * n_out, acc_t(1),
-                           dw_t.data_ptr<scalar_t>());
-      dw = dw_t.t().contiguous();
-    } else {
-      dw = at::empty({n_out, n_in}, opts);
-      reduce_chunks<acc_t>(dw_parts.data_ptr<acc_t>(), chunks.count, n_in * n_out, acc_t(1),
-                           dw.data_ptr<scalar_t>());
-    }
+    dw = route == DwRoute::kEvents
+             ? sum_chunks<scalar_t>(dw_parts, {n_in, n_out}, acc_t(1), opts).t().contiguous()
+             : sum_chunks<scalar_t>(dw_parts, {n_out, n_in}, acc_t(1), opts);
   }
-  if (need_db) {
-    db = at::empty({n_out}, opts);
-    reduce_chunks<acc_t>(db_parts.data_ptr<acc_t>(), chunks.count, n_out, acc_t(1),
-                         db.data_ptr<scalar_t>());
-  }
+  if (need_db) db = sum_chunks<scalar_t>(db_parts, {n_out}, acc_t(1), opts);
   return {dx, dw, db, dv};
 }
 

@@ -32,6 +32,27 @@ struct TraceProblem {
   acc_t* db_parts = nullptr;    // [chunks, N_out], zero-initialised
 };
 
+// dx only on the producer's active set: needs W^T rows; the returned tensor keeps them alive.
+template <typename scalar_t>
+at::Tensor restrict_dx(TraceProblem<scalar_t>& p, const at::Tensor& weight, const at::Tensor& prev_ptr,
+                       const at::Tensor& prev_idx) {
+  at::Tensor weight_t = weight.t().contiguous();
+  p.weight_t = weight_t.data_ptr<scalar_t>();
+  p.prev_ptr = prev_ptr.data_ptr<int64_t>();
+  p.prev_idx = prev_idx.data_ptr<int32_t>();
+  return weight_t;
+}
+
+// Per-chunk partial sums [chunks, n] -> out of `shape` (summed in chunk order, times scale).
+template <typename scalar_t, typename acc_t>
+at::Tensor sum_chunks(const at::Tensor& parts, at::IntArrayRef shape, acc_t scale,
+                      const at::TensorOptions& opts) {
+  at::Tensor out = at::empty(shape, opts);
+  reduce_chunks<acc_t>(parts.data_ptr<acc_t>(), parts.size(0), out.numel(), scale,
+                       out.data_ptr<scalar_t>());
+  return out;
+}
+
 // inject(b, t, emit) calls emit(j, delta) for each entry of row (b, t) carrying gradient.
 template <typename scalar_t, typename Inject>
 void trace_backward(const TraceProblem<scalar_t>& p, const Inject& inject) {
