@@ -160,6 +160,42 @@ def test_both_dw_routes_agree(dtype, binary, need_dx):
         torch.testing.assert_close(a, c, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_out", [1, 15, 16, 17, 130, 300])
+@pytest.mark.parametrize("binary", [True, False])
+def test_event_route_tiles(dtype, n_out, binary):
+    """The event route splits output neurons into SIMD-register tiles walked in groups: any N_out
+    (partial last tile, one or several groups per thread) gives the sums of the trace route, and
+    the same bits with 1 or 2 threads."""
+    x, w, b = random_problem(23, 3, 11, n_out, rate=0.3, binary=binary, dtype=dtype)
+    out = sparsegrad.ops.lif_forward(x, w, b, None, None, None, None, 0.85, 1.0, 0.5, 10.0, True)
+    spikes, v_final, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, _ = out
+    assert act_idx.numel() > 0
+    g = torch.randn_like(spikes)
+    gv = torch.randn_like(v_final)
+
+    def backward(route, grad_v):
+        return torch.ops.sparsegrad.lif_backward_sparse(
+            g, grad_v, w, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, None, None, 0.85,
+            False, True, True, grad_v is not None, route)[1:]
+
+    for grad_v in (None, gv):
+        events, trace = backward(1, grad_v), backward(2, grad_v)
+        for a, c in zip(events, trace):
+            if a.numel():
+                torch.testing.assert_close(a, c, **TOL[dtype])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = backward(1, gv)
+        torch.set_num_threads(2)
+        two = backward(1, gv)
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(one, two):
+        assert torch.equal(a, c)
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("reduce", ["max", "sum", "mean", "none"])
 def test_readout_matches_reference(device, dtype, reduce):

@@ -31,18 +31,47 @@ inline void scale_inplace(int64_t n, acc_t a, acc_t* __restrict__ y) {
   for (int64_t k = 0; k < n; ++k) y[k] *= a;
 }
 
-// Sum in a fixed lane order: vectorises without -ffast-math and gives the same bits everywhere.
+// Unroll hint for loops over a compile-time number of registers (nvcc's front end, which also
+// reads these headers, does not know the pragma).
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define SG_UNROLL_8 _Pragma("GCC unroll 8")
+#define SG_UNROLL_16 _Pragma("GCC unroll 16")
+#else
+#define SG_UNROLL_8
+#define SG_UNROLL_16
+#endif
+
+// Sum in a fixed lane order (lane l takes the elements k with k % 16 == l, then a fixed tree):
+// vectorises without -ffast-math and gives the same bits everywhere. The lanes are one vector
+// value, so the reduction stays in registers.
 template <typename acc_t, typename in_t>
 inline acc_t dot(int64_t n, const acc_t* __restrict__ x, const in_t* __restrict__ y) {
   constexpr int64_t kLanes = 16;
-  acc_t lane[kLanes] = {};
+  typedef acc_t lanes_t __attribute__((vector_size(kLanes * sizeof(acc_t))));
+  lanes_t lane{};
   int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lane[l] += x[k + l] * static_cast<acc_t>(y[k + l]);
-  for (; k < n; ++k) lane[k % kLanes] += x[k] * static_cast<acc_t>(y[k]);
-  for (int64_t width = kLanes / 2; width > 0; width /= 2)
-    for (int64_t l = 0; l < width; ++l) lane[l] += lane[l + width];
-  return lane[0];
+  for (; k + kLanes <= n; k += kLanes) {
+    lanes_t xv, yv;
+    __builtin_memcpy(&xv, x + k, sizeof(xv));
+    SG_UNROLL_16
+    for (int64_t l = 0; l < kLanes; ++l) yv[l] = static_cast<acc_t>(y[k + l]);
+    lane += xv * yv;
+  }
+  if (k < n) {  // lane l takes element k + l; constant lane indices keep `tail` in a register
+    const int64_t rem = n - k;
+    lanes_t tail{};
+    SG_UNROLL_16
+    for (int64_t l = 0; l < kLanes; ++l)
+      if (l < rem) tail[l] = x[k + l] * static_cast<acc_t>(y[k + l]);
+    lane += tail;
+  }
+  acc_t half[kLanes / 2];
+  SG_UNROLL_8
+  for (int64_t l = 0; l < kLanes / 2; ++l) half[l] = lane[l] + lane[l + kLanes / 2];
+  for (int64_t width = kLanes / 4; width > 0; width /= 2)
+    SG_UNROLL_8
+    for (int64_t l = 0; l < width; ++l) half[l] += half[l + width];
+  return half[0];
 }
 
 // ------------------------------------------------------------------------------------------

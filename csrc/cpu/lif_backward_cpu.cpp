@@ -38,18 +38,8 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
 
   at::Tensor dx = need_dx ? at::zeros({T, B, n_in}, opts) : at::empty({0}, opts);
   at::Tensor dv = need_dv ? at::empty({B, n_out}, opts) : at::empty({0}, opts);
-  at::Tensor db_parts = need_db ? at::zeros({chunks.count, n_out}, acc_opts) : at::Tensor();
   p.dx = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
   p.dv = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
-  p.db_parts = need_db ? db_parts.data_ptr<acc_t>() : nullptr;
-
-  const DwRoute route = choose_dw_route(dw_route, ev_idx.numel(), act_idx.numel(), T, B, n_in, n_out);
-  at::Tensor dw_parts;
-  if (need_dw) {
-    dw_parts = at::zeros({chunks.count, n_in * n_out}, acc_opts);
-    if (route == DwRoute::kEvents) p.dw_t_parts = dw_parts.data_ptr<acc_t>();
-    else p.dw_parts = dw_parts.data_ptr<acc_t>();
-  }
 
   const int64_t* aptr = act_ptr.data_ptr<int64_t>();
   const int32_t* aidx = act_idx.data_ptr<int32_t>();
@@ -64,26 +54,40 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
     }
   };
 
-  if (route == DwRoute::kEvents) {
-    trace_backward<scalar_t>(p, inject);
-  } else {
-    // dW, db, dv by the forward walk over active entries; the reverse walk only for dx.
-    trace_forward_active<scalar_t>(p, inject);
-    if (need_dx) {
-      TraceProblem<scalar_t> dx_only = p;
-      dx_only.dw_t_parts = dx_only.dw_parts = dx_only.db_parts = nullptr;
-      dx_only.dv = nullptr;
-      trace_backward<scalar_t>(dx_only, inject);
-    }
-  }
-
   at::Tensor dw = at::empty({0}, opts), db = at::empty({0}, opts);
-  if (need_dw) {
-    dw = route == DwRoute::kEvents
-             ? sum_chunks<scalar_t>(dw_parts, {n_in, n_out}, acc_t(1), opts).t().contiguous()
-             : sum_chunks<scalar_t>(dw_parts, {n_out, n_in}, acc_t(1), opts);
+  const DwRoute route = choose_dw_route(dw_route, ev_idx.numel(), act_idx.numel(), T, B, n_in, n_out);
+  if (route == DwRoute::kEvents) {
+    if (need_dw) dw = at::empty({n_out, n_in}, opts);
+    if (need_db) db = at::empty({n_out}, opts);
+    if (need_dw || need_db || need_dv) {
+      EventsByInput<scalar_t> by_input;
+      if (need_dw) by_input = events_by_input<scalar_t>(p.events, T, B, n_in);
+      ActiveView<scalar_t> act{aptr, aidx, asg, g};
+      tiled_event_backward<scalar_t>(p, act, need_dw ? &by_input : nullptr,
+                                     need_dw ? dw.data_ptr<scalar_t>() : nullptr,
+                                     need_db ? db.data_ptr<scalar_t>() : nullptr);
+    }
+  } else {
+    // dW, db, dv by the forward walk over active entries.
+    at::Tensor dw_parts, db_parts;
+    if (need_dw) {
+      dw_parts = at::zeros({chunks.count, n_out * n_in}, acc_opts);
+      p.dw_parts = dw_parts.data_ptr<acc_t>();
+    }
+    if (need_db) {
+      db_parts = at::zeros({chunks.count, n_out}, acc_opts);
+      p.db_parts = db_parts.data_ptr<acc_t>();
+    }
+    if (need_dw || need_db || need_dv) trace_forward_active<scalar_t>(p, inject);
+    if (need_dw) dw = sum_chunks<scalar_t>(dw_parts, {n_out, n_in}, acc_t(1), opts);
+    if (need_db) db = sum_chunks<scalar_t>(db_parts, {n_out}, acc_t(1), opts);
   }
-  if (need_db) db = sum_chunks<scalar_t>(db_parts, {n_out}, acc_t(1), opts);
+  if (need_dx) {  // dx by the reverse walk, on its own
+    TraceProblem<scalar_t> dx_only = p;
+    dx_only.dw_t_parts = dx_only.dw_parts = dx_only.db_parts = nullptr;
+    dx_only.dv = nullptr;
+    trace_backward<scalar_t>(dx_only, inject);
+  }
   return {dx, dw, db, dv};
 }
 

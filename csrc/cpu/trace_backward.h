@@ -8,6 +8,8 @@
 // input events, plus one decay of the N_out trace per step; no dense [T,B,N] float is built.
 #pragma once
 
+#include <memory>
+
 #include "cpu/cpu_common.h"
 
 namespace sparsegrad {
@@ -119,6 +121,224 @@ void trace_backward(const TraceProblem<scalar_t>& p, const Inject& inject) {
   });
 }
 
+// ------------------------------------------------------------------------------------------
+// dW, db, dv of the LIF layer by input events, in tiles of output neurons (the "events" route).
+//
+// Each neuron's trace G[:, b, j] depends only on its own injections, so the output neurons split
+// into tiles of one SIMD register (kTileBytes). A task owns a run of tiles; per batch element it
+// walks t backwards once for up to kTileGroup of them side by side (independent register
+// chains), writing their traces at every step into a buffer G [T][group], then for every input i
+// adds up G at i's event times in registers and adds the sums to its block of dW^T once.
+// Each part of dW and db has one writer: no partial sums to zero and reduce, and the summation
+// order (b ascending, t fixed) does not depend on the thread count.
+// Work: nnz(x) * N_out / lanes vector adds (from L2) plus T * B * N_out / lanes for the walks.
+// ------------------------------------------------------------------------------------------
+constexpr int64_t kTileBytes = 64;
+constexpr int kTileGroup = 8;
+
+template <typename acc_t>
+constexpr int64_t tile_lanes() { return kTileBytes / int64_t(sizeof(acc_t)); }
+
+// One SIMD register of acc_t as a GCC/Clang vector (lowered to the vector units -march allows).
+template <typename acc_t>
+struct TileVec {
+  typedef acc_t type __attribute__((vector_size(kTileBytes)));
+};
+
+// The LIF injections: delta = grad_spikes[t,b,j] * sg at each active entry (rows b*T + t).
+template <typename scalar_t>
+struct ActiveView {
+  const int64_t* ptr = nullptr;
+  const int32_t* idx = nullptr;
+  const scalar_t* sg = nullptr;
+  const scalar_t* grad_spikes = nullptr;  // [T, B, N_out]
+};
+
+// The input events of each batch element grouped by input: input i of element b fired at
+// times[e] (ascending) with values[e] (null when binary) for e in [ptr[b*N_in + i], next).
+template <typename scalar_t>
+struct EventsByInput {
+  std::vector<int64_t> ptr;  // [B * N_in + 1]
+  std::unique_ptr<int32_t[]> times;
+  std::unique_ptr<scalar_t[]> values;
+};
+
+template <typename scalar_t>
+EventsByInput<scalar_t> events_by_input(const EventView<scalar_t>& ev, int64_t T, int64_t B,
+                                        int64_t n_in) {
+  EventsByInput<scalar_t> out;
+  const int64_t nnz = ev.ptr[B * T];
+  out.ptr.assign(B * n_in + 1, 0);
+  out.times.reset(new int32_t[std::max<int64_t>(1, nnz)]);
+  if (ev.val) out.values.reset(new scalar_t[std::max<int64_t>(1, nnz)]);
+  at::parallel_for(0, B, grain_for(T * 8), [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> next(n_in);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = ev.ptr[b * T], e1 = ev.ptr[(b + 1) * T];
+      std::fill(next.begin(), next.end(), 0);
+      for (int64_t e = e0; e < e1; ++e) ++next[ev.idx[e]];
+      int64_t pos = e0;  // the events of b keep their place; only their order changes
+      for (int64_t i = 0; i < n_in; ++i) {
+        const int64_t c = next[i];
+        out.ptr[b * n_in + i] = next[i] = pos;
+        pos += c;
+      }
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t e = ev.begin(b, t); e < ev.end(b, t); ++e) {
+          const int64_t dst = next[ev.idx[e]]++;
+          out.times[dst] = static_cast<int32_t>(t);
+          if (ev.val) out.values[dst] = ev.val[e];
+        }
+    }
+  });
+  out.ptr[B * n_in] = nnz;
+  return out;
+}
+
+// Element b, tiles g0 .. g0+R-1: walks t backwards writing each tile's trace at every step into
+// G [T][R] and adding it to db_sum; sets dv. Returns false when no gradient reaches the tiles.
+template <int R, typename scalar_t>
+bool walk_tiles(const TraceProblem<scalar_t>& p, const ActiveView<scalar_t>& act, int64_t b,
+                int64_t g0, typename TileVec<at::opmath_type<scalar_t>>::type* G,
+                typename TileVec<at::opmath_type<scalar_t>>::type* db_sum) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec = typename TileVec<acc_t>::type;
+  constexpr int64_t L = tile_lanes<acc_t>(), kSpan = R * L;
+  constexpr int64_t kAhead = 8;  // grad_spikes rows are a stride apart: prefetch them early
+  const int64_t T = p.T, B = p.B, n_out = p.n_out, j_lo = g0 * L;
+  const acc_t alpha = p.alpha;
+  // This step's injections into the group, one register per tile; entries of the row that
+  // belong to other tiles land in the last slot, so the scatter has no branch.
+  alignas(kTileBytes) acc_t inject[kSpan + L];
+  vec g[R], db_b[R];
+  bool any = p.g_init != nullptr;
+  SG_UNROLL_8
+  for (int r = 0; r < R; ++r) {
+    g[r] = db_b[r] = vec{};
+    if (p.g_init)
+      for (int64_t l = 0; l < L && j_lo + r * L + l < n_out; ++l)
+        g[r][l] = static_cast<acc_t>(p.g_init[b * n_out + j_lo + r * L + l]);
+  }
+  for (int64_t t = T - 1; t >= 0; --t) {
+    if (t >= kAhead) {
+      const int64_t ra = b * T + t - kAhead;
+      const scalar_t* g_ahead = act.grad_spikes + ((t - kAhead) * B + b) * n_out;
+      for (int64_t e = act.ptr[ra]; e < act.ptr[ra + 1]; ++e) __builtin_prefetch(g_ahead + act.idx[e]);
+    }
+    std::fill(inject, inject + kSpan, acc_t(0));
+    const int64_t r0 = act.ptr[b * T + t], r1 = act.ptr[b * T + t + 1];
+    const scalar_t* g_row = act.grad_spikes + (t * B + b) * n_out;
+    for (int64_t e = r0; e < r1; ++e) {
+      const int64_t j = act.idx[e];
+      const bool inside = static_cast<uint64_t>(j - j_lo) < static_cast<uint64_t>(kSpan);
+      inject[inside ? j - j_lo : kSpan] = static_cast<acc_t>(g_row[j]) * static_cast<acc_t>(act.sg[e]);
+      any |= inside;
+    }
+    const bool decay = t < T - 1;
+    SG_UNROLL_8
+    for (int r = 0; r < R; ++r) {
+      vec add;
+      __builtin_memcpy(&add, inject + r * L, sizeof(vec));
+      const vec gr = (decay ? g[r] * alpha : g[r]) + add;
+      g[r] = gr;
+      db_b[r] += gr;
+      G[t * R + r] = gr;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    db_sum[r] += db_b[r];
+    if (p.dv)
+      for (int64_t l = 0; l < L && j_lo + r * L + l < n_out; ++l)
+        p.dv[b * n_out + j_lo + r * L + l] = static_cast<scalar_t>(alpha * g[r][l]);
+  }
+  return any;
+}
+
+// For every input i of element b, adds the sum of G [T][R] over i's event times to dw_t[r][i]:
+// one pass over the event times serves R tiles.
+template <int R, typename scalar_t, typename vec>
+void add_event_sums(const vec* G, const EventsByInput<scalar_t>& by_input, int64_t b, int64_t n_in,
+                    vec* const* dw_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t* ptr = by_input.ptr.data() + b * n_in;
+  const int32_t* times = by_input.times.get();
+  const scalar_t* values = by_input.values.get();
+  for (int64_t i = 0; i < n_in; ++i) {
+    const int64_t q0 = ptr[i], q1 = ptr[i + 1];
+    if (q0 == q1) continue;
+    vec sum[R] = {};
+    if (values) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const vec* row = G + int64_t(times[q]) * R;
+        const acc_t v = static_cast<acc_t>(values[q]);
+        for (int r = 0; r < R; ++r) sum[r] += v * row[r];
+      }
+    } else {
+      for (int64_t q = q0; q < q1; ++q) {
+        const vec* row = G + int64_t(times[q]) * R;
+        for (int r = 0; r < R; ++r) sum[r] += row[r];
+      }
+    }
+    for (int r = 0; r < R; ++r) dw_t[r][i] += sum[r];
+  }
+}
+
+template <int R, typename scalar_t, typename vec>
+void walk_tile_group(const TraceProblem<scalar_t>& p, const ActiveView<scalar_t>& act,
+                     const EventsByInput<scalar_t>* by_input, int64_t b, int64_t g0, vec* G,
+                     vec* const* dw_t, vec* db_sum) {
+  if (walk_tiles<R, scalar_t>(p, act, b, g0, G, db_sum) && by_input)
+    add_event_sums<R>(G, *by_input, b, p.n_in, dw_t);
+}
+
+// Needs p.alpha, p.scale, p.g_init; writes dw [N_out, N_in] (needs by_input), db [N_out] and
+// p.dv, each only if non-null.
+template <typename scalar_t>
+void tiled_event_backward(const TraceProblem<scalar_t>& p, const ActiveView<scalar_t>& act,
+                          const EventsByInput<scalar_t>* by_input, scalar_t* dw, scalar_t* db) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec = typename TileVec<acc_t>::type;
+  constexpr int64_t L = tile_lanes<acc_t>();
+  const int64_t T = p.T, B = p.B, n_in = p.n_in, n_out = p.n_out;
+  const int64_t tiles = (n_out + L - 1) / L;
+  at::parallel_for(0, tiles, 1, [&](int64_t k0, int64_t k1) {
+    const int64_t my_tiles = k1 - k0;
+    std::vector<vec> G(T * kTileGroup);                      // a group's traces, [T][group]
+    std::vector<vec> dw_t(dw ? my_tiles * n_in : 0, vec{});  // dW^T blocks [tile][N_in]
+    std::vector<vec> db_sum(my_tiles, vec{});
+    const EventsByInput<scalar_t>* events = dw ? by_input : nullptr;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t g0 = k0; g0 < k1; g0 += kTileGroup) {
+        vec* blocks[kTileGroup] = {};
+        if (dw)
+          for (int64_t k = g0; k < std::min<int64_t>(k1, g0 + kTileGroup); ++k)
+            blocks[k - g0] = dw_t.data() + (k - k0) * n_in;
+        vec* db_g = db_sum.data() + (g0 - k0);
+        switch (std::min<int64_t>(kTileGroup, k1 - g0)) {
+          case 8: walk_tile_group<8>(p, act, events, b, g0, G.data(), blocks, db_g); break;
+          case 7: walk_tile_group<7>(p, act, events, b, g0, G.data(), blocks, db_g); break;
+          case 6: walk_tile_group<6>(p, act, events, b, g0, G.data(), blocks, db_g); break;
+          case 5: walk_tile_group<5>(p, act, events, b, g0, G.data(), blocks, db_g); break;
+          case 4: walk_tile_group<4>(p, act, events, b, g0, G.data(), blocks, db_g); break;
+          case 3: walk_tile_group<3>(p, act, events, b, g0, G.data(), blocks, db_g); break;
+          case 2: walk_tile_group<2>(p, act, events, b, g0, G.data(), blocks, db_g); break;
+          default: walk_tile_group<1>(p, act, events, b, g0, G.data(), blocks, db_g); break;
+        }
+      }
+    }
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t j0 = k * L, lanes = std::min(L, n_out - j0);
+      if (dw)
+        for (int64_t l = 0; l < lanes; ++l)
+          for (int64_t i = 0; i < n_in; ++i)
+            dw[(j0 + l) * n_in + i] = static_cast<scalar_t>(p.scale * dw_t[(k - k0) * n_in + i][l]);
+      if (db)
+        for (int64_t l = 0; l < lanes; ++l)
+          db[j0 + l] = static_cast<scalar_t>(p.scale * db_sum[k - k0][l]);
+    }
+  });
+}
+
 // The same gradients walking forward in time, with work proportional to active entries:
 //   dW[j,:] += delta * X[t]      X[t] = sum_{k<=t} alpha^(t-k) x[k]   (the input trace)
 //   db[j]   += delta * sum_{m<=t} alpha^m                              (sum over k of G[k])
@@ -178,9 +398,11 @@ void trace_forward_active(const TraceProblem<scalar_t>& p, const Inject& inject)
   });
 }
 
-// Which way dW is cheaper: events cost nnz(x) * N_out, the lazily decayed input trace
-// nnz(x) plus N_in per active entry and per row holding active entries, each unit about 2.5x
-// dearer (gathers, a second pass; measured with benchmarks/bench_sweeps.py's b_th sweep).
+// Which way dW is cheaper: events cost nnz(x) * N_out (vector adds from L2, tiled above), the
+// lazily decayed input trace nnz(x) plus N_in per active entry and per row holding active
+// entries, each unit about 8x dearer (gathers, scalar updates). Calibrated with 1 and 2 threads
+// on the SHD and Fashion-MNIST layers over b_th (benchmarks/bench_sweeps.py): the trace route
+// wins only below ~0.1 % active entries.
 enum class DwRoute : int64_t { kAuto = 0, kEvents = 1, kActive = 2 };
 
 // dx on the producer's active set costs |A_prev| * N_out dot products; dx everywhere through the
@@ -199,7 +421,7 @@ inline DwRoute choose_dw_route(int64_t route, int64_t nnz, int64_t n_active, int
   if (route == 2) return DwRoute::kActive;
   const double via_events = double(nnz) * double(n_out);
   const double rows_with_actives = double(std::min(n_active, T * B));
-  const double via_active = 2.5 * (double(nnz) + (rows_with_actives + double(n_active)) * double(n_in));
+  const double via_active = 8.0 * (double(nnz) + (rows_with_actives + double(n_active)) * double(n_in));
   return via_events <= via_active ? DwRoute::kEvents : DwRoute::kActive;
 }
 
