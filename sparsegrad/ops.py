@@ -110,7 +110,11 @@ def _lif_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.has_v_init = v_init is not None
     ctx.has_prev = x_act_ptr is not None
+    ctx.spikes_shape = spikes.shape
     ctx.mark_non_differentiable(act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, stats)
+    # Unused outputs get None, not zero tensors: a zero dL/dV_final would make the sparse
+    # backward walk every step, and zero-filling them costs time.
+    ctx.set_materialize_grads(False)
     if sparse:
         # Compact data only: no dense [T, B, N] float tensor is kept for the backward.
         saved = [weight, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val]
@@ -122,6 +126,10 @@ def _lif_setup_context(ctx, inputs, output):
 
 
 def _lif_backward(ctx, grad_spikes, grad_v_final, *unused):
+    if grad_spikes is None and grad_v_final is None:
+        return (None,) * 12
+    if grad_spikes is None:
+        grad_spikes = grad_v_final.new_zeros(ctx.spikes_shape)
     need_dx, need_dw, need_db, need_dv = (
         ctx.needs_input_grad[0],
         ctx.needs_input_grad[1],
@@ -155,6 +163,7 @@ def _readout_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.has_prev = x_act_ptr is not None
     ctx.mark_non_differentiable(argmax_t, ev_ptr, ev_idx, ev_val)
+    ctx.set_materialize_grads(False)
     saved = [weight, argmax_t, ev_ptr, ev_idx, ev_val]
     if ctx.has_prev:
         saved += [x_act_ptr, x_act_idx]
@@ -162,6 +171,8 @@ def _readout_setup_context(ctx, inputs, output):
 
 
 def _readout_backward(ctx, grad_out, *unused):
+    if grad_out is None:
+        return (None,) * 7
     weight, argmax_t, ev_ptr, ev_idx, ev_val, *prev = ctx.saved_tensors
     prev_ptr, prev_idx = prev if prev else (None, None)
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
