@@ -263,6 +263,43 @@ def test_dx_restricted_to_producer_active_set():
     assert torch.count_nonzero(restricted[~mask]) == 0
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_out", [1, 17, 130, 300])
+@pytest.mark.parametrize("route", [1, 2])
+def test_restricted_dx_both_routes(dtype, n_out, route):
+    """dx on the producer's active set (computed inside the tiled walk on the events route, by
+    the reverse walk otherwise) equals the full dx there, is zero elsewhere, and has the same
+    bits with 1 or 2 threads."""
+    x, w1, b1 = random_problem(21, 3, 10, 12, rate=0.3, dtype=dtype)
+    h, _, _, (ptr, idx) = sparsegrad.functional.lif_layer_with_stats(x, w1, b1, alpha=0.9, b_th=0.2)
+    h = h.detach()
+    w2 = torch.randn(n_out, 12, dtype=dtype)
+    out = sparsegrad.ops.lif_forward(h, w2, None, None, None, ptr, idx, 0.85, 1.0, 10.0, 10.0, True)
+    spikes, v_final, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, _ = out
+    g = torch.randn_like(spikes)
+
+    def dx(prev):
+        return torch.ops.sparsegrad.lif_backward_sparse(
+            g, None, w2, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, *prev, 0.85,
+            True, True, True, False, route)[0]
+
+    full, restricted = dx((None, None)), dx((ptr, idx))
+    mask = torch.zeros(3, 21, 12, dtype=torch.bool)
+    rows = torch.repeat_interleave(torch.arange(3 * 21), ptr.diff())
+    mask.view(-1, 12)[rows, idx.long()] = True
+    mask = mask.transpose(0, 1)
+    torch.testing.assert_close(restricted[mask], full[mask], **TOL[dtype])
+    assert torch.count_nonzero(restricted[~mask]) == 0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dx((ptr, idx))
+        torch.set_num_threads(2)
+        assert torch.equal(one, dx((ptr, idx)))
+    finally:
+        torch.set_num_threads(threads)
+
 def test_stats_and_active_set_layout():
     x, w, b = random_problem(9, 3, 7, 5, rate=0.4)
     out = sparsegrad.ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 0.3, 10.0, True)

@@ -30,9 +30,10 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
   p.scale = acc_t(1);
   p.weight = weight.data_ptr<scalar_t>();
   at::Tensor weight_t;
-  if (need_dx && prev_ptr.has_value() &&
-      restrict_dx_to_producer(prev_idx->numel(), act_idx.numel(), T, B, n_in, n_out))
-    weight_t = restrict_dx(p, weight, *prev_ptr, *prev_idx);
+  const bool dx_restricted =
+      need_dx && prev_ptr.has_value() &&
+      restrict_dx_to_producer(prev_idx->numel(), act_idx.numel(), T, B, n_in, n_out);
+  if (dx_restricted) weight_t = restrict_dx(p, weight, *prev_ptr, *prev_idx);
   p.g_init = gV.has_value() ? gV->data_ptr<scalar_t>() : nullptr;
   p.events = EventView<scalar_t>(ev_ptr, ev_idx, ev_val, T);
 
@@ -59,7 +60,7 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
   if (route == DwRoute::kEvents) {
     if (need_dw) dw = at::empty({n_out, n_in}, opts);
     if (need_db) db = at::empty({n_out}, opts);
-    if (need_dw || need_db || need_dv) {
+    if (need_dw || need_db || need_dv || dx_restricted) {  // restricted dx in the same walk
       EventsByInput<scalar_t> by_input;
       if (need_dw) by_input = events_by_input<scalar_t>(p.events, T, B, n_in);
       ActiveView<scalar_t> act{aptr, aidx, asg, g};
@@ -82,7 +83,7 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
     if (need_dw) dw = sum_chunks<scalar_t>(dw_parts, {n_out, n_in}, acc_t(1), opts);
     if (need_db) db = sum_chunks<scalar_t>(db_parts, {n_out}, acc_t(1), opts);
   }
-  if (need_dx) {  // dx by the reverse walk, on its own
+  if (need_dx && !(dx_restricted && route == DwRoute::kEvents)) {  // dx by the reverse walk
     TraceProblem<scalar_t> dx_only = p;
     dx_only.dw_t_parts = dx_only.dw_parts = dx_only.db_parts = nullptr;
     dx_only.dv = nullptr;

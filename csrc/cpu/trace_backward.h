@@ -283,16 +283,74 @@ void add_event_sums(const vec* G, const EventsByInput<scalar_t>& by_input, int64
   }
 }
 
+// dx on the producer's active set, this group's share: for each producer entry (t, b, i),
+// dx_part[e] = sum over the group's neurons j of G[t, j] * W[j, i] (weight_t is W^T padded to
+// whole tiles, [N_in, tiles * L]).
+template <int R, typename scalar_t, typename vec>
+void add_dx_part(const TraceProblem<scalar_t>& p, const vec* G, int64_t b, int64_t g0,
+                 const scalar_t* weight_t, int64_t row_len, bool any,
+                 at::opmath_type<scalar_t>* dx_part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t L = tile_lanes<acc_t>();
+  for (int64_t t = 0; t < p.T; ++t) {
+    const int64_t r = b * p.T + t;
+    for (int64_t e = p.prev_ptr[r]; e < p.prev_ptr[r + 1]; ++e) {
+      if (!any) {
+        dx_part[e] = acc_t(0);
+        continue;
+      }
+      const scalar_t* w = weight_t + int64_t(p.prev_idx[e]) * row_len + g0 * L;
+      vec sum{};
+      SG_UNROLL_8
+      for (int k = 0; k < R; ++k) {
+        vec wk;
+        SG_UNROLL_16
+        for (int64_t l = 0; l < L; ++l) wk[l] = static_cast<acc_t>(w[k * L + l]);
+        sum += G[t * R + k] * wk;
+      }
+      acc_t half[L / 2];  // fixed lane tree, as in dot()
+      SG_UNROLL_8
+      for (int64_t l = 0; l < L / 2; ++l) half[l] = sum[l] + sum[l + L / 2];
+      for (int64_t width = L / 4; width > 0; width /= 2)
+        SG_UNROLL_8
+        for (int64_t l = 0; l < width; ++l) half[l] += half[l + width];
+      dx_part[e] = half[0];
+    }
+  }
+}
+
+struct TileGroupDx {  // restricted dx: W^T padded to whole tiles, and one partial per group
+  const void* weight_t = nullptr;
+  int64_t row_len = 0;
+  void* parts = nullptr;  // [groups, |A_prev|] of acc_t
+  int64_t n_prev = 0;
+};
+
 template <int R, typename scalar_t, typename vec>
 void walk_tile_group(const TraceProblem<scalar_t>& p, const ActiveView<scalar_t>& act,
                      const EventsByInput<scalar_t>* by_input, int64_t b, int64_t g0, vec* G,
-                     vec* const* dw_t, vec* db_sum) {
-  if (walk_tiles<R, scalar_t>(p, act, b, g0, G, db_sum) && by_input)
-    add_event_sums<R>(G, *by_input, b, p.n_in, dw_t);
+                     vec* const* dw_t, vec* db_sum, const TileGroupDx& dx, int64_t group) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool any = walk_tiles<R, scalar_t>(p, act, b, g0, G, db_sum);
+  if (any && by_input) add_event_sums<R>(G, *by_input, b, p.n_in, dw_t);
+  if (dx.parts)
+    add_dx_part<R, scalar_t>(p, G, b, g0, static_cast<const scalar_t*>(dx.weight_t), dx.row_len, any,
+                             static_cast<acc_t*>(dx.parts) + group * dx.n_prev);
 }
 
-// Needs p.alpha, p.scale, p.g_init; writes dw [N_out, N_in] (needs by_input), db [N_out] and
-// p.dv, each only if non-null.
+// The tiles split into fixed groups of at most kTileGroup, sizes differing by at most one; at
+// least kMinGroups (when there are that many tiles) so that small layers still use several
+// threads. Fixed, so that the partial sums of restricted dx do not depend on the thread count.
+constexpr int64_t kMinGroups = 4;
+
+inline int64_t tile_group_count(int64_t tiles) {
+  return std::max((tiles + kTileGroup - 1) / kTileGroup, std::min(tiles, kMinGroups));
+}
+
+inline int64_t tile_group_begin(int64_t g, int64_t tiles, int64_t groups) { return g * tiles / groups; }
+
+// Needs p.alpha, p.scale, p.g_init; writes dw [N_out, N_in] (needs by_input), db [N_out],
+// p.dv and, when p.prev_ptr is set, p.dx on the producer's active set, each only if non-null.
 template <typename scalar_t>
 void tiled_event_backward(const TraceProblem<scalar_t>& p, const ActiveView<scalar_t>& act,
                           const EventsByInput<scalar_t>* by_input, scalar_t* dw, scalar_t* db) {
@@ -300,29 +358,45 @@ void tiled_event_backward(const TraceProblem<scalar_t>& p, const ActiveView<scal
   using vec = typename TileVec<acc_t>::type;
   constexpr int64_t L = tile_lanes<acc_t>();
   const int64_t T = p.T, B = p.B, n_in = p.n_in, n_out = p.n_out;
-  const int64_t tiles = (n_out + L - 1) / L;
-  at::parallel_for(0, tiles, 1, [&](int64_t k0, int64_t k1) {
+  const int64_t tiles = (n_out + L - 1) / L, groups = tile_group_count(tiles);
+
+  TileGroupDx dx;
+  std::vector<scalar_t> weight_t_padded;
+  std::unique_ptr<acc_t[]> dx_parts;
+  if (p.dx && p.prev_ptr) {
+    dx.row_len = tiles * L;
+    weight_t_padded.assign(n_in * dx.row_len, scalar_t(0));
+    for (int64_t i = 0; i < n_in; ++i)
+      for (int64_t j = 0; j < n_out; ++j) weight_t_padded[i * dx.row_len + j] = p.weight[j * n_in + i];
+    dx.weight_t = weight_t_padded.data();
+    dx.n_prev = p.prev_ptr[B * T];
+    dx_parts.reset(new acc_t[std::max<int64_t>(1, groups * dx.n_prev)]);
+    dx.parts = dx_parts.get();
+  }
+
+  at::parallel_for(0, groups, 1, [&](int64_t q0, int64_t q1) {
+    const int64_t k0 = tile_group_begin(q0, tiles, groups), k1 = tile_group_begin(q1, tiles, groups);
     const int64_t my_tiles = k1 - k0;
     std::vector<vec> G(T * kTileGroup);                      // a group's traces, [T][group]
     std::vector<vec> dw_t(dw ? my_tiles * n_in : 0, vec{});  // dW^T blocks [tile][N_in]
     std::vector<vec> db_sum(my_tiles, vec{});
     const EventsByInput<scalar_t>* events = dw ? by_input : nullptr;
     for (int64_t b = 0; b < B; ++b) {
-      for (int64_t g0 = k0; g0 < k1; g0 += kTileGroup) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t g0 = tile_group_begin(q, tiles, groups), g1 = tile_group_begin(q + 1, tiles, groups);
         vec* blocks[kTileGroup] = {};
         if (dw)
-          for (int64_t k = g0; k < std::min<int64_t>(k1, g0 + kTileGroup); ++k)
-            blocks[k - g0] = dw_t.data() + (k - k0) * n_in;
+          for (int64_t k = g0; k < g1; ++k) blocks[k - g0] = dw_t.data() + (k - k0) * n_in;
         vec* db_g = db_sum.data() + (g0 - k0);
-        switch (std::min<int64_t>(kTileGroup, k1 - g0)) {
-          case 8: walk_tile_group<8>(p, act, events, b, g0, G.data(), blocks, db_g); break;
-          case 7: walk_tile_group<7>(p, act, events, b, g0, G.data(), blocks, db_g); break;
-          case 6: walk_tile_group<6>(p, act, events, b, g0, G.data(), blocks, db_g); break;
-          case 5: walk_tile_group<5>(p, act, events, b, g0, G.data(), blocks, db_g); break;
-          case 4: walk_tile_group<4>(p, act, events, b, g0, G.data(), blocks, db_g); break;
-          case 3: walk_tile_group<3>(p, act, events, b, g0, G.data(), blocks, db_g); break;
-          case 2: walk_tile_group<2>(p, act, events, b, g0, G.data(), blocks, db_g); break;
-          default: walk_tile_group<1>(p, act, events, b, g0, G.data(), blocks, db_g); break;
+        switch (g1 - g0) {
+          case 8: walk_tile_group<8>(p, act, events, b, g0, G.data(), blocks, db_g, dx, q); break;
+          case 7: walk_tile_group<7>(p, act, events, b, g0, G.data(), blocks, db_g, dx, q); break;
+          case 6: walk_tile_group<6>(p, act, events, b, g0, G.data(), blocks, db_g, dx, q); break;
+          case 5: walk_tile_group<5>(p, act, events, b, g0, G.data(), blocks, db_g, dx, q); break;
+          case 4: walk_tile_group<4>(p, act, events, b, g0, G.data(), blocks, db_g, dx, q); break;
+          case 3: walk_tile_group<3>(p, act, events, b, g0, G.data(), blocks, db_g, dx, q); break;
+          case 2: walk_tile_group<2>(p, act, events, b, g0, G.data(), blocks, db_g, dx, q); break;
+          default: walk_tile_group<1>(p, act, events, b, g0, G.data(), blocks, db_g, dx, q); break;
         }
       }
     }
@@ -337,6 +411,21 @@ void tiled_event_backward(const TraceProblem<scalar_t>& p, const ActiveView<scal
           db[j0 + l] = static_cast<scalar_t>(p.scale * db_sum[k - k0][l]);
     }
   });
+
+  if (dx.parts) {  // dx = the groups' partial sums, in group order
+    at::parallel_for(0, B, grain_for(T * 8), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t r = b * T + t;
+          scalar_t* dx_row = p.dx + (t * B + b) * n_in;
+          for (int64_t e = p.prev_ptr[r]; e < p.prev_ptr[r + 1]; ++e) {
+            acc_t sum = dx_parts[e];
+            for (int64_t q = 1; q < groups; ++q) sum += dx_parts[q * dx.n_prev + e];
+            dx_row[p.prev_idx[e]] = static_cast<scalar_t>(p.scale * sum);
+          }
+        }
+    });
+  }
 }
 
 // The same gradients walking forward in time, with work proportional to active entries:
