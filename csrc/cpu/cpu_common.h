@@ -41,9 +41,22 @@ inline void scale_inplace(int64_t n, acc_t a, acc_t* __restrict__ y) {
 #define SG_UNROLL_16
 #endif
 
-// Sum in a fixed lane order (lane l takes the elements k with k % 16 == l, then a fixed tree):
-// vectorises without -ffast-math and gives the same bits everywhere. The lanes are one vector
-// value, so the reduction stays in registers.
+// Sum of n lanes (a vector or an array) in a fixed tree: lane l with lane l + n/2, then halving.
+// n is a compile-time constant, so the whole tree stays in registers.
+template <int64_t n, typename acc_t, typename V>
+inline acc_t lane_tree_sum(const V& v) {
+  if constexpr (n == 1) {
+    return v[0];
+  } else {
+    acc_t half[n / 2];
+    SG_UNROLL_16
+    for (int64_t l = 0; l < n / 2; ++l) half[l] = v[l] + v[l + n / 2];
+    return lane_tree_sum<n / 2, acc_t>(half);
+  }
+}
+
+// Sum in a fixed lane order (lane l takes the elements k with k % 16 == l, then the lane tree):
+// vectorises without -ffast-math and gives the same bits everywhere.
 template <typename acc_t, typename in_t>
 inline acc_t dot(int64_t n, const acc_t* __restrict__ x, const in_t* __restrict__ y) {
   constexpr int64_t kLanes = 16;
@@ -65,13 +78,7 @@ inline acc_t dot(int64_t n, const acc_t* __restrict__ x, const in_t* __restrict_
       if (l < rem) tail[l] = x[k + l] * static_cast<acc_t>(y[k + l]);
     lane += tail;
   }
-  acc_t half[kLanes / 2];
-  SG_UNROLL_8
-  for (int64_t l = 0; l < kLanes / 2; ++l) half[l] = lane[l] + lane[l + kLanes / 2];
-  for (int64_t width = kLanes / 4; width > 0; width /= 2)
-    SG_UNROLL_8
-    for (int64_t l = 0; l < width; ++l) half[l] += half[l + width];
-  return half[0];
+  return lane_tree_sum<kLanes, acc_t>(lane);
 }
 
 // ------------------------------------------------------------------------------------------

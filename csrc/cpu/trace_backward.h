@@ -9,6 +9,7 @@
 #pragma once
 
 #include <memory>
+#include <type_traits>
 
 #include "cpu/cpu_common.h"
 
@@ -291,6 +292,7 @@ void add_dx_part(const TraceProblem<scalar_t>& p, const vec* G, int64_t b, int64
                  const scalar_t* weight_t, int64_t row_len, bool any,
                  at::opmath_type<scalar_t>* dx_part) {
   using acc_t = at::opmath_type<scalar_t>;
+  static_assert(std::is_same<scalar_t, acc_t>::value, "W^T rows are loaded as acc_t vectors");
   constexpr int64_t L = tile_lanes<acc_t>();
   for (int64_t t = 0; t < p.T; ++t) {
     const int64_t r = b * p.T + t;
@@ -303,18 +305,11 @@ void add_dx_part(const TraceProblem<scalar_t>& p, const vec* G, int64_t b, int64
       vec sum{};
       SG_UNROLL_8
       for (int k = 0; k < R; ++k) {
-        vec wk;
-        SG_UNROLL_16
-        for (int64_t l = 0; l < L; ++l) wk[l] = static_cast<acc_t>(w[k * L + l]);
+        vec wk;  // scalar_t is acc_t for the dispatched float and double
+        __builtin_memcpy(&wk, w + k * L, sizeof(vec));
         sum += G[t * R + k] * wk;
       }
-      acc_t half[L / 2];  // fixed lane tree, as in dot()
-      SG_UNROLL_8
-      for (int64_t l = 0; l < L / 2; ++l) half[l] = sum[l] + sum[l + L / 2];
-      for (int64_t width = L / 4; width > 0; width /= 2)
-        SG_UNROLL_8
-        for (int64_t l = 0; l < width; ++l) half[l] += half[l + width];
-      dx_part[e] = half[0];
+      dx_part[e] = lane_tree_sum<L, acc_t>(sum);
     }
   }
 }
@@ -338,10 +333,11 @@ void walk_tile_group(const TraceProblem<scalar_t>& p, const ActiveView<scalar_t>
                              static_cast<acc_t*>(dx.parts) + group * dx.n_prev);
 }
 
-// The tiles split into fixed groups of at most kTileGroup, sizes differing by at most one; at
-// least kMinGroups (when there are that many tiles) so that small layers still use several
-// threads. Fixed, so that the partial sums of restricted dx do not depend on the thread count.
-constexpr int64_t kMinGroups = 4;
+// The tiles split into fixed groups of at most kTileGroup, sizes differing by at most one, and
+// at least kMinGroups when there are that many tiles (so small layers still use two threads;
+// every extra group adds a partial sum per restricted dx entry). The split depends on N_out
+// only, so the partial sums of restricted dx do not depend on the thread count.
+constexpr int64_t kMinGroups = 2;
 
 inline int64_t tile_group_count(int64_t tiles) {
   return std::max((tiles + kTileGroup - 1) / kTileGroup, std::min(tiles, kMinGroups));
