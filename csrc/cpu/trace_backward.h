@@ -6,6 +6,10 @@
 //     dW = scale * sum_{t,b} G[t,b,:]^T x[t,b,:]     db = scale * sum G     dx = scale * G W
 // (scale = 1 for LIF, 1 - alpha for the leaky readout). Work is proportional to injections and
 // input events, plus one decay of the N_out trace per step; no dense [T,B,N] float is built.
+// Three walks compute them: trace_backward (per batch element, all of G at once: the readout's
+// gradients and the LIF's full dx), tiled_event_backward (the LIF's dW, db, dV and restricted
+// dx by input events, in tiles of output neurons) and trace_forward_active (the LIF's dW, db, dV
+// through the input trace, when very few entries are active).
 #pragma once
 
 #include <memory>
@@ -30,7 +34,7 @@ struct TraceProblem {
   // outputs (null = not wanted)
   scalar_t* dx = nullptr;  // [T, B, N_in], zero-initialised
   scalar_t* dv = nullptr;  // [B, N_out]: alpha * G[0]
-  acc_t* dw_t_parts = nullptr;  // [chunks, N_in, N_out] via events, zero-initialised
+  acc_t* dw_t_parts = nullptr;  // [chunks, N_in, N_out] via events (trace_backward), zeroed
   acc_t* dw_parts = nullptr;    // [chunks, N_out, N_in] via the input trace, zero-initialised
   acc_t* db_parts = nullptr;    // [chunks, N_out], zero-initialised
 };
