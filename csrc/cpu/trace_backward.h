@@ -130,9 +130,9 @@ void trace_backward(const TraceProblem<scalar_t>& p, const Inject& inject) {
 // dW, db, dv of the LIF layer by input events, in tiles of output neurons (the "events" route).
 //
 // Each neuron's trace G[:, b, j] depends only on its own injections, so the output neurons split
-// into tiles of one SIMD register (kTileBytes). A task owns a run of tiles; per batch element it
-// walks t backwards once for up to kTileGroup of them side by side (independent register
-// chains), writing their traces at every step into a buffer G [T][group], then for every input i
+// into tiles of one SIMD register (kTileBytes), and the tiles into fixed groups of at most
+// kTileGroup. A task owns whole groups; per batch element it walks t backwards once for a
+// group's tiles side by side (independent register chains), writing their traces at every step into a buffer G [T][group], then for every input i
 // adds up G at i's event times in registers and adds the sums to its block of dW^T once.
 // Each part of dW and db has one writer: no partial sums to zero and reduce, and the summation
 // order (b ascending, t fixed) does not depend on the thread count.
@@ -318,23 +318,22 @@ void add_dx_part(const TraceProblem<scalar_t>& p, const vec* G, int64_t b, int64
   }
 }
 
+template <typename scalar_t>
 struct TileGroupDx {  // restricted dx: W^T padded to whole tiles, and one partial per group
-  const void* weight_t = nullptr;
+  const scalar_t* weight_t = nullptr;
   int64_t row_len = 0;
-  void* parts = nullptr;  // [groups, |A_prev|] of acc_t
+  at::opmath_type<scalar_t>* parts = nullptr;  // [groups, |A_prev|]
   int64_t n_prev = 0;
 };
 
 template <int R, typename scalar_t, typename vec>
 void walk_tile_group(const TraceProblem<scalar_t>& p, const ActiveView<scalar_t>& act,
                      const EventsByInput<scalar_t>* by_input, int64_t b, int64_t g0, vec* G,
-                     vec* const* dw_t, vec* db_sum, const TileGroupDx& dx, int64_t group) {
-  using acc_t = at::opmath_type<scalar_t>;
+                     vec* const* dw_t, vec* db_sum, const TileGroupDx<scalar_t>& dx, int64_t group) {
   const bool any = walk_tiles<R, scalar_t>(p, act, b, g0, G, db_sum);
   if (any && by_input) add_event_sums<R>(G, *by_input, b, p.n_in, dw_t);
   if (dx.parts)
-    add_dx_part<R, scalar_t>(p, G, b, g0, static_cast<const scalar_t*>(dx.weight_t), dx.row_len, any,
-                             static_cast<acc_t*>(dx.parts) + group * dx.n_prev);
+    add_dx_part<R, scalar_t>(p, G, b, g0, dx.weight_t, dx.row_len, any, dx.parts + group * dx.n_prev);
 }
 
 // The tiles split into fixed groups of at most kTileGroup, sizes differing by at most one, and
@@ -360,14 +359,15 @@ void tiled_event_backward(const TraceProblem<scalar_t>& p, const ActiveView<scal
   const int64_t T = p.T, B = p.B, n_in = p.n_in, n_out = p.n_out;
   const int64_t tiles = (n_out + L - 1) / L, groups = tile_group_count(tiles);
 
-  TileGroupDx dx;
+  TileGroupDx<scalar_t> dx;
   std::vector<scalar_t> weight_t_padded;
   std::unique_ptr<acc_t[]> dx_parts;
-  if (p.dx && p.prev_ptr) {
+  if (p.dx && p.prev_ptr) {  // p.weight_t [N_in, N_out] was set with p.prev_ptr (restrict_dx)
     dx.row_len = tiles * L;
     weight_t_padded.assign(n_in * dx.row_len, scalar_t(0));
     for (int64_t i = 0; i < n_in; ++i)
-      for (int64_t j = 0; j < n_out; ++j) weight_t_padded[i * dx.row_len + j] = p.weight[j * n_in + i];
+      std::copy(p.weight_t + i * n_out, p.weight_t + (i + 1) * n_out,
+                weight_t_padded.begin() + i * dx.row_len);
     dx.weight_t = weight_t_padded.data();
     dx.n_prev = p.prev_ptr[B * T];
     dx_parts.reset(new acc_t[std::max<int64_t>(1, groups * dx.n_prev)]);
