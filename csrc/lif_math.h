@@ -1,5 +1,8 @@
 // Per-element LIF math, written once and shared by the CPU kernels, the CUDA kernels and the
 // host emulation of the CUDA kernels. Only plain arithmetic: no ATen, no torch/extension.h.
+//
+// Every neuron model of the package (the fused Linear+LIF layer, the LIF neuron op, the recurrent
+// layer) takes its update, its surrogate and the backward decay of its gradient trace from here.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -7,13 +10,39 @@
 #include <cmath>
 
 namespace sparsegrad {
+
+// Surrogate derivative dS/dV, with u = V - threshold and a = slope (names as in sparsegrad's API;
+// the peers' names for each are in docs/surrogates.md).
+enum SurrogateKind : int {
+  kFastSigmoid = 0,  // 1 / (a*|u| + 1)^2                      snnTorch fast_sigmoid(slope=a)
+  kAtan = 1,         // (a/2) / (1 + (pi/2 * a * u)^2)          snnTorch atan(alpha=a), SJ ATan(alpha=a)
+  kSigmoid = 2,      // a * sig(a*u) * (1 - sig(a*u))           snnTorch sigmoid(slope=a), SJ Sigmoid
+  kTriangle = 3,     // a * max(0, 1 - a*|u|)                   SJ PiecewiseQuadratic(alpha=a)
+};
+
+// Reset after a spike, as snnTorch's Leaky (S[t-1] is detached in every case):
+enum ResetKind : int {
+  kResetSubtract = 0,  // V[t] = alpha*V[t-1] + I[t] - threshold*S[t-1]
+  kResetZero = 1,      // V[t] = alpha*((1 - S[t-1])*V[t-1]) + I[t]    (V carries gradient)
+  kResetNone = 2,      // V[t] = alpha*V[t-1] + I[t]
+};
+
 namespace math {
 
-// V[t] = alpha*V[t-1] + I[t] - threshold*S[t-1]   (the reset term carries no gradient)
+// The membrane update for a given reset.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t integrate(acc_t v_prev, acc_t current, acc_t s_prev, acc_t alpha,
+                                       acc_t threshold, int reset) {
+  if (reset == kResetZero) return alpha * ((acc_t(1) - s_prev) * v_prev) + current;
+  if (reset == kResetNone) return alpha * v_prev + current;
+  return alpha * v_prev + current - threshold * s_prev;
+}
+
+// Subtract reset (the model of DESIGN.md §2): V[t] = alpha*V[t-1] + I[t] - threshold*S[t-1]
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t integrate(acc_t v_prev, acc_t current, acc_t s_prev, acc_t alpha,
                                        acc_t threshold) {
-  return alpha * v_prev + current - threshold * s_prev;
+  return integrate(v_prev, current, s_prev, alpha, threshold, kResetSubtract);
 }
 
 // S[t] = H(V[t] - threshold), H(u) = 1 if u > 0 else 0 (NaN never fires)
@@ -22,19 +51,48 @@ C10_HOST_DEVICE inline acc_t fire(acc_t v, acc_t threshold) {
   return (v - threshold) > acc_t(0) ? acc_t(1) : acc_t(0);
 }
 
-// dS/dV ~ 1 / (slope*|V - threshold| + 1)^2  (SuperSpike / fast sigmoid)
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t abs_value(acc_t u) {
+  return u < acc_t(0) ? -u : u;
+}
+
+// dS/dV at V for the chosen surrogate (see SurrogateKind). Every form is even in u.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t surrogate(acc_t v, acc_t threshold, acc_t slope, int kind) {
+  const acc_t u = abs_value(v - threshold);
+  switch (kind) {
+    case kAtan: {
+      const acc_t z = acc_t(1.57079632679489661923) * slope * u;  // pi/2 * a * |u|
+      return (slope / acc_t(2)) / (acc_t(1) + z * z);
+    }
+    case kSigmoid: {
+      // a * e / (1 + e)^2 with e = exp(-a|u|) <= 1: the same value as a*sig*(1 - sig), without
+      // the overflow of exp(+a|u|) far from threshold.
+      const acc_t e = std::exp(-slope * u);
+      const acc_t d = acc_t(1) + e;
+      return slope * e / (d * d);
+    }
+    case kTriangle: {
+      const acc_t r = acc_t(1) - slope * u;
+      return r > acc_t(0) ? slope * r : acc_t(0);
+    }
+    default: {  // kFastSigmoid
+      const acc_t d = slope * u + acc_t(1);
+      return acc_t(1) / (d * d);
+    }
+  }
+}
+
+// The fast sigmoid (the default surrogate): 1 / (slope*|V - threshold| + 1)^2
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t surrogate(acc_t v, acc_t threshold, acc_t slope) {
-  const acc_t u = v - threshold;
-  const acc_t d = slope * (u < acc_t(0) ? -u : u) + acc_t(1);
-  return acc_t(1) / (d * d);
+  return surrogate(v, threshold, slope, kFastSigmoid);
 }
 
 // An entry carries gradient in sparse mode iff |V - threshold| < b_th (b_th = inf: always).
 template <typename acc_t>
 C10_HOST_DEVICE inline bool is_active(acc_t v, acc_t threshold, acc_t b_th) {
-  const acc_t u = v - threshold;
-  return (u < acc_t(0) ? -u : u) < b_th;
+  return abs_value(v - threshold) < b_th;
 }
 
 // Leaky readout: U[t] = alpha*U[t-1] + (1-alpha)*I[t]
@@ -47,6 +105,13 @@ C10_HOST_DEVICE inline acc_t leaky_integrate(acc_t u_prev, acc_t current, acc_t 
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t decay_add(acc_t trace, acc_t delta, acc_t alpha) {
   return alpha * trace + delta;
+}
+
+// dV[t+1]/dV[t] given the spike S[t]: alpha, except under reset-to-zero, where a spike at t
+// cuts the path (V[t+1] = alpha*(1 - S[t])*V[t] + ...). So G[t] = trace_decay(...)*G[t+1] + delta[t].
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t trace_decay(acc_t alpha, bool spiked, int reset) {
+  return (reset == kResetZero && spiked) ? acc_t(0) : alpha;
 }
 
 }  // namespace math
