@@ -82,6 +82,20 @@ inline acc_t dot(int64_t n, const acc_t* __restrict__ x, const in_t* __restrict_
 }
 
 // ------------------------------------------------------------------------------------------
+// Tiles of output neurons: one SIMD register (kTileBytes) of acc_t lanes, as a GCC/Clang vector
+// (lowered to whatever vector units -march allows).
+// ------------------------------------------------------------------------------------------
+constexpr int64_t kTileBytes = 64;
+
+template <typename acc_t>
+constexpr int64_t tile_lanes() { return kTileBytes / int64_t(sizeof(acc_t)); }
+
+template <typename acc_t>
+struct TileVec {
+  typedef acc_t type __attribute__((vector_size(kTileBytes)));
+};
+
+// ------------------------------------------------------------------------------------------
 // Threads only pay off with enough work per task: parallel_for runs serially when the range is
 // not larger than the grain. work_per_item ~ element updates one item (batch element) costs.
 // ------------------------------------------------------------------------------------------
@@ -120,7 +134,8 @@ void reduce_chunks(const acc_t* parts, int64_t chunks, int64_t n, acc_t scale, o
 // Input events: the nonzeros of x [T,B,N] as a CSR over rows b*T + t.
 // ------------------------------------------------------------------------------------------
 struct Events {
-  at::Tensor ptr;  // [B*T+1] int64
+  at::Tensor ptr;  // [B*T+1] int64 row offsets
+  at::Tensor cnt;  // [B*T] int32 entries per row
   at::Tensor idx;  // [nnz] int32
   at::Tensor val;  // [nnz] values, or [0] when every element of x is 0 or 1
   int64_t nnz = 0;
@@ -135,56 +150,6 @@ inline uint32_t nonzero_mask(const scalar_t* p, int64_t n) {
   uint32_t mask = 0;
   for (int64_t k = 0; k < n; ++k) mask |= static_cast<uint32_t>(p[k] != scalar_t(0)) << k;
   return mask;
-}
-
-template <typename scalar_t>
-Events build_events(const at::Tensor& x) {
-  const int64_t T = x.size(0), B = x.size(1), N = x.size(2);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  std::vector<std::vector<int32_t>> idx(B);
-  std::vector<std::vector<scalar_t>> val(B);
-  std::vector<char> nonbinary(B, 0);
-  Events ev;
-  ev.ptr = at::empty({B * T + 1}, x.options().dtype(at::kLong));
-  int64_t* ptr = ev.ptr.data_ptr<int64_t>();
-  ptr[0] = 0;
-  at::parallel_for(0, B, grain_for(T * N), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t t = 0; t < T; ++t) {
-        const scalar_t* row = xp + (t * B + b) * N;
-        for (int64_t i0 = 0; i0 < N; i0 += kScanBlock) {
-          const int64_t i1 = std::min(N, i0 + kScanBlock);
-          // spikes are rare: find a block's nonzeros as a bit mask, then visit only those
-          for (uint32_t mask = nonzero_mask(row + i0, i1 - i0); mask != 0; mask &= mask - 1) {
-            const int64_t i = i0 + __builtin_ctz(mask);
-            const scalar_t v = row[i];
-            idx[b].push_back(static_cast<int32_t>(i));
-            val[b].push_back(v);
-            nonbinary[b] |= (v != scalar_t(1));
-          }
-        }
-        ptr[b * T + t + 1] = static_cast<int64_t>(idx[b].size());  // local to b for now
-      }
-    }
-  });
-  std::vector<int64_t> base(B + 1, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    base[b + 1] = base[b] + static_cast<int64_t>(idx[b].size());
-    ev.binary = ev.binary && !nonbinary[b];
-  }
-  ev.nnz = base[B];
-  ev.idx = at::empty({ev.nnz}, x.options().dtype(at::kInt));
-  ev.val = at::empty({ev.binary ? 0 : ev.nnz}, x.options());
-  int32_t* out_idx = ev.idx.data_ptr<int32_t>();
-  scalar_t* out_val = ev.binary ? nullptr : ev.val.data_ptr<scalar_t>();
-  at::parallel_for(0, B, grain_for(T + ev.nnz / std::max<int64_t>(B, 1)), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t t = 0; t < T; ++t) ptr[b * T + t + 1] += base[b];
-      std::copy(idx[b].begin(), idx[b].end(), out_idx + base[b]);
-      if (out_val) std::copy(val[b].begin(), val[b].end(), out_val + base[b]);
-    }
-  });
-  return ev;
 }
 
 // Read-only view of a CSR of events (values implicit 1 when val is null).
@@ -208,68 +173,6 @@ struct EventView {
 // 5x cheaper (measured on the 2-core AVX-512 development machine: a 32000x700x200 GEMM against
 // event rows at 2-8 % density). Below this input density the events win.
 constexpr double kEventDensityMax = 0.2;
-
-// I[t,b,:] = x[t,b,:] @ W.T + bias, either from the events (W given transposed, [N_in,N_out])
-// or from a precomputed dense GEMM result [T,B,N_out].
-template <typename scalar_t>
-struct InputCurrent {
-  using acc_t = at::opmath_type<scalar_t>;
-  EventView<scalar_t> events;
-  const scalar_t* weight_t = nullptr;  // [N_in, N_out]
-  const scalar_t* bias = nullptr;
-  const scalar_t* dense = nullptr;     // [T, B, N_out] when the GEMM path is used
-  int64_t B = 0, n_out = 0;
-
-  void fill(int64_t b, int64_t t, acc_t* cur) const {
-    if (dense) {
-      const scalar_t* row = dense + (t * B + b) * n_out;
-      for (int64_t j = 0; j < n_out; ++j) cur[j] = static_cast<acc_t>(row[j]);
-      return;
-    }
-    for (int64_t j = 0; j < n_out; ++j) cur[j] = bias ? static_cast<acc_t>(bias[j]) : acc_t(0);
-    int64_t e = events.begin(b, t);
-    const int64_t e_end = events.end(b, t);
-    if (!events.val) {  // binary input: add weight rows, four at a time to save passes over cur
-      for (; e + 4 <= e_end; e += 4) {
-        const scalar_t* w0 = weight_t + events.idx[e] * n_out;
-        const scalar_t* w1 = weight_t + events.idx[e + 1] * n_out;
-        const scalar_t* w2 = weight_t + events.idx[e + 2] * n_out;
-        const scalar_t* w3 = weight_t + events.idx[e + 3] * n_out;
-        for (int64_t j = 0; j < n_out; ++j)
-          cur[j] += (static_cast<acc_t>(w0[j]) + static_cast<acc_t>(w1[j])) +
-                    (static_cast<acc_t>(w2[j]) + static_cast<acc_t>(w3[j]));
-      }
-    }
-    for (; e < e_end; ++e) {
-      axpy<acc_t>(n_out, static_cast<acc_t>(events.value(e)), weight_t + events.idx[e] * n_out, cur);
-    }
-  }
-};
-
-// Chooses the path for the input current and owns the buffers it needs.
-template <typename scalar_t>
-struct CurrentPlan {
-  at::Tensor weight_t, dense;
-  InputCurrent<scalar_t> current;
-
-  CurrentPlan(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-              const Events& ev) {
-    const int64_t T = x.size(0), B = x.size(1), n_in = x.size(2), n_out = weight.size(0);
-    const double density = x.numel() > 0 ? double(ev.nnz) / double(x.numel()) : 0.0;
-    current.B = B;
-    current.n_out = n_out;
-    if (density <= kEventDensityMax) {
-      weight_t = weight.t().contiguous();
-      current.events = EventView<scalar_t>(ev.ptr, ev.idx, ev.val, T);
-      current.weight_t = weight_t.data_ptr<scalar_t>();
-      current.bias = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    } else {
-      auto x2 = x.reshape({T * B, n_in});
-      dense = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-      current.dense = dense.data_ptr<scalar_t>();
-    }
-  }
-};
 
 }  // namespace cpu
 }  // namespace sparsegrad

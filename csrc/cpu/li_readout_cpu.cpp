@@ -5,6 +5,7 @@
 #include <cstring>
 #include <string>
 
+#include "cpu/row_kernels.h"
 #include "cpu/trace_backward.h"
 
 namespace sparsegrad {
@@ -19,9 +20,9 @@ FwdOut li_readout_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = x.size(0), B = x.size(1), n_out = weight.size(0);
   const acc_t alpha = alpha_d;
-  Events ev = build_events<scalar_t>(x);
-  CurrentPlan<scalar_t> plan(x, weight, bias, ev);
-  const InputCurrent<scalar_t>& current = plan.current;
+  const auto scan = scan_events<scalar_t>(x);
+  const ScannedEvents& ev = scan->ev;
+  const RowCurrent<scalar_t> current(x, weight, bias, *scan);
 
   auto out = reduce == kReduceNone ? at::empty({T, B, n_out}, x.options())
                                      : at::empty({B, n_out}, x.options());
@@ -32,7 +33,7 @@ FwdOut li_readout_forward_impl(const at::Tensor& x, const at::Tensor& weight,
 
   const int64_t work_per_b = T * n_out + ev.nnz / std::max<int64_t>(B, 1) * n_out;
   at::parallel_for(0, B, grain_for(work_per_b), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> u(n_out), cur(n_out), acc(n_out);
+    std::vector<acc_t> u(n_out), cur(current.width), acc(n_out);
     std::vector<int64_t> arg(n_out);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(u.begin(), u.end(), acc_t(0));
@@ -65,7 +66,7 @@ FwdOut li_readout_forward_impl(const at::Tensor& x, const at::Tensor& weight,
       }
     }
   });
-  return {out, argmax, ev.ptr, ev.idx, ev.val};
+  return {out, argmax, ev.off, ev.idx, ev.val};
 }
 
 FwdOut li_readout_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,

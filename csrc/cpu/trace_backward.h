@@ -138,17 +138,7 @@ void trace_backward(const TraceProblem<scalar_t>& p, const Inject& inject) {
 // order (b ascending, t fixed) does not depend on the thread count.
 // Work: nnz(x) * N_out / lanes vector adds (from L2) plus T * B * N_out / lanes for the walks.
 // ------------------------------------------------------------------------------------------
-constexpr int64_t kTileBytes = 64;
 constexpr int kTileGroup = 8;
-
-template <typename acc_t>
-constexpr int64_t tile_lanes() { return kTileBytes / int64_t(sizeof(acc_t)); }
-
-// One SIMD register of acc_t as a GCC/Clang vector (lowered to the vector units -march allows).
-template <typename acc_t>
-struct TileVec {
-  typedef acc_t type __attribute__((vector_size(kTileBytes)));
-};
 
 // The LIF injections: delta = grad_spikes[t,b,j] * sg at each active entry (rows b*T + t).
 template <typename scalar_t>
