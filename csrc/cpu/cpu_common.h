@@ -152,6 +152,16 @@ inline uint32_t nonzero_mask(const scalar_t* p, int64_t n) {
   return mask;
 }
 
+// Per-row int32 counts [rows] from int64 offsets [rows + 1] (a row holds at most 2^31 - 1 entries).
+inline at::Tensor counts_from_offsets(const at::Tensor& offsets) {
+  const int64_t rows = offsets.numel() - 1;
+  at::Tensor cnt = at::empty({rows}, offsets.options().dtype(at::kInt));
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  int32_t* c = cnt.data_ptr<int32_t>();
+  for (int64_t r = 0; r < rows; ++r) c[r] = static_cast<int32_t>(o[r + 1] - o[r]);
+  return cnt;
+}
+
 // Read-only view of a CSR of events (values implicit 1 when val is null).
 template <typename scalar_t>
 struct EventView {

@@ -15,7 +15,18 @@ namespace cpu {
 namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                           at::Tensor, at::Tensor, at::Tensor>;
+                           at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// words[w] bit l = (s[32w + l] > 0) for the n neurons of a row (rst_bits, op_schemas.h).
+template <typename acc_t>
+inline void pack_spikes(const acc_t* s, int64_t n, int32_t* words) {
+  for (int64_t w = 0; w * 32 < n; ++w) {
+    const int64_t m = std::min<int64_t>(32, n - w * 32);
+    uint32_t bits = 0;
+    for (int64_t l = 0; l < m; ++l) bits |= static_cast<uint32_t>(s[w * 32 + l] > acc_t(0)) << l;
+    words[w] = static_cast<int32_t>(bits);
+  }
+}
 
 // Appends the active entries of one padded row v[0 .. tiles*L) (|V - threshold| < b_th, j <
 // n_out) with their surrogate sg_row[j] to idx/sg, in ascending j; returns how many. May write up
@@ -75,6 +86,7 @@ struct LifForwardArgs {
   scalar_t* v_final = nullptr;
   scalar_t* sg_dense = nullptr;  // dense mode
   int32_t* act_cnt = nullptr;    // sparse mode: [B*T]
+  int32_t* rst_bits = nullptr;   // reset to zero: [T, B, words], R[t] = S[t-1]
 };
 
 // Batch elements b0..b1-1, in blocks (t outer, b inner). Sparse mode appends each row's active
@@ -111,6 +123,7 @@ int64_t lif_rows(const LifForwardArgs<scalar_t>& a, int64_t b0, int64_t b1,
       if (act) act->reserve((c1 - c0) * n_out);
       for (int64_t b = c0; b < c1; ++b) {
         acc_t *v = buf.get() + 2 * (b - c0) * width, *s = v + width;
+        if (kReset == kResetZero) pack_spikes(s, n_out, a.rst_bits + (t * B + b) * bit_words(n_out));
         current.fill(b, t, cur);
         for (int64_t j = 0; j < width; ++j) {
           v[j] = math::integrate(v[j], cur[j], s[j], alpha, threshold, kReset);
@@ -174,7 +187,8 @@ template <typename scalar_t>
 Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& v_init,
                          const c10::optional<at::Tensor>& s_init, double alpha, double threshold,
-                         double b_th, double slope, bool sparse, int surrogate, int reset) {
+                         double b_th, double slope, bool sparse, NeuronKinds kinds) {
+  const int surrogate = kinds.surrogate, reset = kinds.reset;
   const int64_t T = x.size(0), B = x.size(1), n_out = weight.size(0);
   const auto int_opts = x.options().dtype(at::kInt);
   const auto long_opts = x.options().dtype(at::kLong);
@@ -187,6 +201,9 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   auto v_final = at::empty({B, n_out}, x.options());
   at::Tensor sg_dense = sparse ? at::empty({0}, x.options()) : at::empty({T, B, n_out}, x.options());
   at::Tensor act_cnt = at::empty({sparse ? B * T : 0}, int_opts);
+  // Reset to zero: the backward needs the spikes that reset V (rst_bits, op_schemas.h).
+  at::Tensor rst_bits = at::empty({reset == kResetZero ? T * B * bit_words(n_out) : 0}, int_opts);
+  if (reset == kResetZero) rst_bits = rst_bits.view({T, B, bit_words(n_out)});
 
   LifForwardArgs<scalar_t> a;
   a.current = &current;
@@ -198,6 +215,7 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   a.v_final = v_final.data_ptr<scalar_t>();
   a.sg_dense = sparse ? nullptr : sg_dense.data_ptr<scalar_t>();
   a.act_cnt = sparse ? act_cnt.data_ptr<int32_t>() : nullptr;
+  a.rst_bits = reset == kResetZero ? rst_bits.data_ptr<int32_t>() : nullptr;
 
   RowLists<scalar_t> act_rows(T, sparse ? B : 0, a.act_cnt);
   std::vector<int64_t> fired(B, 0);
@@ -219,31 +237,31 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
 
   if (!sparse) {
     st[1] = T * B * n_out;
-    auto empty_long = at::empty({0}, long_opts);
-    auto empty_int = at::empty({0}, int_opts);
-    auto empty_val = at::empty({0}, x.options());
-    return {spikes, v_final, empty_long, empty_int, sg_dense, empty_long.clone(), empty_int.clone(),
-            empty_val.clone(), stats};
+    auto empty_int = [&] { return at::empty({0}, int_opts); };
+    return {spikes, v_final, empty_int(), empty_int(), sg_dense, empty_int(), empty_int(),
+            at::empty({0}, x.options()), rst_bits, stats};
   }
-  auto act_ptr = at::empty({B * T + 1}, long_opts);
-  int64_t* off = act_ptr.data_ptr<int64_t>();
+  std::vector<int64_t> act_off(B * T + 1);
+  int64_t* off = act_off.data();
   offsets_from_counts(act_cnt.data_ptr<int32_t>(), B * T, off);
   const int64_t n_active = off[B * T];
   st[1] = n_active;
   auto act_idx = at::empty({n_active}, int_opts);
   auto act_sg = at::empty({n_active}, x.options());
   gather_rows<scalar_t>(act_rows, off, B, act_idx.data_ptr<int32_t>(), act_sg.data_ptr<scalar_t>());
-  return {spikes, v_final, act_ptr, act_idx, act_sg, ev.off, ev.idx, ev.val, stats};
+  return {spikes, v_final, act_cnt, act_idx, act_sg, ev.cnt, ev.idx, ev.val, rst_bits, stats};
 }
 
 Outputs lif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                         const c10::optional<at::Tensor>& bias_in,
                         const c10::optional<at::Tensor>& v_init_in,
                         const c10::optional<at::Tensor>& s_init_in,
-                        const c10::optional<at::Tensor>& /*x_act_ptr: used by the backward*/,
+                        const c10::optional<at::Tensor>& /*x_act_cnt: used by the backward*/,
                         const c10::optional<at::Tensor>& /*x_act_idx*/, double alpha,
-                        double threshold, double b_th, double slope, bool sparse) {
-  check_lif_forward_args(x_in, weight_in, bias_in, v_init_in, s_init_in, alpha, threshold, b_th, slope);
+                        double threshold, double b_th, double slope, bool sparse,
+                        c10::string_view surrogate, c10::string_view reset) {
+  const NeuronKinds kinds = check_lif_forward_args(x_in, weight_in, bias_in, v_init_in, s_init_in,
+                                                   alpha, threshold, b_th, slope, surrogate, reset);
   auto contiguous = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
     return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
   };
@@ -251,8 +269,7 @@ Outputs lif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lif_forward_cpu", [&] {
     out = lif_forward_impl<scalar_t>(x, weight, contiguous(bias_in), contiguous(v_init_in),
-                                     contiguous(s_init_in), alpha, threshold, b_th, slope, sparse,
-                                     kFastSigmoid, kResetSubtract);
+                                     contiguous(s_init_in), alpha, threshold, b_th, slope, sparse, kinds);
   });
   return out;
 }
