@@ -9,6 +9,7 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -160,6 +161,24 @@ inline at::Tensor counts_from_offsets(const at::Tensor& offsets) {
   int32_t* c = cnt.data_ptr<int32_t>();
   for (int64_t r = 0; r < rows; ++r) c[r] = static_cast<int32_t>(o[r + 1] - o[r]);
   return cnt;
+}
+
+// Every index of a compact tensor in [0, bound): one vectorised pass (O(entries), a few
+// microseconds per 10^5 entries), so that no kernel reads or writes out of bounds when the ops are
+// called directly with tensors that were not made by a sparsegrad forward.
+inline void check_index_range(const at::Tensor& idx, int64_t bound, const char* op, const char* name) {
+  const int64_t n = idx.numel();
+  if (n == 0) return;
+  const int32_t* p = idx.data_ptr<int32_t>();
+  const uint32_t ubound = static_cast<uint32_t>(std::min<int64_t>(bound, int64_t(1) << 31));
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, n, int64_t(1) << 18, [&](int64_t e0, int64_t e1) {
+    uint32_t out = 0;
+    for (int64_t e = e0; e < e1; ++e) out |= static_cast<uint32_t>(static_cast<uint32_t>(p[e]) >= ubound);
+    if (out) bad = true;
+  });
+  SG_CHECK(!bad, op, name, "holds an index outside [0, ", bound,
+           "): this is not a compact tensor made by a sparsegrad forward op for these shapes");
 }
 
 // Read-only view of a CSR of events (values implicit 1 when val is null).

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/row_kernels.h"
+#include "cpu/tiled_backward.h"
 #include "cpu/trace_backward.h"
 
 namespace sparsegrad {
@@ -87,6 +88,40 @@ FwdOut li_readout_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_i
 
 using BwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// The readout's injections dL/dU[t, b, j] for the tiled walk, by reduction.
+template <typename acc_t, typename scalar_t>
+struct ReadoutInject {
+  const scalar_t* g = nullptr;  // [B, N_out] ([T, B, N_out] for "none")
+  int64_t T = 0, B = 0, n_out = 0;
+  acc_t per_step = 1;
+  ReduceKind reduce = kReduceSum;
+  DeltaRows<acc_t> max_rows;    // "max": one entry per (b, j) at its argmax step
+  bool operator()(int64_t b, int64_t t, int64_t j_lo, int64_t span, acc_t* buf) const {
+    if (reduce == kReduceMax) {
+      std::fill(buf, buf + span, acc_t(0));
+      const int64_t r = b * T + t;
+      bool any = false;
+      for (int64_t e = max_rows.off[r]; e < max_rows.off[r + 1]; ++e) {
+        const int64_t j = max_rows.idx[e] - j_lo;
+        const bool inside = static_cast<uint64_t>(j) < static_cast<uint64_t>(span);
+        buf[inside ? j : span] = max_rows.delta[e];
+        any |= inside;
+      }
+      return any;
+    }
+    const int64_t n = std::max<int64_t>(0, std::min(span, n_out - j_lo));
+    if (reduce == kReduceNone) {
+      const scalar_t* row = g + (t * B + b) * n_out + j_lo;
+      for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<acc_t>(row[k]);
+    } else {
+      const scalar_t* row = g + b * n_out + j_lo;
+      for (int64_t k = 0; k < n; ++k) buf[k] = per_step * static_cast<acc_t>(row[k]);
+    }
+    std::fill(buf + n, buf + span, acc_t(0));
+    return n > 0;
+  }
+};
+
 template <typename scalar_t>
 BwdOut li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& argmax,
                                 const at::Tensor& weight, const at::Tensor& ev_ptr,
@@ -97,50 +132,95 @@ BwdOut li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& ar
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = grad_out.size(-2), n_out = weight.size(0), n_in = weight.size(1);
   const auto opts = grad_out.options();
-  const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const BatchChunks chunks(B);
-
-  TraceProblem<scalar_t> p;
-  p.T = T; p.B = B; p.n_in = n_in; p.n_out = n_out;
-  p.alpha = static_cast<acc_t>(alpha);
-  p.scale = acc_t(1) - p.alpha;
-  p.weight = weight.data_ptr<scalar_t>();
-  at::Tensor weight_t;
-  if (need_dx && prev_ptr.has_value()) weight_t = restrict_dx(p, weight, *prev_ptr, *prev_idx);
-  p.events = EventView<scalar_t>(ev_ptr, ev_idx, ev_val, T);
-  at::Tensor dx = need_dx ? at::zeros({T, B, n_in}, opts) : at::empty({0}, opts);
-  at::Tensor db_parts = need_db ? at::zeros({chunks.count, n_out}, acc_opts) : at::Tensor();
-  at::Tensor dw_parts = need_dw ? at::zeros({chunks.count, n_in * n_out}, acc_opts) : at::Tensor();
-  p.dx = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
-  p.db_parts = need_db ? db_parts.data_ptr<acc_t>() : nullptr;
-  p.dw_t_parts = need_dw ? dw_parts.data_ptr<acc_t>() : nullptr;
-
   const scalar_t* g = grad_out.data_ptr<scalar_t>();
-  const int64_t* am = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
   const acc_t per_step = reduce == kReduceMean ? acc_t(1) / acc_t(T) : acc_t(1);
-  auto inject = [&](int64_t b, int64_t t, auto&& emit) {
-    for (int64_t j = 0; j < n_out; ++j) {
-      switch (reduce) {
-        case kReduceMax:
-          if (am[b * n_out + j] == t) emit(j, static_cast<acc_t>(g[b * n_out + j]));
-          break;
-        case kReduceSum:
-        case kReduceMean:
-          emit(j, per_step * static_cast<acc_t>(g[b * n_out + j]));
-          break;
-        case kReduceNone:
-          emit(j, static_cast<acc_t>(g[(t * B + b) * n_out + j]));
-          break;
-      }
-    }
-  };
-  if (need_dx || need_dw || need_db) trace_backward<scalar_t>(p, inject);
+  const bool dx_in_walk = need_dx && prev_ptr.has_value();
 
-  at::Tensor dw = at::empty({0}, opts), db = at::empty({0}, opts);
-  if (need_dw) {
-    dw = sum_chunks<scalar_t>(dw_parts, {n_in, n_out}, p.scale, opts).t().contiguous();
+  at::Tensor dw = need_dw ? at::empty({n_out, n_in}, opts) : at::empty({0}, opts);
+  at::Tensor db = need_db ? at::empty({n_out}, opts) : at::empty({0}, opts);
+  at::Tensor dx = at::empty({0}, opts);
+  if (need_dx) dx = dx_in_walk ? at::empty({T, B, n_in}, opts) : at::zeros({T, B, n_in}, opts);
+
+  if (need_dw || need_db || dx_in_walk) {
+    TiledProblem<scalar_t> p;
+    p.T = T; p.B = B; p.n_in = n_in; p.n_out = n_out;
+    p.alpha = static_cast<acc_t>(alpha);
+    p.scale = acc_t(1) - p.alpha;
+    p.ev_off = ev_ptr.data_ptr<int64_t>();
+    p.ev_idx = ev_idx.data_ptr<int32_t>();
+    p.ev_val = ev_val.numel() > 0 ? ev_val.data_ptr<scalar_t>() : nullptr;
+    at::Tensor weight_t;
+    if (dx_in_walk) {
+      p.width = Padded<acc_t>::width(n_out);
+      weight_t = at::zeros({n_in, p.width}, weight.options());
+      if (weight.numel() > 0) weight_t.narrow(1, 0, n_out).copy_(weight.t());
+      p.weight_t = weight_t.data_ptr<scalar_t>();
+      p.prev_off = prev_ptr->data_ptr<int64_t>();
+      p.prev_idx = prev_idx->data_ptr<int32_t>();
+      p.dx = dx.data_ptr<scalar_t>();
+    }
+    p.dw = need_dw ? dw.data_ptr<scalar_t>() : nullptr;
+    p.db = need_db ? db.data_ptr<scalar_t>() : nullptr;
+
+    ReadoutInject<acc_t, scalar_t> inject;
+    inject.g = g;
+    inject.T = T; inject.B = B; inject.n_out = n_out;
+    inject.per_step = per_step;
+    inject.reduce = reduce;
+    // "max": the (b, j) entries grouped by their step (a counting sort; argmax_t outside [0, T)
+    // injects nothing, as a comparison with every step would).
+    std::vector<int64_t> off;
+    std::vector<int32_t> idx;
+    std::vector<acc_t> delta;
+    if (reduce == kReduceMax) {
+      const int64_t* am = argmax.data_ptr<int64_t>();
+      off.assign(B * T + 1, 0);
+      for (int64_t k = 0; k < B * n_out; ++k) {
+        const int64_t t = am[k];
+        if (t >= 0 && t < T) ++off[(k / n_out) * T + t + 1];
+      }
+      for (int64_t r = 0; r < B * T; ++r) off[r + 1] += off[r];
+      idx.resize(std::max<int64_t>(1, off[B * T]));
+      delta.resize(idx.size());
+      std::vector<int64_t> next(off.begin(), off.end() - 1);
+      for (int64_t k = 0; k < B * n_out; ++k) {  // ascending j within a row
+        const int64_t t = am[k], b = k / n_out;
+        if (t < 0 || t >= T) continue;
+        const int64_t e = next[b * T + t]++;
+        idx[e] = static_cast<int32_t>(k % n_out);
+        delta[e] = static_cast<acc_t>(g[k]);
+      }
+      inject.max_rows = DeltaRows<acc_t>{off.data(), idx.data(), delta.data()};
+    }
+    tiled_backward<scalar_t>(p, inject);
   }
-  if (need_db) db = sum_chunks<scalar_t>(db_parts, {n_out}, p.scale, opts);
+
+  if (need_dx && !dx_in_walk) {  // dx everywhere: the reverse walk in input space
+    const int64_t* am = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
+    auto emit_all = [&](int64_t b, int64_t t, auto&& emit) {
+      for (int64_t j = 0; j < n_out; ++j) {
+        switch (reduce) {
+          case kReduceMax:
+            if (am[b * n_out + j] == t) emit(j, static_cast<acc_t>(g[b * n_out + j]));
+            break;
+          case kReduceSum:
+          case kReduceMean:
+            emit(j, per_step * static_cast<acc_t>(g[b * n_out + j]));
+            break;
+          case kReduceNone:
+            emit(j, static_cast<acc_t>(g[(t * B + b) * n_out + j]));
+            break;
+        }
+      }
+    };
+    TraceProblem<scalar_t> p;
+    p.T = T; p.B = B; p.n_in = n_in; p.n_out = n_out;
+    p.alpha = static_cast<acc_t>(alpha);
+    p.scale = acc_t(1) - p.alpha;
+    p.weight = weight.data_ptr<scalar_t>();
+    p.dx = dx.data_ptr<scalar_t>();
+    trace_backward<scalar_t>(p, emit_all);
+  }
   return {dx, dw, db};
 }
 
@@ -158,6 +238,8 @@ BwdOut li_readout_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   const at::Tensor ev_ptr = row_offsets(ev_cnt, ev_idx.numel(), weight_in.size(1), op, "ev_cnt");
   c10::optional<at::Tensor> prev_ptr;
   if (prev_cnt.has_value()) prev_ptr = row_offsets(*prev_cnt, prev_idx->numel(), weight_in.size(1), op, "prev_cnt");
+  check_index_range(ev_idx.contiguous(), weight_in.size(1), op, "ev_idx");
+  if (prev_idx.has_value() && need_dx) check_index_range(prev_idx->contiguous(), weight_in.size(1), op, "prev_idx");
   auto cont = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
     return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
   };

@@ -2,6 +2,7 @@
 // (standard surrogate BPTT: reverse scan + two GEMMs).
 #include <torch/library.h>
 
+#include "cpu/tiled_backward.h"
 #include "cpu/trace_backward.h"
 
 namespace sparsegrad {
@@ -9,6 +10,41 @@ namespace cpu {
 namespace {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// delta[e] = dL/dS * surrogate at each active entry (rows b*T + t): computed once, read by every
+// tile group's walk in order.
+template <typename scalar_t>
+std::unique_ptr<at::opmath_type<scalar_t>[]> active_deltas(const scalar_t* gS, const int64_t* off,
+                                                           const int32_t* idx, const scalar_t* sg,
+                                                           int64_t T, int64_t B, int64_t n_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = off[B * T];
+  std::unique_ptr<acc_t[]> delta(new acc_t[std::max<int64_t>(1, n)]);
+  // The rows of dL/dS an element reads are B * N_out apart: fetch them a few steps ahead.
+  constexpr int64_t kAhead = 8;
+  at::parallel_for(0, B, grain_for(T + n / std::max<int64_t>(B, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        if (t + kAhead < T) {
+          const int64_t ra = b * T + t + kAhead;
+          const scalar_t* g_ahead = gS + ((t + kAhead) * B + b) * n_out;
+          for (int64_t e = off[ra]; e < off[ra + 1]; ++e) __builtin_prefetch(g_ahead + idx[e]);
+        }
+        const scalar_t* g_row = gS + (t * B + b) * n_out;
+        const int64_t r = b * T + t;
+        for (int64_t e = off[r]; e < off[r + 1]; ++e)
+          delta[e] = static_cast<acc_t>(g_row[idx[e]]) * static_cast<acc_t>(sg[e]);
+      }
+  });
+  return delta;
+}
+
+// W^T [N_in, N_out] padded with zeros to whole tiles, [N_in, width].
+inline at::Tensor padded_weight_t(const at::Tensor& weight, int64_t width) {
+  at::Tensor wt = at::zeros({weight.size(1), width}, weight.options());
+  if (weight.numel() > 0) wt.narrow(1, 0, weight.size(0)).copy_(weight.t());
+  return wt;
+}
 
 template <typename scalar_t>
 Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
@@ -23,57 +59,71 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
   const int64_t T = gS.size(0), B = gS.size(1), n_out = weight.size(0), n_in = weight.size(1);
   const auto opts = gS.options();
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const BatchChunks chunks(B);
+
+  const int64_t* aptr = act_ptr.data_ptr<int64_t>();
+  const int32_t* aidx = act_idx.data_ptr<int32_t>();
+  const auto delta = active_deltas<scalar_t>(gS.data_ptr<scalar_t>(), aptr, aidx,
+                                             act_sg.data_ptr<scalar_t>(), T, B, n_out);
+  const acc_t* dl = delta.get();
+  auto inject = [&](int64_t b, int64_t t, auto&& emit) {
+    const int64_t r = b * T + t;
+    for (int64_t e = aptr[r]; e < aptr[r + 1]; ++e) emit(int64_t(aidx[e]), dl[e]);
+  };
+
+  const bool dx_restricted =
+      need_dx && prev_ptr.has_value() &&
+      restrict_dx_to_producer(prev_idx->numel(), act_idx.numel(), T, B, n_in, n_out);
+  // Reset to zero cuts the trace per neuron: only the events route handles that.
+  const DwRoute route = rst_bits.has_value()
+                            ? DwRoute::kEvents
+                            : choose_dw_route(dw_route, ev_idx.numel(), act_idx.numel(), T, B, n_in, n_out);
+  at::Tensor dw = need_dw ? at::empty({n_out, n_in}, opts) : at::empty({0}, opts);
+  at::Tensor db = need_db ? at::empty({n_out}, opts) : at::empty({0}, opts);
+  at::Tensor dv = need_dv ? at::empty({B, n_out}, opts) : at::empty({0}, opts);
+  at::Tensor dx = at::empty({0}, opts);
+  const bool dx_in_walk = dx_restricted && route == DwRoute::kEvents;
+  if (need_dx) dx = dx_in_walk ? at::empty({T, B, n_in}, opts) : at::zeros({T, B, n_in}, opts);
+
+  if (route == DwRoute::kEvents) {
+    if (need_dw || need_db || need_dv || dx_in_walk) {
+      TiledProblem<scalar_t> p;
+      p.T = T; p.B = B; p.n_in = n_in; p.n_out = n_out;
+      p.alpha = static_cast<acc_t>(alpha);
+      p.g_init = gV.has_value() ? gV->data_ptr<scalar_t>() : nullptr;
+      p.rst_bits = rst_bits.has_value() ? rst_bits->data_ptr<int32_t>() : nullptr;
+      p.ev_off = ev_ptr.data_ptr<int64_t>();
+      p.ev_idx = ev_idx.data_ptr<int32_t>();
+      p.ev_val = ev_val.numel() > 0 ? ev_val.data_ptr<scalar_t>() : nullptr;
+      at::Tensor weight_t;
+      if (dx_in_walk) {
+        p.width = Padded<acc_t>::width(n_out);
+        weight_t = padded_weight_t(weight, p.width);
+        p.weight_t = weight_t.data_ptr<scalar_t>();
+        p.prev_off = prev_ptr->data_ptr<int64_t>();
+        p.prev_idx = prev_idx->data_ptr<int32_t>();
+        p.dx = dx.data_ptr<scalar_t>();
+      }
+      p.dw = need_dw ? dw.data_ptr<scalar_t>() : nullptr;
+      p.db = need_db ? db.data_ptr<scalar_t>() : nullptr;
+      p.dv = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
+      SparseInject<acc_t> injector;
+      injector.rows = DeltaRows<acc_t>{aptr, aidx, dl};
+      injector.T = T;
+      tiled_backward<scalar_t>(p, injector);
+    }
+  }
 
   TraceProblem<scalar_t> p;
   p.T = T; p.B = B; p.n_in = n_in; p.n_out = n_out;
   p.alpha = static_cast<acc_t>(alpha);
   p.scale = acc_t(1);
   p.weight = weight.data_ptr<scalar_t>();
-  at::Tensor weight_t;
-  const bool dx_restricted =
-      need_dx && prev_ptr.has_value() &&
-      restrict_dx_to_producer(prev_idx->numel(), act_idx.numel(), T, B, n_in, n_out);
-  if (dx_restricted) weight_t = restrict_dx(p, weight, *prev_ptr, *prev_idx);
   p.g_init = gV.has_value() ? gV->data_ptr<scalar_t>() : nullptr;
   p.events = EventView<scalar_t>(ev_ptr, ev_idx, ev_val, T);
   if (rst_bits.has_value()) p.rst_bits = rst_bits->data_ptr<int32_t>();
-
-  at::Tensor dx = need_dx ? at::zeros({T, B, n_in}, opts) : at::empty({0}, opts);
-  at::Tensor dv = need_dv ? at::empty({B, n_out}, opts) : at::empty({0}, opts);
-  p.dx = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
-  p.dv = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
-
-  const int64_t* aptr = act_ptr.data_ptr<int64_t>();
-  const int32_t* aidx = act_idx.data_ptr<int32_t>();
-  const scalar_t* asg = act_sg.data_ptr<scalar_t>();
-  const scalar_t* g = gS.data_ptr<scalar_t>();
-  auto inject = [&](int64_t b, int64_t t, auto&& emit) {
-    const int64_t r = b * T + t;
-    const scalar_t* g_row = g + (t * B + b) * n_out;
-    for (int64_t e = aptr[r]; e < aptr[r + 1]; ++e) {
-      const int64_t j = aidx[e];
-      emit(j, static_cast<acc_t>(g_row[j]) * static_cast<acc_t>(asg[e]));
-    }
-  };
-
-  at::Tensor dw = at::empty({0}, opts), db = at::empty({0}, opts);
-  // Reset to zero cuts the trace per neuron: only the events route handles that.
-  const DwRoute route = p.rst_bits ? DwRoute::kEvents
-                                   : choose_dw_route(dw_route, ev_idx.numel(), act_idx.numel(), T, B, n_in, n_out);
-  if (route == DwRoute::kEvents) {
-    if (need_dw) dw = at::empty({n_out, n_in}, opts);
-    if (need_db) db = at::empty({n_out}, opts);
-    if (need_dw || need_db || need_dv || dx_restricted) {  // restricted dx in the same walk
-      EventsByInput<scalar_t> by_input;
-      if (need_dw) by_input = events_by_input<scalar_t>(p.events, T, B, n_in);
-      ActiveView<scalar_t> act{aptr, aidx, asg, g};
-      tiled_event_backward<scalar_t>(p, act, need_dw ? &by_input : nullptr,
-                                     need_dw ? dw.data_ptr<scalar_t>() : nullptr,
-                                     need_db ? db.data_ptr<scalar_t>() : nullptr);
-    }
-  } else {
+  if (route == DwRoute::kActive && (need_dw || need_db || need_dv)) {
     // dW, db, dv by the forward walk over active entries.
+    const BatchChunks chunks(B);
     at::Tensor dw_parts, db_parts;
     if (need_dw) {
       dw_parts = at::zeros({chunks.count, n_out * n_in}, acc_opts);
@@ -83,14 +133,18 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
       db_parts = at::zeros({chunks.count, n_out}, acc_opts);
       p.db_parts = db_parts.data_ptr<acc_t>();
     }
-    if (need_dw || need_db || need_dv) trace_forward_active<scalar_t>(p, inject);
+    p.dv = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
+    trace_forward_active<scalar_t>(p, inject);
     if (need_dw) dw = sum_chunks<scalar_t>(dw_parts, {n_out, n_in}, acc_t(1), opts);
     if (need_db) db = sum_chunks<scalar_t>(db_parts, {n_out}, acc_t(1), opts);
   }
-  if (need_dx && !(dx_restricted && route == DwRoute::kEvents)) {  // dx by the reverse walk
+  if (need_dx && !dx_in_walk) {  // dx by the reverse walk (everywhere, or on the producer's set)
     TraceProblem<scalar_t> dx_only = p;
     dx_only.dw_t_parts = dx_only.dw_parts = dx_only.db_parts = nullptr;
     dx_only.dv = nullptr;
+    dx_only.dx = dx.data_ptr<scalar_t>();
+    at::Tensor weight_t;
+    if (dx_restricted) weight_t = restrict_dx(dx_only, weight, *prev_ptr, *prev_idx);
     trace_backward<scalar_t>(dx_only, inject);
   }
   return {dx, dw, db, dv};
@@ -111,6 +165,9 @@ Grads lif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optional
   const at::Tensor ev_ptr = row_offsets(ev_cnt, ev_idx.numel(), weight.size(1), op, "ev_cnt");
   c10::optional<at::Tensor> prev_ptr;
   if (prev_cnt.has_value()) prev_ptr = row_offsets(*prev_cnt, prev_idx->numel(), weight.size(1), op, "prev_cnt");
+  check_index_range(act_idx.contiguous(), weight.size(0), op, "act_idx");
+  check_index_range(ev_idx.contiguous(), weight.size(1), op, "ev_idx");
+  if (prev_idx.has_value() && need_dx) check_index_range(prev_idx->contiguous(), weight.size(1), op, "prev_idx");
   const at::Tensor gS = grad_spikes.contiguous(), w = weight.contiguous();
   c10::optional<at::Tensor> gV;
   if (grad_v_final.has_value()) gV = grad_v_final->contiguous();

@@ -1,0 +1,359 @@
+// The reverse-time walk of the LIF and readout backwards by input events ("events route"), in
+// tiles of output neurons held in SIMD registers. CPU only (the CUDA build does not include it).
+//
+// Each neuron's trace G[:, b, j] depends only on its own injections, so the output neurons split
+// into tiles of one register (L = 64 / sizeof(acc_t) lanes) and the tiles into fixed groups of at
+// most kTileGroup (the split depends on N_out only). A task owns whole groups; per batch element
+// it walks t = T-1 .. 0 once with the group's traces in registers, and at each step
+//   - adds the step's injections (the walk's only scatter, through a small L1 buffer),
+//   - decays the trace (G[t] = alpha G[t+1] + delta[t]; alpha(1 - R[t+1]) under reset to zero),
+//   - adds G to db and keeps it in a buffer G [T][R] (L2),
+//   - writes the group's share of dx at each entry (t, b, i) of the producer's active set:
+//     sum over the group's neurons of G[t, j] W[j, i];
+// then, for every input i of the element, sums G over i's event times in registers (the events
+// of b grouped by input, once per call: events_by_input) and adds the sum to dW^T[i, group] once.
+// (Adding G to dW^T at every event instead, in row order, moves every dW^T line in and out of L1
+// per event: twice the cache traffic of reading G rows, measured slower than the regrouping.)
+// Each part of dW and db has one writer and is summed in a fixed order (b ascending, then fixed
+// orders within b); restricted dx is the groups' partial sums added in group order, so nothing
+// depends on the thread count.
+// Work: nnz(x) * N_out / L vector loads and adds from L2, (rows with gradient) * N_out / L for
+// the walk, |A_prev| * N_out / L multiply-adds for restricted dx; no zero-filled dense buffers
+// except dx itself.
+#pragma once
+
+#include <memory>
+#include <type_traits>
+
+#include "cpu/row_kernels.h"
+
+namespace sparsegrad {
+namespace cpu {
+
+constexpr int kTileGroup = 8;
+// At least this many groups when there are that many tiles (so small layers use two threads);
+// every extra group adds a partial sum per restricted dx entry.
+constexpr int64_t kMinGroups = 2;
+
+inline int64_t tile_group_count(int64_t tiles) {
+  return std::max((tiles + kTileGroup - 1) / kTileGroup, std::min(tiles, kMinGroups));
+}
+
+inline int64_t tile_group_begin(int64_t g, int64_t tiles, int64_t groups) { return g * tiles / groups; }
+
+// Rows b*T + t of entries (j, delta): the injections into the trace.
+template <typename acc_t>
+struct DeltaRows {
+  const int64_t* off = nullptr;  // [B*T + 1]
+  const int32_t* idx = nullptr;
+  const acc_t* delta = nullptr;
+};
+
+// The input events of each batch element grouped by input: input i of element b fired at
+// times[e] (ascending) with values[e] (null when binary) for e in [ptr[b*N_in + i], next).
+template <typename scalar_t>
+struct EventsByInput {
+  std::unique_ptr<int64_t[]> ptr;  // [B * N_in + 1]
+  std::unique_ptr<int32_t[]> times;
+  std::unique_ptr<scalar_t[]> values;
+};
+
+template <typename scalar_t>
+EventsByInput<scalar_t> events_by_input(const int64_t* off, const int32_t* idx, const scalar_t* val,
+                                        int64_t T, int64_t B, int64_t n_in) {
+  EventsByInput<scalar_t> out;
+  const int64_t nnz = off[B * T];
+  out.ptr.reset(new int64_t[B * n_in + 1]);
+  out.times.reset(new int32_t[std::max<int64_t>(1, nnz)]);
+  if (val) out.values.reset(new scalar_t[std::max<int64_t>(1, nnz)]);
+  int64_t* ptr = out.ptr.get();
+  int32_t* times = out.times.get();
+  scalar_t* values = out.values.get();
+  at::parallel_for(0, B, grain_for(T * 8 + nnz / std::max<int64_t>(B, 1)), [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> next(n_in);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = off[b * T], e1 = off[(b + 1) * T];
+      std::fill(next.begin(), next.end(), 0);
+      for (int64_t e = e0; e < e1; ++e) ++next[idx[e]];
+      int64_t pos = e0;  // the events of b keep their place; only their order changes
+      for (int64_t i = 0; i < n_in; ++i) {
+        const int64_t c = next[i];
+        ptr[b * n_in + i] = next[i] = pos;
+        pos += c;
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = b * T + t;
+        for (int64_t e = off[r]; e < off[r + 1]; ++e) {
+          const int64_t dst = next[idx[e]]++;
+          times[dst] = static_cast<int32_t>(t);
+          if (values) values[dst] = val[e];
+        }
+      }
+    }
+  });
+  ptr[B * n_in] = nnz;
+  return out;
+}
+
+template <typename scalar_t>
+struct TiledProblem {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t T = 0, B = 0, n_in = 0, n_out = 0;
+  acc_t alpha = 0, scale = 1;
+  const scalar_t* g_init = nullptr;   // [B, N_out]: dL/dV_final, or null
+  const int32_t* rst_bits = nullptr;  // reset to zero: [T, B, words], or null
+  // input events (dW), rows b*T + t
+  const int64_t* ev_off = nullptr;
+  const int32_t* ev_idx = nullptr;
+  const scalar_t* ev_val = nullptr;   // null: binary
+  const EventsByInput<scalar_t>* by_input = nullptr;  // set by tiled_backward when dw is wanted
+  // the producer's active set (restricted dx), rows b*T + t
+  const int64_t* prev_off = nullptr;
+  const int32_t* prev_idx = nullptr;
+  const scalar_t* weight_t = nullptr;  // W^T padded, [N_in, tiles * L] (restricted dx)
+  int64_t width = 0;                   // tiles * L
+  // outputs, null when not wanted
+  scalar_t* dw = nullptr;  // [N_out, N_in]
+  scalar_t* db = nullptr;  // [N_out]
+  scalar_t* dv = nullptr;  // [B, N_out]
+  scalar_t* dx = nullptr;  // [T, B, N_in], written whole (zeros outside the producer's set)
+};
+
+// Injections of one row into lanes j_lo .. j_lo + span of buf (zeroed here); returns whether any
+// entry fell inside. Entries of other groups land in the slot past the span: no branch.
+template <typename acc_t>
+struct SparseInject {
+  DeltaRows<acc_t> rows;
+  int64_t T = 0;
+  bool operator()(int64_t b, int64_t t, int64_t j_lo, int64_t span, acc_t* buf) const {
+    std::fill(buf, buf + span, acc_t(0));
+    const int64_t r = b * T + t;
+    bool any = false;
+    for (int64_t e = rows.off[r]; e < rows.off[r + 1]; ++e) {
+      const int64_t j = rows.idx[e] - j_lo;
+      const bool inside = static_cast<uint64_t>(j) < static_cast<uint64_t>(span);
+      buf[inside ? j : span] = rows.delta[e];
+      any |= inside;
+    }
+    return any;
+  }
+};
+
+template <typename acc_t>
+inline typename TileVec<acc_t>::type keep_lanes(const int32_t* bits, int64_t j0, int64_t n_out) {
+  constexpr int64_t L = tile_lanes<acc_t>();
+  typename TileVec<acc_t>::type m;
+  for (int64_t l = 0; l < L; ++l) m[l] = (j0 + l < n_out && test_bit(bits, j0 + l)) ? acc_t(0) : acc_t(1);
+  return m;
+}
+
+// For every input i of element b, adds the sum of G [T][R] over i's event times to dw_t[i][r]:
+// one pass over the event times serves R tiles.
+template <int R, typename scalar_t, typename vec>
+void add_event_sums(const vec* G, const EventsByInput<scalar_t>& by_input, int64_t b, int64_t n_in,
+                    vec* dw_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t* ptr = by_input.ptr.get() + b * n_in;
+  const int32_t* times = by_input.times.get();
+  const scalar_t* values = by_input.values.get();
+  for (int64_t i = 0; i < n_in; ++i) {
+    const int64_t q0 = ptr[i], q1 = ptr[i + 1];
+    if (q0 == q1) continue;
+    vec sum[R] = {};
+    if (values) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const vec* row = G + int64_t(times[q]) * R;
+        const acc_t v = static_cast<acc_t>(values[q]);
+        SG_UNROLL_8
+        for (int r = 0; r < R; ++r) sum[r] += v * row[r];
+      }
+    } else {
+      for (int64_t q = q0; q < q1; ++q) {
+        const vec* row = G + int64_t(times[q]) * R;
+        SG_UNROLL_8
+        for (int r = 0; r < R; ++r) sum[r] += row[r];
+      }
+    }
+    vec* d = dw_t + i * R;
+    SG_UNROLL_8
+    for (int r = 0; r < R; ++r) d[r] += sum[r];
+  }
+}
+
+// One group (tiles g0 .. g0+R-1) over every batch element. dw_t: [N_in][R] vectors (zeroed), db:
+// [R] vectors, dx_part: [|A_prev|] or null.
+template <int R, typename scalar_t, typename Inject>
+void walk_group(const TiledProblem<scalar_t>& p, const Inject& inject, int64_t g0,
+                typename TileVec<at::opmath_type<scalar_t>>::type* dw_t,
+                typename TileVec<at::opmath_type<scalar_t>>::type* db_sum,
+                at::opmath_type<scalar_t>* dx_part) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec = typename TileVec<acc_t>::type;
+  constexpr int64_t L = tile_lanes<acc_t>(), kSpan = R * L;
+  const int64_t T = p.T, B = p.B, n_out = p.n_out, j_lo = g0 * L, words = bit_words(n_out);
+  const acc_t alpha = p.alpha;
+  alignas(kTileBytes) acc_t buf[kSpan + L];
+  std::unique_ptr<vec[]> G(dw_t ? new vec[std::max<int64_t>(1, T) * R] : nullptr);  // [T][R]
+  for (int64_t b = 0; b < B; ++b) {
+    vec g[R], db_b[R];
+    bool live = p.g_init != nullptr;
+    SG_UNROLL_8
+    for (int r = 0; r < R; ++r) {
+      g[r] = db_b[r] = vec{};
+      if (p.g_init)
+        for (int64_t l = 0; l < L && j_lo + r * L + l < n_out; ++l)
+          g[r][l] = static_cast<acc_t>(p.g_init[b * n_out + j_lo + r * L + l]);
+    }
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const bool injected = inject(b, t, j_lo, kSpan, buf);
+      const int64_t r_row = b * T + t;
+      if (!live && !injected) {  // G is still exactly 0: nothing reaches dW, db or dx yet
+        if (dw_t)
+          SG_UNROLL_8
+          for (int r = 0; r < R; ++r) G[t * R + r] = vec{};
+        if (dx_part)
+          for (int64_t e = p.prev_off[r_row]; e < p.prev_off[r_row + 1]; ++e) dx_part[e] = acc_t(0);
+        continue;
+      }
+      live = true;
+      if (t < T - 1) {
+        if (p.rst_bits) {  // reset to zero: a spike at t+1 cuts the neuron's trace
+          const int32_t* cut = p.rst_bits + ((t + 1) * B + b) * words;
+          SG_UNROLL_8
+          for (int r = 0; r < R; ++r) g[r] *= keep_lanes<acc_t>(cut, j_lo + r * L, n_out);
+        }
+        SG_UNROLL_8
+        for (int r = 0; r < R; ++r) g[r] = g[r] * alpha;
+      }
+      SG_UNROLL_8
+      for (int r = 0; r < R; ++r) {
+        vec add;
+        __builtin_memcpy(&add, buf + r * L, sizeof(vec));
+        g[r] += add;
+        db_b[r] += g[r];
+      }
+      if (dw_t)
+        SG_UNROLL_8
+        for (int r = 0; r < R; ++r) G[t * R + r] = g[r];
+      if (dx_part) {
+        static_assert(std::is_same<scalar_t, acc_t>::value, "W^T rows are loaded as acc_t vectors");
+        for (int64_t e = p.prev_off[r_row]; e < p.prev_off[r_row + 1]; ++e) {
+          const scalar_t* w = p.weight_t + int64_t(p.prev_idx[e]) * p.width + j_lo;
+          vec sum{};
+          SG_UNROLL_8
+          for (int r = 0; r < R; ++r) {
+            vec wr;
+            __builtin_memcpy(&wr, w + r * L, sizeof(vec));
+            sum += g[r] * wr;
+          }
+          dx_part[e] = lane_tree_sum<L, acc_t>(sum);
+        }
+      }
+    }
+    if (dw_t && live) add_event_sums<R>(G.get(), *p.by_input, b, p.n_in, dw_t);
+    SG_UNROLL_8
+    for (int r = 0; r < R; ++r) db_sum[r] += db_b[r];
+    if (p.dv) {
+      const int32_t* cut = p.rst_bits ? p.rst_bits + b * words : nullptr;  // R[0] = s_init
+      for (int r = 0; r < R; ++r) {
+        vec dv = g[r] * alpha;
+        if (cut) dv *= keep_lanes<acc_t>(cut, j_lo + r * L, n_out);
+        for (int64_t l = 0; l < L && j_lo + r * L + l < n_out; ++l)
+          p.dv[b * n_out + j_lo + r * L + l] = static_cast<scalar_t>(dv[l]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename Inject>
+void dispatch_group(int R, const TiledProblem<scalar_t>& p, const Inject& inject, int64_t g0,
+                    typename TileVec<at::opmath_type<scalar_t>>::type* dw_t,
+                    typename TileVec<at::opmath_type<scalar_t>>::type* db_sum,
+                    at::opmath_type<scalar_t>* dx_part) {
+  switch (R) {
+    case 8: walk_group<8, scalar_t>(p, inject, g0, dw_t, db_sum, dx_part); break;
+    case 7: walk_group<7, scalar_t>(p, inject, g0, dw_t, db_sum, dx_part); break;
+    case 6: walk_group<6, scalar_t>(p, inject, g0, dw_t, db_sum, dx_part); break;
+    case 5: walk_group<5, scalar_t>(p, inject, g0, dw_t, db_sum, dx_part); break;
+    case 4: walk_group<4, scalar_t>(p, inject, g0, dw_t, db_sum, dx_part); break;
+    case 3: walk_group<3, scalar_t>(p, inject, g0, dw_t, db_sum, dx_part); break;
+    case 2: walk_group<2, scalar_t>(p, inject, g0, dw_t, db_sum, dx_part); break;
+    default: walk_group<1, scalar_t>(p, inject, g0, dw_t, db_sum, dx_part); break;
+  }
+}
+
+// Writes dx [T, B, N_in] whole, in memory order: zeros, and at each producer entry the groups'
+// partial sums (parts [groups][n_prev]) in group order, times scale. Rows are staged in a small
+// buffer and streamed out, so dx is written once and never read.
+template <typename scalar_t>
+void write_restricted_dx(const TiledProblem<scalar_t>& p, const at::opmath_type<scalar_t>* parts,
+                         int64_t groups, int64_t n_prev) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = p.T, B = p.B, n_in = p.n_in;
+  if (T * B * n_in == 0) return;
+  const int64_t rows_per_chunk = std::max<int64_t>(1, (int64_t(16) << 10) / std::max<int64_t>(1, n_in * int64_t(sizeof(scalar_t))));
+  at::parallel_for(0, T, grain_for(B * n_in / 4 + 1), [&](int64_t t0, int64_t t1) {
+    std::unique_ptr<scalar_t[]> stage(new scalar_t[rows_per_chunk * n_in]);
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t c0 = 0; c0 < B; c0 += rows_per_chunk) {
+        const int64_t c1 = std::min(B, c0 + rows_per_chunk);
+        std::fill(stage.get(), stage.get() + (c1 - c0) * n_in, scalar_t(0));
+        for (int64_t b = c0; b < c1; ++b) {
+          scalar_t* row = stage.get() + (b - c0) * n_in;
+          const int64_t r = b * T + t;
+          for (int64_t e = p.prev_off[r]; e < p.prev_off[r + 1]; ++e) {
+            acc_t sum = groups > 0 ? parts[e] : acc_t(0);
+            for (int64_t q = 1; q < groups; ++q) sum += parts[q * n_prev + e];
+            row[p.prev_idx[e]] = static_cast<scalar_t>(p.scale * sum);
+          }
+        }
+        stream_copy(p.dx + (t * B + c0) * n_in, stage.get(), (c1 - c0) * n_in);
+      }
+    }
+    stream_fence();
+  });
+}
+
+// dW, db, dv and (with prev_off) restricted dx of p, by the tiled walk.
+template <typename scalar_t, typename Inject>
+void tiled_backward(const TiledProblem<scalar_t>& p_in, const Inject& inject) {
+  TiledProblem<scalar_t> p = p_in;
+  EventsByInput<scalar_t> by_input;
+  if (p.dw && p.n_out > 0) {
+    by_input = events_by_input<scalar_t>(p.ev_off, p.ev_idx, p.ev_val, p.T, p.B, p.n_in);
+    p.by_input = &by_input;
+  }
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec = typename TileVec<acc_t>::type;
+  constexpr int64_t L = tile_lanes<acc_t>();
+  const int64_t B = p.B, T = p.T, n_in = p.n_in, n_out = p.n_out;
+  const int64_t tiles = (n_out + L - 1) / L, groups = tile_group_count(tiles);
+  const bool restricted = p.dx && p.prev_off;
+  const int64_t n_prev = restricted ? p.prev_off[B * T] : 0;
+  std::unique_ptr<acc_t[]> parts(restricted ? new acc_t[std::max<int64_t>(1, groups * n_prev)] : nullptr);
+  if (tiles > 0) {
+    at::parallel_for(0, groups, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t g0 = tile_group_begin(q, tiles, groups), g1 = tile_group_begin(q + 1, tiles, groups);
+        const int R = static_cast<int>(g1 - g0);
+        std::unique_ptr<vec[]> dw_t(p.dw ? new vec[n_in * R] : nullptr);
+        if (p.dw) std::fill(dw_t.get(), dw_t.get() + n_in * R, vec{});
+        vec db_sum[kTileGroup] = {};
+        dispatch_group<scalar_t>(R, p, inject, g0, dw_t.get(), db_sum, restricted ? parts.get() + q * n_prev : nullptr);
+        for (int r = 0; r < R; ++r) {
+          const int64_t j0 = (g0 + r) * L, lanes = std::min(L, n_out - j0);
+          if (p.dw)
+            for (int64_t l = 0; l < lanes; ++l)
+              for (int64_t i = 0; i < n_in; ++i)
+                p.dw[(j0 + l) * n_in + i] = static_cast<scalar_t>(p.scale * dw_t[i * R + r][l]);
+          if (p.db)
+            for (int64_t l = 0; l < lanes; ++l) p.db[j0 + l] = static_cast<scalar_t>(p.scale * db_sum[r][l]);
+        }
+      }
+    });
+  }
+  if (restricted) write_restricted_dx<scalar_t>(p, parts.get(), tiles > 0 ? groups : 0, n_prev);
+}
+
+}  // namespace cpu
+}  // namespace sparsegrad
