@@ -11,6 +11,18 @@ namespace {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// Zero time steps: V_final = V_init, so dL/dV_init = dL/dV_final; nothing else receives gradient.
+inline Grads no_steps_grads(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
+                            const at::Tensor& weight, bool need_dx, bool need_dw, bool need_db, bool need_dv) {
+  const auto opts = gS.options();
+  const int64_t B = gS.size(1), n_out = weight.size(0), n_in = weight.size(1);
+  at::Tensor dv = at::empty({0}, opts);
+  if (need_dv) dv = gV.has_value() ? gV->contiguous().clone() : at::zeros({B, n_out}, opts);
+  return {need_dx ? at::empty({0, B, n_in}, opts) : at::empty({0}, opts),
+          need_dw ? at::zeros({n_out, n_in}, opts) : at::empty({0}, opts),
+          need_db ? at::zeros({n_out}, opts) : at::empty({0}, opts), dv};
+}
+
 // delta[e] = dL/dS * surrogate at each active entry (rows b*T + t): computed once, read by every
 // tile group's walk in order.
 template <typename scalar_t>
@@ -161,6 +173,8 @@ Grads lif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optional
   const char* op = "lif_backward_sparse";
   check_lif_backward_sparse_args(grad_spikes, grad_v_final, weight, act_cnt, act_idx, act_sg, ev_cnt,
                                  ev_idx, ev_val, prev_cnt, prev_idx, rst_bits, alpha, dw_route);
+  if (grad_spikes.size(0) == 0)
+    return no_steps_grads(grad_spikes, grad_v_final, weight, need_dx, need_dw, need_db, need_dv);
   const at::Tensor act_ptr = row_offsets(act_cnt, act_idx.numel(), weight.size(0), op, "act_cnt");
   const at::Tensor ev_ptr = row_offsets(ev_cnt, ev_idx.numel(), weight.size(1), op, "ev_cnt");
   c10::optional<at::Tensor> prev_ptr;
@@ -223,6 +237,8 @@ Grads lif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional<
                              const c10::optional<at::Tensor>& rst_bits_in, double alpha, bool need_dx,
                              bool need_dw, bool need_db, bool need_dv) {
   check_lif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in, sg_in, rst_bits_in, alpha);
+  if (grad_spikes.size(0) == 0)
+    return no_steps_grads(grad_spikes, grad_v_final, weight_in, need_dx, need_dw, need_db, need_dv);
   c10::optional<at::Tensor> rst_bits;
   if (rst_bits_in.has_value()) rst_bits = rst_bits_in->contiguous();
   const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), n_in = weight_in.size(1),

@@ -430,6 +430,7 @@ struct RowCurrent {
   const acc_t* bias = nullptr;  // padded, or null
   const scalar_t* dense_p = nullptr;
   const RowLists<scalar_t>* rows = nullptr;
+  bool from_gemm = false;  // (an empty GEMM result has a null data pointer: keep the route apart)
   bool binary = true;
   int64_t T = 0, B = 0, n_out = 0, width = 0, tiles = 0;
 
@@ -458,11 +459,12 @@ struct RowCurrent {
       auto x2 = x.reshape({T * B, n_in});
       dense = bias_in.has_value() ? at::addmm(*bias_in, x2, weight.t()) : at::mm(x2, weight.t());
       dense_p = dense.data_ptr<scalar_t>();
+      from_gemm = true;
     }
   }
 
   void fill(int64_t b, int64_t t, acc_t* cur) const {
-    if (dense_p) {
+    if (from_gemm) {
       const scalar_t* row = dense_p + (t * B + b) * n_out;
       for (int64_t j = 0; j < n_out; ++j) cur[j] = static_cast<acc_t>(row[j]);
       for (int64_t j = n_out; j < width; ++j) cur[j] = acc_t(0);
