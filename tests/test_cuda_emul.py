@@ -62,8 +62,10 @@ def emul():
              is_python_module=False, verbose=False)
     ops = torch.ops.sparsegrad_emul
     ops.set_launch_config(0, 0, 0, 0, False)
+    ops.set_routes(0, 0)
     yield ops
     ops.set_launch_config(0, 0, 0, 0, False)
+    ops.set_routes(0, 0)
 
 
 @pytest.fixture
@@ -75,6 +77,19 @@ def launch(emul):
     emul.set_launch_config(0, 0, 0, 0, False)
 
 
+DW_ROUTES = {"events": 1, "active": 2, "gemm": 3}  # the GPU's dW routes (csrc/cuda/gpu_routes.h)
+DX_ROUTES = {"dots": 1, "gemm": 2}                # dx on a producer's active set
+
+
+@pytest.fixture
+def routes(emul):
+    """Force the GPU routes of the emulated backwards for one test, back to the cost model after."""
+    def set_routes(dw=None, dx=None):
+        emul.set_routes(DW_ROUTES[dw] if dw else 0, DX_ROUTES[dx] if dx else 0)
+    yield set_routes
+    emul.set_routes(0, 0)
+
+
 def lif_args(x, w, b, v0=None, s0=None, alpha=0.9, threshold=1.0, b_th=0.4, slope=10.0, sparse=True):
     return (x, w, b, v0, s0, None, None, alpha, threshold, b_th, slope, sparse)
 
@@ -83,6 +98,21 @@ def assert_all_equal(got, want, names):
     for g, w, n in zip(got, want, names):
         assert g.dtype == w.dtype and g.shape == w.shape, (n, g.dtype, w.dtype, g.shape, w.shape)
         assert torch.equal(g, w), f"output {n} differs"
+
+
+def bits(t):
+    """The tensor's bytes as integers: equal bits, not just equal values (-0.0 != 0.0, NaN == NaN)."""
+    t = t.contiguous()
+    if t.is_floating_point():
+        return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+    return t
+
+
+def assert_same_bits(got, want, what):
+    assert len(got) == len(want), what
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, (what, k, g.dtype, w.dtype, g.shape, w.shape)
+        assert torch.equal(bits(g), bits(w)), f"{what}: output {k} differs in its bits"
 
 
 FWD_NAMES = ["spikes", "v_final", "act_ptr", "act_idx", "act_sg", "ev_ptr", "ev_idx", "ev_val", "stats"]
@@ -190,27 +220,32 @@ def test_emul_active_set_layout_and_initial_state(emul, dtype):
 
 @pytest.mark.parametrize("order", ["forward", "reverse", "shuffled"])
 @pytest.mark.parametrize("threads,max_blocks", [(0, 0), (1, 1), (3, 2), (32, 1), (7, 1000)])
-@pytest.mark.parametrize("wide_tiles", [False, True])
-def test_emul_launch_geometry_and_thread_order_do_not_matter(emul, launch, order, threads, max_blocks,
-                                                              wide_tiles):
-    """Tiny blocks, capped grids (the grid-stride loops wrap), any thread order and either tile
-    width of the backward walks give the same result: no kernel depends on the launch shape or on
-    which thread runs first. (The producer set passed to the backward is the layer's own active
-    set, a valid CSR with columns < N_in.)"""
+def test_emul_determinism_launch_geometry_and_thread_order(emul, launch, routes, order, threads, max_blocks):
+    """Tiny blocks, capped grids (the grid-stride loops wrap) and any thread order give the same
+    bits, for the forward and for every route of the sparse backward: no kernel depends on the
+    launch shape or on which thread runs first. (The producer set passed to the backward is the
+    layer's own active set, a valid CSR with columns < N_in.)"""
     x, w, b = random_problem(10, 6, 20, 9, rate=0.3, binary=False, seed=11)
     g = torch.randn(10, 6, 9, dtype=torch.float64)
     gv = torch.randn(6, 9, dtype=torch.float64)
     base_fwd = cpu_ops.lif_forward(*lif_args(x, w, b))
-    base_bwd = [emul.lif_backward_sparse(g, gv, w, *base_fwd[2:8], base_fwd[2], base_fwd[3], 0.9,
-                                         True, True, True, True, route) for route in (1, 2)]
-    launch(order, threads, max_blocks, seed=3, wide_tiles=wide_tiles)
+    cases = [(dw, dx) for dw in DW_ROUTES for dx in DX_ROUTES]
+
+    def backwards(fwd):
+        out = []
+        for dw, dx in cases:
+            routes(dw, dx)
+            out.append(emul.lif_backward_sparse(g, gv, w, *fwd[2:8], fwd[2], fwd[3], 0.9, True, True, True,
+                                                True, 0))
+        routes()
+        return out
+
+    base_bwd = backwards(base_fwd)
+    launch(order, threads, max_blocks, seed=3)
     fwd = emul.lif_forward(*lif_args(x, w, b))
     assert_all_equal(fwd, base_fwd, FWD_NAMES)
-    for route, base in zip((1, 2), base_bwd):
-        got = emul.lif_backward_sparse(g, gv, w, *fwd[2:8], fwd[2], fwd[3], 0.9, True, True, True,
-                                       True, route)
-        for a, c in zip(got, base):  # float atomics: summation order may differ
-            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-13)
+    for case, got, base in zip(cases, backwards(fwd), base_bwd):
+        assert_same_bits(got, base, f"lif_backward_sparse {case}")
     ro = emul.li_readout_forward(x, w, b, None, None, 0.8, "max")
     assert_all_equal(ro, cpu_ops.li_readout_forward(x, w, b, None, None, 0.8, "max"),
                      ["out", "argmax", "ev_ptr", "ev_idx", "ev_val"])
@@ -231,8 +266,8 @@ def reference_grads(x, w, b, v0, g, gv, *, alpha, b_th, slope, backward):
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 5, 4), (7, 2, 6, 9), (15, 4, 21, 10), (5, 9, 3, 17)])
 @pytest.mark.parametrize("binary", [True, False])
 @pytest.mark.parametrize("with_gv", [True, False])
-@pytest.mark.parametrize("wide_tiles", [False, True])
-def test_emul_lif_backward_sparse_matches_reference(emul, launch, dtype, shape, binary, with_gv, wide_tiles):
+@pytest.mark.parametrize("dw_route", list(DW_ROUTES))
+def test_emul_lif_backward_sparse_matches_reference(emul, routes, dtype, shape, binary, with_gv, dw_route):
     T, B, n_in, n_out = shape
     x, w, b = random_problem(*shape, rate=0.35, binary=binary, dtype=dtype, seed=sum(shape) + binary)
     v0 = torch.rand(B, n_out, dtype=dtype) * 0.5
@@ -241,13 +276,19 @@ def test_emul_lif_backward_sparse_matches_reference(emul, launch, dtype, shape, 
     g = torch.randn(T, B, n_out, generator=gen).to(dtype)
     gv = torch.randn(B, n_out, generator=gen).to(dtype) if with_gv else torch.zeros(B, n_out, dtype=dtype)
     want = reference_grads(x, w, b, v0, g, gv, backward="sparse", **kw)
-    launch(wide_tiles=wide_tiles)
     fwd = emul.lif_forward(*lif_args(x, w, b, v0, None, kw["alpha"], 1.0, kw["b_th"], kw["slope"]))
+    routes(dw_route)
+    dx, dw, db, dv = emul.lif_backward_sparse(g, gv if with_gv else None, w, *fwd[2:8], None, None,
+                                              kw["alpha"], True, True, True, True, 0)
+    for got, ref_grad in zip((dx, dw, db, dv), want):
+        torch.testing.assert_close(got, ref_grad, **TOL[dtype])
+    # the op's own dw_route argument (1 events, 2 active entries) when nothing is forced
+    routes()
     for route in (1, 2):
-        dx, dw, db, dv = emul.lif_backward_sparse(g, gv if with_gv else None, w, *fwd[2:8], None, None,
-                                                  kw["alpha"], True, True, True, True, route)
-        for got, ref_grad in zip((dx, dw, db, dv), want):
-            torch.testing.assert_close(got, ref_grad, **TOL[dtype])
+        got = emul.lif_backward_sparse(g, gv if with_gv else None, w, *fwd[2:8], None, None,
+                                       kw["alpha"], True, True, True, True, route)
+        for a, ref_grad in zip(got, want):
+            torch.testing.assert_close(a, ref_grad, **TOL[dtype])
     # unrequested gradients come back empty, the others unchanged
     dx, dw, db, dv = emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, False, True,
                                               False, False, 0)
@@ -255,8 +296,9 @@ def test_emul_lif_backward_sparse_matches_reference(emul, launch, dtype, shape, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_emul_dx_on_producer_active_set(emul, dtype):
-    """dx is computed only on the producer's active set, and equals the full dx there."""
+def test_emul_dx_on_producer_active_set(emul, routes, dtype):
+    """dx by one dot product per producer entry: equal to the full dx there, zero elsewhere; the
+    GEMM route gives the full dx (also correct where the producer reads it)."""
     T, B, n_in, n_out = 12, 5, 14, 8
     x0, w0, b0 = random_problem(T, B, 10, n_in, rate=0.4, dtype=dtype, seed=2)
     prev = emul.lif_forward(*lif_args(x0, w0, b0, b_th=0.6))
@@ -265,6 +307,7 @@ def test_emul_dx_on_producer_active_set(emul, dtype):
     fwd = emul.lif_forward(*lif_args(h, w, b, b_th=0.5, slope=5.0))
     g = torch.randn(T, B, n_out, dtype=dtype)
     full = emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, True, False, False, False, 0)[0]
+    routes(dx="dots")
     restricted = emul.lif_backward_sparse(g, None, w, *fwd[2:8], prev[2], prev[3], 0.9, True, False,
                                           False, False, 0)[0]
     mask = torch.zeros(B * T, n_in, dtype=torch.bool)
@@ -274,6 +317,10 @@ def test_emul_dx_on_producer_active_set(emul, dtype):
     assert mask.any() and not mask.all()
     torch.testing.assert_close(restricted[mask], full[mask], **TOL[dtype])
     assert torch.count_nonzero(restricted[~mask]) == 0
+    routes(dx="gemm")
+    as_gemm = emul.lif_backward_sparse(g, None, w, *fwd[2:8], prev[2], prev[3], 0.9, True, False, False,
+                                       False, 0)[0]
+    torch.testing.assert_close(as_gemm, full, **TOL[dtype])
     want = reference_grads(h, w, b, torch.zeros(B, n_out, dtype=dtype), g, torch.zeros(B, n_out, dtype=dtype),
                            alpha=0.9, b_th=0.5, slope=5.0, backward="sparse")[0]
     torch.testing.assert_close(full, want, **TOL[dtype])
@@ -318,7 +365,7 @@ def test_emul_empty_active_set_gives_exact_zeros(emul):
 @pytest.mark.parametrize("reduce", ["max", "sum", "mean", "none"])
 @pytest.mark.parametrize("shape,rate,binary", [((1, 1, 1, 1), 0.5, True), ((16, 5, 12, 4), 0.05, True),
                                                ((9, 4, 30, 10), 0.4, False), ((7, 3, 8, 5), 0.0, True)])
-def test_emul_readout_matches_cpu_and_reference(emul, launch, dtype, reduce, shape, rate, binary):
+def test_emul_readout_matches_cpu_and_reference(emul, routes, dtype, reduce, shape, rate, binary):
     x, w, b = random_problem(*shape, rate=rate, binary=binary, dtype=dtype, seed=sum(shape))
     got = emul.li_readout_forward(x, w, b, None, None, 0.8, reduce)
     assert_all_equal(got, cpu_ops.li_readout_forward(x, w, b, None, None, 0.8, reduce),
@@ -329,13 +376,13 @@ def test_emul_readout_matches_cpu_and_reference(emul, launch, dtype, reduce, sha
     out = ref.li_readout(*leaves, alpha=0.8, reduce=reduce)
     g = torch.randn(out.shape, dtype=dtype)
     want = torch.autograd.grad((out * g).sum(), leaves)
-    for wide_tiles in (False, True):
-        launch(wide_tiles=wide_tiles)
+    for dw_route in ("events", "gemm"):
+        routes(dw_route)
         dx, dw, db = emul.li_readout_backward(g, got[1], w, *got[2:5], None, None, shape[0], 0.8,
                                               reduce, True, True, True)
         for a, c in zip((dx, dw, db), want):
             torch.testing.assert_close(a, c, **TOL[dtype])
-    launch()
+    routes(dx="dots")
     # dx restricted to a producer's active set (here: every other input neuron of every row)
     T, B, n_in, _ = shape
     keep = torch.arange(n_in, dtype=torch.int32)[::2]
@@ -345,6 +392,10 @@ def test_emul_readout_matches_cpu_and_reference(emul, launch, dtype, reduce, sha
                                     True, False, False)[0]
     torch.testing.assert_close(dx_r[:, :, ::2], want[0][:, :, ::2], **TOL[dtype])
     assert torch.count_nonzero(dx_r[:, :, 1::2]) == 0
+    routes(dx="gemm")
+    dx_g = emul.li_readout_backward(g, got[1], w, *got[2:5], prev_ptr, prev_idx, T, 0.8, reduce,
+                                    True, False, False)[0]
+    torch.testing.assert_close(dx_g, want[0], **TOL[dtype])
 
 
 # -------------------------------------------------------------- independently generated problems

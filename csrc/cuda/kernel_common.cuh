@@ -2,7 +2,8 @@
 //
 // The kernel headers (*.cuh) hold only indexing, loops and the per-thread work; the per-element
 // math comes from lif_math.h (shared with the CPU kernels). They use no __syncthreads, no shared
-// memory and no warp primitives, so csrc/cuda/emulation.h can run them on the CPU unchanged.
+// memory, no warp primitives and no float atomics, so csrc/cuda/emulation.h can run them on the
+// CPU unchanged and their results do not depend on the order in which threads run.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -41,13 +42,8 @@ inline LaunchShape launch_shape(int64_t n, int64_t threads = kThreadsPerBlock,
   return {blocks, threads};
 }
 
-// Atomic accumulation of gradients (float and double atomicAdd exist on sm_60+). Float sums
-// through atomics are not bit-reproducible across runs on a GPU; the integer ones are.
-template <typename acc_t>
-__device__ __forceinline__ void atomic_add(acc_t* address, acc_t value) {
-  atomicAdd(address, value);
-}
-
+// Integer counters only (spike counts): their sums do not depend on the order of the additions.
+// No kernel accumulates floats through atomics: every float output has one writer (backward.cuh).
 __device__ __forceinline__ void atomic_add_count(int64_t* address, int64_t value) {
   atomicAdd(reinterpret_cast<unsigned long long*>(address), static_cast<unsigned long long>(value));
 }
