@@ -450,3 +450,308 @@ def test_emul_shared_host_checks_name_the_argument(emul):
     with pytest.raises(RuntimeError, match="act_ptr"):
         emul.lif_backward_sparse(g, None, w, fwd[2][:-1], *fwd[3:8], None, None, 0.9, True, True,
                                  True, False, 0)
+
+
+# ------------------------------------------------------------------------------- determinism
+def _every_op_call(emul, routes, dtype):
+    """(name, call) for every emulated op, every output, every GPU route of the backwards, on
+    fixed inputs (made by the CPU ops, so that they do not depend on the launch settings)."""
+    T, B, n_in, n_out = 9, 5, 16, 11
+    x, w, b = random_problem(T, B, n_in, n_out, rate=0.3, binary=False, dtype=dtype, seed=21)
+    xb = random_problem(T, B, n_in, n_out, rate=0.3, dtype=dtype, seed=22)[0]
+    gen = torch.Generator().manual_seed(5)
+    v0 = (torch.rand(B, n_out, generator=gen) * 0.5).to(dtype)
+    s0 = (torch.rand(B, n_out, generator=gen) < 0.3).to(dtype)
+    g = torch.randn(T, B, n_out, generator=gen).to(dtype)
+    gv = torch.randn(B, n_out, generator=gen).to(dtype)
+    # the producer's active set: a sparse layer feeding x
+    x0, w0, b0 = random_problem(T, B, 7, n_in, rate=0.4, dtype=dtype, seed=23)
+    prev = cpu_ops.lif_forward(*lif_args(x0, w0, b0, b_th=0.6))
+    fwd = cpu_ops.lif_forward(*lif_args(x, w, b, v0, s0))
+    dense = cpu_ops.lif_forward(*lif_args(x, w, b, v0, s0, sparse=False))
+    calls = []
+
+    def add(name, fn, dw=None, dx=None):
+        def call():
+            routes(dw, dx)
+            return fn()
+        calls.append((name, call))
+
+    for xin in (x, xb):
+        for sparse in (True, False):
+            add(f"lif_forward sparse={sparse}", lambda xin=xin, sparse=sparse:
+                emul.lif_forward(*lif_args(xin, w, b, v0, s0, sparse=sparse)))
+        add("li_readout_forward", lambda xin=xin: [t for r in ("max", "sum", "mean", "none")
+                                                   for t in emul.li_readout_forward(xin, w, b, None, None, 0.8, r)])
+    for dw in DW_ROUTES:
+        for dx in (None, "dots", "gemm"):
+            p = (prev[2], prev[3]) if dx else (None, None)
+            add(f"lif_backward_sparse dw={dw} dx={dx}", lambda p=p:
+                emul.lif_backward_sparse(g, gv, w, *fwd[2:8], *p, 0.9, True, True, True, True, 0), dw, dx)
+    add("lif_backward_dense", lambda: emul.lif_backward_dense(g, gv, x, w, dense[4], 0.9, True, True, True, True))
+    for reduce in ("max", "sum", "mean", "none"):
+        ro = cpu_ops.li_readout_forward(x, w, b, None, None, 0.8, reduce)
+        go = torch.randn(ro[0].shape, generator=gen).to(dtype)
+        for dw in ("events", "gemm"):
+            for dx in (None, "dots", "gemm"):
+                p = (prev[2], prev[3]) if dx else (None, None)
+                add(f"li_readout_backward {reduce} dw={dw} dx={dx}", lambda ro=ro, go=go, p=p, reduce=reduce:
+                    emul.li_readout_backward(go, ro[1], w, *ro[2:5], *p, T, 0.8, reduce, True, True, True), dw, dx)
+    return calls
+
+
+GEOMETRIES = [("reverse", 0, 0, 0), ("shuffled", 0, 0, 1), ("shuffled", 1, 1, 2), ("forward", 3, 2, 0),
+              ("shuffled", 32, 1, 4), ("reverse", 7, 1000, 0), ("shuffled", 100, 3, 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("order,threads,max_blocks,seed", GEOMETRIES)
+def test_emul_determinism_every_op_every_output(emul, launch, routes, dtype, order, threads, max_blocks, seed):
+    """Every op, every output, every route: the same bits whatever the thread order (forward,
+    reverse, shuffled), the block size and the grid cap. (No float atomics, one writer per
+    output element summing in a fixed order: docs/cuda.md.)"""
+    calls = _every_op_call(emul, routes, dtype)
+    base = [(name, call()) for name, call in calls]
+    launch(order, threads, max_blocks, seed=seed)
+    for (name, call), (_, want) in zip(calls, base):
+        assert_same_bits(call(), want, name)
+
+
+def test_emul_determinism_repeated_runs_and_no_float_atomics(emul, routes):
+    """Two runs give the same bits; and no kernel header adds floats through atomics (the only
+    atomics left are the integer spike/error counters)."""
+    calls = _every_op_call(emul, routes, torch.float32)
+    for name, call in calls:
+        assert_same_bits(call(), call(), name)
+    import re
+    for h in sorted((CSRC / "cuda").glob("*.cuh")):
+        text = h.read_text()
+        for m in re.finditer(r"atomic\w*\s*\(", text):
+            line = text[:m.start()].count("\n") + 1
+            allowed = m.group(0).startswith(("atomicOr(", "atomic_add_count(")) or (
+                h.name == "kernel_common.cuh" and "unsigned long long" in text.splitlines()[line - 1])
+            assert allowed, f"{h.name}:{line}: {m.group(0)} (float atomics are not deterministic)"
+
+
+def test_emul_gpu_route_model_choices(emul):
+    """The GPU cost model (csrc/cuda/gpu_routes.h; docs/cuda.md): segment sums over input events for
+    dW and one dot per producer entry for dx at the SHD layer; a GEMM dx at the large layer, where
+    W^T no longer fits in L2; never the active-entry route when it is invalid."""
+    # T, B, n_in, n_out, nnz, n_active, n_prev, acc_bytes, active_route_valid
+    shd1 = emul.gpu_routes(500, 64, 700, 200, int(0.02 * 500 * 64 * 700), int(0.04 * 500 * 64 * 200), -1, 4, True)
+    assert shd1 == [DW_ROUTES["events"], DX_ROUTES["gemm"]]  # no producer set: dx everywhere
+    shd2 = emul.gpu_routes(500, 64, 200, 200, int(0.03 * 500 * 64 * 200), int(0.04 * 500 * 64 * 200),
+                           int(0.04 * 500 * 64 * 200), 4, True)
+    assert shd2 == [DW_ROUTES["events"], DX_ROUTES["dots"]]
+    n = 1000 * 256 * 4096
+    large = emul.gpu_routes(1000, 256, 4096, 4096, int(0.02 * n), int(0.04 * n), int(0.04 * n), 4, True)
+    assert large == [DW_ROUTES["events"], DX_ROUTES["gemm"]]
+    dense_in = emul.gpu_routes(500, 64, 700, 200, 500 * 64 * 700, 100, -1, 4, True)
+    assert dense_in[0] != DW_ROUTES["events"]
+    assert emul.gpu_routes(500, 64, 700, 200, 500 * 64 * 700, 100, -1, 4, False)[0] == DW_ROUTES["gemm"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emul_non_contiguous_inputs(emul, dtype):
+    """Strided inputs give the results of their contiguous copies."""
+    T, B, n_in, n_out = 6, 4, 9, 7
+    x, w, b = random_problem(T, B, n_in, n_out, rate=0.3, dtype=dtype, seed=31)
+    xs = x.transpose(0, 1).contiguous().transpose(0, 1)
+    ws = w.t().contiguous().t()
+    bs = torch.stack([b, b], 1)[:, 0]
+    v0 = torch.rand(n_out, B, dtype=dtype).t()
+    assert not (xs.is_contiguous() or ws.is_contiguous() or bs.is_contiguous() or v0.is_contiguous())
+    fwd = emul.lif_forward(*lif_args(xs, ws, bs, v0))
+    assert_all_equal(fwd, emul.lif_forward(*lif_args(x, w, b, v0.contiguous())), FWD_NAMES)
+    g = torch.randn(B, T, n_out, dtype=dtype).transpose(0, 1)
+    gv = torch.randn(n_out, B, dtype=dtype).t()
+    got = emul.lif_backward_sparse(g, gv, ws, *fwd[2:8], fwd[2], fwd[3][:], 0.9, True, True, True, True, 0)
+    want = emul.lif_backward_sparse(g.contiguous(), gv.contiguous(), w, *fwd[2:8], fwd[2], fwd[3], 0.9,
+                                    True, True, True, True, 0)
+    assert_same_bits(got, want, "lif_backward_sparse")
+    dense = emul.lif_forward(*lif_args(x, w, b, sparse=False))
+    sg = dense[4].transpose(0, 1).contiguous().transpose(0, 1)
+    assert_same_bits(emul.lif_backward_dense(g, gv, xs, ws, sg, 0.9, True, True, True, True),
+                     emul.lif_backward_dense(g.contiguous(), gv.contiguous(), x, w, dense[4], 0.9, True, True,
+                                             True, True), "lif_backward_dense")
+    ro = emul.li_readout_forward(xs, ws, bs, None, None, 0.8, "max")
+    assert_all_equal(ro, emul.li_readout_forward(x, w, b, None, None, 0.8, "max"), ["out", "argmax", "p", "i", "v"])
+    go = torch.randn(n_out, B, dtype=dtype).t()
+    assert_same_bits(emul.li_readout_backward(go, ro[1], ws, *ro[2:5], None, None, T, 0.8, "max", True, True, True),
+                     emul.li_readout_backward(go.contiguous(), ro[1], w, *ro[2:5], None, None, T, 0.8, "max",
+                                              True, True, True), "li_readout_backward")
+
+
+# ------------------------------------------------------- zero sizes and inconsistent tensors
+def _run_isolated(emul, body):
+    """Runs `body` in a fresh interpreter with the emulation library loaded as `emul`: a crash
+    (segmentation fault, abort) fails the test instead of killing pytest."""
+    import subprocess
+    import sys
+    import textwrap
+
+    so = os.path.join(_build_dir(), "sparsegrad_emul.so")
+    assert os.path.exists(so), so
+    prelude = textwrap.dedent(f"""
+        import torch
+        torch.ops.load_library({so!r})
+        emul = torch.ops.sparsegrad_emul
+        DW_ROUTES = {DW_ROUTES!r}
+        DX_ROUTES = {DX_ROUTES!r}
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(body)], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_emul_zero_sizes(emul):
+    """Every op with each of T, B, N_in, N_out equal to 0 (and 1, 3): empty outputs and zero or
+    empty gradients, every backward route, never a crash. (Readout reductions over zero time
+    steps are undefined: an error is allowed there, nothing else.)"""
+    out = _run_isolated(emul, """
+        import itertools, math
+        checked = 0
+        def prev_all(T, B, n_in):  # a producer set holding every entry
+            ptr = torch.arange(B * T + 1, dtype=torch.int64) * n_in
+            return ptr, torch.arange(n_in, dtype=torch.int32).repeat(B * T)
+        for (T, B, n_in, n_out), dtype in itertools.product(itertools.product([0, 1, 3], repeat=4),
+                                                            [torch.float32, torch.float64]):
+            x = (torch.rand(T, B, n_in) < 0.5).to(dtype)
+            w = torch.randn(n_out, n_in, dtype=dtype)
+            b = torch.randn(n_out, dtype=dtype)
+            v0 = torch.rand(B, n_out, dtype=dtype)
+            g = torch.randn(T, B, n_out, dtype=dtype)
+            gv = torch.randn(B, n_out, dtype=dtype)
+            pp, pi = prev_all(T, B, n_in)
+            for sparse in (True, False):
+                f = emul.lif_forward(x, w, b, v0, None, None, None, 0.9, 1.0, 10.0, 5.0, sparse)
+                assert f[0].shape == (T, B, n_out) and f[1].shape == (B, n_out), (T, B, n_in, n_out)
+                if T == 0:
+                    assert torch.equal(f[1], v0)
+                if sparse:
+                    for dw, dx in itertools.product([1, 2, 3], [1, 2]):
+                        emul.set_routes(dw, dx)
+                        for prev in ((None, None), (pp, pi)):
+                            gx, gw, gb, gvi = emul.lif_backward_sparse(g, gv, w, *f[2:8], *prev, 0.9, True,
+                                                                       True, True, True, 0)
+                            assert gx.shape == (T, B, n_in) and gw.shape == (n_out, n_in)
+                            assert gb.shape == (n_out,) and gvi.shape == (B, n_out)
+                            for t in (gx, gw, gb, gvi):
+                                assert torch.isfinite(t).all()
+                            if T * B == 0:
+                                assert torch.count_nonzero(gw) == 0 and torch.count_nonzero(gb) == 0
+                            if T == 0:
+                                assert torch.equal(gvi, gv)
+                    emul.set_routes(0, 0)
+                else:
+                    gx, gw, gb, gvi = emul.lif_backward_dense(g, gv, x, w, f[4], 0.9, True, True, True, True)
+                    assert gx.shape == (T, B, n_in) and gw.shape == (n_out, n_in) and gb.shape == (n_out,)
+                    assert gvi.shape == (B, n_out)
+                    if T == 0:
+                        assert torch.equal(gvi, gv)
+                checked += 1
+            for reduce in ("max", "sum", "mean", "none"):
+                try:
+                    r = emul.li_readout_forward(x, w, b, None, None, 0.8, reduce)
+                except RuntimeError as e:
+                    assert T == 0 and reduce != "none", (T, B, n_in, n_out, reduce, e)
+                    continue
+                want = (T, B, n_out) if reduce == "none" else (B, n_out)
+                assert r[0].shape == want
+                go = torch.randn(want, dtype=dtype)
+                for dw, dx in itertools.product([1, 3], [1, 2]):
+                    emul.set_routes(dw, dx)
+                    for prev in ((None, None), (pp, pi)):
+                        try:
+                            gx, gw, gb = emul.li_readout_backward(go, r[1], w, *r[2:5], *prev, T, 0.8, reduce,
+                                                                  True, True, True)
+                        except RuntimeError as e:
+                            assert T == 0, (T, B, n_in, n_out, reduce, e)
+                            continue
+                        assert gx.shape == (T, B, n_in) and gw.shape == (n_out, n_in) and gb.shape == (n_out,)
+                        if B == 0:
+                            assert torch.count_nonzero(gw) == 0 and torch.count_nonzero(gb) == 0
+                emul.set_routes(0, 0)
+                checked += 1
+        print("checked", checked)
+    """)
+    assert "checked" in out
+
+
+def test_emul_inconsistent_compact_tensors_raise(emul):
+    """Compact tensors that do not describe a valid CSR (row pointers that do not add up, out of
+    range or unordered indices, an argmax outside [0, T)), passed to the backwards directly: an
+    error that names them, from every route, never an out-of-bounds access or a crash. (On a GPU
+    the same bound checks turn the gradients into NaN instead, without a host synchronisation.)"""
+    out = _run_isolated(emul, """
+        import itertools
+        from conftest import random_problem
+        T, B, n_in, n_out = 6, 3, 8, 5
+        x, w, b = random_problem(T, B, n_in, n_out, rate=0.5, seed=3)
+        f = emul.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 10.0, 5.0, True)  # all active
+        act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val = f[2:8]
+        g = torch.randn(T, B, n_out, dtype=x.dtype)
+        prev_ptr = torch.arange(B * T + 1, dtype=torch.int64) * n_in
+        prev_idx = torch.arange(n_in, dtype=torch.int32).repeat(B * T)
+
+        def changed(t, k, v):
+            t = t.clone()
+            t[k] = v
+            return t
+
+        bad = {  # name: (argument position, tensor, expected word in the message)
+            "act_ptr total": (3, changed(act_ptr, -1, act_ptr[-1] - 1), "act_ptr"),
+            "act_ptr decreasing": (3, changed(act_ptr, 4, act_ptr[3] - 1), "act_ptr"),
+            "act_ptr huge": (3, changed(act_ptr, 2, 2**40), "act_ptr"),
+            "act_ptr negative": (3, changed(act_ptr, 1, -5), "act_ptr"),
+            "act_idx too large": (4, changed(act_idx, 7, n_out), "act_ptr/act_idx"),
+            "act_idx negative": (4, changed(act_idx, 0, -1), "act_ptr/act_idx"),
+            "act_idx unordered": (4, changed(act_idx, 1, act_idx[0]), "act_ptr/act_idx"),
+            "ev_ptr total": (6, changed(ev_ptr, -1, ev_ptr[-1] + 3), "ev_ptr"),
+            "ev_idx too large": (7, changed(ev_idx, 2, n_in + 100), "ev_ptr/ev_idx"),
+            "ev_idx negative": (7, changed(ev_idx, 2, -7), "ev_ptr/ev_idx"),
+            "prev_ptr total": (9, changed(prev_ptr, -1, 10**6), "prev_ptr"),
+            "prev_idx too large": (10, changed(prev_idx, 5, n_in), "prev_ptr/prev_idx"),
+            "act_ptr length": (3, act_ptr[:-1], "act_ptr"),
+            "act_sg length": (5, act_sg[:-1], "act_sg"),
+        }
+        raised = 0
+        for (name, (pos, tensor, word)), (dw, dx) in itertools.product(bad.items(), [(1, 1), (2, 1), (3, 2)]):
+            emul.set_routes(dw, dx)
+            args = [g, None, w, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, prev_ptr, prev_idx,
+                    0.9, True, True, True, True, 0]
+            args[pos] = tensor
+            try:
+                emul.lif_backward_sparse(*args)
+            except RuntimeError as e:
+                assert word in str(e), (name, dw, dx, str(e))
+                raised += 1
+                continue
+            # only a tensor that the route does not read may pass: dx by GEMM reads no producer set
+            assert pos in (9, 10) and dx == 2, (name, dw, dx, "no error")
+        emul.set_routes(0, 0)
+        # the readout: argmax_t out of range, and corrupted events
+        ro = emul.li_readout_forward(x, w, b, None, None, 0.8, "max")
+        go = torch.randn(B, n_out, dtype=x.dtype)
+        for arg in (changed(ro[1], (0, 0), T), changed(ro[1], (1, 2), -1)):
+            try:
+                emul.li_readout_backward(go, arg, w, *ro[2:5], None, None, T, 0.8, "max", True, True, True)
+                raise AssertionError("argmax_t out of range passed")
+            except RuntimeError as e:
+                assert "argmax_t" in str(e)
+                raised += 1
+        for dw in (1, 3):
+            emul.set_routes(dw, 0)
+            try:
+                emul.li_readout_backward(go, ro[1], w, ro[2], changed(ro[3], 0, n_in), ro[4], None, None, T,
+                                         0.8, "max", True, True, True)
+                raise AssertionError("ev_idx out of range passed")
+            except RuntimeError as e:
+                assert "ev_ptr/ev_idx" in str(e)
+                raised += 1
+        emul.set_routes(0, 0)
+        print("raised", raised)
+    """)
+    assert "raised" in out
