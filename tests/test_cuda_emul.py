@@ -328,7 +328,7 @@ def test_emul_dx_on_producer_active_set(emul, routes, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 2, 3, 4), (9, 3, 11, 6), (14, 5, 7, 260)])
-def test_emul_lif_backward_dense_matches_reference(emul, dtype, shape):
+def test_emul_lif_backward_dense_matches_reference(emul, routes, dtype, shape):
     T, B, n_in, n_out = shape
     x, w, b = random_problem(*shape, rate=0.3, dtype=dtype, seed=7)
     v0 = torch.rand(B, n_out, dtype=dtype)
@@ -341,23 +341,30 @@ def test_emul_lif_backward_dense_matches_reference(emul, dtype, shape):
         torch.testing.assert_close(a, c, **TOL[dtype])
     # sparse mode with b_th = inf is the dense gradient
     fwd = emul.lif_forward(*lif_args(x, w, b, v0, None, 0.85, 1.0, math.inf, 3.0))
-    assert fwd[8][1] == T * B * n_out
-    for route in (1, 2):
-        sp = emul.lif_backward_sparse(g, gv, w, *fwd[2:8], None, None, 0.85, True, True, True, True, route)
-        for a, c in zip(sp, want):
-            torch.testing.assert_close(a, c, **TOL[dtype])
+    assert fwd[8][1] == T * B * n_out  # every entry active
+    every_input = (torch.arange(B * T + 1) * n_in, torch.arange(n_in, dtype=torch.int32).repeat(B * T))
+    for dw in DW_ROUTES:
+        for dx in DX_ROUTES:
+            routes(dw, dx)
+            sp = emul.lif_backward_sparse(g, gv, w, *fwd[2:8], *every_input, 0.85, True, True, True, True, 0)
+            for a, c in zip(sp, want):
+                torch.testing.assert_close(a, c, **TOL[dtype])
 
 
-def test_emul_empty_active_set_gives_exact_zeros(emul):
+def test_emul_empty_active_set_gives_exact_zeros(emul, routes):
     x = torch.zeros(8, 3, 6, dtype=torch.float64)
     w = torch.randn(4, 6, dtype=torch.float64)
     fwd = emul.lif_forward(*lif_args(x, w, None, b_th=0.1))
     assert fwd[3].numel() == 0 and fwd[8].tolist() == [0, 0, 0] and fwd[2].abs().sum() == 0
     g = torch.randn(8, 3, 4, dtype=torch.float64)
-    for route in (1, 2):
-        for grad in emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, True, True, True,
-                                             False, route)[:3]:
-            assert grad.numel() > 0 and not torch.isnan(grad).any() and torch.count_nonzero(grad) == 0
+    every_input = (torch.arange(3 * 8 + 1) * 6, torch.arange(6, dtype=torch.int32).repeat(3 * 8))
+    for dw in DW_ROUTES:
+        for dx in DX_ROUTES:
+            routes(dw, dx)
+            for prev in ((None, None), every_input):
+                for grad in emul.lif_backward_sparse(g, None, w, *fwd[2:8], *prev, 0.9, True, True, True,
+                                                     False, 0)[:3]:
+                    assert grad.numel() > 0 and not torch.isnan(grad).any() and torch.count_nonzero(grad) == 0
 
 
 # ------------------------------------------------------------------------------------- readout
@@ -399,7 +406,7 @@ def test_emul_readout_matches_cpu_and_reference(emul, routes, dtype, reduce, sha
 
 
 # -------------------------------------------------------------- independently generated problems
-def test_emul_random_problems(emul):
+def test_emul_random_problems(emul, routes):
     """Random shapes, hyper-parameters, inputs and states: forward exact, gradients close."""
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
@@ -419,12 +426,14 @@ def test_emul_random_problems(emul):
         gv = torch.randn(B, n_out, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
         want = reference_grads(x, w, b, v0, g, gv, alpha=alpha, b_th=b_th, slope=slope, backward="sparse")
         assert torch.equal(fwd[0], ref.lif_layer(x, w, b, alpha=alpha, state=(v0, torch.zeros_like(v0))))
-        for route in (1, 2):
+        for route, forced in ((1, None), (2, None), (0, "gemm")):
+            routes(forced)
             args = (g, gv, w, *fwd[2:8], None, None, alpha, True, True, True, True, route)
             got = emul.lif_backward_sparse(*args)
             for a, c, d in zip(got, want, cpu_ops.lif_backward_sparse(*args)):
                 torch.testing.assert_close(a, c, **TOL[torch.float64])
                 torch.testing.assert_close(a, d, **TOL[torch.float64])
+        routes()
 
     check()
 
