@@ -764,3 +764,28 @@ def test_emul_inconsistent_compact_tensors_raise(emul):
         print("raised", raised)
     """)
     assert "raised" in out
+
+
+@pytest.mark.nightly
+def test_emul_sanitized(emul):
+    """The whole emulation suite again, built with AddressSanitizer: any out-of-bounds access of a
+    kernel (zero sizes and inconsistent compact tensors included) aborts it. Preloading libstdc++
+    after libasan lets C++ exceptions (the ops' argument errors) through."""
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("AddressSanitizer preload: Linux only")
+
+    def lib(name):
+        return subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+
+    asan = lib("libasan.so")
+    if not os.path.isabs(asan):
+        pytest.skip("no libasan")
+    env = dict(os.environ, SPARSEGRAD_EMUL_SANITIZE="1", LD_PRELOAD=f"{asan} {lib('libstdc++.so')}",
+               ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pathlib.Path(__file__)),
+                           "-k", "emul and not sanitized", "-m", "not nightly"],
+                          capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -66,7 +66,8 @@ __global__ void csr_expand_kernel(const offset_t* __restrict__ off, int64_t R,
       raise_flag(flag, csr_index_bit(csr));
       row[e] = -1;
     } else {
-      if (e > begin && int64_t(idx[e - 1]) >= col) raise_flag(flag, csr_index_bit(csr));
+      // (begin may be negative in a corrupted row pointer: idx[e - 1] only inside the row)
+      if (e > begin && begin >= 0 && int64_t(idx[e - 1]) >= col) raise_flag(flag, csr_index_bit(csr));
       row[e] = r;
     }
   }
