@@ -263,7 +263,9 @@ def reference_grads(x, w, b, v0, g, gv, *, alpha, b_th, slope, backward):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 5, 4), (7, 2, 6, 9), (15, 4, 21, 10), (5, 9, 3, 17)])
+# (T = 37: several blocks of the reverse scan, kScanSteps = 16, the last one partial)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 5, 4), (7, 2, 6, 9), (15, 4, 21, 10), (5, 9, 3, 17),
+                                   (37, 2, 5, 6)])
 @pytest.mark.parametrize("binary", [True, False])
 @pytest.mark.parametrize("with_gv", [True, False])
 @pytest.mark.parametrize("dw_route", list(DW_ROUTES))
@@ -465,7 +467,7 @@ def test_emul_shared_host_checks_name_the_argument(emul):
 def _every_op_call(emul, routes, dtype):
     """(name, call) for every emulated op, every output, every GPU route of the backwards, on
     fixed inputs (made by the CPU ops, so that they do not depend on the launch settings)."""
-    T, B, n_in, n_out = 9, 5, 16, 11
+    T, B, n_in, n_out = 19, 5, 16, 11  # T > kScanSteps
     x, w, b = random_problem(T, B, n_in, n_out, rate=0.3, binary=False, dtype=dtype, seed=21)
     xb = random_problem(T, B, n_in, n_out, rate=0.3, dtype=dtype, seed=22)[0]
     gen = torch.Generator().manual_seed(5)

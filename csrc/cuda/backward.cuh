@@ -54,6 +54,12 @@ struct ScanArgs {
   scalar_t* dv = nullptr;            // [B, N]: dL/dV_init, or null
 };
 
+// Steps per block of the reverse scan: a thread first issues the loads of kScanSteps steps
+// (deltas and reset bits do not depend on G), then runs their recurrence. With one thread per
+// (b, j) there are few threads (12800 at the SHD layer), so the loads of one thread must overlap
+// for the scan to approach the memory bandwidth; the arithmetic and its order are unchanged.
+constexpr int kScanSteps = 16;
+
 // inject(at, b, t, j) = delta[t, b, j] (at = (t*B + b)*N + j), read before G[at] is written.
 template <typename scalar_t, typename Inject>
 __global__ void reverse_trace_kernel(ScanArgs<scalar_t> a, Inject inject) {
@@ -62,12 +68,25 @@ __global__ void reverse_trace_kernel(ScanArgs<scalar_t> a, Inject inject) {
     const int64_t b = k / a.n, j = k % a.n;
     acc_t G = a.g_init ? static_cast<acc_t>(a.g_init[k]) : acc_t(0);
     acc_t db = 0;
-    for (int64_t t = a.T - 1; t >= 0; --t) {
-      const int64_t at = (t * a.B + b) * a.n + j;
-      const acc_t d = t == a.T - 1 ? acc_t(1) : a.decay(t + 1, b, j);  // G[T-1] = dL/dV_final + delta
-      G = math::decay_add(G, inject(at, b, t, j), d);
-      if (a.G) a.G[at] = G;
-      db += G;
+    for (int64_t top = a.T - 1; top >= 0; top -= kScanSteps) {  // steps top, top-1, ... (>= 0)
+      acc_t delta[kScanSteps], decay[kScanSteps];
+      SG_DEVICE_UNROLL
+      for (int s = 0; s < kScanSteps; ++s) {
+        const int64_t t = top - s;
+        if (t >= 0) {
+          delta[s] = inject((t * a.B + b) * a.n + j, b, t, j);
+          decay[s] = t == a.T - 1 ? acc_t(1) : a.decay(t + 1, b, j);  // G[T-1] = dL/dV_final + delta
+        }
+      }
+      SG_DEVICE_UNROLL
+      for (int s = 0; s < kScanSteps; ++s) {
+        const int64_t t = top - s;
+        if (t >= 0) {
+          G = math::decay_add(G, delta[s], decay[s]);
+          if (a.G) a.G[(t * a.B + b) * a.n + j] = G;
+          db += G;
+        }
+      }
     }
     if (a.dv) a.dv[k] = static_cast<scalar_t>(a.T > 0 ? a.decay(0, b, j) * G : G);
     if (a.db_parts) a.db_parts[k] = db;
@@ -149,16 +168,25 @@ __global__ void scatter_events_kernel(const int64_t* __restrict__ row, const int
   }
 }
 
-// In place: X[t] = alpha * X[t-1] + x[t], the input trace (one thread per (b, i), t ascending).
+// In place: X[t] = alpha * X[t-1] + x[t], the input trace (one thread per (b, i), t ascending,
+// loads issued kScanSteps steps at a time as in the reverse scan).
 template <typename acc_t>
 __global__ void input_trace_kernel(acc_t* __restrict__ x, int64_t T, int64_t B, int64_t n_in, acc_t alpha) {
   SG_KERNEL_LOOP(k, B * n_in) {
     const int64_t b = k / n_in, i = k % n_in;
     acc_t trace = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t at = (t * B + b) * n_in + i;
-      trace = math::decay_add(trace, x[at], alpha);
-      x[at] = trace;
+    for (int64_t t0 = 0; t0 < T; t0 += kScanSteps) {
+      acc_t v[kScanSteps];
+      SG_DEVICE_UNROLL
+      for (int s = 0; s < kScanSteps; ++s)
+        if (t0 + s < T) v[s] = x[((t0 + s) * B + b) * n_in + i];
+      SG_DEVICE_UNROLL
+      for (int s = 0; s < kScanSteps; ++s) {
+        if (t0 + s < T) {
+          trace = math::decay_add(trace, v[s], alpha);
+          x[((t0 + s) * B + b) * n_in + i] = trace;
+        }
+      }
     }
   }
 }
@@ -200,14 +228,29 @@ struct SegmentArgs {
   acc_t scale = 1;
 };
 
+// Entries per block of a segment: their (row, weight) pairs, then their elements of D, are loaded
+// before they are added (in entry order), so that a thread has several gathers in flight.
+constexpr int kSegmentBlock = 8;
+
 template <typename acc_t>
 __global__ void segment_sum_kernel(SegmentArgs<acc_t> a) {
   SG_KERNEL_LOOP(q, a.n_seg * a.K) {
     const int64_t c = q / a.K, k = q % a.K;
+    const int64_t end = a.seg_ptr[c + 1];
     acc_t s = 0;
-    for (int64_t p = a.seg_ptr[c], end = a.seg_ptr[c + 1]; p < end; ++p) {
-      const int64_t r = a.drow[p];
-      if (r >= 0) s += a.w[p] * a.D[r * a.K + k];
+    for (int64_t p = a.seg_ptr[c]; p < end; p += kSegmentBlock) {
+      int64_t r[kSegmentBlock];
+      acc_t w[kSegmentBlock], d[kSegmentBlock];
+      SG_DEVICE_UNROLL
+      for (int u = 0; u < kSegmentBlock; ++u) {
+        r[u] = p + u < end ? a.drow[p + u] : -1;
+        w[u] = p + u < end ? a.w[p + u] : acc_t(0);
+      }
+      SG_DEVICE_UNROLL
+      for (int u = 0; u < kSegmentBlock; ++u) d[u] = r[u] >= 0 ? a.D[r[u] * a.K + k] : acc_t(0);
+      SG_DEVICE_UNROLL
+      for (int u = 0; u < kSegmentBlock; ++u)
+        if (r[u] >= 0) s += w[u] * d[u];
     }
     a.out[c * a.out_seg_stride + k * a.out_k_stride] = a.scale * s;
   }

@@ -26,6 +26,14 @@ namespace cuda {
   for (int64_t k = int64_t(blockIdx.x) * int64_t(blockDim.x) + int64_t(threadIdx.x); \
        k < (n); k += int64_t(blockDim.x) * int64_t(gridDim.x))
 
+// Full unrolling of a loop with a compile-time trip count, so that per-thread arrays indexed by
+// its counter stay in registers (nvcc; the host compiler of the emulation does not need it).
+#if defined(__CUDACC__)
+#define SG_DEVICE_UNROLL _Pragma("unroll")
+#else
+#define SG_DEVICE_UNROLL
+#endif
+
 // Launch geometry of every kernel: 1-D, grid-stride, grid capped (the loop covers the rest).
 constexpr int64_t kThreadsPerBlock = 256;
 constexpr int64_t kMaxBlocks = 65535;
