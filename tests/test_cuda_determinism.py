@@ -22,22 +22,26 @@ def _bits(t):
 
 
 def _every_op(x, w, b, prev, g_seed):
-    """All outputs of every op (both backwards, every reduction, dx with and without a producer
-    set), as one list of tensors."""
+    """All outputs of every op (both backwards, every reset, every reduction, dx with and without a
+    producer set), as one list of tensors."""
     T, B, _ = x.shape
     n_out = w.shape[0]
     gen = torch.Generator(device=x.device).manual_seed(g_seed)
     g = torch.randn(T, B, n_out, generator=gen, device=x.device, dtype=x.dtype)
     gv = torch.randn(B, n_out, generator=gen, device=x.device, dtype=x.dtype)
     outs = []
-    fwd = ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 0.4, 5.0, True)
-    outs += list(fwd)
-    for p in ((None, None), prev):
-        for route in (0, 1, 2):
-            outs += list(ops.lif_backward_sparse(g, gv, w, *fwd[2:8], *p, 0.9, True, True, True, True, route))
-    dense = ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 0.4, 5.0, False)
-    outs += list(dense)
-    outs += list(ops.lif_backward_dense(g, gv, x, w, dense[4], 0.9, True, True, True, True))
+    for reset in ("subtract", "zero"):
+        fwd = ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 0.4, 5.0, True, "atan", reset)
+        outs += list(fwd)
+        rst = fwd[8] if reset == "zero" else None
+        for p in ((None, None), prev):
+            for route in ((0, 1) if rst is not None else (0, 1, 2)):
+                outs += list(ops.lif_backward_sparse(g, gv, w, *fwd[2:8], *p, rst, 0.9, True, True, True, True,
+                                                     route))
+        dense = ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 0.4, 5.0, False, "atan", reset)
+        outs += list(dense)
+        outs += list(ops.lif_backward_dense(g, gv, x, w, dense[4], dense[8] if reset == "zero" else None, 0.9,
+                                            True, True, True, True))
     for reduce in ("max", "sum", "mean", "none"):
         ro = ops.li_readout_forward(x, w, b, None, None, 0.8, reduce)
         outs += list(ro)
@@ -77,7 +81,7 @@ def test_cuda_backward_does_not_synchronise():
     x, w, b = random_problem(40, 8, 64, 32, rate=0.1, dtype=torch.float32, device="cuda", seed=2)
     fwd = ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 0.4, 5.0, True)
     # a producer set holding every input entry
-    prev = (torch.arange(40 * 8 + 1, device="cuda") * 64,
+    prev = (torch.full((40 * 8,), 64, dtype=torch.int32, device="cuda"),
             torch.arange(64, dtype=torch.int32, device="cuda").repeat(40 * 8))
     ro = ops.li_readout_forward(x, w, b, None, None, 0.8, "max")
     g = torch.randn(40, 8, 32, device="cuda")
@@ -87,7 +91,7 @@ def test_cuda_backward_does_not_synchronise():
     try:
         for route in (0, 1, 2):
             for p in ((None, None), prev):
-                ops.lif_backward_sparse(g, None, w, *fwd[2:8], *p, 0.9, True, True, True, True, route)
+                ops.lif_backward_sparse(g, None, w, *fwd[2:8], *p, None, 0.9, True, True, True, True, route)
         ops.li_readout_backward(go, ro[1], w, *ro[2:5], None, None, 40, 0.8, "max", True, True, True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -102,9 +106,10 @@ def test_cuda_inconsistent_compact_tensors_give_nan_gradients():
     fwd[3][4] = 1 << 30  # act_idx far out of range
     g = torch.randn(6, 3, 5, device="cuda")
     for route in (1, 2):
-        grads = ops.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, True, True, True, True, route)
+        grads = ops.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, None, 0.9, True, True, True, True,
+                                        route)
         for t in grads:
             assert torch.isnan(t).all()
     fwd = ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 10.0, 5.0, True)
-    grads = ops.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, True, True, True, True, 0)
+    grads = ops.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, None, 0.9, True, True, True, True, 0)
     assert all(torch.isfinite(t).all() for t in grads)

@@ -115,7 +115,8 @@ def assert_same_bits(got, want, what):
         assert torch.equal(bits(g), bits(w)), f"{what}: output {k} differs in its bits"
 
 
-FWD_NAMES = ["spikes", "v_final", "act_ptr", "act_idx", "act_sg", "ev_ptr", "ev_idx", "ev_val", "stats"]
+FWD_NAMES = ["spikes", "v_final", "act_cnt", "act_idx", "act_sg", "ev_cnt", "ev_idx", "ev_val",
+             "rst_bits", "stats"]
 
 # T, B, N_in, N_out: T = 1, B = 1, N = 1, and B*N_out / B*T not multiples of the block size
 SHAPES = [(1, 1, 1, 1), (1, 4, 6, 5), (9, 1, 7, 3), (13, 5, 17, 11), (6, 3, 40, 100), (4, 37, 9, 7)]
@@ -180,8 +181,8 @@ def test_emul_lif_forward_matches_cpu_and_reference(emul, dtype, shape, rate, bi
         spikes, (v, _) = ref.lif_layer(x, w, b, alpha=0.9, b_th=0.4, slope=10.0, return_state=True)
         assert torch.equal(got[0], spikes)
         torch.testing.assert_close(got[1], v, **TOL[dtype])
-        assert got[8].tolist()[0] == int(spikes.sum())
-        assert got[8].tolist()[2] == int(torch.count_nonzero(x))
+        assert got[9].tolist()[0] == int(spikes.sum())
+        assert got[9].tolist()[2] == int(torch.count_nonzero(x))
 
 
 def _reference_active_set(x, w, b, v0, s0, alpha, threshold, b_th, slope):
@@ -197,10 +198,9 @@ def _reference_active_set(x, w, b, v0, s0, alpha, threshold, b_th, slope):
         vs.append(v)
     u = torch.stack(vs).transpose(0, 1) - threshold  # [B, T, N]
     mask = u.abs() < b_th
-    ptr = torch.zeros(B * T + 1, dtype=torch.int64)
-    ptr[1:] = torch.cumsum(mask.reshape(B * T, -1).sum(1), 0)
+    cnt = mask.reshape(B * T, -1).sum(1).to(torch.int32)
     idx = mask.reshape(B * T, -1).nonzero()[:, 1].to(torch.int32)
-    return ptr, idx, ref.surrogate_grad(u[mask], slope)
+    return cnt, idx, ref.surrogate_grad(u[mask], slope)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -209,11 +209,11 @@ def test_emul_active_set_layout_and_initial_state(emul, dtype):
     v0 = torch.rand(4, 13, dtype=dtype)
     s0 = (torch.rand(4, 13) < 0.5).to(dtype)
     out = emul.lif_forward(*lif_args(x, w, b, v0, s0, alpha=0.8, b_th=0.5, slope=4.0))
-    ptr, idx, sg = _reference_active_set(x, w, b, v0, s0, 0.8, 1.0, 0.5, 4.0)
-    assert torch.equal(out[2], ptr)
+    cnt, idx, sg = _reference_active_set(x, w, b, v0, s0, 0.8, 1.0, 0.5, 4.0)
+    assert torch.equal(out[2], cnt)
     assert torch.equal(out[3], idx)
     torch.testing.assert_close(out[4], sg, **TOL[dtype])
-    assert out[8].tolist()[1] == idx.numel()
+    assert out[9].tolist()[1] == idx.numel()
     s_ref = ref.lif_layer(x, w, b, alpha=0.8, state=(v0, s0))
     assert torch.equal(out[0], s_ref)
 
@@ -235,7 +235,7 @@ def test_emul_determinism_launch_geometry_and_thread_order(emul, launch, routes,
         out = []
         for dw, dx in cases:
             routes(dw, dx)
-            out.append(emul.lif_backward_sparse(g, gv, w, *fwd[2:8], fwd[2], fwd[3], 0.9, True, True, True,
+            out.append(emul.lif_backward_sparse(g, gv, w, *fwd[2:8], fwd[2], fwd[3], None, 0.9, True, True, True,
                                                 True, 0))
         routes()
         return out
@@ -248,7 +248,7 @@ def test_emul_determinism_launch_geometry_and_thread_order(emul, launch, routes,
         assert_same_bits(got, base, f"lif_backward_sparse {case}")
     ro = emul.li_readout_forward(x, w, b, None, None, 0.8, "max")
     assert_all_equal(ro, cpu_ops.li_readout_forward(x, w, b, None, None, 0.8, "max"),
-                     ["out", "argmax", "ev_ptr", "ev_idx", "ev_val"])
+                     ["out", "argmax", "ev_cnt", "ev_idx", "ev_val"])
 
 
 # ----------------------------------------------------------------------------------- gradients
@@ -280,19 +280,19 @@ def test_emul_lif_backward_sparse_matches_reference(emul, routes, dtype, shape, 
     want = reference_grads(x, w, b, v0, g, gv, backward="sparse", **kw)
     fwd = emul.lif_forward(*lif_args(x, w, b, v0, None, kw["alpha"], 1.0, kw["b_th"], kw["slope"]))
     routes(dw_route)
-    dx, dw, db, dv = emul.lif_backward_sparse(g, gv if with_gv else None, w, *fwd[2:8], None, None,
+    dx, dw, db, dv = emul.lif_backward_sparse(g, gv if with_gv else None, w, *fwd[2:8], None, None, None,
                                               kw["alpha"], True, True, True, True, 0)
     for got, ref_grad in zip((dx, dw, db, dv), want):
         torch.testing.assert_close(got, ref_grad, **TOL[dtype])
     # the op's own dw_route argument (1 events, 2 active entries) when nothing is forced
     routes()
     for route in (1, 2):
-        got = emul.lif_backward_sparse(g, gv if with_gv else None, w, *fwd[2:8], None, None,
+        got = emul.lif_backward_sparse(g, gv if with_gv else None, w, *fwd[2:8], None, None, None,
                                        kw["alpha"], True, True, True, True, route)
         for a, ref_grad in zip(got, want):
             torch.testing.assert_close(a, ref_grad, **TOL[dtype])
     # unrequested gradients come back empty, the others unchanged
-    dx, dw, db, dv = emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, False, True,
+    dx, dw, db, dv = emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, None, 0.9, False, True,
                                               False, False, 0)
     assert dx.numel() == 0 and db.numel() == 0 and dv.numel() == 0 and dw.shape == w.shape
 
@@ -308,19 +308,19 @@ def test_emul_dx_on_producer_active_set(emul, routes, dtype):
     _, w, b = random_problem(T, B, n_in, n_out, rate=0.3, dtype=dtype, seed=3)
     fwd = emul.lif_forward(*lif_args(h, w, b, b_th=0.5, slope=5.0))
     g = torch.randn(T, B, n_out, dtype=dtype)
-    full = emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, True, False, False, False, 0)[0]
+    full = emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, None, 0.9, True, False, False, False, 0)[0]
     routes(dx="dots")
-    restricted = emul.lif_backward_sparse(g, None, w, *fwd[2:8], prev[2], prev[3], 0.9, True, False,
+    restricted = emul.lif_backward_sparse(g, None, w, *fwd[2:8], prev[2], prev[3], None, 0.9, True, False,
                                           False, False, 0)[0]
     mask = torch.zeros(B * T, n_in, dtype=torch.bool)
-    rows = torch.repeat_interleave(torch.arange(B * T), prev[2].diff())
+    rows = torch.repeat_interleave(torch.arange(B * T), prev[2].long())
     mask[rows, prev[3].long()] = True
     mask = mask.view(B, T, n_in).transpose(0, 1)
     assert mask.any() and not mask.all()
     torch.testing.assert_close(restricted[mask], full[mask], **TOL[dtype])
     assert torch.count_nonzero(restricted[~mask]) == 0
     routes(dx="gemm")
-    as_gemm = emul.lif_backward_sparse(g, None, w, *fwd[2:8], prev[2], prev[3], 0.9, True, False, False,
+    as_gemm = emul.lif_backward_sparse(g, None, w, *fwd[2:8], prev[2], prev[3], None, 0.9, True, False, False,
                                        False, 0)[0]
     torch.testing.assert_close(as_gemm, full, **TOL[dtype])
     want = reference_grads(h, w, b, torch.zeros(B, n_out, dtype=dtype), g, torch.zeros(B, n_out, dtype=dtype),
@@ -338,17 +338,17 @@ def test_emul_lif_backward_dense_matches_reference(emul, routes, dtype, shape):
     gv = torch.randn(B, n_out, dtype=dtype)
     want = reference_grads(x, w, b, v0, g, gv, alpha=0.85, b_th=0.2, slope=3.0, backward="dense")
     fwd = emul.lif_forward(*lif_args(x, w, b, v0, None, 0.85, 1.0, 0.2, 3.0, sparse=False))
-    got = emul.lif_backward_dense(g, gv, x, w, fwd[4], 0.85, True, True, True, True)
+    got = emul.lif_backward_dense(g, gv, x, w, fwd[4], None, 0.85, True, True, True, True)
     for a, c in zip(got, want):
         torch.testing.assert_close(a, c, **TOL[dtype])
     # sparse mode with b_th = inf is the dense gradient
     fwd = emul.lif_forward(*lif_args(x, w, b, v0, None, 0.85, 1.0, math.inf, 3.0))
-    assert fwd[8][1] == T * B * n_out  # every entry active
-    every_input = (torch.arange(B * T + 1) * n_in, torch.arange(n_in, dtype=torch.int32).repeat(B * T))
+    assert fwd[9][1] == T * B * n_out  # every entry active
+    every_input = (torch.full((B * T,), n_in, dtype=torch.int32), torch.arange(n_in, dtype=torch.int32).repeat(B * T))
     for dw in DW_ROUTES:
         for dx in DX_ROUTES:
             routes(dw, dx)
-            sp = emul.lif_backward_sparse(g, gv, w, *fwd[2:8], *every_input, 0.85, True, True, True, True, 0)
+            sp = emul.lif_backward_sparse(g, gv, w, *fwd[2:8], *every_input, None, 0.85, True, True, True, True, 0)
             for a, c in zip(sp, want):
                 torch.testing.assert_close(a, c, **TOL[dtype])
 
@@ -357,14 +357,14 @@ def test_emul_empty_active_set_gives_exact_zeros(emul, routes):
     x = torch.zeros(8, 3, 6, dtype=torch.float64)
     w = torch.randn(4, 6, dtype=torch.float64)
     fwd = emul.lif_forward(*lif_args(x, w, None, b_th=0.1))
-    assert fwd[3].numel() == 0 and fwd[8].tolist() == [0, 0, 0] and fwd[2].abs().sum() == 0
+    assert fwd[3].numel() == 0 and fwd[9].tolist() == [0, 0, 0] and fwd[2].abs().sum() == 0
     g = torch.randn(8, 3, 4, dtype=torch.float64)
-    every_input = (torch.arange(3 * 8 + 1) * 6, torch.arange(6, dtype=torch.int32).repeat(3 * 8))
+    every_input = (torch.full((3 * 8,), 6, dtype=torch.int32), torch.arange(6, dtype=torch.int32).repeat(3 * 8))
     for dw in DW_ROUTES:
         for dx in DX_ROUTES:
             routes(dw, dx)
             for prev in ((None, None), every_input):
-                for grad in emul.lif_backward_sparse(g, None, w, *fwd[2:8], *prev, 0.9, True, True, True,
+                for grad in emul.lif_backward_sparse(g, None, w, *fwd[2:8], *prev, None, 0.9, True, True, True,
                                                      False, 0)[:3]:
                     assert grad.numel() > 0 and not torch.isnan(grad).any() and torch.count_nonzero(grad) == 0
 
@@ -378,7 +378,7 @@ def test_emul_readout_matches_cpu_and_reference(emul, routes, dtype, reduce, sha
     x, w, b = random_problem(*shape, rate=rate, binary=binary, dtype=dtype, seed=sum(shape))
     got = emul.li_readout_forward(x, w, b, None, None, 0.8, reduce)
     assert_all_equal(got, cpu_ops.li_readout_forward(x, w, b, None, None, 0.8, reduce),
-                     ["out", "argmax", "ev_ptr", "ev_idx", "ev_val"])
+                     ["out", "argmax", "ev_cnt", "ev_idx", "ev_val"])
     torch.testing.assert_close(got[0], ref.li_readout(x, w, b, alpha=0.8, reduce=reduce), **TOL[dtype])
 
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
@@ -395,14 +395,14 @@ def test_emul_readout_matches_cpu_and_reference(emul, routes, dtype, reduce, sha
     # dx restricted to a producer's active set (here: every other input neuron of every row)
     T, B, n_in, _ = shape
     keep = torch.arange(n_in, dtype=torch.int32)[::2]
-    prev_ptr = torch.arange(B * T + 1, dtype=torch.int64) * keep.numel()
+    prev_cnt = torch.full((B * T,), keep.numel(), dtype=torch.int32)
     prev_idx = keep.repeat(B * T)
-    dx_r = emul.li_readout_backward(g, got[1], w, *got[2:5], prev_ptr, prev_idx, T, 0.8, reduce,
+    dx_r = emul.li_readout_backward(g, got[1], w, *got[2:5], prev_cnt, prev_idx, T, 0.8, reduce,
                                     True, False, False)[0]
     torch.testing.assert_close(dx_r[:, :, ::2], want[0][:, :, ::2], **TOL[dtype])
     assert torch.count_nonzero(dx_r[:, :, 1::2]) == 0
     routes(dx="gemm")
-    dx_g = emul.li_readout_backward(g, got[1], w, *got[2:5], prev_ptr, prev_idx, T, 0.8, reduce,
+    dx_g = emul.li_readout_backward(g, got[1], w, *got[2:5], prev_cnt, prev_idx, T, 0.8, reduce,
                                     True, False, False)[0]
     torch.testing.assert_close(dx_g, want[0], **TOL[dtype])
 
@@ -430,7 +430,7 @@ def test_emul_random_problems(emul, routes):
         assert torch.equal(fwd[0], ref.lif_layer(x, w, b, alpha=alpha, state=(v0, torch.zeros_like(v0))))
         for route, forced in ((1, None), (2, None), (0, "gemm")):
             routes(forced)
-            args = (g, gv, w, *fwd[2:8], None, None, alpha, True, True, True, True, route)
+            args = (g, gv, w, *fwd[2:8], None, None, None, alpha, True, True, True, True, route)
             got = emul.lif_backward_sparse(*args)
             for a, c, d in zip(got, want, cpu_ops.lif_backward_sparse(*args)):
                 torch.testing.assert_close(a, c, **TOL[torch.float64])
@@ -457,10 +457,72 @@ def test_emul_shared_host_checks_name_the_argument(emul):
     fwd = emul.lif_forward(*lif_args(x, w, b))
     g = torch.randn(3, 2, 3, dtype=x.dtype)
     with pytest.raises(RuntimeError, match="dw_route"):
-        emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, True, True, True, False, 5)
-    with pytest.raises(RuntimeError, match="act_ptr"):
-        emul.lif_backward_sparse(g, None, w, fwd[2][:-1], *fwd[3:8], None, None, 0.9, True, True,
+        emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, None, 0.9, True, True, True, False, 5)
+    with pytest.raises(RuntimeError, match="act_cnt"):
+        emul.lif_backward_sparse(g, None, w, fwd[2][:-1], *fwd[3:8], None, None, None, 0.9, True, True,
                                  True, False, 0)
+
+
+# ----------------------------------------------------------------- surrogates and resets
+@pytest.mark.parametrize("surrogate", sparsegrad.functional.SURROGATES)
+@pytest.mark.parametrize("reset", sparsegrad.functional.RESETS)
+def test_emul_surrogates_and_resets_match_cpu(emul, surrogate, reset):
+    """Every surrogate and reset: forward outputs equal the CPU op's (reset bits included), and
+    both backward modes give the CPU op's gradients, initial state included."""
+    x, w, b = random_problem(13, 4, 11, 37, rate=0.35, seed=21)
+    v0 = torch.rand(4, 37, dtype=torch.float64)
+    s0 = (torch.rand(4, 37) < 0.5).double()
+    g = torch.randn(13, 4, 37, dtype=torch.float64)
+    gv = torch.randn(4, 37, dtype=torch.float64)
+    for sparse in (True, False):
+        args = (x, w, b, v0, s0, None, None, 0.85, 1.0, 0.6, 3.0, sparse, surrogate, reset)
+        fwd = emul.lif_forward(*args)
+        want = cpu_ops.lif_forward(*args)
+        assert_all_equal(fwd, want, FWD_NAMES)
+        rst = fwd[8] if reset == "zero" else None
+        assert (rst is not None) == (fwd[8].numel() > 0)
+        if sparse:
+            bargs = (g, gv, w, *fwd[2:8], None, None, rst, 0.85, True, True, True, True, 0)
+            got, ref_grads = emul.lif_backward_sparse(*bargs), cpu_ops.lif_backward_sparse(*bargs)
+        else:
+            bargs = (g, gv, x, w, fwd[4], rst, 0.85, True, True, True, True)
+            got, ref_grads = emul.lif_backward_dense(*bargs), cpu_ops.lif_backward_dense(*bargs)
+        for a, c in zip(got, ref_grads):
+            torch.testing.assert_close(a, c, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("reset", sparsegrad.functional.RESETS)
+@pytest.mark.parametrize("dw_route", list(DW_ROUTES))
+@pytest.mark.parametrize("dx_route", list(DX_ROUTES))
+def test_emul_every_route_every_reset_matches_reference(emul, routes, reset, dw_route, dx_route):
+    """Each GPU route of the sparse backward (forced), under each reset, against the reference's
+    autograd; reset-to-zero makes the active-entry route fall back to the events route. dx is
+    restricted to a producer set holding every other input (dots: zero elsewhere)."""
+    T, B, n_in, n_out = 21, 3, 9, 7
+    x, w, b = random_problem(T, B, n_in, n_out, rate=0.35, seed=41)
+    gen = torch.Generator().manual_seed(42)
+    v0 = torch.rand(B, n_out, generator=gen, dtype=torch.float64)
+    s0 = (torch.rand(B, n_out, generator=gen) < 0.5).double()
+    g = torch.randn(T, B, n_out, generator=gen, dtype=torch.float64)
+    gv = torch.randn(B, n_out, generator=gen, dtype=torch.float64)
+    kw = dict(alpha=0.85, threshold=1.0, b_th=0.6, surrogate="atan", slope=2.0, reset=reset)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, v0)]
+    s, (v, _) = ref.lif_layer(*leaves[:3], state=(leaves[3], s0), return_state=True, **kw)
+    want = torch.autograd.grad((s * g).sum() + (v * gv).sum(), leaves)
+    fwd = emul.lif_forward(x, w, b, v0, s0, None, None, 0.85, 1.0, 0.6, 2.0, True, "atan", reset)
+    assert torch.equal(fwd[0], s.detach())
+    rst = fwd[8] if reset == "zero" else None
+    keep = torch.arange(n_in, dtype=torch.int32)[::2]
+    prev = (torch.full((B * T,), keep.numel(), dtype=torch.int32), keep.repeat(B * T))
+    routes(dw_route, dx_route)
+    dx, dw, db, dv = emul.lif_backward_sparse(g, gv, w, *fwd[2:8], *prev, rst, 0.85, True, True, True, True, 0)
+    for name, got, ref_grad in (("dW", dw, want[1]), ("db", db, want[2]), ("dV_init", dv, want[3])):
+        torch.testing.assert_close(got, ref_grad, **TOL[torch.float64], msg=name)
+    torch.testing.assert_close(dx[:, :, ::2], want[0][:, :, ::2], **TOL[torch.float64])
+    if dx_route == "dots":
+        assert torch.count_nonzero(dx[:, :, 1::2]) == 0
+    else:
+        torch.testing.assert_close(dx, want[0], **TOL[torch.float64])
 
 
 # ------------------------------------------------------------------------------- determinism
@@ -498,8 +560,21 @@ def _every_op_call(emul, routes, dtype):
         for dx in (None, "dots", "gemm"):
             p = (prev[2], prev[3]) if dx else (None, None)
             add(f"lif_backward_sparse dw={dw} dx={dx}", lambda p=p:
-                emul.lif_backward_sparse(g, gv, w, *fwd[2:8], *p, 0.9, True, True, True, True, 0), dw, dx)
-    add("lif_backward_dense", lambda: emul.lif_backward_dense(g, gv, x, w, dense[4], 0.9, True, True, True, True))
+                emul.lif_backward_sparse(g, gv, w, *fwd[2:8], *p, None, 0.9, True, True, True, True, 0), dw, dx)
+    add("lif_backward_dense", lambda: emul.lif_backward_dense(g, gv, x, w, dense[4], None, 0.9, True, True, True, True))
+    # reset to zero (the trace cut by rst_bits), another surrogate
+    zargs = (x, w, b, v0, s0, None, None, 0.9, 1.0, 0.4, 4.0)
+    zfwd = cpu_ops.lif_forward(*zargs, True, "sigmoid", "zero")
+    zdense = cpu_ops.lif_forward(*zargs, False, "sigmoid", "zero")
+    add("lif_forward reset=zero", lambda: list(emul.lif_forward(*zargs, True, "sigmoid", "zero")) +
+        list(emul.lif_forward(*zargs, False, "sigmoid", "zero")))
+    for dw in DW_ROUTES:
+        for dx in (None, "dots", "gemm"):
+            p = (prev[2], prev[3]) if dx else (None, None)
+            add(f"lif_backward_sparse reset=zero dw={dw} dx={dx}", lambda p=p:
+                emul.lif_backward_sparse(g, gv, w, *zfwd[2:8], *p, zfwd[8], 0.9, True, True, True, True, 0), dw, dx)
+    add("lif_backward_dense reset=zero", lambda: emul.lif_backward_dense(g, gv, x, w, zdense[4], zdense[8], 0.9, True,
+                                                                        True, True, True))
     for reduce in ("max", "sum", "mean", "none"):
         ro = cpu_ops.li_readout_forward(x, w, b, None, None, 0.8, reduce)
         go = torch.randn(ro[0].shape, generator=gen).to(dtype)
@@ -576,14 +651,14 @@ def test_emul_non_contiguous_inputs(emul, dtype):
     assert_all_equal(fwd, emul.lif_forward(*lif_args(x, w, b, v0.contiguous())), FWD_NAMES)
     g = torch.randn(B, T, n_out, dtype=dtype).transpose(0, 1)
     gv = torch.randn(n_out, B, dtype=dtype).t()
-    got = emul.lif_backward_sparse(g, gv, ws, *fwd[2:8], fwd[2], fwd[3][:], 0.9, True, True, True, True, 0)
-    want = emul.lif_backward_sparse(g.contiguous(), gv.contiguous(), w, *fwd[2:8], fwd[2], fwd[3], 0.9,
+    got = emul.lif_backward_sparse(g, gv, ws, *fwd[2:8], fwd[2], fwd[3][:], None, 0.9, True, True, True, True, 0)
+    want = emul.lif_backward_sparse(g.contiguous(), gv.contiguous(), w, *fwd[2:8], fwd[2], fwd[3], None, 0.9,
                                     True, True, True, True, 0)
     assert_same_bits(got, want, "lif_backward_sparse")
     dense = emul.lif_forward(*lif_args(x, w, b, sparse=False))
     sg = dense[4].transpose(0, 1).contiguous().transpose(0, 1)
-    assert_same_bits(emul.lif_backward_dense(g, gv, xs, ws, sg, 0.9, True, True, True, True),
-                     emul.lif_backward_dense(g.contiguous(), gv.contiguous(), x, w, dense[4], 0.9, True, True,
+    assert_same_bits(emul.lif_backward_dense(g, gv, xs, ws, sg, None, 0.9, True, True, True, True),
+                     emul.lif_backward_dense(g.contiguous(), gv.contiguous(), x, w, dense[4], None, 0.9, True, True,
                                              True, True), "lif_backward_dense")
     ro = emul.li_readout_forward(xs, ws, bs, None, None, 0.8, "max")
     assert_all_equal(ro, emul.li_readout_forward(x, w, b, None, None, 0.8, "max"), ["out", "argmax", "p", "i", "v"])
@@ -625,8 +700,8 @@ def test_emul_zero_sizes(emul):
         import itertools, math
         checked = 0
         def prev_all(T, B, n_in):  # a producer set holding every entry
-            ptr = torch.arange(B * T + 1, dtype=torch.int64) * n_in
-            return ptr, torch.arange(n_in, dtype=torch.int32).repeat(B * T)
+            cnt = torch.full((B * T,), n_in, dtype=torch.int32)
+            return cnt, torch.arange(n_in, dtype=torch.int32).repeat(B * T)
         for (T, B, n_in, n_out), dtype in itertools.product(itertools.product([0, 1, 3], repeat=4),
                                                             [torch.float32, torch.float64]):
             x = (torch.rand(T, B, n_in) < 0.5).to(dtype)
@@ -636,8 +711,9 @@ def test_emul_zero_sizes(emul):
             g = torch.randn(T, B, n_out, dtype=dtype)
             gv = torch.randn(B, n_out, dtype=dtype)
             pp, pi = prev_all(T, B, n_in)
-            for sparse in (True, False):
-                f = emul.lif_forward(x, w, b, v0, None, None, None, 0.9, 1.0, 10.0, 5.0, sparse)
+            for sparse, reset in itertools.product((True, False), ("subtract", "zero")):
+                f = emul.lif_forward(x, w, b, v0, None, None, None, 0.9, 1.0, 10.0, 5.0, sparse, "atan", reset)
+                rst = f[8] if reset == "zero" else None
                 assert f[0].shape == (T, B, n_out) and f[1].shape == (B, n_out), (T, B, n_in, n_out)
                 if T == 0:
                     assert torch.equal(f[1], v0)
@@ -645,7 +721,7 @@ def test_emul_zero_sizes(emul):
                     for dw, dx in itertools.product([1, 2, 3], [1, 2]):
                         emul.set_routes(dw, dx)
                         for prev in ((None, None), (pp, pi)):
-                            gx, gw, gb, gvi = emul.lif_backward_sparse(g, gv, w, *f[2:8], *prev, 0.9, True,
+                            gx, gw, gb, gvi = emul.lif_backward_sparse(g, gv, w, *f[2:8], *prev, rst, 0.9, True,
                                                                        True, True, True, 0)
                             assert gx.shape == (T, B, n_in) and gw.shape == (n_out, n_in)
                             assert gb.shape == (n_out,) and gvi.shape == (B, n_out)
@@ -657,7 +733,7 @@ def test_emul_zero_sizes(emul):
                                 assert torch.equal(gvi, gv)
                     emul.set_routes(0, 0)
                 else:
-                    gx, gw, gb, gvi = emul.lif_backward_dense(g, gv, x, w, f[4], 0.9, True, True, True, True)
+                    gx, gw, gb, gvi = emul.lif_backward_dense(g, gv, x, w, f[4], rst, 0.9, True, True, True, True)
                     assert gx.shape == (T, B, n_in) and gw.shape == (n_out, n_in) and gb.shape == (n_out,)
                     assert gvi.shape == (B, n_out)
                     if T == 0:
@@ -692,8 +768,8 @@ def test_emul_zero_sizes(emul):
 
 
 def test_emul_inconsistent_compact_tensors_raise(emul):
-    """Compact tensors that do not describe a valid CSR (row pointers that do not add up, out of
-    range or unordered indices, an argmax outside [0, T)), passed to the backwards directly: an
+    """Compact tensors that do not describe a valid CSR (row counts that are negative or do not add
+    up to the index array, out of range or unordered indices, an argmax outside [0, T)), passed to the backwards directly: an
     error that names them, from every route, never an out-of-bounds access or a crash. (On a GPU
     the same bound checks turn the gradients into NaN instead, without a host synchronisation.)"""
     out = _run_isolated(emul, """
@@ -702,9 +778,9 @@ def test_emul_inconsistent_compact_tensors_raise(emul):
         T, B, n_in, n_out = 6, 3, 8, 5
         x, w, b = random_problem(T, B, n_in, n_out, rate=0.5, seed=3)
         f = emul.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 10.0, 5.0, True)  # all active
-        act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val = f[2:8]
+        act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val = f[2:8]
         g = torch.randn(T, B, n_out, dtype=x.dtype)
-        prev_ptr = torch.arange(B * T + 1, dtype=torch.int64) * n_in
+        prev_cnt = torch.full((B * T,), n_in, dtype=torch.int32)
         prev_idx = torch.arange(n_in, dtype=torch.int32).repeat(B * T)
 
         def changed(t, k, v):
@@ -712,26 +788,33 @@ def test_emul_inconsistent_compact_tensors_raise(emul):
             t[k] = v
             return t
 
+        def moved(cnt, r, d):  # one entry moved from row r + 1 to row r: the total still matches
+            cnt = cnt.clone()
+            cnt[r] += d
+            cnt[r + 1] -= d
+            return cnt
+
         bad = {  # name: (argument position, tensor, expected word in the message)
-            "act_ptr total": (3, changed(act_ptr, -1, act_ptr[-1] - 1), "act_ptr"),
-            "act_ptr decreasing": (3, changed(act_ptr, 4, act_ptr[3] - 1), "act_ptr"),
-            "act_ptr huge": (3, changed(act_ptr, 2, 2**40), "act_ptr"),
-            "act_ptr negative": (3, changed(act_ptr, 1, -5), "act_ptr"),
-            "act_idx too large": (4, changed(act_idx, 7, n_out), "act_ptr/act_idx"),
-            "act_idx negative": (4, changed(act_idx, 0, -1), "act_ptr/act_idx"),
-            "act_idx unordered": (4, changed(act_idx, 1, act_idx[0]), "act_ptr/act_idx"),
-            "ev_ptr total": (6, changed(ev_ptr, -1, ev_ptr[-1] + 3), "ev_ptr"),
-            "ev_idx too large": (7, changed(ev_idx, 2, n_in + 100), "ev_ptr/ev_idx"),
-            "ev_idx negative": (7, changed(ev_idx, 2, -7), "ev_ptr/ev_idx"),
-            "prev_ptr total": (9, changed(prev_ptr, -1, 10**6), "prev_ptr"),
-            "prev_idx too large": (10, changed(prev_idx, 5, n_in), "prev_ptr/prev_idx"),
-            "act_ptr length": (3, act_ptr[:-1], "act_ptr"),
+            "act_cnt total": (3, changed(act_cnt, -1, act_cnt[-1] - 1), "act_cnt"),
+            "act_cnt negative": (3, changed(act_cnt, 4, -3), "act_cnt"),
+            "act_cnt huge": (3, changed(act_cnt, 2, 2**30), "act_cnt"),
+            "act_cnt moved": (3, moved(act_cnt, 3, 1), "act_cnt/act_idx"),
+            "act_idx too large": (4, changed(act_idx, 7, n_out), "act_cnt/act_idx"),
+            "act_idx negative": (4, changed(act_idx, 0, -1), "act_cnt/act_idx"),
+            "act_idx unordered": (4, changed(act_idx, 1, act_idx[0]), "act_cnt/act_idx"),
+            "ev_cnt total": (6, changed(ev_cnt, -1, ev_cnt[-1] + 3), "ev_cnt"),
+            "ev_idx too large": (7, changed(ev_idx, 2, n_in + 100), "ev_cnt/ev_idx"),
+            "ev_idx negative": (7, changed(ev_idx, 2, -7), "ev_cnt/ev_idx"),
+            "prev_cnt total": (9, changed(prev_cnt, -1, 10**6), "prev_cnt"),
+            "prev_idx too large": (10, changed(prev_idx, 5, n_in), "prev_cnt/prev_idx"),
+            "act_cnt length": (3, act_cnt[:-1], "act_cnt"),
             "act_sg length": (5, act_sg[:-1], "act_sg"),
+            "rst_bits shape": (11, torch.zeros(T, B, 2, dtype=torch.int32), "rst_bits"),
         }
         raised = 0
         for (name, (pos, tensor, word)), (dw, dx) in itertools.product(bad.items(), [(1, 1), (2, 1), (3, 2)]):
             emul.set_routes(dw, dx)
-            args = [g, None, w, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, prev_ptr, prev_idx,
+            args = [g, None, w, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, prev_cnt, prev_idx, None,
                     0.9, True, True, True, True, 0]
             args[pos] = tensor
             try:
@@ -760,7 +843,7 @@ def test_emul_inconsistent_compact_tensors_raise(emul):
                                          0.8, "max", True, True, True)
                 raise AssertionError("ev_idx out of range passed")
             except RuntimeError as e:
-                assert "ev_ptr/ev_idx" in str(e)
+                assert "ev_cnt/ev_idx" in str(e)
                 raised += 1
         emul.set_routes(0, 0)
         print("raised", raised)

@@ -37,9 +37,7 @@ struct TraceDecay {
 
   // dV[t]/dV[t-1] (t = 0: dV[0]/dV_init)
   __device__ __forceinline__ acc_t operator()(int64_t t, int64_t b, int64_t j) const {
-    bool spiked = false;
-    if (rst) spiked = (uint32_t(rst[(t * B + b) * words + (j >> 5)]) >> (j & 31)) & 1u;
-    return math::trace_decay(alpha, spiked, reset);
+    return math::trace_decay(alpha, rst != nullptr && bit_set(rst + (t * B + b) * words, j), reset);
   }
 };
 

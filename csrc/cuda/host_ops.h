@@ -44,7 +44,7 @@ namespace cuda {
 namespace host {
 
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using LifGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ReadoutForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ReadoutGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -77,6 +77,7 @@ Events build_events(const at::Tensor& x) {
   auto nonbinary = at::zeros({1}, long_opts);
   L::launch(R, &events_count_kernel<scalar_t>, x.data_ptr<scalar_t>(), T, B, N,
             ev.ptr.data_ptr<int64_t>(), nonbinary.data_ptr<int64_t>());
+  ev.cnt = ev.ptr.narrow(0, 1, R).to(at::kInt);  // the op's output: per-row counts
   ev.ptr.cumsum_(0);
   const auto sizes = at::cat({ev.ptr.narrow(0, R, 1), nonbinary}).cpu();  // host sync: output size
   ev.nnz = sizes.data_ptr<int64_t>()[0];
@@ -133,7 +134,8 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias,
                                 const c10::optional<at::Tensor>& v_init,
                                 const c10::optional<at::Tensor>& s_init, double alpha,
-                                double threshold, double b_th, double slope, bool sparse) {
+                                double threshold, double b_th, double slope, bool sparse,
+                                NeuronKinds kinds) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = x.size(0), B = x.size(1), n_out = weight.size(0), R = B * T;
   const auto long_opts = x.options().dtype(at::kLong);
@@ -153,6 +155,8 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   a.alpha = static_cast<acc_t>(alpha);
   a.threshold = static_cast<acc_t>(threshold);
   a.slope = static_cast<acc_t>(slope);
+  a.surrogate = kinds.surrogate;
+  a.reset = kinds.reset;
   a.v_init = ptr_or_null<scalar_t>(v_init);
   a.s_init = ptr_or_null<scalar_t>(s_init);
   a.spikes = spikes.data_ptr<scalar_t>();
@@ -170,29 +174,37 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   }
   L::launch(B * n_out, &lif_forward_kernel<scalar_t>, a);
   stats.narrow(0, 2, 1).fill_(ev.nnz);
+  // Reset to zero: the spikes that reset V, bit-packed for the backward (op_schemas.h).
+  const int64_t words = bit_words(n_out);
+  const bool zero_reset = kinds.reset == kResetZero;
+  at::Tensor rst_bits = zero_reset ? at::empty({T, B, words}, x.options().dtype(at::kInt))
+                                   : at::empty({0}, x.options().dtype(at::kInt));
+  if (zero_reset)
+    L::launch(T * B * words, &reset_bits_kernel<scalar_t>, a.spikes, a.s_init, T, B, n_out,
+              rst_bits.data_ptr<int32_t>());
 
   if (!sparse) {
     stats.narrow(0, 1, 1).fill_(T * B * n_out);
-    auto empty_long = at::empty({0}, long_opts);
-    auto empty_int = at::empty({0}, x.options().dtype(at::kInt));
-    auto empty_val = at::empty({0}, x.options());
-    return {spikes, v_final, empty_long, empty_int, sg_dense, empty_long.clone(), empty_int.clone(),
-            empty_val.clone(), stats};
+    auto empty_int = [&] { return at::empty({0}, x.options().dtype(at::kInt)); };
+    return {spikes, v_final, empty_int(), empty_int(), sg_dense, empty_int(), empty_int(),
+            at::empty({0}, x.options()), rst_bits, stats};
   }
 
   // Compact the active set: count kernel, scan, one device->host copy (its size), fill kernel.
   auto act_ptr = at::zeros({R + 1}, long_opts);
   L::launch(R, &active_count_kernel<acc_t>, v_trace.data_ptr<acc_t>(), T, B, n_out,
             static_cast<acc_t>(threshold), static_cast<acc_t>(b_th), act_ptr.data_ptr<int64_t>());
+  const at::Tensor act_cnt = act_ptr.narrow(0, 1, R).to(at::kInt);
   act_ptr.cumsum_(0);
   const int64_t n_active = act_ptr[R].item<int64_t>();  // host sync: output size
   auto act_idx = at::empty({n_active}, x.options().dtype(at::kInt));
   auto act_sg = at::empty({n_active}, x.options());
   L::launch(R, &active_fill_kernel<scalar_t, acc_t>, v_trace.data_ptr<acc_t>(), T, B, n_out,
             static_cast<acc_t>(threshold), static_cast<acc_t>(b_th), static_cast<acc_t>(slope),
-            act_ptr.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(), act_sg.data_ptr<scalar_t>());
+            int(kinds.surrogate), act_ptr.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(),
+            act_sg.data_ptr<scalar_t>());
   stats.narrow(0, 1, 1).fill_(n_active);
-  return {spikes, v_final, act_ptr, act_idx, act_sg, ev.ptr, ev.idx, ev.val, stats};
+  return {spikes, v_final, act_cnt, act_idx, act_sg, ev.cnt, ev.idx, ev.val, rst_bits, stats};
 }
 
 template <class L>
@@ -200,15 +212,18 @@ ForwardOutputs lif_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
                            const c10::optional<at::Tensor>& bias_in,
                            const c10::optional<at::Tensor>& v_init_in,
                            const c10::optional<at::Tensor>& s_init_in,
-                           const c10::optional<at::Tensor>& /*x_act_ptr: used by the backward*/,
+                           const c10::optional<at::Tensor>& /*x_act_cnt: used by the backward*/,
                            const c10::optional<at::Tensor>& /*x_act_idx*/, double alpha,
-                           double threshold, double b_th, double slope, bool sparse) {
-  check_lif_forward_args(x_in, weight_in, bias_in, v_init_in, s_init_in, alpha, threshold, b_th, slope);
+                           double threshold, double b_th, double slope, bool sparse,
+                           c10::string_view surrogate, c10::string_view reset) {
+  const NeuronKinds kinds = check_lif_forward_args(x_in, weight_in, bias_in, v_init_in, s_init_in,
+                                                   alpha, threshold, b_th, slope, surrogate, reset);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   ForwardOutputs out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsegrad_lif_forward_cuda", [&] {
     out = lif_forward_impl<L, scalar_t>(x, weight, contiguous(bias_in), contiguous(v_init_in),
-                                        contiguous(s_init_in), alpha, threshold, b_th, slope, sparse);
+                                        contiguous(s_init_in), alpha, threshold, b_th, slope, sparse,
+                                        kinds);
   });
   return out;
 }
@@ -219,23 +234,26 @@ ForwardOutputs lif_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
 
 // A CSR over rows r = b*T + t as the backward kernels read it.
 struct DeviceCsr {
-  at::Tensor off;  // int64 [R + 1]
+  at::Tensor off;  // int64 [R + 1] offsets, from the op's int32 per-row counts
   at::Tensor idx;  // int32 [n]
   at::Tensor row;  // int64 [n]: the row of each entry, -1 where the entry is unusable (skipped)
   int64_t n = 0;
 };
 
-// Bound checks and row expansion on the device (csr.cuh): nothing is read from the tensors on
-// the host, so this costs no synchronisation; problems raise bits of `flag`.
+// Offsets by a scan of the counts on the device (not csrc/compact.h's row_offsets, which checks
+// CPU tensors on the host: the emulation must run the GPU's sequence), then bound checks and row
+// expansion on the device (csr.cuh): nothing is read on the host, so no synchronisation; problems
+// raise bits of `flag`.
 template <class L>
-DeviceCsr prepare_csr(const at::Tensor& ptr, const at::Tensor& idx, int64_t R, int64_t n_cols,
-                      const at::Tensor& flag, int csr, const char* op, const char* ptr_name) {
+DeviceCsr prepare_csr(const at::Tensor& cnt, const at::Tensor& idx, int64_t R, int64_t n_cols,
+                      const at::Tensor& flag, int csr, const char* op, const char* cnt_name) {
   DeviceCsr c;
-  c.off = ptr.contiguous();
   c.idx = idx.contiguous();
   c.n = c.idx.numel();
-  SG_CHECK(R > 0 || c.n == 0, op, ptr_name, "has no rows, but its index tensor has ", c.n, " entries");
-  c.row = at::empty({c.n}, c.off.options().dtype(at::kLong));
+  SG_CHECK(R > 0 || c.n == 0, op, cnt_name, "has no rows, but its index tensor has ", c.n, " entries");
+  c.off = at::zeros({R + 1}, cnt.options().dtype(at::kLong));
+  if (R > 0) c.off.narrow(0, 1, R).copy_(at::cumsum(cnt, 0, at::kLong));
+  c.row = at::empty({c.n}, c.off.options());
   L::launch(R, &csr_check_rows_kernel<int64_t>, c.off.data_ptr<int64_t>(), R, c.n, flag.data_ptr<int32_t>(), csr);
   L::launch(c.n, &csr_expand_kernel<int64_t>, c.off.data_ptr<int64_t>(), R, c.idx.data_ptr<int32_t>(), c.n,
             n_cols, c.row.data_ptr<int64_t>(), flag.data_ptr<int32_t>(), csr);
@@ -329,6 +347,21 @@ routes::Problem route_problem(int64_t T, int64_t B, int64_t n_in, int64_t n_out,
   return p;
 }
 
+// The decay of the gradient trace: alpha, cut by the reset bits under reset-to-zero (rst_bits
+// given: the backward ops know the reset only through them).
+template <typename acc_t>
+TraceDecay<acc_t> trace_decay(acc_t alpha, const c10::optional<at::Tensor>& rst_bits, int64_t B, int64_t n) {
+  TraceDecay<acc_t> d;
+  d.alpha = alpha;
+  if (rst_bits.has_value()) {
+    d.reset = kResetZero;
+    d.rst = rst_bits->data_ptr<int32_t>();
+    d.B = B;
+    d.words = bit_words(n);
+  }
+  return d;
+}
+
 // The error flag of the bound checks (csr.cuh): on the GPU a set flag turns every gradient into
 // NaN (poison_kernel, no host synchronisation); where the launcher can read device memory for free
 // (the emulation: L::kHostReadsFlag) it raises an error naming the inconsistent arguments.
@@ -380,16 +413,17 @@ void finish_with_flag(const at::Tensor& flag, std::initializer_list<at::Tensor> 
 // ------------------------------------------------------------------------------------------------
 template <class L, typename scalar_t>
 LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
-                                  const at::Tensor& weight, const at::Tensor& act_ptr,
+                                  const at::Tensor& weight, const at::Tensor& act_cnt,
                                   const at::Tensor& act_idx, const at::Tensor& act_sg,
-                                  const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
-                                  const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
-                                  const c10::optional<at::Tensor>& prev_idx, double alpha_in,
+                                  const at::Tensor& ev_cnt, const at::Tensor& ev_idx,
+                                  const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_cnt,
+                                  const c10::optional<at::Tensor>& prev_idx,
+                                  const c10::optional<at::Tensor>& rst_bits, double alpha_in,
                                   bool need_dx, bool need_dw, bool need_db, bool need_dv,
                                   int64_t dw_route) {
   using acc_t = at::opmath_type<scalar_t>;
   const char* op = "lif_backward_sparse";
-  static const char* const kNames[3] = {"act_ptr/act_idx", "ev_ptr/ev_idx", "prev_ptr/prev_idx"};
+  static const char* const kNames[3] = {"act_cnt/act_idx", "ev_cnt/ev_idx", "prev_cnt/prev_idx"};
   const int64_t T = gS.size(0), B = gS.size(1), n_out = weight.size(0), n_in = weight.size(1), R = B * T;
   const auto opts = gS.options();
   const auto acc_opts = acc_options(gS);
@@ -399,13 +433,14 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
   if (!(need_dx || need_dw || need_db || need_dv)) return {dx, dw, db, dv};
 
   const at::Tensor flag = at::zeros({1}, opts.dtype(at::kInt));
+  // reset to zero cuts the trace per neuron: the input-trace closed form of the active route fails
   const routes::Problem problem = route_problem<scalar_t>(T, B, n_in, n_out, ev_idx.numel(), act_idx.numel(),
-                                                          prev_idx, /*active_route_valid=*/true);
+                                                          prev_idx, /*active_route_valid=*/!rst_bits.has_value());
   const routes::Dw dw_r = need_dw ? routes::choose_dw(problem, asked_dw<L>(dw_route)) : routes::Dw::kAuto;
   const routes::Dx dx_r = need_dx ? routes::choose_dx(problem, asked_dx<L>()) : routes::Dx::kAuto;
   const bool need_G = need_dx || (need_dw && dw_r != routes::Dw::kActive);
 
-  const DeviceCsr act = prepare_csr<L>(act_ptr, act_idx, R, n_out, flag, 0, op, "act_ptr");
+  const DeviceCsr act = prepare_csr<L>(act_cnt, act_idx, R, n_out, flag, 0, op, "act_cnt");
   at::Tensor G, db_parts;
   if (need_G || need_db || need_dv) {
     G = at::zeros({T, B, n_out}, acc_opts);
@@ -415,7 +450,7 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
     a.T = T;
     a.B = B;
     a.n = n_out;
-    a.decay.alpha = alpha;
+    a.decay = trace_decay<acc_t>(alpha, rst_bits, B, n_out);
     a.g_init = ptr_or_null<scalar_t>(gV);
     a.G = G.data_ptr<acc_t>();
     if (need_db) {
@@ -430,7 +465,7 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
   }
 
   if (need_dw) {
-    const DeviceCsr ev = prepare_csr<L>(ev_ptr, ev_idx, R, n_in, flag, 1, op, "ev_ptr");
+    const DeviceCsr ev = prepare_csr<L>(ev_cnt, ev_idx, R, n_in, flag, 1, op, "ev_cnt");
     const scalar_t* val = ev_val.numel() > 0 ? ev_val.data_ptr<scalar_t>() : nullptr;
     at::Tensor dw_acc;
     if (dw_r == routes::Dw::kEvents) {
@@ -460,7 +495,7 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
 
   if (need_dx) {
     if (dx_r == routes::Dx::kDots) {
-      const DeviceCsr prev = prepare_csr<L>(*prev_ptr, *prev_idx, R, n_in, flag, 2, op, "prev_ptr");
+      const DeviceCsr prev = prepare_csr<L>(*prev_cnt, *prev_idx, R, n_in, flag, 2, op, "prev_cnt");
       const at::Tensor weight_t = weight.t().contiguous();
       at::Tensor dx_acc = at::zeros({T, B, n_in}, acc_opts);
       L::launch(prev.n, &entry_dot_kernel<scalar_t>, prev.row.data_ptr<int64_t>(), prev.idx.data_ptr<int32_t>(),
@@ -483,21 +518,22 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
 
 template <class L>
 LifGrads lif_backward_sparse(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
-                             const at::Tensor& weight, const at::Tensor& act_ptr,
+                             const at::Tensor& weight, const at::Tensor& act_cnt,
                              const at::Tensor& act_idx, const at::Tensor& act_sg,
-                             const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
-                             const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
-                             const c10::optional<at::Tensor>& prev_idx, double alpha, bool need_dx,
+                             const at::Tensor& ev_cnt, const at::Tensor& ev_idx,
+                             const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_cnt,
+                             const c10::optional<at::Tensor>& prev_idx,
+                             const c10::optional<at::Tensor>& rst_bits, double alpha, bool need_dx,
                              bool need_dw, bool need_db, bool need_dv, int64_t dw_route) {
-  check_lif_backward_sparse_args(grad_spikes, grad_v_final, weight, act_ptr, act_idx, act_sg, ev_ptr,
-                                 ev_idx, ev_val, prev_ptr, prev_idx, alpha, dw_route);
+  check_lif_backward_sparse_args(grad_spikes, grad_v_final, weight, act_cnt, act_idx, act_sg, ev_cnt,
+                                 ev_idx, ev_val, prev_cnt, prev_idx, rst_bits, alpha, dw_route);
   c10::optional<at::Tensor> gV = contiguous(grad_v_final);
   const at::Tensor gS = grad_spikes.contiguous(), w = weight.contiguous();
   LifGrads out;
   AT_DISPATCH_FLOATING_TYPES(gS.scalar_type(), "sparsegrad_lif_backward_sparse_cuda", [&] {
     out = lif_backward_sparse_impl<L, scalar_t>(
-        gS, gV, w, act_ptr, act_idx, act_sg.contiguous(), ev_ptr, ev_idx, ev_val.contiguous(), prev_ptr,
-        prev_idx, alpha, need_dx, need_dw, need_db, need_dv, dw_route);
+        gS, gV, w, act_cnt, act_idx, act_sg.contiguous(), ev_cnt, ev_idx, ev_val.contiguous(), prev_cnt,
+        prev_idx, contiguous(rst_bits), alpha, need_dx, need_dw, need_db, need_dv, dw_route);
   });
   return out;
 }
@@ -508,7 +544,8 @@ LifGrads lif_backward_sparse(const at::Tensor& grad_spikes, const c10::optional<
 template <class L, typename scalar_t>
 LifGrads lif_backward_dense_impl(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
                                  const at::Tensor& x, const at::Tensor& weight, const at::Tensor& sg,
-                                 double alpha, bool need_dx, bool need_dw, bool need_db, bool need_dv) {
+                                 const c10::optional<at::Tensor>& rst_bits, double alpha, bool need_dx,
+                                 bool need_dw, bool need_db, bool need_dv) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gS.size(0), B = gS.size(1), n_in = weight.size(1), n_out = weight.size(0);
   const auto opts = gS.options();
@@ -523,7 +560,7 @@ LifGrads lif_backward_dense_impl(const at::Tensor& gS, const c10::optional<at::T
   a.T = T;
   a.B = B;
   a.n = n_out;
-  a.decay.alpha = static_cast<acc_t>(alpha);
+  a.decay = trace_decay<acc_t>(static_cast<acc_t>(alpha), rst_bits, B, n_out);
   a.g_init = ptr_or_null<scalar_t>(gV);
   a.G = need_G ? G.data_ptr<acc_t>() : nullptr;
   a.db_parts = need_db ? db_parts.data_ptr<acc_t>() : nullptr;
@@ -551,14 +588,16 @@ LifGrads lif_backward_dense_impl(const at::Tensor& gS, const c10::optional<at::T
 template <class L>
 LifGrads lif_backward_dense(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
                             const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& sg_in,
-                            double alpha, bool need_dx, bool need_dw, bool need_db, bool need_dv) {
-  check_lif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in, sg_in, alpha);
+                            const c10::optional<at::Tensor>& rst_bits, double alpha, bool need_dx,
+                            bool need_dw, bool need_db, bool need_dv) {
+  check_lif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in, sg_in, rst_bits, alpha);
   const c10::optional<at::Tensor> gV = contiguous(grad_v_final);
   const at::Tensor gS = grad_spikes.contiguous(), x = x_in.contiguous(), w = weight_in.contiguous(),
                    sg = sg_in.contiguous();
   LifGrads out;
   AT_DISPATCH_FLOATING_TYPES(gS.scalar_type(), "sparsegrad_lif_backward_dense_cuda", [&] {
-    out = lif_backward_dense_impl<L, scalar_t>(gS, gV, x, w, sg, alpha, need_dx, need_dw, need_db, need_dv);
+    out = lif_backward_dense_impl<L, scalar_t>(gS, gV, x, w, sg, contiguous(rst_bits), alpha, need_dx, need_dw,
+                                               need_db, need_dv);
   });
   return out;
 }
@@ -587,13 +626,13 @@ ReadoutForwardOutputs li_readout_forward_impl(const at::Tensor& x, const at::Ten
   a.out = out.data_ptr<scalar_t>();
   a.argmax = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
   L::launch(B * n_out, &li_readout_forward_kernel<scalar_t>, a);
-  return {out, argmax, ev.ptr, ev.idx, ev.val};
+  return {out, argmax, ev.cnt, ev.idx, ev.val};
 }
 
 template <class L>
 ReadoutForwardOutputs li_readout_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
                                          const c10::optional<at::Tensor>& bias_in,
-                                         const c10::optional<at::Tensor>& /*x_act_ptr*/,
+                                         const c10::optional<at::Tensor>& /*x_act_cnt*/,
                                          const c10::optional<at::Tensor>& /*x_act_idx*/,
                                          double alpha, c10::string_view reduce_name) {
   const int reduce = check_readout_forward_args(x_in, weight_in, bias_in, alpha, reduce_name);
@@ -611,15 +650,15 @@ ReadoutForwardOutputs li_readout_forward(const at::Tensor& x_in, const at::Tenso
 // (1 - alpha).
 template <class L, typename scalar_t>
 ReadoutGrads li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& argmax,
-                                      const at::Tensor& weight, const at::Tensor& ev_ptr,
+                                      const at::Tensor& weight, const at::Tensor& ev_cnt,
                                       const at::Tensor& ev_idx, const at::Tensor& ev_val,
-                                      const c10::optional<at::Tensor>& prev_ptr,
+                                      const c10::optional<at::Tensor>& prev_cnt,
                                       const c10::optional<at::Tensor>& prev_idx, int64_t T,
                                       double alpha_in, int reduce, bool need_dx, bool need_dw,
                                       bool need_db) {
   using acc_t = at::opmath_type<scalar_t>;
   const char* op = "li_readout_backward";
-  static const char* const kNames[3] = {"", "ev_ptr/ev_idx", "prev_ptr/prev_idx"};
+  static const char* const kNames[3] = {"", "ev_cnt/ev_idx", "prev_cnt/prev_idx"};
   const int64_t B = grad_out.size(-2), n_out = weight.size(0), n_in = weight.size(1), R = B * T;
   const auto opts = grad_out.options();
   const auto acc_opts = acc_options(grad_out);
@@ -654,7 +693,7 @@ ReadoutGrads li_readout_backward_impl(const at::Tensor& grad_out, const at::Tens
   L::launch(B * n_out, &reverse_trace_kernel<scalar_t, ReadoutInject<scalar_t>>, a, inject);
 
   if (need_dw) {
-    const DeviceCsr ev = prepare_csr<L>(ev_ptr, ev_idx, R, n_in, flag, 1, op, "ev_ptr");
+    const DeviceCsr ev = prepare_csr<L>(ev_cnt, ev_idx, R, n_in, flag, 1, op, "ev_cnt");
     const scalar_t* val = ev_val.numel() > 0 ? ev_val.data_ptr<scalar_t>() : nullptr;
     at::Tensor dw_acc;
     if (dw_r == routes::Dw::kGemm) {
@@ -669,7 +708,7 @@ ReadoutGrads li_readout_backward_impl(const at::Tensor& grad_out, const at::Tens
   }
   if (need_dx) {
     if (dx_r == routes::Dx::kDots) {
-      const DeviceCsr prev = prepare_csr<L>(*prev_ptr, *prev_idx, R, n_in, flag, 2, op, "prev_ptr");
+      const DeviceCsr prev = prepare_csr<L>(*prev_cnt, *prev_idx, R, n_in, flag, 2, op, "prev_cnt");
       const at::Tensor weight_t = weight.t().contiguous();
       at::Tensor dx_acc = at::zeros({T, B, n_in}, acc_opts);
       L::launch(prev.n, &entry_dot_kernel<scalar_t>, prev.row.data_ptr<int64_t>(), prev.idx.data_ptr<int32_t>(),
@@ -691,19 +730,19 @@ ReadoutGrads li_readout_backward_impl(const at::Tensor& grad_out, const at::Tens
 
 template <class L>
 ReadoutGrads li_readout_backward(const at::Tensor& grad_out_in, const at::Tensor& argmax,
-                                 const at::Tensor& weight_in, const at::Tensor& ev_ptr,
+                                 const at::Tensor& weight_in, const at::Tensor& ev_cnt,
                                  const at::Tensor& ev_idx, const at::Tensor& ev_val,
-                                 const c10::optional<at::Tensor>& prev_ptr,
+                                 const c10::optional<at::Tensor>& prev_cnt,
                                  const c10::optional<at::Tensor>& prev_idx, int64_t num_steps,
                                  double alpha, c10::string_view reduce_name, bool need_dx,
                                  bool need_dw, bool need_db) {
-  const int reduce = check_readout_backward_args(grad_out_in, argmax, weight_in, ev_ptr, ev_idx, ev_val,
-                                                 prev_ptr, prev_idx, num_steps, alpha, reduce_name);
+  const int reduce = check_readout_backward_args(grad_out_in, argmax, weight_in, ev_cnt, ev_idx, ev_val,
+                                                 prev_cnt, prev_idx, num_steps, alpha, reduce_name);
   ReadoutGrads out;
   AT_DISPATCH_FLOATING_TYPES(grad_out_in.scalar_type(), "sparsegrad_li_readout_backward_cuda", [&] {
     out = li_readout_backward_impl<L, scalar_t>(
-        grad_out_in.contiguous(), argmax.contiguous(), weight_in.contiguous(), ev_ptr, ev_idx,
-        ev_val.contiguous(), prev_ptr, prev_idx, num_steps, alpha, reduce, need_dx, need_dw, need_db);
+        grad_out_in.contiguous(), argmax.contiguous(), weight_in.contiguous(), ev_cnt, ev_idx,
+        ev_val.contiguous(), prev_cnt, prev_idx, num_steps, alpha, reduce, need_dx, need_dw, need_db);
   });
   return out;
 }
