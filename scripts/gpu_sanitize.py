@@ -47,6 +47,7 @@ class OpRecorder(TorchDispatchMode):
         super().__init__()
         self.calls = {}
         self.force = {}
+        self.forced = {}  # op -> {argument: value} last applied (for the tests)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -63,6 +64,8 @@ class OpRecorder(TorchDispatchMode):
                             args[i] = value
                         else:
                             kwargs[arg] = value
+                        self.forced.setdefault(name, {})[arg] = (
+                            args[i] if i < len(args) else kwargs[arg])
         return func(*args, **kwargs)
 
 
