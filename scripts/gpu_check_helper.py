@@ -157,32 +157,37 @@ def parse_sanitizer(text: str) -> dict:
 
 def cmd_sanitize(args) -> int:
     sanitizer = _compute_sanitizer()
-    record = dict(tool=args.tool, errors=None, warnings=None, rc=None, kernel_filter=None)
+    record = dict(tool=args.tool, errors=None, warnings=None, rc=None, kernel_filter=None,
+                  options_dropped=[])
     if sanitizer is None:
         record["note"] = "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)"
         print(record["note"], file=sys.stderr)
         _write(args.json, record)
         return 1
-    base = [sanitizer, "--tool", args.tool, "--error-exitcode", "99", "--print-limit", "100",
-            "--report-api-errors", "no"]
-    attempts = [base + ["--kernel-name", f"kns={args.kernel_filter}"]] if args.kernel_filter else []
-    attempts.append(base)
+    base = [sanitizer, "--tool", args.tool, "--error-exitcode", "99", "--print-limit", "100"]
+    # Optional options, dropped one at a time (last first) if this compute-sanitizer refuses
+    # them: a run that prints no summary at all did not get to run the program.
+    optional = [("--report-api-errors", ["--report-api-errors", "no"])]
+    if args.kernel_filter:
+        optional.append(("--kernel-name", ["--kernel-name", f"kns={args.kernel_filter}"]))
     cmd = list(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
-    text = ""
-    for k, prefix in enumerate(attempts):
-        full = prefix + cmd
+    while True:
+        full = base + [a for _, opt in optional for a in opt] + cmd
         print("+ " + " ".join(full), flush=True)
         p = subprocess.run(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        text = p.stdout
-        sys.stdout.write(text)
+        sys.stdout.write(p.stdout)
         sys.stdout.flush()
-        parsed = parse_sanitizer(text)
+        parsed = parse_sanitizer(p.stdout)
         record.update(parsed, rc=p.returncode,
-                      kernel_filter=args.kernel_filter if len(attempts) > 1 and k == 0 else None)
-        if parsed["errors"] is not None or k == len(attempts) - 1:
+                      kernel_filter=args.kernel_filter
+                      if any(n == "--kernel-name" for n, _ in optional) else None)
+        if parsed["errors"] is not None or not optional:
             break
-        print(f"gpu_check: no summary from {args.tool} with the kernel filter; retrying without "
-              "it", flush=True)
+        named = [k for k, (n, _) in enumerate(optional) if n in p.stdout]
+        name, _ = optional.pop(named[0] if named else -1)  # the refused one, if it says which
+        record["options_dropped"].append(name)
+        print(f"gpu_check: compute-sanitizer {args.tool} printed no summary; retrying without "
+              f"{name}", flush=True)
     _write(args.json, record)
     if record["errors"] is None:
         print(f"gpu_check: compute-sanitizer {args.tool} printed no summary (rc {record['rc']})",

@@ -115,19 +115,25 @@ def test_parse_sanitizer_summaries():
     assert parse("Traceback ... killed")["errors"] is None  # no summary: not a clean 0
 
 
-def _fake_sanitizer(tmp_path, errors, refuse_filter):
-    """A stand-in compute-sanitizer: refuses --kernel-name if asked to, otherwise runs the
+def _fake_sanitizer(tmp_path, errors, refuse):
+    """A stand-in compute-sanitizer: refuses the options in `refuse`, otherwise runs the
     program after its options and prints a summary with `errors` errors."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     script = bindir / "compute-sanitizer"
+
+    def case(opt):
+        return (f'echo "Error: unrecognized option {opt}" >&2; exit 1' if opt in refuse
+                else "shift")
+
     script.write_text(textwrap.dedent(f"""\
         #!/usr/bin/env bash
         args=()
         while [ $# -gt 0 ]; do
           case "$1" in
-            --kernel-name) {'echo "Error: unrecognized option --kernel-name" >&2; exit 1' if refuse_filter else 'shift'} ;;
-            --tool|--error-exitcode|--print-limit|--report-api-errors) shift ;;
+            --kernel-name) {case("--kernel-name")} ;;
+            --report-api-errors) {case("--report-api-errors")} ;;
+            --tool|--error-exitcode|--print-limit) shift ;;
             *) args+=("$1") ;;
           esac
           shift
@@ -140,9 +146,11 @@ def _fake_sanitizer(tmp_path, errors, refuse_filter):
     return str(bindir)
 
 
-@pytest.mark.parametrize("errors,refuse_filter", [(0, True), (0, False), (4, False)])
-def test_sanitize_wrapper_counts_errors_and_falls_back(tmp_path, errors, refuse_filter):
-    bindir = _fake_sanitizer(tmp_path, errors, refuse_filter)
+@pytest.mark.parametrize("errors,refuse", [(0, ()), (4, ()), (0, ("--kernel-name",)),
+                                           (0, ("--report-api-errors",)),
+                                           (0, ("--report-api-errors", "--kernel-name"))])
+def test_sanitize_wrapper_counts_errors_and_falls_back(tmp_path, errors, refuse):
+    bindir = _fake_sanitizer(tmp_path, errors, refuse)
     record = tmp_path / "r.json"
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ["PATH"])
     p = subprocess.run([sys.executable, os.path.join(SCRIPTS, "gpu_check_helper.py"), "sanitize",
@@ -152,7 +160,8 @@ def test_sanitize_wrapper_counts_errors_and_falls_back(tmp_path, errors, refuse_
     r = json.loads(record.read_text())
     assert "kernels ran" in p.stdout
     assert r["errors"] == errors and (p.returncode == 0) == (errors == 0)
-    assert r["kernel_filter"] == (None if refuse_filter else "sparsegrad")
+    assert r["kernel_filter"] == (None if "--kernel-name" in refuse else "sparsegrad")
+    assert r["options_dropped"] == list(refuse)
 
 
 def test_gpu_sanitize_fails_loudly_on_an_op_it_does_not_call(monkeypatch, tmp_path, capsys):
