@@ -47,7 +47,15 @@ def peer_version(name):
         module = __import__(name)
     except Exception as exc:  # any import failure means "skipped", never a crash
         return None, f"{type(exc).__name__}: {exc}"
-    return getattr(module, "__version__", "unknown"), None
+    version = getattr(module, "__version__", None)
+    if version is None:  # e.g. SpikingJelly 2.x: ask the installed distribution
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version(name)
+        except Exception:  # noqa: BLE001 - only a label
+            version = "unknown"
+    return version, None
 
 
 def _linear(weight, bias):

@@ -101,7 +101,7 @@ plan() { TMAX[$1]=$2; TMIN[$1]=$3; }
 if [ "$MODE" = gpu ]; then
   plan wheels 60 5;   plan versions 60 10;  plan build 270 60;  plan tests 150 30
   plan sanitize_memcheck 120 30; plan sanitize_racecheck 60 20; plan sanitize_synccheck 45 20
-  plan bench_layer 80 20; plan bench_network 80 20; plan bench_peers 60 20; plan bench_sweeps 60 20
+  plan bench_layer 80 20; plan bench_network 80 20; plan bench_peers 90 20; plan bench_sweeps 60 20
 else
   plan wheels 60 5;   plan versions 60 10;  plan build 900 60;  plan tests 900 30
   plan sanitize 300 20
@@ -181,8 +181,8 @@ if [ "$HAVE_WHEELS" = 1 ]; then
   run_step wheels "$(ls "$ROOT"/.whl/*.whl | xargs -n1 basename | tr '\n' ' ')" \
     "\"\$PY\" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target '$SITE' '$ROOT'/.whl/*.whl"
   export PYTHONPATH="$ROOT:$ROOT/scripts:$SITE${PYTHONPATH#$ROOT:$ROOT/scripts}"
-  [ -d "$SITE/ninja/data/bin" ] && export PATH="$SITE/ninja/data/bin:$PATH"
-  [ -d "$SITE/bin" ] && export PATH="$PATH:$SITE/bin"
+  # the ninja wheel installs its binary as $SITE/bin/ninja (torch's builder looks it up on PATH)
+  [ -x "$SITE/bin/ninja" ] && export PATH="$SITE/bin:$PATH"
 fi
 
 # ----------------------------------------------------------------------------- versions

@@ -53,9 +53,15 @@ def cmd_versions(args) -> int:
     rc, out = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap",
                     "--format=csv,noheader"])
     info["nvidia_smi"] = out if rc == 0 else None
+    info["driver"] = None
     if rc == 0 and out:
         fields = [f.strip() for f in out.splitlines()[0].split(",")]
         info["driver"] = fields[1] if len(fields) > 1 else None
+    if info["driver"] is None and torch.cuda.is_available():
+        try:  # the CUDA driver API version (e.g. 13000), when nvidia-smi is missing
+            info["driver"] = f"CUDA driver API {torch._C._cuda_getDriverVersion()}"
+        except Exception:  # noqa: BLE001 - private, best effort
+            pass
     nvcc = shutil.which("nvcc") or next((p for p in (
         os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),)
         if os.path.exists(p)), None)
@@ -363,7 +369,8 @@ def cmd_summary(args) -> int:
         step_speedup_vs_snntorch_shd=fig["step_speedup_vs_snntorch_shd"],
         peak_mem_ratio_vs_snntorch_shd=fig["peak_mem_ratio_vs_snntorch_shd"],
         over_floor_shd=fig["over_floor_shd"], shd_layer=fig["shd_layer"],
-        shd_network=fig["shd_network"], targets=targets, targets_judged=judged,
+        shd_network=fig["shd_network"], snntorch=fig.get("snntorch", "ran"),
+        targets=targets, targets_judged=judged,
         steps=steps, failed_steps=failed_steps,
         total_seconds=round(sum(s["seconds"] for s in steps.values()), 1),
         ok=ok, exit_code=0 if ok else 1,
