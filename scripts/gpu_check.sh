@@ -211,7 +211,7 @@ else
 fi
 
 # ----------------------------------------------------------------------------- tests
-PYTEST="\"\$PY\" -m pytest -p pytest_gpu_select -q -rfE -p no:cacheprovider --junitxml=\"\$WORK/junit.xml\""
+PYTEST="\"\$PY\" -m pytest -p pytest_gpu_select -q -rfE -p no:cacheprovider --junitxml=\"\$WORK/junit.xml\" --gpu-select-log=\"\$WORK/tests-progress.tsv\""
 if [ "$MODE" = gpu ]; then
   SELECT="--gpu-select cuda -m ''"   # -m '': the nightly-marked CUDA tests too
   QUICK_PATHS="tests/test_cuda_ops.py tests/test_cuda_registration.py"

@@ -252,6 +252,26 @@ def parse_junit(path) -> dict:
     return out
 
 
+def parse_progress(path) -> dict:
+    """Counts from pytest_gpu_select's per-test log: what finished before pytest was killed."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
+    failed = []
+    try:
+        with open(path) as f:
+            for line in f:
+                outcome, _, nodeid = line.rstrip("\n").partition("\t")
+                if outcome in counts:
+                    counts[outcome] += 1
+                    if outcome in ("failed", "error"):
+                        failed.append(nodeid)
+    except OSError:
+        return {}
+    return dict(tests_passed=counts["passed"], tests_failed=counts["failed"] + counts["error"],
+                tests_skipped=counts["skipped"],
+                tests_total=sum(counts.values()), failed_tests=failed[:50],
+                tests_note="pytest did not finish: counts from the per-test progress log")
+
+
 def read_steps(path):
     steps = {}
     try:
@@ -331,6 +351,8 @@ def cmd_summary(args) -> int:
     steps = read_steps(args.steps)
     versions = _load(os.path.join(args.work, "versions.json")) or {}
     junit = parse_junit(os.path.join(args.work, "junit.xml"))
+    if junit["tests_total"] is None:
+        junit.update(parse_progress(os.path.join(args.work, "tests-progress.tsv")))
     sanitizers = {}
     for name in sorted(os.listdir(args.work)) if os.path.isdir(args.work) else []:
         m = re.match(r"sanitizer-(\w+)\.json$", name)
@@ -358,6 +380,7 @@ def cmd_summary(args) -> int:
         nvcc=versions.get("nvcc"), python=versions.get("python"),
         tests_passed=junit["tests_passed"], tests_failed=junit["tests_failed"],
         tests_skipped=junit["tests_skipped"], failed_tests=junit["failed_tests"],
+        tests_note=junit.get("tests_note"),
         sanitizer_errors=sanitizer_errors,
         sanitizer={k: dict(errors=v.get("errors"), warnings=v.get("warnings"), rc=v.get("rc"),
                            kernel_filter=v.get("kernel_filter")) for k, v in sanitizers.items()}

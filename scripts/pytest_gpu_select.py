@@ -29,6 +29,28 @@ def pytest_addoption(parser):
     parser.addoption("--gpu-select", choices=("cuda", "emul"), default=None,
                      help="select the CUDA cases (on a GPU) or their CPU stand-ins (emulation "
                           "and CPU device cases); see scripts/pytest_gpu_select.py")
+    parser.addoption("--gpu-select-log", default=None, metavar="PATH",
+                     help="append 'outcome<TAB>nodeid' per test as it finishes, so a run killed "
+                          "by a timeout still says what passed and failed")
+
+
+def pytest_runtest_logreport(report):
+    path = getattr(pytest_runtest_logreport, "path", None)
+    if not path:
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        outcome = report.outcome if report.when == "call" else (
+            "skipped" if report.skipped else "error")
+    elif report.when == "teardown" and report.failed:
+        outcome = "error"
+    else:
+        return
+    with open(path, "a") as f:
+        f.write(f"{outcome}\t{report.nodeid}\n")
+
+
+def pytest_configure(config):
+    pytest_runtest_logreport.path = config.getoption("--gpu-select-log", default=None)
 
 
 def _device_params(item):

@@ -245,3 +245,12 @@ def test_gpu_model_names():
     assert gpu_check_helper.gpu_model("NVIDIA H200") == "h200"
     assert gpu_check_helper.gpu_model("NVIDIA A100-SXM4-80GB") == "a100"
     assert gpu_check_helper.gpu_model("Some Card") == "some-card"
+
+
+def test_progress_log_counts_a_killed_pytest(tmp_path):
+    log = tmp_path / "p.tsv"
+    log.write_text("passed\ta::x\nfailed\ta::y\nskipped\ta::z\nerror\ta::w\npassed\ta::v\n")
+    got = gpu_check_helper.parse_progress(str(log))
+    assert (got["tests_passed"], got["tests_failed"], got["tests_skipped"]) == (2, 2, 1)
+    assert got["failed_tests"] == ["a::y", "a::w"] and "did not finish" in got["tests_note"]
+    assert gpu_check_helper.parse_progress(str(tmp_path / "missing")) == {}
