@@ -85,6 +85,9 @@ export PY="${PYTHON:-python3}"
 export JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}"
 export PYTHONPATH="$ROOT:$ROOT/scripts${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# SPARSEGRAD_GPU_CHECK_DRY_RUN=1: plan and syntax-check every step's command (GPU mode included)
+# without running any, as if a GPU of compute capability 9.0 were visible; for the test suite.
+DRY_RUN="${SPARSEGRAD_GPU_CHECK_DRY_RUN:-}"
 export ROOT WORK OUT_DIR MODE QUICK
 
 if [ "$MODE" = gpu ]; then DEV=cuda; else DEV=cpu; fi
@@ -134,8 +137,14 @@ run_step() {
   local t0 t1 rc status
   t0=$(date +%s.%N)
   { echo "+ $cmd"; echo; } > "$logf"
-  timeout -k 10 "$t" bash -c "$cmd" >> "$logf" 2>&1
-  rc=$?
+  if [ -n "$DRY_RUN" ]; then  # syntax-check the command, run nothing (tests/test_gpu_check.py)
+    bash -n -c "$cmd" >> "$logf" 2>&1
+    rc=$?
+    printf '%s\t%s\n' "$name" "$cmd" >> "$WORK/dry-run.tsv"
+  else
+    timeout -k 10 "$t" bash -c "$cmd" >> "$logf" 2>&1
+    rc=$?
+  fi
   t1=$(date +%s.%N)
   case $rc in
     0) status=pass ;;
@@ -157,9 +166,12 @@ skip_step() {  # NAME WHY
 }
 
 # ----------------------------------------------------------------------------- the plan
-SHARED_MEM=0
-if grep -lE '__shared__|__syncthreads|__syncwarp|__shfl|__ballot|cooperative_groups' \
-    csrc/cuda/*.cu csrc/cuda/*.cuh >/dev/null 2>&1; then
+SHARED_MEM=0  # a kernel uses shared memory, barriers or warp collectives (comments stripped)
+CUDA_SRC="${SPARSEGRAD_GPU_CHECK_CUDA_SRC:-csrc/cuda}"  # overridable for the test suite
+CUDA_FILES=()
+for f in "$CUDA_SRC"/*.cu "$CUDA_SRC"/*.cuh; do [ -f "$f" ] && CUDA_FILES+=("$f"); done
+if [ ${#CUDA_FILES[@]} -gt 0 ] && sed -e 's://.*$::' -e 's:/\*.*\*/::g' "${CUDA_FILES[@]}" \
+    | grep -E '__shared__|__syncthreads|__syncwarp|__shfl|__ballot|__any_sync|__all_sync|cooperative_groups' >/dev/null; then
   SHARED_MEM=1
 fi
 HAVE_WHEELS=0
@@ -190,7 +202,9 @@ NO_GPU=0
 if ! run_step versions "" "\"\$PY\" scripts/gpu_check_helper.py versions --mode $MODE --json \"\$WORK/versions.json\""; then
   if [ "$MODE" = gpu ]; then NO_GPU=1; fi
 fi
-if [ "$MODE" = gpu ] && [ "$NO_GPU" = 0 ]; then
+if [ -n "$DRY_RUN" ]; then
+  ARCH=9.0
+elif [ "$MODE" = gpu ] && [ "$NO_GPU" = 0 ]; then
   ARCH="$("$PY" scripts/gpu_check_helper.py arch 2>/dev/null)"
 fi
 ARCH="${ARCH:-}"
@@ -282,6 +296,11 @@ for b in layer network peers sweeps; do
 done
 
 # ----------------------------------------------------------------------------- summary
+if [ -n "$DRY_RUN" ]; then
+  cp "$WORK/dry-run.tsv" "$OUT_DIR/dry-run.tsv"
+  column -t -s $'\t' "$STEPS" 2>/dev/null || cat "$STEPS"
+  exit 0
+fi
 tar -czf "$OUT_DIR/logs.tar.gz" -C "$WORK" . 2>/dev/null || log "could not write logs.tar.gz"
 "$PY" scripts/gpu_check_helper.py summary --steps "$STEPS" --work "$WORK" --out "$OUT_DIR" \
   --mode "$MODE" $([ "$QUICK" = 1 ] && echo --quick)

@@ -254,3 +254,36 @@ def test_progress_log_counts_a_killed_pytest(tmp_path):
     assert (got["tests_passed"], got["tests_failed"], got["tests_skipped"]) == (2, 2, 1)
     assert got["failed_tests"] == ["a::y", "a::w"] and "did not finish" in got["tests_note"]
     assert gpu_check_helper.parse_progress(str(tmp_path / "missing")) == {}
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_gpu_mode_plan_dry_run(tmp_path, shared):
+    """The GPU-mode commands, which never run here, are planned as intended and are valid bash
+    (SPARSEGRAD_GPU_CHECK_DRY_RUN=1 syntax-checks them with bash -n and runs nothing);
+    racecheck/synccheck are planned exactly when a CUDA source uses shared memory or barriers
+    outside comments."""
+    src = tmp_path / "cuda"
+    src.mkdir()
+    (src / "a.cuh").write_text("// no __syncthreads here, no __shared__ either\n__global__ void k() {}\n")
+    if shared:
+        (src / "b.cuh").write_text("__global__ void k2() { __shared__ float buf[32]; }\n")
+    p = _run_check(tmp_path, SPARSEGRAD_GPU_CHECK_DRY_RUN="1", SPARSEGRAD_GPU_CHECK_CUDA_SRC=str(src))
+    assert p.returncode == 0, p.stdout + p.stderr
+    plan = dict(line.split("\t", 1) for line in
+                (tmp_path / "out" / "dry-run.tsv").read_text().splitlines())
+    want = ["versions", "build", "tests", "sanitize_memcheck"]
+    want += ["sanitize_racecheck", "sanitize_synccheck"] if shared else []
+    want += ["bench_layer", "bench_network", "bench_peers", "bench_sweeps"]
+    assert list(plan) == want
+    assert "TORCH_CUDA_ARCH_LIST='9.0'" in plan["build"] and "SPARSEGRAD_REQUIRE_CUDA=1" in plan["build"]
+    assert "build_ext --inplace" in plan["build"]
+    assert "--gpu-select cuda -m ''" in plan["tests"] and " -x" not in plan["tests"]
+    assert "--junitxml" in plan["tests"]
+    assert "--tool memcheck" in plan["sanitize_memcheck"]
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in plan["sanitize_memcheck"]
+    assert "gpu_sanitize.py" in plan["sanitize_memcheck"]
+    for b in ("layer", "network", "peers", "sweeps"):
+        assert "--device cuda" in plan[f"bench_{b}"] and f"{b}.json" in plan[f"bench_{b}"]
+    assert "--batches 64" in plan["bench_layer"] and "--sweeps b_th" in plan["bench_sweeps"]
+    assert "--settings shd" in plan["bench_network"]
+    assert "fail" not in p.stdout  # bash -n accepted every command
