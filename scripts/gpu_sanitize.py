@@ -282,6 +282,16 @@ def main(argv=None) -> int:
                             continue  # the default: run above
                         r.run(f"lif_layer {dn} {mode} {surrogate}/{reset}",
                               r.lif_layer_case(dtype, mode, surrogate=surrogate, reset=reset))
+                for reset in resets[1:]:  # other resets through a producer, with a state
+                    r.run(f"network+readout(max) {dn} {mode} reset={reset}",
+                          r.network_case(dtype, mode, "max", reset=reset))
+                    r.run(f"lif_layer {dn} {mode} reset={reset} real input + initial state",
+                          r.lif_layer_case(dtype, mode, binary=False, with_state=True,
+                                           reset=reset))
+                    if mode == "sparse":  # the events route, forced (the only one with rst_bits)
+                        r.run(f"network+readout(max) {dn} {mode} reset={reset} dw_route=events",
+                              r.network_case(dtype, mode, "max", reset=reset),
+                              {"dw_route": DW_ROUTES["events"]})
                 if hasattr(sparsegrad, "lif"):
                     for surrogate in surrogates:
                         for reset in resets:
