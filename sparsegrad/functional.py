@@ -180,7 +180,9 @@ def lif_layer_with_stats(
         x, weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope, sparse,
         surrogate, reset)
     if sparse:
-        attach_active_set(spikes, act_cnt, act_idx)
+        # the set as the layer saved it (ops.SAVED_SET_ATTR), so that the next layer saves the
+        # same tensors
+        attach_active_set(spikes, *getattr(spikes, ops.SAVED_SET_ATTR, (act_cnt, act_idx)))
     state_out = LIFState(v_final, spikes[-1])
     stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n_out)
     return spikes, state_out, stats_out, (act_cnt, act_idx)
