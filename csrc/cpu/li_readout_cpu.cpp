@@ -33,6 +33,7 @@ FwdOut li_readout_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   int64_t* am = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
 
   const int64_t work_per_b = T * n_out + ev.nnz / std::max<int64_t>(B, 1) * n_out;
+  profile::Scope timer(profile::kFwdRows);
   at::parallel_for(0, B, grain_for(work_per_b), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> u(n_out), cur(current.width), acc(n_out);
     std::vector<int64_t> arg(n_out);

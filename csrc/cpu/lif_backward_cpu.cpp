@@ -2,6 +2,7 @@
 // (standard surrogate BPTT: reverse scan + two GEMMs).
 #include <torch/library.h>
 
+#include "cpu/phase_profile.h"
 #include "cpu/tiled_backward.h"
 #include "cpu/trace_backward.h"
 
@@ -30,6 +31,7 @@ std::unique_ptr<at::opmath_type<scalar_t>[]> active_deltas(const scalar_t* gS, c
                                                            const int32_t* idx, const scalar_t* sg,
                                                            int64_t T, int64_t B, int64_t n_out) {
   using acc_t = at::opmath_type<scalar_t>;
+  profile::Scope timer(profile::kBwdDeltas);
   const int64_t n = off[B * T];
   std::unique_ptr<acc_t[]> delta(new acc_t[std::max<int64_t>(1, n)]);
   // The rows of dL/dS an element reads are B * N_out apart: fetch them a few steps ahead.
@@ -133,6 +135,7 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
   p.g_init = gV.has_value() ? gV->data_ptr<scalar_t>() : nullptr;
   p.events = EventView<scalar_t>(ev_ptr, ev_idx, ev_val, T);
   if (rst_bits.has_value()) p.rst_bits = rst_bits->data_ptr<int32_t>();
+  profile::Scope other_timer(profile::kBwdOther);
   if (route == DwRoute::kActive && (need_dw || need_db || need_dv)) {
     // dW, db, dv by the forward walk over active entries.
     const BatchChunks chunks(B);
@@ -175,6 +178,7 @@ Grads lif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optional
                                  ev_idx, ev_val, prev_cnt, prev_idx, rst_bits, alpha, dw_route);
   if (grad_spikes.size(0) == 0)
     return no_steps_grads(grad_spikes, grad_v_final, weight, need_dx, need_dw, need_db, need_dv);
+  profile::Scope setup_timer(profile::kBwdSetup);
   const at::Tensor act_ptr = row_offsets(act_cnt, act_idx.numel(), weight.size(0), op, "act_cnt");
   const at::Tensor ev_ptr = row_offsets(ev_cnt, ev_idx.numel(), weight.size(1), op, "ev_cnt");
   c10::optional<at::Tensor> prev_ptr;
@@ -189,6 +193,7 @@ Grads lif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optional
     return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
   };
   Grads out;
+  setup_timer.stop();
   AT_DISPATCH_FLOATING_TYPES(gS.scalar_type(), "lif_backward_sparse_cpu", [&] {
     out = lif_backward_sparse_impl<scalar_t>(gS, gV, w, act_ptr, act_idx.contiguous(),
                                              act_sg.contiguous(), ev_ptr, ev_idx.contiguous(),

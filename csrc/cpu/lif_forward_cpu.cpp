@@ -220,6 +220,7 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   RowLists<scalar_t> act_rows(T, sparse ? B : 0, a.act_cnt);
   std::vector<int64_t> fired(B, 0);
   const int64_t work_per_b = T * (current.width + ev.nnz / std::max<int64_t>(B * T, 1) * current.width / 8);
+  profile::Scope timer(profile::kFwdRows);
   at::parallel_for(0, B, grain_for(work_per_b), [&](int64_t b0, int64_t b1) {
     c10::optional<CompactAppender<scalar_t>> act;
     if (sparse) act.emplace(kScratchIdxB, kScratchValB);
@@ -228,6 +229,7 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
     if (ap) act_rows.finish(*ap, b0, b1);
   });
 
+  timer.next(profile::kFwdGatherActive);
   int64_t total_spikes = 0;
   for (int64_t b = 0; b < B; ++b) total_spikes += fired[b];
   auto stats = at::empty({3}, long_opts);

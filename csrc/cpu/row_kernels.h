@@ -25,6 +25,7 @@
 #endif
 
 #include "cpu/cpu_common.h"
+#include "cpu/phase_profile.h"
 
 namespace sparsegrad {
 namespace cpu {
@@ -305,6 +306,7 @@ std::unique_ptr<EventScan<scalar_t>> scan_events(const at::Tensor& x) {
   ev.off = at::empty({B * T + 1}, x.options().dtype(at::kLong));
   std::vector<char> nonbinary(B, 0);
   const int64_t block = batch_block(B, N * int64_t(sizeof(scalar_t)) / 4);
+  profile::Scope timer(profile::kFwdScan);
   at::parallel_for(0, B, grain_for(T * N / 4), [&](int64_t b0, int64_t b1) {
     CompactAppender<scalar_t> out(kScratchIdxA, kScratchValA);
     bool nb = false;
@@ -322,6 +324,7 @@ std::unique_ptr<EventScan<scalar_t>> scan_events(const at::Tensor& x) {
     rows.finish(out, b0, b1);
     nonbinary[b0] = nb;
   });
+  timer.next(profile::kFwdGatherEvents);
   int64_t* off = ev.off.data_ptr<int64_t>();
   offsets_from_counts(rows.cnt, B * T, off);
   ev.nnz = off[B * T];
