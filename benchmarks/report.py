@@ -122,7 +122,8 @@ def layer_md(data):
                            pct(res["problem"]["input_rate"]),
                            x(q["bwd_pytorch_over_sparse"]), x(q["bwd_dense_over_sparse"]),
                            x(q.get("bwd_reference_over_sparse")),
-                           x(q["fwd_pytorch_over_sparse"]), x(q["total_pytorch_over_sparse"]),
+                           x(q["fwd_pytorch_over_sparse"]), x(q.get("fwd_sparse_over_dense"), 2),
+                           x(q["total_pytorch_over_sparse"]),
                            pct(q["saved_sparse_over_pytorch"]),
                            pct(q["peak_sparse_over_pytorch"], 1)])
     return "\n".join([
@@ -130,7 +131,8 @@ def layer_md(data):
         table(["layer", "method", "forward ms", "backward ms", "fwd+bwd ms", "saved MB",
                "peak MB", "spikes", "active"], rows), "",
         table(["layer", "input rate", "bwd pytorch / sparse", "bwd sg dense / sparse",
-               "bwd reference / sparse", "fwd pytorch / sparse", "fwd+bwd pytorch / sparse",
+               "bwd reference / sparse", "fwd pytorch / sparse", "fwd sparse / sg dense",
+               "fwd+bwd pytorch / sparse",
                "saved sparse / pytorch", "peak sparse / pytorch"], ratio_rows),
         checks_md(data.get("checks")), floor_md(data), "",
         "![layer](../benchmarks/results/layer.png)"])
