@@ -477,6 +477,10 @@ def machine_info(device) -> dict:
         torch=torch.__version__, torch_threads=torch.get_num_threads(),
         device=str(device),
     )
+    try:  # 1-minute load average as the run ends: other jobs on the machine skew the timings
+        info["load_average"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
     try:
         import sparsegrad
         info["sparsegrad"] = {k: (v if isinstance(v, (str, int, float, bool, type(None)))

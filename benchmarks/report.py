@@ -90,7 +90,9 @@ def machine_line(data):
     return (f"{gpu}{m.get('cpu')} ({m.get('logical_cpus')} logical CPUs), torch {m.get('torch')}, "
             f"{m.get('torch_threads')} threads, device {m.get('device')}, dtype "
             f"{data['settings'].get('dtype')}, {data['settings'].get('repeats')} repeats, "
-            f"{m.get('date_utc')} UTC. Command: `{m.get('command')}`")
+            f"{m.get('date_utc')} UTC"
+            + (f", load average {m['load_average']:.2f}" if m.get("load_average") is not None else "")
+            + f". Command: `{m.get('command')}`")
 
 
 def checks_md(checks):

@@ -9,7 +9,6 @@
 #include <c10/util/Optional.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -171,12 +170,10 @@ inline void check_index_range(const at::Tensor& idx, int64_t bound, const char* 
   if (n == 0) return;
   const int32_t* p = idx.data_ptr<int32_t>();
   const uint32_t ubound = static_cast<uint32_t>(std::min<int64_t>(bound, int64_t(1) << 31));
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, n, int64_t(1) << 18, [&](int64_t e0, int64_t e1) {
-    uint32_t out = 0;
-    for (int64_t e = e0; e < e1; ++e) out |= static_cast<uint32_t>(static_cast<uint32_t>(p[e]) >= ubound);
-    if (out) bad = true;
-  });
+  // one thread: a parallel region's barrier costs more than the pass on a busy machine
+  uint32_t out = 0;
+  for (int64_t e = 0; e < n; ++e) out |= static_cast<uint32_t>(static_cast<uint32_t>(p[e]) >= ubound);
+  const bool bad = out != 0;
   SG_CHECK(!bad, op, name, "holds an index outside [0, ", bound,
            "): this is not a compact tensor made by a sparsegrad forward op for these shapes");
 }
