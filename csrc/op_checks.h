@@ -207,4 +207,158 @@ inline ReduceKind check_readout_backward_args(
   return reduce;
 }
 
+// ------------------------------------------------------------------------------------------
+// The recurrent LIF layer (rlif_*).
+// ------------------------------------------------------------------------------------------
+// Surrogate and reset names (CONTRACT.md: parse_surrogate / parse_reset). Until the contract's
+// versions land on main these stand in for them, under rlif-specific names.
+inline SurrogateKind rlif_parse_surrogate(c10::string_view name, const char* op) {
+  if (name == "fast_sigmoid") return kFastSigmoid;
+  if (name == "atan") return kAtan;
+  if (name == "sigmoid") return kSigmoid;
+  if (name == "triangle") return kTriangle;
+  SG_CHECK(false, op, "surrogate", "must be one of 'fast_sigmoid', 'atan', 'sigmoid', 'triangle', got '",
+           std::string(name), "'");
+  return kFastSigmoid;
+}
+
+inline ResetKind rlif_parse_reset(c10::string_view name, const char* op) {
+  if (name == "subtract") return kResetSubtract;
+  if (name == "zero") return kResetZero;
+  if (name == "none") return kResetNone;
+  SG_CHECK(false, op, "reset", "must be one of 'subtract', 'zero', 'none', got '", std::string(name), "'");
+  return kResetSubtract;
+}
+
+// Words of a bit-packed row of n neurons (spk_bits).
+inline int64_t spike_words(int64_t n) { return (n + 31) / 32; }
+
+// A compact CSR with int32 per-row counts over `rows` rows; returns the int64 offsets [rows+1]
+// (on the CPU it also checks that the counts are >= 0 and add up to idx's length).
+inline at::Tensor rlif_row_offsets(const at::Tensor& cnt, const at::Tensor& idx, int64_t rows,
+                                   const at::Tensor& ref, const char* op, const char* cnt_name,
+                                   const char* idx_name) {
+  SG_CHECK(cnt.dim() == 1 && cnt.scalar_type() == at::kInt && cnt.numel() == rows, op, cnt_name,
+           "must be an int32 row count of length ", rows, ", got ", cnt.scalar_type(), " ",
+           cnt.sizes());
+  SG_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kInt, op, idx_name,
+           "must be a 1-D int32 index tensor, got ", idx.scalar_type(), " ", idx.sizes());
+  check_device(cnt, ref, op, cnt_name);
+  check_device(idx, ref, op, idx_name);
+  at::Tensor offsets = at::zeros({rows + 1}, cnt.options().dtype(at::kLong));
+  if (rows > 0) offsets.narrow(0, 1, rows).copy_(at::cumsum(cnt, 0, at::kLong));
+  if (cnt.device().is_cpu() && rows > 0) {
+    SG_CHECK(cnt.min().item<int32_t>() >= 0, op, cnt_name, "must hold counts >= 0");
+    SG_CHECK(offsets[rows].item<int64_t>() == idx.numel(), op, cnt_name, "adds up to ",
+             offsets[rows].item<int64_t>(), " entries but ", idx_name, " has ", idx.numel());
+  }
+  return offsets;
+}
+
+inline void check_rec_weight(const at::Tensor& rec, int64_t n_out, const at::Tensor& like,
+                             const char* op) {
+  check_float_tensor(rec, op, "rec_weight", 2);
+  check_like(rec, like, op, "rec_weight");
+  SG_CHECK(rec.size(0) == n_out && rec.size(1) == n_out, op, "rec_weight", "must be [N_out, N_out] = [",
+           n_out, ", ", n_out, "], got ", rec.sizes());
+}
+
+inline void check_state(const c10::optional<at::Tensor>& state, int64_t B, int64_t n_out,
+                        const at::Tensor& like, const char* op, const char* name) {
+  if (!state.has_value()) return;
+  check_float_tensor(*state, op, name, 2);
+  check_like(*state, like, op, name);
+  SG_CHECK(state->size(0) == B && state->size(1) == n_out, op, name, "must have shape [", B, ", ",
+           n_out, "], got ", state->sizes());
+}
+
+struct RlifKinds {
+  SurrogateKind surrogate;
+  ResetKind reset;
+};
+
+inline RlifKinds check_rlif_forward_args(const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& rec_weight,
+                                         const c10::optional<at::Tensor>& bias,
+                                         const c10::optional<at::Tensor>& v_init,
+                                         const c10::optional<at::Tensor>& s_init, double alpha,
+                                         double threshold, double b_th, double slope,
+                                         c10::string_view surrogate, c10::string_view reset) {
+  const char* op = "rlif_forward";
+  check_linear(x, weight, bias, op);
+  check_rec_weight(rec_weight, weight.size(0), x, op);
+  check_alpha(alpha, op);
+  SG_CHECK(threshold > 0, op, "threshold", "must be > 0, got ", threshold);
+  SG_CHECK(b_th > 0, op, "b_th", "must be > 0 (inf for no mask), got ", b_th);
+  SG_CHECK(slope > 0, op, "slope", "must be > 0, got ", slope);
+  check_state(v_init, x.size(1), weight.size(0), x, op, "v_init");
+  check_state(s_init, x.size(1), weight.size(0), x, op, "s_init");
+  return {rlif_parse_surrogate(surrogate, op), rlif_parse_reset(reset, op)};
+}
+
+inline void check_rlif_grad_inputs(const at::Tensor& grad_spikes,
+                                   const c10::optional<at::Tensor>& grad_v_final,
+                                   const at::Tensor& weight, const at::Tensor& rec_weight,
+                                   const c10::optional<at::Tensor>& s_init, double alpha,
+                                   const char* op) {
+  check_lif_grad_inputs(grad_spikes, grad_v_final, weight, alpha, op);
+  check_rec_weight(rec_weight, weight.size(0), grad_spikes, op);
+  check_state(s_init, grad_spikes.size(1), weight.size(0), grad_spikes, op, "s_init");
+}
+
+inline void check_spike_bits(const at::Tensor& bits, const at::Tensor& grad_spikes, const char* op) {
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), words = spike_words(grad_spikes.size(2));
+  SG_CHECK(bits.scalar_type() == at::kInt && bits.dim() == 3 && bits.size(0) == T &&
+               bits.size(1) == B && bits.size(2) == words,
+           op, "spk_bits", "must be int32 [", T, ", ", B, ", ", words, "], got ", bits.scalar_type(),
+           " ", bits.sizes());
+  check_device(bits, grad_spikes, op, "spk_bits");
+}
+
+// Returns the reset kind; the int64 offsets of the three CSRs come back through the pointers.
+inline ResetKind check_rlif_backward_sparse_args(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const at::Tensor& weight, const at::Tensor& rec_weight, const c10::optional<at::Tensor>& s_init,
+    const at::Tensor& act_cnt, const at::Tensor& act_idx, const at::Tensor& act_sg,
+    const at::Tensor& ev_cnt, const at::Tensor& ev_idx, const at::Tensor& ev_val,
+    const at::Tensor& spk_bits, const c10::optional<at::Tensor>& prev_cnt,
+    const c10::optional<at::Tensor>& prev_idx, double alpha, c10::string_view reset,
+    at::Tensor* act_off, at::Tensor* ev_off, c10::optional<at::Tensor>* prev_off) {
+  const char* op = "rlif_backward_sparse";
+  check_rlif_grad_inputs(grad_spikes, grad_v_final, weight, rec_weight, s_init, alpha, op);
+  const int64_t rows = grad_spikes.size(0) * grad_spikes.size(1);
+  *act_off = rlif_row_offsets(act_cnt, act_idx, rows, grad_spikes, op, "act_cnt", "act_idx");
+  *ev_off = rlif_row_offsets(ev_cnt, ev_idx, rows, grad_spikes, op, "ev_cnt", "ev_idx");
+  check_like(act_sg, grad_spikes, op, "act_sg");
+  SG_CHECK(act_sg.numel() == act_idx.numel(), op, "act_sg", "must have one value per active entry (",
+           act_idx.numel(), "), got ", act_sg.numel());
+  check_event_values(ev_val, ev_idx, grad_spikes, op);
+  check_spike_bits(spk_bits, grad_spikes, op);
+  SG_CHECK(prev_cnt.has_value() == prev_idx.has_value(), op, "prev_cnt", "and prev_idx must be given together");
+  if (prev_cnt.has_value())
+    *prev_off = rlif_row_offsets(*prev_cnt, *prev_idx, rows, grad_spikes, op, "prev_cnt", "prev_idx");
+  return rlif_parse_reset(reset, op);
+}
+
+inline ResetKind check_rlif_backward_dense_args(const at::Tensor& grad_spikes,
+                                                const c10::optional<at::Tensor>& grad_v_final,
+                                                const at::Tensor& x, const at::Tensor& weight,
+                                                const at::Tensor& rec_weight,
+                                                const c10::optional<at::Tensor>& s_init,
+                                                const at::Tensor& spikes, const at::Tensor& sg,
+                                                double alpha, c10::string_view reset) {
+  const char* op = "rlif_backward_dense";
+  check_rlif_grad_inputs(grad_spikes, grad_v_final, weight, rec_weight, s_init, alpha, op);
+  check_linear(x, weight, c10::nullopt, op);
+  check_like(x, grad_spikes, op, "x");
+  SG_CHECK(x.size(0) == grad_spikes.size(0) && x.size(1) == grad_spikes.size(1), op, "x",
+           "must be [T, B, N_in] with T, B of grad_spikes ", grad_spikes.sizes(), ", got ", x.sizes());
+  for (const auto& [t, name] : {std::pair{&spikes, "spikes"}, std::pair{&sg, "sg"}}) {
+    SG_CHECK(t->sizes() == grad_spikes.sizes(), op, name, "must match grad_spikes ",
+             grad_spikes.sizes(), ", got ", t->sizes());
+    check_like(*t, grad_spikes, op, name);
+  }
+  return rlif_parse_reset(reset, op);
+}
+
 }  // namespace sparsegrad

@@ -8,7 +8,8 @@ import torch
 
 from . import ops
 
-__all__ = ["lif_layer", "li_readout", "LIFState", "LIFStats", "lif_layer_with_stats"]
+__all__ = ["lif_layer", "li_readout", "LIFState", "LIFStats", "lif_layer_with_stats", "rlif_layer",
+           "rlif_layer_with_stats"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 # Attribute under which a sparse layer's output spikes carry its active set (CSR over (b, t)).
@@ -185,6 +186,129 @@ def lif_layer(
     spikes, state_out, _, _ = lif_layer_with_stats(
         x, weight, bias, alpha=alpha, threshold=threshold, b_th=b_th, slope=slope,
         backward=backward, state=state)
+    if return_state:
+        return spikes, state_out
+    return spikes
+
+
+# ------------------------------------------------------------------------------------------
+# Recurrent LIF layer
+# ------------------------------------------------------------------------------------------
+_RLIF_SURROGATES = ("fast_sigmoid", "atan", "sigmoid", "triangle")
+_RLIF_RESETS = ("subtract", "zero", "none")
+
+
+def _check_kinds(surrogate, reset):
+    if surrogate not in _RLIF_SURROGATES:
+        raise ValueError(f"surrogate must be one of {_RLIF_SURROGATES}, got {surrogate!r}")
+    if reset not in _RLIF_RESETS:
+        raise ValueError(f"reset must be one of {_RLIF_RESETS}, got {reset!r}")
+
+
+def _as_row_counts(cnt_or_ptr, rows):
+    """A producer's active set as int32 per-row counts (a layer may still hand int64 offsets)."""
+    if cnt_or_ptr is None:
+        return None
+    if cnt_or_ptr.dtype == torch.int64 and cnt_or_ptr.numel() == rows + 1:
+        return (cnt_or_ptr[1:] - cnt_or_ptr[:-1]).to(torch.int32)
+    return cnt_or_ptr
+
+
+def _check_state(state, B, n_out, x):
+    if state is None:
+        return None, None
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError("state must be a (v, s) pair of [B, N_out] tensors or None")
+    v_init, s_init = state
+    for name, t in (("state.v", v_init), ("state.s", s_init)):
+        _check_tensor(name, t, 2, x.dtype, x.device)
+        if tuple(t.shape) != (B, n_out):
+            raise ValueError(f"{name} must have shape [{B}, {n_out}], got {tuple(t.shape)}")
+    return v_init, s_init
+
+
+def rlif_layer_with_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rec_weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
+    slope: float = 100.0,
+    reset: str = "subtract",
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+):
+    """rlif_layer returning (spikes, LIFState, LIFStats, (act_cnt, act_idx))."""
+    _check_linear(x, weight, bias)
+    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward)
+    _check_kinds(surrogate, reset)
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    _check_tensor("rec_weight", rec_weight, 2, x.dtype, x.device)
+    if tuple(rec_weight.shape) != (n_out, n_out):
+        raise ValueError(f"rec_weight must be [N_out, N_out] = [{n_out}, {n_out}], got "
+                         f"{tuple(rec_weight.shape)}")
+    v_init, s_init = _check_state(state, B, n_out, x)
+    if producer is None:
+        producer = producer_active_set(x)
+    x_cnt, x_idx = producer
+    x_cnt = _as_row_counts(x_cnt, B * T)
+    sparse = backward == "sparse"
+    (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _bits, stats) = ops.rlif_forward(
+        x, weight, rec_weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope,
+        sparse, surrogate, reset)
+    producer_set = (act_cnt, act_idx)
+    if sparse:
+        # TODO(contract merge): the other layers still read int64 row offsets; hand them those.
+        ptr = torch.zeros(B * T + 1, dtype=torch.int64, device=x.device)
+        ptr[1:] = torch.cumsum(act_cnt, 0)
+        producer_set = (ptr, act_idx)
+        attach_active_set(spikes, *producer_set)
+    state_out = LIFState(v_final, spikes[-1])
+    stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n_out)
+    return spikes, state_out, stats_out, producer_set
+
+
+def rlif_layer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rec_weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
+    slope: float = 100.0,
+    reset: str = "subtract",
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    return_state: bool = False,
+):
+    """Fused linear + recurrent leaky integrate-and-fire layer over a whole sequence.
+
+    x [T, B, N_in] (time-major), weight [N_out, N_in], rec_weight [N_out, N_out], bias [N_out]
+    -> spikes [T, B, N_out]:
+
+        V[t] = alpha*V[t-1] + x[t] @ weight.T + bias + S[t-1] @ rec_weight.T - threshold*S[t-1]
+        S[t] = H(V[t] - threshold)
+
+    (reset="subtract"; "zero" uses alpha*(1 - S[t-1])*V[t-1] and no subtraction, "none" neither).
+    The reset uses S detached, the recurrent input does not: gradients flow through S[t-1] @ R.T,
+    as in snnTorch's RLeaky. backward="sparse" (default) propagates the surrogate only where
+    |V - threshold| < b_th, with work proportional to those entries, the spikes and the input
+    events; backward="dense" is standard surrogate BPTT. state=(V, S) continues a sequence (S feeds
+    the first step through rec_weight and carries gradient); return_state=True also returns
+    LIFState(V[T-1], S[T-1]).
+    """
+    spikes, state_out, _, _ = rlif_layer_with_stats(
+        x, weight, rec_weight, bias, alpha=alpha, threshold=threshold, b_th=b_th,
+        surrogate=surrogate, slope=slope, reset=reset, backward=backward, state=state)
     if return_state:
         return spikes, state_out
     return spikes

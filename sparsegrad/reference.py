@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["surrogate_grad", "spike", "lif_layer", "li_readout"]
+__all__ = ["surrogate_grad", "spike", "lif_layer", "rlif_layer", "li_readout"]
 
 
 def surrogate_grad(u: torch.Tensor, slope: float) -> torch.Tensor:
@@ -78,6 +78,97 @@ def lif_layer(
     for current_t in current.unbind(0):
         v = alpha * v + current_t - threshold * s.detach()
         s = spike(v - threshold, slope, mask_width)
+        spikes.append(s)
+    out = torch.stack(spikes)
+    if return_state:
+        return out, (v, s)
+    return out
+
+
+def _rlif_surrogate(u: torch.Tensor, slope: float, surrogate: str) -> torch.Tensor:
+    """dS/dV at u = V - threshold for each surrogate name (csrc/lif_math.h has the same forms)."""
+    a = abs(u) if not isinstance(u, torch.Tensor) else u.abs()
+    if surrogate == "fast_sigmoid":
+        return 1.0 / (slope * a + 1.0) ** 2
+    if surrogate == "atan":
+        return (slope / 2.0) / (1.0 + (math.pi / 2.0 * slope * a) ** 2)
+    if surrogate == "sigmoid":
+        e = torch.exp(-slope * a)
+        return slope * e / (1.0 + e) ** 2
+    if surrogate == "triangle":
+        return slope * torch.clamp(1.0 - slope * a, min=0.0)
+    raise ValueError(f"surrogate must be one of 'fast_sigmoid', 'atan', 'sigmoid', 'triangle', "
+                     f"got {surrogate!r}")
+
+
+class _RSpike(torch.autograd.Function):
+    """Heaviside forward; the named surrogate backward, masked to |u| < b_th (inf: unmasked)."""
+
+    @staticmethod
+    def forward(ctx, u, slope, b_th, surrogate):
+        ctx.save_for_backward(u)
+        ctx.slope, ctx.b_th, ctx.surrogate = slope, b_th, surrogate
+        return (u > 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (u,) = ctx.saved_tensors
+        sg = _rlif_surrogate(u, ctx.slope, ctx.surrogate)
+        if not math.isinf(ctx.b_th):
+            sg = sg * (u.abs() < ctx.b_th).to(u.dtype)
+        return grad_out * sg, None, None, None
+
+
+def rlif_layer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rec_weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
+    slope: float = 100.0,
+    reset: str = "subtract",
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    return_state: bool = False,
+):
+    """Reference recurrent LIF layer, time-major x [T, B, N_in] -> spikes [T, B, N_out].
+
+    I[t] = x[t] @ W.T + b and, with the previous step's spikes S[t-1] (S[-1] = state's S or 0):
+        subtract: V[t] = alpha*V[t-1]            + I[t] + S[t-1] @ R.T - threshold*S[t-1]
+        zero:     V[t] = alpha*(1-S[t-1])*V[t-1] + I[t] + S[t-1] @ R.T
+        none:     V[t] = alpha*V[t-1]            + I[t] + S[t-1] @ R.T
+    S[t] = H(V[t] - threshold). The reset terms use S detached; the recurrent input S[t-1] @ R.T
+    does not (as snnTorch's RLeaky). rec_weight R is [N_out, N_out]. backward="dense" uses the
+    unmasked surrogate, "sparse" masks it to |V - threshold| < b_th. Returns (spikes, (V, S)) of
+    the last step with return_state=True.
+    """
+    if backward not in ("sparse", "dense"):
+        raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
+    if reset not in ("subtract", "zero", "none"):
+        raise ValueError(f"reset must be one of 'subtract', 'zero', 'none', got {reset!r}")
+    mask_width = b_th if backward == "sparse" else math.inf
+    current = F.linear(x, weight, bias)
+    _, B, N = current.shape
+    if state is None:
+        v = current.new_zeros(B, N)
+        s = current.new_zeros(B, N)
+    else:
+        v, s = state
+    spikes = []
+    # unbind, not current[t]: indexing inside the loop would make autograd's backward O(T^2)
+    for current_t in current.unbind(0):
+        recurrent = F.linear(s, rec_weight)
+        if reset == "subtract":
+            v = alpha * v + current_t + recurrent - threshold * s.detach()
+        elif reset == "zero":
+            v = alpha * ((1.0 - s.detach()) * v) + current_t + recurrent
+        else:
+            v = alpha * v + current_t + recurrent
+        s = _RSpike.apply(v - threshold, slope, mask_width, surrogate)
         spikes.append(s)
     out = torch.stack(spikes)
     if return_state:

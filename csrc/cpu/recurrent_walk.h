@@ -1,0 +1,279 @@
+// The recurrent LIF layer on the CPU: the forward recurrence and the reverse walks of its
+// backward (docs/design.md, "Recurrent layers").
+//
+//     V[t] = alpha*V[t-1] + x[t] W^T + b + S[t-1] R^T  (- threshold*S[t-1] | zero | none reset)
+//     G[t] = d[t]*G[t+1] + sg[t] * (e[t] + G[t+1] R)     d[t] = trace_decay(alpha, S[t], reset)
+//
+// Per batch element the walk keeps G [N] (the gradient at V of one step) and, going back in time,
+//   - dR^T[i, :] += G[t+1]       at each spike (t, b, i)          (#spikes * N)
+//   - delta = sg * (e + G[t+1] . R[:, j])  at each active (t, b, j)  (|A| * N)
+//   - G = d * G + delta, db += G                                   (N per live step)
+//   - dW^T[i, :] += x * G[t]      at each input event (t, b, i)     (nnz * N)
+//   - dx[t, b, i] = G[t] . W[:, i] on the producer's active set     (|A_prev| * N)
+//     or everywhere through the input-space trace D[t] = G[t] W     (|A| * N_in + T*B*N_in)
+// Batch elements are grouped in fixed chunks (BatchChunks); each chunk sums into its own partial
+// dW, dR, db, added up in chunk order: results do not depend on the number of threads.
+#pragma once
+
+#include "cpu/cpu_common.h"
+
+namespace sparsegrad {
+namespace cpu {
+
+// Visits the set bits of a bit-packed row in ascending order: fn(j).
+template <typename Fn>
+inline void for_each_bit(const int32_t* row, int64_t words, const Fn& fn) {
+  for (int64_t w = 0; w < words; ++w)
+    for (uint32_t m = static_cast<uint32_t>(row[w]); m != 0; m &= m - 1)
+      fn(w * 32 + __builtin_ctz(m));
+}
+
+inline bool bit_set(const int32_t* row, int64_t j) {
+  return (static_cast<uint32_t>(row[j >> 5]) >> (j & 31)) & 1u;
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct RlifForward {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t T = 0, B = 0, n = 0, words = 0;
+  acc_t alpha = 0, threshold = 1, b_th = 1, slope = 1;
+  int surrogate = kFastSigmoid, reset = kResetSubtract;
+  const scalar_t* rec_t = nullptr;  // [N, N]: row i = R[:, i], the current spike i adds
+  const scalar_t* v_init = nullptr;
+  const scalar_t* s_init = nullptr;
+  scalar_t* spikes = nullptr;   // [T, B, N]
+  scalar_t* v_final = nullptr;  // [B, N]
+  int32_t* bits = nullptr;      // [T, B, words], zeroed
+  scalar_t* sg_dense = nullptr; // dense mode: [T, B, N]
+  bool sparse = true;
+};
+
+// Runs element b; appends its active entries (t, j order) to act_idx / act_sg and writes the
+// per-row counts act_cnt[b*T + t]. Returns the number of spikes.
+template <typename scalar_t>
+int64_t rlif_forward_element(const RlifForward<scalar_t>& a, const InputCurrent<scalar_t>& current,
+                             int64_t b, std::vector<int32_t>& act_idx, std::vector<scalar_t>& act_sg,
+                             int32_t* act_cnt, std::vector<at::opmath_type<scalar_t>>& v,
+                             std::vector<at::opmath_type<scalar_t>>& s,
+                             std::vector<at::opmath_type<scalar_t>>& cur,
+                             std::vector<int32_t>& fired) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = a.T, B = a.B, n = a.n;
+  for (int64_t j = 0; j < n; ++j) {
+    v[j] = a.v_init ? static_cast<acc_t>(a.v_init[b * n + j]) : acc_t(0);
+    s[j] = a.s_init ? static_cast<acc_t>(a.s_init[b * n + j]) : acc_t(0);
+  }
+  int64_t count = 0;
+  fired.clear();
+  for (int64_t t = 0; t < T; ++t) {
+    current.fill(b, t, cur.data());
+    // The recurrent input S[t-1] R^T, spike by spike in ascending neuron order (the CUDA kernel
+    // adds in the same order). At t = 0 it comes from s_init, which may hold any value.
+    if (t == 0) {
+      if (a.s_init)
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t si = s[i];
+          if (si != acc_t(0)) {
+            const scalar_t* r = a.rec_t + i * n;
+            for (int64_t j = 0; j < n; ++j) cur[j] += si * static_cast<acc_t>(r[j]);
+          }
+        }
+    } else {
+      for (const int32_t i : fired) {
+        const scalar_t* r = a.rec_t + int64_t(i) * n;
+        for (int64_t j = 0; j < n; ++j) cur[j] += static_cast<acc_t>(r[j]);
+      }
+    }
+    const int64_t row = (t * B + b) * n;
+    for (int64_t j = 0; j < n; ++j) {
+      v[j] = math::integrate(v[j], cur[j], s[j], a.alpha, a.threshold, a.reset);
+      s[j] = math::fire(v[j], a.threshold);
+      a.spikes[row + j] = static_cast<scalar_t>(s[j]);
+    }
+    fired.clear();
+    int32_t* word = a.bits + (t * B + b) * a.words;
+    for (int64_t j = 0; j < n; ++j) {
+      if (s[j] > acc_t(0)) {
+        fired.push_back(static_cast<int32_t>(j));
+        word[j >> 5] = static_cast<int32_t>(static_cast<uint32_t>(word[j >> 5]) | (1u << (j & 31)));
+      }
+    }
+    count += static_cast<int64_t>(fired.size());
+    if (a.sparse) {
+      const size_t before = act_idx.size();
+      for (int64_t j = 0; j < n; ++j) {
+        if (math::is_active(v[j], a.threshold, a.b_th)) {
+          act_idx.push_back(static_cast<int32_t>(j));
+          act_sg.push_back(static_cast<scalar_t>(math::surrogate(v[j], a.threshold, a.slope, a.surrogate)));
+        }
+      }
+      act_cnt[b * T + t] = static_cast<int32_t>(act_idx.size() - before);
+    } else {
+      for (int64_t j = 0; j < n; ++j)
+        a.sg_dense[row + j] = static_cast<scalar_t>(math::surrogate(v[j], a.threshold, a.slope, a.surrogate));
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) a.v_final[b * n + j] = static_cast<scalar_t>(v[j]);
+  return count;
+}
+
+// ------------------------------------------------------------------------------------------
+// Sparse backward
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct RlifBackward {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t T = 0, B = 0, n_in = 0, n = 0, words = 0;
+  acc_t alpha = 0;
+  int reset = kResetSubtract;
+  const scalar_t* grad = nullptr;      // dL/dS [T, B, N]
+  const scalar_t* g_init = nullptr;    // dL/dV_final [B, N] or null
+  const int64_t* act_off = nullptr;    // active set, CSR over b*T + t
+  const int32_t* act_idx = nullptr;
+  const scalar_t* act_sg = nullptr;
+  EventView<scalar_t> events;          // input events
+  const int32_t* bits = nullptr;       // S[t] [T, B, words]
+  const scalar_t* s_init = nullptr;    // [B, N] or null
+  const scalar_t* rec_t = nullptr;     // [N, N]: row j = R[:, j]
+  const scalar_t* weight = nullptr;    // [N, N_in]: full dx
+  const scalar_t* weight_t = nullptr;  // [N_in, N]: dx on the producer's active set
+  const int64_t* prev_off = nullptr;   // producer's active set, or null (then dx everywhere)
+  const int32_t* prev_idx = nullptr;
+  // outputs (null = not wanted)
+  scalar_t* dx = nullptr;         // [T, B, N_in], zeroed
+  scalar_t* dv = nullptr;         // [B, N]
+  scalar_t* ds = nullptr;         // [B, N]
+  acc_t* dw_t_parts = nullptr;    // [chunks, N_in, N], zeroed
+  acc_t* drec_t_parts = nullptr;  // [chunks, N, N], zeroed
+  acc_t* db_parts = nullptr;      // [chunks, N], zeroed
+};
+
+template <typename scalar_t>
+void rlif_backward_walk(const RlifBackward<scalar_t>& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = p.T, B = p.B, n = p.n, n_in = p.n_in;
+  const bool full_dx = p.dx && !p.prev_off;
+  const bool zero_reset = p.reset == kResetZero;
+  const BatchChunks chunks(B);
+  const int64_t work_per_chunk = (B / chunks.count + 1) * T * (n + (full_dx ? n_in : 0));
+  at::parallel_for(0, chunks.count, grain_for(work_per_chunk), [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> G(n), delta(n), D(full_dx ? n_in : 0);
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t* dw_t = p.dw_t_parts ? p.dw_t_parts + c * n_in * n : nullptr;
+      acc_t* drec_t = p.drec_t_parts ? p.drec_t_parts + c * n * n : nullptr;
+      acc_t* db = p.db_parts ? p.db_parts + c * n : nullptr;
+      for (int64_t b = chunks.begin(c); b < chunks.end(c); ++b) {
+        bool live = false;  // G (and D) are exactly zero until the first injection
+        std::fill(G.begin(), G.end(), acc_t(0));
+        std::fill(D.begin(), D.end(), acc_t(0));
+        if (p.g_init) {
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t g = static_cast<acc_t>(p.g_init[b * n + j]);
+            G[j] = g;
+            if (full_dx && g != acc_t(0)) axpy<acc_t>(n_in, g, p.weight + j * n_in, D.data());
+          }
+          live = true;
+        }
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const int64_t r = b * T + t;
+          const int32_t* spk = p.bits + (t * B + b) * p.words;
+          const bool carry = live && t < T - 1;  // G holds G[t+1], which reaches step t
+          if (carry && drec_t)
+            for_each_bit(spk, p.words, [&](int64_t i) { axpy<acc_t>(n, acc_t(1), G.data(), drec_t + i * n); });
+          // delta at the active entries of (t, b), from G[t+1] before it decays
+          const int64_t e0 = p.act_off[r], e1 = p.act_off[r + 1];
+          const scalar_t* e_row = p.grad + (t * B + b) * n;
+          for (int64_t e = e0; e < e1; ++e) {
+            const int64_t j = p.act_idx[e];
+            const acc_t u = carry ? dot<acc_t>(n, G.data(), p.rec_t + j * n) : acc_t(0);
+            delta[e - e0] = static_cast<acc_t>(p.act_sg[e]) * (static_cast<acc_t>(e_row[j]) + u);
+          }
+          if (carry) {
+            if (zero_reset) {
+              // d[t] = alpha*(1 - S[t]): G[t+1] does not reach V[t] where the neuron spiked
+              if (full_dx) {
+                scale_inplace<acc_t>(n_in, p.alpha, D.data());
+                for_each_bit(spk, p.words, [&](int64_t j) {
+                  axpy<acc_t>(n_in, -(p.alpha * G[j]), p.weight + j * n_in, D.data());
+                });
+              }
+              for (int64_t j = 0; j < n; ++j) G[j] *= math::trace_decay(p.alpha, bit_set(spk, j), p.reset);
+            } else {
+              scale_inplace<acc_t>(n, p.alpha, G.data());
+              if (full_dx) scale_inplace<acc_t>(n_in, p.alpha, D.data());
+            }
+          }
+          for (int64_t e = e0; e < e1; ++e) {
+            const int64_t j = p.act_idx[e];
+            G[j] += delta[e - e0];
+            if (full_dx) axpy<acc_t>(n_in, delta[e - e0], p.weight + j * n_in, D.data());
+          }
+          live = live || e1 > e0;
+          if (!live) continue;
+          if (db) for (int64_t j = 0; j < n; ++j) db[j] += G[j];
+          if (dw_t)
+            for (int64_t e = p.events.begin(b, t); e < p.events.end(b, t); ++e)
+              axpy<acc_t>(n, static_cast<acc_t>(p.events.value(e)), G.data(),
+                          dw_t + int64_t(p.events.idx[e]) * n);
+          if (p.dx) {
+            scalar_t* dx_row = p.dx + (t * B + b) * n_in;
+            if (full_dx) {
+              for (int64_t i = 0; i < n_in; ++i) dx_row[i] = static_cast<scalar_t>(D[i]);
+            } else {
+              for (int64_t e = p.prev_off[r]; e < p.prev_off[r + 1]; ++e) {
+                const int64_t i = p.prev_idx[e];
+                dx_row[i] = static_cast<scalar_t>(dot<acc_t>(n, G.data(), p.weight_t + i * n));
+              }
+            }
+          }
+        }
+        // G holds G[0] = dL/dV[0] (zero if nothing reached this element)
+        const scalar_t* s0 = p.s_init ? p.s_init + b * n : nullptr;
+        if (p.dv)
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t keep = zero_reset && s0 ? p.alpha * (acc_t(1) - static_cast<acc_t>(s0[j])) : p.alpha;
+            p.dv[b * n + j] = static_cast<scalar_t>(keep * G[j]);
+          }
+        if (p.ds)
+          for (int64_t j = 0; j < n; ++j)
+            p.ds[b * n + j] = static_cast<scalar_t>(live ? dot<acc_t>(n, G.data(), p.rec_t + j * n) : acc_t(0));
+        if (drec_t && s0 && live)
+          for (int64_t i = 0; i < n; ++i)
+            if (s0[i] != scalar_t(0)) axpy<acc_t>(n, static_cast<acc_t>(s0[i]), G.data(), drec_t + i * n);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Dense backward: G at every entry [T, B, N] (the GEMMs for dW, dR, dx follow in ATen).
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void rlif_dense_walk(const scalar_t* grad, const scalar_t* sg, const scalar_t* spikes,
+                     const scalar_t* g_init, const scalar_t* rec_t, int64_t T, int64_t B, int64_t n,
+                     at::opmath_type<scalar_t> alpha, int reset, scalar_t* G_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, B, grain_for(T * n * n), [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> G(n), next(n);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t j = 0; j < n; ++j) next[j] = g_init ? static_cast<acc_t>(g_init[b * n + j]) : acc_t(0);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t row = (t * B + b) * n;
+        const bool carry = t < T - 1;
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t u = carry ? dot<acc_t>(n, next.data(), rec_t + j * n) : acc_t(0);
+          const acc_t d = carry ? math::trace_decay(alpha, spikes[row + j] > scalar_t(0), reset) : acc_t(1);
+          G[j] = d * next[j] + static_cast<acc_t>(sg[row + j]) * (static_cast<acc_t>(grad[row + j]) + u);
+        }
+        for (int64_t j = 0; j < n; ++j) G_out[row + j] = static_cast<scalar_t>(G[j]);
+        std::swap(G, next);
+      }
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace sparsegrad
