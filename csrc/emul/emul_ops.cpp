@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/host_ops.h"
+#include "cuda/recurrent_host.h"
 #include "op_schemas.h"
 
 namespace sparsegrad {
@@ -67,6 +68,9 @@ TORCH_LIBRARY_IMPL(sparsegrad_emul, CPU, m) {
   m.impl("lif_backward_dense", &cuda::host::lif_backward_dense<L>);
   m.impl("li_readout_forward", &cuda::host::li_readout_forward<L>);
   m.impl("li_readout_backward", &cuda::host::li_readout_backward<L>);
+  m.impl("rlif_forward", &cuda::host::rlif_forward<L>);
+  m.impl("rlif_backward_sparse", &cuda::host::rlif_backward_sparse<L>);
+  m.impl("rlif_backward_dense", &cuda::host::rlif_backward_dense<L>);
 }
 
 }  // namespace sparsegrad
