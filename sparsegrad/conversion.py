@@ -437,7 +437,8 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
     model: any nn.Module. Pairs are siblings in registration order (nn.Sequential order, or the
     order attributes were assigned in __init__). Supported neurons: snnTorch ``Leaky`` with
     reset_mechanism="subtract" (any surrogate), SpikingJelly ``LIFNode(decay_input=False,
-    v_reset=None)`` and ``IFNode(v_reset=None)``. b_th and backward are given to every new LIF.
+    v_reset=None)`` and ``IFNode(v_reset=None)``; snnTorch ``RLeaky(all_to_all=True,
+    linear_features=N)`` becomes a recurrent ``RLIF`` (sparsegrad/conversion_recurrent.py). b_th and backward are given to every new LIF.
     inplace=False (default) converts a deep copy and leaves ``model`` untouched.
 
     Returns the converted model, or (model, ConversionReport) with return_report=True. Neurons left
