@@ -269,15 +269,71 @@ def test_rlif_sparse_saves_no_dense_tensor():
         assert not (t.is_floating_point() and t.numel() >= T * B * n)
 
 
-def test_rlif_opcheck():
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_rlif_opcheck_forward(requires_grad):
     x, w, r, b = rlif_problem(6, 3, 5, 4, rate=0.4, seed=2)
+    v0, s0 = torch.rand(3, 4, dtype=torch.float64), (torch.rand(3, 4) < 0.5).double()
     for sparse in (True, False):
-        args = (x, w, r, b, None, None, None, None, 0.9, 1.0, 0.3, 5.0, sparse, "atan", "zero")
-        torch.library.opcheck(torch.ops.sparsegrad.rlif_forward.default, args,
-                              test_utils=("test_schema", "test_faketensor"))
-        grads = [t.clone().requires_grad_() for t in (x, w, r, b)]
-        torch.library.opcheck(torch.ops.sparsegrad.rlif_forward.default,
-                              (*grads, *args[4:]), test_utils=("test_schema", "test_faketensor"))
+        for state, kinds in (((None, None), ("atan", "zero")), ((v0, s0), ("fast_sigmoid", "subtract"))):
+            leaves = [t.clone().requires_grad_(requires_grad) for t in (x, w, r, b)]
+            args = (*leaves, *state, None, None, 0.9, 1.0, 0.3, 5.0, sparse, *kinds)
+            torch.library.opcheck(torch.ops.sparsegrad.rlif_forward.default, args)
+
+
+def test_rlif_opcheck_backward_ops():
+    ops = torch.ops.sparsegrad
+    x, w, r, b = rlif_problem(6, 3, 5, 4, rate=0.4, seed=2)
+    s0 = (torch.rand(3, 4) < 0.5).double()
+    (spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, bits, _) = ops.rlif_forward(
+        x, w, r, b, None, s0, None, None, 0.9, 1.0, 0.3, 5.0, True, "atan", "zero")
+    g, gv = torch.randn_like(spikes), torch.randn_like(v_final)
+    prev_cnt = torch.full((18,), 2, dtype=torch.int32)
+    prev_idx = torch.tensor([0, 3] * 18, dtype=torch.int32)
+    for prev in ((None, None), (prev_cnt, prev_idx)):
+        torch.library.opcheck(ops.rlif_backward_sparse.default, (
+            g, gv, w, r, s0, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, bits, *prev, 0.9,
+            "zero", True, True, True, True, True, True))
+    torch.library.opcheck(ops.rlif_backward_sparse.default, (
+        g, None, w, r, None, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, bits, None, None,
+        0.9, "subtract", False, True, False, True, False, False))
+    spikes, _, _, _, sg, *_ = ops.rlif_forward(x, w, r, b, None, s0, None, None, 0.9, 1.0, 0.3,
+                                                5.0, False, "atan", "zero")
+    torch.library.opcheck(ops.rlif_backward_dense.default, (
+        g, gv, x, w, r, s0, spikes, sg, 0.9, "zero", True, True, True, True, True, True))
+
+
+class _RecurrentNet(torch.nn.Module):
+    def __init__(self, backward):
+        super().__init__()
+        self.l1 = RLIF(20, 16, alpha=0.9, b_th=0.5, slope=10.0, backward=backward)
+        self.l2 = RLIF(16, 12, alpha=0.9, b_th=0.5, slope=10.0, backward=backward)
+        self.readout = sparsegrad.nn.LIReadout(12, 4, alpha=0.8)
+
+    def forward(self, x):
+        return self.readout(self.l2(self.l1(x)))
+
+
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_rlif_compile_fullgraph_matches_eager(backward):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = (torch.rand(15, 5, 20) < 0.3).float()
+    labels = torch.randint(0, 4, (5,))
+    model = _RecurrentNet(backward)
+    with torch.no_grad():
+        model.l1.weight.mul_(3.0)
+        model.l2.weight.mul_(3.0)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for m in (model, compiled):
+        m.zero_grad()
+        out = m(x)
+        torch.nn.functional.cross_entropy(out, labels).backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert all(torch.count_nonzero(g) > 0 for g in results[0][1])
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_rlif_argument_errors():
