@@ -17,7 +17,7 @@ import os
 import sys
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-NAMES = ("layer", "network", "peers", "sweeps")
+NAMES = ("layer", "network", "peers", "sweeps", "recurrent")
 
 
 def _f(v):
@@ -337,6 +337,13 @@ MARKDOWN = {"layer": layer_md, "network": network_md, "peers": peers_md, "sweeps
 PLOTS = {"layer": plot_layer, "network": plot_network, "peers": plot_peers, "sweeps": plot_sweeps}
 
 
+def _add_recurrent():  # bench_recurrent.py's tables and plot live in report_recurrent.py
+    import report_recurrent
+
+    MARKDOWN["recurrent"] = report_recurrent.recurrent_md
+    PLOTS["recurrent"] = report_recurrent.plot_recurrent
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -346,6 +353,7 @@ def main(argv=None):
                    help="markdown file whose results section (between the markers) to replace")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
+    _add_recurrent()
     # Every <stem>.json written by a bench_*.py script (e.g. layer.json, layer-1thread.json),
     # in the order layer, network, peers, sweeps, then by file name.
     found = {}
