@@ -8,11 +8,15 @@ import torch
 
 from . import ops
 
-__all__ = ["lif_layer", "li_readout", "LIFState", "LIFStats", "lif_layer_with_stats", "rlif_layer",
-           "rlif_layer_with_stats"]
+__all__ = ["lif_layer", "li_readout", "LIFState", "LIFStats", "lif_layer_with_stats", "SURROGATES",
+           "RESETS", "rlif_layer", "rlif_layer_with_stats"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
-# Attribute under which a sparse layer's output spikes carry its active set (CSR over (b, t)).
+# Surrogate derivatives dS/dV and resets (csrc/lif_math.h; docs/surrogates.md names the peers' ones).
+SURROGATES = ("fast_sigmoid", "atan", "sigmoid", "triangle")
+RESETS = ("subtract", "zero", "none")
+# Attribute under which a sparse layer's output spikes carry its active set (per-row counts and
+# indices over rows b*T + t).
 _ACTIVE_SET_ATTR = "_sparsegrad_active_set"
 
 
@@ -82,15 +86,43 @@ def _check_linear(x, weight, bias, what="x"):
             raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
-def check_lif_args(alpha, threshold, b_th, slope, backward):
-    """Validate LIF hyper-parameters; returns them as floats."""
+def _check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_lif_args(alpha, threshold, b_th, slope, backward, surrogate="fast_sigmoid",
+                   reset="subtract"):
+    """Validate LIF hyper-parameters; returns (alpha, threshold, b_th, slope) as floats."""
     if backward not in ("sparse", "dense"):
         raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
+    _check_choice("surrogate", surrogate, SURROGATES)
+    _check_choice("reset", reset, RESETS)
     alpha = _check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
     threshold = _check_scalar("threshold", threshold, 0.0, math.inf, low_open=True)
     b_th = _check_scalar("b_th", b_th, 0.0, math.inf, low_open=True, allow_inf=True)
     slope = _check_scalar("slope", slope, 0.0, math.inf, low_open=True)
     return alpha, threshold, b_th, slope
+
+
+def check_state(state, x, B, n, reset, what="N_out"):
+    """Validate state=(V, S), each [B, n] like x; returns (v, s) or (None, None).
+
+    Under reset="zero" the backward reads S as spikes, so S must hold only 0 and 1 there.
+    """
+    if state is None:
+        return None, None
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"state must be a (v, s) pair of [B, {what}] tensors or None")
+    v_init, s_init = state
+    for name, t in (("state.v", v_init), ("state.s", s_init)):
+        _check_tensor(name, t, 2, x.dtype, x.device)
+        if tuple(t.shape) != (B, n):
+            raise ValueError(f"{name} must have shape [{B}, {n}], got {tuple(t.shape)}")
+    if reset == "zero" and not bool(((s_init == 0) | (s_init == 1)).all()):
+        raise ValueError("state.s must hold only spikes (0 or 1) with reset='zero'")
+    return v_init, s_init
 
 
 def producer_active_set(x: torch.Tensor, time_major: bool = True):
@@ -104,15 +136,15 @@ def producer_active_set(x: torch.Tensor, time_major: bool = True):
     meta = getattr(x, _ACTIVE_SET_ATTR, None)
     if meta is None:
         return None, None
-    ptr, idx, shape, meta_time_major = meta
+    cnt, idx, shape, meta_time_major = meta
     if meta_time_major != time_major or tuple(x.shape) != shape:
         return None, None
-    return ptr, idx
+    return cnt, idx
 
 
-def attach_active_set(spikes: torch.Tensor, ptr, idx, time_major: bool = True):
+def attach_active_set(spikes: torch.Tensor, cnt, idx, time_major: bool = True):
     if not torch.compiler.is_compiling():
-        setattr(spikes, _ACTIVE_SET_ATTR, (ptr, idx, tuple(spikes.shape), time_major))
+        setattr(spikes, _ACTIVE_SET_ATTR, (cnt, idx, tuple(spikes.shape), time_major))
 
 
 def lif_layer_with_stats(
@@ -123,39 +155,35 @@ def lif_layer_with_stats(
     alpha: float,
     threshold: float = 1.0,
     b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
+    reset: str = "subtract",
     backward: str = "sparse",
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ):
-    """lif_layer returning (spikes, LIFState, LIFStats, (act_ptr, act_idx)).
+    """lif_layer returning (spikes, LIFState, LIFStats, (act_cnt, act_idx)).
 
-    producer: the (ptr, idx) active set of the sparse layer that made x, if known.
+    producer: the (cnt, idx) active set of the sparse layer that made x, if known.
     """
     _check_linear(x, weight, bias)
-    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward)
+    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
+                                                   surrogate, reset)
     T, B, _ = x.shape
     n_out = weight.shape[0]
-    v_init = s_init = None
-    if state is not None:
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise TypeError("state must be a (v, s) pair of [B, N_out] tensors or None")
-        v_init, s_init = state
-        for name, t in (("state.v", v_init), ("state.s", s_init)):
-            _check_tensor(name, t, 2, x.dtype, x.device)
-            if tuple(t.shape) != (B, n_out):
-                raise ValueError(f"{name} must have shape [{B}, {n_out}], got {tuple(t.shape)}")
+    v_init, s_init = check_state(state, x, B, n_out, reset)
     if producer is None:
         producer = producer_active_set(x)
-    x_ptr, x_idx = producer
+    x_cnt, x_idx = producer
     sparse = backward == "sparse"
-    (spikes, v_final, act_ptr, act_idx, _sg, _ep, _ei, _ev, stats) = ops.lif_forward(
-        x, weight, bias, v_init, s_init, x_ptr, x_idx, alpha, threshold, b_th, slope, sparse)
+    (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _rst, stats) = ops.lif_forward(
+        x, weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope, sparse,
+        surrogate, reset)
     if sparse:
-        attach_active_set(spikes, act_ptr, act_idx)
+        attach_active_set(spikes, act_cnt, act_idx)
     state_out = LIFState(v_final, spikes[-1])
     stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n_out)
-    return spikes, state_out, stats_out, (act_ptr, act_idx)
+    return spikes, state_out, stats_out, (act_cnt, act_idx)
 
 
 def lif_layer(
@@ -166,7 +194,9 @@ def lif_layer(
     alpha: float,
     threshold: float = 1.0,
     b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
+    reset: str = "subtract",
     backward: str = "sparse",
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     return_state: bool = False,
@@ -175,17 +205,22 @@ def lif_layer(
 
     x [T, B, N_in] (time-major), weight [N_out, N_in], bias [N_out] -> spikes [T, B, N_out].
 
-        V[t] = alpha*V[t-1] + x[t] @ weight.T + bias - threshold*S[t-1]   (reset detached)
-        S[t] = H(V[t] - threshold)
+        I[t] = x[t] @ weight.T + bias
+        V[t] = alpha*V[t-1] + I[t] - threshold*S[t-1]     reset="subtract" (default)
+        V[t] = alpha*(1 - S[t-1])*V[t-1] + I[t]           reset="zero"
+        V[t] = alpha*V[t-1] + I[t]                        reset="none"
+        S[t] = H(V[t] - threshold)                        (S[t-1] detached in every reset)
 
-    backward="sparse" (default) propagates the surrogate gradient 1/(slope*|V-threshold|+1)^2 only
-    where |V - threshold| < b_th, doing work proportional to those entries; backward="dense" uses
-    it everywhere (standard surrogate BPTT). state=(V, S) continues a sequence; with
-    return_state=True the result is (spikes, LIFState(V[T-1], S[T-1])).
+    The surrogate dS/dV (u = V - threshold, a = slope) is "fast_sigmoid" 1/(a|u|+1)^2 (default),
+    "atan" (a/2)/(1+(pi/2*a*u)^2), "sigmoid" a*sig(a*u)*(1-sig(a*u)) or "triangle"
+    a*max(0, 1-a|u|) (docs/surrogates.md). backward="sparse" (default) uses it only where
+    |u| < b_th, doing work proportional to those entries; backward="dense" uses it everywhere
+    (standard surrogate BPTT). state=(V, S) continues a sequence; with return_state=True the
+    result is (spikes, LIFState(V[T-1], S[T-1])).
     """
     spikes, state_out, _, _ = lif_layer_with_stats(
-        x, weight, bias, alpha=alpha, threshold=threshold, b_th=b_th, slope=slope,
-        backward=backward, state=state)
+        x, weight, bias, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate,
+        slope=slope, reset=reset, backward=backward, state=state)
     if return_state:
         return spikes, state_out
     return spikes
@@ -194,39 +229,6 @@ def lif_layer(
 # ------------------------------------------------------------------------------------------
 # Recurrent LIF layer
 # ------------------------------------------------------------------------------------------
-_RLIF_SURROGATES = ("fast_sigmoid", "atan", "sigmoid", "triangle")
-_RLIF_RESETS = ("subtract", "zero", "none")
-
-
-def _check_kinds(surrogate, reset):
-    if surrogate not in _RLIF_SURROGATES:
-        raise ValueError(f"surrogate must be one of {_RLIF_SURROGATES}, got {surrogate!r}")
-    if reset not in _RLIF_RESETS:
-        raise ValueError(f"reset must be one of {_RLIF_RESETS}, got {reset!r}")
-
-
-def _as_row_counts(cnt_or_ptr, rows):
-    """A producer's active set as int32 per-row counts (a layer may still hand int64 offsets)."""
-    if cnt_or_ptr is None:
-        return None
-    if cnt_or_ptr.dtype == torch.int64 and cnt_or_ptr.numel() == rows + 1:
-        return (cnt_or_ptr[1:] - cnt_or_ptr[:-1]).to(torch.int32)
-    return cnt_or_ptr
-
-
-def _check_state(state, B, n_out, x):
-    if state is None:
-        return None, None
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise TypeError("state must be a (v, s) pair of [B, N_out] tensors or None")
-    v_init, s_init = state
-    for name, t in (("state.v", v_init), ("state.s", s_init)):
-        _check_tensor(name, t, 2, x.dtype, x.device)
-        if tuple(t.shape) != (B, n_out):
-            raise ValueError(f"{name} must have shape [{B}, {n_out}], got {tuple(t.shape)}")
-    return v_init, s_init
-
-
 def rlif_layer_with_stats(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -245,34 +247,27 @@ def rlif_layer_with_stats(
 ):
     """rlif_layer returning (spikes, LIFState, LIFStats, (act_cnt, act_idx))."""
     _check_linear(x, weight, bias)
-    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward)
-    _check_kinds(surrogate, reset)
+    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
+                                                   surrogate, reset)
     T, B, _ = x.shape
     n_out = weight.shape[0]
     _check_tensor("rec_weight", rec_weight, 2, x.dtype, x.device)
     if tuple(rec_weight.shape) != (n_out, n_out):
         raise ValueError(f"rec_weight must be [N_out, N_out] = [{n_out}, {n_out}], got "
                          f"{tuple(rec_weight.shape)}")
-    v_init, s_init = _check_state(state, B, n_out, x)
+    v_init, s_init = check_state(state, x, B, n_out, reset)
     if producer is None:
         producer = producer_active_set(x)
     x_cnt, x_idx = producer
-    x_cnt = _as_row_counts(x_cnt, B * T)
     sparse = backward == "sparse"
     (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _bits, stats) = ops.rlif_forward(
         x, weight, rec_weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope,
         sparse, surrogate, reset)
-    producer_set = (act_cnt, act_idx)
     if sparse:
-        # TODO(contract merge): the other layers still read int64 row offsets; hand them those.
-        ptr = torch.zeros(B * T + 1, dtype=torch.int64, device=x.device)
-        ptr[1:] = torch.cumsum(act_cnt, 0)
-        producer_set = (ptr, act_idx)
-        attach_active_set(spikes, *producer_set)
+        attach_active_set(spikes, act_cnt, act_idx)
     state_out = LIFState(v_final, spikes[-1])
     stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n_out)
-    return spikes, state_out, stats_out, producer_set
-
+    return spikes, state_out, stats_out, (act_cnt, act_idx)
 
 def rlif_layer(
     x: torch.Tensor,

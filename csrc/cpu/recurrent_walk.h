@@ -28,9 +28,6 @@ inline void for_each_bit(const int32_t* row, int64_t words, const Fn& fn) {
       fn(w * 32 + __builtin_ctz(m));
 }
 
-inline bool bit_set(const int32_t* row, int64_t j) {
-  return (static_cast<uint32_t>(row[j >> 5]) >> (j & 31)) & 1u;
-}
 
 // ------------------------------------------------------------------------------------------
 // Forward
@@ -200,7 +197,7 @@ void rlif_backward_walk(const RlifBackward<scalar_t>& p) {
                   axpy<acc_t>(n_in, -(p.alpha * G[j]), p.weight + j * n_in, D.data());
                 });
               }
-              for (int64_t j = 0; j < n; ++j) G[j] *= math::trace_decay(p.alpha, bit_set(spk, j), p.reset);
+              for (int64_t j = 0; j < n; ++j) G[j] *= math::trace_decay(p.alpha, test_bit(spk, j), p.reset);
             } else {
               scale_inplace<acc_t>(n, p.alpha, G.data());
               if (full_dx) scale_inplace<acc_t>(n_in, p.alpha, D.data());

@@ -25,9 +25,9 @@ template <typename scalar_t>
 Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rec,
                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& v_init,
                           const c10::optional<at::Tensor>& s_init, double alpha, double threshold,
-                          double b_th, double slope, bool sparse, RlifKinds kinds) {
+                          double b_th, double slope, bool sparse, NeuronKinds kinds) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = x.size(0), B = x.size(1), n = weight.size(0), words = spike_words(n);
+  const int64_t T = x.size(0), B = x.size(1), n = weight.size(0), words = bit_words(n);
   const auto int_opts = x.options().dtype(at::kInt);
 
   Events ev = build_events<scalar_t>(x);
@@ -92,8 +92,7 @@ Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const a
       std::copy(act_sg[b].begin(), act_sg[b].end(), sp + base[b]);
     }
   });
-  at::Tensor ev_cnt = (ev.ptr.narrow(0, 1, B * T) - ev.ptr.narrow(0, 0, B * T)).to(at::kInt);
-  return {spikes, v_final, act_cnt, idx_out, sg_out, ev_cnt, ev.idx, ev.val, bits, stats};
+  return {spikes, v_final, act_cnt, idx_out, sg_out, ev.cnt, ev.idx, ev.val, bits, stats};
 }
 
 Outputs rlif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& rec_in,
@@ -103,7 +102,7 @@ Outputs rlif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, co
                          const c10::optional<at::Tensor>& /*x_act_idx*/, double alpha,
                          double threshold, double b_th, double slope, bool sparse,
                          c10::string_view surrogate, c10::string_view reset) {
-  const RlifKinds kinds = check_rlif_forward_args(x_in, weight_in, rec_in, bias, v_init, s_init, alpha,
+  const NeuronKinds kinds = check_rlif_forward_args(x_in, weight_in, rec_in, bias, v_init, s_init, alpha,
                                                   threshold, b_th, slope, surrogate, reset);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), rec = rec_in.contiguous();
   Outputs out;
@@ -139,7 +138,7 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
   const BatchChunks chunks(B);
 
   RlifBackward<scalar_t> p;
-  p.T = T; p.B = B; p.n_in = n_in; p.n = n; p.words = spike_words(n);
+  p.T = T; p.B = B; p.n_in = n_in; p.n = n; p.words = bit_words(n);
   p.alpha = static_cast<acc_t>(alpha);
   p.reset = reset;
   p.grad = gS.data_ptr<scalar_t>();

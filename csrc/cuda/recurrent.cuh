@@ -28,9 +28,6 @@ __device__ __forceinline__ int lowest_bit(uint32_t m) {
 #endif
 }
 
-__device__ __forceinline__ bool bit_of(const int32_t* row, int64_t j) {
-  return (static_cast<uint32_t>(row[j >> 5]) >> (j & 31)) & 1u;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Forward
@@ -69,7 +66,7 @@ __global__ void rlif_forward_step_kernel(RlifStepArgs<scalar_t> a, int64_t t) {
       }
     } else {
       const int32_t* row = a.bits + ((t - 1) * a.B + b) * a.words;
-      s_prev = bit_of(row, j) ? acc_t(1) : acc_t(0);
+      s_prev = bit_set(row, j) ? acc_t(1) : acc_t(0);
       for (int64_t w = 0; w < a.words; ++w)
         for (uint32_t m = static_cast<uint32_t>(row[w]); m != 0; m &= m - 1)
           cur += static_cast<acc_t>(a.rec_t[(w * 32 + lowest_bit(m)) * a.n + j]);
@@ -150,7 +147,7 @@ struct RlifEntries {
 
   __device__ __forceinline__ bool spiked(int64_t b, int64_t t, int64_t j, int64_t B, int64_t n) const {
     if (spikes) return spikes[(t * B + b) * n + j] > scalar_t(0);
-    return bit_of(bits + (t * B + b) * words, j);
+    return bit_set(bits + (t * B + b) * words, j);
   }
 };
 

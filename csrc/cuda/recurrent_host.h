@@ -40,9 +40,9 @@ RlifOutputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, con
                               const c10::optional<at::Tensor>& v_init,
                               const c10::optional<at::Tensor>& s_init, double alpha,
                               double threshold, double b_th, double slope, bool sparse,
-                              RlifKinds kinds) {
+                              NeuronKinds kinds) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = x.size(0), B = x.size(1), n = weight.size(0), words = spike_words(n), R = B * T;
+  const int64_t T = x.size(0), B = x.size(1), n = weight.size(0), words = bit_words(n), R = B * T;
   const auto acc_opts = acc_options(x);
   const auto int_opts = x.options().dtype(at::kInt);
   const auto long_opts = x.options().dtype(at::kLong);
@@ -98,8 +98,7 @@ RlifOutputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, con
             a.threshold, static_cast<acc_t>(b_th), a.slope, a.surrogate,
             act_off.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(), act_sg.data_ptr<scalar_t>());
   stats.narrow(0, 1, 1).fill_(n_active);
-  const at::Tensor ev_cnt = (ev.ptr.narrow(0, 1, R) - ev.ptr.narrow(0, 0, R)).to(at::kInt);
-  return {spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev.idx, ev.val, bits, stats};
+  return {spikes, v_final, act_cnt, act_idx, act_sg, ev.cnt, ev.idx, ev.val, bits, stats};
 }
 
 template <class L>
@@ -110,7 +109,7 @@ RlifOutputs rlif_forward(const at::Tensor& x_in, const at::Tensor& weight_in, co
                          const c10::optional<at::Tensor>& /*x_act_idx*/, double alpha,
                          double threshold, double b_th, double slope, bool sparse,
                          c10::string_view surrogate, c10::string_view reset) {
-  const RlifKinds kinds = check_rlif_forward_args(x_in, weight_in, rec_in, bias, v_init, s_init, alpha,
+  const NeuronKinds kinds = check_rlif_forward_args(x_in, weight_in, rec_in, bias, v_init, s_init, alpha,
                                                   threshold, b_th, slope, surrogate, reset);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), rec = rec_in.contiguous();
   RlifOutputs out;
@@ -224,7 +223,7 @@ RlifGrads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at
                                     bool need_db, bool need_dv, bool need_ds) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gS.size(0), B = gS.size(1), n = weight.size(0), n_in = weight.size(1);
-  const int64_t words = spike_words(n);
+  const int64_t words = bit_words(n);
   const auto opts = gS.options();
   const auto long_opts = opts.dtype(at::kLong);
   at::Tensor dx = at::empty({0}, opts), dw = dx.clone(), drec = dx.clone(), db = dx.clone(),
