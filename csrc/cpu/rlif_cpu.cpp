@@ -170,12 +170,13 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
   p.dx = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
   p.dv = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
   p.ds = need_ds ? ds.data_ptr<scalar_t>() : nullptr;
+  const int64_t n_pad = padded_row<acc_t>(n);  // the partials' rows: whole 64-byte tiles
   if (need_dw) {
-    dw_parts = at::zeros({chunks.count, n_in * n}, acc_opts);
+    dw_parts = at::zeros({chunks.count, n_in * n_pad}, acc_opts);
     p.dw_t_parts = dw_parts.data_ptr<acc_t>();
   }
   if (need_drec) {
-    drec_parts = at::zeros({chunks.count, n * n}, acc_opts);
+    drec_parts = at::zeros({chunks.count, n * n_pad}, acc_opts);
     p.drec_t_parts = drec_parts.data_ptr<acc_t>();
   }
   if (need_db) {
@@ -184,14 +185,24 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
   }
   if (need_dx || need_dw || need_drec || need_db || need_dv || need_ds) rlif_backward_walk<scalar_t>(p);
 
-  auto reduce = [&](const at::Tensor& parts, int64_t rows, int64_t cols) {  // -> [cols, rows]
-    at::Tensor sum_t = at::empty({rows, cols}, opts);
-    reduce_chunks<acc_t>(parts.data_ptr<acc_t>(), parts.size(0), rows * cols, acc_t(1),
-                         sum_t.data_ptr<scalar_t>());
-    return sum_t.t().contiguous();
+  // [chunks, rows, n_pad] partials -> [n, rows]: out[j, i] = sum over chunks in order
+  auto reduce = [&](const at::Tensor& parts, int64_t rows) {
+    at::Tensor out = at::empty({n, rows}, opts);
+    const acc_t* src = parts.data_ptr<acc_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t count = parts.size(0), stride = rows * n_pad;
+    at::parallel_for(0, rows, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          acc_t sum = 0;
+          for (int64_t c = 0; c < count; ++c) sum += src[c * stride + i * n_pad + j];
+          dst[j * rows + i] = static_cast<scalar_t>(sum);
+        }
+    });
+    return out;
   };
-  at::Tensor dw = need_dw ? reduce(dw_parts, n_in, n) : empty.clone();
-  at::Tensor drec = need_drec ? reduce(drec_parts, n, n) : empty.clone();
+  at::Tensor dw = need_dw ? reduce(dw_parts, n_in) : empty.clone();
+  at::Tensor drec = need_drec ? reduce(drec_parts, n) : empty.clone();
   at::Tensor db = empty.clone();
   if (need_db) {
     db = at::empty({n}, opts);
