@@ -17,10 +17,14 @@ def recurrent_md(data):
         for m, r in res["methods"].items():
             t, q = r["times"], res["ratios"].get(m, {})
             act = r.get("active_fractions") or ([r["active_fraction"]] if "active_fraction" in r else None)
+            cpu = r.get("cpu_ms") or {}
             rows.append([setting, m, R.ms(t["forward"]), R.ms(t["backward"]), R.ms(t["total"]),
+                         " / ".join(f"{R._f(cpu[k]):.1f}" for k in ("forward", "backward"))
+                         if cpu else "–",
                          R.mb(r["saved_bytes"]), R.mb(r.get("peak_bytes")),
                          " / ".join(R.pct(a, 1) for a in act) if act else "–",
                          R.x(q.get("bwd_over_sparse")), R.x(q.get("step_over_sparse")),
+                         R.x(q.get("cpu_bwd_over_sparse")), R.x(q.get("cpu_step_over_sparse")),
                          R.pct(q.get("saved_sparse_over_this"))])
         load = res.get("load_average")
         if load:
@@ -29,11 +33,14 @@ def recurrent_md(data):
     return "\n".join([
         "### Recurrent layers (`bench_recurrent.py`)", "", R.machine_line(data), "",
         "layer: forward, then backward of a fixed random dL/dS; network: forward = network + "
-        "loss, backward = loss.backward() + Adam step. The ratio columns divide each method's "
-        "time by sparsegrad_sparse's (same run), and sparse's saved bytes by each method's.", "",
-        R.table(["setting", "method", "forward ms", "backward ms", "step ms", "saved MB",
-                 "peak MB", "active", "bwd / sparse", "step / sparse", "saved sparse / this"],
-                rows),
+        "loss, backward = loss.backward() + Adam step. Wall times are medians; CPU times "
+        "(`time.process_time`, all threads of the process, min over the repeats) do not depend "
+        "on other jobs' load. The ratio columns divide each method's time by sparsegrad_sparse's "
+        "(same run; wall, then CPU), and sparse's saved bytes by each method's.", "",
+        R.table(["setting", "method", "forward ms", "backward ms", "step ms",
+                 "CPU fwd / bwd ms", "saved MB", "peak MB", "active", "bwd / sparse",
+                 "step / sparse", "CPU bwd / sparse", "CPU step / sparse",
+                 "saved sparse / this"], rows),
         "", *ratio_rows,
         R.checks_md(data.get("checks")), "", "![recurrent](../benchmarks/results/recurrent.png)"])
 
