@@ -34,11 +34,11 @@ def recurrent_md(data):
         "### Recurrent layers (`bench_recurrent.py`)", "", R.machine_line(data), "",
         "layer: forward, then backward of a fixed random dL/dS; network: forward = network + "
         "loss, backward = loss.backward() + Adam step. Wall times are medians; CPU times "
-        "(`time.process_time`, all threads of the process, min over the repeats) do not depend "
-        "on other jobs' load. The ratio columns divide each method's time by sparsegrad_sparse's "
+        "(`time.process_time` with 1 thread, min over the repeats) do not depend on other jobs' "
+        "load. The ratio columns divide each method's time by sparsegrad_sparse's "
         "(same run; wall, then CPU), and sparse's saved bytes by each method's.", "",
         R.table(["setting", "method", "forward ms", "backward ms", "step ms",
-                 "CPU fwd / bwd ms", "saved MB", "peak MB", "active", "bwd / sparse",
+                 "1-thread CPU fwd / bwd ms", "saved MB", "peak MB", "active", "bwd / sparse",
                  "step / sparse", "CPU bwd / sparse", "CPU step / sparse",
                  "saved sparse / this"], rows),
         "", *ratio_rows,

@@ -39,10 +39,10 @@ def test_bench_recurrent_quick(tmp_path):
     assert 0 < layer["methods"]["sparsegrad_sparse"]["active_fraction"] < 1
     want = {"sparse backward >= 15x plain-PyTorch BPTT backward",
             "sparse saved bytes <= 10% of plain PyTorch's",
-            "(CPU time) sparse backward >= 15x plain-PyTorch BPTT backward"}
+            "(1-thread CPU time) sparse backward >= 15x plain-PyTorch BPTT backward"}
     if "snntorch" not in data["skipped"]:
         want |= {"sparse training step (fwd+bwd) >= 10x snnTorch RLeaky's",
-                 "(CPU time) sparse training step >= 10x snnTorch RLeaky's"}
+                 "(1-thread CPU time) sparse training step >= 10x snnTorch RLeaky's"}
     assert set(data["checks"]) == want
     for res in data["results"]:
         for row in res["methods"].values():
