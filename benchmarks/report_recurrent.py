@@ -1,10 +1,10 @@
 """report.py's part for benchmarks/bench_recurrent.py (recurrent.json): markdown and plot."""
 from __future__ import annotations
 
-import report as R
-
 
 def recurrent_md(data):
+    import report as R  # (imported here: report.py imports this module)
+
     rows, ratio_rows = [], []
     for res in data["results"]:
         info = res["problem"]
@@ -46,6 +46,8 @@ def recurrent_md(data):
 
 
 def plot_recurrent(data, path, plt):
+    import report as R
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, res in zip(axes, data["results"]):
         groups, series, vals = ["forward", "backward", "step"], [], {}

@@ -9,9 +9,10 @@
 //   backward step t: G[t] = d[t]*G[t+1] + sg*(e + G[t+1] . R[:, j]) at active entries (the dot
 //                    only there), G[t] = d[t]*G[t+1] elsewhere, into a [T, B, N] scratch buffer
 //                    of the backward (nothing dense is saved by the forward).
-// The gradients then come from G by segment sums (events and spikes grouped by the input they
-// feed, one writer per output element, fixed order: deterministic, no float atomics), dot
-// products on the producer's active set, and ATen reductions / GEMMs.
+// The gradients then come from G by segment sums (dW: input events grouped by input; dR: each
+// neuron's spike bits scanned row by row), one writer per output element in a fixed order
+// (deterministic, no float atomics), dot products on the producer's active set, and ATen
+// reductions / GEMMs.
 #pragma once
 
 #include "cuda/forward.cuh"  // InputCurrent
@@ -189,36 +190,28 @@ __global__ void rlif_backward_step_kernel(RlifBackStepArgs<scalar_t> a, int64_t 
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Spikes as a list: per-row counts (rows t*B + b, t < T-1: the spikes that feed step t+1), then
-// (after a scan) the neuron of each spike and the G row it meets, G[t+1, b] = row t*B + b + B.
-// ---------------------------------------------------------------------------------------------
-__global__ void rlif_spike_count_kernel(const int32_t* __restrict__ bits, int64_t rows, int64_t words,
-                                        int32_t* __restrict__ cnt) {
-  SG_KERNEL_LOOP(r, rows) {
-    int32_t count = 0;
-    for (int64_t w = 0; w < words; ++w)
-      for (uint32_t m = static_cast<uint32_t>(bits[r * words + w]); m != 0; m &= m - 1) ++count;
-    cnt[r] = count;
-  }
-}
-
-__global__ void rlif_spike_fill_kernel(const int32_t* __restrict__ bits, int64_t rows, int64_t words,
-                                       int64_t B, const int64_t* __restrict__ off,
-                                       int32_t* __restrict__ neuron, int64_t* __restrict__ g_row) {
-  SG_KERNEL_LOOP(r, rows) {
-    int64_t e = off[r];
-    for (int64_t w = 0; w < words; ++w)
-      for (uint32_t m = static_cast<uint32_t>(bits[r * words + w]); m != 0; m &= m - 1) {
-        neuron[e] = static_cast<int32_t>(w * 32 + lowest_bit(m));
-        g_row[e] = r + B;
-        ++e;
-      }
+// dR^T[i, k] = sum over rows r = t*B + b, t < T-1, with S[t, b, i] = 1 of G[t+1, b, k] (row r + B
+// of G). One thread per (i, k) scans neuron i's bit in each row: the threads of a warp share i,
+// so each row costs one broadcast word load, and only spikes add a (coalesced) G value. No spike
+// list, so no host synchronisation to size one; a fixed order, one writer: deterministic.
+template <typename scalar_t>
+__global__ void rlif_drec_kernel(const int32_t* __restrict__ bits, int64_t rows, int64_t words,
+                                 int64_t B, int64_t n, const at::opmath_type<scalar_t>* __restrict__ G,
+                                 at::opmath_type<scalar_t>* __restrict__ drec_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SG_KERNEL_LOOP(q, n * n) {
+    const int64_t i = q / n, k = q % n;
+    const int32_t* column = bits + (i >> 5);
+    const uint32_t mask = 1u << (i & 31);
+    acc_t sum = 0;
+    for (int64_t r = 0; r < rows; ++r)
+      if (static_cast<uint32_t>(column[r * words]) & mask) sum += G[(r + B) * n + k];
+    drec_t[q] = sum;
   }
 }
 
 // out[c, k] = sum over the entries e of column c (rows[off[c]] .. rows[off[c+1]-1], in order) of
-// val[e] * G[g_row[e], k]: dW^T (events grouped by input) and dR^T (spikes grouped by neuron).
+// val[e] * G[g_row[e], k]: dW^T (input events grouped by input).
 // One thread per (c, k): a single writer per output, a fixed order, consecutive k coalesced.
 template <typename scalar_t>
 __global__ void rlif_column_sum_kernel(const int64_t* __restrict__ off, const int64_t* __restrict__ g_row,

@@ -4,13 +4,12 @@
 //
 // Launches: the forward and both backwards launch one kernel per time step (the recurrence
 // couples the neurons of a batch element from step to step; the kernels use no barriers).
-// Host synchronisation (device -> host copies), each sizing a buffer: the forward's as
+// Host synchronisation (device -> host copies), each sizing an output: the forward's, as
 // lif_forward's (the number of input events and whether x is binary; in sparse mode the number
-// of active entries); the sparse backward's one copy, the number of spikes (it sizes the list of
-// spikes grouped by neuron that dR is summed over).
-// Determinism: no float atomics. dW and dR are segment sums over events / spikes grouped by
-// input (stable sort), one thread per output element; db, dV, dS and the dense-mode GEMMs are
-// ATen reductions and GEMMs.
+// of active entries). The backwards never synchronise (every size is a tensor's numel).
+// Determinism: no float atomics. dW is a segment sum over the input events grouped by input
+// (stable sort), dR a scan of each neuron's spike bits, one thread per output element; db, dV,
+// dS and the dense-mode GEMMs are ATen reductions and GEMMs.
 #pragma once
 
 #include "cuda/host_ops.h"
@@ -225,7 +224,6 @@ RlifGrads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at
   const int64_t T = gS.size(0), B = gS.size(1), n = weight.size(0), n_in = weight.size(1);
   const int64_t words = bit_words(n);
   const auto opts = gS.options();
-  const auto long_opts = opts.dtype(at::kLong);
   at::Tensor dx = at::empty({0}, opts), dw = dx.clone(), drec = dx.clone(), db = dx.clone(),
              dv = dx.clone(), ds = dx.clone();
   if (!(need_dx || need_dw || need_drec || need_db || need_dv || need_ds)) return {dx, dw, drec, db, dv, ds};
@@ -258,20 +256,9 @@ RlifGrads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at
     dw = column_sums<L, scalar_t>(groups, n_in, G).t().to(opts.dtype()).contiguous();
   }
   if (need_drec) {  // dR^T[i, :] = sum over the spikes (t < T-1, b, i) of G[t+1, b, :]
-    const int64_t rows = (T - 1) * B;
-    at::Tensor drec_t = at::zeros({n, n}, G.options());
-    if (rows > 0) {
-      at::Tensor cnt = at::empty({rows}, opts.dtype(at::kInt));
-      L::launch(rows, &rlif_spike_count_kernel, bits.data_ptr<int32_t>(), rows, words, cnt.data_ptr<int32_t>());
-      const at::Tensor off = offsets_of(cnt);
-      const int64_t n_spikes = off[rows].item<int64_t>();  // host sync: sizes the spike list
-      at::Tensor neuron = at::empty({n_spikes}, opts.dtype(at::kInt));
-      at::Tensor g_row = at::empty({n_spikes}, long_opts);
-      L::launch(rows, &rlif_spike_fill_kernel, bits.data_ptr<int32_t>(), rows, words, B,
-                off.data_ptr<int64_t>(), neuron.data_ptr<int32_t>(), g_row.data_ptr<int64_t>());
-      const ColumnGroups groups = group_by_column(neuron, g_row, at::empty({0}, opts), n);
-      drec_t = column_sums<L, scalar_t>(groups, n, G);
-    }
+    at::Tensor drec_t = at::empty({n, n}, G.options());
+    L::launch(n * n, &rlif_drec_kernel<scalar_t>, bits.data_ptr<int32_t>(), (T - 1) * B, words, B, n,
+              static_cast<const acc_t*>(G.data_ptr<acc_t>()), drec_t.data_ptr<acc_t>());
     drec = drec_t.t().contiguous();
   }
   rlif_state_grads(G, rec, s_init, alpha, reset, opts, need_db, need_dv, need_ds, &db, &dv, &ds,
