@@ -376,3 +376,65 @@ def test_rlif_spikes_equal_snntorch_rleaky():
                                 surrogate="atan", slope=2.0)
     assert 0.05 < want.mean() < 0.6
     assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- GPU (skipped here)
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _rlif_all_outputs(x, w, r, b, s0, g, gv, prev):
+    ops = torch.ops.sparsegrad
+    outs = []
+    for reset in RESETS:
+        fwd = ops.rlif_forward(x, w, r, b, None, s0, None, None, 0.9, 1.0, 0.4, 5.0, True, "atan", reset)
+        outs += list(fwd)
+        for p in ((None, None), prev):
+            outs += list(ops.rlif_backward_sparse(g, gv, w, r, s0, *fwd[2:9], *p, 0.9, reset,
+                                                  True, True, True, True, True, True))
+        dense = ops.rlif_forward(x, w, r, b, None, s0, None, None, 0.9, 1.0, 0.4, 5.0, False, "atan", reset)
+        outs += list(dense)
+        outs += list(ops.rlif_backward_dense(g, gv, x, w, r, s0, dense[0], dense[4], 0.9, reset,
+                                             True, True, True, True, True, True))
+    return outs
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rlif_cuda_equals_cpu_and_determinism_two_runs(dtype):
+    x, w, r, b = rlif_problem(40, 8, 64, 48, rate=0.1, dtype=dtype, seed=6)
+    s0 = (torch.rand(8, 48) < 0.3).to(dtype)
+    g, gv = torch.randn(40, 8, 48, dtype=dtype), torch.randn(8, 48, dtype=dtype)
+    mask = torch.rand(8, 40, 64) < 0.3
+    prev = (mask.sum(-1).reshape(-1).to(torch.int32), mask.reshape(-1, 64).nonzero()[:, 1].to(torch.int32))
+    cpu = _rlif_all_outputs(x, w, r, b, s0, g, gv, prev)
+    dev = [t.cuda() for t in (x, w, r, b, s0, g, gv)]
+    first = _rlif_all_outputs(*dev, tuple(t.cuda() for t in prev))
+    second = _rlif_all_outputs(*dev, tuple(t.cuda() for t in prev))
+    for k, (a, c, h) in enumerate(zip(first, second, cpu)):
+        assert torch.equal(a, c), f"output {k} differs between two GPU runs"
+        if a.is_floating_point():  # gradients: CPU and GPU sum in different orders
+            tol = 1e-3 * (1.0 + float(h.abs().max())) if dtype == torch.float32 else 1e-9
+            torch.testing.assert_close(a.cpu(), h, rtol=tol, atol=tol)
+        else:  # compact outputs, bits, stats: identical
+            assert torch.equal(a.cpu(), h), f"output {k} differs from the CPU's"
+
+
+@cuda_only
+def test_rlif_cuda_backward_does_not_synchronise():
+    ops = torch.ops.sparsegrad
+    x, w, r, b = (t.cuda() for t in rlif_problem(30, 8, 64, 32, rate=0.1, dtype=torch.float32, seed=2))
+    fwd = ops.rlif_forward(x, w, r, b, None, None, None, None, 0.9, 1.0, 0.4, 5.0, True)
+    dense = ops.rlif_forward(x, w, r, b, None, None, None, None, 0.9, 1.0, 0.4, 5.0, False)
+    prev = (torch.full((30 * 8,), 64, dtype=torch.int32, device="cuda"),
+            torch.arange(64, dtype=torch.int32, device="cuda").repeat(30 * 8))
+    g = torch.randn(30, 8, 32, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for p in ((None, None), prev):
+            ops.rlif_backward_sparse(g, None, w, r, None, *fwd[2:9], *p, 0.9, "subtract", True, True,
+                                     True, True, False, False)
+        ops.rlif_backward_dense(g, None, x, w, r, None, dense[0], dense[4], 0.9, "subtract", True,
+                                True, True, True, False, False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
