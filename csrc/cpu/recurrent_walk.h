@@ -5,14 +5,16 @@
 //     G[t] = d[t]*G[t+1] + sg[t] * (e[t] + G[t+1] R)     d[t] = trace_decay(alpha, S[t], reset)
 //
 // Per batch element the walk keeps G [N] (the gradient at V of one step) and, going back in time,
-//   - dR^T[i, :] += G[t+1]       at each spike (t, b, i)          (#spikes * N)
 //   - delta = sg * (e + G[t+1] . R[:, j])  at each active (t, b, j)  (|A| * N)
 //   - G = d * G + delta, db += G                                   (N per live step)
-//   - dW^T[i, :] += x * G[t]      at each input event (t, b, i)     (nnz * N)
 //   - dx[t, b, i] = G[t] . W[:, i] on the producer's active set     (|A_prev| * N)
 //     or everywhere through the input-space trace D[t] = G[t] W     (|A| * N_in + T*B*N_in)
-// Batch elements are grouped in fixed chunks (BatchChunks); each chunk sums into its own partial
-// dW, dR, db, added up in chunk order: results do not depend on the number of threads.
+// and stores G[t] in a [T, N] buffer; after the walk, from that buffer,
+//   - dW^T[i, :] += x * G[t]      over the element's input events (t, i)   (nnz * N)
+//   - dR^T[i, :] += G[t+1]        over the element's spikes (t, i)         (#spikes * N)
+// summed per input / neuron in registers (add_row_sums). Batch elements are grouped in fixed
+// chunks (BatchChunks); each chunk sums into its own partial dW, dR, db, added up in chunk order:
+// results do not depend on the number of threads.
 #pragma once
 
 #include <type_traits>
