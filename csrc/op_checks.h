@@ -295,7 +295,13 @@ inline void check_rlif_grad_inputs(const at::Tensor& grad_spikes,
                                    const char* op) {
   check_lif_grad_inputs(grad_spikes, grad_v_final, weight, alpha, op);
   check_rec_weight(rec_weight, weight.size(0), grad_spikes, op);
-  check_state(c10::nullopt, s_init, grad_spikes, grad_spikes.size(1), weight.size(0), op);
+  if (s_init.has_value()) {  // (no check_state(nullopt, ...): GCC 12 warns on the temporary)
+    check_float_tensor(*s_init, op, "s_init", 2);
+    check_like(*s_init, grad_spikes, op, "s_init");
+    SG_CHECK(s_init->size(0) == grad_spikes.size(1) && s_init->size(1) == weight.size(0), op,
+             "s_init", "must have shape [", grad_spikes.size(1), ", ", weight.size(0), "], got ",
+             s_init->sizes());
+  }
 }
 
 // spk_bits: S[t] bit-packed, int32 [T, B, ceil(N/32)] (bit j % 32 of word j / 32).
