@@ -438,3 +438,35 @@ def test_rlif_cuda_backward_does_not_synchronise():
                                 True, True, True, False, False)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# ------------------------------------------------------------------- float16 / bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_rlif_half_types_run_the_float32_kernel(dtype, backward):
+    """Half-type inputs run the float32 kernel on float32 copies (csrc/low_precision.h): spikes
+    equal the float32 op's on the rounded inputs, gradients up to the half type's rounding."""
+    x, w, r, b = (t.to(dtype) for t in rlif_problem(20, 3, 12, 10, dtype=torch.float32, seed=4))
+    outs = []
+    for dt in (dtype, torch.float32):
+        leaves = [t.detach().to(dt).clone().requires_grad_() for t in (w, r, b)]
+        spk = sparsegrad.rlif_layer(x.to(dt), *leaves, alpha=0.9, b_th=0.4, slope=5.0,
+                                    backward=backward, surrogate="atan")
+        assert spk.dtype == dt
+        (spk.float() * torch.linspace(-1, 1, spk.numel()).view(spk.shape)).sum().backward()
+        outs.append([spk.detach().float()] + [t.grad.float() for t in leaves])
+    assert torch.equal(outs[0][0], outs[1][0])
+    # dL/dS reaches the op rounded to the half type, and the gradients leave it rounded
+    rtol = {torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    for got, want in zip(outs[0][1:], outs[1][1:]):
+        assert float((got - want).norm() / want.norm()) < rtol
+
+
+def test_rlif_follows_autocast():
+    layer = RLIF(12, 10, alpha=0.9, slope=5.0)
+    x = (torch.rand(15, 3, 12) < 0.3).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        spk = layer(x)
+    assert spk.dtype == torch.bfloat16
+    spk.float().sum().backward()
+    assert layer.rec_weight.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32

@@ -2,6 +2,8 @@
 // rlif_backward_dense (the walks are in cpu/recurrent_walk.h).
 #include <torch/library.h>
 
+#include "low_precision.h"
+
 #include "cpu/recurrent_walk.h"
 
 namespace sparsegrad {
@@ -285,9 +287,9 @@ Grads rlif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
-  m.impl("rlif_forward", &rlif_forward_cpu);
-  m.impl("rlif_backward_sparse", &rlif_backward_sparse_cpu);
-  m.impl("rlif_backward_dense", &rlif_backward_dense_cpu);
+  m.impl("rlif_forward", SG_FLOAT32_MATH(rlif_forward_cpu));
+  m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(rlif_backward_sparse_cpu));
+  m.impl("rlif_backward_dense", SG_FLOAT32_MATH(rlif_backward_dense_cpu));
 }
 
 }  // namespace cpu

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "low_precision.h"
+
 #include "cuda/host_ops.h"
 #include "cuda/recurrent_host.h"
 
@@ -154,14 +156,14 @@ host::RlifGrads rlif_backward_dense_cuda(const at::Tensor& grad_spikes,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsegrad, CUDA, m) {
-  m.impl("lif_forward", &lif_forward_cuda);
-  m.impl("lif_backward_sparse", &lif_backward_sparse_cuda);
-  m.impl("lif_backward_dense", &lif_backward_dense_cuda);
-  m.impl("li_readout_forward", &li_readout_forward_cuda);
-  m.impl("li_readout_backward", &li_readout_backward_cuda);
-  m.impl("rlif_forward", &rlif_forward_cuda);
-  m.impl("rlif_backward_sparse", &rlif_backward_sparse_cuda);
-  m.impl("rlif_backward_dense", &rlif_backward_dense_cuda);
+  m.impl("lif_forward", SG_FLOAT32_MATH(lif_forward_cuda));
+  m.impl("lif_backward_sparse", SG_FLOAT32_MATH(lif_backward_sparse_cuda));
+  m.impl("lif_backward_dense", SG_FLOAT32_MATH(lif_backward_dense_cuda));
+  m.impl("li_readout_forward", SG_FLOAT32_MATH(li_readout_forward_cuda));
+  m.impl("li_readout_backward", SG_FLOAT32_MATH(li_readout_backward_cuda));
+  m.impl("rlif_forward", SG_FLOAT32_MATH(rlif_forward_cuda));
+  m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(rlif_backward_sparse_cuda));
+  m.impl("rlif_backward_dense", SG_FLOAT32_MATH(rlif_backward_dense_cuda));
 }
 
 }  // namespace cuda
