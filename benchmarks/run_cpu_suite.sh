@@ -5,7 +5,7 @@
 # with 1, then regenerates the docs from the JSON files.
 #
 #     bash benchmarks/run_cpu_suite.sh            # from the repository root, ~1 hour on 2 cores
-#     ONLY="network layer" bash benchmarks/run_cpu_suite.sh   # a subset: layer network peers sweeps phases
+#     ONLY="network layer" bash benchmarks/run_cpu_suite.sh   # a subset: layer network peers sweeps recurrent phases
 #
 # Each step's command is also recorded in its JSON ("machine.command") and in the docs tables.
 set -euo pipefail
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 MAX_LOAD=${MAX_LOAD:-0.5}
-ONLY=${ONLY:-"layer network peers sweeps phases"}
+ONLY=${ONLY:-"layer network peers sweeps recurrent phases"}
 R=benchmarks/results
 
 wait_quiet() {
@@ -42,6 +42,7 @@ run peers   $PY benchmarks/bench_peers.py   --repeats 3 --json $R/peers.json
 run peers   $PY benchmarks/bench_peers.py   --repeats 3 --threads 1 --json $R/peers-1thread.json
 run sweeps  $PY benchmarks/bench_sweeps.py  --repeats 3 --json $R/sweeps.json
 run sweeps  $PY benchmarks/bench_sweeps.py  --repeats 3 --threads 1 --json $R/sweeps-1thread.json
+run recurrent $PY benchmarks/bench_recurrent.py --repeats 5 --json $R/recurrent.json
 run phases  $PY benchmarks/bench_phases.py  --repeats 7 --threads 1 --json $R/phases-1thread.json --docs docs/design.md
 $PY benchmarks/report.py --results $R --docs docs/benchmarks.md
 echo "done: update the prose of docs/benchmarks.md's summary and README.md's figures from the tables"

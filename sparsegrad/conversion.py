@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from . import functional as F_sg
-from .nn import LIF, LIReadout
+from .conversion_recurrent import is_rleaky, rleaky_rule
+from .nn import LIF, RLIF, LIReadout
 
 __all__ = ["convert", "ConversionReport", "ConvertedPair", "OffsetLIF", "SequenceModel",
            "surrogate_slope"]
@@ -74,7 +75,8 @@ class ConversionReport:
                  f"{len(self.skipped)} module(s) left unchanged"]
         for p in self.converted:
             lines.append(f"  converted {p.linear} + {p.neuron} ({p.kind}) -> "
-                         f"LIF(alpha={p.alpha!r}, threshold={p.threshold!r}, slope={p.slope!r})")
+                         f"{'RLIF' if p.kind == 'snntorch.RLeaky' else 'LIF'}"
+                         f"(alpha={p.alpha!r}, threshold={p.threshold!r}, slope={p.slope!r})")
             lines.extend(f"    note: {n}" for n in p.notes)
         for name, reason in self.skipped:
             lines.append(f"  left unchanged {name}: {reason}")
@@ -385,17 +387,23 @@ def _convert_children(parent: nn.Module, prefix: str, b_th: float, backward: str
     consumed = set()
     for i, (name, child) in enumerate(children):
         full = f"{prefix}{name}"
-        if isinstance(child, (LIF, LIReadout)):
+        if isinstance(child, (LIF, RLIF, LIReadout)):
             continue
         if type(child) is nn.Linear and i + 1 < len(children):
             next_name, neuron = children[i + 1]
             if _is_foreign_neuron(neuron):
-                spec, reason = _neuron_spec(neuron)
+                layer = None
+                if is_rleaky(neuron):  # recurrent: sparsegrad/conversion_recurrent.py
+                    layer, why = rleaky_rule(child, neuron, b_th=b_th, backward=backward)
+                    spec, reason = (None, why) if layer is None else (_NeuronSpec(
+                        "snntorch.RLeaky", layer.alpha, layer.threshold, layer.slope, notes=why), None)
+                else:
+                    spec, reason = _neuron_spec(neuron)
                 if spec is None:
                     report.skipped.append((f"{prefix}{next_name}", reason))
                     consumed.add(next_name)
                     continue
-                setattr(parent, name, _make_lif(child, spec, b_th, backward))
+                setattr(parent, name, layer if layer is not None else _make_lif(child, spec, b_th, backward))
                 setattr(parent, next_name, nn.Identity())
                 consumed.add(next_name)
                 report.converted.append(ConvertedPair(
@@ -429,7 +437,8 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
     model: any nn.Module. Pairs are siblings in registration order (nn.Sequential order, or the
     order attributes were assigned in __init__). Supported neurons: snnTorch ``Leaky`` with
     reset_mechanism="subtract" (any surrogate), SpikingJelly ``LIFNode(decay_input=False,
-    v_reset=None)`` and ``IFNode(v_reset=None)``. b_th and backward are given to every new LIF.
+    v_reset=None)`` and ``IFNode(v_reset=None)``; snnTorch ``RLeaky(all_to_all=True,
+    linear_features=N)`` becomes a recurrent ``RLIF`` (sparsegrad/conversion_recurrent.py). b_th and backward are given to every new LIF.
     inplace=False (default) converts a deep copy and leaves ``model`` untouched.
 
     Returns the converted model, or (model, ConversionReport) with return_report=True. Neurons left
@@ -511,7 +520,7 @@ def _first(out):
 
 
 def _run_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, (LIF, LIReadout, nn.Identity)):
+    if isinstance(layer, (LIF, RLIF, LIReadout, nn.Identity)):
         return layer(x)
     if _is_stateful_step_module(layer):
         if hasattr(layer, "reset_mem"):

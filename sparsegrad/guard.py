@@ -38,11 +38,11 @@ class DeadNetworkWarning(RuntimeWarning):
 
 
 def sparse_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """The sparsegrad LIF layers of ``model`` (unwrapping DistributedDataParallel), in order."""
-    from .nn import LIF
+    """The sparsegrad LIF / RLIF layers of ``model`` (unwrapping DistributedDataParallel), in order."""
+    from .nn import LIF, RLIF
 
     inner = getattr(model, "module", model)
-    return [m for m in inner.modules() if isinstance(m, LIF)]
+    return [m for m in inner.modules() if isinstance(m, (LIF, RLIF))]
 
 
 class DeadNetworkGuard:

@@ -1,6 +1,6 @@
 """Train a spiking network with the sparse backward: ``python -m sparsegrad.train``.
 
-input -> LIF(200) -> LIF(200) -> LIReadout, Adam, cross-entropy on the readout's max over time,
+input -> LIF(200) -> LIF(200) -> LIReadout (``--arch recurrent``: recurrent RLIF hidden layers), Adam, cross-entropy on the readout's max over time,
 optionally a spike-count loss (Allred et al.) and the activity regulariser. Every epoch logs test
 accuracy, loss, spikes per sample, the active fraction of each layer, the backward time (sparse,
 and dense on the same batches with --compare-dense) and the cosine similarity of sparse and dense
@@ -41,6 +41,8 @@ DEFAULT_SIGMA0 = {
 
 class SpikingMLP(nn.Module):
     """input -> LIF(h1) -> ... -> LIF(hk) -> LIReadout; forward returns (logits, [spikes per layer]).
+    recurrent=True: RLIF hidden layers (each also gets its own spikes of the previous step through
+    rec_weight, initialised N(0, (rec_scale / sqrt(h))^2)).
 
     Weights start as N(0, (weight_scale / sqrt(fan_in))^2) so the first layers spike from the start
     (nn.Linear's uniform init leaves latency-coded input almost silent). No per-call Python state
@@ -49,19 +51,22 @@ class SpikingMLP(nn.Module):
 
     def __init__(self, num_inputs: int, hidden: List[int], num_classes: int, *,
                  alpha: float = 0.9, alpha_out: float = 0.9, b_th: float = 0.2,
-                 slope: float = 100.0, backward: str = "sparse", weight_scale: float = 3.0):
+                 slope: float = 100.0, backward: str = "sparse", weight_scale: float = 3.0,
+                 recurrent: bool = False, rec_scale: float = 1.0):
         super().__init__()
-        from .nn import LIF, LIReadout
+        from .nn import LIF, RLIF, LIReadout
 
         sizes = [num_inputs] + list(hidden)
         self.hidden = nn.ModuleList(
-            LIF(a, b, alpha=alpha, b_th=b_th, slope=slope, backward=backward)
+            (RLIF if recurrent else LIF)(a, b, alpha=alpha, b_th=b_th, slope=slope, backward=backward)
             for a, b in zip(sizes[:-1], sizes[1:]))
         self.readout = LIReadout(sizes[-1], num_classes, alpha=alpha_out, reduce="max")
         with torch.no_grad():
             for layer in list(self.hidden) + [self.readout]:
                 layer.weight.normal_(0.0, weight_scale / math.sqrt(layer.in_features))
                 layer.bias.zero_()
+                if recurrent and layer is not self.readout:
+                    layer.rec_weight.normal_(0.0, rec_scale / math.sqrt(layer.out_features))
 
     def set_backward(self, mode: str) -> None:
         for layer in self.hidden:
@@ -85,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="digits", choices=["digits", "fmnist", "nmnist", "shd"],
                    help="digits needs no files; the others read --data-dir")
+    p.add_argument("--arch", default="mlp", choices=["mlp", "recurrent"],
+                   help="hidden layers: mlp = LIF, recurrent = RLIF (recurrent LIF)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the dataset's files (see docs/training.md)")
     p.add_argument("--epochs", type=int, default=30)
@@ -366,7 +373,8 @@ def run(args) -> List[dict]:
 
     model = SpikingMLP(num_inputs, args.hidden, num_classes, alpha=args.alpha,
                        alpha_out=args.alpha_out, b_th=args.b_th, backward=args.backward,
-                       weight_scale=args.weight_scale).to(device)
+                       weight_scale=args.weight_scale,
+                       recurrent=args.arch == "recurrent").to(device)
     inner = model
     shadow = copy.deepcopy(model) if main_proc else None  # for dense timing and gradient cosine
     if dist_state.active:
@@ -417,7 +425,7 @@ def run(args) -> List[dict]:
                        "T": base.T, "train_samples": len(train_set),
                        "test_samples": len(test_indices)}, f, indent=2)
         print(f"sparsegrad.train: {args.dataset} ({len(train_set)} train / {len(test_indices)} "
-              f"test, T={base.T}, {num_inputs} inputs), hidden {args.hidden}, backward "
+              f"test, T={base.T}, {num_inputs} inputs), {args.arch} hidden {args.hidden}, backward "
               f"{args.backward} (b_th {args.b_th:g}), spike loss {args.spike_loss}"
               + (f" (sigma0 {sigma0:g})" if sigma0 is not None else "")
               + f", {dist_state.world} process(es), device {device}", flush=True)

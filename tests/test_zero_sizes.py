@@ -1,4 +1,5 @@
-"""No input crashes the process (issue 13): every op over shapes with each dimension 0 and 1, and
+"""No input crashes the process (issue 13): every op (LIF layer, recurrent LIF layer, readout) over
+shapes with each dimension 0 and 1, and
 compact tensors that do not belong together passed to the ops directly.
 
 Each case runs in a child process, so that a crash (segmentation fault, abort) fails the test
@@ -93,6 +94,35 @@ def lif_ops(T, B, I, O):
                 finite(dx, dw, db, dv)
         case(f"lif ops {(T, B, I, O)} sparse={sparse} reset={reset}", run)
 
+def rlif_ops(T, B, I, O):
+    if not hasattr(ops, "rlif_forward"):
+        return
+    x, w, b = problem(T, B, I, O)
+    r = (torch.randn(O, O, generator=torch.Generator().manual_seed(7)) * 0.3).to(device)
+    for sparse, reset in ((True, "subtract"), (False, "subtract"), (True, "zero"), (False, "zero")):
+        def run():
+            out = ops.rlif_forward(x, w, r, b, None, None, None, None, 0.9, 1.0, 0.5, 5.0, sparse,
+                                   "fast_sigmoid", reset)
+            spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, spk_bits = out[:9]
+            assert tuple(spikes.shape) == (T, B, O) and tuple(v_final.shape) == (B, O)
+            finite(spikes, v_final, act_sg)
+            gS = torch.randn(T, B, O).to(device)
+            gV = torch.randn(B, O).to(device)
+            if sparse:
+                for prev in ((None, None), (ev_cnt, ev_idx)):
+                    grads = ops.rlif_backward_sparse(gS, gV, w, r, None, act_cnt, act_idx, act_sg, ev_cnt,
+                                                     ev_idx, ev_val, spk_bits, prev[0], prev[1], 0.9, reset,
+                                                     True, True, True, True, True, False)
+                    assert tuple(grads[0].shape) == (T, B, I) and tuple(grads[1].shape) == (O, I)
+                    assert tuple(grads[2].shape) == (O, O)
+                    finite(*[g for g in grads if g is not None])
+            else:
+                grads = ops.rlif_backward_dense(gS, gV, x, w, r, None, spikes, act_sg, 0.9, reset,
+                                                True, True, True, True, True, False)
+                assert tuple(grads[0].shape) == (T, B, I) and tuple(grads[1].shape) == (O, I)
+                finite(*[g for g in grads if g is not None])
+        case(f"rlif ops {(T, B, I, O)} sparse={sparse} reset={reset}", run)
+
 def readout_ops(T, B, I, O):
     x, w, b = problem(T, B, I, O)
     for reduce in ("max", "sum", "mean", "none"):
@@ -123,6 +153,17 @@ def layers(T, B, I, O):
             if O == 0:  # no output neurons: nothing flows back
                 assert float(xi.grad.abs().sum()) == 0.0
         case(f"lif_layer {(T, B, I, O)} backward={backward}", run)
+    if hasattr(F, "rlif_layer"):
+        for backward in ("sparse", "dense"):
+            def run():
+                xi, wi, bi = (t.clone().requires_grad_(True) for t in (x, w, b))
+                ri = torch.randn(O, O).to(device).mul(0.3).requires_grad_(True)
+                s = F.rlif_layer(xi, wi, ri, bi, alpha=0.9, slope=5.0, b_th=0.5, backward=backward)
+                assert tuple(s.shape) == (T, B, O)
+                s.sum().backward()
+                assert xi.grad.shape == xi.shape and wi.grad.shape == wi.shape and ri.grad.shape == ri.shape
+                finite(xi.grad, wi.grad, ri.grad, bi.grad)
+            case(f"rlif_layer {(T, B, I, O)} backward={backward}", run)
     for reduce in ("max", "sum", "mean", "none"):
         def run():
             xi, wi, bi = (t.clone().requires_grad_(True) for t in (x, w, b))
@@ -215,6 +256,7 @@ else:
     for T, B, I, O in shapes:
         if group == "ops":
             lif_ops(T, B, I, O)
+            rlif_ops(T, B, I, O)
             readout_ops(T, B, I, O)
         else:
             layers(T, B, I, O)

@@ -8,6 +8,8 @@
 //      output tensors at the end.
 #include <torch/library.h>
 
+#include "low_precision.h"
+
 #include "cpu/row_kernels.h"
 
 namespace sparsegrad {
@@ -278,7 +280,7 @@ Outputs lif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) { m.impl("lif_forward", &lif_forward_cpu); }
+TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) { m.impl("lif_forward", SG_FLOAT32_MATH(lif_forward_cpu)); }
 
 }  // namespace cpu
 }  // namespace sparsegrad

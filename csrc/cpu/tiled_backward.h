@@ -25,12 +25,11 @@
 #include <memory>
 #include <type_traits>
 
-#include "cpu/row_kernels.h"
+#include "cpu/trace_backward.h"  // EventsByInput, events_by_input, kTileGroup
 
 namespace sparsegrad {
 namespace cpu {
 
-constexpr int kTileGroup = 8;
 // At least this many groups when there are that many tiles (so small layers use two threads);
 // every extra group adds a partial sum per restricted dx entry.
 constexpr int64_t kMinGroups = 2;
@@ -48,53 +47,6 @@ struct DeltaRows {
   const int32_t* idx = nullptr;
   const acc_t* delta = nullptr;
 };
-
-// The input events of each batch element grouped by input: input i of element b fired at
-// times[e] (ascending) with values[e] (null when binary) for e in [ptr[b*N_in + i], next).
-template <typename scalar_t>
-struct EventsByInput {
-  std::unique_ptr<int64_t[]> ptr;  // [B * N_in + 1]
-  std::unique_ptr<int32_t[]> times;
-  std::unique_ptr<scalar_t[]> values;
-};
-
-template <typename scalar_t>
-EventsByInput<scalar_t> events_by_input(const int64_t* off, const int32_t* idx, const scalar_t* val,
-                                        int64_t T, int64_t B, int64_t n_in) {
-  profile::Scope timer(profile::kBwdRegroup);
-  EventsByInput<scalar_t> out;
-  const int64_t nnz = off[B * T];
-  out.ptr.reset(new int64_t[B * n_in + 1]);
-  out.times.reset(new int32_t[std::max<int64_t>(1, nnz)]);
-  if (val) out.values.reset(new scalar_t[std::max<int64_t>(1, nnz)]);
-  int64_t* ptr = out.ptr.get();
-  int32_t* times = out.times.get();
-  scalar_t* values = out.values.get();
-  at::parallel_for(0, B, grain_for(T * 8 + nnz / std::max<int64_t>(B, 1)), [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> next(n_in);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t e0 = off[b * T], e1 = off[(b + 1) * T];
-      std::fill(next.begin(), next.end(), 0);
-      for (int64_t e = e0; e < e1; ++e) ++next[idx[e]];
-      int64_t pos = e0;  // the events of b keep their place; only their order changes
-      for (int64_t i = 0; i < n_in; ++i) {
-        const int64_t c = next[i];
-        ptr[b * n_in + i] = next[i] = pos;
-        pos += c;
-      }
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t r = b * T + t;
-        for (int64_t e = off[r]; e < off[r + 1]; ++e) {
-          const int64_t dst = next[idx[e]]++;
-          times[dst] = static_cast<int32_t>(t);
-          if (values) values[dst] = val[e];
-        }
-      }
-    }
-  });
-  ptr[B * n_in] = nnz;
-  return out;
-}
 
 template <typename scalar_t>
 struct TiledProblem {
@@ -202,7 +154,7 @@ template <int R, typename scalar_t, typename vec>
 void add_event_sums(const vec* G, const EventsByInput<scalar_t>& by_input, int64_t b, int64_t n_in,
                     vec* dw_t) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t* ptr = by_input.ptr.get() + b * n_in;
+  const int64_t* ptr = by_input.ptr.data() + b * n_in;
   const int32_t* times = by_input.times.get();
   const scalar_t* values = by_input.values.get();
   for (int64_t i = 0; i < n_in; ++i) {

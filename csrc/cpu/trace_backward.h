@@ -10,15 +10,150 @@
 // and restricted dx on the active route), trace_forward_active here (dW, db, dV through the input
 // trace, when very few entries are active) and tiled_backward (tiled_backward.h, CPU only: dW,
 // db, dV and restricted dx by input events, in register tiles of output neurons).
+// Also the pieces the other CPU ops share (input events and currents, events grouped by input).
+// CPU only: the CUDA host code includes cpu_common.h, not this header.
 #pragma once
 
 #include <memory>
 #include <type_traits>
 
-#include "cpu/cpu_common.h"
+#include "cpu/row_kernels.h"  // scan_events (build_events below)
 
 namespace sparsegrad {
 namespace cpu {
+
+// ------------------------------------------------------------------------------------------
+// Shared with the other CPU ops (the recurrent layer, csrc/cpu/rlif_cpu.cpp and recurrent_walk.h):
+// input events of x, input currents, tile groups, and the events of each batch element grouped
+// by input. (The LIF and readout forwards use row_kernels.h's row-walk forms of the first two.)
+// ------------------------------------------------------------------------------------------
+
+// The nonzeros of x [T,B,N] as a CSR over rows b*T + t (one scan of x, row_kernels.h).
+template <typename scalar_t>
+Events build_events(const at::Tensor& x) {
+  return scan_events<scalar_t>(x)->ev.as_events();
+}
+
+// I[t,b,:] = x[t,b,:] @ W.T + bias, either from the events (W given transposed, [N_in,N_out])
+// or from a precomputed dense GEMM result [T,B,N_out].
+template <typename scalar_t>
+struct InputCurrent {
+  using acc_t = at::opmath_type<scalar_t>;
+  EventView<scalar_t> events;
+  const scalar_t* weight_t = nullptr;  // [N_in, N_out]
+  const scalar_t* bias = nullptr;
+  const scalar_t* dense = nullptr;     // [T, B, N_out] when the GEMM path is used
+  bool from_gemm = false;              // (an empty GEMM result has a null data pointer)
+  int64_t B = 0, n_out = 0;
+
+  void fill(int64_t b, int64_t t, acc_t* cur) const {
+    if (from_gemm) {
+      const scalar_t* row = dense + (t * B + b) * n_out;
+      for (int64_t j = 0; j < n_out; ++j) cur[j] = static_cast<acc_t>(row[j]);
+      return;
+    }
+    for (int64_t j = 0; j < n_out; ++j) cur[j] = bias ? static_cast<acc_t>(bias[j]) : acc_t(0);
+    int64_t e = events.begin(b, t);
+    const int64_t e_end = events.end(b, t);
+    if (!events.val) {  // binary input: add weight rows, four at a time to save passes over cur
+      for (; e + 4 <= e_end; e += 4) {
+        const scalar_t* w0 = weight_t + events.idx[e] * n_out;
+        const scalar_t* w1 = weight_t + events.idx[e + 1] * n_out;
+        const scalar_t* w2 = weight_t + events.idx[e + 2] * n_out;
+        const scalar_t* w3 = weight_t + events.idx[e + 3] * n_out;
+        for (int64_t j = 0; j < n_out; ++j)
+          cur[j] += (static_cast<acc_t>(w0[j]) + static_cast<acc_t>(w1[j])) +
+                    (static_cast<acc_t>(w2[j]) + static_cast<acc_t>(w3[j]));
+      }
+    }
+    for (; e < e_end; ++e) {
+      axpy<acc_t>(n_out, static_cast<acc_t>(events.value(e)), weight_t + events.idx[e] * n_out, cur);
+    }
+  }
+};
+
+// Chooses the path for the input current and owns the buffers it needs.
+template <typename scalar_t>
+struct CurrentPlan {
+  at::Tensor weight_t, dense;
+  InputCurrent<scalar_t> current;
+
+  CurrentPlan(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+              const Events& ev) {
+    const int64_t T = x.size(0), B = x.size(1), n_in = x.size(2), n_out = weight.size(0);
+    const double density = x.numel() > 0 ? double(ev.nnz) / double(x.numel()) : 0.0;
+    current.B = B;
+    current.n_out = n_out;
+    if (density <= kEventDensityMax) {
+      weight_t = weight.t().contiguous();
+      current.events = EventView<scalar_t>(ev.ptr, ev.idx, ev.val, T);
+      current.weight_t = weight_t.data_ptr<scalar_t>();
+      current.bias = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    } else {
+      auto x2 = x.reshape({T * B, n_in});
+      dense = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+      current.dense = dense.data_ptr<scalar_t>();
+      current.from_gemm = true;
+    }
+  }
+};
+
+
+// Tiles of output neurons are walked in fixed groups of at most kTileGroup (one task per group).
+constexpr int kTileGroup = 8;
+
+// The input events of each batch element grouped by input: input i of element b fired at
+// times[e] (ascending) with values[e] (null when binary) for e in [ptr[b*N_in + i], next).
+template <typename scalar_t>
+struct EventsByInput {
+  std::vector<int64_t> ptr;  // [B * N_in + 1]
+  std::unique_ptr<int32_t[]> times;
+  std::unique_ptr<scalar_t[]> values;
+};
+
+// From a CSR over rows b*T + t (off [B*T+1], idx, val or null): a counting sort per element.
+template <typename scalar_t>
+EventsByInput<scalar_t> events_by_input(const int64_t* off, const int32_t* idx, const scalar_t* val,
+                                        int64_t T, int64_t B, int64_t n_in) {
+  profile::Scope timer(profile::kBwdRegroup);
+  EventsByInput<scalar_t> out;
+  const int64_t nnz = off[B * T];
+  out.ptr.assign(B * n_in + 1, 0);
+  out.times.reset(new int32_t[std::max<int64_t>(1, nnz)]);
+  if (val) out.values.reset(new scalar_t[std::max<int64_t>(1, nnz)]);
+  int64_t* ptr = out.ptr.data();
+  int32_t* times = out.times.get();
+  scalar_t* values = out.values.get();
+  at::parallel_for(0, B, grain_for(T * 8 + nnz / std::max<int64_t>(B, 1)), [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> next(n_in);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = off[b * T], e1 = off[(b + 1) * T];
+      std::fill(next.begin(), next.end(), 0);
+      for (int64_t e = e0; e < e1; ++e) ++next[idx[e]];
+      int64_t pos = e0;  // the events of b keep their place; only their order changes
+      for (int64_t i = 0; i < n_in; ++i) {
+        const int64_t c = next[i];
+        ptr[b * n_in + i] = next[i] = pos;
+        pos += c;
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r = b * T + t;
+        for (int64_t e = off[r]; e < off[r + 1]; ++e) {
+          const int64_t dst = next[idx[e]]++;
+          times[dst] = static_cast<int32_t>(t);
+          if (values) values[dst] = val[e];
+        }
+      }
+    }
+  });
+  ptr[B * n_in] = nnz;
+  return out;
+}
+
+template <typename scalar_t>
+EventsByInput<scalar_t> events_by_input(const EventView<scalar_t>& ev, int64_t T, int64_t B, int64_t n_in) {
+  return events_by_input<scalar_t>(ev.ptr, ev.idx, ev.val, T, B, n_in);
+}
 
 template <typename scalar_t>
 struct TraceProblem {
