@@ -207,4 +207,110 @@ inline ReduceKind check_readout_backward_args(
   return reduce;
 }
 
+// ------------------------------------------------------------------------------------------
+// The LIF neuron op (lif_neuron_forward / lif_neuron_backward).
+// ------------------------------------------------------------------------------------------
+// TODO(merge): the contract's parse_surrogate / parse_reset replace these two.
+inline int parse_surrogate_name(c10::string_view name, const char* op) {
+  if (name == "fast_sigmoid") return kFastSigmoid;
+  if (name == "atan") return kAtan;
+  if (name == "sigmoid") return kSigmoid;
+  if (name == "triangle") return kTriangle;
+  SG_CHECK(false, op, "surrogate", "must be one of 'fast_sigmoid', 'atan', 'sigmoid', 'triangle', got '",
+           std::string(name), "'");
+  return kFastSigmoid;
+}
+
+inline int parse_reset_name(c10::string_view name, const char* op) {
+  if (name == "subtract") return kResetSubtract;
+  if (name == "zero") return kResetZero;
+  if (name == "none") return kResetNone;
+  SG_CHECK(false, op, "reset", "must be one of 'subtract', 'zero', 'none', got '", std::string(name),
+           "'");
+  return kResetSubtract;
+}
+
+// Words of 32 spike bits per row of N neurons (rst_bits [T, B, words]).
+inline int64_t bit_words(int64_t n) { return (n + 31) / 32; }
+
+struct NeuronKinds {
+  int surrogate, reset;
+};
+
+inline NeuronKinds check_lif_neuron_forward_args(const at::Tensor& current,
+                                                 const c10::optional<at::Tensor>& v_init,
+                                                 const c10::optional<at::Tensor>& s_init,
+                                                 double alpha, double threshold, double b_th,
+                                                 double slope, c10::string_view surrogate,
+                                                 c10::string_view reset) {
+  const char* op = "lif_neuron_forward";
+  check_float_tensor(current, op, "current", 3);
+  SG_CHECK(current.size(2) < (int64_t(1) << 31), op, "current",
+           "must have fewer than 2^31 neurons per step, got ", current.sizes());
+  check_alpha(alpha, op);
+  SG_CHECK(threshold > 0, op, "threshold", "must be > 0, got ", threshold);
+  SG_CHECK(b_th > 0, op, "b_th", "must be > 0 (inf for no mask), got ", b_th);
+  SG_CHECK(slope > 0, op, "slope", "must be > 0, got ", slope);
+  const NeuronKinds kinds{parse_surrogate_name(surrogate, op), parse_reset_name(reset, op)};
+  const int64_t B = current.size(1), N = current.size(2);
+  for (const auto& [state, name] : {std::pair{&v_init, "v_init"}, std::pair{&s_init, "s_init"}}) {
+    if (state->has_value()) {
+      check_float_tensor(**state, op, name, 2);
+      check_like(**state, current, op, name);
+      SG_CHECK((*state)->size(0) == B && (*state)->size(1) == N, op, name, "must have shape [", B,
+               ", ", N, "], got ", (*state)->sizes());
+    }
+  }
+  return kinds;
+}
+
+// Returns whether rst_bits was given (reset="zero" in the forward).
+inline bool check_lif_neuron_backward_args(const at::Tensor& grad_spikes,
+                                           const c10::optional<at::Tensor>& grad_v_final,
+                                           const c10::optional<at::Tensor>& grad_mem,
+                                           const at::Tensor& act_cnt, const at::Tensor& act_idx,
+                                           const at::Tensor& act_sg,
+                                           const c10::optional<at::Tensor>& rst_bits, double alpha,
+                                           bool sparse) {
+  const char* op = "lif_neuron_backward";
+  check_float_tensor(grad_spikes, op, "grad_spikes", 3);
+  check_alpha(alpha, op);
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), N = grad_spikes.size(2);
+  if (grad_v_final.has_value()) {
+    check_like(*grad_v_final, grad_spikes, op, "grad_v_final");
+    SG_CHECK(grad_v_final->dim() == 2 && grad_v_final->size(0) == B && grad_v_final->size(1) == N,
+             op, "grad_v_final", "must be [", B, ", ", N, "], got ", grad_v_final->sizes());
+  }
+  if (grad_mem.has_value()) {
+    check_like(*grad_mem, grad_spikes, op, "grad_mem");
+    SG_CHECK(grad_mem->sizes() == grad_spikes.sizes(), op, "grad_mem", "must match grad_spikes ",
+             grad_spikes.sizes(), ", got ", grad_mem->sizes());
+  }
+  check_like(act_sg, grad_spikes, op, "act_sg");
+  if (sparse) {
+    SG_CHECK(act_cnt.dim() == 1 && act_cnt.scalar_type() == at::kInt && act_cnt.numel() == B * T, op,
+             "act_cnt", "must be int32 [B*T] = [", B * T, "], got ", act_cnt.scalar_type(), " ",
+             act_cnt.sizes());
+    SG_CHECK(act_idx.dim() == 1 && act_idx.scalar_type() == at::kInt, op, "act_idx",
+             "must be a 1-D int32 index tensor, got ", act_idx.scalar_type(), " ", act_idx.sizes());
+    check_device(act_cnt, grad_spikes, op, "act_cnt");
+    check_device(act_idx, grad_spikes, op, "act_idx");
+    SG_CHECK(act_sg.dim() == 1 && act_sg.numel() == act_idx.numel(), op, "act_sg",
+             "must have one value per active entry (", act_idx.numel(), "), got ", act_sg.sizes());
+  } else {
+    SG_CHECK(act_sg.sizes() == grad_spikes.sizes(), op, "act_sg",
+             "must be the dense surrogate of shape ", grad_spikes.sizes(), ", got ", act_sg.sizes());
+  }
+  const bool has_rst = rst_bits.has_value() && rst_bits->numel() > 0;
+  if (has_rst) {
+    SG_CHECK(rst_bits->scalar_type() == at::kInt && rst_bits->dim() == 3 &&
+                 rst_bits->size(0) == T && rst_bits->size(1) == B &&
+                 rst_bits->size(2) == bit_words(N),
+             op, "rst_bits", "must be int32 [", T, ", ", B, ", ", bit_words(N), "], got ",
+             rst_bits->scalar_type(), " ", rst_bits->sizes());
+    check_device(*rst_bits, grad_spikes, op, "rst_bits");
+  }
+  return has_rst;
+}
+
 }  // namespace sparsegrad

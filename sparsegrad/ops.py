@@ -99,6 +99,37 @@ def _li_readout_backward_fake(grad_out, argmax_t, weight, ev_ptr, ev_idx, ev_val
     return _grads_fake((num_steps, B, weight.shape[1]), grad_out, weight, need_dx, need_dw, need_db)
 
 
+@torch.library.register_fake("sparsegrad::lif_neuron_forward")
+def _lif_neuron_forward_fake(current, v_init, s_init, alpha, threshold, b_th, slope, sparse,
+                             surrogate="fast_sigmoid", reset="subtract", return_mem=False):
+    T, B, N = current.shape
+    ctx = torch.library.get_ctx()
+    spikes = current.new_empty(T, B, N)
+    v_final = current.new_empty(B, N)
+    if sparse:
+        act_cnt = current.new_empty(B * T, dtype=torch.int32)
+        n_active = _dynamic(ctx)
+        act_idx = current.new_empty(n_active, dtype=torch.int32)
+        act_sg = current.new_empty(n_active)
+    else:
+        act_cnt = current.new_empty(0, dtype=torch.int32)
+        act_idx = current.new_empty(0, dtype=torch.int32)
+        act_sg = current.new_empty(T, B, N)
+    rst_bits = (current.new_empty(T, B, (N + 31) // 32, dtype=torch.int32) if reset == "zero"
+                else current.new_empty(0, dtype=torch.int32))
+    mem = current.new_empty(T, B, N) if return_mem else current.new_empty(0)
+    stats = current.new_empty(3, dtype=torch.int64)
+    return spikes, v_final, act_cnt, act_idx, act_sg, rst_bits, mem, stats
+
+
+@torch.library.register_fake("sparsegrad::lif_neuron_backward")
+def _lif_neuron_backward_fake(grad_spikes, grad_v_final, grad_mem, act_cnt, act_idx, act_sg,
+                              rst_bits, alpha, sparse, need_dv):
+    T, B, N = grad_spikes.shape
+    dv = grad_spikes.new_empty(B, N) if need_dv else grad_spikes.new_empty(0)
+    return grad_spikes.new_empty(T, B, N), dv
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
@@ -188,6 +219,42 @@ torch.library.register_autograd("sparsegrad::li_readout_forward", _readout_backw
                                 setup_context=_readout_setup_context)
 
 
+def _lif_neuron_setup_context(ctx, inputs, output):
+    current, v_init, s_init, alpha, threshold, b_th, slope, sparse = inputs[:8]
+    spikes, v_final, act_cnt, act_idx, act_sg, rst_bits, mem, stats = output
+    ctx.alpha = alpha
+    ctx.sparse = sparse
+    ctx.has_v_init = v_init is not None
+    ctx.spikes_shape = spikes.shape
+    ctx.mark_non_differentiable(act_cnt, act_idx, act_sg, rst_bits, stats)
+    ctx.set_materialize_grads(False)
+    # Sparse mode keeps the active set (and, for reset="zero", one bit per entry): no dense
+    # float [T, B, N] tensor. Dense mode keeps the surrogate everywhere, as dense BPTT does.
+    ctx.save_for_backward(act_cnt, act_idx, act_sg, rst_bits)
+
+
+def _lif_neuron_backward(ctx, grad_spikes, grad_v_final, *rest):
+    grad_mem = rest[4]  # after act_cnt, act_idx, act_sg, rst_bits
+    if grad_mem is not None and grad_mem.numel() == 0:  # return_mem=False: mem is an empty [0]
+        grad_mem = None
+    if grad_spikes is None and grad_v_final is None and grad_mem is None:
+        return (None,) * 11
+    act_cnt, act_idx, act_sg, rst_bits = ctx.saved_tensors
+    if grad_spikes is None:
+        like = grad_v_final if grad_v_final is not None else grad_mem
+        grad_spikes = like.new_zeros(ctx.spikes_shape)
+    need_dv = ctx.has_v_init and ctx.needs_input_grad[1]
+    grad_current, dv = _ops.lif_neuron_backward.default(
+        grad_spikes, grad_v_final, grad_mem, act_cnt, act_idx, act_sg,
+        rst_bits if rst_bits.numel() > 0 else None, ctx.alpha, ctx.sparse, need_dv)
+    return ((grad_current if ctx.needs_input_grad[0] else None), (dv if need_dv else None),
+            None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("sparsegrad::lif_neuron_forward", _lif_neuron_backward,
+                                setup_context=_lif_neuron_setup_context)
+
+
 # --------------------------------------------------------------------------------------------
 # Direct entry points (no validation beyond the C++ checks; see sparsegrad.functional)
 # --------------------------------------------------------------------------------------------
@@ -203,10 +270,18 @@ def li_readout_forward(x, weight, bias, x_act_ptr, x_act_idx, alpha: float, redu
                                            reduce)
 
 
+def lif_neuron_forward(current, v_init, s_init, alpha: float, threshold: float, b_th: float,
+                       slope: float, sparse: bool, surrogate: str = "fast_sigmoid",
+                       reset: str = "subtract", return_mem: bool = False):
+    return _ops.lif_neuron_forward.default(current, v_init, s_init, float(alpha), float(threshold),
+                                           float(b_th), float(slope), bool(sparse), surrogate,
+                                           reset, bool(return_mem))
+
+
 def registered_kernels(dispatch_key: str = "CPU") -> dict:
     """Which sparsegrad ops have a kernel for `dispatch_key` ("CPU", "CUDA")."""
     names = ["lif_forward", "lif_backward_sparse", "lif_backward_dense", "li_readout_forward",
-             "li_readout_backward"]
+             "li_readout_backward", "lif_neuron_forward", "lif_neuron_backward"]
     return {n: torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegrad::{n}", dispatch_key)
             for n in names}
 

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["surrogate_grad", "spike", "lif_layer", "li_readout"]
+__all__ = ["surrogate_grad", "spike", "lif_layer", "li_readout", "lif_neuron"]
 
 
 def surrogate_grad(u: torch.Tensor, slope: float) -> torch.Tensor:
@@ -113,3 +113,89 @@ def li_readout(
     if reduce == "none":
         return potentials
     raise ValueError(f"reduce must be one of 'max', 'sum', 'mean', 'none', got {reduce!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The LIF neuron alone (sparsegrad.lif), every surrogate and reset.
+# TODO(merge): the contract's surrogate_grad(u, slope, surrogate) / spike(..., surrogate) replace
+# the two helpers below.
+# --------------------------------------------------------------------------------------------
+def _surrogate_of(u: torch.Tensor, slope: float, surrogate: str) -> torch.Tensor:
+    a = u.abs()
+    if surrogate == "fast_sigmoid":
+        return 1.0 / (slope * a + 1.0) ** 2
+    if surrogate == "atan":
+        return (slope / 2) / (1.0 + (math.pi / 2 * slope * a) ** 2)
+    if surrogate == "sigmoid":
+        e = torch.exp(-slope * a)
+        return slope * e / (1.0 + e) ** 2
+    if surrogate == "triangle":
+        return slope * torch.clamp(1.0 - slope * a, min=0.0)
+    raise ValueError(f"unknown surrogate {surrogate!r}")
+
+
+class _SpikeKind(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, slope, b_th, surrogate):
+        ctx.save_for_backward(u)
+        ctx.slope, ctx.b_th, ctx.surrogate = slope, b_th, surrogate
+        return (u > 0).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (u,) = ctx.saved_tensors
+        sg = _surrogate_of(u, ctx.slope, ctx.surrogate)
+        if not math.isinf(ctx.b_th):
+            sg = sg * (u.abs() < ctx.b_th).to(u.dtype)
+        return grad_out * sg, None, None, None
+
+
+def lif_neuron(
+    current: torch.Tensor,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
+    slope: float = 100.0,
+    reset: str = "subtract",
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    return_state: bool = False,
+    return_mem: bool = False,
+):
+    """Reference of sparsegrad.lif: current [T, B, *] -> spikes [T, B, *], step by step.
+
+    subtract: V[t] = alpha*V[t-1] + I[t] - threshold*S[t-1]
+    zero:     V[t] = alpha*((1 - S[t-1])*V[t-1]) + I[t]      (as snnTorch's reset_mechanism="zero")
+    none:     V[t] = alpha*V[t-1] + I[t]
+    S[t] = H(V[t] - threshold); S[t-1] is detached in every reset.
+    """
+    if backward not in ("sparse", "dense"):
+        raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
+    if reset not in ("subtract", "zero", "none"):
+        raise ValueError(f"reset must be 'subtract', 'zero' or 'none', got {reset!r}")
+    mask_width = b_th if backward == "sparse" else math.inf
+    if state is None:
+        v = current.new_zeros(current.shape[1:])
+        s = current.new_zeros(current.shape[1:])
+    else:
+        v, s = state
+    spikes, mems = [], []
+    for current_t in current.unbind(0):
+        s_prev = s.detach()
+        if reset == "subtract":
+            v = alpha * v + current_t - threshold * s_prev
+        elif reset == "zero":
+            v = alpha * ((1 - s_prev) * v) + current_t
+        else:
+            v = alpha * v + current_t
+        s = _SpikeKind.apply(v - threshold, slope, mask_width, surrogate)
+        spikes.append(s)
+        mems.append(v)
+    out = (torch.stack(spikes),)
+    if return_mem:
+        out += (torch.stack(mems),)
+    if return_state:
+        out += ((v, s),)
+    return out[0] if len(out) == 1 else out

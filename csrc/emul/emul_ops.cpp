@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/host_ops.h"
+#include "cuda/neuron_host.h"
 #include "op_schemas.h"
 
 namespace sparsegrad {
@@ -67,6 +68,8 @@ TORCH_LIBRARY_IMPL(sparsegrad_emul, CPU, m) {
   m.impl("lif_backward_dense", &cuda::host::lif_backward_dense<L>);
   m.impl("li_readout_forward", &cuda::host::li_readout_forward<L>);
   m.impl("li_readout_backward", &cuda::host::li_readout_backward<L>);
+  m.impl("lif_neuron_forward", &cuda::host::lif_neuron_forward<L>);
+  m.impl("lif_neuron_backward", &cuda::host::lif_neuron_backward<L>);
 }
 
 }  // namespace sparsegrad

@@ -1,0 +1,276 @@
+// The LIF neuron alone on the CPU (after a convolution, a pooling layer or any other per-step
+// layer): the membrane recurrence fused over time, and its reverse-time backward.
+//
+// Forward: one task per batch element walks t = 0..T-1 over the N neurons of a row
+// current[t, b, :], so every read and write is a contiguous row. Sparse mode records the active
+// entries (|V - threshold| < b_th) in (t, j) order per batch element, then concatenates them in
+// batch order: rows b*T + t are then a CSR. Backward: one task per (batch element, block of
+// neurons) walks t = T-1..0 keeping G for its block in a small buffer. No reduction crosses tasks,
+// so results do not depend on the number of threads.
+#include <torch/library.h>
+
+#include "cpu/cpu_common.h"
+
+namespace sparsegrad {
+namespace cpu {
+namespace {
+
+using NeuronOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                 at::Tensor, at::Tensor, at::Tensor>;
+
+// Spikes of one row as bits: word w holds neurons 32w .. 32w+31 (bit k = neuron 32w + k).
+template <typename acc_t>
+inline void pack_bits(const acc_t* s, int64_t n, int32_t* words) {
+  for (int64_t w = 0; w * 32 < n; ++w) {
+    const int64_t j0 = w * 32, j1 = std::min(n, j0 + 32);
+    uint32_t word = 0;
+    for (int64_t j = j0; j < j1; ++j) word |= static_cast<uint32_t>(s[j] > acc_t(0)) << (j - j0);
+    words[w] = static_cast<int32_t>(word);
+  }
+}
+
+inline bool bit_set(const int32_t* words, int64_t j) {
+  return (static_cast<uint32_t>(words[j >> 5]) >> (j & 31)) & 1u;
+}
+
+template <typename scalar_t>
+NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
+                           const c10::optional<at::Tensor>& s_init, double alpha_d,
+                           double threshold_d, double b_th_d, double slope_d, bool sparse,
+                           int surrogate, int reset, bool return_mem) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = current.size(0), B = current.size(1), N = current.size(2), W = bit_words(N);
+  const acc_t alpha = alpha_d, threshold = threshold_d, b_th = b_th_d, slope = slope_d;
+  const bool keep_bits = reset == kResetZero;
+
+  auto spikes = at::empty({T, B, N}, current.options());
+  auto v_final = at::empty({B, N}, current.options());
+  auto sg_dense = at::empty({sparse ? 0 : T * B * N}, current.options());
+  auto mem = at::empty({return_mem ? T : 0, B, N}, current.options());
+  auto rst_bits = at::empty({keep_bits ? T : 0, B, W}, current.options().dtype(at::kInt));
+  if (!keep_bits) rst_bits = rst_bits.reshape({0});
+  if (!return_mem) mem = mem.reshape({0});
+  auto act_cnt = at::empty({sparse ? B * T : 0}, current.options().dtype(at::kInt));
+
+  const scalar_t* in = current.data_ptr<scalar_t>();
+  scalar_t* spk = spikes.data_ptr<scalar_t>();
+  scalar_t* vfin = v_final.data_ptr<scalar_t>();
+  scalar_t* sgd = sparse ? nullptr : sg_dense.data_ptr<scalar_t>();
+  scalar_t* memp = return_mem ? mem.data_ptr<scalar_t>() : nullptr;
+  int32_t* bits = keep_bits ? rst_bits.data_ptr<int32_t>() : nullptr;
+  int32_t* cnt = sparse ? act_cnt.data_ptr<int32_t>() : nullptr;
+  const scalar_t* v0 = v_init.has_value() ? v_init->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* s0 = s_init.has_value() ? s_init->data_ptr<scalar_t>() : nullptr;
+
+  std::vector<std::vector<int32_t>> act_idx(sparse ? B : 0);
+  std::vector<std::vector<scalar_t>> act_sg(sparse ? B : 0);
+  std::vector<int64_t> spike_count(B, 0), nonzero_count(B, 0);
+
+  at::parallel_for(0, B, grain_for(T * N), [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> v(N), s(N);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t j = 0; j < N; ++j) {
+        v[j] = v0 ? static_cast<acc_t>(v0[b * N + j]) : acc_t(0);
+        s[j] = s0 ? static_cast<acc_t>(s0[b * N + j]) : acc_t(0);
+      }
+      int64_t fired = 0, nonzero = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t row = (t * B + b) * N;
+        if (bits) pack_bits(s.data(), N, bits + (t * B + b) * W);  // R[t] = S[t-1]
+        const scalar_t* cur = in + row;
+        // Separate simple loops so that each one vectorises.
+        for (int64_t j = 0; j < N; ++j) {
+          v[j] = math::integrate(v[j], static_cast<acc_t>(cur[j]), s[j], alpha, threshold, reset);
+          s[j] = math::fire(v[j], threshold);
+          spk[row + j] = static_cast<scalar_t>(s[j]);
+        }
+        for (int64_t j = 0; j < N; ++j) {
+          fired += s[j] > acc_t(0);
+          nonzero += cur[j] != scalar_t(0);
+        }
+        if (memp)
+          for (int64_t j = 0; j < N; ++j) memp[row + j] = static_cast<scalar_t>(v[j]);
+        if (sparse) {
+          int64_t active = 0;
+          for (int64_t j = 0; j < N; ++j) active += math::is_active(v[j], threshold, b_th);
+          cnt[b * T + t] = static_cast<int32_t>(active);
+          for (int64_t j = 0; j < N && active > 0; ++j) {
+            if (math::is_active(v[j], threshold, b_th)) {
+              --active;
+              act_idx[b].push_back(static_cast<int32_t>(j));
+              act_sg[b].push_back(
+                  static_cast<scalar_t>(math::surrogate(v[j], threshold, slope, surrogate)));
+            }
+          }
+        } else {
+          for (int64_t j = 0; j < N; ++j)
+            sgd[row + j] = static_cast<scalar_t>(math::surrogate(v[j], threshold, slope, surrogate));
+        }
+      }
+      for (int64_t j = 0; j < N; ++j) vfin[b * N + j] = static_cast<scalar_t>(v[j]);
+      spike_count[b] = fired;
+      nonzero_count[b] = nonzero;
+    }
+  });
+
+  auto stats = at::empty({3}, current.options().dtype(at::kLong));
+  int64_t* st = stats.data_ptr<int64_t>();
+  st[0] = st[2] = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    st[0] += spike_count[b];
+    st[2] += nonzero_count[b];
+  }
+  if (!sparse) {
+    st[1] = T * B * N;
+    return {spikes, v_final, act_cnt, at::empty({0}, current.options().dtype(at::kInt)),
+            sg_dense.view({T, B, N}), rst_bits, mem, stats};
+  }
+  std::vector<int64_t> base(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) base[b + 1] = base[b] + static_cast<int64_t>(act_idx[b].size());
+  st[1] = base[B];
+  auto idx_out = at::empty({base[B]}, current.options().dtype(at::kInt));
+  auto sg_out = at::empty({base[B]}, current.options());
+  int32_t* ip = idx_out.data_ptr<int32_t>();
+  scalar_t* sp = sg_out.data_ptr<scalar_t>();
+  at::parallel_for(0, B, grain_for(base[B] / std::max<int64_t>(B, 1) + 1), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      std::copy(act_idx[b].begin(), act_idx[b].end(), ip + base[b]);
+      std::copy(act_sg[b].begin(), act_sg[b].end(), sp + base[b]);
+    }
+  });
+  return {spikes, v_final, act_cnt, idx_out, sg_out, rst_bits, mem, stats};
+}
+
+// Neurons per backward task: G for a block stays in L1.
+constexpr int64_t kNeuronBlock = 512;
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_mem, const at::Tensor& act_cnt, const at::Tensor& act_idx,
+    const at::Tensor& act_sg, const c10::optional<at::Tensor>& rst_bits, double alpha_d,
+    bool sparse, bool need_dv) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), N = grad_spikes.size(2);
+  const int64_t W = bit_words(N);
+  const acc_t alpha = alpha_d;
+  const int reset = rst_bits.has_value() ? kResetZero : kResetSubtract;
+
+  auto grad_current = at::empty({T, B, N}, grad_spikes.options());
+  auto dv = at::empty({need_dv ? B : 0, N}, grad_spikes.options());
+  if (!need_dv) dv = dv.reshape({0});
+  const scalar_t* gs = grad_spikes.data_ptr<scalar_t>();
+  const scalar_t* gvf = grad_v_final.has_value() ? grad_v_final->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* gm = grad_mem.has_value() ? grad_mem->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sg = act_sg.data_ptr<scalar_t>();
+  const int32_t* bits = rst_bits.has_value() ? rst_bits->data_ptr<int32_t>() : nullptr;
+  scalar_t* gc = grad_current.data_ptr<scalar_t>();
+  scalar_t* dvp = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
+
+  // Row offsets of the active set (rows b*T + t).
+  std::vector<int64_t> offs(sparse ? B * T + 1 : 0, 0);
+  const int32_t* idx = nullptr;
+  if (sparse) {
+    const int32_t* c = act_cnt.data_ptr<int32_t>();
+    for (int64_t r = 0; r < B * T; ++r) {
+      SG_CHECK(c[r] >= 0 && c[r] <= N, "lif_neuron_backward", "act_cnt",
+               "holds a row count outside [0, N]: ", c[r]);
+      offs[r + 1] = offs[r] + c[r];
+    }
+    SG_CHECK(offs[B * T] == act_idx.numel(), "lif_neuron_backward", "act_cnt",
+             "sums to ", offs[B * T], " but act_idx has ", act_idx.numel(), " entries");
+    idx = act_idx.data_ptr<int32_t>();
+  }
+
+  const int64_t blocks = (N + kNeuronBlock - 1) / kNeuronBlock;
+  at::parallel_for(0, B * blocks, grain_for(T * std::min(N, kNeuronBlock)), [&](int64_t k0, int64_t k1) {
+    std::vector<acc_t> g(std::min(N, kNeuronBlock));
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = k / blocks, j0 = (k % blocks) * kNeuronBlock;
+      const int64_t n = std::min(N - j0, kNeuronBlock);
+      for (int64_t j = 0; j < n; ++j) g[j] = gvf ? static_cast<acc_t>(gvf[b * N + j0 + j]) : acc_t(0);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t row = (t * B + b) * N + j0;
+        if (t < T - 1) {  // G[t] = trace_decay(alpha, R[t+1]) * G[t+1] + ...
+          if (bits) {
+            const int32_t* r = bits + ((t + 1) * B + b) * W;
+            for (int64_t j = 0; j < n; ++j) g[j] *= math::trace_decay(alpha, bit_set(r, j0 + j), reset);
+          } else {
+            scale_inplace(n, alpha, g.data());
+          }
+        }
+        if (gm)
+          for (int64_t j = 0; j < n; ++j) g[j] += static_cast<acc_t>(gm[row + j]);
+        if (sparse) {
+          const int64_t r = b * T + t;
+          const int32_t* lo = std::lower_bound(idx + offs[r], idx + offs[r + 1], static_cast<int32_t>(j0));
+          for (int64_t e = lo - idx; e < offs[r + 1] && idx[e] < j0 + n; ++e) {
+            const int64_t j = idx[e] - j0;
+            g[j] += static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[e]);
+          }
+        } else {
+          for (int64_t j = 0; j < n; ++j)
+            g[j] += static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[row + j]);
+        }
+        for (int64_t j = 0; j < n; ++j) gc[row + j] = static_cast<scalar_t>(g[j]);
+      }
+      if (dvp) {
+        const int32_t* r = bits ? bits + b * W : nullptr;
+        for (int64_t j = 0; j < n; ++j)
+          dvp[b * N + j0 + j] = static_cast<scalar_t>(
+              math::trace_decay(alpha, r != nullptr && bit_set(r, j0 + j), reset) * g[j]);
+      }
+    }
+  });
+  return {grad_current, dv};
+}
+
+c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
+NeuronOutputs lif_neuron_forward_cpu(const at::Tensor& current_in,
+                                     const c10::optional<at::Tensor>& v_init,
+                                     const c10::optional<at::Tensor>& s_init, double alpha,
+                                     double threshold, double b_th, double slope, bool sparse,
+                                     c10::string_view surrogate, c10::string_view reset,
+                                     bool return_mem) {
+  const NeuronKinds kinds = check_lif_neuron_forward_args(current_in, v_init, s_init, alpha,
+                                                          threshold, b_th, slope, surrogate, reset);
+  const at::Tensor current = current_in.contiguous();
+  NeuronOutputs out;
+  AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "lif_neuron_forward_cpu", [&] {
+    out = forward_impl<scalar_t>(current, contiguous(v_init), contiguous(s_init), alpha, threshold,
+                                 b_th, slope, sparse, kinds.surrogate, kinds.reset, return_mem);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> lif_neuron_backward_cpu(
+    const at::Tensor& grad_spikes_in, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_mem, const at::Tensor& act_cnt,
+    const at::Tensor& act_idx, const at::Tensor& act_sg, const c10::optional<at::Tensor>& rst_bits,
+    double alpha, bool sparse, bool need_dv) {
+  const bool has_rst = check_lif_neuron_backward_args(grad_spikes_in, grad_v_final, grad_mem,
+                                                      act_cnt, act_idx, act_sg, rst_bits, alpha,
+                                                      sparse);
+  const at::Tensor grad_spikes = grad_spikes_in.contiguous();
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "lif_neuron_backward_cpu", [&] {
+    out = backward_impl<scalar_t>(grad_spikes, contiguous(grad_v_final), contiguous(grad_mem),
+                                  act_cnt.contiguous(), act_idx.contiguous(), act_sg.contiguous(),
+                                  has_rst ? contiguous(rst_bits) : c10::nullopt, alpha, sparse,
+                                  need_dv);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
+  m.impl("lif_neuron_forward", &lif_neuron_forward_cpu);
+  m.impl("lif_neuron_backward", &lif_neuron_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace sparsegrad
