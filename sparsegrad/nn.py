@@ -207,6 +207,10 @@ class TimeDistributed(nn.Module):
     that treats samples independently (Conv*, pooling, Linear, Flatten, activations, Dropout in
     distribution, BatchNorm in eval mode). In training mode a BatchNorm normalises over all T*B
     samples at once (SpikingJelly's multi-step convention), not once per step.
+
+    The state_dict keys are the wrapped module's (``TimeDistributed(conv)`` saves ``weight`` and
+    ``bias``, not ``module.weight``), so a model whose layers were wrapped still loads the
+    original's weights and vice versa; parameter names (named_parameters) do include ``module.``.
     """
 
     def __init__(self, module: nn.Module, batch_first: bool = False):
@@ -215,6 +219,12 @@ class TimeDistributed(nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         self.module = module
         self.batch_first = bool(batch_first)
+        self._register_load_state_dict_pre_hook(_time_distributed_load_hook, with_module=True)
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        if args:  # the deprecated positional form: (destination, prefix, keep_vars)
+            return super().state_dict(*args)
+        return self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
@@ -235,3 +245,11 @@ class TimeDistributed(nn.Module):
 
     def extra_repr(self) -> str:
         return "batch_first=True" if self.batch_first else ""
+
+
+def _time_distributed_load_hook(module, state_dict, prefix, *args):
+    # Keys saved without the "module." level (TimeDistributed.state_dict, or the original
+    # unwrapped layer) are moved under it; keys that already have it are left alone.
+    inner = prefix + "module."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)

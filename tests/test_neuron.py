@@ -222,6 +222,28 @@ def test_time_distributed_equals_per_step(batch_first):
     assert list(dict(lin.named_parameters())) == ["module.weight", "module.bias"]
 
 
+def test_time_distributed_state_dict_is_the_wrapped_modules():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
+    wrapped = nn.Sequential(*[TimeDistributed(copy.deepcopy(m)) for m in plain])
+    for p in wrapped.parameters():
+        p.data.zero_()
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    wrapped.load_state_dict(plain.state_dict())  # strict
+    for (_, a), (_, b) in zip(plain.state_dict().items(), wrapped.state_dict().items()):
+        assert torch.equal(a, b)
+    plain2 = copy.deepcopy(plain)
+    for p in plain2.parameters():
+        p.data.zero_()
+    plain2.load_state_dict(wrapped.state_dict())
+    assert torch.equal(plain2[3].weight, plain[3].weight)
+    with pytest.raises(RuntimeError, match="Unexpected"):
+        wrapped.load_state_dict({**plain.state_dict(), "3.extra": torch.zeros(1)})
+    again = pickle.loads(pickle.dumps(wrapped))
+    again.load_state_dict(plain.state_dict())
+    assert list(again.state_dict()) == list(plain.state_dict())
+
+
 def test_time_distributed_errors():
     td = TimeDistributed(nn.Conv2d(1, 2, 3))
     with pytest.raises(ValueError, match=r"\[T, B, \.\.\.\]"):
