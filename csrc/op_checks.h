@@ -234,15 +234,26 @@ inline int parse_reset_name(c10::string_view name, const char* op) {
 inline int64_t bit_words(int64_t n) { return (n + 31) / 32; }
 
 struct NeuronKinds {
-  int surrogate, reset;
+  int surrogate, reset, dynamics;
 };
+
+inline int parse_dynamics(c10::string_view name, const char* op) {
+  if (name == "leaky") return kChargeLeaky;
+  if (name == "sj_lif_decay_input") return kChargeSJDecayInput;
+  if (name == "sj_lif") return kChargeSJ;
+  if (name == "sj_if") return kChargeSJIF;
+  SG_CHECK(false, op, "dynamics", "must be one of 'leaky', 'sj_lif_decay_input', 'sj_lif', 'sj_if', "
+           "got '", std::string(name), "'");
+  return kChargeLeaky;
+}
 
 inline NeuronKinds check_lif_neuron_forward_args(const at::Tensor& current,
                                                  const c10::optional<at::Tensor>& v_init,
                                                  const c10::optional<at::Tensor>& s_init,
                                                  double alpha, double threshold, double b_th,
                                                  double slope, c10::string_view surrogate,
-                                                 c10::string_view reset) {
+                                                 c10::string_view reset, bool return_mem,
+                                                 c10::string_view dynamics, double tau) {
   const char* op = "lif_neuron_forward";
   check_float_tensor(current, op, "current", 3);
   SG_CHECK(current.size(2) < (int64_t(1) << 31), op, "current",
@@ -251,7 +262,14 @@ inline NeuronKinds check_lif_neuron_forward_args(const at::Tensor& current,
   SG_CHECK(threshold > 0, op, "threshold", "must be > 0, got ", threshold);
   SG_CHECK(b_th > 0, op, "b_th", "must be > 0 (inf for no mask), got ", b_th);
   SG_CHECK(slope > 0, op, "slope", "must be > 0, got ", slope);
-  const NeuronKinds kinds{parse_surrogate_name(surrogate, op), parse_reset_name(reset, op)};
+  const NeuronKinds kinds{parse_surrogate_name(surrogate, op), parse_reset_name(reset, op),
+                          parse_dynamics(dynamics, op)};
+  if (kinds.dynamics != kChargeLeaky) {
+    SG_CHECK(kinds.reset != kResetNone, op, "reset", "must be 'subtract' (soft) or 'zero' (hard) "
+             "with SpikingJelly dynamics, got 'none'");
+    SG_CHECK(!return_mem, op, "return_mem", "is not available with SpikingJelly dynamics");
+    SG_CHECK(kinds.dynamics == kChargeSJIF || tau > 1.0, op, "tau", "must be > 1, got ", tau);
+  }
   const int64_t B = current.size(1), N = current.size(2);
   for (const auto& [state, name] : {std::pair{&v_init, "v_init"}, std::pair{&s_init, "s_init"}}) {
     if (state->has_value()) {
@@ -270,9 +288,11 @@ inline bool check_lif_neuron_backward_args(const at::Tensor& grad_spikes,
                                            const c10::optional<at::Tensor>& grad_mem,
                                            const at::Tensor& act_cnt, const at::Tensor& act_idx,
                                            const at::Tensor& act_sg,
+                                           const c10::optional<at::Tensor>& act_rg,
                                            const c10::optional<at::Tensor>& rst_bits, double alpha,
-                                           bool sparse) {
+                                           bool sparse, c10::string_view dynamics) {
   const char* op = "lif_neuron_backward";
+  parse_dynamics(dynamics, op);
   check_float_tensor(grad_spikes, op, "grad_spikes", 3);
   check_alpha(alpha, op);
   const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), N = grad_spikes.size(2);
@@ -300,6 +320,11 @@ inline bool check_lif_neuron_backward_args(const at::Tensor& grad_spikes,
   } else {
     SG_CHECK(act_sg.sizes() == grad_spikes.sizes(), op, "act_sg",
              "must be the dense surrogate of shape ", grad_spikes.sizes(), ", got ", act_sg.sizes());
+  }
+  if (act_rg.has_value() && act_rg->numel() > 0) {
+    check_like(*act_rg, grad_spikes, op, "act_rg");
+    SG_CHECK(act_rg->sizes() == act_sg.sizes(), op, "act_rg", "must match act_sg ", act_sg.sizes(),
+             ", got ", act_rg->sizes());
   }
   const bool has_rst = rst_bits.has_value() && rst_bits->numel() > 0;
   if (has_rst) {

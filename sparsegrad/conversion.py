@@ -39,10 +39,12 @@ import torch
 from torch import nn
 
 from . import functional as F_sg
+from . import ops
 from .nn import LIF, LIFNeuron, LIReadout, TimeDistributed
 
 __all__ = ["convert", "ConversionReport", "ConvertedPair", "NeuronSpec", "Unsupported",
-           "NEURON_RULES", "register_neuron_rule", "SequenceModel", "StepByStep", "surrogate_of"]
+           "NEURON_RULES", "register_neuron_rule", "SequenceModel", "StepByStep",
+           "SpikingJellyNeuron", "surrogate_of"]
 
 
 class Unsupported(Exception):
@@ -198,9 +200,13 @@ class NeuronSpec:
     #                               only when the neuron is the model's last layer
     fusable: bool = True          # may merge with an nn.Linear right before it into one LIF
     notes: List[str] = field(default_factory=list)
+    # builds the neuron alone from (b_th, backward) when it is not an LIFNeuron
+    factory: Optional[Callable[[float, str], nn.Module]] = None
 
     def neuron(self, b_th: float, backward: str) -> nn.Module:
         """The neuron alone, after any layer."""
+        if self.factory is not None:
+            return self.factory(b_th, backward)
         return LIFNeuron(alpha=self.alpha, threshold=self.threshold, b_th=b_th,
                          surrogate=self.surrogate, slope=self.slope, reset=self.reset,
                          backward=backward, return_mem=self.return_mem)
@@ -287,10 +293,106 @@ def _snntorch_leaky(m) -> NeuronSpec:
                       tuple_output=not init_hidden)
 
 
+class SpikingJellyNeuron(nn.Module):
+    """SpikingJelly's LIFNode / IFNode (multi-step) with sparsegrad's kernels, exactly.
+
+    Takes [T, B, ...] and returns the spikes, computed in SpikingJelly's order of operations
+    (charge H from the post-reset V, spike at H >= v_threshold, soft or hard reset in the same
+    step), so that they equal SpikingJelly's bit for bit; the gradient is SpikingJelly's (through
+    the reset too when detach_reset=False), restricted to |H - v_threshold| < b_th in sparse mode.
+    tau=None is the IFNode. Every sequence starts from SpikingJelly's rest state (V = v_reset, or
+    0 for the soft reset), as after functional.reset_net. last_stats as LIFNeuron's.
+    """
+
+    def __init__(self, *, tau: Optional[float], decay_input: bool = True, v_threshold: float = 1.0,
+                 v_reset: Optional[float] = 0.0, detach_reset: bool = False,
+                 surrogate: str = "sigmoid", slope: float = 4.0, b_th: float = 0.2,
+                 backward: str = "sparse"):
+        super().__init__()
+        F_sg.check_lif_args(0.5, v_threshold, b_th, slope, backward)
+        F_sg._check_kinds(surrogate, "subtract")
+        if tau is not None and not tau > 1.0:
+            raise ValueError(f"tau must be > 1 (or None for IFNode), got {tau}")
+        self.tau = None if tau is None else float(tau)
+        self.decay_input = bool(decay_input)
+        self.v_threshold = float(v_threshold)
+        self.v_reset = None if v_reset is None else float(v_reset)
+        self.detach_reset = bool(detach_reset)
+        self.surrogate = surrogate
+        self.slope = float(slope)
+        self.b_th = float(b_th)
+        self.backward = backward
+        self.last_stats = None
+
+    @property
+    def dynamics(self) -> str:
+        if self.tau is None:
+            return "sj_if"
+        return "sj_lif_decay_input" if self.decay_input else "sj_lif"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+            raise ValueError(f"input must be a [T, B, ...] tensor, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        T, B = x.shape[:2]
+        n = math.prod(x.shape[2:])
+        v_init = None
+        if self.v_reset is not None and self.v_reset != 0.0:
+            v_init = x.new_full((B, n), self.v_reset)
+        alpha = 1.0 if self.tau is None else 1.0 - 1.0 / self.tau
+        out = ops.lif_neuron_forward(
+            x.reshape(T, B, n), v_init, None, alpha, self.v_threshold, self.b_th, self.slope,
+            self.backward == "sparse", self.surrogate,
+            "subtract" if self.v_reset is None else "zero", False, self.dynamics,
+            2.0 if self.tau is None else self.tau,
+            0.0 if self.v_reset is None else self.v_reset, self.detach_reset)
+        stats = out[-1]
+        self.last_stats = F_sg.LIFStats(stats[0], stats[1], stats[2], T * B * n)
+        return out[0].view(x.shape)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["last_stats"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"tau={self.tau}, decay_input={self.decay_input}, v_threshold={self.v_threshold}, "
+                f"v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
+                f"surrogate={self.surrogate!r}, slope={self.slope}, b_th={self.b_th}, "
+                f"backward={self.backward!r}")
+
+
 def _spikingjelly_node(m) -> NeuronSpec:
-    raise Unsupported("SpikingJelly's neurons charge as H = V + (X - (V - V_reset))/tau (or "
-                      "V - (V - V_reset)/tau + X) and reset before the next charge; sparsegrad's "
-                      "alpha*V + I rounds differently, so the spikes would not be bit-exact")
+    """SpikingJelly LIFNode / IFNode: the same spikes, in SpikingJelly's own order of operations."""
+    is_if = type(m).__name__ == "IFNode"
+    if getattr(m, "_neuron_precision", None) is not None:
+        raise Unsupported("a custom neuron precision is set")
+    theta = _scalar(getattr(m, "v_threshold", None))
+    if theta is None or not theta > 0.0 or not math.isfinite(theta):
+        raise Unsupported(f"v_threshold={getattr(m, 'v_threshold', None)!r} is not a positive "
+                          f"float")
+    v_reset = getattr(m, "v_reset", 0.0)
+    if v_reset is not None:
+        v_reset = _scalar(v_reset)
+        if v_reset is None or not math.isfinite(v_reset):
+            raise Unsupported(f"v_reset={m.v_reset!r} is not a float or None")
+    tau = None
+    if not is_if:
+        tau = _scalar(getattr(m, "tau", None))
+        if tau is None or not tau > 1.0:
+            raise Unsupported(f"tau={getattr(m, 'tau', None)!r} is not a float > 1")
+    surrogate, slope = surrogate_of(m.surrogate_function, fires_at_zero=True)
+    decay_input = bool(getattr(m, "decay_input", True))
+    detach_reset = bool(getattr(m, "detach_reset", False))
+
+    def factory(b_th: float, backward: str) -> nn.Module:
+        return SpikingJellyNeuron(tau=tau, decay_input=decay_input, v_threshold=theta,
+                                  v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate,
+                                  slope=slope, b_th=b_th, backward=backward)
+
+    kind = "spikingjelly.IFNode" if is_if else "spikingjelly.LIFNode"
+    return NeuronSpec(kind, 1.0 if is_if else 1.0 - 1.0 / tau, theta, surrogate, slope,
+                      "subtract" if v_reset is None else "zero", fusable=False, factory=factory)
 
 
 # (module prefix, class name) -> rule. A rule returns a NeuronSpec or raises Unsupported.
@@ -512,14 +614,16 @@ class _Walk:
                     linear[0], name, spec.kind, spec.alpha, spec.threshold, spec.slope,
                     spec.surrogate, spec.reset, "LIF", list(spec.notes)))
                 return fused, True
+        module = spec.neuron(self.b_th, self.backward)
         self.report.converted.append(ConvertedPair(
             None, name, spec.kind, spec.alpha, spec.threshold, spec.slope, spec.surrogate,
-            spec.reset, "LIFNeuron", list(spec.notes)))
-        return spec.neuron(self.b_th, self.backward), False
+            spec.reset, type(module).__name__, list(spec.notes)))
+        return module, False
 
     def layer(self, name: str, m: nn.Module) -> nn.Module:
         """A non-neuron child: folded, recursed into, kept, or stepped."""
-        if isinstance(m, (LIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep)):
+        if isinstance(m, (LIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
+                          SpikingJellyNeuron)):
             return m
         mod = type(m).__module__ or ""
         if mod.startswith("spikingjelly"):
@@ -696,7 +800,8 @@ class SequenceModel(nn.Module):
 
 
 def _run_layer(layer: nn.Module, x: torch.Tensor):
-    if isinstance(layer, (LIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep)):
+    if isinstance(layer, (LIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
+                          SpikingJellyNeuron)):
         return layer(x)
     if _multi_step(layer):
         _reset_state(layer)

@@ -273,7 +273,7 @@ def lif_with_stats(
             _check_tensor(name, t, t.dim(), current.dtype, current.device)
         v_init, s_init = v_init.reshape(B, n), s_init.reshape(B, n)
     sparse = backward == "sparse"
-    spikes, v_final, act_cnt, act_idx, _sg, _rst, mem, stats = ops.lif_neuron_forward(
+    spikes, v_final, act_cnt, act_idx, _sg, _rg, _rst, mem, stats = ops.lif_neuron_forward(
         current.reshape(T, B, n), v_init, s_init, alpha, threshold, b_th, slope, sparse,
         surrogate, reset, return_mem)
     spikes = spikes.view(current.shape)

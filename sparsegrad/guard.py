@@ -38,11 +38,11 @@ class DeadNetworkWarning(RuntimeWarning):
 
 
 def sparse_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """The sparsegrad LIF layers of ``model`` (unwrapping DistributedDataParallel), in order."""
-    from .nn import LIF
+    """The sparsegrad LIF / LIFNeuron layers of ``model`` (unwrapping DistributedDataParallel)."""
+    from .nn import LIF, LIFNeuron
 
     inner = getattr(model, "module", model)
-    return [m for m in inner.modules() if isinstance(m, LIF)]
+    return [m for m in inner.modules() if isinstance(m, (LIF, LIFNeuron))]
 
 
 class DeadNetworkGuard:

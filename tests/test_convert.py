@@ -456,3 +456,132 @@ def test_tutorial5_network_written_with_sparsegrad_modules():
     sum(loss_fn(mem[t], targets) for t in range(num_steps)).backward()
     sum(loss_fn(mem2[t], targets) for t in range(num_steps)).backward()
     _assert_grads_close(sparse_net, net, rtol=1e-4, atol_rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------- SpikingJelly
+
+SJ_CASES = [  # (tau or None for IFNode, decay_input, v_reset, detach_reset)
+    (2.0, True, 0.0, False),     # LIFNode's defaults
+    (3.0, False, None, True),
+    (2.5, True, None, False),
+    (None, True, 0.0, True),     # IFNode
+    (None, True, None, False),
+    (4.0, False, 0.3, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("surrogate,slope", [("sigmoid", 4.0), ("atan", 2.0), ("triangle", 1.5)])
+@pytest.mark.parametrize("case", SJ_CASES)
+def test_spikingjelly_neuron_matches_reference(case, surrogate, slope, dtype):
+    """SpikingJellyNeuron (sparsegrad's kernels) against SpikingJelly's formulas in plain PyTorch."""
+    from sparsegrad import reference as ref
+    from sparsegrad.conversion import SpikingJellyNeuron
+
+    tau, decay_input, v_reset, detach = case
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(15, 3, 4, 5, generator=g, dtype=torch.float64) * 0.8 + 0.6).to(dtype)
+    kw = dict(tau=tau, decay_input=decay_input, v_reset=v_reset, surrogate=surrogate, slope=slope,
+              detach_reset=detach)
+    for backward, b_th in (("dense", 0.2), ("sparse", 0.4), ("sparse", math.inf)):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        mod = SpikingJellyNeuron(v_threshold=1.0, b_th=b_th, backward=backward, **kw)
+        got = mod(xa)
+        want, _ = ref.spikingjelly_neuron(xb, threshold=1.0, b_th=b_th, backward=backward, **kw)
+        assert torch.equal(got, want)
+        assert 0.05 < float(want.mean()) < 0.8
+        cot = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+        (got * cot).sum().backward()
+        (want * cot).sum().backward()
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(xa.grad, xb.grad, **tol)
+
+
+def _sj():
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+    return neuron, functional, layer, surrogate
+
+
+def _sj_conv_net(dtype=torch.float32):
+    neuron, functional, layer, surrogate = _sj()
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        layer.Conv2d(1, 8, 3, padding=1), neuron.LIFNode(),         # LIFNode's defaults
+        layer.MaxPool2d(2),
+        layer.SeqToANNContainer(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU()),
+        neuron.IFNode(v_reset=None, detach_reset=True, surrogate_function=surrogate.ATan()),
+        layer.MaxPool2d(2), layer.Flatten(), layer.Linear(16 * 3 * 3, 10),
+        neuron.LIFNode(tau=3.0, decay_input=False, v_reset=None,
+                       surrogate_function=surrogate.PiecewiseQuadratic(alpha=1.5))).to(dtype)
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+        net[3][0].weight.mul_(1.5)
+        net[7].weight.mul_(3.0)
+    return net
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spikingjelly_multistep_conv_model_same_spikes_and_dense_gradients(dtype):
+    neuron, functional, layer, surrogate = _sj()
+    net = _sj_conv_net(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(8, 4, 1, 12, 12, generator=g) * 2.5).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    assert report.exact and [p.to for p in report.converted] == ["SpikingJellyNeuron"] * 3
+    assert [p.surrogate for p in report.converted] == ["sigmoid", "atan", "triangle"]
+    assert all(isinstance(conv[i], TimeDistributed) for i in (0, 2, 3, 5, 6, 7))
+    functional.reset_net(net)
+    hidden = net[1](net[0](x))
+    out = net[8](net[7](net[6](net[5](net[4](net[3](net[2](hidden)))))))
+    assert 0.01 < float(hidden.mean()) < 0.6 and 0.01 < float(out.mean()) < 0.8
+    assert torch.equal(conv[1](conv[0](x)), hidden)
+    out2 = conv(x)
+    assert torch.equal(out2, out)
+    cot = torch.randn(out.shape, generator=g).to(dtype)
+    (out * cot).sum().backward()
+    (out2 * cot).sum().backward()
+    rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-9, 1e-10)
+    _assert_grads_close(conv, net, rtol=rtol, atol_rel=atol)
+    functional.reset_net(net)
+
+
+def test_spikingjelly_single_step_mlp_and_sparse_band():
+    neuron, functional, layer, surrogate = _sj()
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(N_IN, N_H1), neuron.LIFNode(tau=2.0),
+                        nn.Linear(N_H1, N_OUT), neuron.IFNode(v_reset=None))
+    with torch.no_grad():
+        net[0].weight.mul_(3.0)
+        net[2].weight.mul_(3.0)
+    x = _inputs(9, torch.float32)
+    functional.reset_net(net)
+    ref = torch.stack([net(x[t]) for t in range(T)])  # single-step mode, the user's loop
+    functional.reset_net(net)
+    assert 0.02 < float(ref.mean()) < 0.8
+    dense = sparsegrad.convert(net, backward="dense")
+    assert torch.equal(dense(x), ref)
+    # sparse mode with an infinite band equals dense
+    sparse = sparsegrad.convert(net, backward="sparse", b_th=math.inf)
+    cot = torch.randn(ref.shape)
+    (dense(x) * cot).sum().backward()
+    (sparse(x) * cot).sum().backward()
+    for (n, p), (_, q) in zip(dense.named_parameters(), sparse.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_spikingjelly_unsupported_left_alone():
+    neuron, functional, layer, surrogate = _sj()
+    net = nn.Sequential(layer.Linear(N_IN, N_H1),
+                        neuron.LIFNode(surrogate_function=surrogate.SoftSign(alpha=3.0)))
+    functional.set_step_mode(net, "m")
+    with pytest.warns(UserWarning, match="left unchanged"):
+        conv, report = sparsegrad.convert(net, return_report=True)
+    assert not report.converted and "surrogate" in report.skipped[0][1]
+    assert conv[1] is not net[1] and type(conv[1]) is type(net[1])  # kept, multi-step
+    x = _inputs(10, torch.float32)
+    functional.reset_net(net)
+    torch.testing.assert_close(conv(x), net(x))

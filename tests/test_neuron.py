@@ -85,7 +85,8 @@ def test_sparse_keeps_only_active_entries():
     current = _current((20, 5, 40), torch.float64, seed=4)
     out = sparsegrad.ops.lif_neuron_forward(current, None, None, 0.9, 1.0, 0.05, 10.0, True,
                                             "atan", "zero", False)
-    spikes, v_final, cnt, idx, sg, rst, mem, stats = out
+    spikes, v_final, cnt, idx, sg, rg, rst, mem, stats = out
+    assert rg.numel() == 0
     v = ref.lif_neuron(current, alpha=0.9, reset="zero", return_mem=True)[1]
     active = (v - 1.0).abs() < 0.05
     assert cnt.dtype == torch.int32 and cnt.shape == (5 * 20,)
@@ -180,7 +181,7 @@ def test_lif_argument_errors():
     with pytest.raises(RuntimeError, match="lif_neuron_backward: argument 'act_cnt'"):
         ops.lif_neuron_backward(current, None, None, torch.zeros(3, dtype=torch.int32),
                                 torch.zeros(0, dtype=torch.int32), current.new_zeros(0), None,
-                                0.9, True, False)
+                                None, 0.9, True, False)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -197,7 +198,7 @@ def test_opcheck_lif_neuron(sparse, requires_grad):
     g = torch.randn_like(out[0])
     torch.library.opcheck(ops.lif_neuron_backward.default,
                           (g, torch.randn_like(out[1]), torch.randn_like(g), out[2], out[3], out[4],
-                           out[5], 0.8, sparse, True))
+                           None, out[6], 0.8, sparse, True))
 
 
 # ------------------------------------------------------------------------------ TimeDistributed
@@ -299,11 +300,11 @@ def test_emul_lif_neuron_equals_cpu_kernel(emul, launch, reset, sparse, dtype):
             args = (current, *state, 0.85, 1.0, 0.3, SLOPES[surrogate], sparse, surrogate, reset, mem)
             want = ops.lif_neuron_forward(*args)
             got = emul.lif_neuron_forward(*args)
-            for name, a, b in zip(["spikes", "v_final", "act_cnt", "act_idx", "act_sg", "rst_bits",
-                                   "mem", "stats"], got, want):
+            for name, a, b in zip(["spikes", "v_final", "act_cnt", "act_idx", "act_sg", "act_rg",
+                                   "rst_bits", "mem", "stats"], got, want):
                 assert torch.equal(a, b), name
-            bwd = (gs, gv, gm if mem else None, want[2], want[3], want[4],
-                   want[5] if reset == "zero" else None, 0.85, sparse, True)
+            bwd = (gs, gv, gm if mem else None, want[2], want[3], want[4], None,
+                   want[6] if reset == "zero" else None, 0.85, sparse, True)
             for a, b, name in zip(emul.lif_neuron_backward(*bwd), ops.lif_neuron_backward(*bwd),
                                   ["grad_current", "dv_init"]):
                 assert torch.equal(a, b), name
@@ -315,3 +316,45 @@ def test_emul_lif_neuron_schema_matches(emul):
         str(ops.lif_neuron_forward.default._schema).split("(", 1)[1]
     assert str(emul.lif_neuron_backward.default._schema).split("(", 1)[1] == \
         str(ops.lif_neuron_backward.default._schema).split("(", 1)[1]
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("dynamics,reset,detach", [
+    ("sj_lif_decay_input", "zero", False), ("sj_lif", "subtract", True),
+    ("sj_if", "subtract", False), ("sj_lif_decay_input", "zero", True)])
+def test_emul_spikingjelly_dynamics_equal_cpu_kernel(emul, launch, dynamics, reset, detach, sparse):
+    T, B, N = 7, 2, 45
+    dtype = torch.float32
+    current = _current((T, B, N), dtype, seed=11, scale=0.8)
+    v0 = _current((B, N), dtype, seed=12, scale=0.3)
+    g = torch.Generator().manual_seed(6)
+    gs = torch.randn(T, B, N, generator=g)
+    gv = torch.randn(B, N, generator=g)
+    launch(order="shuffled", threads=16, max_blocks=2)
+    alpha = 1.0 if dynamics == "sj_if" else 1 - 1 / 2.5
+    args = (current, v0, None, alpha, 1.0, 0.3, 4.0, sparse, "sigmoid", reset, False, dynamics,
+            2.5, 0.25 if reset == "zero" else 0.0, detach)
+    want = ops.lif_neuron_forward(*args)
+    got = emul.lif_neuron_forward(*args)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert want[0].sum() > 0 and (want[5].numel() > 0) == (not detach)
+    bwd = (gs, gv, None, want[2], want[3], want[4], want[5] if not detach else None,
+           want[6] if reset == "zero" else None, alpha, sparse, True, dynamics, 1 / 2.5)
+    for a, b in zip(emul.lif_neuron_backward(*bwd), ops.lif_neuron_backward(*bwd)):
+        assert torch.equal(a, b)
+
+
+def test_opcheck_spikingjelly_dynamics():
+    current = _current((5, 3, 7), torch.float64).requires_grad_(True)
+    v0 = _current((3, 7), torch.float64, seed=3).requires_grad_(True)
+    for sparse in (True, False):
+        torch.library.opcheck(ops.lif_neuron_forward.default,
+                              (current, v0, None, 0.5, 1.0, 0.5, 4.0, sparse, "sigmoid", "zero",
+                               False, "sj_lif_decay_input", 2.0, 0.0, False))
+    with pytest.raises(RuntimeError, match="argument 'dynamics'"):
+        ops.lif_neuron_forward(current.detach(), None, None, 0.5, 1.0, 0.5, 4.0, True, "sigmoid",
+                               "zero", False, "sj", 2.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="argument 'reset'"):
+        ops.lif_neuron_forward(current.detach(), None, None, 0.5, 1.0, 0.5, 4.0, True, "sigmoid",
+                               "none", False, "sj_lif", 2.0, 0.0, False)

@@ -103,22 +103,26 @@ host::ReadoutGrads li_readout_backward_cuda(const at::Tensor& grad_out, const at
 host::NeuronForwardOutputs lif_neuron_forward_cuda(
     const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
     const c10::optional<at::Tensor>& s_init, double alpha, double threshold, double b_th,
-    double slope, bool sparse, c10::string_view surrogate, c10::string_view reset, bool return_mem) {
+    double slope, bool sparse, c10::string_view surrogate, c10::string_view reset, bool return_mem,
+    c10::string_view dynamics, double tau, double v_reset, bool detach_reset) {
   check_cuda(current, "lif_neuron_forward", "current");
   const c10::cuda::CUDAGuard guard(current.device());
   return host::lif_neuron_forward<L>(current, v_init, s_init, alpha, threshold, b_th, slope, sparse,
-                                     surrogate, reset, return_mem);
+                                     surrogate, reset, return_mem, dynamics, tau, v_reset,
+                                     detach_reset);
 }
 
 host::NeuronGrads lif_neuron_backward_cuda(
     const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
     const c10::optional<at::Tensor>& grad_mem, const at::Tensor& act_cnt, const at::Tensor& act_idx,
-    const at::Tensor& act_sg, const c10::optional<at::Tensor>& rst_bits, double alpha, bool sparse,
-    bool need_dv) {
+    const at::Tensor& act_sg, const c10::optional<at::Tensor>& act_rg,
+    const c10::optional<at::Tensor>& rst_bits, double alpha, bool sparse, bool need_dv,
+    c10::string_view dynamics, double input_scale) {
   check_cuda(grad_spikes, "lif_neuron_backward", "grad_spikes");
   const c10::cuda::CUDAGuard guard(grad_spikes.device());
   return host::lif_neuron_backward<L>(grad_spikes, grad_v_final, grad_mem, act_cnt, act_idx, act_sg,
-                                      rst_bits, alpha, sparse, need_dv);
+                                      act_rg, rst_bits, alpha, sparse, need_dv, dynamics,
+                                      input_scale);
 }
 
 }  // namespace
