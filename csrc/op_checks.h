@@ -7,13 +7,13 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <utility>
 
+#include "compact.h"
 #include "lif_math.h"
 
 namespace sparsegrad {
 
-#define SG_CHECK(cond, op, arg, ...) \
-  TORCH_CHECK(cond, "sparsegrad.", op, ": argument '", arg, "' ", __VA_ARGS__)
 
 inline void check_float_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
   SG_CHECK(t.dim() == dim, op, name, "must have ", dim, " dimensions, got ", t.sizes());
@@ -55,24 +55,36 @@ inline void check_alpha(double alpha, const char* op) {
   SG_CHECK(alpha >= 0.0 && alpha <= 1.0, op, "alpha", "must be in [0, 1], got ", alpha);
 }
 
-// A CSR over rows r = b*T + t (ptr [B*T+1] int64, idx int32 ascending within a row), as made by
-// the forward ops. Checks shapes, dtypes and devices only: the contents are trusted.
-inline void check_csr(const at::Tensor& ptr, const at::Tensor& idx, int64_t rows, const at::Tensor& ref,
-                      const char* op, const char* ptr_name, const char* idx_name) {
-  SG_CHECK(ptr.dim() == 1 && ptr.scalar_type() == at::kLong && ptr.numel() == rows + 1, op,
-           ptr_name, "must be an int64 row pointer of length ", rows + 1, ", got ",
-           ptr.scalar_type(), " ", ptr.sizes());
+// A CSR over rows r = b*T + t as per-row counts (cnt [B*T] int32) and indices (idx int32,
+// ascending within a row), as made by the forward ops. Checks shapes, dtypes and devices; the
+// contents are checked by row_offsets (counts) and by the kernels (index ranges).
+inline void check_csr(const at::Tensor& cnt, const at::Tensor& idx, int64_t rows, const at::Tensor& ref,
+                      const char* op, const char* cnt_name, const char* idx_name) {
+  SG_CHECK(cnt.dim() == 1 && cnt.scalar_type() == at::kInt && cnt.numel() == rows, op, cnt_name,
+           "must hold int32 per-row counts of length B*T = ", rows, ", got ", cnt.scalar_type(),
+           " ", cnt.sizes());
   SG_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kInt, op, idx_name,
            "must be a 1-D int32 index tensor, got ", idx.scalar_type(), " ", idx.sizes());
-  check_device(ptr, ref, op, ptr_name);
+  check_device(cnt, ref, op, cnt_name);
   check_device(idx, ref, op, idx_name);
 }
 
-inline void check_optional_csr(const c10::optional<at::Tensor>& ptr, const c10::optional<at::Tensor>& idx,
+inline void check_optional_csr(const c10::optional<at::Tensor>& cnt, const c10::optional<at::Tensor>& idx,
                                int64_t rows, const at::Tensor& ref, const char* op) {
-  SG_CHECK(ptr.has_value() == idx.has_value(), op, "prev_ptr", "and prev_idx must be given together");
-  if (ptr.has_value()) check_csr(*ptr, *idx, rows, ref, op, "prev_ptr", "prev_idx");
+  SG_CHECK(cnt.has_value() == idx.has_value(), op, "prev_cnt", "and prev_idx must be given together");
+  if (cnt.has_value()) check_csr(*cnt, *idx, rows, ref, op, "prev_cnt", "prev_idx");
 }
+
+inline void check_rst_bits(const c10::optional<at::Tensor>& bits, int64_t T, int64_t B, int64_t N,
+                           const at::Tensor& ref, const char* op) {
+  if (!bits.has_value()) return;
+  SG_CHECK(bits->scalar_type() == at::kInt && bits->dim() == 3 && bits->size(0) == T &&
+               bits->size(1) == B && bits->size(2) == bit_words(N),
+           op, "rst_bits", "must be int32 [T, B, ceil(N/32)] = [", T, ", ", B, ", ", bit_words(N),
+           "], got ", bits->scalar_type(), " ", bits->sizes());
+  check_device(*bits, ref, op, "rst_bits");
+}
+
 
 // Input events: values empty (binary input) or one per event.
 inline void check_event_values(const at::Tensor& ev_val, const at::Tensor& ev_idx, const at::Tensor& ref,
@@ -92,29 +104,66 @@ inline ReduceKind parse_reduce(c10::string_view reduce, const char* op) {
   return kReduceNone;
 }
 
+inline SurrogateKind parse_surrogate(c10::string_view name, const char* op) {
+  if (name == "fast_sigmoid") return kFastSigmoid;
+  if (name == "atan") return kAtan;
+  if (name == "sigmoid") return kSigmoid;
+  if (name == "triangle") return kTriangle;
+  SG_CHECK(false, op, "surrogate", "must be one of 'fast_sigmoid', 'atan', 'sigmoid', 'triangle', got '",
+           std::string(name), "'");
+  return kFastSigmoid;
+}
+
+inline ResetKind parse_reset(c10::string_view name, const char* op) {
+  if (name == "subtract") return kResetSubtract;
+  if (name == "zero") return kResetZero;
+  if (name == "none") return kResetNone;
+  SG_CHECK(false, op, "reset", "must be one of 'subtract', 'zero', 'none', got '", std::string(name), "'");
+  return kResetSubtract;
+}
+
 // ------------------------------------------------------------------------------------------
 // One validator per op.
 // ------------------------------------------------------------------------------------------
-inline void check_lif_forward_args(const at::Tensor& x, const at::Tensor& weight,
-                                   const c10::optional<at::Tensor>& bias,
-                                   const c10::optional<at::Tensor>& v_init,
-                                   const c10::optional<at::Tensor>& s_init, double alpha,
-                                   double threshold, double b_th, double slope) {
-  const char* op = "lif_forward";
-  check_linear(x, weight, bias, op);
+struct NeuronKinds {
+  SurrogateKind surrogate;
+  ResetKind reset;
+};
+
+// Checks the neuron's hyper-parameters (shared by every op with LIF neurons).
+inline NeuronKinds check_neuron_args(double alpha, double threshold, double b_th, double slope,
+                                     c10::string_view surrogate, c10::string_view reset, const char* op) {
   check_alpha(alpha, op);
   SG_CHECK(threshold > 0, op, "threshold", "must be > 0, got ", threshold);
   SG_CHECK(b_th > 0, op, "b_th", "must be > 0 (inf for no mask), got ", b_th);
   SG_CHECK(slope > 0, op, "slope", "must be > 0, got ", slope);
-  const int64_t B = x.size(1), n_out = weight.size(0);
+  return {parse_surrogate(surrogate, op), parse_reset(reset, op)};
+}
+
+// v_init / s_init [B, N]
+inline void check_state(const c10::optional<at::Tensor>& v_init, const c10::optional<at::Tensor>& s_init,
+                        const at::Tensor& x, int64_t B, int64_t n, const char* op) {
   for (const auto& [state, name] : {std::pair{&v_init, "v_init"}, std::pair{&s_init, "s_init"}}) {
     if (state->has_value()) {
       check_float_tensor(**state, op, name, 2);
       check_like(**state, x, op, name);
-      SG_CHECK((*state)->size(0) == B && (*state)->size(1) == n_out, op, name, "must have shape [",
-               B, ", ", n_out, "], got ", (*state)->sizes());
+      SG_CHECK((*state)->size(0) == B && (*state)->size(1) == n, op, name, "must have shape [",
+               B, ", ", n, "], got ", (*state)->sizes());
     }
   }
+}
+
+inline NeuronKinds check_lif_forward_args(const at::Tensor& x, const at::Tensor& weight,
+                                          const c10::optional<at::Tensor>& bias,
+                                          const c10::optional<at::Tensor>& v_init,
+                                          const c10::optional<at::Tensor>& s_init, double alpha,
+                                          double threshold, double b_th, double slope,
+                                          c10::string_view surrogate, c10::string_view reset) {
+  const char* op = "lif_forward";
+  check_linear(x, weight, bias, op);
+  const NeuronKinds kinds = check_neuron_args(alpha, threshold, b_th, slope, surrogate, reset, op);
+  check_state(v_init, s_init, x, x.size(1), weight.size(0), op);
+  return kinds;
 }
 
 inline void check_lif_grad_inputs(const at::Tensor& grad_spikes,
@@ -136,28 +185,33 @@ inline void check_lif_grad_inputs(const at::Tensor& grad_spikes,
 
 inline void check_lif_backward_sparse_args(
     const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
-    const at::Tensor& weight, const at::Tensor& act_ptr, const at::Tensor& act_idx,
-    const at::Tensor& act_sg, const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
-    const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
-    const c10::optional<at::Tensor>& prev_idx, double alpha, int64_t dw_route) {
+    const at::Tensor& weight, const at::Tensor& act_cnt, const at::Tensor& act_idx,
+    const at::Tensor& act_sg, const at::Tensor& ev_cnt, const at::Tensor& ev_idx,
+    const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_cnt,
+    const c10::optional<at::Tensor>& prev_idx, const c10::optional<at::Tensor>& rst_bits,
+    double alpha, int64_t dw_route) {
   const char* op = "lif_backward_sparse";
   check_lif_grad_inputs(grad_spikes, grad_v_final, weight, alpha, op);
   SG_CHECK(dw_route >= 0 && dw_route <= 2, op, "dw_route",
            "must be 0 (auto), 1 (events) or 2 (active), got ", dw_route);
-  const int64_t rows = grad_spikes.size(0) * grad_spikes.size(1);
-  check_csr(act_ptr, act_idx, rows, grad_spikes, op, "act_ptr", "act_idx");
-  check_csr(ev_ptr, ev_idx, rows, grad_spikes, op, "ev_ptr", "ev_idx");
+  SG_CHECK(!(rst_bits.has_value() && dw_route == 2), op, "dw_route",
+           "must not be 2 (active) with rst_bits: reset-to-zero needs the events route");
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), rows = T * B;
+  check_csr(act_cnt, act_idx, rows, grad_spikes, op, "act_cnt", "act_idx");
+  check_csr(ev_cnt, ev_idx, rows, grad_spikes, op, "ev_cnt", "ev_idx");
   check_like(act_sg, grad_spikes, op, "act_sg");
   SG_CHECK(act_sg.numel() == act_idx.numel(), op, "act_sg", "must have one value per active entry (",
            act_idx.numel(), "), got ", act_sg.numel());
   check_event_values(ev_val, ev_idx, grad_spikes, op);
-  check_optional_csr(prev_ptr, prev_idx, rows, grad_spikes, op);
+  check_optional_csr(prev_cnt, prev_idx, rows, grad_spikes, op);
+  check_rst_bits(rst_bits, T, B, weight.size(0), grad_spikes, op);
 }
 
 inline void check_lif_backward_dense_args(const at::Tensor& grad_spikes,
                                           const c10::optional<at::Tensor>& grad_v_final,
                                           const at::Tensor& x, const at::Tensor& weight,
-                                          const at::Tensor& sg, double alpha) {
+                                          const at::Tensor& sg, const c10::optional<at::Tensor>& rst_bits,
+                                          double alpha) {
   const char* op = "lif_backward_dense";
   check_lif_grad_inputs(grad_spikes, grad_v_final, weight, alpha, op);
   check_linear(x, weight, c10::nullopt, op);
@@ -165,6 +219,7 @@ inline void check_lif_backward_dense_args(const at::Tensor& grad_spikes,
   SG_CHECK(sg.sizes() == grad_spikes.sizes(), op, "sg", "must match grad_spikes ",
            grad_spikes.sizes(), ", got ", sg.sizes());
   check_like(sg, grad_spikes, op, "sg");
+  check_rst_bits(rst_bits, grad_spikes.size(0), grad_spikes.size(1), weight.size(0), grad_spikes, op);
 }
 
 inline ReduceKind check_readout_forward_args(const at::Tensor& x, const at::Tensor& weight,
@@ -180,8 +235,8 @@ inline ReduceKind check_readout_forward_args(const at::Tensor& x, const at::Tens
 
 inline ReduceKind check_readout_backward_args(
     const at::Tensor& grad_out, const at::Tensor& argmax, const at::Tensor& weight,
-    const at::Tensor& ev_ptr, const at::Tensor& ev_idx, const at::Tensor& ev_val,
-    const c10::optional<at::Tensor>& prev_ptr, const c10::optional<at::Tensor>& prev_idx,
+    const at::Tensor& ev_cnt, const at::Tensor& ev_idx, const at::Tensor& ev_val,
+    const c10::optional<at::Tensor>& prev_cnt, const c10::optional<at::Tensor>& prev_idx,
     int64_t num_steps, double alpha, c10::string_view reduce_name) {
   const char* op = "li_readout_backward";
   const ReduceKind reduce = parse_reduce(reduce_name, op);
@@ -201,39 +256,16 @@ inline ReduceKind check_readout_backward_args(
     check_device(argmax, grad_out, op, "argmax_t");
   }
   const int64_t rows = num_steps * grad_out.size(-2);
-  check_csr(ev_ptr, ev_idx, rows, grad_out, op, "ev_ptr", "ev_idx");
+  check_csr(ev_cnt, ev_idx, rows, grad_out, op, "ev_cnt", "ev_idx");
   check_event_values(ev_val, ev_idx, grad_out, op);
-  check_optional_csr(prev_ptr, prev_idx, rows, grad_out, op);
+  check_optional_csr(prev_cnt, prev_idx, rows, grad_out, op);
   return reduce;
 }
 
 // ------------------------------------------------------------------------------------------
 // The LIF neuron op (lif_neuron_forward / lif_neuron_backward).
 // ------------------------------------------------------------------------------------------
-// TODO(merge): the contract's parse_surrogate / parse_reset replace these two.
-inline int parse_surrogate_name(c10::string_view name, const char* op) {
-  if (name == "fast_sigmoid") return kFastSigmoid;
-  if (name == "atan") return kAtan;
-  if (name == "sigmoid") return kSigmoid;
-  if (name == "triangle") return kTriangle;
-  SG_CHECK(false, op, "surrogate", "must be one of 'fast_sigmoid', 'atan', 'sigmoid', 'triangle', got '",
-           std::string(name), "'");
-  return kFastSigmoid;
-}
-
-inline int parse_reset_name(c10::string_view name, const char* op) {
-  if (name == "subtract") return kResetSubtract;
-  if (name == "zero") return kResetZero;
-  if (name == "none") return kResetNone;
-  SG_CHECK(false, op, "reset", "must be one of 'subtract', 'zero', 'none', got '", std::string(name),
-           "'");
-  return kResetSubtract;
-}
-
-// Words of 32 spike bits per row of N neurons (rst_bits [T, B, words]).
-inline int64_t bit_words(int64_t n) { return (n + 31) / 32; }
-
-struct NeuronKinds {
+struct NeuronOpKinds {
   int surrogate, reset, dynamics;
 };
 
@@ -247,38 +279,26 @@ inline int parse_dynamics(c10::string_view name, const char* op) {
   return kChargeLeaky;
 }
 
-inline NeuronKinds check_lif_neuron_forward_args(const at::Tensor& current,
-                                                 const c10::optional<at::Tensor>& v_init,
-                                                 const c10::optional<at::Tensor>& s_init,
-                                                 double alpha, double threshold, double b_th,
-                                                 double slope, c10::string_view surrogate,
-                                                 c10::string_view reset, bool return_mem,
-                                                 c10::string_view dynamics, double tau) {
+inline NeuronOpKinds check_lif_neuron_forward_args(const at::Tensor& current,
+                                                   const c10::optional<at::Tensor>& v_init,
+                                                   const c10::optional<at::Tensor>& s_init,
+                                                   double alpha, double threshold, double b_th,
+                                                   double slope, c10::string_view surrogate,
+                                                   c10::string_view reset, bool return_mem,
+                                                   c10::string_view dynamics, double tau) {
   const char* op = "lif_neuron_forward";
   check_float_tensor(current, op, "current", 3);
   SG_CHECK(current.size(2) < (int64_t(1) << 31), op, "current",
            "must have fewer than 2^31 neurons per step, got ", current.sizes());
-  check_alpha(alpha, op);
-  SG_CHECK(threshold > 0, op, "threshold", "must be > 0, got ", threshold);
-  SG_CHECK(b_th > 0, op, "b_th", "must be > 0 (inf for no mask), got ", b_th);
-  SG_CHECK(slope > 0, op, "slope", "must be > 0, got ", slope);
-  const NeuronKinds kinds{parse_surrogate_name(surrogate, op), parse_reset_name(reset, op),
-                          parse_dynamics(dynamics, op)};
+  const NeuronKinds k = check_neuron_args(alpha, threshold, b_th, slope, surrogate, reset, op);
+  const NeuronOpKinds kinds{k.surrogate, k.reset, parse_dynamics(dynamics, op)};
   if (kinds.dynamics != kChargeLeaky) {
     SG_CHECK(kinds.reset != kResetNone, op, "reset", "must be 'subtract' (soft) or 'zero' (hard) "
              "with SpikingJelly dynamics, got 'none'");
     SG_CHECK(!return_mem, op, "return_mem", "is not available with SpikingJelly dynamics");
     SG_CHECK(kinds.dynamics == kChargeSJIF || tau > 1.0, op, "tau", "must be > 1, got ", tau);
   }
-  const int64_t B = current.size(1), N = current.size(2);
-  for (const auto& [state, name] : {std::pair{&v_init, "v_init"}, std::pair{&s_init, "s_init"}}) {
-    if (state->has_value()) {
-      check_float_tensor(**state, op, name, 2);
-      check_like(**state, current, op, name);
-      SG_CHECK((*state)->size(0) == B && (*state)->size(1) == N, op, name, "must have shape [", B,
-               ", ", N, "], got ", (*state)->sizes());
-    }
-  }
+  check_state(v_init, s_init, current, current.size(1), current.size(2), op);
   return kinds;
 }
 

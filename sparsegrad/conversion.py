@@ -28,7 +28,6 @@ docs/conversion.md has the correspondences and docs/surrogates.md the surrogates
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import sys
 import warnings
@@ -219,13 +218,12 @@ class NeuronSpec:
 
     def fused(self, linear: nn.Linear, b_th: float, backward: str) -> Optional[nn.Module]:
         """nn.Linear + this neuron as one layer, or None when they cannot fuse."""
-        if not self.fusable or self.return_mem or not _lif_supports(self.surrogate, self.reset):
+        if not self.fusable or self.return_mem:
             return None
         w = linear.weight
         kwargs = dict(alpha=self.alpha, threshold=self.threshold, b_th=b_th, slope=self.slope,
-                      backward=backward, device=w.device, dtype=w.dtype)
-        if self.surrogate != "fast_sigmoid" or self.reset != "subtract":
-            kwargs.update(surrogate=self.surrogate, reset=self.reset)
+                      surrogate=self.surrogate, reset=self.reset, backward=backward,
+                      device=w.device, dtype=w.dtype)
         lif = LIF(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
         with torch.no_grad():
             lif.weight.copy_(w)
@@ -235,13 +233,6 @@ class NeuronSpec:
         if linear.bias is not None:
             lif.bias.requires_grad_(linear.bias.requires_grad)
         return lif
-
-
-def _lif_supports(surrogate: str, reset: str) -> bool:
-    """Whether the fused layer takes this surrogate and reset (all of them once it has surrogate=)."""
-    if surrogate == "fast_sigmoid" and reset == "subtract":
-        return True
-    return "surrogate" in inspect.signature(LIF.__init__).parameters
 
 
 def _scalar(t) -> Optional[float]:
@@ -309,8 +300,7 @@ class SpikingJellyNeuron(nn.Module):
                  surrogate: str = "sigmoid", slope: float = 4.0, b_th: float = 0.2,
                  backward: str = "sparse"):
         super().__init__()
-        F_sg.check_lif_args(0.5, v_threshold, b_th, slope, backward)
-        F_sg._check_kinds(surrogate, "subtract")
+        F_sg.check_lif_args(0.5, v_threshold, b_th, slope, backward, surrogate)
         if tau is not None and not tau > 1.0:
             raise ValueError(f"tau must be > 1 (or None for IFNode), got {tau}")
         self.tau = None if tau is None else float(tau)

@@ -9,10 +9,14 @@ import torch
 from . import ops
 
 __all__ = ["lif_layer", "li_readout", "LIFState", "LIFStats", "lif_layer_with_stats", "lif",
-           "lif_with_stats"]
+           "lif_with_stats", "SURROGATES", "RESETS"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
-# Attribute under which a sparse layer's output spikes carry its active set (CSR over (b, t)).
+# Surrogate derivatives dS/dV and resets (csrc/lif_math.h; docs/surrogates.md names the peers' ones).
+SURROGATES = ("fast_sigmoid", "atan", "sigmoid", "triangle")
+RESETS = ("subtract", "zero", "none")
+# Attribute under which a sparse layer's output spikes carry its active set (per-row counts and
+# indices over rows b*T + t).
 _ACTIVE_SET_ATTR = "_sparsegrad_active_set"
 
 
@@ -82,15 +86,43 @@ def _check_linear(x, weight, bias, what="x"):
             raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
-def check_lif_args(alpha, threshold, b_th, slope, backward):
-    """Validate LIF hyper-parameters; returns them as floats."""
+def _check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_lif_args(alpha, threshold, b_th, slope, backward, surrogate="fast_sigmoid",
+                   reset="subtract"):
+    """Validate LIF hyper-parameters; returns (alpha, threshold, b_th, slope) as floats."""
     if backward not in ("sparse", "dense"):
         raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
+    _check_choice("surrogate", surrogate, SURROGATES)
+    _check_choice("reset", reset, RESETS)
     alpha = _check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
     threshold = _check_scalar("threshold", threshold, 0.0, math.inf, low_open=True)
     b_th = _check_scalar("b_th", b_th, 0.0, math.inf, low_open=True, allow_inf=True)
     slope = _check_scalar("slope", slope, 0.0, math.inf, low_open=True)
     return alpha, threshold, b_th, slope
+
+
+def check_state(state, x, B, n, reset, what="N_out"):
+    """Validate state=(V, S), each [B, n] like x; returns (v, s) or (None, None).
+
+    Under reset="zero" the backward reads S as spikes, so S must hold only 0 and 1 there.
+    """
+    if state is None:
+        return None, None
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"state must be a (v, s) pair of [B, {what}] tensors or None")
+    v_init, s_init = state
+    for name, t in (("state.v", v_init), ("state.s", s_init)):
+        _check_tensor(name, t, 2, x.dtype, x.device)
+        if tuple(t.shape) != (B, n):
+            raise ValueError(f"{name} must have shape [{B}, {n}], got {tuple(t.shape)}")
+    if reset == "zero" and not bool(((s_init == 0) | (s_init == 1)).all()):
+        raise ValueError("state.s must hold only spikes (0 or 1) with reset='zero'")
+    return v_init, s_init
 
 
 def producer_active_set(x: torch.Tensor, time_major: bool = True):
@@ -104,15 +136,15 @@ def producer_active_set(x: torch.Tensor, time_major: bool = True):
     meta = getattr(x, _ACTIVE_SET_ATTR, None)
     if meta is None:
         return None, None
-    ptr, idx, shape, meta_time_major = meta
+    cnt, idx, shape, meta_time_major = meta
     if meta_time_major != time_major or tuple(x.shape) != shape:
         return None, None
-    return ptr, idx
+    return cnt, idx
 
 
-def attach_active_set(spikes: torch.Tensor, ptr, idx, time_major: bool = True):
+def attach_active_set(spikes: torch.Tensor, cnt, idx, time_major: bool = True):
     if not torch.compiler.is_compiling():
-        setattr(spikes, _ACTIVE_SET_ATTR, (ptr, idx, tuple(spikes.shape), time_major))
+        setattr(spikes, _ACTIVE_SET_ATTR, (cnt, idx, tuple(spikes.shape), time_major))
 
 
 def lif_layer_with_stats(
@@ -123,39 +155,35 @@ def lif_layer_with_stats(
     alpha: float,
     threshold: float = 1.0,
     b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
+    reset: str = "subtract",
     backward: str = "sparse",
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ):
-    """lif_layer returning (spikes, LIFState, LIFStats, (act_ptr, act_idx)).
+    """lif_layer returning (spikes, LIFState, LIFStats, (act_cnt, act_idx)).
 
-    producer: the (ptr, idx) active set of the sparse layer that made x, if known.
+    producer: the (cnt, idx) active set of the sparse layer that made x, if known.
     """
     _check_linear(x, weight, bias)
-    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward)
+    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
+                                                   surrogate, reset)
     T, B, _ = x.shape
     n_out = weight.shape[0]
-    v_init = s_init = None
-    if state is not None:
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise TypeError("state must be a (v, s) pair of [B, N_out] tensors or None")
-        v_init, s_init = state
-        for name, t in (("state.v", v_init), ("state.s", s_init)):
-            _check_tensor(name, t, 2, x.dtype, x.device)
-            if tuple(t.shape) != (B, n_out):
-                raise ValueError(f"{name} must have shape [{B}, {n_out}], got {tuple(t.shape)}")
+    v_init, s_init = check_state(state, x, B, n_out, reset)
     if producer is None:
         producer = producer_active_set(x)
-    x_ptr, x_idx = producer
+    x_cnt, x_idx = producer
     sparse = backward == "sparse"
-    (spikes, v_final, act_ptr, act_idx, _sg, _ep, _ei, _ev, stats) = ops.lif_forward(
-        x, weight, bias, v_init, s_init, x_ptr, x_idx, alpha, threshold, b_th, slope, sparse)
+    (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _rst, stats) = ops.lif_forward(
+        x, weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope, sparse,
+        surrogate, reset)
     if sparse:
-        attach_active_set(spikes, act_ptr, act_idx)
+        attach_active_set(spikes, act_cnt, act_idx)
     state_out = LIFState(v_final, spikes[-1])
     stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n_out)
-    return spikes, state_out, stats_out, (act_ptr, act_idx)
+    return spikes, state_out, stats_out, (act_cnt, act_idx)
 
 
 def lif_layer(
@@ -166,7 +194,9 @@ def lif_layer(
     alpha: float,
     threshold: float = 1.0,
     b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
+    reset: str = "subtract",
     backward: str = "sparse",
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     return_state: bool = False,
@@ -175,17 +205,22 @@ def lif_layer(
 
     x [T, B, N_in] (time-major), weight [N_out, N_in], bias [N_out] -> spikes [T, B, N_out].
 
-        V[t] = alpha*V[t-1] + x[t] @ weight.T + bias - threshold*S[t-1]   (reset detached)
-        S[t] = H(V[t] - threshold)
+        I[t] = x[t] @ weight.T + bias
+        V[t] = alpha*V[t-1] + I[t] - threshold*S[t-1]     reset="subtract" (default)
+        V[t] = alpha*(1 - S[t-1])*V[t-1] + I[t]           reset="zero"
+        V[t] = alpha*V[t-1] + I[t]                        reset="none"
+        S[t] = H(V[t] - threshold)                        (S[t-1] detached in every reset)
 
-    backward="sparse" (default) propagates the surrogate gradient 1/(slope*|V-threshold|+1)^2 only
-    where |V - threshold| < b_th, doing work proportional to those entries; backward="dense" uses
-    it everywhere (standard surrogate BPTT). state=(V, S) continues a sequence; with
-    return_state=True the result is (spikes, LIFState(V[T-1], S[T-1])).
+    The surrogate dS/dV (u = V - threshold, a = slope) is "fast_sigmoid" 1/(a|u|+1)^2 (default),
+    "atan" (a/2)/(1+(pi/2*a*u)^2), "sigmoid" a*sig(a*u)*(1-sig(a*u)) or "triangle"
+    a*max(0, 1-a|u|) (docs/surrogates.md). backward="sparse" (default) uses it only where
+    |u| < b_th, doing work proportional to those entries; backward="dense" uses it everywhere
+    (standard surrogate BPTT). state=(V, S) continues a sequence; with return_state=True the
+    result is (spikes, LIFState(V[T-1], S[T-1])).
     """
     spikes, state_out, _, _ = lif_layer_with_stats(
-        x, weight, bias, alpha=alpha, threshold=threshold, b_th=b_th, slope=slope,
-        backward=backward, state=state)
+        x, weight, bias, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate,
+        slope=slope, reset=reset, backward=backward, state=state)
     if return_state:
         return spikes, state_out
     return spikes
@@ -217,19 +252,6 @@ def li_readout(
 # --------------------------------------------------------------------------------------------
 # The LIF neuron alone (after any per-step layer)
 # --------------------------------------------------------------------------------------------
-# TODO(merge): the contract commit defines SURROGATES / RESETS and check_lif_args(..., surrogate,
-# reset); use those.
-_NEURON_SURROGATES = ("fast_sigmoid", "atan", "sigmoid", "triangle")
-_NEURON_RESETS = ("subtract", "zero", "none")
-
-
-def _check_kinds(surrogate, reset):
-    if surrogate not in _NEURON_SURROGATES:
-        raise ValueError(f"surrogate must be one of {_NEURON_SURROGATES}, got {surrogate!r}")
-    if reset not in _NEURON_RESETS:
-        raise ValueError(f"reset must be one of {_NEURON_RESETS}, got {reset!r}")
-
-
 def lif_with_stats(
     current: torch.Tensor,
     *,
@@ -254,8 +276,8 @@ def lif_with_stats(
     if current.shape[0] == 0:
         raise ValueError(f"current must have at least one time step, got shape "
                          f"{tuple(current.shape)}")
-    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward)
-    _check_kinds(surrogate, reset)
+    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
+                                                   surrogate, reset)
     T, B = current.shape[:2]
     features = tuple(current.shape[2:])
     n = math.prod(features)
@@ -271,12 +293,17 @@ def lif_with_stats(
             if tuple(t.shape) != (B,) + features:
                 raise ValueError(f"{name} must have shape {[B, *features]}, got {tuple(t.shape)}")
             _check_tensor(name, t, t.dim(), current.dtype, current.device)
+        if reset == "zero" and not bool(((s_init == 0) | (s_init == 1)).all()):
+            raise ValueError("state.s must hold only spikes (0 or 1) with reset='zero'")
         v_init, s_init = v_init.reshape(B, n), s_init.reshape(B, n)
     sparse = backward == "sparse"
     spikes, v_final, act_cnt, act_idx, _sg, _rg, _rst, mem, stats = ops.lif_neuron_forward(
         current.reshape(T, B, n), v_init, s_init, alpha, threshold, b_th, slope, sparse,
         surrogate, reset, return_mem)
-    spikes = spikes.view(current.shape)
+    if sparse and current.dim() == 3:
+        # a fused LIF right after this neuron then computes dx only at these entries
+        attach_active_set(spikes, act_cnt, act_idx)
+    spikes = spikes.view(current.shape) if current.dim() != 3 else spikes
     v_final = v_final.view((B,) + features)
     state_out = LIFState(v_final, spikes[-1])
     stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n)

@@ -60,14 +60,16 @@ class LIF(_LinearParams):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  alpha: float = 0.9, threshold: float = 1.0, b_th: float = 0.2,
-                 slope: float = 100.0, backward: str = "sparse", batch_first: bool = False,
-                 device=None, dtype=None):
+                 surrogate: str = "fast_sigmoid", slope: float = 100.0, reset: str = "subtract",
+                 backward: str = "sparse", batch_first: bool = False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward)
+        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
         self.alpha = float(alpha)
         self.threshold = float(threshold)
         self.b_th = float(b_th)
+        self.surrogate = surrogate
         self.slope = float(slope)
+        self.reset = reset
         self.backward = backward
         self.batch_first = bool(batch_first)
         self.last_stats: Optional[F_sg.LIFStats] = None
@@ -84,16 +86,22 @@ class LIF(_LinearParams):
         x_tm = self._time_major(x)
         if state is None:
             state = self._initial_state(x_tm)
-        spikes, state_out, stats, (ptr, idx) = F_sg.lif_layer_with_stats(
+        spikes, state_out, stats, (cnt, idx) = F_sg.lif_layer_with_stats(
             x_tm, self.weight, self._input_bias(), alpha=self.alpha, threshold=self.threshold,
-            b_th=self.b_th, slope=self.slope, backward=self.backward, state=state,
-            producer=self._producer(x))
+            b_th=self.b_th, surrogate=self.surrogate, slope=self.slope, reset=self.reset,
+            backward=self.backward, state=state, producer=self._producer(x))
         self.last_stats = stats
         if self.batch_first:
             spikes = spikes.transpose(0, 1)
             if self.backward == "sparse":
-                F_sg.attach_active_set(spikes, ptr, idx, time_major=False)
+                F_sg.attach_active_set(spikes, cnt, idx, time_major=False)
         return (spikes, state_out) if return_state else spikes
+
+    def __setstate__(self, state):
+        # Models pickled before surrogates and resets were options used the defaults.
+        state.setdefault("surrogate", "fast_sigmoid")
+        state.setdefault("reset", "subtract")
+        super().__setstate__(state)
 
     def __getstate__(self):
         # Per-call statistics are not part of the model: keep pickles and deep copies clean.
@@ -104,7 +112,8 @@ class LIF(_LinearParams):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, alpha={self.alpha}, threshold={self.threshold}, "
-                f"b_th={self.b_th}, slope={self.slope}, backward={self.backward!r}, "
+                f"b_th={self.b_th}, surrogate={self.surrogate!r}, slope={self.slope}, "
+                f"reset={self.reset!r}, backward={self.backward!r}, "
                 f"batch_first={self.batch_first}")
 
 
@@ -154,8 +163,7 @@ class LIFNeuron(nn.Module):
                  surrogate: str = "fast_sigmoid", slope: float = 100.0, reset: str = "subtract",
                  backward: str = "sparse", batch_first: bool = False, return_mem: bool = False):
         super().__init__()
-        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward)
-        F_sg._check_kinds(surrogate, reset)
+        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
         self.alpha = float(alpha)
         self.threshold = float(threshold)
         self.b_th = float(b_th)
@@ -179,8 +187,12 @@ class LIFNeuron(nn.Module):
             state=state, return_mem=self.return_mem)
         self.last_stats = stats
         if self.batch_first:
+            time_major = spikes
             spikes = spikes.transpose(0, 1)
             mem = mem.transpose(0, 1) if mem is not None else None
+            producer = F_sg.producer_active_set(time_major)
+            if producer[0] is not None:
+                F_sg.attach_active_set(spikes, *producer, time_major=False)
         out = (spikes, mem) if self.return_mem else (spikes,)
         if return_state:
             out += (state_out,)

@@ -22,37 +22,45 @@ def _dynamic(ctx):
     return ctx.new_dynamic_size()
 
 
+def rst_bits_fake(like, T, B, n, reset):
+    """Shape of the reset bits (reset="zero" only): int32 [T, B, ceil(n/32)], else [0]."""
+    if reset == "zero":
+        return like.new_empty(T, B, (n + 31) // 32, dtype=torch.int32)
+    return like.new_empty(0, dtype=torch.int32)
+
+
 @torch.library.register_fake("sparsegrad::lif_forward")
-def _lif_forward_fake(x, weight, bias, v_init, s_init, x_act_ptr, x_act_idx, alpha, threshold, b_th,
-                      slope, sparse):
+def _lif_forward_fake(x, weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha, threshold, b_th,
+                      slope, sparse, surrogate="fast_sigmoid", reset="subtract"):
     T, B, _ = x.shape
     n_out = weight.shape[0]
     ctx = torch.library.get_ctx()
     spikes = x.new_empty(T, B, n_out)
     v_final = x.new_empty(B, n_out)
     if sparse:
-        act_ptr = x.new_empty(B * T + 1, dtype=torch.int64)
+        act_cnt = x.new_empty(B * T, dtype=torch.int32)
         n_active = _dynamic(ctx)
         act_idx = x.new_empty(n_active, dtype=torch.int32)
         act_sg = x.new_empty(n_active)
-        ev_ptr, ev_idx, ev_val = _events_fake(x, ctx)
+        ev_cnt, ev_idx, ev_val = _events_fake(x, ctx)
     else:
-        act_ptr = x.new_empty(0, dtype=torch.int64)
+        act_cnt = x.new_empty(0, dtype=torch.int32)
         act_idx = x.new_empty(0, dtype=torch.int32)
         act_sg = x.new_empty(T, B, n_out)
-        ev_ptr = x.new_empty(0, dtype=torch.int64)
+        ev_cnt = x.new_empty(0, dtype=torch.int32)
         ev_idx = x.new_empty(0, dtype=torch.int32)
         ev_val = x.new_empty(0)
+    rst_bits = rst_bits_fake(x, T, B, n_out, reset)
     stats = x.new_empty(3, dtype=torch.int64)
-    return spikes, v_final, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, stats
+    return spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, rst_bits, stats
 
 
 def _events_fake(x, ctx):
     T, B, _ = x.shape
-    ev_ptr = x.new_empty(B * T + 1, dtype=torch.int64)
+    ev_cnt = x.new_empty(B * T, dtype=torch.int32)
     ev_idx = x.new_empty(_dynamic(ctx), dtype=torch.int32)
     ev_val = x.new_empty(_dynamic(ctx))  # empty when x is binary
-    return ev_ptr, ev_idx, ev_val
+    return ev_cnt, ev_idx, ev_val
 
 
 def _grads_fake(x_shape, like, weight, need_dx, need_dw, need_db):
@@ -63,9 +71,9 @@ def _grads_fake(x_shape, like, weight, need_dx, need_dw, need_db):
 
 
 @torch.library.register_fake("sparsegrad::lif_backward_sparse")
-def _lif_backward_sparse_fake(grad_spikes, grad_v_final, weight, act_ptr, act_idx, act_sg, ev_ptr,
-                              ev_idx, ev_val, prev_ptr, prev_idx, alpha, need_dx, need_dw, need_db,
-                              need_dv, dw_route):
+def _lif_backward_sparse_fake(grad_spikes, grad_v_final, weight, act_cnt, act_idx, act_sg, ev_cnt,
+                              ev_idx, ev_val, prev_cnt, prev_idx, rst_bits, alpha, need_dx, need_dw,
+                              need_db, need_dv, dw_route):
     T, B, _ = grad_spikes.shape
     dx, dw, db = _grads_fake((T, B, weight.shape[1]), grad_spikes, weight, need_dx, need_dw, need_db)
     dv = grad_spikes.new_empty(B, weight.shape[0]) if need_dv else grad_spikes.new_empty(0)
@@ -73,8 +81,8 @@ def _lif_backward_sparse_fake(grad_spikes, grad_v_final, weight, act_ptr, act_id
 
 
 @torch.library.register_fake("sparsegrad::lif_backward_dense")
-def _lif_backward_dense_fake(grad_spikes, grad_v_final, x, weight, sg, alpha, need_dx, need_dw,
-                             need_db, need_dv):
+def _lif_backward_dense_fake(grad_spikes, grad_v_final, x, weight, sg, rst_bits, alpha, need_dx,
+                             need_dw, need_db, need_dv):
     T, B, _ = grad_spikes.shape
     dx, dw, db = _grads_fake(x.shape, grad_spikes, weight, need_dx, need_dw, need_db)
     dv = grad_spikes.new_empty(B, weight.shape[0]) if need_dv else grad_spikes.new_empty(0)
@@ -82,18 +90,18 @@ def _lif_backward_dense_fake(grad_spikes, grad_v_final, x, weight, sg, alpha, ne
 
 
 @torch.library.register_fake("sparsegrad::li_readout_forward")
-def _li_readout_forward_fake(x, weight, bias, x_act_ptr, x_act_idx, alpha, reduce):
+def _li_readout_forward_fake(x, weight, bias, x_act_cnt, x_act_idx, alpha, reduce):
     T, B, _ = x.shape
     n_out = weight.shape[0]
     ctx = torch.library.get_ctx()
     out = x.new_empty(T, B, n_out) if reduce == "none" else x.new_empty(B, n_out)
     argmax_t = x.new_empty((B, n_out) if reduce == "max" else (0,), dtype=torch.int64)
-    ev_ptr, ev_idx, ev_val = _events_fake(x, ctx)
-    return out, argmax_t, ev_ptr, ev_idx, ev_val
+    ev_cnt, ev_idx, ev_val = _events_fake(x, ctx)
+    return out, argmax_t, ev_cnt, ev_idx, ev_val
 
 
 @torch.library.register_fake("sparsegrad::li_readout_backward")
-def _li_readout_backward_fake(grad_out, argmax_t, weight, ev_ptr, ev_idx, ev_val, prev_ptr,
+def _li_readout_backward_fake(grad_out, argmax_t, weight, ev_cnt, ev_idx, ev_val, prev_cnt,
                               prev_idx, num_steps, alpha, reduce, need_dx, need_dw, need_db):
     B = grad_out.shape[-2]
     return _grads_fake((num_steps, B, weight.shape[1]), grad_out, weight, need_dx, need_dw, need_db)
@@ -138,31 +146,36 @@ def _lif_neuron_backward_fake(grad_spikes, grad_v_final, grad_mem, act_cnt, act_
 # Autograd
 # --------------------------------------------------------------------------------------------
 def _lif_setup_context(ctx, inputs, output):
-    x, weight, bias, v_init, s_init, x_act_ptr, x_act_idx, alpha, threshold, b_th, slope, sparse = inputs
-    spikes, v_final, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, stats = output
+    (x, weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha, threshold, b_th, slope, sparse,
+     *_kinds) = inputs
+    spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, rst_bits, stats = output
     ctx.alpha = alpha
     ctx.sparse = sparse
     ctx.has_bias = bias is not None
     ctx.has_v_init = v_init is not None
-    ctx.has_prev = x_act_ptr is not None
+    ctx.has_prev = x_act_cnt is not None
+    ctx.has_rst = rst_bits.numel() > 0
     ctx.spikes_shape = spikes.shape
-    ctx.mark_non_differentiable(act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, stats)
+    ctx.mark_non_differentiable(act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, rst_bits, stats)
     # Unused outputs get None, not zero tensors: a zero dL/dV_final would make the sparse
     # backward walk every step, and zero-filling them costs time.
     ctx.set_materialize_grads(False)
     if sparse:
         # Compact data only: no dense [T, B, N] float tensor is kept for the backward.
-        saved = [weight, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val]
+        saved = [weight, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val]
         if ctx.has_prev:
-            saved += [x_act_ptr, x_act_idx]
+            saved += [x_act_cnt, x_act_idx]
     else:
         saved = [weight, act_sg, x]
+    if ctx.has_rst:
+        saved.append(rst_bits)
     ctx.save_for_backward(*saved)
 
 
 def _lif_backward(ctx, grad_spikes, grad_v_final, *unused):
+    n_inputs = 14
     if grad_spikes is None and grad_v_final is None:
-        return (None,) * 12
+        return (None,) * n_inputs
     if grad_spikes is None:
         grad_spikes = grad_v_final.new_zeros(ctx.spikes_shape)
     need_dx, need_dw, need_db, need_dv = (
@@ -171,18 +184,22 @@ def _lif_backward(ctx, grad_spikes, grad_v_final, *unused):
         ctx.has_bias and ctx.needs_input_grad[2],
         ctx.has_v_init and ctx.needs_input_grad[3],
     )
+    saved = list(ctx.saved_tensors)
+    rst_bits = saved.pop() if ctx.has_rst else None
     if ctx.sparse:
-        weight, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, *prev = ctx.saved_tensors
-        prev_ptr, prev_idx = prev if prev else (None, None)
+        weight, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, *prev = saved
+        prev_cnt, prev_idx = prev if prev else (None, None)
         dx, dw, db, dv = _ops.lif_backward_sparse.default(
-            grad_spikes, grad_v_final, weight, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val,
-            prev_ptr, prev_idx, ctx.alpha, need_dx, need_dw, need_db, need_dv, DW_ROUTES["auto"])
+            grad_spikes, grad_v_final, weight, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val,
+            prev_cnt, prev_idx, rst_bits, ctx.alpha, need_dx, need_dw, need_db, need_dv,
+            DW_ROUTES["auto"])
     else:
-        weight, sg, x = ctx.saved_tensors
+        weight, sg, x = saved
         dx, dw, db, dv = _ops.lif_backward_dense.default(
-            grad_spikes, grad_v_final, x, weight, sg, ctx.alpha, need_dx, need_dw, need_db, need_dv)
+            grad_spikes, grad_v_final, x, weight, sg, rst_bits, ctx.alpha, need_dx, need_dw,
+            need_db, need_dv)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
-            dv if need_dv else None, None, None, None, None, None, None, None, None)
+            dv if need_dv else None) + (None,) * (n_inputs - 4)
 
 
 torch.library.register_autograd("sparsegrad::lif_forward", _lif_backward,
@@ -190,30 +207,30 @@ torch.library.register_autograd("sparsegrad::lif_forward", _lif_backward,
 
 
 def _readout_setup_context(ctx, inputs, output):
-    x, weight, bias, x_act_ptr, x_act_idx, alpha, reduce = inputs
-    out, argmax_t, ev_ptr, ev_idx, ev_val = output
+    x, weight, bias, x_act_cnt, x_act_idx, alpha, reduce = inputs
+    out, argmax_t, ev_cnt, ev_idx, ev_val = output
     ctx.alpha = alpha
     ctx.reduce = reduce
     ctx.num_steps = x.shape[0]
     ctx.has_bias = bias is not None
-    ctx.has_prev = x_act_ptr is not None
-    ctx.mark_non_differentiable(argmax_t, ev_ptr, ev_idx, ev_val)
+    ctx.has_prev = x_act_cnt is not None
+    ctx.mark_non_differentiable(argmax_t, ev_cnt, ev_idx, ev_val)
     ctx.set_materialize_grads(False)
-    saved = [weight, argmax_t, ev_ptr, ev_idx, ev_val]
+    saved = [weight, argmax_t, ev_cnt, ev_idx, ev_val]
     if ctx.has_prev:
-        saved += [x_act_ptr, x_act_idx]
+        saved += [x_act_cnt, x_act_idx]
     ctx.save_for_backward(*saved)
 
 
 def _readout_backward(ctx, grad_out, *unused):
     if grad_out is None:
         return (None,) * 7
-    weight, argmax_t, ev_ptr, ev_idx, ev_val, *prev = ctx.saved_tensors
-    prev_ptr, prev_idx = prev if prev else (None, None)
+    weight, argmax_t, ev_cnt, ev_idx, ev_val, *prev = ctx.saved_tensors
+    prev_cnt, prev_idx = prev if prev else (None, None)
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_db = ctx.has_bias and ctx.needs_input_grad[2]
     dx, dw, db = _ops.li_readout_backward.default(
-        grad_out, argmax_t, weight, ev_ptr, ev_idx, ev_val, prev_ptr, prev_idx, ctx.num_steps,
+        grad_out, argmax_t, weight, ev_cnt, ev_idx, ev_val, prev_cnt, prev_idx, ctx.num_steps,
         ctx.alpha, ctx.reduce, need_dx, need_dw, need_db)
     return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
             None, None, None, None)
@@ -275,15 +292,16 @@ torch.library.register_autograd("sparsegrad::lif_neuron_forward", _lif_neuron_ba
 # --------------------------------------------------------------------------------------------
 # Direct entry points (no validation beyond the C++ checks; see sparsegrad.functional)
 # --------------------------------------------------------------------------------------------
-def lif_forward(x, weight, bias, v_init, s_init, x_act_ptr, x_act_idx, alpha: float,
-                threshold: float, b_th: float, slope: float, sparse: bool):
-    return _ops.lif_forward.default(x, weight, bias, v_init, s_init, x_act_ptr, x_act_idx,
+def lif_forward(x, weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha: float,
+                threshold: float, b_th: float, slope: float, sparse: bool,
+                surrogate: str = "fast_sigmoid", reset: str = "subtract"):
+    return _ops.lif_forward.default(x, weight, bias, v_init, s_init, x_act_cnt, x_act_idx,
                                     float(alpha), float(threshold), float(b_th), float(slope),
-                                    bool(sparse))
+                                    bool(sparse), surrogate, reset)
 
 
-def li_readout_forward(x, weight, bias, x_act_ptr, x_act_idx, alpha: float, reduce: str):
-    return _ops.li_readout_forward.default(x, weight, bias, x_act_ptr, x_act_idx, float(alpha),
+def li_readout_forward(x, weight, bias, x_act_cnt, x_act_idx, alpha: float, reduce: str):
+    return _ops.li_readout_forward.default(x, weight, bias, x_act_cnt, x_act_idx, float(alpha),
                                            reduce)
 
 

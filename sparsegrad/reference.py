@@ -16,33 +16,63 @@ __all__ = ["surrogate_grad", "spike", "lif_layer", "li_readout", "lif_neuron",
            "spikingjelly_neuron"]
 
 
-def surrogate_grad(u: torch.Tensor, slope: float) -> torch.Tensor:
-    """SuperSpike / fast-sigmoid derivative 1 / (slope*|u| + 1)^2 at u = V - threshold."""
-    return 1.0 / (slope * u.abs() + 1.0) ** 2
+def surrogate_grad(u: torch.Tensor, slope: float, surrogate: str = "fast_sigmoid") -> torch.Tensor:
+    """dS/dV at u = V - threshold for each surrogate of csrc/lif_math.h (a = slope):
+
+    fast_sigmoid 1/(a|u| + 1)^2, atan (a/2)/(1 + (pi/2*a*u)^2), sigmoid a*sig(a*u)*(1 - sig(a*u))
+    (written with exp(-a|u|), which never overflows), triangle a*max(0, 1 - a|u|).
+    """
+    a = u.abs()
+    if surrogate == "fast_sigmoid":
+        return 1.0 / (slope * a + 1.0) ** 2
+    if surrogate == "atan":
+        z = (math.pi / 2) * slope * a
+        return (slope / 2) / (1.0 + z * z)
+    if surrogate == "sigmoid":
+        e = torch.exp(-slope * a)
+        return slope * e / (1.0 + e) ** 2
+    if surrogate == "triangle":
+        return slope * torch.clamp(1.0 - slope * a, min=0.0)
+    raise ValueError(f"surrogate must be one of 'fast_sigmoid', 'atan', 'sigmoid', 'triangle', "
+                     f"got {surrogate!r}")
 
 
 class _Spike(torch.autograd.Function):
     """Heaviside forward; surrogate backward masked to |u| < b_th (b_th = inf: unmasked)."""
 
     @staticmethod
-    def forward(ctx, u, slope, b_th):
+    def forward(ctx, u, slope, b_th, surrogate):
         ctx.save_for_backward(u)
         ctx.slope = slope
         ctx.b_th = b_th
+        ctx.surrogate = surrogate
         return (u > 0).to(u.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         (u,) = ctx.saved_tensors
-        sg = surrogate_grad(u, ctx.slope)
+        sg = surrogate_grad(u, ctx.slope, ctx.surrogate)
         if not math.isinf(ctx.b_th):
             sg = sg * (u.abs() < ctx.b_th).to(u.dtype)
-        return grad_out * sg, None, None
+        return grad_out * sg, None, None, None
 
 
-def spike(u: torch.Tensor, slope: float = 100.0, b_th: float = math.inf) -> torch.Tensor:
-    """S = H(u) with the (optionally masked) fast-sigmoid surrogate gradient."""
-    return _Spike.apply(u, slope, b_th)
+def spike(u: torch.Tensor, slope: float = 100.0, b_th: float = math.inf,
+          surrogate: str = "fast_sigmoid") -> torch.Tensor:
+    """S = H(u) with the (optionally masked) surrogate gradient."""
+    return _Spike.apply(u, slope, b_th, surrogate)
+
+
+def lif_step(v, current_t, s, alpha: float, threshold: float, reset: str):
+    """One membrane update (S of the previous step detached in every reset, as snnTorch)."""
+    s = s.detach()
+    if reset == "subtract":
+        return alpha * v + current_t - threshold * s
+    if reset == "zero":
+        return alpha * ((1 - s) * v) + current_t
+    if reset == "none":
+        return alpha * v + current_t
+    raise ValueError(f"reset must be one of 'subtract', 'zero', 'none', got {reset!r}")
 
 
 def lif_layer(
@@ -53,16 +83,20 @@ def lif_layer(
     alpha: float,
     threshold: float = 1.0,
     b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
+    reset: str = "subtract",
     backward: str = "sparse",
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     return_state: bool = False,
 ):
     """Reference LIF layer, time-major x [T, B, N_in] -> spikes [T, B, N_out].
 
-    V[t] = alpha*V[t-1] + x[t] @ W.T + b - threshold*S[t-1] (reset detached), S[t] = H(V[t] - threshold).
-    backward="dense" uses the unmasked surrogate, "sparse" masks it to |V - threshold| < b_th.
-    state = (V, S) of shape [B, N_out] each; the returned state is (V[T-1], S[T-1]).
+    V[t] = alpha*V[t-1] + x[t] @ W.T + b - threshold*S[t-1] (reset="subtract"; "zero":
+    alpha*(1 - S[t-1])*V[t-1] + I[t]; "none": alpha*V[t-1] + I[t]; S[t-1] detached),
+    S[t] = H(V[t] - threshold). backward="dense" uses the unmasked surrogate, "sparse" masks it to
+    |V - threshold| < b_th. state = (V, S) of shape [B, N_out] each; the returned state is
+    (V[T-1], S[T-1]).
     """
     if backward not in ("sparse", "dense"):
         raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
@@ -77,8 +111,8 @@ def lif_layer(
     spikes = []
     # unbind, not current[t]: indexing inside the loop would make autograd's backward O(T^2)
     for current_t in current.unbind(0):
-        v = alpha * v + current_t - threshold * s.detach()
-        s = spike(v - threshold, slope, mask_width)
+        v = lif_step(v, current_t, s, alpha, threshold, reset)
+        s = spike(v - threshold, slope, mask_width, surrogate)
         spikes.append(s)
     out = torch.stack(spikes)
     if return_state:
@@ -117,25 +151,11 @@ def li_readout(
 
 
 # --------------------------------------------------------------------------------------------
-# The LIF neuron alone (sparsegrad.lif), every surrogate and reset.
-# TODO(merge): the contract's surrogate_grad(u, slope, surrogate) / spike(..., surrogate) replace
-# the two helpers below.
+# The LIF neuron alone (sparsegrad.lif), every surrogate and reset; SpikingJelly's neurons.
 # --------------------------------------------------------------------------------------------
-def _surrogate_of(u: torch.Tensor, slope: float, surrogate: str) -> torch.Tensor:
-    a = u.abs()
-    if surrogate == "fast_sigmoid":
-        return 1.0 / (slope * a + 1.0) ** 2
-    if surrogate == "atan":
-        return (slope / 2) / (1.0 + (math.pi / 2 * slope * a) ** 2)
-    if surrogate == "sigmoid":
-        e = torch.exp(-slope * a)
-        return slope * e / (1.0 + e) ** 2
-    if surrogate == "triangle":
-        return slope * torch.clamp(1.0 - slope * a, min=0.0)
-    raise ValueError(f"unknown surrogate {surrogate!r}")
-
-
 class _SpikeKind(torch.autograd.Function):
+    """spike(), optionally firing at u >= 0 (SpikingJelly's convention)."""
+
     @staticmethod
     def forward(ctx, u, slope, b_th, surrogate, at_zero=False):
         ctx.save_for_backward(u)
@@ -145,7 +165,7 @@ class _SpikeKind(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (u,) = ctx.saved_tensors
-        sg = _surrogate_of(u, ctx.slope, ctx.surrogate)
+        sg = surrogate_grad(u, ctx.slope, ctx.surrogate)
         if not math.isinf(ctx.b_th):
             sg = sg * (u.abs() < ctx.b_th).to(u.dtype)
         return grad_out * sg, None, None, None, None
@@ -184,14 +204,8 @@ def lif_neuron(
         v, s = state
     spikes, mems = [], []
     for current_t in current.unbind(0):
-        s_prev = s.detach()
-        if reset == "subtract":
-            v = alpha * v + current_t - threshold * s_prev
-        elif reset == "zero":
-            v = alpha * ((1 - s_prev) * v) + current_t
-        else:
-            v = alpha * v + current_t
-        s = _SpikeKind.apply(v - threshold, slope, mask_width, surrogate)
+        v = lif_step(v, current_t, s, alpha, threshold, reset)
+        s = spike(v - threshold, slope, mask_width, surrogate)
         spikes.append(s)
         mems.append(v)
     out = (torch.stack(spikes),)

@@ -439,13 +439,13 @@ def test_tutorial5_network_written_with_sparsegrad_modules():
             x_seq = x.unsqueeze(0).expand(num_steps, *x.shape)  # the same input every step
             return self.lif2(self.fc2(self.fc1(x_seq)))
 
-    if "surrogate" not in __import__("inspect").signature(LIF.__init__).parameters:
-        pytest.skip("needs nn.LIF(surrogate=...)")
     torch.manual_seed(0)
     net = Net()
+    with torch.no_grad():
+        net.fc2.weight.mul_(8.0)  # so that the output layer spikes in a short test
     sparse_net = SparseNet(backward="dense")
     sparse_net.load_state_dict(net.state_dict(), strict=False)
-    x = torch.rand(16, num_inputs) * 0.2
+    x = torch.rand(16, num_inputs)
     spk, mem = net(x)
     spk2, mem2 = sparse_net(x)
     assert 0.01 < spk.mean() < 0.9
@@ -489,7 +489,7 @@ def test_spikingjelly_neuron_matches_reference(case, surrogate, slope, dtype):
         got = mod(xa)
         want, _ = ref.spikingjelly_neuron(xb, threshold=1.0, b_th=b_th, backward=backward, **kw)
         assert torch.equal(got, want)
-        assert 0.05 < float(want.mean()) < 0.8
+        assert 0.05 < float(want.detach().mean()) < 0.8
         cot = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
         (got * cot).sum().backward()
         (want * cot).sum().backward()
@@ -537,7 +537,7 @@ def test_spikingjelly_multistep_conv_model_same_spikes_and_dense_gradients(dtype
     functional.reset_net(net)
     hidden = net[1](net[0](x))
     out = net[8](net[7](net[6](net[5](net[4](net[3](net[2](hidden)))))))
-    assert 0.01 < float(hidden.mean()) < 0.6 and 0.01 < float(out.mean()) < 0.8
+    assert 0.01 < float(hidden.detach().mean()) < 0.6 and 0.01 < float(out.detach().mean()) < 0.8
     assert torch.equal(conv[1](conv[0](x)), hidden)
     out2 = conv(x)
     assert torch.equal(out2, out)
@@ -561,7 +561,7 @@ def test_spikingjelly_single_step_mlp_and_sparse_band():
     functional.reset_net(net)
     ref = torch.stack([net(x[t]) for t in range(T)])  # single-step mode, the user's loop
     functional.reset_net(net)
-    assert 0.02 < float(ref.mean()) < 0.8
+    assert 0.02 < float(ref.detach().mean()) < 0.8
     dense = sparsegrad.convert(net, backward="dense")
     assert torch.equal(dense(x), ref)
     # sparse mode with an infinite band equals dense

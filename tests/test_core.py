@@ -147,13 +147,13 @@ def test_both_dw_routes_agree(dtype, binary, need_dx):
     trace with closed-form db/dV (forward walk) are the same sums."""
     x, w, b = random_problem(18, 5, 14, 9, rate=0.3, binary=binary, dtype=dtype)
     out = sparsegrad.ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 0.4, 10.0, True)
-    spikes, v_final, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, _ = out
+    spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, _, _ = out
     g = torch.randn_like(spikes)
     gv = torch.randn_like(v_final)
     results = []
     for route in (1, 2):
         results.append(torch.ops.sparsegrad.lif_backward_sparse(
-            g, gv, w, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, None, None, 0.9,
+            g, gv, w, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, None, None, None, 0.9,
             need_dx, True, True, True, route))
     assert torch.count_nonzero(results[0][1]) > 0
     for a, c in zip(*results):
@@ -169,14 +169,14 @@ def test_event_route_tiles(dtype, n_out, binary):
     the same bits with 1 or 2 threads."""
     x, w, b = random_problem(23, 3, 11, n_out, rate=0.3, binary=binary, dtype=dtype)
     out = sparsegrad.ops.lif_forward(x, w, b, None, None, None, None, 0.85, 1.0, 0.5, 10.0, True)
-    spikes, v_final, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, _ = out
+    spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, _, _ = out
     assert act_idx.numel() > 0
     g = torch.randn_like(spikes)
     gv = torch.randn_like(v_final)
 
     def backward(route, grad_v):
         return torch.ops.sparsegrad.lif_backward_sparse(
-            g, grad_v, w, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, None, None, 0.85,
+            g, grad_v, w, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, None, None, None, 0.85,
             False, True, True, grad_v is not None, route)[1:]
 
     for grad_v in (None, gv):
@@ -247,16 +247,16 @@ def test_dx_restricted_to_producer_active_set():
     """With the producer's active set known, dx equals the full dx on that set, zero elsewhere."""
     x, w1, b1 = random_problem(20, 4, 10, 12, rate=0.3)
     w2 = torch.randn(6, 12, dtype=torch.float64)
-    h, _, _, (ptr, idx) = sparsegrad.functional.lif_layer_with_stats(x, w1, b1, alpha=0.9, b_th=0.2)
+    h, _, _, (cnt, idx) = sparsegrad.functional.lif_layer_with_stats(x, w1, b1, alpha=0.9, b_th=0.2)
     h_full = h.detach().clone().requires_grad_(True)  # no producer attached: full dx
     h_restricted = h.detach().clone().requires_grad_(True)
     g = torch.randn(20, 4, 6, dtype=torch.float64)
     # a wide consumer b_th makes the restricted dx clearly the cheaper choice of the kernel
     full, = torch.autograd.grad(sparsegrad.lif_layer(h_full, w2, alpha=0.9, b_th=10.0), h_full, g)
-    out = sparsegrad.functional.lif_layer_with_stats(h_restricted, w2, alpha=0.9, b_th=10.0, producer=(ptr, idx))[0]
+    out = sparsegrad.functional.lif_layer_with_stats(h_restricted, w2, alpha=0.9, b_th=10.0, producer=(cnt, idx))[0]
     restricted, = torch.autograd.grad(out, h_restricted, g)
     mask = torch.zeros(4, 20, 12, dtype=torch.bool)
-    rows = torch.repeat_interleave(torch.arange(4 * 20), ptr.diff())
+    rows = torch.repeat_interleave(torch.arange(4 * 20), cnt.long())
     mask.view(-1, 12)[rows, idx.long()] = True
     mask = mask.transpose(0, 1)
     torch.testing.assert_close(restricted[mask], full[mask], rtol=1e-10, atol=1e-12)
@@ -272,21 +272,21 @@ def test_restricted_dx_both_routes(dtype, n_out, route):
     the reverse walk otherwise) equals the full dx there, is zero elsewhere, and has the same
     bits with 1 or 2 threads."""
     x, w1, b1 = random_problem(21, 3, 10, 12, rate=0.3, dtype=dtype)
-    h, _, _, (ptr, idx) = sparsegrad.functional.lif_layer_with_stats(x, w1, b1, alpha=0.9, b_th=0.2)
+    h, _, _, (cnt, idx) = sparsegrad.functional.lif_layer_with_stats(x, w1, b1, alpha=0.9, b_th=0.2)
     h = h.detach()
     w2 = torch.randn(n_out, 12, dtype=dtype)
-    out = sparsegrad.ops.lif_forward(h, w2, None, None, None, ptr, idx, 0.85, 1.0, 10.0, 10.0, True)
-    spikes, v_final, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, _ = out
+    out = sparsegrad.ops.lif_forward(h, w2, None, None, None, cnt, idx, 0.85, 1.0, 10.0, 10.0, True)
+    spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, _, _ = out
     g = torch.randn_like(spikes)
 
     def dx(prev):
         return torch.ops.sparsegrad.lif_backward_sparse(
-            g, None, w2, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, *prev, 0.85,
+            g, None, w2, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, *prev, None, 0.85,
             True, True, True, False, route)[0]
 
-    full, restricted = dx((None, None)), dx((ptr, idx))
+    full, restricted = dx((None, None)), dx((cnt, idx))
     mask = torch.zeros(3, 21, 12, dtype=torch.bool)
-    rows = torch.repeat_interleave(torch.arange(3 * 21), ptr.diff())
+    rows = torch.repeat_interleave(torch.arange(3 * 21), cnt.long())
     mask.view(-1, 12)[rows, idx.long()] = True
     mask = mask.transpose(0, 1)
     torch.testing.assert_close(restricted[mask], full[mask], **TOL[dtype])
@@ -294,16 +294,18 @@ def test_restricted_dx_both_routes(dtype, n_out, route):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = dx((ptr, idx))
+        one = dx((cnt, idx))
         torch.set_num_threads(2)
-        assert torch.equal(one, dx((ptr, idx)))
+        assert torch.equal(one, dx((cnt, idx)))
     finally:
         torch.set_num_threads(threads)
 
 def test_stats_and_active_set_layout():
     x, w, b = random_problem(9, 3, 7, 5, rate=0.4)
     out = sparsegrad.ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 0.3, 10.0, True)
-    spikes, _, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, stats = out
+    spikes, _, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, rst_bits, stats = out
+    assert rst_bits.numel() == 0  # only reset="zero" keeps the reset spikes
+    act_ptr = torch.cat([act_cnt.new_zeros(1, dtype=torch.int64), act_cnt.cumsum(0)])
     assert stats.tolist() == [int(spikes.sum()), act_idx.numel(), int(torch.count_nonzero(x))]
     assert ev_val.numel() == 0  # binary input
     # recompute V with the reference and check the active set entry by entry

@@ -85,7 +85,8 @@ def assert_all_equal(got, want, names):
         assert torch.equal(g, w), f"output {n} differs"
 
 
-FWD_NAMES = ["spikes", "v_final", "act_ptr", "act_idx", "act_sg", "ev_ptr", "ev_idx", "ev_val", "stats"]
+FWD_NAMES = ["spikes", "v_final", "act_cnt", "act_idx", "act_sg", "ev_cnt", "ev_idx", "ev_val",
+             "rst_bits", "stats"]
 
 # T, B, N_in, N_out: T = 1, B = 1, N = 1, and B*N_out / B*T not multiples of the block size
 SHAPES = [(1, 1, 1, 1), (1, 4, 6, 5), (9, 1, 7, 3), (13, 5, 17, 11), (6, 3, 40, 100), (4, 37, 9, 7)]
@@ -150,8 +151,8 @@ def test_emul_lif_forward_matches_cpu_and_reference(emul, dtype, shape, rate, bi
         spikes, (v, _) = ref.lif_layer(x, w, b, alpha=0.9, b_th=0.4, slope=10.0, return_state=True)
         assert torch.equal(got[0], spikes)
         torch.testing.assert_close(got[1], v, **TOL[dtype])
-        assert got[8].tolist()[0] == int(spikes.sum())
-        assert got[8].tolist()[2] == int(torch.count_nonzero(x))
+        assert got[9].tolist()[0] == int(spikes.sum())
+        assert got[9].tolist()[2] == int(torch.count_nonzero(x))
 
 
 def _reference_active_set(x, w, b, v0, s0, alpha, threshold, b_th, slope):
@@ -167,10 +168,9 @@ def _reference_active_set(x, w, b, v0, s0, alpha, threshold, b_th, slope):
         vs.append(v)
     u = torch.stack(vs).transpose(0, 1) - threshold  # [B, T, N]
     mask = u.abs() < b_th
-    ptr = torch.zeros(B * T + 1, dtype=torch.int64)
-    ptr[1:] = torch.cumsum(mask.reshape(B * T, -1).sum(1), 0)
+    cnt = mask.reshape(B * T, -1).sum(1).to(torch.int32)
     idx = mask.reshape(B * T, -1).nonzero()[:, 1].to(torch.int32)
-    return ptr, idx, ref.surrogate_grad(u[mask], slope)
+    return cnt, idx, ref.surrogate_grad(u[mask], slope)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -179,11 +179,11 @@ def test_emul_active_set_layout_and_initial_state(emul, dtype):
     v0 = torch.rand(4, 13, dtype=dtype)
     s0 = (torch.rand(4, 13) < 0.5).to(dtype)
     out = emul.lif_forward(*lif_args(x, w, b, v0, s0, alpha=0.8, b_th=0.5, slope=4.0))
-    ptr, idx, sg = _reference_active_set(x, w, b, v0, s0, 0.8, 1.0, 0.5, 4.0)
-    assert torch.equal(out[2], ptr)
+    cnt, idx, sg = _reference_active_set(x, w, b, v0, s0, 0.8, 1.0, 0.5, 4.0)
+    assert torch.equal(out[2], cnt)
     assert torch.equal(out[3], idx)
     torch.testing.assert_close(out[4], sg, **TOL[dtype])
-    assert out[8].tolist()[1] == idx.numel()
+    assert out[9].tolist()[1] == idx.numel()
     s_ref = ref.lif_layer(x, w, b, alpha=0.8, state=(v0, s0))
     assert torch.equal(out[0], s_ref)
 
@@ -201,19 +201,19 @@ def test_emul_launch_geometry_and_thread_order_do_not_matter(emul, launch, order
     g = torch.randn(10, 6, 9, dtype=torch.float64)
     gv = torch.randn(6, 9, dtype=torch.float64)
     base_fwd = cpu_ops.lif_forward(*lif_args(x, w, b))
-    base_bwd = [emul.lif_backward_sparse(g, gv, w, *base_fwd[2:8], base_fwd[2], base_fwd[3], 0.9,
+    base_bwd = [emul.lif_backward_sparse(g, gv, w, *base_fwd[2:8], base_fwd[2], base_fwd[3], None, 0.9,
                                          True, True, True, True, route) for route in (1, 2)]
     launch(order, threads, max_blocks, seed=3, wide_tiles=wide_tiles)
     fwd = emul.lif_forward(*lif_args(x, w, b))
     assert_all_equal(fwd, base_fwd, FWD_NAMES)
     for route, base in zip((1, 2), base_bwd):
-        got = emul.lif_backward_sparse(g, gv, w, *fwd[2:8], fwd[2], fwd[3], 0.9, True, True, True,
+        got = emul.lif_backward_sparse(g, gv, w, *fwd[2:8], fwd[2], fwd[3], None, 0.9, True, True, True,
                                        True, route)
         for a, c in zip(got, base):  # float atomics: summation order may differ
             torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-13)
     ro = emul.li_readout_forward(x, w, b, None, None, 0.8, "max")
     assert_all_equal(ro, cpu_ops.li_readout_forward(x, w, b, None, None, 0.8, "max"),
-                     ["out", "argmax", "ev_ptr", "ev_idx", "ev_val"])
+                     ["out", "argmax", "ev_cnt", "ev_idx", "ev_val"])
 
 
 # ----------------------------------------------------------------------------------- gradients
@@ -244,12 +244,12 @@ def test_emul_lif_backward_sparse_matches_reference(emul, launch, dtype, shape, 
     launch(wide_tiles=wide_tiles)
     fwd = emul.lif_forward(*lif_args(x, w, b, v0, None, kw["alpha"], 1.0, kw["b_th"], kw["slope"]))
     for route in (1, 2):
-        dx, dw, db, dv = emul.lif_backward_sparse(g, gv if with_gv else None, w, *fwd[2:8], None, None,
+        dx, dw, db, dv = emul.lif_backward_sparse(g, gv if with_gv else None, w, *fwd[2:8], None, None, None,
                                                   kw["alpha"], True, True, True, True, route)
         for got, ref_grad in zip((dx, dw, db, dv), want):
             torch.testing.assert_close(got, ref_grad, **TOL[dtype])
     # unrequested gradients come back empty, the others unchanged
-    dx, dw, db, dv = emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, False, True,
+    dx, dw, db, dv = emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, None, 0.9, False, True,
                                               False, False, 0)
     assert dx.numel() == 0 and db.numel() == 0 and dv.numel() == 0 and dw.shape == w.shape
 
@@ -264,11 +264,11 @@ def test_emul_dx_on_producer_active_set(emul, dtype):
     _, w, b = random_problem(T, B, n_in, n_out, rate=0.3, dtype=dtype, seed=3)
     fwd = emul.lif_forward(*lif_args(h, w, b, b_th=0.5, slope=5.0))
     g = torch.randn(T, B, n_out, dtype=dtype)
-    full = emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, True, False, False, False, 0)[0]
-    restricted = emul.lif_backward_sparse(g, None, w, *fwd[2:8], prev[2], prev[3], 0.9, True, False,
+    full = emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, None, 0.9, True, False, False, False, 0)[0]
+    restricted = emul.lif_backward_sparse(g, None, w, *fwd[2:8], prev[2], prev[3], None, 0.9, True, False,
                                           False, False, 0)[0]
     mask = torch.zeros(B * T, n_in, dtype=torch.bool)
-    rows = torch.repeat_interleave(torch.arange(B * T), prev[2].diff())
+    rows = torch.repeat_interleave(torch.arange(B * T), prev[2].long())
     mask[rows, prev[3].long()] = True
     mask = mask.view(B, T, n_in).transpose(0, 1)
     assert mask.any() and not mask.all()
@@ -289,14 +289,14 @@ def test_emul_lif_backward_dense_matches_reference(emul, dtype, shape):
     gv = torch.randn(B, n_out, dtype=dtype)
     want = reference_grads(x, w, b, v0, g, gv, alpha=0.85, b_th=0.2, slope=3.0, backward="dense")
     fwd = emul.lif_forward(*lif_args(x, w, b, v0, None, 0.85, 1.0, 0.2, 3.0, sparse=False))
-    got = emul.lif_backward_dense(g, gv, x, w, fwd[4], 0.85, True, True, True, True)
+    got = emul.lif_backward_dense(g, gv, x, w, fwd[4], None, 0.85, True, True, True, True)
     for a, c in zip(got, want):
         torch.testing.assert_close(a, c, **TOL[dtype])
     # sparse mode with b_th = inf is the dense gradient
     fwd = emul.lif_forward(*lif_args(x, w, b, v0, None, 0.85, 1.0, math.inf, 3.0))
-    assert fwd[8][1] == T * B * n_out
+    assert fwd[9][1] == T * B * n_out
     for route in (1, 2):
-        sp = emul.lif_backward_sparse(g, gv, w, *fwd[2:8], None, None, 0.85, True, True, True, True, route)
+        sp = emul.lif_backward_sparse(g, gv, w, *fwd[2:8], None, None, None, 0.85, True, True, True, True, route)
         for a, c in zip(sp, want):
             torch.testing.assert_close(a, c, **TOL[dtype])
 
@@ -305,10 +305,10 @@ def test_emul_empty_active_set_gives_exact_zeros(emul):
     x = torch.zeros(8, 3, 6, dtype=torch.float64)
     w = torch.randn(4, 6, dtype=torch.float64)
     fwd = emul.lif_forward(*lif_args(x, w, None, b_th=0.1))
-    assert fwd[3].numel() == 0 and fwd[8].tolist() == [0, 0, 0] and fwd[2].abs().sum() == 0
+    assert fwd[3].numel() == 0 and fwd[9].tolist() == [0, 0, 0] and fwd[2].abs().sum() == 0
     g = torch.randn(8, 3, 4, dtype=torch.float64)
     for route in (1, 2):
-        for grad in emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, True, True, True,
+        for grad in emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, None, 0.9, True, True, True,
                                              False, route)[:3]:
             assert grad.numel() > 0 and not torch.isnan(grad).any() and torch.count_nonzero(grad) == 0
 
@@ -322,7 +322,7 @@ def test_emul_readout_matches_cpu_and_reference(emul, launch, dtype, reduce, sha
     x, w, b = random_problem(*shape, rate=rate, binary=binary, dtype=dtype, seed=sum(shape))
     got = emul.li_readout_forward(x, w, b, None, None, 0.8, reduce)
     assert_all_equal(got, cpu_ops.li_readout_forward(x, w, b, None, None, 0.8, reduce),
-                     ["out", "argmax", "ev_ptr", "ev_idx", "ev_val"])
+                     ["out", "argmax", "ev_cnt", "ev_idx", "ev_val"])
     torch.testing.assert_close(got[0], ref.li_readout(x, w, b, alpha=0.8, reduce=reduce), **TOL[dtype])
 
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
@@ -339,9 +339,9 @@ def test_emul_readout_matches_cpu_and_reference(emul, launch, dtype, reduce, sha
     # dx restricted to a producer's active set (here: every other input neuron of every row)
     T, B, n_in, _ = shape
     keep = torch.arange(n_in, dtype=torch.int32)[::2]
-    prev_ptr = torch.arange(B * T + 1, dtype=torch.int64) * keep.numel()
+    prev_cnt = torch.full((B * T,), keep.numel(), dtype=torch.int32)
     prev_idx = keep.repeat(B * T)
-    dx_r = emul.li_readout_backward(g, got[1], w, *got[2:5], prev_ptr, prev_idx, T, 0.8, reduce,
+    dx_r = emul.li_readout_backward(g, got[1], w, *got[2:5], prev_cnt, prev_idx, T, 0.8, reduce,
                                     True, False, False)[0]
     torch.testing.assert_close(dx_r[:, :, ::2], want[0][:, :, ::2], **TOL[dtype])
     assert torch.count_nonzero(dx_r[:, :, 1::2]) == 0
@@ -369,7 +369,7 @@ def test_emul_random_problems(emul):
         want = reference_grads(x, w, b, v0, g, gv, alpha=alpha, b_th=b_th, slope=slope, backward="sparse")
         assert torch.equal(fwd[0], ref.lif_layer(x, w, b, alpha=alpha, state=(v0, torch.zeros_like(v0))))
         for route in (1, 2):
-            args = (g, gv, w, *fwd[2:8], None, None, alpha, True, True, True, True, route)
+            args = (g, gv, w, *fwd[2:8], None, None, None, alpha, True, True, True, True, route)
             got = emul.lif_backward_sparse(*args)
             for a, c, d in zip(got, want, cpu_ops.lif_backward_sparse(*args)):
                 torch.testing.assert_close(a, c, **TOL[torch.float64])
@@ -395,7 +395,35 @@ def test_emul_shared_host_checks_name_the_argument(emul):
     fwd = emul.lif_forward(*lif_args(x, w, b))
     g = torch.randn(3, 2, 3, dtype=x.dtype)
     with pytest.raises(RuntimeError, match="dw_route"):
-        emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, 0.9, True, True, True, False, 5)
-    with pytest.raises(RuntimeError, match="act_ptr"):
-        emul.lif_backward_sparse(g, None, w, fwd[2][:-1], *fwd[3:8], None, None, 0.9, True, True,
+        emul.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, None, 0.9, True, True, True, False, 5)
+    with pytest.raises(RuntimeError, match="act_cnt"):
+        emul.lif_backward_sparse(g, None, w, fwd[2][:-1], *fwd[3:8], None, None, None, 0.9, True, True,
                                  True, False, 0)
+
+
+# ----------------------------------------------------------------- surrogates and resets
+@pytest.mark.parametrize("surrogate", sparsegrad.functional.SURROGATES)
+@pytest.mark.parametrize("reset", sparsegrad.functional.RESETS)
+def test_emul_surrogates_and_resets_match_cpu(emul, surrogate, reset):
+    """Every surrogate and reset: forward outputs equal the CPU op's (reset bits included), and
+    both backward modes give the CPU op's gradients, initial state included."""
+    x, w, b = random_problem(13, 4, 11, 37, rate=0.35, seed=21)
+    v0 = torch.rand(4, 37, dtype=torch.float64)
+    s0 = (torch.rand(4, 37) < 0.5).double()
+    g = torch.randn(13, 4, 37, dtype=torch.float64)
+    gv = torch.randn(4, 37, dtype=torch.float64)
+    for sparse in (True, False):
+        args = (x, w, b, v0, s0, None, None, 0.85, 1.0, 0.6, 3.0, sparse, surrogate, reset)
+        fwd = emul.lif_forward(*args)
+        want = cpu_ops.lif_forward(*args)
+        assert_all_equal(fwd, want, FWD_NAMES)
+        rst = fwd[8] if reset == "zero" else None
+        assert (rst is not None) == (fwd[8].numel() > 0)
+        if sparse:
+            bargs = (g, gv, w, *fwd[2:8], None, None, rst, 0.85, True, True, True, True, 0)
+            got, ref_grads = emul.lif_backward_sparse(*bargs), cpu_ops.lif_backward_sparse(*bargs)
+        else:
+            bargs = (g, gv, x, w, fwd[4], rst, 0.85, True, True, True, True)
+            got, ref_grads = emul.lif_backward_dense(*bargs), cpu_ops.lif_backward_dense(*bargs)
+        for a, c in zip(got, ref_grads):
+            torch.testing.assert_close(a, c, **TOL[torch.float64])

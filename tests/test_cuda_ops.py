@@ -13,7 +13,8 @@ from conftest import DEVICE_DTYPES, TOL, random_problem
 
 ops = torch.ops.sparsegrad
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-FWD_NAMES = ["spikes", "v_final", "act_ptr", "act_idx", "act_sg", "ev_ptr", "ev_idx", "ev_val", "stats"]
+FWD_NAMES = ["spikes", "v_final", "act_cnt", "act_idx", "act_sg", "ev_cnt", "ev_idx", "ev_val",
+             "rst_bits", "stats"]
 
 
 def _close(got, want, dtype):
@@ -107,10 +108,10 @@ def test_cuda_indices_beyond_int32():
     T, B, n_in, n_out = 4096, 512, 8, 1100
     assert T * B * n_out > 2**31
     x, w, b = random_problem(T, B, n_in, n_out, rate=0.05, dtype=torch.float32, device="cuda", seed=9)
-    spikes, _, act_ptr, act_idx, _, _, _, _, stats = ops.lif_forward(
+    spikes, _, act_cnt, act_idx, _, _, _, _, _, stats = ops.lif_forward(
         x, w, b, None, None, None, None, 0.9, 1.0, 0.01, 10.0, True)
     assert int(stats[0]) == int(spikes.sum(dtype=torch.float64))
-    assert act_ptr[-1] == act_idx.numel() == int(stats[1])
+    assert int(act_cnt.sum(dtype=torch.int64)) == act_idx.numel() == int(stats[1])
     alone = ops.lif_forward(x[:, -1:].contiguous(), w, b, None, None, None, None, 0.9, 1.0, 0.01,
                             10.0, True)[0]
     assert torch.equal(spikes[:, -1], alone[:, 0])

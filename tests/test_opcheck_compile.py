@@ -29,19 +29,29 @@ def test_opcheck_lif_forward(requires_grad):
 
 def test_opcheck_lif_backward_ops():
     x, w, b = random_problem(6, 3, 5, 4, rate=0.4)
-    spikes, v_final, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, _ = ops.lif_forward(
+    spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, _, _ = ops.lif_forward(
         x, w, b, None, None, None, None, 0.9, 1.0, 0.5, 5.0, True)
     g = torch.randn_like(spikes)
     for route in (0, 1, 2):
         torch.library.opcheck(ops.lif_backward_sparse.default, (
-            g, torch.randn_like(v_final), w, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val,
-            None, None, 0.9, True, True, True, True, route))
+            g, torch.randn_like(v_final), w, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val,
+            None, None, None, 0.9, True, True, True, True, route))
     torch.library.opcheck(ops.lif_backward_sparse.default, (
-        g, None, w, act_ptr, act_idx, act_sg, ev_ptr, ev_idx, ev_val, act_ptr[:0].new_zeros(19),
-        act_idx[:0], 0.9, True, False, True, False, 0))
-    sg = ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 0.5, 5.0, False)[4]
+        g, None, w, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, act_cnt.new_zeros(18),
+        act_idx[:0], None, 0.9, True, False, True, False, 0))
+    fwd = ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 0.5, 5.0, False)
     torch.library.opcheck(ops.lif_backward_dense.default,
-                          (g, None, x, w, sg, 0.9, True, True, True, False))
+                          (g, None, x, w, fwd[4], None, 0.9, True, True, True, False))
+    # reset to zero: the backward ops take the reset bits
+    spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, rst, _ = ops.lif_forward(
+        x, w, b, None, None, None, None, 0.9, 1.0, 0.5, 5.0, True, "atan", "zero")
+    assert rst.shape == (6, 3, 1)
+    torch.library.opcheck(ops.lif_backward_sparse.default, (
+        g, torch.randn_like(v_final), w, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val,
+        None, None, rst, 0.9, True, True, True, True, 0))
+    fwd = ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 0.5, 5.0, False, "sigmoid", "zero")
+    torch.library.opcheck(ops.lif_backward_dense.default,
+                          (g, None, x, w, fwd[4], fwd[8], 0.9, True, True, True, False))
 
 
 @pytest.mark.parametrize("reduce", ["max", "sum", "mean", "none"])
@@ -51,9 +61,9 @@ def test_opcheck_readout(reduce):
         args = (x.clone().requires_grad_(requires_grad), w.clone().requires_grad_(requires_grad),
                 b, None, None, 0.8, reduce)
         torch.library.opcheck(ops.li_readout_forward.default, args)
-    out, argmax_t, ev_ptr, ev_idx, ev_val = ops.li_readout_forward(x, w, b, None, None, 0.8, reduce)
+    out, argmax_t, ev_cnt, ev_idx, ev_val = ops.li_readout_forward(x, w, b, None, None, 0.8, reduce)
     torch.library.opcheck(ops.li_readout_backward.default, (
-        torch.randn_like(out), argmax_t, w, ev_ptr, ev_idx, ev_val, None, None, 6, 0.8, reduce,
+        torch.randn_like(out), argmax_t, w, ev_cnt, ev_idx, ev_val, None, None, 6, 0.8, reduce,
         True, True, True))
 
 

@@ -120,7 +120,8 @@ void reduce_chunks(const acc_t* parts, int64_t chunks, int64_t n, acc_t scale, o
 // Input events: the nonzeros of x [T,B,N] as a CSR over rows b*T + t.
 // ------------------------------------------------------------------------------------------
 struct Events {
-  at::Tensor ptr;  // [B*T+1] int64
+  at::Tensor ptr;  // [B*T+1] int64 offsets (kernels)
+  at::Tensor cnt;  // [B*T] int32 per-row counts (the op's output, see op_schemas.h)
   at::Tensor idx;  // [nnz] int32
   at::Tensor val;  // [nnz] values, or [0] when every element of x is 0 or 1
   int64_t nnz = 0;
@@ -135,6 +136,16 @@ inline uint32_t nonzero_mask(const scalar_t* p, int64_t n) {
   uint32_t mask = 0;
   for (int64_t k = 0; k < n; ++k) mask |= static_cast<uint32_t>(p[k] != scalar_t(0)) << k;
   return mask;
+}
+
+// Per-row int32 counts [rows] from int64 offsets [rows + 1] (a row holds at most 2^31 - 1 entries).
+inline at::Tensor counts_from_offsets(const at::Tensor& offsets) {
+  const int64_t rows = offsets.numel() - 1;
+  at::Tensor cnt = at::empty({rows}, offsets.options().dtype(at::kInt));
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  int32_t* c = cnt.data_ptr<int32_t>();
+  for (int64_t r = 0; r < rows; ++r) c[r] = static_cast<int32_t>(o[r + 1] - o[r]);
+  return cnt;
 }
 
 template <typename scalar_t>
@@ -184,6 +195,7 @@ Events build_events(const at::Tensor& x) {
       if (out_val) std::copy(val[b].begin(), val[b].end(), out_val + base[b]);
     }
   });
+  ev.cnt = counts_from_offsets(ev.ptr);
   return ev;
 }
 

@@ -65,12 +65,12 @@ FwdOut li_readout_forward_impl(const at::Tensor& x, const at::Tensor& weight,
       }
     }
   });
-  return {out, argmax, ev.ptr, ev.idx, ev.val};
+  return {out, argmax, ev.cnt, ev.idx, ev.val};
 }
 
 FwdOut li_readout_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                               const c10::optional<at::Tensor>& bias_in,
-                              const c10::optional<at::Tensor>& /*x_act_ptr: used by the backward*/,
+                              const c10::optional<at::Tensor>& /*x_act_cnt: used by the backward*/,
                               const c10::optional<at::Tensor>& /*x_act_idx*/, double alpha,
                               c10::string_view reduce_name) {
   const ReduceKind reduce = check_readout_forward_args(x_in, weight_in, bias_in, alpha, reduce_name);
@@ -144,23 +144,27 @@ BwdOut li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& ar
 }
 
 BwdOut li_readout_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& argmax,
-                               const at::Tensor& weight_in, const at::Tensor& ev_ptr,
+                               const at::Tensor& weight_in, const at::Tensor& ev_cnt,
                                const at::Tensor& ev_idx, const at::Tensor& ev_val,
-                               const c10::optional<at::Tensor>& prev_ptr,
+                               const c10::optional<at::Tensor>& prev_cnt,
                                const c10::optional<at::Tensor>& prev_idx, int64_t num_steps,
                                double alpha, c10::string_view reduce_name, bool need_dx,
                                bool need_dw, bool need_db) {
-  const ReduceKind reduce = check_readout_backward_args(grad_out_in, argmax, weight_in, ev_ptr, ev_idx,
-                                                        ev_val, prev_ptr, prev_idx, num_steps, alpha,
+  const char* op = "li_readout_backward";
+  const ReduceKind reduce = check_readout_backward_args(grad_out_in, argmax, weight_in, ev_cnt, ev_idx,
+                                                        ev_val, prev_cnt, prev_idx, num_steps, alpha,
                                                         reduce_name);
+  const at::Tensor ev_ptr = row_offsets(ev_cnt, ev_idx.numel(), weight_in.size(1), op, "ev_cnt");
+  c10::optional<at::Tensor> prev_ptr;
+  if (prev_cnt.has_value()) prev_ptr = row_offsets(*prev_cnt, prev_idx->numel(), weight_in.size(1), op, "prev_cnt");
   auto cont = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
     return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
   };
   BwdOut out;
   AT_DISPATCH_FLOATING_TYPES(grad_out_in.scalar_type(), "li_readout_backward_cpu", [&] {
     out = li_readout_backward_impl<scalar_t>(grad_out_in.contiguous(), argmax.contiguous(),
-                                             weight_in.contiguous(), ev_ptr.contiguous(),
-                                             ev_idx.contiguous(), ev_val.contiguous(), cont(prev_ptr),
+                                             weight_in.contiguous(), ev_ptr,
+                                             ev_idx.contiguous(), ev_val.contiguous(), prev_ptr,
                                              cont(prev_idx), num_steps, alpha, reduce, need_dx,
                                              need_dw, need_db);
   });

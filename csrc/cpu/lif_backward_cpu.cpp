@@ -16,7 +16,8 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
                                const at::Tensor& act_idx, const at::Tensor& act_sg,
                                const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
                                const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
-                               const c10::optional<at::Tensor>& prev_idx, double alpha, bool need_dx,
+                               const c10::optional<at::Tensor>& prev_idx,
+                               const c10::optional<at::Tensor>& rst_bits, double alpha, bool need_dx,
                                bool need_dw, bool need_db, bool need_dv, int64_t dw_route) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gS.size(0), B = gS.size(1), n_out = weight.size(0), n_in = weight.size(1);
@@ -36,6 +37,7 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
   if (dx_restricted) weight_t = restrict_dx(p, weight, *prev_ptr, *prev_idx);
   p.g_init = gV.has_value() ? gV->data_ptr<scalar_t>() : nullptr;
   p.events = EventView<scalar_t>(ev_ptr, ev_idx, ev_val, T);
+  if (rst_bits.has_value()) p.rst_bits = rst_bits->data_ptr<int32_t>();
 
   at::Tensor dx = need_dx ? at::zeros({T, B, n_in}, opts) : at::empty({0}, opts);
   at::Tensor dv = need_dv ? at::empty({B, n_out}, opts) : at::empty({0}, opts);
@@ -56,7 +58,9 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
   };
 
   at::Tensor dw = at::empty({0}, opts), db = at::empty({0}, opts);
-  const DwRoute route = choose_dw_route(dw_route, ev_idx.numel(), act_idx.numel(), T, B, n_in, n_out);
+  // Reset to zero cuts the trace per neuron: only the events route handles that.
+  const DwRoute route = p.rst_bits ? DwRoute::kEvents
+                                   : choose_dw_route(dw_route, ev_idx.numel(), act_idx.numel(), T, B, n_in, n_out);
   if (route == DwRoute::kEvents) {
     if (need_dw) dw = at::empty({n_out, n_in}, opts);
     if (need_db) db = at::empty({n_out}, opts);
@@ -93,14 +97,20 @@ Grads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Ten
 }
 
 Grads lif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
-                              const at::Tensor& weight, const at::Tensor& act_ptr,
+                              const at::Tensor& weight, const at::Tensor& act_cnt,
                               const at::Tensor& act_idx, const at::Tensor& act_sg,
-                              const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
-                              const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
-                              const c10::optional<at::Tensor>& prev_idx, double alpha, bool need_dx,
+                              const at::Tensor& ev_cnt, const at::Tensor& ev_idx,
+                              const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_cnt,
+                              const c10::optional<at::Tensor>& prev_idx,
+                              const c10::optional<at::Tensor>& rst_bits, double alpha, bool need_dx,
                               bool need_dw, bool need_db, bool need_dv, int64_t dw_route) {
-  check_lif_backward_sparse_args(grad_spikes, grad_v_final, weight, act_ptr, act_idx, act_sg, ev_ptr,
-                                 ev_idx, ev_val, prev_ptr, prev_idx, alpha, dw_route);
+  const char* op = "lif_backward_sparse";
+  check_lif_backward_sparse_args(grad_spikes, grad_v_final, weight, act_cnt, act_idx, act_sg, ev_cnt,
+                                 ev_idx, ev_val, prev_cnt, prev_idx, rst_bits, alpha, dw_route);
+  const at::Tensor act_ptr = row_offsets(act_cnt, act_idx.numel(), weight.size(0), op, "act_cnt");
+  const at::Tensor ev_ptr = row_offsets(ev_cnt, ev_idx.numel(), weight.size(1), op, "ev_cnt");
+  c10::optional<at::Tensor> prev_ptr;
+  if (prev_cnt.has_value()) prev_ptr = row_offsets(*prev_cnt, prev_idx->numel(), weight.size(1), op, "prev_cnt");
   const at::Tensor gS = grad_spikes.contiguous(), w = weight.contiguous();
   c10::optional<at::Tensor> gV;
   if (grad_v_final.has_value()) gV = grad_v_final->contiguous();
@@ -109,10 +119,10 @@ Grads lif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optional
   };
   Grads out;
   AT_DISPATCH_FLOATING_TYPES(gS.scalar_type(), "lif_backward_sparse_cpu", [&] {
-    out = lif_backward_sparse_impl<scalar_t>(gS, gV, w, act_ptr.contiguous(), act_idx.contiguous(),
-                                             act_sg.contiguous(), ev_ptr.contiguous(),
-                                             ev_idx.contiguous(), ev_val.contiguous(), cont(prev_ptr),
-                                             cont(prev_idx), alpha, need_dx, need_dw, need_db,
+    out = lif_backward_sparse_impl<scalar_t>(gS, gV, w, act_ptr, act_idx.contiguous(),
+                                             act_sg.contiguous(), ev_ptr, ev_idx.contiguous(),
+                                             ev_val.contiguous(), prev_ptr, cont(prev_idx),
+                                             cont(rst_bits), alpha, need_dx, need_dw, need_db,
                                              need_dv, dw_route);
   });
   return out;
@@ -121,7 +131,7 @@ Grads lif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optional
 // Dense: G[t] = alpha*G[t+1] + dL/dS[t]*sg[t] for every entry, then dW = G^T x, dx = G W.
 template <typename scalar_t>
 at::Tensor reverse_scan(const at::Tensor& gS, const at::Tensor& sg, const c10::optional<at::Tensor>& gV,
-                        double alpha_d) {
+                        const c10::optional<at::Tensor>& rst_bits, double alpha_d) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gS.size(0), B = gS.size(1), N = gS.size(2);
   const acc_t alpha = alpha_d;
@@ -129,6 +139,8 @@ at::Tensor reverse_scan(const at::Tensor& gS, const at::Tensor& sg, const c10::o
   const scalar_t* g = gS.data_ptr<scalar_t>();
   const scalar_t* s = sg.data_ptr<scalar_t>();
   const scalar_t* gv = gV.has_value() ? gV->data_ptr<scalar_t>() : nullptr;
+  const int32_t* rst = rst_bits.has_value() ? rst_bits->data_ptr<int32_t>() : nullptr;
+  const int64_t words = bit_words(N);
   scalar_t* out = G.data_ptr<scalar_t>();
   at::parallel_for(0, B, grain_for(T * N), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> trace(N);
@@ -137,8 +149,10 @@ at::Tensor reverse_scan(const at::Tensor& gS, const at::Tensor& sg, const c10::o
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t row = (t * B + b) * N;
         const acc_t a = t == T - 1 ? acc_t(1) : alpha;  // G[T-1] = dL/dV_final + delta[T-1]
+        const int32_t* cut = (rst && t < T - 1) ? rst + ((t + 1) * B + b) * words : nullptr;
         for (int64_t j = 0; j < N; ++j) {
-          trace[j] = math::decay_add(trace[j], static_cast<acc_t>(g[row + j]) * static_cast<acc_t>(s[row + j]), a);
+          const acc_t aj = cut ? math::trace_decay(a, test_bit(cut, j), int(kResetZero)) : a;
+          trace[j] = math::decay_add(trace[j], static_cast<acc_t>(g[row + j]) * static_cast<acc_t>(s[row + j]), aj);
           out[row + j] = static_cast<scalar_t>(trace[j]);
         }
       }
@@ -149,8 +163,11 @@ at::Tensor reverse_scan(const at::Tensor& gS, const at::Tensor& sg, const c10::o
 
 Grads lif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
                              const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& sg_in,
-                             double alpha, bool need_dx, bool need_dw, bool need_db, bool need_dv) {
-  check_lif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in, sg_in, alpha);
+                             const c10::optional<at::Tensor>& rst_bits_in, double alpha, bool need_dx,
+                             bool need_dw, bool need_db, bool need_dv) {
+  check_lif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in, sg_in, rst_bits_in, alpha);
+  c10::optional<at::Tensor> rst_bits;
+  if (rst_bits_in.has_value()) rst_bits = rst_bits_in->contiguous();
   const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), n_in = weight_in.size(1),
                 n_out = weight_in.size(0);
   const auto opts = grad_spikes.options();
@@ -158,13 +175,13 @@ Grads lif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional<
   if (grad_v_final.has_value()) gV = grad_v_final->contiguous();
   at::Tensor G;
   AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "lif_backward_dense_cpu", [&] {
-    G = reverse_scan<scalar_t>(grad_spikes.contiguous(), sg_in.contiguous(), gV, alpha);
+    G = reverse_scan<scalar_t>(grad_spikes.contiguous(), sg_in.contiguous(), gV, rst_bits, alpha);
   });
   auto G2 = G.view({T * B, n_out});
   at::Tensor dx = need_dx ? at::mm(G2, weight_in.contiguous()).view({T, B, n_in}) : at::empty({0}, opts);
   at::Tensor dw = need_dw ? at::mm(G2.t(), x_in.contiguous().view({T * B, n_in})) : at::empty({0}, opts);
   at::Tensor db = need_db ? G2.sum(0) : at::empty({0}, opts);
-  at::Tensor dv = need_dv ? (G[0] * alpha).contiguous() : at::empty({0}, opts);
+  at::Tensor dv = need_dv ? initial_state_grad(G[0], rst_bits, alpha) : at::empty({0}, opts);
   return {dx, dw, db, dv};
 }
 

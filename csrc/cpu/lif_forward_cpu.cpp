@@ -9,13 +9,13 @@ namespace cpu {
 namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                           at::Tensor, at::Tensor, at::Tensor>;
+                           at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 template <typename scalar_t>
 Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& v_init,
                          const c10::optional<at::Tensor>& s_init, double alpha_d, double threshold_d,
-                         double b_th_d, double slope_d, bool sparse) {
+                         double b_th_d, double slope_d, bool sparse, NeuronKinds kinds) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = x.size(0), B = x.size(1), n_out = weight.size(0);
   const acc_t alpha = alpha_d, threshold = threshold_d, b_th = b_th_d, slope = slope_d;
@@ -27,6 +27,13 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   auto spikes = at::empty({T, B, n_out}, x.options());
   auto v_final = at::empty({B, n_out}, x.options());
   at::Tensor dense_sg = sparse ? at::empty({0}, x.options()) : at::empty({T, B, n_out}, x.options());
+  // Reset to zero: the backward needs the spikes that reset V (rst_bits, op_schemas.h).
+  const bool zero_reset = kinds.reset == kResetZero;
+  const int64_t words = bit_words(n_out);
+  at::Tensor rst_bits = zero_reset ? at::zeros({T, B, words}, x.options().dtype(at::kInt))
+                                   : at::empty({0}, x.options().dtype(at::kInt));
+  int32_t* rst = zero_reset ? rst_bits.data_ptr<int32_t>() : nullptr;
+  const int surrogate = kinds.surrogate, reset = kinds.reset;
   scalar_t* spk = spikes.data_ptr<scalar_t>();
   scalar_t* vfin = v_final.data_ptr<scalar_t>();
   scalar_t* sg_dense = sparse ? nullptr : dense_sg.data_ptr<scalar_t>();
@@ -52,9 +59,14 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
       for (int64_t t = 0; t < T; ++t) {
         current.fill(b, t, cur.data());
         const int64_t row = (t * B + b) * n_out;
+        if (rst) {  // R[t] = S[t-1]
+          int32_t* bits = rst + (t * B + b) * words;
+          for (int64_t j = 0; j < n_out; ++j)
+            if (s[j] > acc_t(0)) bits[j >> 5] |= static_cast<int32_t>(1u << (j & 31));
+        }
         // Separate simple loops so that each one vectorises.
         for (int64_t j = 0; j < n_out; ++j) {
-          v[j] = math::integrate(v[j], cur[j], s[j], alpha, threshold);
+          v[j] = math::integrate(v[j], cur[j], s[j], alpha, threshold, reset);
           s[j] = math::fire(v[j], threshold);
           spk[row + j] = static_cast<scalar_t>(s[j]);
         }
@@ -67,13 +79,13 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
             if (math::is_active(v[j], threshold, b_th)) {
               --active;
               act_idx[b].push_back(static_cast<int32_t>(j));
-              act_sg[b].push_back(static_cast<scalar_t>(math::surrogate(v[j], threshold, slope)));
+              act_sg[b].push_back(static_cast<scalar_t>(math::surrogate(v[j], threshold, slope, surrogate)));
             }
           }
           aptr[b * T + t + 1] = static_cast<int64_t>(act_idx[b].size());  // local to b for now
         } else {
           for (int64_t j = 0; j < n_out; ++j)
-            sg_dense[row + j] = static_cast<scalar_t>(math::surrogate(v[j], threshold, slope));
+            sg_dense[row + j] = static_cast<scalar_t>(math::surrogate(v[j], threshold, slope, surrogate));
         }
       }
       for (int64_t j = 0; j < n_out; ++j) vfin[b * n_out + j] = static_cast<scalar_t>(v[j]);
@@ -90,11 +102,9 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
 
   if (!sparse) {
     st[1] = T * B * n_out;
-    auto empty_long = at::empty({0}, x.options().dtype(at::kLong));
-    auto empty_int = at::empty({0}, x.options().dtype(at::kInt));
-    auto empty_val = at::empty({0}, x.options());
-    return {spikes, v_final, empty_long, empty_int, dense_sg, empty_long.clone(), empty_int.clone(),
-            empty_val.clone(), stats};
+    auto empty_int = [&] { return at::empty({0}, x.options().dtype(at::kInt)); };
+    return {spikes, v_final, empty_int(), empty_int(), dense_sg, empty_int(), empty_int(),
+            at::empty({0}, x.options()), rst_bits, stats};
   }
 
   // Concatenate the per-batch lists in batch order: rows b*T + t are then in CSR order.
@@ -114,17 +124,20 @@ Outputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
       std::copy(act_sg[b].begin(), act_sg[b].end(), sp + base[b]);
     }
   });
-  return {spikes, v_final, act_ptr, idx_out, sg_out, ev.ptr, ev.idx, ev.val, stats};
+  return {spikes, v_final, counts_from_offsets(act_ptr), idx_out, sg_out, ev.cnt, ev.idx, ev.val,
+          rst_bits, stats};
 }
 
 Outputs lif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                         const c10::optional<at::Tensor>& bias_in,
                         const c10::optional<at::Tensor>& v_init_in,
                         const c10::optional<at::Tensor>& s_init_in,
-                        const c10::optional<at::Tensor>& /*x_act_ptr: used by the backward*/,
+                        const c10::optional<at::Tensor>& /*x_act_cnt: used by the backward*/,
                         const c10::optional<at::Tensor>& /*x_act_idx*/, double alpha,
-                        double threshold, double b_th, double slope, bool sparse) {
-  check_lif_forward_args(x_in, weight_in, bias_in, v_init_in, s_init_in, alpha, threshold, b_th, slope);
+                        double threshold, double b_th, double slope, bool sparse,
+                        c10::string_view surrogate, c10::string_view reset) {
+  const NeuronKinds kinds = check_lif_forward_args(x_in, weight_in, bias_in, v_init_in, s_init_in,
+                                                   alpha, threshold, b_th, slope, surrogate, reset);
   auto contiguous = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
     return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
   };
@@ -132,7 +145,7 @@ Outputs lif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lif_forward_cpu", [&] {
     out = lif_forward_impl<scalar_t>(x, weight, contiguous(bias_in), contiguous(v_init_in),
-                                     contiguous(s_init_in), alpha, threshold, b_th, slope, sparse);
+                                     contiguous(s_init_in), alpha, threshold, b_th, slope, sparse, kinds);
   });
   return out;
 }

@@ -36,9 +36,7 @@ inline void pack_bits(const acc_t* s, int64_t n, int32_t* words) {
   }
 }
 
-inline bool bit_set(const int32_t* words, int64_t j) {
-  return (static_cast<uint32_t>(words[j >> 5]) >> (j & 31)) & 1u;
-}
+inline bool bit_set(const int32_t* words, int64_t j) { return test_bit(words, j); }
 
 template <typename scalar_t>
 NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
@@ -207,20 +205,12 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
   scalar_t* gc = grad_current.data_ptr<scalar_t>();
   scalar_t* dvp = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
 
-  // Row offsets of the active set (rows b*T + t).
-  std::vector<int64_t> offs(sparse ? B * T + 1 : 0, 0);
-  const int32_t* idx = nullptr;
-  if (sparse) {
-    const int32_t* c = act_cnt.data_ptr<int32_t>();
-    for (int64_t r = 0; r < B * T; ++r) {
-      SG_CHECK(c[r] >= 0 && c[r] <= N, "lif_neuron_backward", "act_cnt",
-               "holds a row count outside [0, N]: ", c[r]);
-      offs[r + 1] = offs[r] + c[r];
-    }
-    SG_CHECK(offs[B * T] == act_idx.numel(), "lif_neuron_backward", "act_cnt",
-             "sums to ", offs[B * T], " but act_idx has ", act_idx.numel(), " entries");
-    idx = act_idx.data_ptr<int32_t>();
-  }
+  // Row offsets of the active set (rows b*T + t), checked against the index length.
+  const at::Tensor offsets = sparse ? row_offsets(act_cnt, act_idx.numel(), N, "lif_neuron_backward",
+                                                  "act_cnt")
+                                    : at::empty({0}, act_cnt.options().dtype(at::kLong));
+  const int64_t* offs = sparse ? offsets.data_ptr<int64_t>() : nullptr;
+  const int32_t* idx = sparse ? act_idx.data_ptr<int32_t>() : nullptr;
 
   const int64_t blocks = (N + kNeuronBlock - 1) / kNeuronBlock;
   at::parallel_for(0, B * blocks, grain_for(T * std::min(N, kNeuronBlock)), [&](int64_t k0, int64_t k1) {
@@ -295,7 +285,7 @@ NeuronOutputs lif_neuron_forward_cpu(const at::Tensor& current_in,
                                      c10::string_view surrogate, c10::string_view reset,
                                      bool return_mem, c10::string_view dynamics, double tau,
                                      double v_reset, bool detach_reset) {
-  const NeuronKinds kinds = check_lif_neuron_forward_args(current_in, v_init, s_init, alpha,
+  const NeuronOpKinds kinds = check_lif_neuron_forward_args(current_in, v_init, s_init, alpha,
                                                           threshold, b_th, slope, surrogate, reset,
                                                           return_mem, dynamics, tau);
   const SJParams sj{kinds.dynamics, tau, v_reset, detach_reset};

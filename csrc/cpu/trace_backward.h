@@ -31,6 +31,10 @@ struct TraceProblem {
   EventView<scalar_t> events;          // x's nonzeros (needed for dW via events)
   const int64_t* prev_ptr = nullptr;   // producer's active set: dx only there
   const int32_t* prev_idx = nullptr;
+  // Reset to zero (op_schemas.h): R[t] bits [T, B, ceil(N_out/32)]; the trace decays by
+  // alpha*(1 - R[t+1]) instead of alpha. Null for the other resets and for the readout.
+  const int32_t* rst_bits = nullptr;
+  const int32_t* reset_row(int64_t t, int64_t b) const { return rst_bits + (t * B + b) * bit_words(n_out); }
   // outputs (null = not wanted)
   scalar_t* dx = nullptr;  // [T, B, N_in], zero-initialised
   scalar_t* dv = nullptr;  // [B, N_out]: alpha * G[0]
@@ -89,6 +93,14 @@ void trace_backward(const TraceProblem<scalar_t>& p, const Inject& inject) {
         }
         for (int64_t t = T - 1; t >= 0; --t) {
           if (live && t < T - 1) {
+            if (p.rst_bits) {  // neurons reset by a spike at t+1 drop their trace (and its dx share)
+              const int32_t* cut = p.reset_row(t + 1, b);
+              for (int64_t j = 0; j < n_out; ++j) {
+                if (!test_bit(cut, j) || G[j] == acc_t(0)) continue;
+                if (full_dx) axpy<acc_t>(n_in, -G[j], p.weight + j * n_in, dx_trace.data());
+                G[j] = acc_t(0);
+              }
+            }
             scale_inplace<acc_t>(n_out, p.alpha, G.data());
             if (full_dx) scale_inplace<acc_t>(n_in, p.alpha, dx_trace.data());
           }
@@ -118,8 +130,11 @@ void trace_backward(const TraceProblem<scalar_t>& p, const Inject& inject) {
           }
         }
         if (p.dv) {
-          for (int64_t j = 0; j < n_out; ++j)
-            p.dv[b * n_out + j] = static_cast<scalar_t>(p.alpha * G[j]);
+          const int32_t* cut = p.rst_bits ? p.reset_row(0, b) : nullptr;
+          for (int64_t j = 0; j < n_out; ++j) {
+            const acc_t a = cut ? math::trace_decay(p.alpha, test_bit(cut, j), int(kResetZero)) : p.alpha;
+            p.dv[b * n_out + j] = static_cast<scalar_t>(a * G[j]);
+          }
         }
       }
     }
@@ -200,6 +215,15 @@ EventsByInput<scalar_t> events_by_input(const EventView<scalar_t>& ev, int64_t T
   return out;
 }
 
+// Lanes j0 .. j0+L-1 of a reset row: 0 where the bit is set (the trace is cut), else 1.
+template <typename acc_t>
+inline typename TileVec<acc_t>::type reset_mask(const int32_t* bits, int64_t j0, int64_t n_out) {
+  constexpr int64_t L = tile_lanes<acc_t>();
+  typename TileVec<acc_t>::type m;
+  for (int64_t l = 0; l < L; ++l) m[l] = (j0 + l < n_out && test_bit(bits, j0 + l)) ? acc_t(0) : acc_t(1);
+  return m;
+}
+
 // Element b, tiles g0 .. g0+R-1: walks t backwards writing each tile's trace at every step into
 // G [T][R] and adding it to db_sum; sets dv. Returns false when no gradient reaches the tiles.
 template <int R, typename scalar_t>
@@ -240,6 +264,10 @@ bool walk_tiles(const TraceProblem<scalar_t>& p, const ActiveView<scalar_t>& act
       any |= inside;
     }
     const bool decay = t < T - 1;
+    if (decay && p.rst_bits) {  // reset to zero: a spike at t+1 cuts the neuron's trace
+      const int32_t* cut = p.reset_row(t + 1, b);
+      for (int r = 0; r < R; ++r) g[r] *= reset_mask<acc_t>(cut, j_lo + r * L, n_out);
+    }
     SG_UNROLL_8
     for (int r = 0; r < R; ++r) {
       vec add;
@@ -252,9 +280,12 @@ bool walk_tiles(const TraceProblem<scalar_t>& p, const ActiveView<scalar_t>& act
   }
   for (int r = 0; r < R; ++r) {
     db_sum[r] += db_b[r];
-    if (p.dv)
+    if (p.dv) {
+      vec dv = g[r] * alpha;
+      if (p.rst_bits) dv *= reset_mask<acc_t>(p.reset_row(0, b), j_lo + r * L, n_out);
       for (int64_t l = 0; l < L && j_lo + r * L + l < n_out; ++l)
-        p.dv[b * n_out + j_lo + r * L + l] = static_cast<scalar_t>(alpha * g[r][l]);
+        p.dv[b * n_out + j_lo + r * L + l] = static_cast<scalar_t>(dv[l]);
+    }
   }
   return any;
 }

@@ -41,6 +41,7 @@ struct TraceArgs {
   const scalar_t* weight_t = nullptr;  // [N_in, N_out], for dx on the producer's active set
   const int64_t* prev_ptr = nullptr;   // producer's active set (CSR over b*T + t), or null
   const int32_t* prev_idx = nullptr;
+  const int32_t* rst_bits = nullptr;   // reset to zero: R[t] bits [T, B, ceil(N_out/32)], or null
   // outputs, null when not wanted
   acc_t* dx = nullptr;       // [T, B, N_in] zero-initialised, written at the producer's entries
   acc_t* g_dense = nullptr;  // [T, B, N_out] zero-initialised: G for dx = G W by GEMM
@@ -120,9 +121,13 @@ __global__ void trace_backward_kernel(TraceArgs<scalar_t> p, Inject inject) {
       for (int64_t jj = 0; jj < jn; ++jj) G[jj] = static_cast<acc_t>(p.g_init[b * p.n_out + j0 + jj]);
       live = true;
     }
+    const int64_t words = (p.n_out + 31) / 32;
     for (int64_t t = p.T - 1; t >= 0; --t) {
-      if (live && t < p.T - 1)
-        for (int64_t jj = 0; jj < jn; ++jj) G[jj] *= p.alpha;
+      if (live && t < p.T - 1) {
+        const int32_t* cut = p.rst_bits ? p.rst_bits + ((t + 1) * p.B + b) * words : nullptr;
+        for (int64_t jj = 0; jj < jn; ++jj)
+          G[jj] *= cut ? math::trace_decay(p.alpha, bit_set(cut, j0 + jj), int(kResetZero)) : p.alpha;
+      }
       live = inject(b, t, j0, jn, G) || live;
       if (!live) continue;
       if (p.db)
@@ -149,8 +154,13 @@ __global__ void trace_backward_kernel(TraceArgs<scalar_t> p, Inject inject) {
         }
       }
     }
-    if (p.dv)
-      for (int64_t jj = 0; jj < jn; ++jj) p.dv[b * p.n_out + j0 + jj] = static_cast<scalar_t>(p.alpha * G[jj]);
+    if (p.dv) {
+      const int32_t* cut = p.rst_bits ? p.rst_bits + b * words : nullptr;
+      for (int64_t jj = 0; jj < jn; ++jj) {
+        const acc_t a = cut ? math::trace_decay(p.alpha, bit_set(cut, j0 + jj), int(kResetZero)) : p.alpha;
+        p.dv[b * p.n_out + j0 + jj] = static_cast<scalar_t>(a * G[jj]);
+      }
+    }
     if (p.db && live)
       for (int64_t jj = 0; jj < jn; ++jj) atomic_add(p.db + j0 + jj, db[jj]);
   }
@@ -209,16 +219,20 @@ __global__ void dw_active_kernel(DwActiveArgs<scalar_t> p) {
 // Dense backward: G[t] = alpha*G[t+1] + dL/dS[t]*sg[t] at every entry, one thread per (b, j).
 template <typename scalar_t>
 __global__ void reverse_scan_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ sg,
-                                    const scalar_t* __restrict__ g_init, int64_t T, int64_t B,
+                                    const scalar_t* __restrict__ g_init,
+                                    const int32_t* __restrict__ rst_bits, int64_t T, int64_t B,
                                     int64_t N, at::opmath_type<scalar_t> alpha,
                                     scalar_t* __restrict__ G) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t words = (N + 31) / 32;
   SG_KERNEL_LOOP(k, B * N) {
     const int64_t b = k / N, j = k % N;
     acc_t trace = g_init ? static_cast<acc_t>(g_init[k]) : acc_t(0);
     for (int64_t t = T - 1; t >= 0; --t) {
       const int64_t at = (t * B + b) * N + j;
-      const acc_t a = t == T - 1 ? acc_t(1) : alpha;  // G[T-1] = dL/dV_final + delta[T-1]
+      acc_t a = t == T - 1 ? acc_t(1) : alpha;  // G[T-1] = dL/dV_final + delta[T-1]
+      if (rst_bits && t < T - 1)
+        a = math::trace_decay(a, bit_set(rst_bits + ((t + 1) * B + b) * words, j), int(kResetZero));
       trace = math::decay_add(trace, static_cast<acc_t>(grad[at]) * static_cast<acc_t>(sg[at]), a);
       G[at] = static_cast<scalar_t>(trace);
     }

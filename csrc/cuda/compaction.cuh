@@ -72,7 +72,7 @@ __global__ void active_count_kernel(const acc_t* __restrict__ v, int64_t T, int6
 
 template <typename scalar_t, typename acc_t>
 __global__ void active_fill_kernel(const acc_t* __restrict__ v, int64_t T, int64_t B, int64_t N,
-                                   acc_t threshold, acc_t b_th, acc_t slope,
+                                   acc_t threshold, acc_t b_th, acc_t slope, int surrogate,
                                    const int64_t* __restrict__ ptr, int32_t* __restrict__ idx,
                                    scalar_t* __restrict__ sg) {
   SG_KERNEL_LOOP(r, B * T) {
@@ -82,10 +82,30 @@ __global__ void active_fill_kernel(const acc_t* __restrict__ v, int64_t T, int64
     for (int64_t j = 0; j < N; ++j) {
       if (math::is_active(row[j], threshold, b_th)) {
         idx[e] = static_cast<int32_t>(j);
-        sg[e] = static_cast<scalar_t>(math::surrogate(row[j], threshold, slope));
+        sg[e] = static_cast<scalar_t>(math::surrogate(row[j], threshold, slope, surrogate));
         ++e;
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reset bits (reset to zero): word w of row (t, b) packs S[t-1, b, 32w .. 32w+31] (s_init at t = 0),
+// one thread per word, so no two threads write the same word.
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+__global__ void reset_bits_kernel(const scalar_t* __restrict__ spikes, const scalar_t* __restrict__ s_init,
+                                  int64_t T, int64_t B, int64_t N, int32_t* __restrict__ bits) {
+  const int64_t words = (N + 31) / 32;
+  SG_KERNEL_LOOP(k, T * B * words) {
+    const int64_t w = k % words, tb = k / words, t = tb / B, b = tb % B;
+    const scalar_t* s = t == 0 ? (s_init ? s_init + b * N : nullptr) : spikes + ((t - 1) * B + b) * N;
+    uint32_t word = 0;
+    if (s) {
+      for (int64_t l = 0; l < 32 && 32 * w + l < N; ++l)
+        word |= static_cast<uint32_t>(s[32 * w + l] > scalar_t(0)) << l;
+    }
+    bits[k] = static_cast<int32_t>(word);
   }
 }
 

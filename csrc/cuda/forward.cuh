@@ -47,6 +47,7 @@ struct LifForwardArgs {
   InputCurrent<scalar_t> current;
   int64_t T = 0, B = 0, n_out = 0;
   acc_t alpha = 0, threshold = 1, slope = 1;
+  int surrogate = kFastSigmoid, reset = kResetSubtract;  // lif_math.h kinds
   const scalar_t* v_init = nullptr;  // [B, N_out] or null
   const scalar_t* s_init = nullptr;
   scalar_t* spikes = nullptr;        // [T, B, N_out]
@@ -67,12 +68,13 @@ __global__ void lif_forward_kernel(LifForwardArgs<scalar_t> a) {
     int64_t fired = 0;
     for (int64_t t = 0; t < a.T; ++t) {
       const int64_t at = (t * a.B + b) * a.n_out + j;
-      v = math::integrate(v, a.current(b, t, j), s, a.alpha, a.threshold);
+      v = math::integrate(v, a.current(b, t, j), s, a.alpha, a.threshold, a.reset);
       s = math::fire(v, a.threshold);
       a.spikes[at] = static_cast<scalar_t>(s);
       fired += s > acc_t(0);
       if (a.v_trace) a.v_trace[at] = v;
-      if (a.sg_dense) a.sg_dense[at] = static_cast<scalar_t>(math::surrogate(v, a.threshold, a.slope));
+      if (a.sg_dense)
+        a.sg_dense[at] = static_cast<scalar_t>(math::surrogate(v, a.threshold, a.slope, a.surrogate));
     }
     a.v_final[k] = static_cast<scalar_t>(v);
     if (fired) atomic_add_count(a.spike_count, fired);

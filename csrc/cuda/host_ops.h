@@ -37,7 +37,7 @@ namespace cuda {
 namespace host {
 
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using LifGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ReadoutForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ReadoutGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -70,6 +70,7 @@ Events build_events(const at::Tensor& x) {
   auto nonbinary = at::zeros({1}, long_opts);
   L::launch(R, &events_count_kernel<scalar_t>, x.data_ptr<scalar_t>(), T, B, N,
             ev.ptr.data_ptr<int64_t>(), nonbinary.data_ptr<int64_t>());
+  ev.cnt = ev.ptr.narrow(0, 1, R).to(at::kInt);  // the op's output: per-row counts
   ev.ptr.cumsum_(0);
   const auto sizes = at::cat({ev.ptr.narrow(0, R, 1), nonbinary}).cpu();  // host sync: output size
   ev.nnz = sizes.data_ptr<int64_t>()[0];
@@ -126,7 +127,8 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias,
                                 const c10::optional<at::Tensor>& v_init,
                                 const c10::optional<at::Tensor>& s_init, double alpha,
-                                double threshold, double b_th, double slope, bool sparse) {
+                                double threshold, double b_th, double slope, bool sparse,
+                                NeuronKinds kinds) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = x.size(0), B = x.size(1), n_out = weight.size(0), R = B * T;
   const auto long_opts = x.options().dtype(at::kLong);
@@ -146,6 +148,8 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   a.alpha = static_cast<acc_t>(alpha);
   a.threshold = static_cast<acc_t>(threshold);
   a.slope = static_cast<acc_t>(slope);
+  a.surrogate = kinds.surrogate;
+  a.reset = kinds.reset;
   a.v_init = ptr_or_null<scalar_t>(v_init);
   a.s_init = ptr_or_null<scalar_t>(s_init);
   a.spikes = spikes.data_ptr<scalar_t>();
@@ -163,29 +167,37 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   }
   L::launch(B * n_out, &lif_forward_kernel<scalar_t>, a);
   stats.narrow(0, 2, 1).fill_(ev.nnz);
+  // Reset to zero: the spikes that reset V, bit-packed for the backward (op_schemas.h).
+  const int64_t words = bit_words(n_out);
+  const bool zero_reset = kinds.reset == kResetZero;
+  at::Tensor rst_bits = zero_reset ? at::empty({T, B, words}, x.options().dtype(at::kInt))
+                                   : at::empty({0}, x.options().dtype(at::kInt));
+  if (zero_reset)
+    L::launch(T * B * words, &reset_bits_kernel<scalar_t>, a.spikes, a.s_init, T, B, n_out,
+              rst_bits.data_ptr<int32_t>());
 
   if (!sparse) {
     stats.narrow(0, 1, 1).fill_(T * B * n_out);
-    auto empty_long = at::empty({0}, long_opts);
-    auto empty_int = at::empty({0}, x.options().dtype(at::kInt));
-    auto empty_val = at::empty({0}, x.options());
-    return {spikes, v_final, empty_long, empty_int, sg_dense, empty_long.clone(), empty_int.clone(),
-            empty_val.clone(), stats};
+    auto empty_int = [&] { return at::empty({0}, x.options().dtype(at::kInt)); };
+    return {spikes, v_final, empty_int(), empty_int(), sg_dense, empty_int(), empty_int(),
+            at::empty({0}, x.options()), rst_bits, stats};
   }
 
   // Compact the active set: count kernel, scan, one device->host copy (its size), fill kernel.
   auto act_ptr = at::zeros({R + 1}, long_opts);
   L::launch(R, &active_count_kernel<acc_t>, v_trace.data_ptr<acc_t>(), T, B, n_out,
             static_cast<acc_t>(threshold), static_cast<acc_t>(b_th), act_ptr.data_ptr<int64_t>());
+  const at::Tensor act_cnt = act_ptr.narrow(0, 1, R).to(at::kInt);
   act_ptr.cumsum_(0);
   const int64_t n_active = act_ptr[R].item<int64_t>();  // host sync: output size
   auto act_idx = at::empty({n_active}, x.options().dtype(at::kInt));
   auto act_sg = at::empty({n_active}, x.options());
   L::launch(R, &active_fill_kernel<scalar_t, acc_t>, v_trace.data_ptr<acc_t>(), T, B, n_out,
             static_cast<acc_t>(threshold), static_cast<acc_t>(b_th), static_cast<acc_t>(slope),
-            act_ptr.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(), act_sg.data_ptr<scalar_t>());
+            int(kinds.surrogate), act_ptr.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(),
+            act_sg.data_ptr<scalar_t>());
   stats.narrow(0, 1, 1).fill_(n_active);
-  return {spikes, v_final, act_ptr, act_idx, act_sg, ev.ptr, ev.idx, ev.val, stats};
+  return {spikes, v_final, act_cnt, act_idx, act_sg, ev.cnt, ev.idx, ev.val, rst_bits, stats};
 }
 
 template <class L>
@@ -193,15 +205,18 @@ ForwardOutputs lif_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
                            const c10::optional<at::Tensor>& bias_in,
                            const c10::optional<at::Tensor>& v_init_in,
                            const c10::optional<at::Tensor>& s_init_in,
-                           const c10::optional<at::Tensor>& /*x_act_ptr: used by the backward*/,
+                           const c10::optional<at::Tensor>& /*x_act_cnt: used by the backward*/,
                            const c10::optional<at::Tensor>& /*x_act_idx*/, double alpha,
-                           double threshold, double b_th, double slope, bool sparse) {
-  check_lif_forward_args(x_in, weight_in, bias_in, v_init_in, s_init_in, alpha, threshold, b_th, slope);
+                           double threshold, double b_th, double slope, bool sparse,
+                           c10::string_view surrogate, c10::string_view reset) {
+  const NeuronKinds kinds = check_lif_forward_args(x_in, weight_in, bias_in, v_init_in, s_init_in,
+                                                   alpha, threshold, b_th, slope, surrogate, reset);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   ForwardOutputs out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsegrad_lif_forward_cuda", [&] {
     out = lif_forward_impl<L, scalar_t>(x, weight, contiguous(bias_in), contiguous(v_init_in),
-                                        contiguous(s_init_in), alpha, threshold, b_th, slope, sparse);
+                                        contiguous(s_init_in), alpha, threshold, b_th, slope, sparse,
+                                        kinds);
   });
   return out;
 }
@@ -243,7 +258,8 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
                                   const at::Tensor& act_idx, const at::Tensor& act_sg,
                                   const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
                                   const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
-                                  const c10::optional<at::Tensor>& prev_idx, double alpha,
+                                  const c10::optional<at::Tensor>& prev_idx,
+                                  const c10::optional<at::Tensor>& rst_bits, double alpha,
                                   bool need_dx, bool need_dw, bool need_db, bool need_dv,
                                   int64_t dw_route) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -251,7 +267,8 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
   const auto opts = gS.options();
   const auto acc_opts = acc_options(gS);
   const auto route = cpu::choose_dw_route(dw_route, ev_idx.numel(), act_idx.numel(), T, B, n_in, n_out);
-  const bool dw_events = need_dw && route == cpu::DwRoute::kEvents;
+  // Reset to zero cuts the trace per neuron: only the events route handles that.
+  const bool dw_events = need_dw && (route == cpu::DwRoute::kEvents || rst_bits.has_value());
   const bool full_dx = need_dx && !prev_ptr.has_value();
 
   TraceArgs<scalar_t> p;
@@ -263,6 +280,7 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
   p.scale = acc_t(1);
   p.g_init = ptr_or_null<scalar_t>(gV);
   p.events = csr_view<scalar_t>(ev_ptr, ev_idx, ev_val);
+  p.rst_bits = ptr_or_null<int32_t>(rst_bits);
   at::Tensor weight_t, dx_acc, g_dense, dw_acc, db_acc, dv = at::empty({0}, opts);
   if (need_dx && !full_dx) {
     weight_t = weight.t().contiguous();
@@ -323,22 +341,28 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
 
 template <class L>
 LifGrads lif_backward_sparse(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
-                             const at::Tensor& weight, const at::Tensor& act_ptr,
+                             const at::Tensor& weight, const at::Tensor& act_cnt,
                              const at::Tensor& act_idx, const at::Tensor& act_sg,
-                             const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
-                             const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_ptr,
-                             const c10::optional<at::Tensor>& prev_idx, double alpha, bool need_dx,
+                             const at::Tensor& ev_cnt, const at::Tensor& ev_idx,
+                             const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_cnt,
+                             const c10::optional<at::Tensor>& prev_idx,
+                             const c10::optional<at::Tensor>& rst_bits, double alpha, bool need_dx,
                              bool need_dw, bool need_db, bool need_dv, int64_t dw_route) {
-  check_lif_backward_sparse_args(grad_spikes, grad_v_final, weight, act_ptr, act_idx, act_sg, ev_ptr,
-                                 ev_idx, ev_val, prev_ptr, prev_idx, alpha, dw_route);
+  const char* op = "lif_backward_sparse";
+  check_lif_backward_sparse_args(grad_spikes, grad_v_final, weight, act_cnt, act_idx, act_sg, ev_cnt,
+                                 ev_idx, ev_val, prev_cnt, prev_idx, rst_bits, alpha, dw_route);
+  const at::Tensor act_ptr = row_offsets(act_cnt, act_idx.numel(), weight.size(0), op, "act_cnt");
+  const at::Tensor ev_ptr = row_offsets(ev_cnt, ev_idx.numel(), weight.size(1), op, "ev_cnt");
+  c10::optional<at::Tensor> prev_ptr;
+  if (prev_cnt.has_value()) prev_ptr = row_offsets(*prev_cnt, prev_idx->numel(), weight.size(1), op, "prev_cnt");
   c10::optional<at::Tensor> gV = contiguous(grad_v_final);
   const at::Tensor gS = grad_spikes.contiguous(), w = weight.contiguous();
   LifGrads out;
   AT_DISPATCH_FLOATING_TYPES(gS.scalar_type(), "sparsegrad_lif_backward_sparse_cuda", [&] {
     out = lif_backward_sparse_impl<L, scalar_t>(
-        gS, gV, w, act_ptr.contiguous(), act_idx.contiguous(), act_sg.contiguous(),
-        ev_ptr.contiguous(), ev_idx.contiguous(), ev_val.contiguous(), contiguous(prev_ptr),
-        contiguous(prev_idx), alpha, need_dx, need_dw, need_db, need_dv, dw_route);
+        gS, gV, w, act_ptr, act_idx.contiguous(), act_sg.contiguous(), ev_ptr, ev_idx.contiguous(),
+        ev_val.contiguous(), prev_ptr, contiguous(prev_idx), contiguous(rst_bits), alpha, need_dx,
+        need_dw, need_db, need_dv, dw_route);
   });
   return out;
 }
@@ -349,8 +373,10 @@ LifGrads lif_backward_sparse(const at::Tensor& grad_spikes, const c10::optional<
 template <class L>
 LifGrads lif_backward_dense(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
                             const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& sg_in,
-                            double alpha, bool need_dx, bool need_dw, bool need_db, bool need_dv) {
-  check_lif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in, sg_in, alpha);
+                            const c10::optional<at::Tensor>& rst_bits_in, double alpha, bool need_dx,
+                            bool need_dw, bool need_db, bool need_dv) {
+  check_lif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in, sg_in, rst_bits_in, alpha);
+  const c10::optional<at::Tensor> rst_bits = contiguous(rst_bits_in);
   const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), n_in = weight_in.size(1),
                 n_out = weight_in.size(0);
   const auto opts = grad_spikes.options();
@@ -359,14 +385,14 @@ LifGrads lif_backward_dense(const at::Tensor& grad_spikes, const c10::optional<a
   at::Tensor G = at::empty({T, B, n_out}, opts);
   AT_DISPATCH_FLOATING_TYPES(gS.scalar_type(), "sparsegrad_lif_backward_dense_cuda", [&] {
     L::launch(B * n_out, &reverse_scan_kernel<scalar_t>, gS.data_ptr<scalar_t>(),
-              sg.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(gV), T, B, n_out,
+              sg.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(gV), ptr_or_null<int32_t>(rst_bits), T, B, n_out,
               static_cast<at::opmath_type<scalar_t>>(alpha), G.data_ptr<scalar_t>());
   });
   auto G2 = G.view({T * B, n_out});
   at::Tensor dx = need_dx ? at::mm(G2, weight_in.contiguous()).view({T, B, n_in}) : at::empty({0}, opts);
   at::Tensor dw = need_dw ? at::mm(G2.t(), x_in.contiguous().view({T * B, n_in})) : at::empty({0}, opts);
   at::Tensor db = need_db ? G2.sum(0) : at::empty({0}, opts);
-  at::Tensor dv = need_dv ? (G[0] * alpha).contiguous() : at::empty({0}, opts);
+  at::Tensor dv = need_dv ? initial_state_grad(G[0], rst_bits, alpha) : at::empty({0}, opts);
   return {dx, dw, db, dv};
 }
 
@@ -394,13 +420,13 @@ ReadoutForwardOutputs li_readout_forward_impl(const at::Tensor& x, const at::Ten
   a.out = out.data_ptr<scalar_t>();
   a.argmax = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
   L::launch(B * n_out, &li_readout_forward_kernel<scalar_t>, a);
-  return {out, argmax, ev.ptr, ev.idx, ev.val};
+  return {out, argmax, ev.cnt, ev.idx, ev.val};
 }
 
 template <class L>
 ReadoutForwardOutputs li_readout_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
                                          const c10::optional<at::Tensor>& bias_in,
-                                         const c10::optional<at::Tensor>& /*x_act_ptr*/,
+                                         const c10::optional<at::Tensor>& /*x_act_cnt*/,
                                          const c10::optional<at::Tensor>& /*x_act_idx*/,
                                          double alpha, c10::string_view reduce_name) {
   const int reduce = check_readout_forward_args(x_in, weight_in, bias_in, alpha, reduce_name);
@@ -479,19 +505,23 @@ ReadoutGrads li_readout_backward_impl(const at::Tensor& grad_out, const at::Tens
 
 template <class L>
 ReadoutGrads li_readout_backward(const at::Tensor& grad_out_in, const at::Tensor& argmax,
-                                 const at::Tensor& weight_in, const at::Tensor& ev_ptr,
+                                 const at::Tensor& weight_in, const at::Tensor& ev_cnt,
                                  const at::Tensor& ev_idx, const at::Tensor& ev_val,
-                                 const c10::optional<at::Tensor>& prev_ptr,
+                                 const c10::optional<at::Tensor>& prev_cnt,
                                  const c10::optional<at::Tensor>& prev_idx, int64_t num_steps,
                                  double alpha, c10::string_view reduce_name, bool need_dx,
                                  bool need_dw, bool need_db) {
-  const int reduce = check_readout_backward_args(grad_out_in, argmax, weight_in, ev_ptr, ev_idx, ev_val,
-                                                 prev_ptr, prev_idx, num_steps, alpha, reduce_name);
+  const char* op = "li_readout_backward";
+  const int reduce = check_readout_backward_args(grad_out_in, argmax, weight_in, ev_cnt, ev_idx, ev_val,
+                                                 prev_cnt, prev_idx, num_steps, alpha, reduce_name);
+  const at::Tensor ev_ptr = row_offsets(ev_cnt, ev_idx.numel(), weight_in.size(1), op, "ev_cnt");
+  c10::optional<at::Tensor> prev_ptr;
+  if (prev_cnt.has_value()) prev_ptr = row_offsets(*prev_cnt, prev_idx->numel(), weight_in.size(1), op, "prev_cnt");
   ReadoutGrads out;
   AT_DISPATCH_FLOATING_TYPES(grad_out_in.scalar_type(), "sparsegrad_li_readout_backward_cuda", [&] {
     out = li_readout_backward_impl<L, scalar_t>(
-        grad_out_in.contiguous(), argmax.contiguous(), weight_in.contiguous(), ev_ptr.contiguous(),
-        ev_idx.contiguous(), ev_val.contiguous(), contiguous(prev_ptr), contiguous(prev_idx),
+        grad_out_in.contiguous(), argmax.contiguous(), weight_in.contiguous(), ev_ptr,
+        ev_idx.contiguous(), ev_val.contiguous(), prev_ptr, contiguous(prev_idx),
         num_steps, alpha, reduce, need_dx, need_dw, need_db);
   });
   return out;

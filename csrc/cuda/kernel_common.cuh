@@ -63,6 +63,11 @@ __device__ __forceinline__ int64_t lower_bound(const int32_t* idx, int64_t lo, i
   return lo;
 }
 
+// Bit j of a row of packed int32 words (rst_bits).
+__device__ __forceinline__ bool bit_set(const int32_t* words, int64_t j) {
+  return (static_cast<uint32_t>(words[j >> 5]) >> (j & 31)) & 1u;
+}
+
 // A CSR over rows r = b*T + t (the layout of input events and of active sets).
 template <typename scalar_t>
 struct CsrView {

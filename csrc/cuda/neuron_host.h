@@ -36,11 +36,11 @@ inline T* data_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
-// int64 offsets [rows + 1] of a CSR given its int32 row counts (a device-wide scan).
-inline at::Tensor offsets_from_counts(const at::Tensor& cnt) {
-  auto offsets = at::zeros({cnt.numel() + 1}, cnt.options().dtype(at::kLong));
-  if (cnt.numel() > 0) offsets.narrow(0, 1, cnt.numel()).copy_(at::cumsum(cnt, 0, at::kLong));
-  return offsets;
+// int64 offsets [rows + 1] of a CSR given its int32 row counts (a device-wide scan on the GPU;
+// checked on the host in the emulation).
+inline at::Tensor offsets_from_counts(const at::Tensor& cnt, int64_t n_entries, int64_t n,
+                                      const char* op) {
+  return row_offsets(cnt, n_entries, n, op, "act_cnt");
 }
 
 template <class L, typename scalar_t>
@@ -104,7 +104,8 @@ NeuronForwardOutputs forward_impl(const at::Tensor& current, const c10::optional
   auto act_cnt = at::empty({R}, int_opts);
   L::launch(R, &neuron_active_count_kernel<acc_t>, a.v_trace, T, B, N, a.threshold,
             static_cast<acc_t>(b_th), act_cnt.data_ptr<int32_t>());
-  auto offsets = offsets_from_counts(act_cnt);
+  auto offsets = at::zeros({R + 1}, act_cnt.options().dtype(at::kLong));
+  if (R > 0) offsets.narrow(0, 1, R).copy_(at::cumsum(act_cnt, 0, at::kLong));
   const int64_t n_active = offsets.narrow(0, R, 1).cpu().data_ptr<int64_t>()[0];  // host sync
   auto act_idx = at::empty({n_active}, int_opts);
   auto act_sg = at::empty({n_active}, opts);
@@ -135,7 +136,7 @@ NeuronGrads backward_impl(const at::Tensor& grad_spikes, const c10::optional<at:
   at::Tensor rg = act_rg.has_value() ? (sparse ? at::zeros({T, B, N}, opts) : *act_rg)
                                      : at::empty({0}, opts);
   if (sparse) {
-    auto offsets = offsets_from_counts(act_cnt);
+    auto offsets = offsets_from_counts(act_cnt, act_idx.numel(), N, "lif_neuron_backward");
     L::launch(R, &neuron_scatter_delta_kernel<scalar_t>, grad_spikes.data_ptr<scalar_t>(),
               offsets.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(),
               act_sg.data_ptr<scalar_t>(), data_or_null<scalar_t>(act_rg), T, B, N,
@@ -173,7 +174,7 @@ NeuronForwardOutputs lif_neuron_forward(const at::Tensor& current_in,
                                         c10::string_view surrogate, c10::string_view reset,
                                         bool return_mem, c10::string_view dynamics, double tau,
                                         double v_reset, bool detach_reset) {
-  const NeuronKinds kinds = check_lif_neuron_forward_args(current_in, v_init, s_init, alpha,
+  const NeuronOpKinds kinds = check_lif_neuron_forward_args(current_in, v_init, s_init, alpha,
                                                           threshold, b_th, slope, surrogate, reset,
                                                           return_mem, dynamics, tau);
   const at::Tensor current = current_in.contiguous();

@@ -39,64 +39,67 @@ host::ForwardOutputs lif_forward_cuda(const at::Tensor& x, const at::Tensor& wei
                                       const c10::optional<at::Tensor>& bias,
                                       const c10::optional<at::Tensor>& v_init,
                                       const c10::optional<at::Tensor>& s_init,
-                                      const c10::optional<at::Tensor>& x_act_ptr,
+                                      const c10::optional<at::Tensor>& x_act_cnt,
                                       const c10::optional<at::Tensor>& x_act_idx, double alpha,
-                                      double threshold, double b_th, double slope, bool sparse) {
+                                      double threshold, double b_th, double slope, bool sparse,
+                                      c10::string_view surrogate, c10::string_view reset) {
   check_cuda(x, "lif_forward", "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  return host::lif_forward<L>(x, weight, bias, v_init, s_init, x_act_ptr, x_act_idx, alpha,
-                              threshold, b_th, slope, sparse);
+  return host::lif_forward<L>(x, weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha,
+                              threshold, b_th, slope, sparse, surrogate, reset);
 }
 
 host::LifGrads lif_backward_sparse_cuda(const at::Tensor& grad_spikes,
                                         const c10::optional<at::Tensor>& grad_v_final,
-                                        const at::Tensor& weight, const at::Tensor& act_ptr,
+                                        const at::Tensor& weight, const at::Tensor& act_cnt,
                                         const at::Tensor& act_idx, const at::Tensor& act_sg,
-                                        const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
+                                        const at::Tensor& ev_cnt, const at::Tensor& ev_idx,
                                         const at::Tensor& ev_val,
-                                        const c10::optional<at::Tensor>& prev_ptr,
-                                        const c10::optional<at::Tensor>& prev_idx, double alpha,
+                                        const c10::optional<at::Tensor>& prev_cnt,
+                                        const c10::optional<at::Tensor>& prev_idx,
+                                        const c10::optional<at::Tensor>& rst_bits, double alpha,
                                         bool need_dx, bool need_dw, bool need_db, bool need_dv,
                                         int64_t dw_route) {
   check_cuda(grad_spikes, "lif_backward_sparse", "grad_spikes");
   const c10::cuda::CUDAGuard guard(grad_spikes.device());
-  return host::lif_backward_sparse<L>(grad_spikes, grad_v_final, weight, act_ptr, act_idx, act_sg,
-                                      ev_ptr, ev_idx, ev_val, prev_ptr, prev_idx, alpha, need_dx,
-                                      need_dw, need_db, need_dv, dw_route);
+  return host::lif_backward_sparse<L>(grad_spikes, grad_v_final, weight, act_cnt, act_idx, act_sg,
+                                      ev_cnt, ev_idx, ev_val, prev_cnt, prev_idx, rst_bits, alpha,
+                                      need_dx, need_dw, need_db, need_dv, dw_route);
 }
 
 host::LifGrads lif_backward_dense_cuda(const at::Tensor& grad_spikes,
                                        const c10::optional<at::Tensor>& grad_v_final,
                                        const at::Tensor& x, const at::Tensor& weight,
-                                       const at::Tensor& sg, double alpha, bool need_dx,
-                                       bool need_dw, bool need_db, bool need_dv) {
+                                       const at::Tensor& sg, const c10::optional<at::Tensor>& rst_bits,
+                                       double alpha, bool need_dx, bool need_dw, bool need_db,
+                                       bool need_dv) {
   check_cuda(grad_spikes, "lif_backward_dense", "grad_spikes");
   const c10::cuda::CUDAGuard guard(grad_spikes.device());
-  return host::lif_backward_dense<L>(grad_spikes, grad_v_final, x, weight, sg, alpha, need_dx,
-                                     need_dw, need_db, need_dv);
+  return host::lif_backward_dense<L>(grad_spikes, grad_v_final, x, weight, sg, rst_bits, alpha,
+                                     need_dx, need_dw, need_db, need_dv);
 }
 
 host::ReadoutForwardOutputs li_readout_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                     const c10::optional<at::Tensor>& bias,
-                                                    const c10::optional<at::Tensor>& x_act_ptr,
+                                                    const c10::optional<at::Tensor>& x_act_cnt,
                                                     const c10::optional<at::Tensor>& x_act_idx,
                                                     double alpha, c10::string_view reduce) {
   check_cuda(x, "li_readout_forward", "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  return host::li_readout_forward<L>(x, weight, bias, x_act_ptr, x_act_idx, alpha, reduce);
+  return host::li_readout_forward<L>(x, weight, bias, x_act_cnt, x_act_idx, alpha, reduce);
 }
 
 host::ReadoutGrads li_readout_backward_cuda(const at::Tensor& grad_out, const at::Tensor& argmax_t,
-                                            const at::Tensor& weight, const at::Tensor& ev_ptr,
+                                            const at::Tensor& weight, const at::Tensor& ev_cnt,
                                             const at::Tensor& ev_idx, const at::Tensor& ev_val,
-                                            const c10::optional<at::Tensor>& prev_ptr,
+                                            const c10::optional<at::Tensor>& prev_cnt,
                                             const c10::optional<at::Tensor>& prev_idx,
                                             int64_t num_steps, double alpha,
                                             c10::string_view reduce, bool need_dx, bool need_dw,
                                             bool need_db) {
   check_cuda(grad_out, "li_readout_backward", "grad_out");
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  return host::li_readout_backward<L>(grad_out, argmax_t, weight, ev_ptr, ev_idx, ev_val, prev_ptr,
+  return host::li_readout_backward<L>(grad_out, argmax_t, weight, ev_cnt, ev_idx, ev_val, prev_cnt,
                                       prev_idx, num_steps, alpha, reduce, need_dx, need_dw, need_db);
 }
 

@@ -1,0 +1,70 @@
+// The compact tensors shared by every op (op_schemas.h): CSRs over rows r = b*T + t given as
+// int32 per-row counts, and bit-packed spikes (rst_bits for reset-to-zero). Host-side helpers
+// (ATen), used by the CPU kernels and by the CUDA host code alike.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+// Every error message names the op and the argument.
+#define SG_CHECK(cond, op, arg, ...) \
+  TORCH_CHECK(cond, "sparsegrad.", op, ": argument '", arg, "' ", __VA_ARGS__)
+
+namespace sparsegrad {
+
+// rst_bits (reset="zero"): int32 [T, B, ceil(N/32)], bit j%32 of word j/32 = S[t-1, b, j].
+inline int64_t bit_words(int64_t n) { return (n + 31) / 32; }
+
+inline bool test_bit(const int32_t* words, int64_t j) {
+  return (static_cast<uint32_t>(words[j >> 5]) >> (j & 31)) & 1u;
+}
+
+// Bits [..., ceil(N/32)] int32 -> values [..., N] of `dtype` (0 or 1), on the bits' device.
+inline at::Tensor unpack_bits(const at::Tensor& words, int64_t n, at::ScalarType dtype) {
+  const at::Tensor shifts = at::arange(32, words.options().dtype(at::kInt));
+  at::Tensor bits = at::bitwise_and(at::bitwise_right_shift(words.unsqueeze(-1), shifts), 1);
+  return bits.flatten(-2).narrow(-1, 0, n).to(dtype);
+}
+
+// dL/dv_init = alpha * G[0], cut where reset-to-zero has s_init = 1: alpha*(1 - R[0])*G[0].
+inline at::Tensor initial_state_grad(const at::Tensor& g0, const c10::optional<at::Tensor>& rst_bits,
+                                     double alpha) {
+  at::Tensor dv = g0 * alpha;
+  if (rst_bits.has_value())
+    dv = dv * (1 - unpack_bits((*rst_bits)[0], g0.size(-1), g0.scalar_type()));
+  return dv.contiguous();
+}
+
+// Int64 row offsets [rows + 1] of a CSR given by per-row counts. For CPU tensors the counts are
+// checked on the way (each in [0, max_per_row], total = n_entries: O(rows)), so that no kernel
+// reads past the index arrays; CUDA tensors are scanned on the device (no host synchronisation).
+inline at::Tensor row_offsets(const at::Tensor& cnt, int64_t n_entries, int64_t max_per_row,
+                              const char* op, const char* name) {
+  const int64_t rows = cnt.numel();
+  if (!cnt.is_cpu()) {
+    at::Tensor offsets = at::zeros({rows + 1}, cnt.options().dtype(at::kLong));
+    if (rows > 0) offsets.narrow(0, 1, rows).copy_(at::cumsum(cnt, 0, at::kLong));
+    return offsets;
+  }
+  at::Tensor offsets = at::empty({rows + 1}, cnt.options().dtype(at::kLong));
+  const at::Tensor c = cnt.contiguous();
+  const int32_t* in = c.data_ptr<int32_t>();
+  int64_t* out = offsets.data_ptr<int64_t>();
+  int64_t total = 0;
+  bool in_range = true;
+  out[0] = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    in_range &= in[r] >= 0 && in[r] <= max_per_row;
+    total += in[r];
+    out[r + 1] = total;
+  }
+  SG_CHECK(in_range, op, name, "must hold per-row counts in [0, ", max_per_row,
+           "]: this is not a CSR made by a sparsegrad forward op");
+  SG_CHECK(total == n_entries, op, name, "counts add up to ", total, " but the index tensor has ",
+           n_entries, " entries: the compact tensors do not belong together");
+  return offsets;
+}
+
+}  // namespace sparsegrad
