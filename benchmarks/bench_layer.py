@@ -64,7 +64,8 @@ def run_config(label, dataset, n_out, second_layer, batch, args, device, dtype, 
         ratios["bwd_reference_over_sparse"] = common.ratio(med(rows["reference"], "backward"),
                                                            med(sparse, "backward"))
     return dict(label=label, batch=batch, problem=problem.info, correctness=check,
-                methods=rows, ratios=ratios)
+                methods=rows, ratios=ratios, device=str(device),
+                **common.layer_floor_report(problem, rows))
 
 
 def print_config(res):
@@ -90,6 +91,8 @@ def print_config(res):
           f"{r['total_pytorch_over_sparse']:.1f}x; saved sparse/pytorch "
           f"{100 * r['saved_sparse_over_pytorch']:.2f}%; peak sparse/pytorch "
           f"{100 * r['peak_sparse_over_pytorch']:.1f}%")
+    if res.get("over_floor"):
+        print(common.fmt_over_floor(res["over_floor"], res.get("device", "cpu")))
 
 
 def evaluate_checks(results):

@@ -47,7 +47,15 @@ def peer_version(name):
         module = __import__(name)
     except Exception as exc:  # any import failure means "skipped", never a crash
         return None, f"{type(exc).__name__}: {exc}"
-    return getattr(module, "__version__", "unknown"), None
+    version = getattr(module, "__version__", None)
+    if version is None:  # e.g. SpikingJelly 2.x: ask the installed distribution
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version(name)
+        except Exception:  # noqa: BLE001 - only a label
+            version = "unknown"
+    return version, None
 
 
 def _linear(weight, bias):
@@ -57,6 +65,19 @@ def _linear(weight, bias):
         fc.weight.copy_(weight)
         fc.bias.copy_(bias)
     return fc
+
+
+def _spikingjelly_selected(device) -> str:
+    """The kernel SpikingJelly >= 2 picked for its LIF on this GPU (private API: best effort)."""
+    try:
+        from spikingjelly._ops.lif import _selection
+
+        diag = _selection.diagnostics(device)
+        return f"automatic: {diag['implementation']}" + (
+            f" (unavailable: {', '.join(sorted(diag['unavailable']))})" if diag["unavailable"]
+            else "")
+    except Exception as exc:  # noqa: BLE001 - only a label
+        return f"automatic (selection not readable: {type(exc).__name__})"
 
 
 def peer_runner(name, problem, *, alpha=common.ALPHA, slope=common.SLOPE, x=None):
@@ -91,10 +112,24 @@ def peer_runner(name, problem, *, alpha=common.ALPHA, slope=common.SLOPE, x=None
                       v_reset=None, detach_reset=True, step_mode="m",
                       surrogate_function=surrogate.SoftSign(alpha=slope))
         if "backend" in inspect.signature(neuron.LIFNode.__init__).parameters:
-            # SpikingJelly < 2: choose the backend; >= 2 selects its fastest kernel by itself.
+            # SpikingJelly < 2: choose the backend (its fastest GPU one is cupy); >= 2 selects
+            # its fastest kernel (native CUDA, Triton or torch) by itself.
             kwargs["backend"] = "cupy" if x.is_cuda else "torch"
         info["backend"] = kwargs.get("backend", "automatic")
         node = neuron.LIFNode(**kwargs).to(x.device)
+        try:  # a backend that cannot run here (e.g. no cupy) falls back to torch, said so
+            with torch.no_grad():
+                sjf.reset_net(node)
+                node(fc(x[:2]))
+                sjf.reset_net(node)
+        except Exception as exc:
+            if kwargs.get("backend", "torch") == "torch":
+                raise
+            info["backend_error"] = f"{kwargs['backend']}: {type(exc).__name__}: {exc}"[:300]
+            kwargs["backend"] = info["backend"] = "torch"
+            node = neuron.LIFNode(**kwargs).to(x.device)
+        if info["backend"] == "automatic" and x.is_cuda:
+            info["backend"] = _spikingjelly_selected(x.device)
 
         def forward():
             sjf.reset_net(node)
@@ -226,12 +261,17 @@ def main(argv=None):
     parser = common.make_parser(__doc__.splitlines()[0])
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     parser.add_argument("--batches", nargs="+", type=int, default=None)
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help="subset of the layers' datasets, e.g. shd")
     args = parser.parse_args(argv)
     device, dtype = common.setup(args)
     batches = args.batches or (QUICK["batches"] if args.quick else BATCHES)
     versions = {p: peer_version(p)[0] for p in PEERS}
     results = []
-    for label, dataset, n_out in CONFIGS[:1] if args.quick else CONFIGS:
+    configs = [c for c in CONFIGS if args.configs is None or c[1] in args.configs]
+    if not configs:
+        parser.error(f"--configs: none of {args.configs} is one of {[c[1] for c in CONFIGS]}")
+    for label, dataset, n_out in configs[:1] if args.quick else configs:
         for batch in batches:
             if args.quick:
                 res = run_config(label, dataset, QUICK["n_out"], batch, args, device, dtype,

@@ -82,6 +82,9 @@ def run_point(sweep, value, base, args, device, dtype, problem=None):
                  active_entries=sparse["active_entries"],
                  active_fraction=sparse["active_fraction"], spike_rate=sparse["spike_rate"],
                  correctness=correctness, methods=rows)
+    floor = common.layer_floor_report(problem, rows)
+    point["floor_sparse_backward_ms"] = floor["floors"]["sparse"]["backward"]
+    point["over_floor"] = floor["over_floor"]
     return point, problem
 
 
@@ -117,9 +120,11 @@ def main(argv=None):
                          common.fmt_ms(m["sparsegrad_dense"]["times"]["backward"])
                          if "sparsegrad_dense" in m else "(as above)",
                          common.fmt_mb(m["sparsegrad_sparse"]["saved_bytes"]),
-                         common.fmt_mb(m["sparsegrad_sparse"].get("peak_bytes"))])
+                         common.fmt_mb(m["sparsegrad_sparse"].get("peak_bytes")),
+                         f"{point['over_floor']['sparse_backward']:.3g}x"])
         common.print_table([sweep, "active %", "active entries", "sparse bwd ms",
-                            "dense bwd ms", "sparse saved MB", "sparse peak MB"], rows)
+                            "dense bwd ms", "sparse saved MB", "sparse peak MB",
+                            "bwd / H100 floor"], rows)
         mine = [p for p in points if p["sweep"] == sweep]
         fits[sweep] = linear_fit([p["active_entries"] for p in mine],
                                  [p["methods"]["sparsegrad_sparse"]["times"]["backward"]["median"]

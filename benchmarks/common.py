@@ -107,8 +107,13 @@ def summarize(samples_s) -> dict:
                 n=len(ms), samples=ms)
 
 
+# torch.OutOfMemoryError is torch >= 2.5; torch.cuda.OutOfMemoryError exists in every supported torch.
+_OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", None),
+                     getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)} - {None})
+
+
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return isinstance(exc, _OOM_ERRORS) or "out of memory" in str(exc).lower()
 
 
 def inf_summary() -> dict:
@@ -424,6 +429,42 @@ def check_sparsegrad_layer(x, weight, bias, *, alpha=ALPHA, b_th=B_TH, producer=
     return report
 
 
+# ----------------------------------------------------------------------------- floors
+
+def layer_floor_report(problem, rows, spikes_key="sparsegrad_sparse") -> dict:
+    """Measured time over the performance-model floor (benchmarks/perf_model.py, an H100's) of
+    sparsegrad's fused layer, at the counts this run measured: {"floors": ..., "over_floor":
+    {"sparse_forward", "sparse_backward", "dense_forward", "dense_backward"}}."""
+    import perf_model
+
+    ref_row = rows.get(spikes_key) or next(iter(rows.values()))
+    T, B, n_in = problem.x.shape
+    n_out = problem.weight.shape[0]
+    binary = bool(((problem.x == 0) | (problem.x == 1)).all())
+    floors = perf_model.layer_floors(
+        T, B, n_in, n_out, nnz=ref_row["input_nonzeros"],
+        active=rows["sparsegrad_sparse"]["active_entries"] if "sparsegrad_sparse" in rows
+        else ref_row["active_entries"],
+        spikes=round(ref_row["spike_rate"] * T * B * n_out),
+        producer_active=problem.producer[1].numel() if problem.producer is not None else None,
+        binary_input=binary)
+    over = {}
+    for mode in ("sparse", "dense"):
+        row = rows.get(f"sparsegrad_{mode}")
+        if row is None:
+            continue
+        for phase in ("forward", "backward"):
+            over[f"{mode}_{phase}"] = perf_model.over_floor(row["times"][phase]["median"],
+                                                            floors[mode][phase])
+    return dict(floors=floors, over_floor=over)
+
+
+def fmt_over_floor(over: dict, device) -> str:
+    parts = [f"{k.replace('_', ' ')} {v:.3g}x" for k, v in over.items() if math.isfinite(v)]
+    where = "" if torch.device(device).type == "cuda" else " (a CPU run: the floor is an H100's)"
+    return "measured / H100 floor (benchmarks/perf_model.py)" + where + ": " + ", ".join(parts)
+
+
 # ----------------------------------------------------------------------------- results
 
 def machine_info(device) -> dict:
@@ -443,7 +484,10 @@ def machine_info(device) -> dict:
     except ImportError as exc:  # the scripts need it, but metadata must not be what fails
         info["sparsegrad"] = f"not importable: {exc}"
     if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_memory_bytes"] = props.total_memory
         info["cuda"] = torch.version.cuda
     return info
 

@@ -7,6 +7,22 @@ part of PATH between the markers `<!-- results:begin -->` and `<!-- results:end 
 same tables, so the docs page always shows what the JSON holds.
 
     python benchmarks/report.py --results benchmarks/results --docs docs/benchmarks.md
+
+GPU results live in benchmarks/results/gpu/, one set per GPU model, the file names carrying the
+model: <model>-summary.json (scripts/gpu_check.sh's summary), <model>-layer.json,
+<model>-network.json, <model>-peers.json, <model>-sweeps.json (e.g. h100-summary.json). They
+make the GPU section of the docs page (between `<!-- gpu-results:begin -->` and
+`<!-- gpu-results:end -->`); with none there, the section says that nothing was measured on a GPU
+yet. To commit the results of a GPU run:
+
+    bash scripts/gpu_check.sh                    # on the GPU machine; results in $OUT or runs/gpu-check
+    python benchmarks/report.py --add-gpu-run runs/gpu-check --docs docs/benchmarks.md
+    git add benchmarks/results/gpu docs/benchmarks.md
+
+--add-gpu-run DIR copies DIR/{summary,layer,network,peers,sweeps}.json to
+benchmarks/results/gpu/<model>-*.json (the model from summary.json's gpu_model, e.g. "h100";
+--gpu-model overrides it) and then regenerates everything as above. Copying the files by hand
+under those names and running the report is the same.
 """
 from __future__ import annotations
 
@@ -14,10 +30,18 @@ import argparse
 import json
 import math
 import os
+import re
+import shutil
 import sys
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+GPU_BEGIN, GPU_END = "<!-- gpu-results:begin -->", "<!-- gpu-results:end -->"
 NAMES = ("layer", "network", "peers", "sweeps")
+GPU_FILES = ("summary",) + NAMES
+GPU_NOT_MEASURED = ("Not yet measured on a GPU. On a GPU machine run `bash scripts/gpu_check.sh` "
+                    "(it builds, tests, sanitises and times everything in under 8 minutes), then "
+                    "`python benchmarks/report.py --add-gpu-run runs/gpu-check --docs "
+                    "docs/benchmarks.md` and commit `benchmarks/results/gpu/`.")
 
 
 def _f(v):
@@ -61,7 +85,9 @@ def table(headers, rows):
 
 def machine_line(data):
     m = data["machine"]
-    return (f"{m.get('cpu')} ({m.get('logical_cpus')} logical CPUs), torch {m.get('torch')}, "
+    gpu = (f"GPU {m['gpu']} (sm {m.get('gpu_capability', '?')}, CUDA {m.get('cuda')}), host "
+           if m.get("gpu") else "")
+    return (f"{gpu}{m.get('cpu')} ({m.get('logical_cpus')} logical CPUs), torch {m.get('torch')}, "
             f"{m.get('torch_threads')} threads, device {m.get('device')}, dtype "
             f"{data['settings'].get('dtype')}, {data['settings'].get('repeats')} repeats, "
             f"{m.get('date_utc')} UTC. Command: `{m.get('command')}`")
@@ -106,7 +132,28 @@ def layer_md(data):
         table(["layer", "input rate", "bwd pytorch / sparse", "bwd sg dense / sparse",
                "bwd reference / sparse", "fwd pytorch / sparse", "fwd+bwd pytorch / sparse",
                "saved sparse / pytorch", "peak sparse / pytorch"], ratio_rows),
-        checks_md(data.get("checks")), "", "![layer](../benchmarks/results/layer.png)"])
+        checks_md(data.get("checks")), floor_md(data), "",
+        "![layer](../benchmarks/results/layer.png)"])
+
+
+def floor_md(data):
+    """Measured time over the performance-model floor (benchmarks/perf_model.py), when the JSON
+    has it (bench_layer.py writes it since the model exists)."""
+    rows = []
+    for res in data["results"]:
+        over = res.get("over_floor")
+        if not over:
+            continue
+        fl = res["floors"]
+        rows.append([f"{res['label']} T={res['problem']['steps']} B={res['batch']}"]
+                     + [f"{_f(fl[m][p]) * 1e3:.3g} µs / {x(over.get(f'{m}_{p}'), 0)}"
+                        for m in ("sparse", "dense") for p in ("forward", "backward")])
+    if not rows:
+        return ""
+    return "\n".join(["", "Floor of each phase on an H100 (bytes and flops it must move and do, "
+                      "`benchmarks/perf_model.py`, docs/cuda.md) and measured time / floor:", "",
+                      table(["layer", "sparse forward", "sparse backward", "dense forward",
+                             "dense backward"], rows)])
 
 
 def network_md(data):
@@ -337,6 +384,122 @@ MARKDOWN = {"layer": layer_md, "network": network_md, "peers": peers_md, "sweeps
 PLOTS = {"layer": plot_layer, "network": plot_network, "peers": plot_peers, "sweeps": plot_sweeps}
 
 
+# ----------------------------------------------------------------------------- GPU results
+
+_GPU_NAME = re.compile(r"^([a-z0-9][a-z0-9._]*(?:-[a-z0-9._]+)*?)-(%s)\.json$" % "|".join(GPU_FILES))
+
+
+def gpu_runs(gpu_dir) -> dict:
+    """{model: {kind: data}} from <gpu_dir>/<model>-<kind>.json, models and kinds in order."""
+    runs = {}
+    if not os.path.isdir(gpu_dir):
+        return runs
+    for fname in sorted(os.listdir(gpu_dir)):
+        m = _GPU_NAME.match(fname)
+        if not m:
+            continue
+        with open(os.path.join(gpu_dir, fname)) as f:
+            runs.setdefault(m.group(1), {})[m.group(2)] = json.load(f)
+    return {k: dict(sorted(v.items(), key=lambda kv: GPU_FILES.index(kv[0])))
+            for k, v in runs.items()}
+
+
+def gpu_summary_md(model, s) -> str:
+    def val(v, unit):
+        v = _f(v)
+        if math.isnan(v):
+            return "–"
+        return f"{100 * v:.1f} %" if unit == "%" else f"{v:.3g}×"
+
+    head = [["device", f"{s.get('device')} (`{model}`)"],
+            ["software", f"torch {s.get('torch')} (CUDA {s.get('torch_cuda')}), driver "
+                         f"{s.get('driver')}, nvcc {s.get('nvcc')}, Python {s.get('python')}"],
+            ["run", f"{s.get('date_utc', '?')} UTC, "
+                    f"{'quick sizes' if s.get('quick') else 'full sizes'}, "
+                    f"{_f(s.get('total_seconds')):.0f} s, exit {s.get('exit_code')}"],
+            ["tests (CUDA cases)", f"{s.get('tests_passed')} passed, {s.get('tests_failed')} "
+                                   f"failed, {s.get('tests_skipped')} skipped"
+             + (": " + ", ".join(f"`{t}`" for t in s.get("failed_tests", [])[:10])
+                if s.get("failed_tests") else "")],
+            ["compute-sanitizer errors", _sanitizer_cell(s)]]
+    targets = [[t.get("label"), val(t.get("value"), "%" if "mem" in k else "x"), t.get("target"),
+                "**met**" if t.get("met") else "**missed**" if t.get("met") is False else "–"]
+               for k, t in (s.get("targets") or {}).items()]
+    over = s.get("over_floor_shd") or {}
+    steps = [[n, st.get("status"), f"{_f(st.get('seconds')):.1f}", st.get("note", "")]
+             for n, st in (s.get("steps") or {}).items()]
+    parts = [table(["", ""], head), "", f"Targets ({s.get('shd_layer')}; network "
+             f"{s.get('shd_network')}):", "",
+             table(["target", "measured", "target", "verdict"], targets)]
+    if over:
+        parts += ["", "SHD layer, measured time / H100 floor (`benchmarks/perf_model.py`): "
+                  + ", ".join(f"{k.replace('_', ' ')} {val(v, 'x')}" for k, v in over.items())]
+    parts += ["", "What ran (scripts/gpu_check.sh steps):", "",
+              table(["step", "status", "seconds", "note"], steps)]
+    return "\n".join(parts)
+
+
+def _sanitizer_cell(s) -> str:
+    tools = s.get("sanitizer")
+    if not isinstance(tools, dict):
+        return f"{s.get('sanitizer_errors')} ({tools})"
+    return f"{s.get('sanitizer_errors')} (" + ", ".join(
+        f"{k}: {v.get('errors')}" for k, v in tools.items() if isinstance(v, dict)) + ")"
+
+
+def gpu_md(gpu_dir) -> str:
+    runs = gpu_runs(gpu_dir)
+    if not runs:
+        return GPU_NOT_MEASURED
+    parts = []
+    for model, kinds in runs.items():
+        summary = kinds.get("summary")
+        title = (summary or {}).get("device") or model
+        parts.append(f"### {title} (`benchmarks/results/gpu/{model}-*.json`)")
+        if summary:
+            parts.append(gpu_summary_md(model, summary))
+        for kind in NAMES:
+            if kind in kinds:
+                stem = f"{model}-{kind}"
+                t, body = MARKDOWN[kind](kinds[kind]).split("\n", 1)
+                parts.append(f"#{t}, `gpu/{stem}.json`\n"
+                             + body.replace(f"results/{kind}.png", f"results/gpu/{stem}.png"))
+    return "\n\n".join(parts)
+
+
+def add_gpu_run(run_dir, gpu_dir, model=None) -> list:
+    """Copy a gpu_check.sh run's JSON into gpu_dir as <model>-<kind>.json."""
+    summary_path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(summary_path):
+        raise SystemExit(f"--add-gpu-run: {summary_path} does not exist")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    if model is None:
+        if summary.get("mode") != "gpu" or not summary.get("gpu_model"):
+            raise SystemExit(f"--add-gpu-run: {summary_path} is not from a GPU run (mode "
+                             f"{summary.get('mode')!r}); pass --gpu-model to file it anyway")
+        model = summary["gpu_model"]
+    if not re.match(r"^[a-z0-9][a-z0-9._]*$", model):
+        raise SystemExit(f"--gpu-model must be lower-case letters/digits, got {model!r}")
+    os.makedirs(gpu_dir, exist_ok=True)
+    copied = []
+    for kind in GPU_FILES:
+        src = os.path.join(run_dir, f"{kind}.json")
+        if os.path.exists(src):
+            dst = os.path.join(gpu_dir, f"{model}-{kind}.json")
+            shutil.copyfile(src, dst)
+            copied.append(dst)
+    return copied
+
+
+def _replace_between(doc, begin, end, text, path):
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"--docs: {path} lacks the markers {begin} ... {end}")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return head + begin + "\n" + text + end + tail
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -345,7 +508,14 @@ def main(argv=None):
     p.add_argument("--docs", default=None, metavar="PATH",
                    help="markdown file whose results section (between the markers) to replace")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--add-gpu-run", metavar="DIR", default=None,
+                   help="first copy a scripts/gpu_check.sh run's JSON (DIR = its $OUT) into "
+                        "<results>/gpu/<model>-*.json")
+    p.add_argument("--gpu-model", default=None,
+                   help="file name prefix for --add-gpu-run (default: summary.json's gpu_model)")
     args = p.parse_args(argv)
+    gpu_dir = os.path.join(args.results, "gpu")
+    copied = add_gpu_run(args.add_gpu_run, gpu_dir, args.gpu_model) if args.add_gpu_run else []
     # Every <stem>.json written by a bench_*.py script (e.g. layer.json, layer-1thread.json),
     # in the order layer, network, peers, sweeps, then by file name.
     found = {}
@@ -365,10 +535,12 @@ def main(argv=None):
         sections.append(f"{title}, `{stem}.json`\n"
                         + body.replace(f"results/{kind}.png", f"results/{stem}.png"))
     text = "\n\n".join(sections) + "\n"
+    gpu_text = gpu_md(gpu_dir) + "\n"
     out_md = os.path.join(args.results, "results.md")
     with open(out_md, "w") as f:
-        f.write("# Benchmark results\n\n" + text.replace("../benchmarks/results/", ""))
-    written = [out_md]
+        f.write("# Benchmark results\n\n" + text.replace("../benchmarks/results/", "")
+                + "\n## GPU\n\n" + gpu_text.replace("../benchmarks/results/", ""))
+    written = copied + [out_md]
     if not args.no_plots:
         import matplotlib
         matplotlib.use("Agg")
@@ -378,15 +550,23 @@ def main(argv=None):
             path = os.path.join(args.results, f"{stem}.png")
             PLOTS[kind](data, path, plt)
             written.append(path)
+        for model, kinds in gpu_runs(gpu_dir).items():
+            for kind, data in kinds.items():
+                if kind in PLOTS:
+                    path = os.path.join(gpu_dir, f"{model}-{kind}.png")
+                    PLOTS[kind](data, path, plt)
+                    written.append(path)
     if args.docs:
         with open(args.docs) as f:
             doc = f.read()
-        if BEGIN not in doc or END not in doc:
-            raise SystemExit(f"--docs: {args.docs} lacks the markers {BEGIN} ... {END}")
-        head, rest = doc.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
+        doc = _replace_between(doc, BEGIN, END, text, args.docs)
+        if GPU_BEGIN in doc:
+            doc = _replace_between(doc, GPU_BEGIN, GPU_END, gpu_text, args.docs)
+        else:
+            print(f"note: {args.docs} has no {GPU_BEGIN} marker; the GPU section is only in "
+                  f"{out_md}")
         with open(args.docs, "w") as f:
-            f.write(head + BEGIN + "\n" + text + END + tail)
+            f.write(doc)
         written.append(args.docs)
     for w in written:
         print(f"wrote {w}")

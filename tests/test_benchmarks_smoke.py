@@ -77,6 +77,15 @@ def test_layer_json(results):
                 assert m["times"][phase]["n"] == 1 and m["times"][phase]["median"] > 0
         assert math.isfinite(res["ratios"]["bwd_pytorch_over_sparse"])
         assert math.isfinite(res["ratios"]["bwd_reference_over_sparse"])
+        # measured time over the performance model's floor, at the counts measured
+        counts = res["floors"]["counts"]
+        assert counts["nnz"] == sparse["input_nonzeros"]
+        assert counts["active"] == sparse["active_entries"]
+        assert counts["need_dx"] == res["problem"]["second_layer"]
+        for key, v in res["over_floor"].items():
+            mode, phase = key.split("_")
+            assert v == pytest.approx(res["methods"][f"sparsegrad_{mode}"]["times"][phase]["median"]
+                                      / res["floors"][mode][phase])
 
 
 def test_network_json(results):
@@ -116,6 +125,8 @@ def test_sweeps_json(results):
     bth = sorted((p for p in data["points"] if p["sweep"] == "b_th"), key=lambda p: p["value"])
     actives = [p["active_entries"] for p in bth]
     assert actives == sorted(actives) and actives[0] < actives[-1]  # wider band, more active
+    assert all(p["floor_sparse_backward_ms"] > 0 and p["over_floor"]["sparse_backward"] > 0
+               for p in data["points"])
     hidden = sorted((p for p in data["points"] if p["sweep"] == "hidden"),
                     key=lambda p: p["value"])
     assert [p["hidden"] for p in hidden] == bench_sweeps.QUICK_SWEEPS["hidden"]
@@ -173,3 +184,115 @@ def test_summary_and_saved_bytes_helpers():
     assert nbytes == x.numel() * 4 and n == 1  # x saved for dW; the parameter is excluded
     with pytest.raises(ValueError, match="rate"):
         common.spike_input(2, 2, 2, 1.5, generator=torch.Generator())
+
+
+# ----------------------------------------------------------------------------- perf model
+
+def test_perf_model_docs_table_is_generated_from_the_model():
+    import perf_model
+
+    doc = open(os.path.join(os.path.dirname(BENCH), "docs", "cuda.md")).read()
+    block = doc.split(perf_model.BEGIN, 1)[1].split(perf_model.END, 1)[0]
+    assert block == "\n" + perf_model.markdown(), (
+        "docs/cuda.md's performance table is stale: run python benchmarks/perf_model.py "
+        "--docs docs/cuda.md")
+
+
+def test_perf_model_floors_are_consistent():
+    import perf_model as pm
+
+    shd, large = pm.SHD, pm.LARGE
+    assert shd.n_nnz == round(0.02 * 500 * 64 * 700) and shd.n_active == round(0.04 * 500 * 64 * 200)
+    for layer in (shd, large):
+        rows = dict(pm.table_rows(layer))
+        assert all(c.floor_s > 0 and c.total_bytes > 0 and c.total_flops > 0 for c in rows.values())
+        assert set(rows) >= {"lif_forward, sparse", "lif_forward, dense", "lif_backward_sparse",
+                             "lif_backward_dense", "li_readout_forward (max)",
+                             "li_readout_backward (max)", "lif (neuron op) forward",
+                             "lif (neuron op) backward", "rlif_forward, sparse",
+                             "rlif_backward_sparse"}
+        # the sparse backward does less than the dense one; dx adds work; recurrence adds work
+        assert rows["lif_backward_sparse"].floor_s < rows["lif_backward_dense"].floor_s
+        assert (rows["lif_backward_sparse"].floor_s
+                < rows["lif_backward_sparse, dx on producer set"].floor_s)
+        assert rows["rlif_backward_sparse"].total_flops > rows["lif_backward_sparse"].total_flops
+    small = pm.lif_backward_sparse(shd)
+    big = pm.lif_backward_sparse(large)
+    assert big.floor_s > 100 * small.floor_s
+    # the dense input dominates the forward: read once, 4 bytes an entry
+    assert pm.lif_forward(shd).bytes["x (dense input)"] == 500 * 64 * 700 * 4
+    # a sector-granular gather never reads more than the dense tensor, nor less than its share
+    assert pm.gathered_bytes(1000, 1.0) == 4000 and pm.gathered_bytes(1000, 0.0) == 0
+    assert 0.04 * 4000 < pm.gathered_bytes(1000, 0.04) < 4000
+    f = pm.layer_floors(500, 64, 700, 200, nnz=shd.n_nnz, active=shd.n_active,
+                        spikes=shd.n_spikes)
+    assert f["sparse"]["backward"] == pytest.approx(1e3 * small.floor_s)
+    assert math.isnan(pm.over_floor(float("inf"), 1.0)) and pm.over_floor(2.0, 0.5) == 4.0
+
+
+# ----------------------------------------------------------------------------- GPU report
+
+def test_report_gpu_section(results, tmp_path):
+    """A synthetic GPU run (the quick CPU JSON filed under a GPU model name) makes a GPU section;
+    without one the section says nothing was measured. Nothing here is a committed result."""
+    import shutil
+
+    import report
+
+    out, _ = results
+    res_dir = tmp_path / "results"
+    res_dir.mkdir()
+    for name in ("layer", "network"):
+        shutil.copy(out / f"{name}.json", res_dir / f"{name}.json")
+    doc = tmp_path / "bench.md"
+    doc.write_text(f"a\n{report.BEGIN}\nX\n{report.END}\nb\n{report.GPU_BEGIN}\nOLD\n"
+                   f"{report.GPU_END}\nc\n")
+    report.main(["--results", str(res_dir), "--docs", str(doc), "--no-plots"])
+    text = doc.read_text()
+    assert report.GPU_NOT_MEASURED in text and "OLD" not in text and text.endswith("c\n")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("layer", "network"):
+        shutil.copy(out / f"{name}.json", run / f"{name}.json")
+    summary = dict(mode="gpu", gpu_model="h100", device="NVIDIA H100 80GB HBM3", torch="2.11.0",
+                   torch_cuda="13.0", driver="580.00", nvcc="13.0", python="3.12.0",
+                   quick=False, total_seconds=400.0, exit_code=0, tests_passed=120,
+                   tests_failed=0, tests_skipped=3, failed_tests=[], sanitizer_errors=0,
+                   sanitizer={"memcheck": {"errors": 0}},
+                   targets={"bwd_speedup_vs_pytorch_shd": dict(
+                       label="sparse backward vs plain-PyTorch BPTT, SHD layer", value=52.0,
+                       target=">= 40x", met=True)},
+                   over_floor_shd={"sparse_backward": 31.0},
+                   steps={"build": dict(status="pass", seconds=95.0, note="")})
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match="gpu-model"):
+        report.main(["--results", str(res_dir), "--add-gpu-run", str(run), "--gpu-model", "H 1"])
+    written = report.main(["--results", str(res_dir), "--add-gpu-run", str(run), "--docs",
+                           str(doc), "--no-plots"])
+    gpu_dir = res_dir / "gpu"
+    assert sorted(f.name for f in gpu_dir.iterdir()) == ["h100-layer.json", "h100-network.json",
+                                                         "h100-summary.json"]
+    assert str(gpu_dir / "h100-summary.json") in written
+    text = doc.read_text()
+    gpu_part = text.split(report.GPU_BEGIN, 1)[1].split(report.GPU_END, 1)[0]
+    assert report.GPU_NOT_MEASURED not in gpu_part
+    assert "NVIDIA H100 80GB HBM3" in gpu_part and "52×" in gpu_part and "**met**" in gpu_part
+    assert "`gpu/h100-layer.json`" in gpu_part and "`gpu/h100-network.json`" in gpu_part
+    assert "results/gpu/h100-layer.png" in gpu_part
+    # a CPU run is not filed as a GPU result by mistake
+    summary["mode"] = "cpu"
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match="not from a GPU run"):
+        report.main(["--results", str(res_dir), "--add-gpu-run", str(run), "--no-plots"])
+
+
+def test_docs_gpu_section_matches_committed_gpu_results():
+    import report
+
+    root = os.path.dirname(BENCH)
+    doc = open(os.path.join(root, "docs", "benchmarks.md")).read()
+    block = doc.split(report.GPU_BEGIN, 1)[1].split(report.GPU_END, 1)[0]
+    assert block.strip() == report.gpu_md(os.path.join(BENCH, "results", "gpu")).strip(), (
+        "docs/benchmarks.md's GPU section is stale: run python benchmarks/report.py --docs "
+        "docs/benchmarks.md")

@@ -1,240 +1,314 @@
-// Backward kernels.
+// Backward kernels (host sequence: host_ops.h; route choice: gpu_routes.h; docs/cuda.md).
 //
-// Sparse backward (LIF and readout). Per batch element b the gradient trace over output neurons is
-//     G[t] = alpha * G[t+1] + delta[t]        (G[T-1] starts from dL/dV_final, if given)
-// with delta nonzero only at a few (t, j) entries. One thread owns (b, a tile of kTile output
-// neurons), keeps G for its tile in registers and walks t backwards. Per step it
-//   - binary-searches the row (b, t) of the active set for its tile's first entry and adds the
-//     deltas of its tile (active sets are sorted by j within a row),
-//   - adds G to its db partial sums,
-//   - dW via input events: for each event (t, b, i) of the row, dW^T[i, tile] += x * G[tile],
-//   - dx on the producer's active set: for each entry (t, b, i), dx += G[tile] . W^T[i, tile],
-//   - or, when dx is wanted everywhere, stores G for a GEMM (dx = G W) afterwards.
-// Memory traffic is proportional to the active entries, the input events and the producer's
-// active entries; the per-step register work is T*B*N_out multiplies. Cross-thread sums (dW, db,
-// dx) go through atomicAdd.
+// Every kernel here writes each output element from exactly one thread, which sums its terms in a
+// fixed order: no float atomics, no shared memory, no barriers, no warp collectives. So the
+// results are bit-for-bit the same from run to run, whatever the launch geometry and the order in
+// which threads run (the emulation tests run forward, reverse and shuffled orders).
 //
-// The tile width is a template parameter. The GPU build uses kTile = 1 (host_ops.h): consecutive
-// threads of a warp are then consecutive neurons of one batch element, so their reads of a row
-// are broadcasts and their atomics on dW^T[i, j..j+31] one coalesced transaction, and G is a
-// single register. Wider tiles trade that for fewer threads; the emulation tests run them too.
-//
-// dW via active entries (the other route, better for dense inputs): one thread per (b, tile of kTile
-// input neurons) walks t forwards keeping the input trace X[t] = alpha X[t-1] + x[t] for its tile,
-// and for each active entry (t, b, j) adds delta * X[tile] to dW[j, tile].
-//
-// Dense backward: a reverse scan per (b, j) over every step (the GEMMs are ATen/cuBLAS calls).
+// The gradient trace over the output neurons, G[t] = d[t+1] * G[t+1] + delta[t] (d = alpha, or 0
+// across a reset-to-zero spike; G[T-1] starts from dL/dV_final), is materialised densely as
+// G [T, B, N_out] in the accumulation type: on a GPU that costs a few microseconds of bandwidth at
+// the SHD layer (DESIGN.md §6) and turns every gradient into a reduction with one writer per
+// element:
+//   - reverse_trace_kernel: one thread per (b, j) scans t = T-1..0 in place (the buffer holds the
+//     deltas on entry), keeping its db partial sum and writing dL/dV_init;
+//   - dW: segment_sum_kernel over entries regrouped by column (csr.cuh), or a cuBLAS GEMM;
+//   - restricted dx: entry_dot_kernel, one dot product G[t,b,:] . W^T[i,:] per producer entry;
+//     full dx: a cuBLAS GEMM;
+//   - db: column_sum_kernel over the per-batch partial sums.
 #pragma once
 
+#include <cmath>
+
+#include "cuda/csr.cuh"
 #include "cuda/kernel_common.cuh"
 
 namespace sparsegrad {
 namespace cuda {
 
-template <typename scalar_t>
-struct TraceArgs {
-  using acc_t = at::opmath_type<scalar_t>;
-  int64_t T = 0, B = 0, n_in = 0, n_out = 0;
-  acc_t alpha = 0, scale = 1;          // scale: 1 for LIF, 1 - alpha for the readout (dx only)
-  const scalar_t* g_init = nullptr;    // [B, N_out] dL/dV_final, or null
-  CsrView<scalar_t> events;            // input events, for dW via events
-  const scalar_t* weight_t = nullptr;  // [N_in, N_out], for dx on the producer's active set
-  const int64_t* prev_ptr = nullptr;   // producer's active set (CSR over b*T + t), or null
-  const int32_t* prev_idx = nullptr;
-  const int32_t* rst_bits = nullptr;   // reset to zero: R[t] bits [T, B, ceil(N_out/32)], or null
-  // outputs, null when not wanted
-  acc_t* dx = nullptr;       // [T, B, N_in] zero-initialised, written at the producer's entries
-  acc_t* g_dense = nullptr;  // [T, B, N_out] zero-initialised: G for dx = G W by GEMM
-  acc_t* dw_t = nullptr;     // [N_in, N_out] zero-initialised, unscaled
-  acc_t* db = nullptr;       // [N_out] zero-initialised, unscaled
-  scalar_t* dv = nullptr;    // [B, N_out] = alpha * G[0]
-};
+// The decay of the trace between t and t-1 reads the reset bit R[t] = S[t-1] (rst_bits, only for
+// reset-to-zero; rst == null: no reset cuts the trace).
+template <typename acc_t>
+struct TraceDecay {
+  acc_t alpha = 0;
+  int reset = kResetSubtract;
+  const int32_t* rst = nullptr;  // [T, B, words] bits, or null
+  int64_t B = 0, words = 0;
 
-// The deltas of a LIF layer: dL/dS * surrogate at the active entries (act.val = surrogate).
-template <typename scalar_t>
-struct LifInject {
-  using acc_t = at::opmath_type<scalar_t>;
-  CsrView<scalar_t> act;
-  const scalar_t* grad = nullptr;  // dL/dS [T, B, N_out]
-  int64_t T = 0, B = 0, n_out = 0;
-
-  __device__ __forceinline__ bool operator()(int64_t b, int64_t t, int64_t j0, int64_t jn,
-                                             acc_t* G) const {
-    const int64_t r = b * T + t, hi = act.ptr[r + 1];
-    int64_t e = act.ptr[r];
-    if (e == hi) return false;
-    e = lower_bound(act.idx, e, hi, j0);
-    const scalar_t* g = grad + (t * B + b) * n_out;
-    bool any = false;
-    for (; e < hi && int64_t(act.idx[e]) < j0 + jn; ++e) {
-      const int64_t j = act.idx[e];
-      G[j - j0] += static_cast<acc_t>(g[j]) * static_cast<acc_t>(act.val[e]);
-      any = true;
-    }
-    return any;
+  // dV[t]/dV[t-1] (t = 0: dV[0]/dV_init)
+  __device__ __forceinline__ acc_t operator()(int64_t t, int64_t b, int64_t j) const {
+    return math::trace_decay(alpha, rst != nullptr && bit_set(rst + (t * B + b) * words, j), reset);
   }
 };
 
-// The deltas of the readout: dL/dU from the time reduction (max: at argmax_t only).
+template <typename scalar_t>
+struct ScanArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t T = 0, B = 0, n = 0;
+  TraceDecay<acc_t> decay;
+  const scalar_t* g_init = nullptr;  // [B, N] dL/dV_final, or null
+  acc_t* G = nullptr;                // [T, B, N]: G at every entry (may hold the deltas on entry)
+  acc_t* db_parts = nullptr;         // [B, N]: sum over t of G, or null
+  scalar_t* dv = nullptr;            // [B, N]: dL/dV_init, or null
+};
+
+// Steps per block of the reverse scan: a thread first issues the loads of kScanSteps steps
+// (deltas and reset bits do not depend on G), then runs their recurrence. With one thread per
+// (b, j) there are few threads (12800 at the SHD layer), so the loads of one thread must overlap
+// for the scan to approach the memory bandwidth; the arithmetic and its order are unchanged.
+constexpr int kScanSteps = 16;
+
+// inject(at, b, t, j) = delta[t, b, j] (at = (t*B + b)*N + j), read before G[at] is written.
+template <typename scalar_t, typename Inject>
+__global__ void reverse_trace_kernel(ScanArgs<scalar_t> a, Inject inject) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SG_KERNEL_LOOP(k, a.B * a.n) {
+    const int64_t b = k / a.n, j = k % a.n;
+    acc_t G = a.g_init ? static_cast<acc_t>(a.g_init[k]) : acc_t(0);
+    acc_t db = 0;
+    for (int64_t top = a.T - 1; top >= 0; top -= kScanSteps) {  // steps top, top-1, ... (>= 0)
+      acc_t delta[kScanSteps], decay[kScanSteps];
+      SG_DEVICE_UNROLL
+      for (int s = 0; s < kScanSteps; ++s) {
+        const int64_t t = top - s;
+        if (t >= 0) {
+          delta[s] = inject((t * a.B + b) * a.n + j, b, t, j);
+          decay[s] = t == a.T - 1 ? acc_t(1) : a.decay(t + 1, b, j);  // G[T-1] = dL/dV_final + delta
+        }
+      }
+      SG_DEVICE_UNROLL
+      for (int s = 0; s < kScanSteps; ++s) {
+        const int64_t t = top - s;
+        if (t >= 0) {
+          G = math::decay_add(G, delta[s], decay[s]);
+          if (a.G) a.G[(t * a.B + b) * a.n + j] = G;
+          db += G;
+        }
+      }
+    }
+    if (a.dv) a.dv[k] = static_cast<scalar_t>(a.T > 0 ? a.decay(0, b, j) * G : G);
+    if (a.db_parts) a.db_parts[k] = db;
+  }
+}
+
+// The LIF sparse backward: the buffer holds delta = dL/dS * surrogate at the active entries (put
+// there by scatter_delta_kernel) and zero elsewhere.
+template <typename acc_t>
+struct BufferInject {
+  const acc_t* delta = nullptr;
+  __device__ __forceinline__ acc_t operator()(int64_t at, int64_t, int64_t, int64_t) const { return delta[at]; }
+};
+
+// The dense backward: delta = dL/dS * surrogate everywhere.
+template <typename scalar_t>
+struct DenseInject {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad = nullptr;
+  const scalar_t* sg = nullptr;
+  __device__ __forceinline__ acc_t operator()(int64_t at, int64_t, int64_t, int64_t) const {
+    return static_cast<acc_t>(grad[at]) * static_cast<acc_t>(sg[at]);
+  }
+};
+
+// The readout: dL/dU from the time reduction (max: at argmax_t only; an argmax_t outside [0, T)
+// never matches and raises the error flag).
 template <typename scalar_t>
 struct ReadoutInject {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* grad = nullptr;   // [B, N_out], or [T, B, N_out] for "none"
   const int64_t* argmax = nullptr;  // [B, N_out] for "max"
-  int reduce = 0;                   // ReduceKind
+  int reduce = kReduceMax;
   acc_t per_step = 1;               // 1/T for "mean"
+  int64_t T = 0, n_out = 0;
+  int32_t* flag = nullptr;
+
+  __device__ __forceinline__ acc_t operator()(int64_t at, int64_t b, int64_t t, int64_t j) const {
+    const int64_t k = b * n_out + j;
+    switch (reduce) {
+      case kReduceMax:
+        if (t == T - 1 && (argmax[k] < 0 || argmax[k] >= T)) raise_flag(flag, kFlagArgmax);
+        return argmax[k] == t ? static_cast<acc_t>(grad[k]) : acc_t(0);
+      case kReduceNone:
+        return static_cast<acc_t>(grad[at]);
+      default:  // sum, mean
+        return per_step * static_cast<acc_t>(grad[k]);
+    }
+  }
+};
+
+// delta at the active entries into the zero-filled buffer [T, B, N_out] (distinct entries: one
+// writer each). row: csr_expand_kernel's rows (-1: skipped).
+template <typename scalar_t>
+__global__ void scatter_delta_kernel(const int64_t* __restrict__ row, const int32_t* __restrict__ idx,
+                                     const scalar_t* __restrict__ sg, int64_t n,
+                                     const scalar_t* __restrict__ grad, int64_t T, int64_t B,
+                                     int64_t n_out, at::opmath_type<scalar_t>* __restrict__ delta) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SG_KERNEL_LOOP(e, n) {
+    const int64_t r = row[e];
+    if (r < 0) continue;
+    const int64_t at = ((r % T) * B + r / T) * n_out + idx[e];
+    delta[at] = static_cast<acc_t>(grad[at]) * static_cast<acc_t>(sg[e]);
+  }
+}
+
+// The input events into a zero-filled dense [T, B, N_in] (for the GEMM and input-trace routes).
+template <typename scalar_t>
+__global__ void scatter_events_kernel(const int64_t* __restrict__ row, const int32_t* __restrict__ idx,
+                                      const scalar_t* __restrict__ val /* null: binary */, int64_t n,
+                                      int64_t T, int64_t B, int64_t n_in,
+                                      at::opmath_type<scalar_t>* __restrict__ x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SG_KERNEL_LOOP(e, n) {
+    const int64_t r = row[e];
+    if (r < 0) continue;
+    x[((r % T) * B + r / T) * n_in + idx[e]] = val ? static_cast<acc_t>(val[e]) : acc_t(1);
+  }
+}
+
+// In place: X[t] = alpha * X[t-1] + x[t], the input trace (one thread per (b, i), t ascending,
+// loads issued kScanSteps steps at a time as in the reverse scan).
+template <typename acc_t>
+__global__ void input_trace_kernel(acc_t* __restrict__ x, int64_t T, int64_t B, int64_t n_in, acc_t alpha) {
+  SG_KERNEL_LOOP(k, B * n_in) {
+    const int64_t b = k / n_in, i = k % n_in;
+    acc_t trace = 0;
+    for (int64_t t0 = 0; t0 < T; t0 += kScanSteps) {
+      acc_t v[kScanSteps];
+      SG_DEVICE_UNROLL
+      for (int s = 0; s < kScanSteps; ++s)
+        if (t0 + s < T) v[s] = x[((t0 + s) * B + b) * n_in + i];
+      SG_DEVICE_UNROLL
+      for (int s = 0; s < kScanSteps; ++s) {
+        if (t0 + s < T) {
+          trace = math::decay_add(trace, v[s], alpha);
+          x[((t0 + s) * B + b) * n_in + i] = trace;
+        }
+      }
+    }
+  }
+}
+
+// Weights of the regrouped entries (segment_entries_kernel): the event value, or the delta.
+template <typename scalar_t>
+struct EventWeight {
+  const scalar_t* val = nullptr;  // null: binary input
+  __device__ __forceinline__ at::opmath_type<scalar_t> operator()(int64_t e, int64_t, int64_t) const {
+    return val ? static_cast<at::opmath_type<scalar_t>>(val[e]) : at::opmath_type<scalar_t>(1);
+  }
+};
+
+template <typename scalar_t>
+struct DeltaWeight {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad = nullptr;  // dL/dS [T, B, N_out]
+  const scalar_t* sg = nullptr;    // surrogate per active entry
+  const int32_t* idx = nullptr;    // neuron per active entry
   int64_t B = 0, n_out = 0;
-
-  __device__ __forceinline__ bool operator()(int64_t b, int64_t t, int64_t j0, int64_t jn,
-                                             acc_t* G) const {
-    bool any = false;
-    for (int64_t jj = 0; jj < jn; ++jj) {
-      const int64_t k = b * n_out + j0 + jj;
-      if (reduce == kReduceMax) {
-        if (argmax[k] == t) {
-          G[jj] += static_cast<acc_t>(grad[k]);
-          any = true;
-        }
-      } else if (reduce == kReduceNone) {
-        G[jj] += static_cast<acc_t>(grad[(t * B + b) * n_out + j0 + jj]);
-        any = true;
-      } else {  // sum, mean
-        G[jj] += per_step * static_cast<acc_t>(grad[k]);
-        any = true;
-      }
-    }
-    return any;
+  __device__ __forceinline__ acc_t operator()(int64_t e, int64_t t, int64_t b) const {
+    return static_cast<acc_t>(grad[(t * B + b) * n_out + idx[e]]) * static_cast<acc_t>(sg[e]);
   }
 };
 
-template <typename scalar_t, int kTile, typename Inject>
-__global__ void trace_backward_kernel(TraceArgs<scalar_t> p, Inject inject) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t tiles = (p.n_out + kTile - 1) / kTile;
-  SG_KERNEL_LOOP(k, p.B * tiles) {
-    const int64_t b = k / tiles, j0 = (k % tiles) * kTile;
-    const int64_t jn = p.n_out - j0 < kTile ? p.n_out - j0 : kTile;
-    acc_t G[kTile], db[kTile];
-    for (int jj = 0; jj < kTile; ++jj) G[jj] = db[jj] = acc_t(0);
-    bool live = false;  // G is exactly zero until the first delta: skip the work before it
-    if (p.g_init) {
-      for (int64_t jj = 0; jj < jn; ++jj) G[jj] = static_cast<acc_t>(p.g_init[b * p.n_out + j0 + jj]);
-      live = true;
-    }
-    const int64_t words = (p.n_out + 31) / 32;
-    for (int64_t t = p.T - 1; t >= 0; --t) {
-      if (live && t < p.T - 1) {
-        const int32_t* cut = p.rst_bits ? p.rst_bits + ((t + 1) * p.B + b) * words : nullptr;
-        for (int64_t jj = 0; jj < jn; ++jj)
-          G[jj] *= cut ? math::trace_decay(p.alpha, bit_set(cut, j0 + jj), int(kResetZero)) : p.alpha;
-      }
-      live = inject(b, t, j0, jn, G) || live;
-      if (!live) continue;
-      if (p.db)
-        for (int64_t jj = 0; jj < jn; ++jj) db[jj] += G[jj];
-      const int64_t r = b * p.T + t;
-      if (p.dw_t) {
-        for (int64_t e = p.events.ptr[r]; e < p.events.ptr[r + 1]; ++e) {
-          const acc_t x = static_cast<acc_t>(p.events.value(e));
-          acc_t* row = p.dw_t + int64_t(p.events.idx[e]) * p.n_out + j0;
-          for (int64_t jj = 0; jj < jn; ++jj) atomic_add(row + jj, x * G[jj]);
-        }
-      }
-      if (p.g_dense) {
-        acc_t* row = p.g_dense + (t * p.B + b) * p.n_out + j0;
-        for (int64_t jj = 0; jj < jn; ++jj) row[jj] = G[jj];
-      }
-      if (p.prev_ptr) {
-        for (int64_t e = p.prev_ptr[r]; e < p.prev_ptr[r + 1]; ++e) {
-          const int64_t i = p.prev_idx[e];
-          const scalar_t* w = p.weight_t + i * p.n_out + j0;
-          acc_t s = 0;
-          for (int64_t jj = 0; jj < jn; ++jj) s += G[jj] * static_cast<acc_t>(w[jj]);
-          atomic_add(p.dx + (t * p.B + b) * p.n_in + i, p.scale * s);
-        }
-      }
-    }
-    if (p.dv) {
-      const int32_t* cut = p.rst_bits ? p.rst_bits + b * words : nullptr;
-      for (int64_t jj = 0; jj < jn; ++jj) {
-        const acc_t a = cut ? math::trace_decay(p.alpha, bit_set(cut, j0 + jj), int(kResetZero)) : p.alpha;
-        p.dv[b * p.n_out + j0 + jj] = static_cast<scalar_t>(a * G[jj]);
-      }
-    }
-    if (p.db && live)
-      for (int64_t jj = 0; jj < jn; ++jj) atomic_add(p.db + j0 + jj, db[jj]);
-  }
-}
-
-template <typename scalar_t>
-struct DwActiveArgs {
-  using acc_t = at::opmath_type<scalar_t>;
-  int64_t T = 0, B = 0, n_in = 0, n_out = 0;
-  acc_t alpha = 0;
-  CsrView<scalar_t> events;          // input events (sorted by i within a row)
-  CsrView<scalar_t> act;             // active set, val = surrogate
-  const scalar_t* grad = nullptr;    // dL/dS [T, B, N_out]
-  const scalar_t* g_init = nullptr;  // [B, N_out] or null
-  acc_t* dw = nullptr;               // [N_out, N_in] zero-initialised
+// out[c, k] = scale * sum over the entries p of segment c (in order) of w[p] * D[drow[p], k].
+// One thread per (c, k), k fastest: a warp reads 32 consecutive elements of one row of D while
+// the segment's (drow, w) are broadcasts. The output strides let dW be written as [N_out, N_in]
+// whichever side the segments are on.
+template <typename acc_t>
+struct SegmentArgs {
+  int64_t n_seg = 0, K = 0;
+  const int64_t* seg_ptr = nullptr;  // [n_seg + 1]
+  const int64_t* drow = nullptr;     // [entries], -1: skipped
+  const acc_t* w = nullptr;          // [entries]
+  const acc_t* D = nullptr;          // [rows, K]
+  acc_t* out = nullptr;
+  int64_t out_seg_stride = 0, out_k_stride = 1;
+  acc_t scale = 1;
 };
 
-template <typename scalar_t, int kTile>
-__global__ void dw_active_kernel(DwActiveArgs<scalar_t> p) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t tiles = (p.n_in + kTile - 1) / kTile;
-  SG_KERNEL_LOOP(k, p.B * tiles) {
-    const int64_t b = k / tiles, i0 = (k % tiles) * kTile;
-    const int64_t in = p.n_in - i0 < kTile ? p.n_in - i0 : kTile;
-    acc_t X[kTile];
-    for (int ii = 0; ii < kTile; ++ii) X[ii] = acc_t(0);
-    bool live = false;  // X is exactly zero until the tile's first input event
-    for (int64_t t = 0; t < p.T; ++t) {
-      if (live)
-        for (int64_t ii = 0; ii < in; ++ii) X[ii] *= p.alpha;
-      const int64_t r = b * p.T + t, hi = p.events.ptr[r + 1];
-      for (int64_t e = lower_bound(p.events.idx, p.events.ptr[r], hi, i0);
-           e < hi && int64_t(p.events.idx[e]) < i0 + in; ++e) {
-        X[p.events.idx[e] - i0] += static_cast<acc_t>(p.events.value(e));
-        live = true;
+// Entries per block of a segment: their (row, weight) pairs, then their elements of D, are loaded
+// before they are added (in entry order), so that a thread has several gathers in flight.
+constexpr int kSegmentBlock = 8;
+
+template <typename acc_t>
+__global__ void segment_sum_kernel(SegmentArgs<acc_t> a) {
+  SG_KERNEL_LOOP(q, a.n_seg * a.K) {
+    const int64_t c = q / a.K, k = q % a.K;
+    const int64_t end = a.seg_ptr[c + 1];
+    acc_t s = 0;
+    for (int64_t p = a.seg_ptr[c]; p < end; p += kSegmentBlock) {
+      int64_t r[kSegmentBlock];
+      acc_t w[kSegmentBlock], d[kSegmentBlock];
+      SG_DEVICE_UNROLL
+      for (int u = 0; u < kSegmentBlock; ++u) {
+        r[u] = p + u < end ? a.drow[p + u] : -1;
+        w[u] = p + u < end ? a.w[p + u] : acc_t(0);
       }
-      if (!live) continue;
-      const scalar_t* g = p.grad + (t * p.B + b) * p.n_out;
-      for (int64_t e = p.act.ptr[r]; e < p.act.ptr[r + 1]; ++e) {
-        const int64_t j = p.act.idx[e];
-        const acc_t delta = static_cast<acc_t>(g[j]) * static_cast<acc_t>(p.act.val[e]);
-        acc_t* row = p.dw + j * p.n_in + i0;
-        for (int64_t ii = 0; ii < in; ++ii) atomic_add(row + ii, delta * X[ii]);
-      }
+      SG_DEVICE_UNROLL
+      for (int u = 0; u < kSegmentBlock; ++u) d[u] = r[u] >= 0 ? a.D[r[u] * a.K + k] : acc_t(0);
+      SG_DEVICE_UNROLL
+      for (int u = 0; u < kSegmentBlock; ++u)
+        if (r[u] >= 0) s += w[u] * d[u];
     }
-    if (p.g_init && live) {
-      for (int64_t j = 0; j < p.n_out; ++j) {
-        const acc_t g = static_cast<acc_t>(p.g_init[b * p.n_out + j]);
-        acc_t* row = p.dw + j * p.n_in + i0;
-        for (int64_t ii = 0; ii < in; ++ii) atomic_add(row + ii, g * X[ii]);
-      }
-    }
+    a.out[c * a.out_seg_stride + k * a.out_k_stride] = a.scale * s;
   }
 }
 
-// Dense backward: G[t] = alpha*G[t+1] + dL/dS[t]*sg[t] at every entry, one thread per (b, j).
+// dx[t, b, i] = scale * G[t, b, :] . W^T[i, :] at each producer entry (t, b, i): one thread per
+// entry, j ascending. dx is zero-filled elsewhere.
 template <typename scalar_t>
-__global__ void reverse_scan_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ sg,
-                                    const scalar_t* __restrict__ g_init,
-                                    const int32_t* __restrict__ rst_bits, int64_t T, int64_t B,
-                                    int64_t N, at::opmath_type<scalar_t> alpha,
-                                    scalar_t* __restrict__ G) {
+__global__ void entry_dot_kernel(const int64_t* __restrict__ row, const int32_t* __restrict__ idx,
+                                 int64_t n, int64_t T, int64_t B, int64_t n_in, int64_t n_out,
+                                 const at::opmath_type<scalar_t>* __restrict__ G,
+                                 const scalar_t* __restrict__ weight_t, at::opmath_type<scalar_t> scale,
+                                 at::opmath_type<scalar_t>* __restrict__ dx) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t words = (N + 31) / 32;
-  SG_KERNEL_LOOP(k, B * N) {
-    const int64_t b = k / N, j = k % N;
-    acc_t trace = g_init ? static_cast<acc_t>(g_init[k]) : acc_t(0);
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const int64_t at = (t * B + b) * N + j;
-      acc_t a = t == T - 1 ? acc_t(1) : alpha;  // G[T-1] = dL/dV_final + delta[T-1]
-      if (rst_bits && t < T - 1)
-        a = math::trace_decay(a, bit_set(rst_bits + ((t + 1) * B + b) * words, j), int(kResetZero));
-      trace = math::decay_add(trace, static_cast<acc_t>(grad[at]) * static_cast<acc_t>(sg[at]), a);
-      G[at] = static_cast<scalar_t>(trace);
+  SG_KERNEL_LOOP(e, n) {
+    const int64_t r = row[e];
+    if (r < 0) continue;
+    const int64_t tb = (r % T) * B + r / T, i = idx[e];
+    const acc_t* g = G + tb * n_out;
+    const scalar_t* w = weight_t + i * n_out;
+    acc_t s = 0;
+    for (int64_t j = 0; j < n_out; ++j) s += g[j] * static_cast<acc_t>(w[j]);
+    dx[tb * n_in + i] = scale * s;
+  }
+}
+
+// out[c] = scale * sum over r (ascending) of parts[r, c]: db from the per-batch partial sums.
+template <typename scalar_t>
+__global__ void column_sum_kernel(const at::opmath_type<scalar_t>* __restrict__ parts, int64_t rows,
+                                  int64_t cols, at::opmath_type<scalar_t> scale, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SG_KERNEL_LOOP(c, cols) {
+    acc_t s = 0;
+    for (int64_t r = 0; r < rows; ++r) s += parts[r * cols + c];
+    out[c] = static_cast<scalar_t>(scale * s);
+  }
+}
+
+// When the error flag is set (inconsistent compact tensors: csr.cuh), every gradient becomes NaN,
+// so that a wrong call cannot go unnoticed on a GPU, where reading the flag would cost a host
+// synchronisation. Launched with a few blocks whatever the sizes: it returns at once when the
+// flag is clear.
+template <typename scalar_t>
+struct PoisonArgs {
+  scalar_t* out[4] = {nullptr, nullptr, nullptr, nullptr};
+  int64_t n[4] = {0, 0, 0, 0};
+  const int32_t* flag = nullptr;
+};
+
+template <typename scalar_t>
+__global__ void poison_kernel(PoisonArgs<scalar_t> a, int64_t total) {
+  if (*a.flag == 0) return;
+  SG_KERNEL_LOOP(k, total) {
+    int64_t q = k;
+    for (int o = 0; o < 4; ++o) {
+      if (q < a.n[o]) {
+        a.out[o][q] = static_cast<scalar_t>(NAN);
+        break;
+      }
+      q -= a.n[o];
     }
   }
 }

@@ -74,7 +74,9 @@ struct Config {
   uint64_t seed = 0;
   int64_t threads = 0;     // threads per block; 0 = as the host code asks
   int64_t max_blocks = 0;  // cap on the grid; 0 = as the host code asks
-  bool wide_tiles = false;  // backward walks: several neurons per thread (host_ops.h)
+  bool wide_tiles = false;  // kernels with a tiled variant: several neurons per thread
+  int dw_route = 0;        // forced GPU routes of the backwards (host_ops.h, gpu_routes.h); 0: model
+  int dx_route = 0;
   int64_t launches = 0;    // counter of launches (tests check that kernels really ran)
   int64_t threads_run = 0;  // counter of emulated threads
 };

@@ -2,7 +2,8 @@
 //
 // The kernel headers (*.cuh) hold only indexing, loops and the per-thread work; the per-element
 // math comes from lif_math.h (shared with the CPU kernels). They use no __syncthreads, no shared
-// memory and no warp primitives, so csrc/cuda/emulation.h can run them on the CPU unchanged.
+// memory, no warp primitives and no float atomics, so csrc/cuda/emulation.h can run them on the
+// CPU unchanged and their results do not depend on the order in which threads run.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -25,6 +26,14 @@ namespace cuda {
   for (int64_t k = int64_t(blockIdx.x) * int64_t(blockDim.x) + int64_t(threadIdx.x); \
        k < (n); k += int64_t(blockDim.x) * int64_t(gridDim.x))
 
+// Full unrolling of a loop with a compile-time trip count, so that per-thread arrays indexed by
+// its counter stay in registers (nvcc; the host compiler of the emulation does not need it).
+#if defined(__CUDACC__)
+#define SG_DEVICE_UNROLL _Pragma("unroll")
+#else
+#define SG_DEVICE_UNROLL
+#endif
+
 // Launch geometry of every kernel: 1-D, grid-stride, grid capped (the loop covers the rest).
 constexpr int64_t kThreadsPerBlock = 256;
 constexpr int64_t kMaxBlocks = 65535;
@@ -41,13 +50,8 @@ inline LaunchShape launch_shape(int64_t n, int64_t threads = kThreadsPerBlock,
   return {blocks, threads};
 }
 
-// Atomic accumulation of gradients (float and double atomicAdd exist on sm_60+). Float sums
-// through atomics are not bit-reproducible across runs on a GPU; the integer ones are.
-template <typename acc_t>
-__device__ __forceinline__ void atomic_add(acc_t* address, acc_t value) {
-  atomicAdd(address, value);
-}
-
+// Integer counters only (spike counts): their sums do not depend on the order of the additions.
+// No kernel accumulates floats through atomics: every float output has one writer (backward.cuh).
 __device__ __forceinline__ void atomic_add_count(int64_t* address, int64_t value) {
   atomicAdd(reinterpret_cast<unsigned long long*>(address), static_cast<unsigned long long>(value));
 }

@@ -16,7 +16,9 @@ namespace cuda {
 namespace {
 
 struct CudaLauncher {
-  static constexpr bool kTileChoice = false;  // one neuron per thread in the backward walks
+  static constexpr bool kHostReadsFlag = false;  // reading it would synchronise: NaN gradients instead
+  static int forced_dw_route() { return 0; }     // the cost model of gpu_routes.h decides
+  static int forced_dx_route() { return 0; }
 
   template <typename... KArgs, typename... Args>
   static void launch(int64_t n, void (*kernel)(KArgs...), Args... args) {

@@ -18,8 +18,9 @@ namespace sparsegrad {
 namespace {
 
 struct EmulLauncher {
-  static constexpr bool kTileChoice = true;
-  static bool wide_tiles() { return emulation::config().wide_tiles; }
+  static constexpr bool kHostReadsFlag = true;  // host memory: reading the error flag is free
+  static int forced_dw_route() { return emulation::config().dw_route; }
+  static int forced_dx_route() { return emulation::config().dx_route; }
 
   template <typename... KArgs, typename... Args>
   static void launch(int64_t n, void (*kernel)(KArgs...), Args... args) {
@@ -32,7 +33,8 @@ struct EmulLauncher {
 };
 
 // order: 0 forward, 1 reverse, 2 shuffled (seeded); threads / max_blocks: 0 keeps the defaults;
-// wide_tiles: run the backward walks with kWideTile neurons per thread instead of one.
+// wide_tiles: for kernels that have a variant with several neurons per thread (none of the
+// kernels of csrc/cuda today; kept so that new ops can offer one).
 void set_launch_config(int64_t order, int64_t seed, int64_t threads, int64_t max_blocks,
                        bool wide_tiles) {
   TORCH_CHECK(order >= 0 && order <= 2, "sparsegrad_emul.set_launch_config: argument 'order' must be 0, 1 or 2, got ", order);
@@ -43,6 +45,33 @@ void set_launch_config(int64_t order, int64_t seed, int64_t threads, int64_t max
   cfg.threads = threads;
   cfg.max_blocks = max_blocks;
   cfg.wide_tiles = wide_tiles;
+}
+
+// Force the GPU routes of the backwards (csrc/cuda/gpu_routes.h) instead of the cost model's
+// choice: dw 0 auto, 1 events, 2 active entries, 3 GEMM; dx 0 auto, 1 dots, 2 GEMM.
+void set_routes(int64_t dw_route, int64_t dx_route) {
+  TORCH_CHECK(dw_route >= 0 && dw_route <= 3, "sparsegrad_emul.set_routes: 'dw_route' must be 0..3, got ", dw_route);
+  TORCH_CHECK(dx_route >= 0 && dx_route <= 2, "sparsegrad_emul.set_routes: 'dx_route' must be 0..2, got ", dx_route);
+  emulation::config().dw_route = int(dw_route);
+  emulation::config().dx_route = int(dx_route);
+}
+
+// The cost model's choice for a problem: [dw route, dx route] (values as set_routes).
+std::vector<int64_t> gpu_routes(int64_t T, int64_t B, int64_t n_in, int64_t n_out, int64_t nnz,
+                                int64_t n_active, int64_t n_prev, int64_t acc_bytes, bool active_route_valid) {
+  cuda::routes::Problem p;
+  p.T = T;
+  p.B = B;
+  p.n_in = n_in;
+  p.n_out = n_out;
+  p.nnz = nnz;
+  p.n_active = n_active;
+  p.n_prev = n_prev;
+  p.acc_bytes = acc_bytes;
+  p.scalar_bytes = acc_bytes;
+  p.active_route_valid = active_route_valid;
+  return {int64_t(cuda::routes::choose_dw(p, cuda::routes::Dw::kAuto)),
+          int64_t(cuda::routes::choose_dx(p, cuda::routes::Dx::kAuto))};
 }
 
 // [launches, emulated threads] since the library was loaded.
@@ -57,6 +86,9 @@ TORCH_LIBRARY(sparsegrad_emul, m) {
   define_ops(m);
   m.def("set_launch_config(int order, int seed, int threads, int max_blocks, bool wide_tiles) -> ()",
         &set_launch_config);
+  m.def("set_routes(int dw_route, int dx_route) -> ()", &set_routes);
+  m.def("gpu_routes(int T, int B, int n_in, int n_out, int nnz, int n_active, int n_prev, int acc_bytes, "
+        "bool active_route_valid) -> int[]", &gpu_routes);
   m.def("launch_counters() -> int[]", &launch_counters);
 }
 
