@@ -35,7 +35,7 @@ import common  # noqa: E402
 
 STEPS, BATCH, BETA, SLOPE = 25, 128, 0.5, 25.0
 QUICK = dict(steps=4, batch=8)
-FOLD_BATCHES = (1, 2, 8, 32, 128)
+FOLD_BATCHES = (1, 2, 6, 8, 32, 128)
 WEIGHT_SCALE = {0: 2.0, 3: 3.0, 7: 3.0}  # layer index -> factor on its weight (and conv1's bias)
 
 
@@ -86,8 +86,10 @@ def folding_check(snn, surrogate, steps, batches, generator, dtype):
     """Elements (and spikes) where one call on T*B samples differs from T calls on B samples."""
     rows = []
     net = tutorial_csnn(snn, surrogate, dtype=dtype)
+    torch.manual_seed(0)
+    small = nn.Linear(32, 24).to(dtype)  # an MLP-sized layer (tests/test_convert.py's)
     layers = {"conv1": (net[0], (1, 28, 28)), "conv2": (net[3], (12, 12, 12)),
-              "fc": (net[7], (1024,))}
+              "fc": (net[7], (1024,)), "linear 32->24": (small, (32,))}
     for batch in batches:
         for name, (layer, shape) in layers.items():
             for kind in ("spikes", "dense"):
