@@ -199,8 +199,13 @@ class NeuronSpec:
     #                               only when the neuron is the model's last layer
     fusable: bool = True          # may merge with an nn.Linear right before it into one LIF
     notes: List[str] = field(default_factory=list)
-    # builds the neuron alone from (b_th, backward) when it is not an LIFNeuron
+    # builds the neuron alone from (b_th, backward) when it is not an LIFNeuron; None with
+    # needs_linear: the neuron only converts together with the nn.Linear before it
     factory: Optional[Callable[[float, str], nn.Module]] = None
+    # builds nn.Linear + neuron as one layer from (linear, b_th, backward) when it is not an LIF
+    # (e.g. a recurrent layer); None: the fused LIF
+    fused_factory: Optional[Callable[[nn.Linear, float, str], nn.Module]] = None
+    needs_linear: bool = False
 
     def neuron(self, b_th: float, backward: str) -> nn.Module:
         """The neuron alone, after any layer."""
@@ -220,6 +225,8 @@ class NeuronSpec:
         """nn.Linear + this neuron as one layer, or None when they cannot fuse."""
         if not self.fusable or self.return_mem:
             return None
+        if self.fused_factory is not None:
+            return self.fused_factory(linear, b_th, backward)
         w = linear.weight
         kwargs = dict(alpha=self.alpha, threshold=self.threshold, b_th=b_th, slope=self.slope,
                       surrogate=self.surrogate, reset=self.reset, backward=backward,
@@ -385,7 +392,9 @@ def _spikingjelly_node(m) -> NeuronSpec:
                       "subtract" if v_reset is None else "zero", fusable=False, factory=factory)
 
 
-# (module prefix, class name) -> rule. A rule returns a NeuronSpec or raises Unsupported.
+# (module prefix, class name) -> rule. A rule returns a NeuronSpec or raises Unsupported. A neuron
+# type that converts only together with the nn.Linear before it (a recurrent layer: Linear +
+# RLeaky -> nn.RLIF) returns NeuronSpec(..., fused_factory=build, needs_linear=True).
 NEURON_RULES: Dict[Tuple[str, str], Callable[[nn.Module], NeuronSpec]] = {
     ("snntorch", "Leaky"): _snntorch_leaky,
     ("spikingjelly.activation_based.neuron", "LIFNode"): _spikingjelly_node,
@@ -602,8 +611,13 @@ class _Walk:
             if fused is not None:
                 self.report.converted.append(ConvertedPair(
                     linear[0], name, spec.kind, spec.alpha, spec.threshold, spec.slope,
-                    spec.surrogate, spec.reset, "LIF", list(spec.notes)))
+                    spec.surrogate, spec.reset, type(fused).__name__, list(spec.notes)))
                 return fused, True
+        if spec.needs_linear:
+            reason = (f"{spec.kind} converts only directly after an nn.Linear (its weights "
+                      f"become the layer's input weights)")
+            self.report.skipped.append((name, reason))
+            return (m if _multi_step(m) else StepByStep(m, reason)), False
         module = spec.neuron(self.b_th, self.backward)
         self.report.converted.append(ConvertedPair(
             None, name, spec.kind, spec.alpha, spec.threshold, spec.slope, spec.surrogate,

@@ -585,3 +585,37 @@ def test_spikingjelly_unsupported_left_alone():
     x = _inputs(10, torch.float32)
     functional.reset_net(net)
     torch.testing.assert_close(conv(x), net(x))
+
+
+def test_rule_table_takes_a_neuron_that_needs_its_linear():
+    """The hook a recurrent layer's rule uses: fused_factory + needs_linear (one function)."""
+    from sparsegrad import conversion
+
+    class MyNeuron(nn.Module):  # stands for e.g. snnTorch's RLeaky
+        def forward(self, x):
+            return x
+
+    class Fused(nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            return self.linear(x)
+
+    def rule(m):
+        return conversion.NeuronSpec("test.MyNeuron", 0.9, 1.0, "atan", 2.0, needs_linear=True,
+                                     fused_factory=lambda lin, b_th, backward: Fused(lin))
+
+    conversion.register_neuron_rule(MyNeuron.__module__, "MyNeuron", rule)
+    try:
+        conv, report = sparsegrad.convert(nn.Sequential(nn.Linear(3, 4), MyNeuron()),
+                                          return_report=True)
+        assert isinstance(conv[0], Fused) and isinstance(conv[1], nn.Identity)
+        assert report.converted[0].to == "Fused" and report.exact
+        with pytest.warns(UserWarning, match="only directly after an nn.Linear"):
+            conv, report = sparsegrad.convert(nn.Sequential(nn.ReLU(), MyNeuron()),
+                                              return_report=True)
+        assert isinstance(conv[1], StepByStep)
+    finally:
+        del conversion.NEURON_RULES[(MyNeuron.__module__, "MyNeuron")]
