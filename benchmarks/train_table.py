@@ -31,6 +31,20 @@ def _runs(schedules, with_dense):
     return runs
 
 
+def _reusable(folder, parsed):
+    """The records of a finished run in folder made with exactly these arguments, else None."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(folder, "metrics.json")) as f:
+            records = json.load(f)
+    except (OSError, ValueError):
+        return None
+    wanted = vars(parsed)
+    same = all(config.get(k) == v for k, v in wanted.items() if k not in ("no_plots", "no_progress"))
+    return records if same and len(records) == parsed.epochs else None
+
+
 def table(rows) -> str:
     base = rows[0]
     lines = ["| `--spike-loss` | σ0 | test acc (%) | Δ acc (points) | spikes / sample | Δ spikes "
@@ -63,6 +77,9 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--no-dense", action="store_true", help="skip the --backward dense run")
     p.add_argument("--schedules", nargs="+", default=None)
+    p.add_argument("--reuse", action="store_true",
+                   help="take a run's records from its folder when it was made with the same "
+                        "arguments (runs are deterministic: same seed, same bits)")
     args = p.parse_args(argv)
 
     from sparsegrad import train
@@ -80,7 +97,12 @@ def main(argv=None):
         cli = common + flags + ["--out", folder]
         print(f"== {name}: python -m sparsegrad.train {' '.join(cli)}", flush=True)
         t0 = time.perf_counter()
-        records = train.run(train.build_parser().parse_args(cli))
+        parsed = train.build_parser().parse_args(cli)
+        records = _reusable(folder, parsed) if args.reuse else None
+        if records is not None:
+            print(f"   (reused {folder}/metrics.json: made with the same arguments)", flush=True)
+        else:
+            records = train.run(parsed)
         with open(os.path.join(folder, "config.json")) as f:
             sigma0 = json.load(f)["sigma0_used"]
         rows.append(dict(name=name, cli=cli, sigma0=sigma0, records=records,
