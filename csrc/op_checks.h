@@ -17,8 +17,9 @@ namespace sparsegrad {
 
 inline void check_float_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
   SG_CHECK(t.dim() == dim, op, name, "must have ", dim, " dimensions, got ", t.sizes());
-  SG_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, name,
-           "must be float32 or float64, got ", t.scalar_type());
+  const auto dt = t.scalar_type();
+  SG_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, name,
+           "must be float32, float64, float16 or bfloat16, got ", dt);
 }
 
 inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {

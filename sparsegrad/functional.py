@@ -11,7 +11,8 @@ from . import ops
 __all__ = ["lif_layer", "li_readout", "LIFState", "LIFStats", "lif_layer_with_stats", "lif",
            "lif_with_stats", "SURROGATES", "RESETS"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64)
+# float16 / bfloat16 run with float32 state and sums, results in the input dtype (csrc/low_precision.h)
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Surrogate derivatives dS/dV and resets (csrc/lif_math.h; docs/surrogates.md names the peers' ones).
 SURROGATES = ("fast_sigmoid", "atan", "sigmoid", "triangle")
 RESETS = ("subtract", "zero", "none")
@@ -51,7 +52,7 @@ def _check_tensor(name, t, rank, dtype=None, device=None):
         raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
     if dtype is None:
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+            raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
     elif t.dtype != dtype:
         raise TypeError(f"{name} must have the dtype of x ({dtype}), got {t.dtype}")
     if device is not None and t.device != device:
@@ -69,6 +70,40 @@ def _check_scalar(name, value, low, high, low_open, allow_inf=False):
         lo = "(" if low_open else "["
         raise ValueError(f"{name} must be in {lo}{low}, {high}], got {value}")
     return value
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype torch.autocast gives matrix products on this device type, or None when it is off."""
+    try:  # torch >= 2.4
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # older spelling of the same query
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
+
+
+def autocast_inputs(x, *tensors):
+    """Under torch.autocast, a layer with a matrix product runs in autocast's dtype, as nn.Linear
+    does: x and the other floating tensors (weights, bias, state) are cast to it (differentiably;
+    gradients reach float32 parameters in float32). Outside autocast they come back unchanged."""
+    if not isinstance(x, torch.Tensor):
+        return (x,) + tensors
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None:
+        return (x,) + tensors
+
+    def cast(t):
+        if isinstance(t, (tuple, list)):
+            return type(t)(cast(u) for u in t)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype:
+            return t.to(dtype)
+        return t
+
+    return tuple(cast(t) for t in (x,) + tensors)
 
 
 def _check_linear(x, weight, bias, what="x"):
@@ -166,14 +201,15 @@ def lif_layer_with_stats(
 
     producer: the (cnt, idx) active set of the sparse layer that made x, if known.
     """
+    if producer is None:  # before any autocast copy of x, which would not carry it
+        producer = producer_active_set(x)
+    x, weight, bias, state = autocast_inputs(x, weight, bias, state)
     _check_linear(x, weight, bias)
     alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
                                                    surrogate, reset)
     T, B, _ = x.shape
     n_out = weight.shape[0]
     v_init, s_init = check_state(state, x, B, n_out, reset)
-    if producer is None:
-        producer = producer_active_set(x)
     x_cnt, x_idx = producer
     sparse = backward == "sparse"
     (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _rst, stats) = ops.lif_forward(
@@ -239,12 +275,13 @@ def li_readout(
 
     reduce = "max" | "sum" | "mean" over time -> [B, N_out]; "none" -> [T, B, N_out].
     """
+    if producer is None:
+        producer = producer_active_set(x)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     _check_linear(x, weight, bias)
     alpha = _check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
     if reduce not in ops.REDUCTIONS:
         raise ValueError(f"reduce must be one of {ops.REDUCTIONS}, got {reduce!r}")
-    if producer is None:
-        producer = producer_active_set(x)
     out, *_ = ops.li_readout_forward(x, weight, bias, producer[0], producer[1], alpha, reduce)
     return out
 

@@ -63,7 +63,9 @@ def spikes_per_sample(spikes: SpikeInput, batch_dim: int = 1) -> torch.Tensor:
             if not -s.dim() <= batch_dim < s.dim():
                 raise ValueError(f"batch_dim={batch_dim} is out of range for spikes[{i}] of shape "
                                  f"{tuple(s.shape)}")
-            c = s.sum() / max(s.shape[batch_dim], 1)
+            # half-type spikes are counted in float32 (bfloat16 holds integers exactly only to 256)
+            wide = torch.float32 if s.dtype in (torch.float16, torch.bfloat16) else None
+            c = s.sum(dtype=wide) / max(s.shape[batch_dim], 1)
         if not c.is_floating_point():
             c = c.to(torch.get_default_dtype())
         total = c if total is None else total + c

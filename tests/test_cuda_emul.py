@@ -874,3 +874,29 @@ def test_emul_sanitized(emul):
                            "-k", "emul and not sanitized", "-m", "not nightly"],
                           capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=3600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emul_half_types_match_cpu(emul, dtype):
+    """bfloat16 / float16 through the emulated CUDA ops: float32 state and sums, outputs in the
+    input dtype, the same values as the CPU ops."""
+    x, w, b = (t.to(dtype) for t in random_problem(11, 3, 14, 9, rate=0.3, dtype=torch.float32, seed=6))
+    g = torch.randn(11, 3, 9).to(dtype)
+    for sparse in (True, False):
+        args = (x, w, b, None, None, None, None, 0.9, 1.0, 0.5, 4.0, sparse, "atan", "zero")
+        fwd, want = emul.lif_forward(*args), cpu_ops.lif_forward(*args)
+        assert fwd[0].dtype == fwd[1].dtype == dtype
+        assert torch.equal(fwd[0], want[0]) and torch.equal(fwd[2], want[2])
+        rst = fwd[8]
+        if sparse:
+            bargs = (g, None, w, *fwd[2:8], None, None, rst, 0.9, True, True, True, False, 0)
+            got, ref_grads = emul.lif_backward_sparse(*bargs), cpu_ops.lif_backward_sparse(*bargs)
+        else:
+            bargs = (g, None, x, w, fwd[4], rst, 0.9, True, True, True, False)
+            got, ref_grads = emul.lif_backward_dense(*bargs), cpu_ops.lif_backward_dense(*bargs)
+        for a, c in zip(got[:3], ref_grads[:3]):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.float(), c.float(), rtol=2e-2, atol=2e-2)
+    out = emul.li_readout_forward(x, w, b, None, None, 0.8, "max")
+    assert out[0].dtype == dtype
+    torch.testing.assert_close(out[0].float(), cpu_ops.li_readout_forward(x, w, b, None, None, 0.8, "max")[0].float())

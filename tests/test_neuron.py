@@ -358,3 +358,18 @@ def test_opcheck_spikingjelly_dynamics():
     with pytest.raises(RuntimeError, match="argument 'reset'"):
         ops.lif_neuron_forward(current.detach(), None, None, 0.5, 1.0, 0.5, 4.0, True, "sigmoid",
                                "none", False, "sj_lif", 2.0, 0.0, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lif_half_types_run_the_float32_kernel(dtype):
+    current = _current((9, 3, 2, 4, 4), torch.float32, seed=13).to(dtype)
+    kw = dict(alpha=0.85, surrogate="atan", slope=2.0, reset="zero", b_th=0.3)
+    a = current.clone().requires_grad_(True)
+    b = current.float().requires_grad_(True)
+    sa, sb = sparsegrad.lif(a, **kw), sparsegrad.lif(b, **kw)
+    assert sa.dtype == dtype and torch.equal(sa.float(), sb)
+    g = torch.randn(sb.shape, generator=torch.Generator().manual_seed(1))
+    (sa.float() * g).sum().backward()
+    (sb * g).sum().backward()
+    assert a.grad.dtype == dtype
+    torch.testing.assert_close(a.grad.float(), b.grad.to(dtype).float(), rtol=0, atol=0)

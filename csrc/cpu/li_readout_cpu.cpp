@@ -2,6 +2,8 @@
 // through the shared reverse-time walk.
 #include <torch/library.h>
 
+#include "low_precision.h"
+
 #include <cstring>
 #include <string>
 
@@ -174,8 +176,8 @@ BwdOut li_readout_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
-  m.impl("li_readout_forward", &li_readout_forward_cpu);
-  m.impl("li_readout_backward", &li_readout_backward_cpu);
+  m.impl("li_readout_forward", SG_FLOAT32_MATH(li_readout_forward_cpu));
+  m.impl("li_readout_backward", SG_FLOAT32_MATH(li_readout_backward_cpu));
 }
 
 }  // namespace cpu

@@ -2,6 +2,8 @@
 // (standard surrogate BPTT: reverse scan + two GEMMs).
 #include <torch/library.h>
 
+#include "low_precision.h"
+
 #include "cpu/trace_backward.h"
 
 namespace sparsegrad {
@@ -188,8 +190,8 @@ Grads lif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional<
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
-  m.impl("lif_backward_sparse", &lif_backward_sparse_cpu);
-  m.impl("lif_backward_dense", &lif_backward_dense_cpu);
+  m.impl("lif_backward_sparse", SG_FLOAT32_MATH(lif_backward_sparse_cpu));
+  m.impl("lif_backward_dense", SG_FLOAT32_MATH(lif_backward_dense_cpu));
 }
 
 }  // namespace cpu

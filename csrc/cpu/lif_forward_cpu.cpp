@@ -2,6 +2,8 @@
 // compact active set, in one pass over time per batch element.
 #include <torch/library.h>
 
+#include "low_precision.h"
+
 #include "cpu/cpu_common.h"
 
 namespace sparsegrad {
@@ -152,7 +154,7 @@ Outputs lif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) { m.impl("lif_forward", &lif_forward_cpu); }
+TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) { m.impl("lif_forward", SG_FLOAT32_MATH(lif_forward_cpu)); }
 
 }  // namespace cpu
 }  // namespace sparsegrad

@@ -9,6 +9,8 @@
 // so results do not depend on the number of threads.
 #include <torch/library.h>
 
+#include "low_precision.h"
+
 #include "cpu/cpu_common.h"
 
 namespace sparsegrad {
@@ -324,8 +326,8 @@ std::tuple<at::Tensor, at::Tensor> lif_neuron_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
-  m.impl("lif_neuron_forward", &lif_neuron_forward_cpu);
-  m.impl("lif_neuron_backward", &lif_neuron_backward_cpu);
+  m.impl("lif_neuron_forward", SG_FLOAT32_MATH(lif_neuron_forward_cpu));
+  m.impl("lif_neuron_backward", SG_FLOAT32_MATH(lif_neuron_backward_cpu));
 }
 
 }  // namespace cpu

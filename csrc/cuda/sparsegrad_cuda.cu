@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "low_precision.h"
+
 #include "cuda/host_ops.h"
 #include "cuda/neuron_host.h"
 
@@ -133,13 +135,13 @@ host::NeuronGrads lif_neuron_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsegrad, CUDA, m) {
-  m.impl("lif_forward", &lif_forward_cuda);
-  m.impl("lif_backward_sparse", &lif_backward_sparse_cuda);
-  m.impl("lif_backward_dense", &lif_backward_dense_cuda);
-  m.impl("li_readout_forward", &li_readout_forward_cuda);
-  m.impl("li_readout_backward", &li_readout_backward_cuda);
-  m.impl("lif_neuron_forward", &lif_neuron_forward_cuda);
-  m.impl("lif_neuron_backward", &lif_neuron_backward_cuda);
+  m.impl("lif_forward", SG_FLOAT32_MATH(lif_forward_cuda));
+  m.impl("lif_backward_sparse", SG_FLOAT32_MATH(lif_backward_sparse_cuda));
+  m.impl("lif_backward_dense", SG_FLOAT32_MATH(lif_backward_dense_cuda));
+  m.impl("li_readout_forward", SG_FLOAT32_MATH(li_readout_forward_cuda));
+  m.impl("li_readout_backward", SG_FLOAT32_MATH(li_readout_backward_cuda));
+  m.impl("lif_neuron_forward", SG_FLOAT32_MATH(lif_neuron_forward_cuda));
+  m.impl("lif_neuron_backward", SG_FLOAT32_MATH(lif_neuron_backward_cuda));
 }
 
 }  // namespace cuda

@@ -12,6 +12,7 @@
 
 #include "cuda/host_ops.h"
 #include "cuda/neuron_host.h"
+#include "low_precision.h"
 #include "op_schemas.h"
 
 namespace sparsegrad {
@@ -95,13 +96,13 @@ TORCH_LIBRARY(sparsegrad_emul, m) {
 // CPU only: the emulated kernels read and write host memory.
 TORCH_LIBRARY_IMPL(sparsegrad_emul, CPU, m) {
   using L = EmulLauncher;
-  m.impl("lif_forward", &cuda::host::lif_forward<L>);
-  m.impl("lif_backward_sparse", &cuda::host::lif_backward_sparse<L>);
-  m.impl("lif_backward_dense", &cuda::host::lif_backward_dense<L>);
-  m.impl("li_readout_forward", &cuda::host::li_readout_forward<L>);
-  m.impl("li_readout_backward", &cuda::host::li_readout_backward<L>);
-  m.impl("lif_neuron_forward", &cuda::host::lif_neuron_forward<L>);
-  m.impl("lif_neuron_backward", &cuda::host::lif_neuron_backward<L>);
+  m.impl("lif_forward", SG_FLOAT32_MATH(cuda::host::lif_forward<L>));
+  m.impl("lif_backward_sparse", SG_FLOAT32_MATH(cuda::host::lif_backward_sparse<L>));
+  m.impl("lif_backward_dense", SG_FLOAT32_MATH(cuda::host::lif_backward_dense<L>));
+  m.impl("li_readout_forward", SG_FLOAT32_MATH(cuda::host::li_readout_forward<L>));
+  m.impl("li_readout_backward", SG_FLOAT32_MATH(cuda::host::li_readout_backward<L>));
+  m.impl("lif_neuron_forward", SG_FLOAT32_MATH(cuda::host::lif_neuron_forward<L>));
+  m.impl("lif_neuron_backward", SG_FLOAT32_MATH(cuda::host::lif_neuron_backward<L>));
 }
 
 }  // namespace sparsegrad
