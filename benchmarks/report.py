@@ -36,7 +36,7 @@ import sys
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 GPU_BEGIN, GPU_END = "<!-- gpu-results:begin -->", "<!-- gpu-results:end -->"
-NAMES = ("layer", "network", "peers", "sweeps")
+NAMES = ("layer", "network", "peers", "sweeps", "recurrent")
 GPU_FILES = ("summary",) + NAMES
 GPU_NOT_MEASURED = ("Not yet measured on a GPU. On a GPU machine run `bash scripts/gpu_check.sh` "
                     "(it builds, tests, sanitises and times everything in under 8 minutes), then "
@@ -382,6 +382,17 @@ def plot_sweeps(data, path, plt):
 
 MARKDOWN = {"layer": layer_md, "network": network_md, "peers": peers_md, "sweeps": sweeps_md}
 PLOTS = {"layer": plot_layer, "network": plot_network, "peers": plot_peers, "sweeps": plot_sweeps}
+
+
+def _add_recurrent():  # bench_recurrent.py's tables and plot live in report_recurrent.py
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import report_recurrent
+
+    MARKDOWN["recurrent"] = report_recurrent.recurrent_md
+    PLOTS["recurrent"] = report_recurrent.plot_recurrent
+
+
+_add_recurrent()
 
 
 # ----------------------------------------------------------------------------- GPU results

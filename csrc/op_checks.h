@@ -359,4 +359,105 @@ inline bool check_lif_neuron_backward_args(const at::Tensor& grad_spikes,
   return has_rst;
 }
 
+// ------------------------------------------------------------------------------------------
+// The recurrent LIF layer (rlif_*).
+// ------------------------------------------------------------------------------------------
+inline void check_rec_weight(const at::Tensor& rec, int64_t n_out, const at::Tensor& like,
+                             const char* op) {
+  check_float_tensor(rec, op, "rec_weight", 2);
+  check_like(rec, like, op, "rec_weight");
+  SG_CHECK(rec.size(0) == n_out && rec.size(1) == n_out, op, "rec_weight", "must be [N_out, N_out] = [",
+           n_out, ", ", n_out, "], got ", rec.sizes());
+}
+
+inline NeuronKinds check_rlif_forward_args(const at::Tensor& x, const at::Tensor& weight,
+                                           const at::Tensor& rec_weight,
+                                           const c10::optional<at::Tensor>& bias,
+                                           const c10::optional<at::Tensor>& v_init,
+                                           const c10::optional<at::Tensor>& s_init, double alpha,
+                                           double threshold, double b_th, double slope,
+                                           c10::string_view surrogate, c10::string_view reset) {
+  const char* op = "rlif_forward";
+  check_linear(x, weight, bias, op);
+  check_rec_weight(rec_weight, weight.size(0), x, op);
+  const NeuronKinds kinds = check_neuron_args(alpha, threshold, b_th, slope, surrogate, reset, op);
+  check_state(v_init, s_init, x, x.size(1), weight.size(0), op);
+  return kinds;
+}
+
+inline void check_rlif_grad_inputs(const at::Tensor& grad_spikes,
+                                   const c10::optional<at::Tensor>& grad_v_final,
+                                   const at::Tensor& weight, const at::Tensor& rec_weight,
+                                   const c10::optional<at::Tensor>& s_init, double alpha,
+                                   const char* op) {
+  check_lif_grad_inputs(grad_spikes, grad_v_final, weight, alpha, op);
+  check_rec_weight(rec_weight, weight.size(0), grad_spikes, op);
+  if (s_init.has_value()) {  // (no check_state(nullopt, ...): GCC 12 warns on the temporary)
+    check_float_tensor(*s_init, op, "s_init", 2);
+    check_like(*s_init, grad_spikes, op, "s_init");
+    SG_CHECK(s_init->size(0) == grad_spikes.size(1) && s_init->size(1) == weight.size(0), op,
+             "s_init", "must have shape [", grad_spikes.size(1), ", ", weight.size(0), "], got ",
+             s_init->sizes());
+  }
+}
+
+// spk_bits: S[t] bit-packed, int32 [T, B, ceil(N/32)] (bit j % 32 of word j / 32).
+inline void check_spike_bits(const at::Tensor& bits, const at::Tensor& grad_spikes, const char* op) {
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), words = bit_words(grad_spikes.size(2));
+  SG_CHECK(bits.scalar_type() == at::kInt && bits.dim() == 3 && bits.size(0) == T &&
+               bits.size(1) == B && bits.size(2) == words,
+           op, "spk_bits", "must be int32 [T, B, ceil(N/32)] = [", T, ", ", B, ", ", words, "], got ",
+           bits.scalar_type(), " ", bits.sizes());
+  check_device(bits, grad_spikes, op, "spk_bits");
+}
+
+// Returns the reset kind; the int64 offsets of the CSRs (row_offsets: counts checked on the CPU)
+// come back through the pointers.
+inline ResetKind check_rlif_backward_sparse_args(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const at::Tensor& weight, const at::Tensor& rec_weight, const c10::optional<at::Tensor>& s_init,
+    const at::Tensor& act_cnt, const at::Tensor& act_idx, const at::Tensor& act_sg,
+    const at::Tensor& ev_cnt, const at::Tensor& ev_idx, const at::Tensor& ev_val,
+    const at::Tensor& spk_bits, const c10::optional<at::Tensor>& prev_cnt,
+    const c10::optional<at::Tensor>& prev_idx, double alpha, c10::string_view reset,
+    at::Tensor* act_off, at::Tensor* ev_off, c10::optional<at::Tensor>* prev_off) {
+  const char* op = "rlif_backward_sparse";
+  check_rlif_grad_inputs(grad_spikes, grad_v_final, weight, rec_weight, s_init, alpha, op);
+  const int64_t rows = grad_spikes.size(0) * grad_spikes.size(1);
+  check_csr(act_cnt, act_idx, rows, grad_spikes, op, "act_cnt", "act_idx");
+  check_csr(ev_cnt, ev_idx, rows, grad_spikes, op, "ev_cnt", "ev_idx");
+  check_like(act_sg, grad_spikes, op, "act_sg");
+  SG_CHECK(act_sg.numel() == act_idx.numel(), op, "act_sg", "must have one value per active entry (",
+           act_idx.numel(), "), got ", act_sg.numel());
+  check_event_values(ev_val, ev_idx, grad_spikes, op);
+  check_spike_bits(spk_bits, grad_spikes, op);
+  check_optional_csr(prev_cnt, prev_idx, rows, grad_spikes, op);
+  *act_off = row_offsets(act_cnt, act_idx.numel(), weight.size(0), op, "act_cnt");
+  *ev_off = row_offsets(ev_cnt, ev_idx.numel(), weight.size(1), op, "ev_cnt");
+  if (prev_cnt.has_value())
+    *prev_off = row_offsets(*prev_cnt, prev_idx->numel(), weight.size(1), op, "prev_cnt");
+  return parse_reset(reset, op);
+}
+
+inline ResetKind check_rlif_backward_dense_args(const at::Tensor& grad_spikes,
+                                                const c10::optional<at::Tensor>& grad_v_final,
+                                                const at::Tensor& x, const at::Tensor& weight,
+                                                const at::Tensor& rec_weight,
+                                                const c10::optional<at::Tensor>& s_init,
+                                                const at::Tensor& spikes, const at::Tensor& sg,
+                                                double alpha, c10::string_view reset) {
+  const char* op = "rlif_backward_dense";
+  check_rlif_grad_inputs(grad_spikes, grad_v_final, weight, rec_weight, s_init, alpha, op);
+  check_linear(x, weight, c10::nullopt, op);
+  check_like(x, grad_spikes, op, "x");
+  SG_CHECK(x.size(0) == grad_spikes.size(0) && x.size(1) == grad_spikes.size(1), op, "x",
+           "must be [T, B, N_in] with T, B of grad_spikes ", grad_spikes.sizes(), ", got ", x.sizes());
+  for (const auto& [t, name] : {std::pair{&spikes, "spikes"}, std::pair{&sg, "sg"}}) {
+    SG_CHECK(t->sizes() == grad_spikes.sizes(), op, name, "must match grad_spikes ",
+             grad_spikes.sizes(), ", got ", t->sizes());
+    check_like(*t, grad_spikes, op, name);
+  }
+  return parse_reset(reset, op);
+}
+
 }  // namespace sparsegrad

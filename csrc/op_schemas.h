@@ -83,6 +83,38 @@ inline void define_ops(torch::Library& m) {
       "Tensor act_cnt, Tensor act_idx, Tensor act_sg, Tensor? act_rg, Tensor? rst_bits, "
       "float alpha, bool sparse, bool need_dv, str dynamics=\"leaky\", float input_scale=1.0) -> "
       "(Tensor grad_current, Tensor dv_init)");
+  // Recurrent LIF layer (issue 12): V[t] = alpha*V[t-1] + x[t] W^T + S[t-1] R^T + b, with the
+  // surrogate's and reset's names as lif_forward's. Compact tensors as lif_forward's (CSRs over
+  // rows b*T + t with int32 per-row counts), plus spk_bits [T, B, ceil(N/32)] int32: bit j % 32
+  // of word j / 32 of row (t, b) is S[t, b, j] (the backward's recurrent input and, for reset
+  // "zero", its reset bits). Dense mode: act_sg is the surrogate everywhere [T, B, N], act_cnt,
+  // act_idx and the events are empty. stats = [spike count, active count, input nonzeros].
+  m.def(
+      "rlif_forward(Tensor x, Tensor weight, Tensor rec_weight, Tensor? bias, Tensor? v_init, "
+      "Tensor? s_init, Tensor? x_act_cnt, Tensor? x_act_idx, float alpha, float threshold, "
+      "float b_th, float slope, bool sparse, str surrogate=\"fast_sigmoid\", "
+      "str reset=\"subtract\") -> (Tensor spikes, Tensor v_final, Tensor act_cnt, "
+      "Tensor act_idx, Tensor act_sg, Tensor ev_cnt, Tensor ev_idx, Tensor ev_val, "
+      "Tensor spk_bits, Tensor stats)");
+  // Sparse backward through the recurrence: work proportional to active entries (|A| * N),
+  // spikes (#spikes * N) and input events (nnz * N). s_init: the initial spikes the forward got
+  // (they feed the first step through R). prev_cnt/prev_idx: the producer's active set (dx only
+  // there). Gradients not asked for come back empty.
+  m.def(
+      "rlif_backward_sparse(Tensor grad_spikes, Tensor? grad_v_final, Tensor weight, "
+      "Tensor rec_weight, Tensor? s_init, Tensor act_cnt, Tensor act_idx, Tensor act_sg, "
+      "Tensor ev_cnt, Tensor ev_idx, Tensor ev_val, Tensor spk_bits, Tensor? prev_cnt, "
+      "Tensor? prev_idx, float alpha, str reset, bool need_dx, bool need_dw, bool need_drec, "
+      "bool need_db, bool need_dv, bool need_ds) -> (Tensor dx, Tensor dweight, "
+      "Tensor drec_weight, Tensor dbias, Tensor dv_init, Tensor ds_init)");
+  // Dense backward (standard surrogate BPTT through the recurrence): G by a reverse walk, then
+  // GEMMs for dW, dR, dx. sg = the forward's act_sg in dense mode.
+  m.def(
+      "rlif_backward_dense(Tensor grad_spikes, Tensor? grad_v_final, Tensor x, Tensor weight, "
+      "Tensor rec_weight, Tensor? s_init, Tensor spikes, Tensor sg, float alpha, str reset, "
+      "bool need_dx, bool need_dw, bool need_drec, bool need_db, bool need_dv, bool need_ds) -> "
+      "(Tensor dx, Tensor dweight, Tensor drec_weight, Tensor dbias, Tensor dv_init, "
+      "Tensor ds_init)");
 }
 
 }  // namespace sparsegrad

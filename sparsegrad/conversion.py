@@ -39,7 +39,8 @@ from torch import nn
 
 from . import functional as F_sg
 from . import ops
-from .nn import LIF, LIFNeuron, LIReadout, TimeDistributed
+from .conversion_recurrent import rleaky_rule
+from .nn import LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed
 
 __all__ = ["convert", "ConversionReport", "ConvertedPair", "NeuronSpec", "Unsupported",
            "NEURON_RULES", "register_neuron_rule", "SequenceModel", "StepByStep",
@@ -156,7 +157,8 @@ def surrogate_of(fn, *, fires_at_zero: bool = False) -> Tuple[str, float]:
     if module.startswith("snntorch") and qualname.endswith("<locals>.inner"):
         factory = qualname.split(".")[0]
         if factory in _SNNTORCH_NOT_CONVERTED:
-            raise Unsupported(f"surrogate.{factory}: {_SNNTORCH_NOT_CONVERTED[factory]}")
+            raise Unsupported(f"surrogate.{factory} is none of sparsegrad's surrogates: "
+                              f"{_SNNTORCH_NOT_CONVERTED[factory]}")
         if factory in _SNNTORCH_FACTORIES:
             name, param = _SNNTORCH_FACTORIES[factory]
             value = _closure_vars(fn).get(param)
@@ -392,11 +394,30 @@ def _spikingjelly_node(m) -> NeuronSpec:
                       "subtract" if v_reset is None else "zero", fusable=False, factory=factory)
 
 
+def _snntorch_rleaky(m) -> NeuronSpec:
+    """snnTorch RLeaky after an nn.Linear -> sparsegrad's recurrent RLIF (conversion_recurrent.py)."""
+    surrogate, slope = surrogate_of(m.spike_grad)
+    notes: List[str] = []
+
+    def fused(linear: nn.Linear, b_th: float, backward: str) -> nn.Module:
+        layer, why = rleaky_rule(linear, m, b_th=b_th, backward=backward)
+        if layer is None:
+            raise Unsupported(why)
+        notes.extend(why)
+        return layer
+
+    beta, threshold = _scalar(m.beta), _scalar(m.threshold)
+    return NeuronSpec("snntorch.RLeaky", min(max(beta or 0.0, 0.0), 1.0), threshold or 1.0,
+                      surrogate, slope, getattr(m, "reset_mechanism", "subtract"),
+                      notes=notes, fused_factory=fused, needs_linear=True)
+
+
 # (module prefix, class name) -> rule. A rule returns a NeuronSpec or raises Unsupported. A neuron
 # type that converts only together with the nn.Linear before it (a recurrent layer: Linear +
 # RLeaky -> nn.RLIF) returns NeuronSpec(..., fused_factory=build, needs_linear=True).
 NEURON_RULES: Dict[Tuple[str, str], Callable[[nn.Module], NeuronSpec]] = {
     ("snntorch", "Leaky"): _snntorch_leaky,
+    ("snntorch", "RLeaky"): _snntorch_rleaky,
     ("spikingjelly.activation_based.neuron", "LIFNode"): _spikingjelly_node,
     ("spikingjelly.activation_based.neuron", "IFNode"): _spikingjelly_node,
 }
@@ -607,7 +628,11 @@ class _Walk:
             self.report.skipped.append((name, str(exc)))
             return (m if _multi_step(m) else StepByStep(m, str(exc))), False
         if linear is not None:
-            fused = spec.fused(linear[1], self.b_th, self.backward)
+            try:
+                fused = spec.fused(linear[1], self.b_th, self.backward)
+            except Unsupported as exc:
+                self.report.skipped.append((name, str(exc)))
+                return (m if _multi_step(m) else StepByStep(m, str(exc))), False
             if fused is not None:
                 self.report.converted.append(ConvertedPair(
                     linear[0], name, spec.kind, spec.alpha, spec.threshold, spec.slope,
@@ -626,7 +651,7 @@ class _Walk:
 
     def layer(self, name: str, m: nn.Module) -> nn.Module:
         """A non-neuron child: folded, recursed into, kept, or stepped."""
-        if isinstance(m, (LIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
+        if isinstance(m, (LIF, RLIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
                           SpikingJellyNeuron)):
             return m
         mod = type(m).__module__ or ""
@@ -725,8 +750,10 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
 
     model: an nn.Sequential (snnTorch's tutorial style, or SpikingJelly multi-step), or any module
     whose children are its layers in call order. Supported neurons: snnTorch ``Leaky`` (any
-    surrogate sparsegrad has, resets "subtract" / "zero" / "none"); see NEURON_RULES. b_th and
-    backward are given to every new LIF / LIFNeuron. inplace=False (default) converts a deep copy.
+    surrogate sparsegrad has, resets "subtract" / "zero" / "none"), snnTorch ``RLeaky`` after an
+    nn.Linear (-> the recurrent ``RLIF``, sparsegrad/conversion_recurrent.py), SpikingJelly
+    ``LIFNode`` / ``IFNode``; see NEURON_RULES. b_th and backward are given to every new layer.
+    inplace=False (default) converts a deep copy.
 
     An nn.Sequential comes back as an nn.Sequential that runs a whole sequence:
     ``convert(net)(x)`` with x [T, B, ...] gives what stacking the original's per-step outputs
@@ -804,7 +831,7 @@ class SequenceModel(nn.Module):
 
 
 def _run_layer(layer: nn.Module, x: torch.Tensor):
-    if isinstance(layer, (LIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
+    if isinstance(layer, (LIF, RLIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
                           SpikingJellyNeuron)):
         return layer(x)
     if _multi_step(layer):

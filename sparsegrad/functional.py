@@ -9,7 +9,7 @@ import torch
 from . import ops
 
 __all__ = ["lif_layer", "li_readout", "LIFState", "LIFStats", "lif_layer_with_stats", "lif",
-           "lif_with_stats", "SURROGATES", "RESETS"]
+           "lif_with_stats", "SURROGATES", "RESETS", "rlif_layer", "rlif_layer_with_stats"]
 
 # float16 / bfloat16 run with float32 state and sums, results in the input dtype (csrc/low_precision.h)
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -257,6 +257,90 @@ def lif_layer(
     spikes, state_out, _, _ = lif_layer_with_stats(
         x, weight, bias, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate,
         slope=slope, reset=reset, backward=backward, state=state)
+    if return_state:
+        return spikes, state_out
+    return spikes
+
+
+# ------------------------------------------------------------------------------------------
+# Recurrent LIF layer
+# ------------------------------------------------------------------------------------------
+def rlif_layer_with_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rec_weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
+    slope: float = 100.0,
+    reset: str = "subtract",
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+):
+    """rlif_layer returning (spikes, LIFState, LIFStats, (act_cnt, act_idx))."""
+    if producer is None:  # before any autocast copy of x, which would not carry it
+        producer = producer_active_set(x)
+    x, weight, rec_weight, bias, state = autocast_inputs(x, weight, rec_weight, bias, state)
+    _check_linear(x, weight, bias)
+    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
+                                                   surrogate, reset)
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    _check_tensor("rec_weight", rec_weight, 2, x.dtype, x.device)
+    if tuple(rec_weight.shape) != (n_out, n_out):
+        raise ValueError(f"rec_weight must be [N_out, N_out] = [{n_out}, {n_out}], got "
+                         f"{tuple(rec_weight.shape)}")
+    v_init, s_init = check_state(state, x, B, n_out, reset)
+    x_cnt, x_idx = producer
+    sparse = backward == "sparse"
+    (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _bits, stats) = ops.rlif_forward(
+        x, weight, rec_weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope,
+        sparse, surrogate, reset)
+    if sparse:
+        attach_active_set(spikes, act_cnt, act_idx)
+    state_out = LIFState(v_final, spikes[-1])
+    stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n_out)
+    return spikes, state_out, stats_out, (act_cnt, act_idx)
+
+def rlif_layer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rec_weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
+    slope: float = 100.0,
+    reset: str = "subtract",
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    return_state: bool = False,
+):
+    """Fused linear + recurrent leaky integrate-and-fire layer over a whole sequence.
+
+    x [T, B, N_in] (time-major), weight [N_out, N_in], rec_weight [N_out, N_out], bias [N_out]
+    -> spikes [T, B, N_out]:
+
+        V[t] = alpha*V[t-1] + x[t] @ weight.T + bias + S[t-1] @ rec_weight.T - threshold*S[t-1]
+        S[t] = H(V[t] - threshold)
+
+    (reset="subtract"; "zero" uses alpha*(1 - S[t-1])*V[t-1] and no subtraction, "none" neither).
+    The reset uses S detached, the recurrent input does not: gradients flow through S[t-1] @ R.T,
+    as in snnTorch's RLeaky. backward="sparse" (default) propagates the surrogate only where
+    |V - threshold| < b_th, with work proportional to those entries, the spikes and the input
+    events; backward="dense" is standard surrogate BPTT. state=(V, S) continues a sequence (S feeds
+    the first step through rec_weight and carries gradient); return_state=True also returns
+    LIFState(V[T-1], S[T-1]).
+    """
+    spikes, state_out, _, _ = rlif_layer_with_stats(
+        x, weight, rec_weight, bias, alpha=alpha, threshold=threshold, b_th=b_th,
+        surrogate=surrogate, slope=slope, reset=reset, backward=backward, state=state)
     if return_state:
         return spikes, state_out
     return spikes

@@ -1,5 +1,6 @@
-"""Modules: LIF (nn.Linear + leaky integrate-and-fire, fused), LIFNeuron (the neuron alone, after
-any layer), LIReadout, and TimeDistributed (a per-step layer applied to a whole sequence)."""
+"""Modules: LIF (nn.Linear + leaky integrate-and-fire, fused), RLIF (its recurrent version),
+LIFNeuron (the neuron alone, after any layer), LIReadout, and TimeDistributed (a per-step layer
+applied to a whole sequence)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ from torch import nn
 from . import functional as F_sg
 from . import ops
 
-__all__ = ["LIF", "LIReadout", "LIFNeuron", "TimeDistributed"]
+__all__ = ["LIF", "RLIF", "LIReadout", "LIFNeuron", "TimeDistributed"]
 
 
 class _LinearParams(nn.Module):
@@ -112,6 +113,75 @@ class LIF(_LinearParams):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, alpha={self.alpha}, threshold={self.threshold}, "
+                f"b_th={self.b_th}, surrogate={self.surrogate!r}, slope={self.slope}, "
+                f"reset={self.reset!r}, backward={self.backward!r}, "
+                f"batch_first={self.batch_first}")
+
+
+class RLIF(_LinearParams):
+    """Linear layer followed by recurrent leaky integrate-and-fire neurons, as one fused kernel.
+
+        V[t] = alpha*V[t-1] + W x[t] + b + R S[t-1] - threshold*S[t-1],   S[t] = H(V[t] - threshold)
+
+    ``weight`` [out, in] and ``bias`` [out] as nn.Linear's; ``rec_weight`` [out, out] is R (an
+    nn.Linear(out, out, bias=False)'s weight, initialised as one). rec_bias=True adds a second
+    bias ``rec_bias`` [out] (zero-initialised) to the current, as the recurrent nn.Linear of
+    snnTorch's RLeaky has (``sparsegrad.convert`` uses it). Input [T, B, in] (or [B, T, in]
+    with batch_first=True) -> spikes of the same layout with ``out`` features. ``surrogate`` and
+    ``reset`` as sparsegrad.lif_layer's. forward(x, state=(V, S), return_state=True) continues a
+    sequence chunk by chunk (gradients flow across chunks through V and S unless detached).
+    After each forward, ``last_stats`` holds that call's spike count and active fraction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 alpha: float = 0.9, threshold: float = 1.0, b_th: float = 0.2,
+                 surrogate: str = "fast_sigmoid", slope: float = 100.0, reset: str = "subtract",
+                 backward: str = "sparse", batch_first: bool = False, rec_bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
+        self.rec_weight = nn.Parameter(torch.empty(out_features, out_features, device=device,
+                                                   dtype=dtype))
+        nn.init.kaiming_uniform_(self.rec_weight, a=math.sqrt(5))
+        if rec_bias:
+            self.rec_bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("rec_bias", None)
+        self.alpha = float(alpha)
+        self.threshold = float(threshold)
+        self.b_th = float(b_th)
+        self.surrogate = surrogate
+        self.slope = float(slope)
+        self.reset = reset
+        self.backward = backward
+        self.batch_first = bool(batch_first)
+        self.last_stats: Optional[F_sg.LIFStats] = None
+
+    def forward(self, x: torch.Tensor, state=None, return_state: bool = False):
+        x_tm = self._time_major(x)
+        bias = self.bias
+        if self.rec_bias is not None:
+            bias = self.rec_bias if bias is None else bias + self.rec_bias
+        spikes, state_out, stats, (ptr, idx) = F_sg.rlif_layer_with_stats(
+            x_tm, self.weight, self.rec_weight, bias, alpha=self.alpha,
+            threshold=self.threshold, b_th=self.b_th, surrogate=self.surrogate, slope=self.slope,
+            reset=self.reset, backward=self.backward, state=state, producer=self._producer(x))
+        self.last_stats = stats
+        if self.batch_first:
+            spikes = spikes.transpose(0, 1)
+            if self.backward == "sparse":
+                F_sg.attach_active_set(spikes, ptr, idx, time_major=False)
+        return (spikes, state_out) if return_state else spikes
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["last_stats"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, rec_bias={self.rec_bias is not None}, "
+                f"alpha={self.alpha}, threshold={self.threshold}, "
                 f"b_th={self.b_th}, surrogate={self.surrogate!r}, slope={self.slope}, "
                 f"reset={self.reset!r}, backward={self.backward!r}, "
                 f"batch_first={self.batch_first}")

@@ -142,6 +142,62 @@ def _lif_neuron_backward_fake(grad_spikes, grad_v_final, grad_mem, act_cnt, act_
     return grad_spikes.new_empty(T, B, N), dv
 
 
+@torch.library.register_fake("sparsegrad::rlif_forward")
+def _rlif_forward_fake(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha,
+                       threshold, b_th, slope, sparse, surrogate="fast_sigmoid", reset="subtract"):
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    ctx = torch.library.get_ctx()
+    spikes = x.new_empty(T, B, n_out)
+    v_final = x.new_empty(B, n_out)
+    if sparse:
+        act_cnt = x.new_empty(B * T, dtype=torch.int32)
+        n_active = _dynamic(ctx)
+        act_idx = x.new_empty(n_active, dtype=torch.int32)
+        act_sg = x.new_empty(n_active)
+        ev_cnt = x.new_empty(B * T, dtype=torch.int32)
+        ev_idx = x.new_empty(_dynamic(ctx), dtype=torch.int32)
+        ev_val = x.new_empty(_dynamic(ctx))  # empty when x is binary
+    else:
+        act_cnt = x.new_empty(0, dtype=torch.int32)
+        act_idx = x.new_empty(0, dtype=torch.int32)
+        act_sg = x.new_empty(T, B, n_out)
+        ev_cnt = x.new_empty(0, dtype=torch.int32)
+        ev_idx = x.new_empty(0, dtype=torch.int32)
+        ev_val = x.new_empty(0)
+    spk_bits = x.new_empty(T, B, (n_out + 31) // 32, dtype=torch.int32)
+    stats = x.new_empty(3, dtype=torch.int64)
+    return spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, spk_bits, stats
+
+
+def _rlif_grads_fake(T, B, like, weight, need_dx, need_dw, need_drec, need_db, need_dv, need_ds):
+    n_out, n_in = weight.shape
+    dx, dw, db = _grads_fake((T, B, n_in), like, weight, need_dx, need_dw, need_db)
+    drec = like.new_empty(n_out, n_out) if need_drec else like.new_empty(0)
+    dv = like.new_empty(B, n_out) if need_dv else like.new_empty(0)
+    ds = like.new_empty(B, n_out) if need_ds else like.new_empty(0)
+    return dx, dw, drec, db, dv, ds
+
+
+@torch.library.register_fake("sparsegrad::rlif_backward_sparse")
+def _rlif_backward_sparse_fake(grad_spikes, grad_v_final, weight, rec_weight, s_init, act_cnt,
+                               act_idx, act_sg, ev_cnt, ev_idx, ev_val, spk_bits, prev_cnt,
+                               prev_idx, alpha, reset, need_dx, need_dw, need_drec, need_db,
+                               need_dv, need_ds):
+    T, B, _ = grad_spikes.shape
+    return _rlif_grads_fake(T, B, grad_spikes, weight, need_dx, need_dw, need_drec, need_db,
+                            need_dv, need_ds)
+
+
+@torch.library.register_fake("sparsegrad::rlif_backward_dense")
+def _rlif_backward_dense_fake(grad_spikes, grad_v_final, x, weight, rec_weight, s_init, spikes, sg,
+                              alpha, reset, need_dx, need_dw, need_drec, need_db, need_dv,
+                              need_ds):
+    T, B, _ = grad_spikes.shape
+    return _rlif_grads_fake(T, B, grad_spikes, weight, need_dx, need_dw, need_drec, need_db,
+                            need_dv, need_ds)
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
@@ -289,6 +345,65 @@ torch.library.register_autograd("sparsegrad::lif_neuron_forward", _lif_neuron_ba
                                 setup_context=_lif_neuron_setup_context)
 
 
+def _rlif_setup_context(ctx, inputs, output):
+    (x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha, threshold, b_th,
+     slope, sparse, *kinds) = inputs
+    (spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, spk_bits, stats) = output
+    ctx.alpha = alpha
+    ctx.reset = kinds[1] if len(kinds) > 1 else "subtract"
+    ctx.sparse = sparse
+    ctx.has_bias = bias is not None
+    ctx.has_v_init = v_init is not None
+    ctx.has_s_init = s_init is not None
+    ctx.has_prev = x_act_cnt is not None
+    ctx.spikes_shape = spikes.shape
+    ctx.mark_non_differentiable(act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, spk_bits, stats)
+    ctx.set_materialize_grads(False)
+    # s_init is [B, N]: the initial spikes feed step 0 through R (and reset it).
+    state = [s_init] if s_init is not None else []
+    if sparse:
+        # Compact data only: no dense [T, B, N] float tensor is kept for the backward.
+        saved = [weight, rec_weight, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, spk_bits]
+        if ctx.has_prev:
+            saved += [x_act_cnt, x_act_idx]
+    else:
+        saved = [weight, rec_weight, x, spikes, act_sg]
+    ctx.save_for_backward(*(saved + state))
+
+
+def _rlif_backward(ctx, grad_spikes, grad_v_final, *unused):
+    n_inputs = 15
+    if grad_spikes is None and grad_v_final is None:
+        return (None,) * n_inputs
+    if grad_spikes is None:
+        grad_spikes = grad_v_final.new_zeros(ctx.spikes_shape)
+    need = ctx.needs_input_grad
+    need_dx, need_dw, need_drec = need[0], need[1], need[2]
+    need_db = ctx.has_bias and need[3]
+    need_dv = ctx.has_v_init and need[4]
+    need_ds = ctx.has_s_init and need[5]
+    saved = list(ctx.saved_tensors)
+    s_init = saved.pop() if ctx.has_s_init else None
+    if ctx.sparse:
+        weight, rec_weight, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, spk_bits, *prev = saved
+        prev_cnt, prev_idx = prev if prev else (None, None)
+        grads = _ops.rlif_backward_sparse.default(
+            grad_spikes, grad_v_final, weight, rec_weight, s_init, act_cnt, act_idx, act_sg,
+            ev_cnt, ev_idx, ev_val, spk_bits, prev_cnt, prev_idx, ctx.alpha, ctx.reset, need_dx,
+            need_dw, need_drec, need_db, need_dv, need_ds)
+    else:
+        weight, rec_weight, x, spikes, sg = saved
+        grads = _ops.rlif_backward_dense.default(
+            grad_spikes, grad_v_final, x, weight, rec_weight, s_init, spikes, sg, ctx.alpha,
+            ctx.reset, need_dx, need_dw, need_drec, need_db, need_dv, need_ds)
+    flags = (need_dx, need_dw, need_drec, need_db, need_dv, need_ds)
+    return tuple(g if f else None for g, f in zip(grads, flags)) + (None,) * (n_inputs - 6)
+
+
+torch.library.register_autograd("sparsegrad::rlif_forward", _rlif_backward,
+                                setup_context=_rlif_setup_context)
+
+
 # --------------------------------------------------------------------------------------------
 # Direct entry points (no validation beyond the C++ checks; see sparsegrad.functional)
 # --------------------------------------------------------------------------------------------
@@ -304,6 +419,14 @@ def li_readout_forward(x, weight, bias, x_act_cnt, x_act_idx, alpha: float, redu
     return _ops.li_readout_forward.default(x, weight, bias, x_act_cnt, x_act_idx, float(alpha),
                                            reduce)
 
+def rlif_forward(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha: float,
+                 threshold: float, b_th: float, slope: float, sparse: bool,
+                 surrogate: str = "fast_sigmoid", reset: str = "subtract"):
+    return _ops.rlif_forward.default(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt,
+                                     x_act_idx, float(alpha), float(threshold), float(b_th),
+                                     float(slope), bool(sparse), surrogate, reset)
+
+
 
 def lif_neuron_forward(current, v_init, s_init, alpha: float, threshold: float, b_th: float,
                        slope: float, sparse: bool, surrogate: str = "fast_sigmoid",
@@ -318,7 +441,8 @@ def lif_neuron_forward(current, v_init, s_init, alpha: float, threshold: float, 
 def registered_kernels(dispatch_key: str = "CPU") -> dict:
     """Which sparsegrad ops have a kernel for `dispatch_key` ("CPU", "CUDA")."""
     names = ["lif_forward", "lif_backward_sparse", "lif_backward_dense", "li_readout_forward",
-             "li_readout_backward", "lif_neuron_forward", "lif_neuron_backward"]
+             "li_readout_backward", "lif_neuron_forward", "lif_neuron_backward", "rlif_forward",
+             "rlif_backward_sparse", "rlif_backward_dense"]
     return {n: torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegrad::{n}", dispatch_key)
             for n in names}
 

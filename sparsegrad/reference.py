@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["surrogate_grad", "spike", "lif_layer", "li_readout", "lif_neuron",
+__all__ = ["surrogate_grad", "spike", "lif_layer", "rlif_layer", "li_readout", "lif_neuron",
            "spikingjelly_neuron"]
 
 
@@ -112,6 +112,56 @@ def lif_layer(
     # unbind, not current[t]: indexing inside the loop would make autograd's backward O(T^2)
     for current_t in current.unbind(0):
         v = lif_step(v, current_t, s, alpha, threshold, reset)
+        s = spike(v - threshold, slope, mask_width, surrogate)
+        spikes.append(s)
+    out = torch.stack(spikes)
+    if return_state:
+        return out, (v, s)
+    return out
+
+
+def rlif_layer(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rec_weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
+    slope: float = 100.0,
+    reset: str = "subtract",
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    return_state: bool = False,
+):
+    """Reference recurrent LIF layer, time-major x [T, B, N_in] -> spikes [T, B, N_out].
+
+    I[t] = x[t] @ W.T + b and, with the previous step's spikes S[t-1] (S[-1] = state's S or 0):
+        subtract: V[t] = alpha*V[t-1]            + I[t] + S[t-1] @ R.T - threshold*S[t-1]
+        zero:     V[t] = alpha*(1-S[t-1])*V[t-1] + I[t] + S[t-1] @ R.T
+        none:     V[t] = alpha*V[t-1]            + I[t] + S[t-1] @ R.T
+    S[t] = H(V[t] - threshold). The reset terms use S detached; the recurrent input S[t-1] @ R.T
+    does not (as snnTorch's RLeaky). rec_weight R is [N_out, N_out]. backward="dense" uses the
+    unmasked surrogate, "sparse" masks it to |V - threshold| < b_th. Returns (spikes, (V, S)) of
+    the last step with return_state=True.
+    """
+    if backward not in ("sparse", "dense"):
+        raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
+    mask_width = b_th if backward == "sparse" else math.inf
+    current = F.linear(x, weight, bias)
+    _, B, N = current.shape
+    if state is None:
+        v = current.new_zeros(B, N)
+        s = current.new_zeros(B, N)
+    else:
+        v, s = state
+    spikes = []
+    # unbind, not current[t]: indexing inside the loop would make autograd's backward O(T^2)
+    for current_t in current.unbind(0):
+        # the recurrent input keeps S's gradient; lif_step detaches S in the reset only
+        v = lif_step(v, current_t + F.linear(s, rec_weight), s, alpha, threshold, reset)
         s = spike(v - threshold, slope, mask_width, surrogate)
         spikes.append(s)
     out = torch.stack(spikes)

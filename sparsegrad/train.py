@@ -1,8 +1,9 @@
 """Train a spiking network with the sparse backward: ``python -m sparsegrad.train``.
 
-``--arch mlp`` (default): input -> LIF(200) -> LIF(200) -> LIReadout. ``--arch conv``: a small
-LeNet-style network (Allred et al.'s setting): conv -> LIF -> pool -> conv -> LIF -> pool -> fc ->
-LIF -> LIReadout. Adam, cross-entropy on the readout's max over time,
+``--arch mlp`` (default): input -> LIF(200) -> LIF(200) -> LIReadout; ``--arch recurrent``: the
+same with recurrent RLIF hidden layers; ``--arch conv``: a small LeNet-style network (Allred et
+al.'s setting): conv -> LIF -> pool -> conv -> LIF -> pool -> fc -> LIF -> LIReadout. Adam,
+cross-entropy on the readout's max over time,
 optionally a spike-count loss (Allred et al.) and the activity regulariser. Every epoch logs test
 accuracy, loss, spikes per sample, the active fraction of each layer, the backward time (sparse,
 and dense on the same batches with --compare-dense) and the cosine similarity of sparse and dense
@@ -59,6 +60,8 @@ DEFAULT_SLOPE_CONV = {"fast_sigmoid": 25.0, "atan": 10.0, "sigmoid": 25.0, "tria
 
 class SpikingMLP(nn.Module):
     """input -> LIF(h1) -> ... -> LIF(hk) -> LIReadout; forward returns (logits, [spikes per layer]).
+    recurrent=True: RLIF hidden layers (each also gets its own spikes of the previous step through
+    rec_weight, initialised N(0, (rec_scale / sqrt(h))^2)).
 
     Weights start as N(0, (weight_scale / sqrt(fan_in))^2) so the first layers spike from the start
     (nn.Linear's uniform init leaves latency-coded input almost silent). No per-call Python state
@@ -68,19 +71,22 @@ class SpikingMLP(nn.Module):
     def __init__(self, num_inputs: int, hidden: List[int], num_classes: int, *,
                  alpha: float = 0.9, alpha_out: float = 0.9, b_th: float = 0.2,
                  slope: float = 100.0, backward: str = "sparse", weight_scale: float = 3.0,
-                 **neuron):
+                 recurrent: bool = False, rec_scale: float = 1.0, **neuron):
         super().__init__()
-        from .nn import LIF, LIReadout
+        from .nn import LIF, RLIF, LIReadout
 
         sizes = [num_inputs] + list(hidden)
         self.hidden = nn.ModuleList(
-            LIF(a, b, alpha=alpha, b_th=b_th, slope=slope, backward=backward, **neuron)
+            (RLIF if recurrent else LIF)(a, b, alpha=alpha, b_th=b_th, slope=slope,
+                                         backward=backward, **neuron)
             for a, b in zip(sizes[:-1], sizes[1:]))
         self.readout = LIReadout(sizes[-1], num_classes, alpha=alpha_out, reduce="max")
         with torch.no_grad():
             for layer in list(self.hidden) + [self.readout]:
                 layer.weight.normal_(0.0, weight_scale / math.sqrt(layer.in_features))
                 layer.bias.zero_()
+                if recurrent and layer is not self.readout:
+                    layer.rec_weight.normal_(0.0, rec_scale / math.sqrt(layer.out_features))
 
     @property
     def spiking_layers(self) -> List[nn.Module]:
@@ -175,6 +181,12 @@ def _build_mlp(args, num_inputs, num_classes):
                       weight_scale=args.weight_scale, **_neuron_kwargs(args))
 
 
+def _build_recurrent(args, num_inputs, num_classes):
+    return SpikingMLP(num_inputs, args.hidden, num_classes, alpha=args.alpha,
+                      alpha_out=args.alpha_out, b_th=args.b_th, backward=args.backward,
+                      weight_scale=args.weight_scale, recurrent=True, **_neuron_kwargs(args))
+
+
 def _build_conv(args, num_inputs, num_classes):
     return SpikingConvNet(_image_shape(num_inputs), args.channels, args.fc, num_classes,
                           alpha=args.alpha, alpha_out=args.alpha_out, b_th=args.b_th,
@@ -190,7 +202,7 @@ def _neuron_kwargs(args, arch="mlp"):
 
 
 # --arch NAME -> builder(args, num_inputs, num_classes); add an architecture by adding an entry.
-ARCHS = {"mlp": _build_mlp, "conv": _build_conv}
+ARCHS = {"mlp": _build_mlp, "recurrent": _build_recurrent, "conv": _build_conv}
 
 
 def default_sigma0(arch: str, schedule: str) -> float:
@@ -209,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "with sparsegrad's sparse backward.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="mlp", choices=list(ARCHS),
-                   help="network: mlp (hidden LIF layers) or conv (LeNet-style, square images)")
+                   help="network: mlp (hidden LIF layers), recurrent (hidden RLIF layers) or conv "
+                        "(LeNet-style, square images)")
     p.add_argument("--dataset", default="digits", choices=["digits", "fmnist", "nmnist", "shd"],
                    help="digits needs no files; the others read --data-dir")
     p.add_argument("--data-dir", default=None,
@@ -557,8 +570,8 @@ def run(args) -> List[dict]:
                        "num_inputs": num_inputs, "num_classes": num_classes,
                        "T": base.T, "train_samples": len(train_set),
                        "test_samples": len(test_indices)}, f, indent=2)
-        layout = (f"hidden {args.hidden}" if args.arch == "mlp" else
-                  f"conv channels {args.channels}, fc {args.fc}")
+        layout = (f"conv channels {args.channels}, fc {args.fc}" if args.arch == "conv" else
+                  f"hidden {args.hidden}")
         print(f"sparsegrad.train: {args.dataset} ({len(train_set)} train / {len(test_indices)} "
               f"test, T={base.T}, {num_inputs} inputs), {args.arch} {layout}, surrogate "
               f"{args.surrogate}, reset {args.reset}, backward "

@@ -12,6 +12,7 @@
 
 #include "cuda/host_ops.h"
 #include "cuda/neuron_host.h"
+#include "cuda/recurrent_host.h"
 
 namespace sparsegrad {
 namespace cuda {
@@ -132,6 +133,52 @@ host::NeuronGrads lif_neuron_backward_cuda(
                                       input_scale);
 }
 
+host::RlifOutputs rlif_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                    const at::Tensor& rec_weight, const c10::optional<at::Tensor>& bias,
+                                    const c10::optional<at::Tensor>& v_init,
+                                    const c10::optional<at::Tensor>& s_init,
+                                    const c10::optional<at::Tensor>& x_act_cnt,
+                                    const c10::optional<at::Tensor>& x_act_idx, double alpha,
+                                    double threshold, double b_th, double slope, bool sparse,
+                                    c10::string_view surrogate, c10::string_view reset) {
+  check_cuda(x, "rlif_forward", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return host::rlif_forward<L>(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx,
+                               alpha, threshold, b_th, slope, sparse, surrogate, reset);
+}
+
+host::RlifGrads rlif_backward_sparse_cuda(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const at::Tensor& weight, const at::Tensor& rec_weight, const c10::optional<at::Tensor>& s_init,
+    const at::Tensor& act_cnt, const at::Tensor& act_idx, const at::Tensor& act_sg,
+    const at::Tensor& ev_cnt, const at::Tensor& ev_idx, const at::Tensor& ev_val,
+    const at::Tensor& spk_bits, const c10::optional<at::Tensor>& prev_cnt,
+    const c10::optional<at::Tensor>& prev_idx, double alpha, c10::string_view reset, bool need_dx,
+    bool need_dw, bool need_drec, bool need_db, bool need_dv, bool need_ds) {
+  check_cuda(grad_spikes, "rlif_backward_sparse", "grad_spikes");
+  const c10::cuda::CUDAGuard guard(grad_spikes.device());
+  return host::rlif_backward_sparse<L>(grad_spikes, grad_v_final, weight, rec_weight, s_init, act_cnt,
+                                       act_idx, act_sg, ev_cnt, ev_idx, ev_val, spk_bits, prev_cnt,
+                                       prev_idx, alpha, reset, need_dx, need_dw, need_drec, need_db,
+                                       need_dv, need_ds);
+}
+
+host::RlifGrads rlif_backward_dense_cuda(const at::Tensor& grad_spikes,
+                                         const c10::optional<at::Tensor>& grad_v_final,
+                                         const at::Tensor& x, const at::Tensor& weight,
+                                         const at::Tensor& rec_weight,
+                                         const c10::optional<at::Tensor>& s_init,
+                                         const at::Tensor& spikes, const at::Tensor& sg,
+                                         double alpha, c10::string_view reset, bool need_dx,
+                                         bool need_dw, bool need_drec, bool need_db, bool need_dv,
+                                         bool need_ds) {
+  check_cuda(grad_spikes, "rlif_backward_dense", "grad_spikes");
+  const c10::cuda::CUDAGuard guard(grad_spikes.device());
+  return host::rlif_backward_dense<L>(grad_spikes, grad_v_final, x, weight, rec_weight, s_init, spikes,
+                                      sg, alpha, reset, need_dx, need_dw, need_drec, need_db, need_dv,
+                                      need_ds);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsegrad, CUDA, m) {
@@ -142,6 +189,9 @@ TORCH_LIBRARY_IMPL(sparsegrad, CUDA, m) {
   m.impl("li_readout_backward", SG_FLOAT32_MATH(li_readout_backward_cuda));
   m.impl("lif_neuron_forward", SG_FLOAT32_MATH(lif_neuron_forward_cuda));
   m.impl("lif_neuron_backward", SG_FLOAT32_MATH(lif_neuron_backward_cuda));
+  m.impl("rlif_forward", SG_FLOAT32_MATH(rlif_forward_cuda));
+  m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(rlif_backward_sparse_cuda));
+  m.impl("rlif_backward_dense", SG_FLOAT32_MATH(rlif_backward_dense_cuda));
 }
 
 }  // namespace cuda

@@ -1,0 +1,389 @@
+// The recurrent LIF layer on the CPU: the forward recurrence and the reverse walks of its
+// backward (docs/design.md, "Recurrent layers").
+//
+//     V[t] = alpha*V[t-1] + x[t] W^T + b + S[t-1] R^T  (- threshold*S[t-1] | zero | none reset)
+//     G[t] = d[t]*G[t+1] + sg[t] * (e[t] + G[t+1] R)     d[t] = trace_decay(alpha, S[t], reset)
+//
+// Per batch element the walk keeps G [N] (the gradient at V of one step) and, going back in time,
+//   - delta = sg * (e + G[t+1] . R[:, j])  at each active (t, b, j)  (|A| * N)
+//   - G = d * G + delta, db += G                                   (N per live step)
+//   - dx[t, b, i] = G[t] . W[:, i] on the producer's active set     (|A_prev| * N)
+//     or everywhere through the input-space trace D[t] = G[t] W     (|A| * N_in + T*B*N_in)
+// and stores G[t] in a [T, N] buffer; after the walk, from that buffer,
+//   - dW^T[i, :] += x * G[t]      over the element's input events (t, i)   (nnz * N)
+//   - dR^T[i, :] += G[t+1]        over the element's spikes (t, i)         (#spikes * N)
+// summed per input / neuron in registers (add_row_sums). Batch elements are grouped in fixed
+// chunks (BatchChunks); each chunk sums into its own partial dW, dR, db, added up in chunk order:
+// results do not depend on the number of threads.
+#pragma once
+
+#include <type_traits>
+
+#include "cpu/trace_backward.h"  // TileVec, tile_lanes, kTileGroup, events_by_input
+
+namespace sparsegrad {
+namespace cpu {
+
+// Visits the set bits of a bit-packed row in ascending order: fn(j).
+template <typename Fn>
+inline void for_each_bit(const int32_t* row, int64_t words, const Fn& fn) {
+  for (int64_t w = 0; w < words; ++w)
+    for (uint32_t m = static_cast<uint32_t>(row[w]); m != 0; m &= m - 1)
+      fn(w * 32 + __builtin_ctz(m));
+}
+
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct RlifForward {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t T = 0, B = 0, n = 0, words = 0;
+  acc_t alpha = 0, threshold = 1, b_th = 1, slope = 1;
+  int surrogate = kFastSigmoid, reset = kResetSubtract;
+  const scalar_t* rec_t = nullptr;  // [N, N]: row i = R[:, i], the current spike i adds
+  const scalar_t* v_init = nullptr;
+  const scalar_t* s_init = nullptr;
+  scalar_t* spikes = nullptr;   // [T, B, N]
+  scalar_t* v_final = nullptr;  // [B, N]
+  int32_t* bits = nullptr;      // [T, B, words], zeroed
+  scalar_t* sg_dense = nullptr; // dense mode: [T, B, N]
+  bool sparse = true;
+};
+
+// Runs element b; appends its active entries (t, j order) to act_idx / act_sg and writes the
+// per-row counts act_cnt[b*T + t]. Returns the number of spikes.
+template <typename scalar_t>
+int64_t rlif_forward_element(const RlifForward<scalar_t>& a, const InputCurrent<scalar_t>& current,
+                             int64_t b, std::vector<int32_t>& act_idx, std::vector<scalar_t>& act_sg,
+                             int32_t* act_cnt, std::vector<at::opmath_type<scalar_t>>& v,
+                             std::vector<at::opmath_type<scalar_t>>& s,
+                             std::vector<at::opmath_type<scalar_t>>& cur,
+                             std::vector<int32_t>& fired) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = a.T, B = a.B, n = a.n;
+  for (int64_t j = 0; j < n; ++j) {
+    v[j] = a.v_init ? static_cast<acc_t>(a.v_init[b * n + j]) : acc_t(0);
+    s[j] = a.s_init ? static_cast<acc_t>(a.s_init[b * n + j]) : acc_t(0);
+  }
+  int64_t count = 0;
+  fired.clear();
+  for (int64_t t = 0; t < T; ++t) {
+    current.fill(b, t, cur.data());
+    // The recurrent input S[t-1] R^T, spike by spike in ascending neuron order (the CUDA kernel
+    // adds in the same order). At t = 0 it comes from s_init, which may hold any value.
+    if (t == 0) {
+      if (a.s_init)
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t si = s[i];
+          if (si != acc_t(0)) {
+            const scalar_t* r = a.rec_t + i * n;
+            for (int64_t j = 0; j < n; ++j) cur[j] += si * static_cast<acc_t>(r[j]);
+          }
+        }
+    } else {
+      for (const int32_t i : fired) {
+        const scalar_t* r = a.rec_t + int64_t(i) * n;
+        for (int64_t j = 0; j < n; ++j) cur[j] += static_cast<acc_t>(r[j]);
+      }
+    }
+    const int64_t row = (t * B + b) * n;
+    // one loop per reset kind, so that the kind is a constant and the loop vectorises
+    auto update = [&](auto reset) {
+      for (int64_t j = 0; j < n; ++j) {
+        v[j] = math::integrate(v[j], cur[j], s[j], a.alpha, a.threshold, decltype(reset)::value);
+        s[j] = math::fire(v[j], a.threshold);
+        a.spikes[row + j] = static_cast<scalar_t>(s[j]);
+      }
+    };
+    switch (a.reset) {
+      case kResetZero: update(std::integral_constant<int, kResetZero>{}); break;
+      case kResetNone: update(std::integral_constant<int, kResetNone>{}); break;
+      default: update(std::integral_constant<int, kResetSubtract>{}); break;
+    }
+    // Spikes and active entries 32 neurons at a time as bit masks (branch-free compares that
+    // vectorise), then only the set bits are visited: the spike word is spk_bits' word.
+    fired.clear();
+    int32_t* word = a.bits + (t * B + b) * a.words;
+    const size_t active_before = act_idx.size();
+    for (int64_t w = 0; w < a.words; ++w) {
+      const int64_t j0 = w * 32, len = std::min<int64_t>(32, n - j0);
+      uint32_t spiked = 0, active = 0;
+      for (int64_t k = 0; k < len; ++k) {
+        spiked |= static_cast<uint32_t>(s[j0 + k] > acc_t(0)) << k;
+        active |= static_cast<uint32_t>(math::is_active(v[j0 + k], a.threshold, a.b_th)) << k;
+      }
+      word[w] = static_cast<int32_t>(spiked);
+      for (uint32_t m = spiked; m != 0; m &= m - 1) fired.push_back(static_cast<int32_t>(j0 + __builtin_ctz(m)));
+      if (a.sparse) {
+        for (uint32_t m = active; m != 0; m &= m - 1) {
+          const int64_t j = j0 + __builtin_ctz(m);
+          act_idx.push_back(static_cast<int32_t>(j));
+          act_sg.push_back(static_cast<scalar_t>(math::surrogate(v[j], a.threshold, a.slope, a.surrogate)));
+        }
+      }
+    }
+    count += static_cast<int64_t>(fired.size());
+    if (a.sparse) {
+      act_cnt[b * T + t] = static_cast<int32_t>(act_idx.size() - active_before);
+    } else {
+      for (int64_t j = 0; j < n; ++j)
+        a.sg_dense[row + j] = static_cast<scalar_t>(math::surrogate(v[j], a.threshold, a.slope, a.surrogate));
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) a.v_final[b * n + j] = static_cast<scalar_t>(v[j]);
+  return count;
+}
+
+// ------------------------------------------------------------------------------------------
+// Sparse backward
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct RlifBackward {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t T = 0, B = 0, n_in = 0, n = 0, words = 0;
+  acc_t alpha = 0;
+  int reset = kResetSubtract;
+  const scalar_t* grad = nullptr;      // dL/dS [T, B, N]
+  const scalar_t* g_init = nullptr;    // dL/dV_final [B, N] or null
+  const int64_t* act_off = nullptr;    // active set, CSR over b*T + t
+  const int32_t* act_idx = nullptr;
+  const scalar_t* act_sg = nullptr;
+  EventView<scalar_t> events;          // input events
+  const int32_t* bits = nullptr;       // S[t] [T, B, words]
+  const scalar_t* s_init = nullptr;    // [B, N] or null
+  const scalar_t* rec_t = nullptr;     // [N, N]: row j = R[:, j]
+  const scalar_t* weight = nullptr;    // [N, N_in]: full dx
+  const scalar_t* weight_t = nullptr;  // [N_in, N]: dx on the producer's active set
+  const int64_t* prev_off = nullptr;   // producer's active set, or null (then dx everywhere)
+  const int32_t* prev_idx = nullptr;
+  // outputs (null = not wanted)
+  scalar_t* dx = nullptr;         // [T, B, N_in], zeroed
+  scalar_t* dv = nullptr;         // [B, N]
+  scalar_t* ds = nullptr;         // [B, N]
+  // dW^T and dR^T partial sums per batch chunk, rows padded to whole tiles (n_pad = tiles * L,
+  // 64-byte aligned), zeroed: [chunks, N_in, n_pad] and [chunks, N, n_pad]
+  acc_t* dw_t_parts = nullptr;
+  acc_t* drec_t_parts = nullptr;
+  acc_t* db_parts = nullptr;      // [chunks, N], zeroed
+};
+
+// Rows of the dW^T / dR^T partials: N rounded up to whole SIMD tiles (trace_backward.h).
+template <typename acc_t>
+inline int64_t padded_row(int64_t n) {
+  constexpr int64_t L = tile_lanes<acc_t>();
+  return (n + L - 1) / L * L;
+}
+
+// For each row i (an input, or a spiking neuron) of one batch element: the sum of val * G[t]
+// over the row's times t (ascending, t <= t_max), for R tiles side by side in registers, added to
+// out[i, tiles k0 .. k0+R-1] once. G rows and out rows are `stride` vectors apart.
+template <int R, typename acc_t, typename scalar_t, typename vec>
+void add_row_sums(const vec* G, int64_t stride, const int64_t* ptr, const int32_t* times,
+                  const scalar_t* values, int64_t rows, int64_t t_max, vec* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t q0 = ptr[i], q1 = ptr[i + 1];
+    if (q0 == q1 || times[q0] > t_max) continue;
+    vec sum[R] = {};
+    for (int64_t q = q0; q < q1 && times[q] <= t_max; ++q) {
+      const vec* row = G + int64_t(times[q]) * stride;
+      if (values) {
+        const acc_t v = static_cast<acc_t>(values[q]);
+        SG_UNROLL_8
+        for (int r = 0; r < R; ++r) sum[r] += v * row[r];
+      } else {
+        SG_UNROLL_8
+        for (int r = 0; r < R; ++r) sum[r] += row[r];
+      }
+    }
+    SG_UNROLL_8
+    for (int r = 0; r < R; ++r) out[i * stride + r] += sum[r];
+  }
+}
+
+// add_row_sums over all tiles, in groups of up to kTileGroup.
+template <typename acc_t, typename scalar_t, typename vec>
+void add_row_sums_all(const vec* G, int64_t tiles, const int64_t* ptr, const int32_t* times,
+                      const scalar_t* values, int64_t rows, int64_t t_max, vec* out) {
+  for (int64_t k = 0; k < tiles; k += kTileGroup) {
+    const vec* g = G + k;
+    vec* o = out + k;
+    switch (std::min<int64_t>(kTileGroup, tiles - k)) {
+      case 8: add_row_sums<8, acc_t>(g, tiles, ptr, times, values, rows, t_max, o); break;
+      case 7: add_row_sums<7, acc_t>(g, tiles, ptr, times, values, rows, t_max, o); break;
+      case 6: add_row_sums<6, acc_t>(g, tiles, ptr, times, values, rows, t_max, o); break;
+      case 5: add_row_sums<5, acc_t>(g, tiles, ptr, times, values, rows, t_max, o); break;
+      case 4: add_row_sums<4, acc_t>(g, tiles, ptr, times, values, rows, t_max, o); break;
+      case 3: add_row_sums<3, acc_t>(g, tiles, ptr, times, values, rows, t_max, o); break;
+      case 2: add_row_sums<2, acc_t>(g, tiles, ptr, times, values, rows, t_max, o); break;
+      default: add_row_sums<1, acc_t>(g, tiles, ptr, times, values, rows, t_max, o); break;
+    }
+  }
+}
+
+template <typename scalar_t>
+void rlif_backward_walk(const RlifBackward<scalar_t>& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec = typename TileVec<acc_t>::type;
+  constexpr int64_t L = tile_lanes<acc_t>();
+  const int64_t T = p.T, B = p.B, n = p.n, n_in = p.n_in;
+  const int64_t tiles = padded_row<acc_t>(n) / L;
+  const bool full_dx = p.dx && !p.prev_off;
+  const bool zero_reset = p.reset == kResetZero;
+  constexpr int64_t kAhead = 8;  // dL/dS rows are a stride apart: prefetch them early
+  // dW and dR are summed per element after its walk, from a buffer of G at every step (T * N
+  // values, L2-sized): for each input i (spiking neuron i) the G rows at its event (spike)
+  // times are added up in registers, a group of SIMD tiles at a time, and the sums added to
+  // dW^T[i, :] (dR^T[i, :]) once per element — instead of one read-modify-write of a row of the
+  // [N_in, N] partial per event, which sweeps it through L2 (measured: 3x slower at SHD size).
+  EventsByInput<scalar_t> by_input;
+  if (p.dw_t_parts) by_input = events_by_input<scalar_t>(p.events, T, B, n_in);
+  const bool buffer = p.dw_t_parts || p.drec_t_parts;
+  const BatchChunks chunks(B);
+  const int64_t work_per_chunk = (B / chunks.count + 1) * T * (n + (full_dx ? n_in : 0));
+  at::parallel_for(0, chunks.count, grain_for(work_per_chunk), [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> G(n), delta(n), D(full_dx ? n_in : 0);
+    std::vector<vec> G_all(buffer ? T * tiles : 0, vec{});  // G[t] at row t; pad lanes stay 0
+    std::vector<int64_t> spk_off(p.drec_t_parts ? n + 1 : 0);
+    std::vector<int32_t> spk_times;
+    for (int64_t c = c0; c < c1; ++c) {
+      vec* dw_t = p.dw_t_parts ? reinterpret_cast<vec*>(p.dw_t_parts) + c * n_in * tiles : nullptr;
+      vec* drec_t = p.drec_t_parts ? reinterpret_cast<vec*>(p.drec_t_parts) + c * n * tiles : nullptr;
+      acc_t* db = p.db_parts ? p.db_parts + c * n : nullptr;
+      for (int64_t b = chunks.begin(c); b < chunks.end(c); ++b) {
+        bool live = false;  // G (and D) are exactly zero until the first injection
+        int64_t t_live = -1;  // the last step with G != 0 (G[t] = 0 for t > t_live)
+        std::fill(G.begin(), G.end(), acc_t(0));
+        std::fill(D.begin(), D.end(), acc_t(0));
+        if (p.g_init) {
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t g = static_cast<acc_t>(p.g_init[b * n + j]);
+            G[j] = g;
+            if (full_dx && g != acc_t(0)) axpy<acc_t>(n_in, g, p.weight + j * n_in, D.data());
+          }
+          live = true;
+        }
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const int64_t r = b * T + t;
+          if (t >= kAhead) {
+            const scalar_t* ahead = p.grad + ((t - kAhead) * B + b) * n;
+            for (int64_t e = p.act_off[r - kAhead]; e < p.act_off[r - kAhead + 1]; ++e)
+              __builtin_prefetch(ahead + p.act_idx[e]);
+          }
+          const int32_t* spk = p.bits + (t * B + b) * p.words;
+          const bool carry = live && t < T - 1;  // G holds G[t+1], which reaches step t
+          // delta at the active entries of (t, b), from G[t+1] before it decays
+          const int64_t e0 = p.act_off[r], e1 = p.act_off[r + 1];
+          const scalar_t* e_row = p.grad + (t * B + b) * n;
+          for (int64_t e = e0; e < e1; ++e) {
+            const int64_t j = p.act_idx[e];
+            const acc_t u = carry ? dot<acc_t>(n, G.data(), p.rec_t + j * n) : acc_t(0);
+            delta[e - e0] = static_cast<acc_t>(p.act_sg[e]) * (static_cast<acc_t>(e_row[j]) + u);
+          }
+          if (carry) {
+            if (zero_reset) {
+              // d[t] = alpha*(1 - S[t]): G[t+1] does not reach V[t] where the neuron spiked
+              if (full_dx) {
+                scale_inplace<acc_t>(n_in, p.alpha, D.data());
+                for_each_bit(spk, p.words, [&](int64_t j) {
+                  axpy<acc_t>(n_in, -(p.alpha * G[j]), p.weight + j * n_in, D.data());
+                });
+              }
+              for (int64_t j = 0; j < n; ++j) G[j] *= math::trace_decay(p.alpha, test_bit(spk, j), p.reset);
+            } else {
+              scale_inplace<acc_t>(n, p.alpha, G.data());
+              if (full_dx) scale_inplace<acc_t>(n_in, p.alpha, D.data());
+            }
+          }
+          for (int64_t e = e0; e < e1; ++e) {
+            const int64_t j = p.act_idx[e];
+            G[j] += delta[e - e0];
+            if (full_dx) axpy<acc_t>(n_in, delta[e - e0], p.weight + j * n_in, D.data());
+          }
+          live = live || e1 > e0;
+          if (!live) continue;
+          if (t_live < 0) t_live = t;
+          if (db) for (int64_t j = 0; j < n; ++j) db[j] += G[j];
+          if (buffer) __builtin_memcpy(G_all.data() + t * tiles, G.data(), n * sizeof(acc_t));
+          if (p.dx) {
+            scalar_t* dx_row = p.dx + (t * B + b) * n_in;
+            if (full_dx) {
+              for (int64_t i = 0; i < n_in; ++i) dx_row[i] = static_cast<scalar_t>(D[i]);
+            } else {
+              for (int64_t e = p.prev_off[r]; e < p.prev_off[r + 1]; ++e) {
+                const int64_t i = p.prev_idx[e];
+                dx_row[i] = static_cast<scalar_t>(dot<acc_t>(n, G.data(), p.weight_t + i * n));
+              }
+            }
+          }
+        }
+        // G holds G[0] = dL/dV[0] (zero if nothing reached this element)
+        const scalar_t* s0 = p.s_init ? p.s_init + b * n : nullptr;
+        if (p.dv)
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t keep = zero_reset && s0 ? p.alpha * (acc_t(1) - static_cast<acc_t>(s0[j])) : p.alpha;
+            p.dv[b * n + j] = static_cast<scalar_t>(keep * G[j]);
+          }
+        if (p.ds)
+          for (int64_t j = 0; j < n; ++j)
+            p.ds[b * n + j] = static_cast<scalar_t>(live ? dot<acc_t>(n, G.data(), p.rec_t + j * n) : acc_t(0));
+        if (!live) continue;
+        // dW^T[i, :] += x * G[t] over the element's events (t, i)
+        if (dw_t)
+          add_row_sums_all<acc_t>(G_all.data(), tiles, by_input.ptr.data() + b * n_in,
+                                  by_input.times.get(), by_input.values.get(), n_in, t_live, dw_t);
+        // dR^T[i, :] += G[t+1] over the element's spikes (t < T-1, i) (+ s_init[i] * G[0])
+        if (drec_t) {
+          const int64_t t_end = std::min(t_live, T - 1);  // spikes at t < t_end meet G[t+1] != 0
+          std::fill(spk_off.begin(), spk_off.end(), 0);
+          for (int64_t t = 0; t < t_end; ++t)
+            for_each_bit(p.bits + (t * B + b) * p.words, p.words, [&](int64_t i) { ++spk_off[i + 1]; });
+          for (int64_t i = 0; i < n; ++i) spk_off[i + 1] += spk_off[i];
+          spk_times.resize(spk_off[n]);
+          for (int64_t t = 0; t < t_end; ++t)  // ascending t: each neuron's list comes out sorted
+            for_each_bit(p.bits + (t * B + b) * p.words, p.words,
+                         [&](int64_t i) { spk_times[spk_off[i]++] = static_cast<int32_t>(t + 1); });
+          for (int64_t i = n; i > 0; --i) spk_off[i] = spk_off[i - 1];  // the fill moved each start
+          spk_off[0] = 0;
+          add_row_sums_all<acc_t, scalar_t>(G_all.data(), tiles, spk_off.data(), spk_times.data(),
+                                            nullptr, n, T, drec_t);
+          if (s0)
+            for (int64_t i = 0; i < n; ++i)
+              if (s0[i] != scalar_t(0))
+                axpy<acc_t>(n, static_cast<acc_t>(s0[i]), G.data(), reinterpret_cast<acc_t*>(drec_t + i * tiles));
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Dense backward: G at every entry [T, B, N] (the GEMMs for dW, dR, dx follow in ATen).
+// ------------------------------------------------------------------------------------------
+template <typename scalar_t>
+void rlif_dense_walk(const scalar_t* grad, const scalar_t* sg, const scalar_t* spikes,
+                     const scalar_t* g_init, const scalar_t* rec_t, int64_t T, int64_t B, int64_t n,
+                     at::opmath_type<scalar_t> alpha, int reset, scalar_t* G_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, B, grain_for(T * n * n), [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> G(n), next(n);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t j = 0; j < n; ++j) next[j] = g_init ? static_cast<acc_t>(g_init[b * n + j]) : acc_t(0);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t row = (t * B + b) * n;
+        const bool carry = t < T - 1;
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t u = carry ? dot<acc_t>(n, next.data(), rec_t + j * n) : acc_t(0);
+          const acc_t d = carry ? math::trace_decay(alpha, spikes[row + j] > scalar_t(0), reset) : acc_t(1);
+          G[j] = d * next[j] + static_cast<acc_t>(sg[row + j]) * (static_cast<acc_t>(grad[row + j]) + u);
+        }
+        for (int64_t j = 0; j < n; ++j) G_out[row + j] = static_cast<scalar_t>(G[j]);
+        std::swap(G, next);
+      }
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace sparsegrad

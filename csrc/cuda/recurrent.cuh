@@ -1,0 +1,252 @@
+// Kernels of the recurrent LIF layer (rlif_*), shared by nvcc and the host emulation.
+//
+// The recurrence couples every neuron of a batch element from one step to the next (S[t-1] R^T
+// in the forward, G[t+1] R in the backward), and the kernels use no barriers or shared memory
+// (csrc/cuda/emulation.h). So both directions launch one kernel per time step over (b, j), one
+// thread per neuron: step t reads only what the launch of the previous step wrote.
+//   forward step t:  V = integrate(V, I[t] + S[t-1] R^T, S[t-1]), S[t] = H(V - threshold); the
+//                    spike sets bit j of spk_bits[t, b] (integer atomicOr: exact in any order).
+//   backward step t: G[t] = d[t]*G[t+1] + sg*(e + G[t+1] . R[:, j]) at active entries (the dot
+//                    only there), G[t] = d[t]*G[t+1] elsewhere, into a [T, B, N] scratch buffer
+//                    of the backward (nothing dense is saved by the forward).
+// The gradients then come from G by segment sums (dW: input events grouped by input; dR: each
+// neuron's spike bits scanned row by row), one writer per output element in a fixed order
+// (deterministic, no float atomics), dot products on the producer's active set, and ATen
+// reductions / GEMMs.
+#pragma once
+
+#include "cuda/forward.cuh"  // InputCurrent
+
+namespace sparsegrad {
+namespace cuda {
+
+// Index of the lowest set bit of m != 0.
+__device__ __forceinline__ int lowest_bit(uint32_t m) {
+#if defined(__CUDA_ARCH__)
+  return __ffs(static_cast<int>(m)) - 1;
+#else
+  return __builtin_ctz(m);
+#endif
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct RlifStepArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  InputCurrent<scalar_t> current;
+  int64_t T = 0, B = 0, n = 0, words = 0;
+  acc_t alpha = 0, threshold = 1, slope = 1;
+  int surrogate = kFastSigmoid, reset = kResetSubtract;
+  const scalar_t* rec_t = nullptr;   // [N, N]: row i = R[:, i]
+  const scalar_t* s_init = nullptr;  // [B, N] or null
+  acc_t* v = nullptr;                // [B, N] membrane state, initialised by the host
+  scalar_t* spikes = nullptr;        // [T, B, N]
+  int32_t* bits = nullptr;           // [T, B, words], zeroed
+  acc_t* v_trace = nullptr;          // sparse mode: V at every (t, b, j), for the compaction
+  scalar_t* sg_dense = nullptr;      // dense mode: the surrogate at every (t, b, j)
+};
+
+template <typename scalar_t>
+__global__ void rlif_forward_step_kernel(RlifStepArgs<scalar_t> a, int64_t t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SG_KERNEL_LOOP(k, a.B * a.n) {
+    const int64_t b = k / a.n, j = k % a.n;
+    acc_t cur = a.current(b, t, j);
+    acc_t s_prev = 0;
+    // S[t-1] R^T in ascending order of the spiking neuron, as the CPU kernel adds it
+    if (t == 0) {
+      if (a.s_init) {
+        s_prev = static_cast<acc_t>(a.s_init[k]);
+        for (int64_t i = 0; i < a.n; ++i) {
+          const acc_t si = static_cast<acc_t>(a.s_init[b * a.n + i]);
+          if (si != acc_t(0)) cur += si * static_cast<acc_t>(a.rec_t[i * a.n + j]);
+        }
+      }
+    } else {
+      const int32_t* row = a.bits + ((t - 1) * a.B + b) * a.words;
+      s_prev = bit_set(row, j) ? acc_t(1) : acc_t(0);
+      for (int64_t w = 0; w < a.words; ++w)
+        for (uint32_t m = static_cast<uint32_t>(row[w]); m != 0; m &= m - 1)
+          cur += static_cast<acc_t>(a.rec_t[(w * 32 + lowest_bit(m)) * a.n + j]);
+    }
+    const acc_t v = math::integrate(a.v[k], cur, s_prev, a.alpha, a.threshold, a.reset);
+    const acc_t s = math::fire(v, a.threshold);
+    a.v[k] = v;
+    const int64_t at = (t * a.B + b) * a.n + j;
+    a.spikes[at] = static_cast<scalar_t>(s);
+    if (s > acc_t(0))
+      atomicOr(reinterpret_cast<unsigned int*>(a.bits + (t * a.B + b) * a.words + (j >> 5)),
+               1u << (j & 31));
+    if (a.v_trace) a.v_trace[at] = v;
+    if (a.sg_dense)
+      a.sg_dense[at] = static_cast<scalar_t>(math::surrogate(v, a.threshold, a.slope, a.surrogate));
+  }
+}
+
+// Active set from the membrane trace: per-row counts, then (after a scan) the entries.
+template <typename acc_t>
+__global__ void rlif_active_count_kernel(const acc_t* __restrict__ v, int64_t T, int64_t B, int64_t n,
+                                         acc_t threshold, acc_t b_th, int32_t* __restrict__ cnt) {
+  SG_KERNEL_LOOP(r, B * T) {
+    const int64_t b = r / T, t = r % T;
+    const acc_t* row = v + (t * B + b) * n;
+    int32_t count = 0;
+    for (int64_t j = 0; j < n; ++j) count += math::is_active(row[j], threshold, b_th);
+    cnt[r] = count;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void rlif_active_fill_kernel(const acc_t* __restrict__ v, int64_t T, int64_t B, int64_t n,
+                                        acc_t threshold, acc_t b_th, acc_t slope, int surrogate,
+                                        const int64_t* __restrict__ off, int32_t* __restrict__ idx,
+                                        scalar_t* __restrict__ sg) {
+  SG_KERNEL_LOOP(r, B * T) {
+    const int64_t b = r / T, t = r % T;
+    const acc_t* row = v + (t * B + b) * n;
+    int64_t e = off[r];
+    for (int64_t j = 0; j < n; ++j) {
+      if (math::is_active(row[j], threshold, b_th)) {
+        idx[e] = static_cast<int32_t>(j);
+        sg[e] = static_cast<scalar_t>(math::surrogate(row[j], threshold, slope, surrogate));
+        ++e;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: the reverse walk, one launch per step
+// ---------------------------------------------------------------------------------------------
+// Where sg is nonzero and which neurons spiked. Sparse: the active set (CSR over b*T + t, sorted
+// within a row) and spk_bits; dense: sg and the spikes at every entry.
+template <typename scalar_t>
+struct RlifEntries {
+  const int64_t* act_off = nullptr;  // sparse
+  const int32_t* act_idx = nullptr;
+  const scalar_t* act_sg = nullptr;
+  const int32_t* bits = nullptr;
+  int64_t words = 0;
+  const scalar_t* sg = nullptr;      // dense [T, B, N]
+  const scalar_t* spikes = nullptr;  // dense [T, B, N]
+
+  __device__ __forceinline__ bool surrogate_at(int64_t b, int64_t t, int64_t j, int64_t T, int64_t B,
+                                               int64_t n, scalar_t* value) const {
+    if (sg) {
+      *value = sg[(t * B + b) * n + j];
+      return true;
+    }
+    const int64_t r = b * T + t, hi = act_off[r + 1];
+    const int64_t e = lower_bound(act_idx, act_off[r], hi, j);
+    if (e == hi || int64_t(act_idx[e]) != j) return false;
+    *value = act_sg[e];
+    return true;
+  }
+
+  __device__ __forceinline__ bool spiked(int64_t b, int64_t t, int64_t j, int64_t B, int64_t n) const {
+    if (spikes) return spikes[(t * B + b) * n + j] > scalar_t(0);
+    return bit_set(bits + (t * B + b) * words, j);
+  }
+};
+
+template <typename scalar_t>
+struct RlifBackStepArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t T = 0, B = 0, n = 0;
+  acc_t alpha = 0;
+  int reset = kResetSubtract;
+  RlifEntries<scalar_t> entries;
+  const scalar_t* grad = nullptr;    // dL/dS [T, B, N]
+  const scalar_t* g_init = nullptr;  // dL/dV_final [B, N] or null
+  const scalar_t* rec = nullptr;     // R [N, N]: column j = what neuron j's spike fed
+  acc_t* G = nullptr;                // [T, B, N]
+};
+
+template <typename scalar_t>
+__global__ void rlif_backward_step_kernel(RlifBackStepArgs<scalar_t> a, int64_t t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SG_KERNEL_LOOP(k, a.B * a.n) {
+    const int64_t b = k / a.n, j = k % a.n;
+    const bool carry = t < a.T - 1;
+    const acc_t* next = a.G + ((t + 1) * a.B + b) * a.n;  // G[t+1, b, :] (read only if carry)
+    acc_t g;
+    if (carry) {
+      g = math::trace_decay(a.alpha, a.entries.spiked(b, t, j, a.B, a.n), a.reset) * next[j];
+    } else {
+      g = a.g_init ? static_cast<acc_t>(a.g_init[k]) : acc_t(0);
+    }
+    scalar_t sg;
+    if (a.entries.surrogate_at(b, t, j, a.T, a.B, a.n, &sg)) {
+      acc_t u = 0;
+      if (carry)
+        for (int64_t q = 0; q < a.n; ++q) u += next[q] * static_cast<acc_t>(a.rec[q * a.n + j]);
+      const acc_t e = static_cast<acc_t>(a.grad[(t * a.B + b) * a.n + j]);
+      g = g + static_cast<acc_t>(sg) * (e + u);
+    }
+    a.G[(t * a.B + b) * a.n + j] = g;
+  }
+}
+
+// dR^T[i, k] = sum over rows r = t*B + b, t < T-1, with S[t, b, i] = 1 of G[t+1, b, k] (row r + B
+// of G). One thread per (i, k) scans neuron i's bit in each row: the threads of a warp share i,
+// so each row costs one broadcast word load, and only spikes add a (coalesced) G value. No spike
+// list, so no host synchronisation to size one; a fixed order, one writer: deterministic.
+template <typename scalar_t>
+__global__ void rlif_drec_kernel(const int32_t* __restrict__ bits, int64_t rows, int64_t words,
+                                 int64_t B, int64_t n, const at::opmath_type<scalar_t>* __restrict__ G,
+                                 at::opmath_type<scalar_t>* __restrict__ drec_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SG_KERNEL_LOOP(q, n * n) {
+    const int64_t i = q / n, k = q % n;
+    const int32_t* column = bits + (i >> 5);
+    const uint32_t mask = 1u << (i & 31);
+    acc_t sum = 0;
+    for (int64_t r = 0; r < rows; ++r)
+      if (static_cast<uint32_t>(column[r * words]) & mask) sum += G[(r + B) * n + k];
+    drec_t[q] = sum;
+  }
+}
+
+// out[c, k] = sum over the entries e of column c (rows[off[c]] .. rows[off[c+1]-1], in order) of
+// val[e] * G[g_row[e], k]: dW^T (input events grouped by input).
+// One thread per (c, k): a single writer per output, a fixed order, consecutive k coalesced.
+template <typename scalar_t>
+__global__ void rlif_column_sum_kernel(const int64_t* __restrict__ off, const int64_t* __restrict__ g_row,
+                                       const scalar_t* __restrict__ val, int64_t cols, int64_t n,
+                                       const at::opmath_type<scalar_t>* __restrict__ G,
+                                       at::opmath_type<scalar_t>* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SG_KERNEL_LOOP(q, cols * n) {
+    const int64_t c = q / n, k = q % n;
+    acc_t sum = 0;
+    for (int64_t e = off[c]; e < off[c + 1]; ++e) {
+      const acc_t g = G[g_row[e] * n + k];
+      sum += val ? static_cast<acc_t>(val[e]) * g : g;
+    }
+    out[q] = sum;
+  }
+}
+
+// dx[t, b, i] = G[t, b, :] . W[:, i] on the producer's active set (entry e in row r = b*T + t).
+template <typename scalar_t>
+__global__ void rlif_dx_restricted_kernel(const int64_t* __restrict__ entry_row,
+                                          const int32_t* __restrict__ prev_idx, int64_t entries,
+                                          int64_t T, int64_t B, int64_t n, int64_t n_in,
+                                          const at::opmath_type<scalar_t>* __restrict__ G,
+                                          const scalar_t* __restrict__ weight,
+                                          at::opmath_type<scalar_t>* __restrict__ dx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SG_KERNEL_LOOP(e, entries) {
+    const int64_t r = entry_row[e], b = r / T, t = r % T, i = prev_idx[e];
+    const acc_t* g = G + (t * B + b) * n;
+    acc_t sum = 0;
+    for (int64_t k = 0; k < n; ++k) sum += g[k] * static_cast<acc_t>(weight[k * n_in + i]);
+    dx[(t * B + b) * n_in + i] = sum;
+  }
+}
+
+}  // namespace cuda
+}  // namespace sparsegrad

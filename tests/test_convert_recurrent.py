@@ -1,0 +1,137 @@
+"""sparsegrad.convert on snnTorch's recurrent neuron: nn.Linear -> snn.RLeaky(all_to_all=True,
+linear_features=N) becomes one sparsegrad.nn.RLIF, exactly (spikes equal, dense-mode gradients
+equal to round-off); what cannot be matched is refused and reported."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsegrad
+from sparsegrad.conversion import SequenceModel
+from sparsegrad.conversion_recurrent import exact_surrogate
+from sparsegrad.nn import RLIF
+
+snn = pytest.importorskip("snntorch")
+surrogate = snn.surrogate
+
+T, B, N_IN, N_H, N_OUT = 30, 5, 12, 16, 4
+
+
+def _net(dtype, **rleaky):
+    class Net(nn.Module):
+        """Linear -> RLeaky -> Linear, stepped as in snnTorch's tutorials."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(N_IN, N_H)
+            self.lif1 = snn.RLeaky(beta=0.85, linear_features=N_H, **rleaky)
+            self.fc2 = nn.Linear(N_H, N_OUT)
+
+        def forward(self, x):
+            spk, mem = self.lif1.init_rleaky()
+            out, spikes = [], []
+            for t in range(x.shape[0]):
+                # snnTorch emits float32 spikes; cast so a float64 model runs (0/1 is exact)
+                spk, mem = self.lif1(self.fc1(x[t]), spk.to(x.dtype), mem)
+                spk = spk.to(x.dtype)
+                spikes.append(spk)
+                out.append(self.fc2(spk))
+            return torch.stack(out), torch.stack(spikes)
+
+    torch.manual_seed(0)
+    net = Net().to(dtype)
+    with torch.no_grad():
+        net.fc1.weight.mul_(3.0)
+        net.lif1.recurrent.weight.mul_(2.0)
+    return net
+
+
+def _x(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(T, B, N_IN, generator=g) < 0.3).to(dtype)
+
+
+def _grads(module_params):
+    return [p.grad.clone() for p in module_params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("spike_grad,want", [(None, ("atan", 2.0)),
+                                             (surrogate.fast_sigmoid(slope=25), ("fast_sigmoid", 25.0)),
+                                             (surrogate.sigmoid(slope=5), ("sigmoid", 5.0))])
+def test_rleaky_converts_exactly(dtype, spike_grad, want):
+    net = _net(dtype, spike_grad=spike_grad)
+    x = _x(dtype)
+    out, spikes = net(x)
+    assert 0.05 < spikes.mean() < 0.6
+    (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view(out.shape)).sum().backward()
+    orig = [net.fc1.weight.grad, net.lif1.recurrent.weight.grad, net.fc1.bias.grad,
+            net.lif1.recurrent.bias.grad, net.fc2.weight.grad]
+
+    conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    assert report.exact and len(report.converted) == 1
+    layer = conv.fc1
+    assert isinstance(layer, RLIF) and isinstance(conv.lif1, nn.Identity)
+    assert (layer.surrogate, layer.slope) == want and layer.alpha == pytest.approx(0.85)
+    seq = SequenceModel(conv)
+    got = seq(x)
+    hidden = layer(x)
+    assert torch.equal(hidden, spikes)  # spikes equal
+    torch.testing.assert_close(got, out, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+    (got * torch.linspace(-1, 1, got.numel(), dtype=dtype).view(got.shape)).sum().backward()
+    # snnTorch's spike functions return float32 even in a float64 model, so its gradients pass
+    # through float32 at every spike: equal to float32 round-off is the best either side can do.
+    rtol = 1e-5 if dtype == torch.float64 else 1e-4
+    assert set(dict(layer.named_parameters())) == {"weight", "bias", "rec_weight", "rec_bias"}
+    for g, w in zip([layer.weight.grad, layer.rec_weight.grad, layer.bias.grad, layer.rec_bias.grad,
+                     conv.fc2.module.weight.grad], orig):  # fc2: TimeDistributed(Linear)
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * float(w.abs().max()))
+
+
+def test_rleaky_none_reset_and_frozen_recurrence():
+    net = _net(torch.float64, reset_mechanism="none", learn_recurrent=False)
+    conv, report = sparsegrad.convert(net, return_report=True)
+    assert report.exact
+    assert conv.fc1.reset == "none" and not conv.fc1.rec_weight.requires_grad
+    x = _x(torch.float64, seed=1)
+    _, spikes = net(x)
+    assert torch.equal(conv.fc1(x), spikes)
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    (dict(reset_mechanism="zero"), "zeroes the whole new membrane"),
+    (dict(learn_beta=True), "beta is a learnable parameter"),
+    (dict(reset_delay=False), "reset_delay=False"),
+    (dict(spike_grad=surrogate.straight_through_estimator()), "none of sparsegrad's"),
+])
+def test_rleaky_refusals_are_reported(kwargs, reason):
+    net = _net(torch.float64, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        conv, report = sparsegrad.convert(net, return_report=True)
+    assert not report.exact and any(reason in why for _, why in report.skipped), report.skipped
+    # left in place: the Linear folded over time, the RLeaky stepped over time as it is
+    assert isinstance(conv.fc1, sparsegrad.nn.TimeDistributed)
+    assert isinstance(conv.fc1.module, nn.Linear) and type(conv.lif1.module).__name__ == "RLeaky"
+    assert any(issubclass(w.category, UserWarning) for w in caught)
+
+
+def test_rleaky_one_to_one_is_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(N_IN, N_H)
+            self.lif1 = snn.RLeaky(beta=0.9, all_to_all=False, V=0.5)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, report = sparsegrad.convert(Net(), return_report=True)
+    assert report.skipped and "all_to_all" in report.skipped[0][1]
+
+
+def test_exact_surrogate_names_each_form():
+    assert exact_surrogate(surrogate.atan(alpha=3.0))[:2] == ("atan", 3.0)
+    assert exact_surrogate(surrogate.fast_sigmoid(slope=100))[:2] == ("fast_sigmoid", 100.0)
+    name, _, why = exact_surrogate(lambda u: torch.sigmoid(u))
+    assert name is None and "step" in why
