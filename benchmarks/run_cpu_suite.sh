@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 MAX_LOAD=${MAX_LOAD:-0.5}
-ONLY=${ONLY:-"layer network peers sweeps recurrent phases"}
+ONLY=${ONLY:-"layer network peers sweeps recurrent conv phases"}
 R=benchmarks/results
 
 wait_quiet() {
@@ -43,6 +43,7 @@ run peers   $PY benchmarks/bench_peers.py   --repeats 3 --threads 1 --json $R/pe
 run sweeps  $PY benchmarks/bench_sweeps.py  --repeats 3 --json $R/sweeps.json
 run sweeps  $PY benchmarks/bench_sweeps.py  --repeats 3 --threads 1 --json $R/sweeps-1thread.json
 run recurrent $PY benchmarks/bench_recurrent.py --repeats 5 --json $R/recurrent.json
+run conv    $PY benchmarks/bench_conv.py    --repeats 5 --json $R/conv.json
 run phases  $PY benchmarks/bench_phases.py  --repeats 7 --threads 1 --json $R/phases-1thread.json --docs docs/design.md
 $PY benchmarks/report.py --results $R --docs docs/benchmarks.md
 echo "done: update the prose of docs/benchmarks.md's summary and README.md's figures from the tables"

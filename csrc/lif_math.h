@@ -27,6 +27,16 @@ enum ResetKind : int {
   kResetNone = 2,      // V[t] = alpha*V[t-1] + I[t]
 };
 
+// SpikingJelly's neurons (LIFNode / IFNode), for exact conversion: a charge H from the post-reset
+// membrane V, a spike at H >= threshold, then the reset in the same step. Written in SpikingJelly's
+// order of operations, so that the spikes agree bit for bit.
+enum ChargeKind : int {
+  kChargeLeaky = 0,         // sparsegrad / snnTorch: math::integrate(), reset at the next step
+  kChargeSJDecayInput = 1,  // LIFNode(decay_input=True):  H = V + (X - (V - V_reset)) / tau
+  kChargeSJ = 2,            // LIFNode(decay_input=False): H = V - (V - V_reset) / tau + X
+  kChargeSJIF = 3,          // IFNode:                     H = V + X
+};
+
 namespace math {
 
 // The membrane update for a given reset.
@@ -112,6 +122,25 @@ C10_HOST_DEVICE inline acc_t decay_add(acc_t trace, acc_t delta, acc_t alpha) {
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t trace_decay(acc_t alpha, bool spiked, int reset) {
   return (reset == kResetZero && spiked) ? acc_t(0) : alpha;
+}
+
+// SpikingJelly charge, fire and reset (ChargeKind above).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t sj_charge(acc_t v, acc_t x, acc_t tau, acc_t v_reset, int kind) {
+  if (kind == kChargeSJDecayInput) return v + (x - (v - v_reset)) / tau;
+  if (kind == kChargeSJ) return v - (v - v_reset) / tau + x;
+  return v + x;
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t sj_fire(acc_t h, acc_t threshold) {
+  return h >= threshold ? acc_t(1) : acc_t(0);
+}
+
+// Soft reset (v_reset None): V = H - threshold*S; hard: V = S*v_reset + (1 - S)*H.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t sj_reset(acc_t h, acc_t s, acc_t threshold, acc_t v_reset, bool hard) {
+  return hard ? s * v_reset + (acc_t(1) - s) * h : h - s * threshold;
 }
 
 }  // namespace math

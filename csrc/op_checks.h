@@ -264,6 +264,102 @@ inline ReduceKind check_readout_backward_args(
 }
 
 // ------------------------------------------------------------------------------------------
+// The LIF neuron op (lif_neuron_forward / lif_neuron_backward).
+// ------------------------------------------------------------------------------------------
+struct NeuronOpKinds {
+  int surrogate, reset, dynamics;
+};
+
+inline int parse_dynamics(c10::string_view name, const char* op) {
+  if (name == "leaky") return kChargeLeaky;
+  if (name == "sj_lif_decay_input") return kChargeSJDecayInput;
+  if (name == "sj_lif") return kChargeSJ;
+  if (name == "sj_if") return kChargeSJIF;
+  SG_CHECK(false, op, "dynamics", "must be one of 'leaky', 'sj_lif_decay_input', 'sj_lif', 'sj_if', "
+           "got '", std::string(name), "'");
+  return kChargeLeaky;
+}
+
+inline NeuronOpKinds check_lif_neuron_forward_args(const at::Tensor& current,
+                                                   const c10::optional<at::Tensor>& v_init,
+                                                   const c10::optional<at::Tensor>& s_init,
+                                                   double alpha, double threshold, double b_th,
+                                                   double slope, c10::string_view surrogate,
+                                                   c10::string_view reset, bool return_mem,
+                                                   c10::string_view dynamics, double tau) {
+  const char* op = "lif_neuron_forward";
+  check_float_tensor(current, op, "current", 3);
+  SG_CHECK(current.size(2) < (int64_t(1) << 31), op, "current",
+           "must have fewer than 2^31 neurons per step, got ", current.sizes());
+  const NeuronKinds k = check_neuron_args(alpha, threshold, b_th, slope, surrogate, reset, op);
+  const NeuronOpKinds kinds{k.surrogate, k.reset, parse_dynamics(dynamics, op)};
+  if (kinds.dynamics != kChargeLeaky) {
+    SG_CHECK(kinds.reset != kResetNone, op, "reset", "must be 'subtract' (soft) or 'zero' (hard) "
+             "with SpikingJelly dynamics, got 'none'");
+    SG_CHECK(!return_mem, op, "return_mem", "is not available with SpikingJelly dynamics");
+    SG_CHECK(kinds.dynamics == kChargeSJIF || tau > 1.0, op, "tau", "must be > 1, got ", tau);
+  }
+  check_state(v_init, s_init, current, current.size(1), current.size(2), op);
+  return kinds;
+}
+
+// Returns whether rst_bits was given (reset="zero" in the forward).
+inline bool check_lif_neuron_backward_args(const at::Tensor& grad_spikes,
+                                           const c10::optional<at::Tensor>& grad_v_final,
+                                           const c10::optional<at::Tensor>& grad_mem,
+                                           const at::Tensor& act_cnt, const at::Tensor& act_idx,
+                                           const at::Tensor& act_sg,
+                                           const c10::optional<at::Tensor>& act_rg,
+                                           const c10::optional<at::Tensor>& rst_bits, double alpha,
+                                           bool sparse, c10::string_view dynamics) {
+  const char* op = "lif_neuron_backward";
+  parse_dynamics(dynamics, op);
+  check_float_tensor(grad_spikes, op, "grad_spikes", 3);
+  check_alpha(alpha, op);
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), N = grad_spikes.size(2);
+  if (grad_v_final.has_value()) {
+    check_like(*grad_v_final, grad_spikes, op, "grad_v_final");
+    SG_CHECK(grad_v_final->dim() == 2 && grad_v_final->size(0) == B && grad_v_final->size(1) == N,
+             op, "grad_v_final", "must be [", B, ", ", N, "], got ", grad_v_final->sizes());
+  }
+  if (grad_mem.has_value()) {
+    check_like(*grad_mem, grad_spikes, op, "grad_mem");
+    SG_CHECK(grad_mem->sizes() == grad_spikes.sizes(), op, "grad_mem", "must match grad_spikes ",
+             grad_spikes.sizes(), ", got ", grad_mem->sizes());
+  }
+  check_like(act_sg, grad_spikes, op, "act_sg");
+  if (sparse) {
+    SG_CHECK(act_cnt.dim() == 1 && act_cnt.scalar_type() == at::kInt && act_cnt.numel() == B * T, op,
+             "act_cnt", "must be int32 [B*T] = [", B * T, "], got ", act_cnt.scalar_type(), " ",
+             act_cnt.sizes());
+    SG_CHECK(act_idx.dim() == 1 && act_idx.scalar_type() == at::kInt, op, "act_idx",
+             "must be a 1-D int32 index tensor, got ", act_idx.scalar_type(), " ", act_idx.sizes());
+    check_device(act_cnt, grad_spikes, op, "act_cnt");
+    check_device(act_idx, grad_spikes, op, "act_idx");
+    SG_CHECK(act_sg.dim() == 1 && act_sg.numel() == act_idx.numel(), op, "act_sg",
+             "must have one value per active entry (", act_idx.numel(), "), got ", act_sg.sizes());
+  } else {
+    SG_CHECK(act_sg.sizes() == grad_spikes.sizes(), op, "act_sg",
+             "must be the dense surrogate of shape ", grad_spikes.sizes(), ", got ", act_sg.sizes());
+  }
+  if (act_rg.has_value() && act_rg->numel() > 0) {
+    check_like(*act_rg, grad_spikes, op, "act_rg");
+    SG_CHECK(act_rg->sizes() == act_sg.sizes(), op, "act_rg", "must match act_sg ", act_sg.sizes(),
+             ", got ", act_rg->sizes());
+  }
+  const bool has_rst = rst_bits.has_value() && rst_bits->numel() > 0;
+  if (has_rst) {
+    SG_CHECK(rst_bits->scalar_type() == at::kInt && rst_bits->dim() == 3 &&
+                 rst_bits->size(0) == T && rst_bits->size(1) == B &&
+                 rst_bits->size(2) == bit_words(N),
+             op, "rst_bits", "must be int32 [", T, ", ", B, ", ", bit_words(N), "], got ",
+             rst_bits->scalar_type(), " ", rst_bits->sizes());
+    check_device(*rst_bits, grad_spikes, op, "rst_bits");
+  }
+  return has_rst;
+}
+
+// ------------------------------------------------------------------------------------------
 // The recurrent LIF layer (rlif_*).
 // ------------------------------------------------------------------------------------------
 inline void check_rec_weight(const at::Tensor& rec, int64_t n_out, const at::Tensor& like,

@@ -53,6 +53,36 @@ inline void define_ops(torch::Library& m) {
       "Tensor ev_idx, Tensor ev_val, Tensor? prev_cnt, Tensor? prev_idx, int num_steps, "
       "float alpha, str reduce, bool need_dx, bool need_dw, bool need_db) -> "
       "(Tensor dx, Tensor dweight, Tensor dbias)");
+  // The LIF neuron alone, after any layer: current [T, B, N] (any per-step layer's output, trailing
+  // dims flattened) -> spikes [T, B, N], v_final [B, N]. Sparse mode: the active set as a CSR over
+  // rows r = b*T + t (act_cnt [B*T] int32 entries per row, act_idx int32 neuron index ascending in
+  // a row, act_sg the surrogate there); dense mode: act_sg [T, B, N], act_cnt/act_idx empty.
+  // rst_bits [T, B, ceil(N/32)] int32 for reset="zero" (bit j%32 of word j/32 of row (t, b) is
+  // S[t-1, b, j], S[-1] = s_init), else empty. mem [T, B, N] the membrane trace when return_mem,
+  // else empty. stats = [spike count, active count, nonzero currents] (int64).
+  // dynamics: "leaky" (sparsegrad's and snnTorch's neuron, the default) or SpikingJelly's
+  // "sj_lif_decay_input" / "sj_lif" / "sj_if" (charge H from the post-reset V with tau and v_reset,
+  // spike at H >= threshold, reset "subtract" (soft) or "zero" (hard, to v_reset) in the same step;
+  // rst_bits row t then holds S[t]; v_final is the post-reset V). act_rg: with
+  // detach_reset=False, the reset's own gradient term per saved entry (soft: -threshold*sg,
+  // hard: (v_reset - H)*sg), else empty.
+  m.def(
+      "lif_neuron_forward(Tensor current, Tensor? v_init, Tensor? s_init, float alpha, "
+      "float threshold, float b_th, float slope, bool sparse, str surrogate=\"fast_sigmoid\", "
+      "str reset=\"subtract\", bool return_mem=False, str dynamics=\"leaky\", float tau=2.0, "
+      "float v_reset=0.0, bool detach_reset=True) -> "
+      "(Tensor spikes, Tensor v_final, Tensor act_cnt, Tensor act_idx, Tensor act_sg, "
+      "Tensor act_rg, Tensor rst_bits, Tensor mem, Tensor stats)");
+  // Its backward: dL/dcurrent [T, B, N] = G (times input_scale), the reverse-time trace
+  // G[t] = trace_decay(alpha, R[t+1]) G[t+1] + delta[t] (+ grad_mem[t]), delta = grad_spikes * sg
+  // at the saved entries (all of them in dense mode: act_sg [T, B, N]); dv_init [B, N] (or empty).
+  // SpikingJelly dynamics: G[t] = (1 - S[t] (hard) + rg[t]) * alpha * G[t+1] + delta[t], the last
+  // step's carry being grad_v_final; input_scale = 1/tau for "sj_lif_decay_input".
+  m.def(
+      "lif_neuron_backward(Tensor grad_spikes, Tensor? grad_v_final, Tensor? grad_mem, "
+      "Tensor act_cnt, Tensor act_idx, Tensor act_sg, Tensor? act_rg, Tensor? rst_bits, "
+      "float alpha, bool sparse, bool need_dv, str dynamics=\"leaky\", float input_scale=1.0) -> "
+      "(Tensor grad_current, Tensor dv_init)");
   // Recurrent LIF layer (issue 12): V[t] = alpha*V[t-1] + x[t] W^T + S[t-1] R^T + b, with the
   // surrogate's and reset's names as lif_forward's. Compact tensors as lif_forward's (CSRs over
   // rows b*T + t with int32 per-row counts), plus spk_bits [T, B, ceil(N/32)] int32: bit j % 32

@@ -19,11 +19,11 @@ except ImportError as exc:  # pragma: no cover - depends on the build
         f"(original error: {exc})") from exc
 
 from . import ops, functional, reference, nn  # noqa: E402
-from .functional import lif_layer, rlif_layer, li_readout, LIFState, LIFStats  # noqa: E402
+from .functional import lif_layer, lif, rlif_layer, li_readout, LIFState, LIFStats  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
-__all__ = ["lif_layer", "rlif_layer", "li_readout", "LIFState", "LIFStats", "nn", "functional", "reference",
+__all__ = ["lif_layer", "lif", "rlif_layer", "li_readout", "LIFState", "LIFStats", "nn", "functional", "reference",
            "ops", "show_config", "build_info", "convert", "losses", "data"]
 
 # Optional parts load on first use, so that importing sparsegrad needs only torch and numpy.

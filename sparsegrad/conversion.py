@@ -1,25 +1,29 @@
-"""Convert snnTorch / SpikingJelly models to fused sparsegrad layers.
+"""Convert snnTorch / SpikingJelly models into sparsegrad models that run whole sequences.
 
-``convert(model)`` walks the module tree and replaces every ``nn.Linear`` that is directly followed
-(the next sibling in registration order) by a supported spiking neuron with one
-``sparsegrad.nn.LIF`` holding the same weight and bias; the neuron's slot becomes ``nn.Identity``
-so the names (and state_dict keys) of the other layers do not move. Everything that cannot be
-converted exactly is left in place and listed in the returned ``ConversionReport`` and in a
-warning. ``SequenceModel`` runs a converted model on a whole time-major [T, B, ...] sequence.
+``convert(model)`` turns a model written for one time step per call (snnTorch's tutorials: an
+``nn.Sequential`` of ``Conv2d`` / ``MaxPool2d`` / ``Flatten`` / ``Linear`` and ``snn.Leaky``), or a
+SpikingJelly multi-step model, into modules that take the whole sequence ``[T, B, ...]``:
 
-The exact correspondences (docs/conversion.md has the derivations):
+* ``nn.Linear`` directly followed by a supported neuron -> one fused ``sparsegrad.nn.LIF`` holding
+  the Linear's weight and bias (the neuron's slot becomes ``nn.Identity``, so names and
+  state_dict keys of the other layers do not move);
+* any other supported neuron -> ``sparsegrad.nn.LIFNeuron`` (after a convolution, a pooling
+  layer, ...);
+* per-step layers that treat samples independently (convolutions, pooling, Flatten, Linear,
+  activations, dropout) -> ``sparsegrad.nn.TimeDistributed``, which folds time into the batch
+  (its state_dict keys are the wrapped layer's);
+* everything else that keeps state or mixes samples (an unsupported neuron, BatchNorm in training
+  mode, an unknown module) stays in place inside ``StepByStep``, which calls it once per time step
+  with its state reset at the start of the sequence, exactly as the original time loop did. The
+  report (and a UserWarning) lists each such module and why.
 
-* snnTorch ``Leaky(beta, threshold, reset_mechanism="subtract")``:
-  U[t] = beta*U[t-1] + I[t] - threshold*S[t-1], S[t] = H(U[t] - threshold), the reset detached.
-  This is sparsegrad's model with alpha = clamp(beta, 0, 1), same threshold, same U.
-* SpikingJelly ``LIFNode(tau, decay_input=False, v_reset=None)`` decays the reset:
-  H[t] = a*(H[t-1] - theta*S[t-1]) + X[t] with a = 1 - 1/tau. With V = H - theta*(1 - a) this is
-  sparsegrad's model with alpha = a, threshold a*theta, a constant input -theta*(1 - a)^2 and
-  V[-1] = -theta*(1 - a) (``OffsetLIF``). ``IFNode(v_reset=None)`` is the case a = 1.
-* Surrogates: sparsegrad uses 1/(slope*|u| + 1)^2. A neuron whose surrogate has exactly that
-  derivative (snnTorch ``fast_sigmoid(slope=k)``) maps to slope=k with no notice; any other
-  surrogate is mapped to the slope with the same half width at half maximum, and the report
-  says so (forward spikes stay exact, gradients differ by the change of surrogate).
+Neurons are recognised by a rule table, one function per neuron type (``NEURON_RULES``,
+``register_neuron_rule``). A rule reads the module's settings and returns a ``NeuronSpec`` (the
+exact sparsegrad parameters) or raises ``Unsupported`` with the reason. Surrogate gradients are
+recognised exactly (snnTorch's closures by their factory and parameter, SpikingJelly's classes by
+type and ``alpha``, anything else by matching its derivative to one of sparsegrad's closed forms);
+a surrogate sparsegrad does not have leaves the neuron in place, never mapped to another one.
+docs/conversion.md has the correspondences and docs/surrogates.md the surrogates.
 """
 from __future__ import annotations
 
@@ -28,164 +32,216 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import functional as F_sg
-from .conversion_recurrent import is_rleaky, rleaky_rule
-from .nn import LIF, RLIF, LIReadout
+from . import ops
+from .conversion_recurrent import rleaky_rule
+from .nn import LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed
 
-__all__ = ["convert", "ConversionReport", "ConvertedPair", "OffsetLIF", "SequenceModel",
-           "surrogate_slope"]
-
-# Half width at half maximum of 1/(k|u| + 1)^2 is (sqrt(2) - 1)/k.
-_FAST_SIGMOID_HWHM_TIMES_SLOPE = math.sqrt(2.0) - 1.0
-_DEFAULT_SLOPE = 100.0
+__all__ = ["convert", "ConversionReport", "ConvertedPair", "NeuronSpec", "Unsupported",
+           "NEURON_RULES", "register_neuron_rule", "SequenceModel", "StepByStep",
+           "SpikingJellyNeuron", "surrogate_of"]
 
 
-@dataclass
-class ConvertedPair:
-    """One nn.Linear + neuron pair that became a sparsegrad LIF."""
-
-    linear: str
-    neuron: str
-    kind: str
-    alpha: float
-    threshold: float
-    slope: float
-    notes: List[str] = field(default_factory=list)
-
-
-@dataclass
-class ConversionReport:
-    """What ``convert`` did: converted pairs (with notes on approximations) and skipped modules."""
-
-    converted: List[ConvertedPair] = field(default_factory=list)
-    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (module name, reason)
-
-    @property
-    def exact(self) -> bool:
-        """True when everything converted with exact forward and gradients and nothing was left."""
-        return not self.skipped and not any(p.notes for p in self.converted)
-
-    def __str__(self) -> str:
-        lines = [f"sparsegrad.convert: {len(self.converted)} layer(s) converted, "
-                 f"{len(self.skipped)} module(s) left unchanged"]
-        for p in self.converted:
-            lines.append(f"  converted {p.linear} + {p.neuron} ({p.kind}) -> "
-                         f"{'RLIF' if p.kind == 'snntorch.RLeaky' else 'LIF'}"
-                         f"(alpha={p.alpha!r}, threshold={p.threshold!r}, slope={p.slope!r})")
-            lines.extend(f"    note: {n}" for n in p.notes)
-        for name, reason in self.skipped:
-            lines.append(f"  left unchanged {name}: {reason}")
-        return "\n".join(lines)
+class Unsupported(Exception):
+    """Raised by a neuron rule (or a surrogate test) with the reason it cannot convert exactly."""
 
 
 # --------------------------------------------------------------------------- surrogates
 
-def _surrogate_derivative(fn, u: torch.Tensor):
-    """(forward values, derivative) of a spike function at u, or (values, None) without grad."""
+_SURROGATE_FORMS = {
+    # name -> (derivative at u, parameter from the derivative at 0 or None)
+    "fast_sigmoid": lambda u, a: 1.0 / (a * u.abs() + 1.0) ** 2,
+    "atan": lambda u, a: (a / 2) / (1.0 + (math.pi / 2 * a * u) ** 2),
+    "sigmoid": lambda u, a: a * torch.exp(-a * u.abs()) / (1.0 + torch.exp(-a * u.abs())) ** 2,
+    "triangle": lambda u, a: a * torch.clamp(1.0 - a * u.abs(), min=0.0),
+}
+
+# snnTorch's surrogate factories (snntorch.surrogate.<factory>(param) returns a closure `inner`).
+_SNNTORCH_FACTORIES = {"fast_sigmoid": ("fast_sigmoid", "slope"), "atan": ("atan", "alpha"),
+                       "sigmoid": ("sigmoid", "slope")}
+_SNNTORCH_NOT_CONVERTED = {
+    "triangular": ("snnTorch's triangular is not a triangle: its derivative is +threshold for "
+                   "u < 0 and -threshold for u >= 0 (a step, negative above threshold); "
+                   "sparsegrad has no such surrogate"),
+    "straight_through_estimator": "the straight-through estimator (derivative 1 everywhere)",
+    "heaviside": "the Heaviside 'surrogate' (derivative = the spike itself)",
+    "spike_rate_escape": "the spike-rate-escape surrogate",
+    "SSO": "a stochastic surrogate (random gradient)",
+    "SFS": "a stochastic surrogate (random gradient)",
+    "LSO": "a stochastic surrogate (random gradient)",
+    "custom_surrogate": "a custom surrogate",
+}
+# SpikingJelly's surrogate classes (spikingjelly.activation_based.surrogate.<class>(alpha)).
+_SPIKINGJELLY_CLASSES = {"ATan": "atan", "Sigmoid": "sigmoid", "PiecewiseQuadratic": "triangle"}
+
+
+def _closure_vars(fn) -> Dict[str, object]:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+
+
+def _derivative(fn, u: torch.Tensor):
+    """(forward values, derivative) of a spike function at u; derivative None without a graph."""
     u = u.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         out = fn(u)
         if isinstance(out, tuple):
             out = out[0]
         if not isinstance(out, torch.Tensor) or out.shape != u.shape:
-            raise TypeError("surrogate did not return a tensor of its input's shape")
+            raise TypeError("the spike function did not return a tensor of its input's shape")
         if not out.requires_grad:
             return out.detach(), None
         (grad,) = torch.autograd.grad(out.sum(), u, allow_unused=True)
-    return out.detach(), (None if grad is None else grad.detach())
+    return out.detach(), (None if grad is None else grad.detach().to(torch.float64))
 
 
-def surrogate_slope(fn) -> Tuple[Optional[float], Optional[str]]:
-    """Map a spike function (Heaviside forward, surrogate backward) to sparsegrad's slope.
+def _probe_grid() -> torch.Tensor:
+    pos = torch.cat([torch.logspace(-6, -2, 20, dtype=torch.float64),
+                     torch.linspace(0.0125, 1.0, 80, dtype=torch.float64),
+                     torch.logspace(0.05, 1.5, 30, dtype=torch.float64)])
+    return torch.cat([-pos.flip(0), torch.zeros(1, dtype=torch.float64), pos])
 
-    Returns (slope, note): note is None when the derivative is exactly 1/(slope*|u|+1)^2;
-    slope is None (with the reason in note) when the forward is not the Heaviside step
-    H(u) = 1[u > 0] or the derivative cannot be matched at all.
-    """
-    # A grid dense near 0 (where surrogates live) and wide enough for slopes down to ~0.1.
-    grid = torch.cat([-torch.logspace(-6, 2, 200, dtype=torch.float64).flip(0),
-                      torch.zeros(1, dtype=torch.float64),
-                      torch.logspace(-6, 2, 200, dtype=torch.float64)])
+
+def _match_closed_form(fn, fires_at_zero: bool) -> Tuple[str, float]:
+    """Which of sparsegrad's surrogates (and parameter) fn's derivative is, else Unsupported."""
+    grid = _probe_grid()
     try:
-        values, deriv = _surrogate_derivative(fn, grid)
-        _, deriv2 = _surrogate_derivative(fn, grid)
+        values, deriv = _derivative(fn, grid)
+        _, deriv2 = _derivative(fn, grid)
     except Exception as exc:  # an arbitrary user callable: report instead of failing
-        return None, f"its spike function could not be evaluated ({type(exc).__name__}: {exc})"
-    heaviside = (grid > 0).to(values.dtype)
-    if not torch.equal(values, heaviside):
-        return None, "its spike function is not the step H(u) = 1[u > 0] in the forward pass"
-    if deriv is not None:
-        # Some formulas overflow far from 0 (exp(slope*|u|)); only the centre must be finite.
-        finite = torch.isfinite(deriv)
-        if not bool(finite[grid.abs() <= 1.0].all()):
-            deriv = None
-        else:
-            deriv = torch.where(finite, deriv, torch.zeros_like(deriv)).to(torch.float64)
-            deriv2 = torch.nan_to_num(deriv2.to(torch.float64), nan=0.0, posinf=0.0,
-                                      neginf=0.0)
-    if deriv is None or deriv2 is None:
-        return _DEFAULT_SLOPE, (f"its surrogate gives no usable gradient; sparsegrad's fast "
-                                f"sigmoid with slope={_DEFAULT_SLOPE} is used instead")
+        raise Unsupported(f"its spike function could not be evaluated "
+                          f"({type(exc).__name__}: {exc})") from None
+    step = (grid >= 0) if fires_at_zero else (grid > 0)
+    if not torch.equal(values.to(torch.float64), step.to(torch.float64)):
+        raise Unsupported("its spike function is not the step 1[u > 0] in the forward pass")
+    if deriv is None:
+        raise Unsupported("its spike function gives no gradient")
     if not torch.equal(deriv, deriv2):
-        return _DEFAULT_SLOPE, (f"its surrogate gradient is random; sparsegrad's fast sigmoid "
-                                f"with slope={_DEFAULT_SLOPE} is used instead")
-    # Exactly a fast sigmoid? Then g(0) = 1 and k follows from any other point.
+        raise Unsupported("its surrogate gradient is random")
+    centre = int((grid == 0).nonzero()[0])
+    g0 = float(deriv[centre])
     probe = int(torch.argmin((grid - 0.1).abs()))
-    if float(deriv[grid.numel() // 2]) == 1.0 and 0.0 < float(deriv[probe]) < 1.0:
+    candidates = [("atan", 2 * g0), ("sigmoid", 4 * g0), ("triangle", g0)]
+    if g0 == 1.0 and 0.0 < float(deriv[probe]) < 1.0:
         k = (1.0 / math.sqrt(float(deriv[probe])) - 1.0) / float(grid[probe])
-        k_rounded = float(f"{k:.10g}")
-        expected = 1.0 / (k_rounded * grid.abs() + 1.0) ** 2
-        if torch.allclose(deriv, expected, rtol=1e-5, atol=1e-7):
-            return k_rounded, None
-    peak = float(deriv.max())
-    if not peak > 0.0:
-        return _DEFAULT_SLOPE, (f"its surrogate gradient is zero everywhere; sparsegrad's fast "
-                                f"sigmoid with slope={_DEFAULT_SLOPE} is used instead")
-    # Half width at half maximum, measured on each side of the peak and averaged.
-    centre = int(torch.argmax(deriv))
-    widths = []
-    below = (deriv < peak / 2).nonzero().flatten()
-    right = below[below > centre]
-    left = below[below < centre]
-    half = peak / 2
-
-    def crossing(i_in, i_out):
-        # Linear interpolation between the last grid point above half maximum and the first below.
-        d_in, d_out = float(deriv[i_in]), float(deriv[i_out])
-        u_in, u_out = float(grid[i_in]), float(grid[i_out])
-        return u_in + (d_in - half) * (u_out - u_in) / (d_in - d_out)
-
-    if right.numel():
-        widths.append(crossing(int(right[0]) - 1, int(right[0])) - float(grid[centre]))
-    if left.numel():
-        widths.append(float(grid[centre]) - crossing(int(left[-1]) + 1, int(left[-1])))
-    if not widths or max(widths) <= 0.0:
-        return _DEFAULT_SLOPE, (f"its surrogate gradient has no half-maximum width on "
-                                f"[-100, 100]; sparsegrad's fast sigmoid with "
-                                f"slope={_DEFAULT_SLOPE} is used instead")
-    hwhm = sum(widths) / len(widths)
-    k = float(f"{_FAST_SIGMOID_HWHM_TIMES_SLOPE / hwhm:.4g}")
-    return k, (f"its surrogate is not a fast sigmoid; mapped to sparsegrad's "
-               f"1/(slope*|u|+1)^2 with slope={k} (same half width at half maximum "
-               f"{hwhm:.4g}, peak {peak:.4g} -> 1), so gradients differ from the original")
+        candidates.insert(0, ("fast_sigmoid", float(f"{k:.12g}")))
+    peak = float(deriv.abs().max())
+    for name, a in candidates:
+        if not (a > 0 and math.isfinite(a)):
+            continue
+        expected = _SURROGATE_FORMS[name](grid, a)
+        if torch.allclose(deriv, expected, rtol=1e-6, atol=1e-9 * max(peak, 1e-300)):
+            return name, a
+    raise Unsupported("its surrogate gradient is none of sparsegrad's (fast_sigmoid, atan, "
+                      "sigmoid, triangle; docs/surrogates.md)")
 
 
-# --------------------------------------------------------------------------- neuron recognition
+def surrogate_of(fn, *, fires_at_zero: bool = False) -> Tuple[str, float]:
+    """(surrogate name, slope) of a spike function, exactly, or raise Unsupported.
+
+    snnTorch's surrogate closures (``snntorch.surrogate.atan(alpha)`` & co.) are read by their
+    factory and parameter, SpikingJelly's surrogate modules by class and ``alpha``; both are then
+    checked against the closed form. Anything else must have the forward 1[u > 0] (1[u >= 0] with
+    fires_at_zero) and a derivative equal to one of sparsegrad's closed forms.
+    """
+    module = getattr(fn, "__module__", "") or ""
+    qualname = getattr(fn, "__qualname__", "") or ""
+    if module.startswith("snntorch") and qualname.endswith("<locals>.inner"):
+        factory = qualname.split(".")[0]
+        if factory in _SNNTORCH_NOT_CONVERTED:
+            raise Unsupported(f"surrogate.{factory} is none of sparsegrad's surrogates: "
+                              f"{_SNNTORCH_NOT_CONVERTED[factory]}")
+        if factory in _SNNTORCH_FACTORIES:
+            name, param = _SNNTORCH_FACTORIES[factory]
+            value = _closure_vars(fn).get(param)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                found = _match_closed_form(fn, fires_at_zero)
+                if found[0] != name or not math.isclose(found[1], float(value), rel_tol=1e-9):
+                    raise Unsupported(f"surrogate.{factory}({param}={value}) does not have its "
+                                      f"documented derivative")
+                return name, float(value)
+    if module.startswith("spikingjelly") and type(fn).__name__ in _SPIKINGJELLY_CLASSES:
+        if not getattr(fn, "spiking", True):
+            raise Unsupported(f"{type(fn).__name__}(spiking=False) outputs a smooth function, "
+                              f"not spikes")
+        name = _SPIKINGJELLY_CLASSES[type(fn).__name__]
+        alpha = getattr(fn, "alpha", None)
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0:
+            found = _match_closed_form(fn, True)
+            if found[0] != name or not math.isclose(found[1], float(alpha), rel_tol=1e-9):
+                raise Unsupported(f"{type(fn).__name__}(alpha={alpha}) does not have its "
+                                  f"documented derivative")
+            return name, float(alpha)
+    return _match_closed_form(fn, fires_at_zero)
+
+
+# --------------------------------------------------------------------------- neuron rules
 
 @dataclass
-class _NeuronSpec:
-    kind: str
+class NeuronSpec:
+    """The exact sparsegrad parameters of a recognised neuron."""
+
+    kind: str                     # e.g. "snntorch.Leaky"
     alpha: float
     threshold: float
+    surrogate: str
     slope: float
-    v_init: float = 0.0      # initial membrane (OffsetLIF)
-    current: float = 0.0     # constant input current (OffsetLIF)
+    reset: str = "subtract"
+    return_mem: bool = False      # returns (spikes, membrane) wherever it is (snnTorch output=True)
+    tuple_output: bool = False    # returns (spikes, membrane), of which a time loop passes the
+    #                               spikes on (snnTorch init_hidden=False): the membrane is kept
+    #                               only when the neuron is the model's last layer
+    fusable: bool = True          # may merge with an nn.Linear right before it into one LIF
     notes: List[str] = field(default_factory=list)
+    # builds the neuron alone from (b_th, backward) when it is not an LIFNeuron; None with
+    # needs_linear: the neuron only converts together with the nn.Linear before it
+    factory: Optional[Callable[[float, str], nn.Module]] = None
+    # builds nn.Linear + neuron as one layer from (linear, b_th, backward) when it is not an LIF
+    # (e.g. a recurrent layer); None: the fused LIF
+    fused_factory: Optional[Callable[[nn.Linear, float, str], nn.Module]] = None
+    needs_linear: bool = False
+
+    def neuron(self, b_th: float, backward: str) -> nn.Module:
+        """The neuron alone, after any layer."""
+        if self.factory is not None:
+            return self.factory(b_th, backward)
+        return LIFNeuron(alpha=self.alpha, threshold=self.threshold, b_th=b_th,
+                         surrogate=self.surrogate, slope=self.slope, reset=self.reset,
+                         backward=backward, return_mem=self.return_mem)
+
+    def last_layer(self) -> "NeuronSpec":
+        """The spec for the model's last layer, whose whole output is returned."""
+        spec = copy.copy(self)
+        spec.return_mem = self.return_mem or self.tuple_output
+        return spec
+
+    def fused(self, linear: nn.Linear, b_th: float, backward: str) -> Optional[nn.Module]:
+        """nn.Linear + this neuron as one layer, or None when they cannot fuse."""
+        if not self.fusable or self.return_mem:
+            return None
+        if self.fused_factory is not None:
+            return self.fused_factory(linear, b_th, backward)
+        w = linear.weight
+        kwargs = dict(alpha=self.alpha, threshold=self.threshold, b_th=b_th, slope=self.slope,
+                      surrogate=self.surrogate, reset=self.reset, backward=backward,
+                      device=w.device, dtype=w.dtype)
+        lif = LIF(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
+        with torch.no_grad():
+            lif.weight.copy_(w)
+            if linear.bias is not None:
+                lif.bias.copy_(linear.bias)
+        lif.weight.requires_grad_(w.requires_grad)
+        if linear.bias is not None:
+            lif.bias.requires_grad_(linear.bias.requires_grad)
+        return lif
 
 
 def _scalar(t) -> Optional[float]:
@@ -197,227 +253,485 @@ def _scalar(t) -> Optional[float]:
     return None
 
 
-def _snntorch_leaky_type():
-    snn = sys.modules.get("snntorch")
-    return getattr(snn, "Leaky", None) if snn is not None else None
-
-
-def _spikingjelly_types():
-    sj = sys.modules.get("spikingjelly.activation_based.neuron")
-    if sj is None:
-        return None, None
-    return getattr(sj, "LIFNode", None), getattr(sj, "IFNode", None)
-
-
-def _is_foreign_neuron(m: nn.Module) -> bool:
-    """A spiking neuron of snnTorch or SpikingJelly (converted or reported, never ignored)."""
-    mod = type(m).__module__ or ""
-    if mod.startswith("snntorch"):
-        snn = sys.modules.get("snntorch")
-        base = getattr(snn, "SpikingNeuron", None)
-        return base is not None and isinstance(m, base)
-    if mod.startswith("spikingjelly.activation_based.neuron"):
-        return True
-    return False
-
-
-def _is_stateful_step_module(m: nn.Module) -> bool:
-    """A module that keeps state between calls and must see one time step per call."""
-    if _is_foreign_neuron(m):
-        return getattr(m, "step_mode", "s") != "m"
-    base = sys.modules.get("spikingjelly.activation_based.base")
-    memory = getattr(base, "MemoryModule", None) if base is not None else None
-    if memory is not None and isinstance(m, memory):
-        return getattr(m, "step_mode", "s") != "m"
-    return False
-
-
-def _leaky_spec(m) -> Tuple[Optional[_NeuronSpec], Optional[str]]:
-    """(spec, None) when an snnTorch Leaky is exactly sparsegrad's LIF, else (None, reason)."""
-    if getattr(m, "reset_mechanism", "subtract") != "subtract":
-        return None, (f"reset_mechanism={m.reset_mechanism!r}; only 'subtract' is sparsegrad's "
-                      f"model")
+def _snntorch_leaky(m) -> NeuronSpec:
+    """snnTorch Leaky (reset_delay=True): V[t] = clamp(beta)V[t-1] + I[t] - reset term, as lif()."""
     if not getattr(m, "reset_delay", True):
-        return None, "reset_delay=False resets in the same step; sparsegrad resets at the next step"
+        raise Unsupported("reset_delay=False resets in the same step; sparsegrad resets at the "
+                          "next step")
     for flag, why in (("inhibition", "lateral inhibition"), ("state_quant", "state quantisation"),
                       ("surrogate_disable", "surrogate_disable=True (no gradient)")):
         if getattr(m, flag, False):
-            return None, f"{why} has no sparsegrad equivalent"
+            raise Unsupported(f"{why} has no sparsegrad equivalent")
     for name in ("beta", "threshold", "graded_spikes_factor"):
         if isinstance(getattr(m, name, None), nn.Parameter):
-            return None, f"{name} is a learnable parameter; sparsegrad's {name} is a fixed float"
+            raise Unsupported(f"{name} is a learnable parameter; sparsegrad's {name} is a fixed "
+                              f"float")
+    reset = getattr(m, "reset_mechanism", "subtract")
+    if reset not in ("subtract", "zero", "none"):
+        raise Unsupported(f"reset_mechanism={reset!r}")
     beta, threshold = _scalar(m.beta), _scalar(m.threshold)
     graded = _scalar(getattr(m, "graded_spikes_factor", 1.0))
     if beta is None:
-        return None, "beta has one value per neuron; sparsegrad's alpha is one float per layer"
+        raise Unsupported("beta has one value per neuron; sparsegrad's alpha is one float per "
+                          "layer")
     if threshold is None:
-        return None, "threshold has one value per neuron; sparsegrad's is one float per layer"
+        raise Unsupported("threshold has one value per neuron; sparsegrad's is one float per layer")
     if graded != 1.0:
-        return None, f"graded_spikes_factor={graded} scales spikes; sparsegrad's spikes are 0/1"
+        raise Unsupported(f"graded_spikes_factor={graded} scales spikes; sparsegrad's spikes are "
+                          f"0/1")
     if not threshold > 0.0 or not math.isfinite(threshold):
-        return None, f"threshold={threshold} is not a positive finite number"
+        raise Unsupported(f"threshold={threshold} is not a positive finite number")
     if math.isnan(beta):
-        return None, "beta is NaN"
-    slope, note = surrogate_slope(m.spike_grad)
-    if slope is None:
-        return None, note
-    spec = _NeuronSpec("snntorch.Leaky", min(max(beta, 0.0), 1.0), threshold, slope)
-    if note:
-        spec.notes.append(note)
-    if getattr(m, "output", False) and getattr(m, "init_hidden", False):
-        spec.notes.append("output=True: the membrane potential is no longer returned, only spikes")
-    return spec, None
+        raise Unsupported("beta is NaN")
+    surrogate, slope = surrogate_of(m.spike_grad)
+    # snnTorch returns (spk, mem) when output=True, or with init_hidden=False (the time loop
+    # then usually passes spk on and keeps mem for the next call).
+    init_hidden = bool(getattr(m, "init_hidden", False))
+    # beta is clamped to [0, 1] in snnTorch's forward; its float32 value is kept bit for bit.
+    return NeuronSpec("snntorch.Leaky", min(max(beta, 0.0), 1.0), threshold, surrogate, slope,
+                      reset, return_mem=init_hidden and bool(getattr(m, "output", False)),
+                      tuple_output=not init_hidden)
 
 
-def _spikingjelly_spec(m, is_if: bool) -> Tuple[Optional[_NeuronSpec], Optional[str]]:
-    if getattr(m, "v_reset", 0.0) is not None:
-        return None, (f"v_reset={m.v_reset!r} is a hard reset; only the soft reset "
-                      f"(v_reset=None) is sparsegrad's model")
-    if not is_if and getattr(m, "decay_input", True):
-        return None, ("decay_input=True scales the input by 1/tau; only decay_input=False is "
-                      "converted (the weights are carried over unchanged)")
-    if getattr(m, "_neuron_precision", None) is not None:
-        return None, "a custom neuron precision is set"
-    theta = _scalar(getattr(m, "v_threshold", None))
-    if theta is None or not theta > 0.0 or not math.isfinite(theta):
-        return None, f"v_threshold={getattr(m, 'v_threshold', None)!r} is not a positive float"
-    if is_if:
-        a = 1.0
-    else:
-        tau = _scalar(getattr(m, "tau", None))
-        if tau is None or not tau > 1.0:
-            return None, f"tau={getattr(m, 'tau', None)!r} is not a float > 1"
-        a = 1.0 - 1.0 / tau
-    slope, note = surrogate_slope(m.surrogate_function)
-    if slope is None:
-        # SpikingJelly's step fires at u >= 0: equal to 1[u > 0] except exactly at u = 0.
-        slope, note = _spikingjelly_slope(m.surrogate_function)
-        if slope is None:
-            return None, note
-    kind = "spikingjelly.IFNode" if is_if else "spikingjelly.LIFNode"
-    shift = theta * (1.0 - a)
-    spec = _NeuronSpec(kind, a, a * theta, slope, v_init=-shift, current=-shift * (1.0 - a))
-    if note:
-        spec.notes.append(note)
-    if not getattr(m, "detach_reset", False):
-        spec.notes.append("detach_reset=False: SpikingJelly also backpropagates through the reset; "
-                          "sparsegrad's reset is detached, so gradients differ (spikes do not)")
-    return spec, None
+class SpikingJellyNeuron(nn.Module):
+    """SpikingJelly's LIFNode / IFNode (multi-step) with sparsegrad's kernels, exactly.
 
-
-def _spikingjelly_slope(fn):
-    """surrogate_slope for a step that fires at u >= 0 (SpikingJelly's convention)."""
-    def shifted(u):
-        # 1[u >= 0] and 1[u > 0] differ only at 0; evaluate away from it.
-        return fn(u - (u == 0).to(u.dtype) * 1e-300)
-    slope, note = surrogate_slope(shifted)
-    return slope, note
-
-
-def _neuron_spec(m) -> Tuple[Optional[_NeuronSpec], Optional[str]]:
-    leaky = _snntorch_leaky_type()
-    if leaky is not None and type(m) is leaky:
-        return _leaky_spec(m)
-    sj_lif, sj_if = _spikingjelly_types()
-    if sj_lif is not None and type(m) is sj_lif:
-        return _spikingjelly_spec(m, is_if=False)
-    if sj_if is not None and type(m) is sj_if:
-        return _spikingjelly_spec(m, is_if=True)
-    return None, f"{type(m).__module__}.{type(m).__name__} is not a supported neuron"
-
-
-# --------------------------------------------------------------------------- the converted layer
-
-class OffsetLIF(LIF):
-    """sparsegrad LIF with a constant input current and a non-zero initial membrane.
-
-    V[t] = alpha*V[t-1] + x[t] @ W.T + b + current - threshold*S[t-1], V[-1] = v_init: the exact
-    image of SpikingJelly's soft-reset LIF (see the module docstring). With current = v_init = 0
-    it is the plain LIF. ``weight`` and ``bias`` stay those of the original nn.Linear.
+    Takes [T, B, ...] and returns the spikes, computed in SpikingJelly's order of operations
+    (charge H from the post-reset V, spike at H >= v_threshold, soft or hard reset in the same
+    step), so that they equal SpikingJelly's bit for bit; the gradient is SpikingJelly's (through
+    the reset too when detach_reset=False), restricted to |H - v_threshold| < b_th in sparse mode.
+    tau=None is the IFNode. Every sequence starts from SpikingJelly's rest state (V = v_reset, or
+    0 for the soft reset), as after functional.reset_net. last_stats as LIFNeuron's.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 v_init: float = 0.0, current: float = 0.0, **kwargs):
-        super().__init__(in_features, out_features, bias, **kwargs)
-        self.v_init = float(v_init)
-        self.current = float(current)
+    def __init__(self, *, tau: Optional[float], decay_input: bool = True, v_threshold: float = 1.0,
+                 v_reset: Optional[float] = 0.0, detach_reset: bool = False,
+                 surrogate: str = "sigmoid", slope: float = 4.0, b_th: float = 0.2,
+                 backward: str = "sparse"):
+        super().__init__()
+        F_sg.check_lif_args(0.5, v_threshold, b_th, slope, backward, surrogate)
+        if tau is not None and not tau > 1.0:
+            raise ValueError(f"tau must be > 1 (or None for IFNode), got {tau}")
+        self.tau = None if tau is None else float(tau)
+        self.decay_input = bool(decay_input)
+        self.v_threshold = float(v_threshold)
+        self.v_reset = None if v_reset is None else float(v_reset)
+        self.detach_reset = bool(detach_reset)
+        self.surrogate = surrogate
+        self.slope = float(slope)
+        self.b_th = float(b_th)
+        self.backward = backward
+        self.last_stats = None
 
-    def _initial_state(self, x_tm: torch.Tensor):
-        if self.v_init == 0.0:
-            return None
-        v0 = x_tm.new_full((x_tm.shape[1], self.out_features), self.v_init)
-        return (v0, torch.zeros_like(v0))
+    @property
+    def dynamics(self) -> str:
+        if self.tau is None:
+            return "sj_if"
+        return "sj_lif_decay_input" if self.decay_input else "sj_lif"
 
-    def _input_bias(self):
-        if self.current == 0.0:
-            return self.bias
-        if self.bias is None:
-            return self.weight.new_full((self.out_features,), self.current)
-        return self.bias + self.current
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+            raise ValueError(f"input must be a [T, B, ...] tensor, got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        T, B = x.shape[:2]
+        n = math.prod(x.shape[2:])
+        v_init = None
+        if self.v_reset is not None and self.v_reset != 0.0:
+            v_init = x.new_full((B, n), self.v_reset)
+        alpha = 1.0 if self.tau is None else 1.0 - 1.0 / self.tau
+        out = ops.lif_neuron_forward(
+            x.reshape(T, B, n), v_init, None, alpha, self.v_threshold, self.b_th, self.slope,
+            self.backward == "sparse", self.surrogate,
+            "subtract" if self.v_reset is None else "zero", False, self.dynamics,
+            2.0 if self.tau is None else self.tau,
+            0.0 if self.v_reset is None else self.v_reset, self.detach_reset)
+        stats = out[-1]
+        self.last_stats = F_sg.LIFStats(stats[0], stats[1], stats[2], T * B * n)
+        return out[0].view(x.shape)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["last_stats"] = None
+        return state
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", v_init={self.v_init}, current={self.current}"
+        return (f"tau={self.tau}, decay_input={self.decay_input}, v_threshold={self.v_threshold}, "
+                f"v_reset={self.v_reset}, detach_reset={self.detach_reset}, "
+                f"surrogate={self.surrogate!r}, slope={self.slope}, b_th={self.b_th}, "
+                f"backward={self.backward!r}")
 
 
-def _make_lif(linear: nn.Linear, spec: _NeuronSpec, b_th: float, backward: str) -> LIF:
-    w = linear.weight
-    kwargs = dict(alpha=spec.alpha, threshold=spec.threshold, b_th=b_th, slope=spec.slope,
-                  backward=backward, device=w.device, dtype=w.dtype)
-    has_bias = linear.bias is not None
-    if spec.v_init != 0.0 or spec.current != 0.0:
-        lif = OffsetLIF(linear.in_features, linear.out_features, has_bias,
-                        v_init=spec.v_init, current=spec.current, **kwargs)
-    else:
-        lif = LIF(linear.in_features, linear.out_features, has_bias, **kwargs)
-    with torch.no_grad():
-        lif.weight.copy_(w)
-        if has_bias:
-            lif.bias.copy_(linear.bias)
-    lif.weight.requires_grad_(w.requires_grad)
-    if has_bias:
-        lif.bias.requires_grad_(linear.bias.requires_grad)
-    return lif
+def _spikingjelly_node(m) -> NeuronSpec:
+    """SpikingJelly LIFNode / IFNode: the same spikes, in SpikingJelly's own order of operations."""
+    is_if = type(m).__name__ == "IFNode"
+    if getattr(m, "_neuron_precision", None) is not None:
+        raise Unsupported("a custom neuron precision is set")
+    theta = _scalar(getattr(m, "v_threshold", None))
+    if theta is None or not theta > 0.0 or not math.isfinite(theta):
+        raise Unsupported(f"v_threshold={getattr(m, 'v_threshold', None)!r} is not a positive "
+                          f"float")
+    v_reset = getattr(m, "v_reset", 0.0)
+    if v_reset is not None:
+        v_reset = _scalar(v_reset)
+        if v_reset is None or not math.isfinite(v_reset):
+            raise Unsupported(f"v_reset={m.v_reset!r} is not a float or None")
+    tau = None
+    if not is_if:
+        tau = _scalar(getattr(m, "tau", None))
+        if tau is None or not tau > 1.0:
+            raise Unsupported(f"tau={getattr(m, 'tau', None)!r} is not a float > 1")
+    surrogate, slope = surrogate_of(m.surrogate_function, fires_at_zero=True)
+    decay_input = bool(getattr(m, "decay_input", True))
+    detach_reset = bool(getattr(m, "detach_reset", False))
+
+    def factory(b_th: float, backward: str) -> nn.Module:
+        return SpikingJellyNeuron(tau=tau, decay_input=decay_input, v_threshold=theta,
+                                  v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate,
+                                  slope=slope, b_th=b_th, backward=backward)
+
+    kind = "spikingjelly.IFNode" if is_if else "spikingjelly.LIFNode"
+    return NeuronSpec(kind, 1.0 if is_if else 1.0 - 1.0 / tau, theta, surrogate, slope,
+                      "subtract" if v_reset is None else "zero", fusable=False, factory=factory)
+
+
+def _snntorch_rleaky(m) -> NeuronSpec:
+    """snnTorch RLeaky after an nn.Linear -> sparsegrad's recurrent RLIF (conversion_recurrent.py)."""
+    surrogate, slope = surrogate_of(m.spike_grad)
+    notes: List[str] = []
+
+    def fused(linear: nn.Linear, b_th: float, backward: str) -> nn.Module:
+        layer, why = rleaky_rule(linear, m, b_th=b_th, backward=backward)
+        if layer is None:
+            raise Unsupported(why)
+        notes.extend(why)
+        return layer
+
+    beta, threshold = _scalar(m.beta), _scalar(m.threshold)
+    return NeuronSpec("snntorch.RLeaky", min(max(beta or 0.0, 0.0), 1.0), threshold or 1.0,
+                      surrogate, slope, getattr(m, "reset_mechanism", "subtract"),
+                      notes=notes, fused_factory=fused, needs_linear=True)
+
+
+# (module prefix, class name) -> rule. A rule returns a NeuronSpec or raises Unsupported. A neuron
+# type that converts only together with the nn.Linear before it (a recurrent layer: Linear +
+# RLeaky -> nn.RLIF) returns NeuronSpec(..., fused_factory=build, needs_linear=True).
+NEURON_RULES: Dict[Tuple[str, str], Callable[[nn.Module], NeuronSpec]] = {
+    ("snntorch", "Leaky"): _snntorch_leaky,
+    ("snntorch", "RLeaky"): _snntorch_rleaky,
+    ("spikingjelly.activation_based.neuron", "LIFNode"): _spikingjelly_node,
+    ("spikingjelly.activation_based.neuron", "IFNode"): _spikingjelly_node,
+}
+
+
+def register_neuron_rule(module_prefix: str, class_name: str,
+                         rule: Callable[[nn.Module], NeuronSpec]) -> None:
+    """Add (or replace) the rule for neurons of class `class_name` defined under `module_prefix`."""
+    NEURON_RULES[(module_prefix, class_name)] = rule
+
+
+def _rule_for(m: nn.Module) -> Optional[Callable[[nn.Module], NeuronSpec]]:
+    mod = type(m).__module__ or ""
+    for (prefix, name), rule in NEURON_RULES.items():
+        if type(m).__name__ == name and mod.startswith(prefix):
+            return rule
+    return None
+
+
+def _is_foreign_neuron(m: nn.Module) -> bool:
+    """A spiking neuron of snnTorch or SpikingJelly (converted or stepped, never ignored)."""
+    if _rule_for(m) is not None:
+        return True
+    mod = type(m).__module__ or ""
+    if mod.startswith("snntorch"):
+        base = getattr(sys.modules.get("snntorch"), "SpikingNeuron", None)
+        return base is not None and isinstance(m, base)
+    return mod.startswith("spikingjelly.activation_based.neuron")
+
+
+def _sj_base(name: str):
+    base = sys.modules.get("spikingjelly.activation_based.base")
+    return getattr(base, name, None) if base is not None else None
+
+
+def _is_stateful(m: nn.Module) -> bool:
+    """Keeps state between calls (a neuron, a SpikingJelly memory module)."""
+    if _is_foreign_neuron(m):
+        return True
+    memory = _sj_base("MemoryModule")
+    return memory is not None and isinstance(m, memory)
+
+
+def _multi_step(m: nn.Module) -> bool:
+    return getattr(m, "step_mode", "s") == "m"
+
+
+# --------------------------------------------------------------------------- adapters
+
+def _reset_state(module: nn.Module) -> None:
+    for m in module.modules():
+        if _is_foreign_neuron(m) and (type(m).__module__ or "").startswith("snntorch"):
+            if hasattr(m, "reset_mem"):
+                m.reset_mem()
+        elif _is_stateful(m) and hasattr(m, "reset"):
+            m.reset()
+
+
+class StepByStep(nn.Module):
+    """Run a module written for one time step over a sequence [T, B, ...], one call per step.
+
+    The module's state (snnTorch ``reset_mem()``, SpikingJelly ``reset()``) is reset at the start
+    of every sequence. Returns the per-step outputs stacked over time; a module returning a tuple
+    (snnTorch's ``(spk, mem)``) gives a tuple of stacked tensors. This is what ``convert`` leaves
+    in place of a module it cannot convert exactly: slower, but the same numbers as the original
+    time loop.
+    """
+
+    def __init__(self, module: nn.Module, reason: str = ""):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.reason = reason
+        self._register_load_state_dict_pre_hook(_transparent_load_hook, with_module=True)
+
+    def forward(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError(f"StepByStep({type(self.module).__name__}) takes a [T, B, ...] "
+                             f"sequence, got {getattr(x, 'shape', type(x).__name__)}")
+        _reset_state(self.module)
+        outs = [self.module(x_t) for x_t in x.unbind(0)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*outs))
+        return torch.stack(outs)
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        if args:
+            return super().state_dict(*args)
+        return self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def extra_repr(self) -> str:
+        return f"reason={self.reason!r}" if self.reason else ""
+
+
+def _transparent_load_hook(module, state_dict, prefix, *args):
+    inner = prefix + "module."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+# Per-step layers that treat every sample on its own, so that one call on T*B samples equals T
+# calls on B samples (checked bit for bit in tests/test_convert.py and benchmarks/bench_conv.py).
+_FOLDABLE = (
+    nn.Linear, nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd, nn.Identity,
+    nn.modules.dropout._DropoutNd, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.LogSigmoid,
+)
+
+
+def _foldable(m: nn.Module) -> Tuple[bool, str]:
+    """(True, "") when the layer may be folded over time, else (False, why it is stepped)."""
+    if isinstance(m, (nn.Flatten, nn.Unflatten)):
+        dim = m.start_dim if isinstance(m, nn.Flatten) else m.dim
+        if dim == 0:
+            return False, f"{type(m).__name__} over the batch dimension"
+        return True, ""
+    if isinstance(m, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+        if m.dim is None or m.dim == 0:
+            return False, f"{type(m).__name__}(dim={m.dim}) may act across the batch"
+        return True, ""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return False, ("BatchNorm in training mode normalises over the samples of one call: "
+                       "applied per time step, as in the original")
+    if isinstance(m, _FOLDABLE):
+        return True, ""
+    return False, f"{type(m).__module__}.{type(m).__name__} is not known to treat samples independently"
+
+
+# --------------------------------------------------------------------------- the report
+
+@dataclass
+class ConvertedPair:
+    """One neuron that became a sparsegrad layer (with the nn.Linear it was fused with, if any)."""
+
+    linear: Optional[str]
+    neuron: str
+    kind: str
+    alpha: float
+    threshold: float
+    slope: float
+    surrogate: str = "fast_sigmoid"
+    reset: str = "subtract"
+    to: str = "LIF"
+    notes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert`` did: converted neurons, time-folded layers, modules stepped in place."""
+
+    converted: List[ConvertedPair] = field(default_factory=list)
+    folded: List[str] = field(default_factory=list)        # wrapped in TimeDistributed
+    # (name, reason): neurons and other stateful modules left in place (stepped over time, or
+    # multi-step SpikingJelly modules run as they are)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    # (name, reason): stateless layers applied once per time step (StepByStep) rather than folded
+    stepped: List[Tuple[str, str]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        """True when every neuron became a sparsegrad layer and nothing was left stepping."""
+        return not self.skipped and not any(p.notes for p in self.converted)
+
+    def __str__(self) -> str:
+        lines = [f"sparsegrad.convert: {len(self.converted)} neuron(s) converted, "
+                 f"{len(self.folded)} layer(s) folded over time, "
+                 f"{len(self.skipped)} module(s) left unchanged"]
+        for p in self.converted:
+            src = f"{p.linear} + {p.neuron}" if p.linear else p.neuron
+            lines.append(f"  converted {src} ({p.kind}) -> {p.to}(alpha={p.alpha!r}, "
+                         f"threshold={p.threshold!r}, surrogate={p.surrogate!r}, "
+                         f"slope={p.slope!r}, reset={p.reset!r})")
+            lines.extend(f"    note: {n}" for n in p.notes)
+        for name, reason in self.skipped:
+            lines.append(f"  left unchanged {name}: {reason}")
+        for name, reason in self.stepped:
+            lines.append(f"  applied per time step {name}: {reason}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- the walk
 
-def _convert_children(parent: nn.Module, prefix: str, b_th: float, backward: str,
-                      report: ConversionReport) -> None:
-    children = list(parent.named_children())
-    consumed = set()
-    for i, (name, child) in enumerate(children):
-        full = f"{prefix}{name}"
-        if isinstance(child, (LIF, RLIF, LIReadout)):
-            continue
-        if type(child) is nn.Linear and i + 1 < len(children):
-            next_name, neuron = children[i + 1]
-            if _is_foreign_neuron(neuron):
-                layer = None
-                if is_rleaky(neuron):  # recurrent: sparsegrad/conversion_recurrent.py
-                    layer, why = rleaky_rule(child, neuron, b_th=b_th, backward=backward)
-                    spec, reason = (None, why) if layer is None else (_NeuronSpec(
-                        "snntorch.RLeaky", layer.alpha, layer.threshold, layer.slope, notes=why), None)
-                else:
-                    spec, reason = _neuron_spec(neuron)
-                if spec is None:
-                    report.skipped.append((f"{prefix}{next_name}", reason))
-                    consumed.add(next_name)
-                    continue
-                setattr(parent, name, layer if layer is not None else _make_lif(child, spec, b_th, backward))
-                setattr(parent, next_name, nn.Identity())
-                consumed.add(next_name)
-                report.converted.append(ConvertedPair(
-                    full, f"{prefix}{next_name}", spec.kind, spec.alpha, spec.threshold,
-                    spec.slope, spec.notes))
+class _Walk:
+    def __init__(self, b_th: float, backward: str, report: ConversionReport):
+        self.b_th, self.backward, self.report = b_th, backward, report
+
+    def neuron(self, name: str, m: nn.Module, linear: Optional[Tuple[str, nn.Linear]],
+               last: bool = False):
+        """(replacement for the neuron, whether the Linear was fused into it)."""
+        rule = _rule_for(m)
+        try:
+            if rule is None:
+                raise Unsupported(f"{type(m).__module__}.{type(m).__name__} is not a supported "
+                                  f"neuron")
+            spec = rule(m)
+            if last:
+                spec = spec.last_layer()
+        except Unsupported as exc:
+            self.report.skipped.append((name, str(exc)))
+            return (m if _multi_step(m) else StepByStep(m, str(exc))), False
+        if linear is not None:
+            try:
+                fused = spec.fused(linear[1], self.b_th, self.backward)
+            except Unsupported as exc:
+                self.report.skipped.append((name, str(exc)))
+                return (m if _multi_step(m) else StepByStep(m, str(exc))), False
+            if fused is not None:
+                self.report.converted.append(ConvertedPair(
+                    linear[0], name, spec.kind, spec.alpha, spec.threshold, spec.slope,
+                    spec.surrogate, spec.reset, type(fused).__name__, list(spec.notes)))
+                return fused, True
+        if spec.needs_linear:
+            reason = (f"{spec.kind} converts only directly after an nn.Linear (its weights "
+                      f"become the layer's input weights)")
+            self.report.skipped.append((name, reason))
+            return (m if _multi_step(m) else StepByStep(m, reason)), False
+        module = spec.neuron(self.b_th, self.backward)
+        self.report.converted.append(ConvertedPair(
+            None, name, spec.kind, spec.alpha, spec.threshold, spec.slope, spec.surrogate,
+            spec.reset, type(module).__name__, list(spec.notes)))
+        return module, False
+
+    def layer(self, name: str, m: nn.Module) -> nn.Module:
+        """A non-neuron child: folded, recursed into, kept, or stepped."""
+        if isinstance(m, (LIF, RLIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
+                          SpikingJellyNeuron)):
+            return m
+        mod = type(m).__module__ or ""
+        if mod.startswith("spikingjelly"):
+            return self.spikingjelly_layer(name, m)
+        if _is_stateful(m):
+            self.report.skipped.append((name, "keeps state between time steps"))
+            return StepByStep(m, "keeps state between time steps")
+        if type(m) is nn.Sequential or isinstance(m, nn.ModuleList):
+            self.children(m, f"{name}.")
+            return m
+        if _is_user_container(m) and any(True for _ in m.children()):
+            self.report.notes.append(
+                f"{name}: {type(m).__name__}.forward is not used; its layers run in registration "
+                f"order (see SequenceModel)")
+            self.children(m, f"{name}.")
+            return m
+        ok, why = _foldable(m)
+        if ok:
+            self.report.folded.append(name)
+            return TimeDistributed(m)
+        self.report.stepped.append((name, why))
+        return StepByStep(m, why)
+
+    def spikingjelly_layer(self, name: str, m: nn.Module) -> nn.Module:
+        container = sys.modules.get("spikingjelly.activation_based.layer")
+        seq_to_ann = getattr(container, "SeqToANNContainer", None)
+        if seq_to_ann is not None and type(m) is seq_to_ann:
+            self.report.folded.append(name)
+            return TimeDistributed(nn.Sequential(*m.children()))
+        if _is_stateful(m):
+            if _multi_step(m):
+                return m  # takes the whole sequence itself
+            self.report.skipped.append((name, "keeps state between time steps"))
+            return StepByStep(m, "keeps state between time steps")
+        step = _sj_base("StepModule")
+        if step is not None and isinstance(m, step) and not any(True for _ in m.children()):
+            ok, why = _foldable(m)
+            if ok:
+                m.step_mode = "s"  # a stateless wrapper: in single-step mode, the torch layer
+                self.report.folded.append(name)
+                return TimeDistributed(m)
+        if _multi_step(m):
+            return m
+        self.report.stepped.append((name, f"{type(m).__name__} is not converted"))
+        return StepByStep(m, f"{type(m).__name__} is not converted")
+
+    def children(self, parent: nn.Module, prefix: str, root: bool = False) -> None:
+        children = list(parent.named_children())
+        i = 0
+        while i < len(children):
+            name, child = children[i]
+            full = f"{prefix}{name}"
+            if _is_foreign_neuron(child):
+                new, _ = self.neuron(full, child, None, last=root and i + 1 == len(children))
+                setattr(parent, name, new)
+                i += 1
                 continue
-        if name in consumed:
-            continue
-        if _is_foreign_neuron(child):
-            spec, reason = _neuron_spec(child)
-            report.skipped.append((full, reason if spec is None else
-                                   "not directly preceded by an nn.Linear sibling"))
-            continue
-        _convert_children(child, f"{full}.", b_th, backward, report)
+            if type(child) is nn.Linear and i + 1 < len(children) and \
+                    _is_foreign_neuron(children[i + 1][1]):
+                next_name, neuron = children[i + 1]
+                new, fused = self.neuron(f"{prefix}{next_name}", neuron, (full, child),
+                                         last=root and i + 2 == len(children))
+                if fused:
+                    setattr(parent, name, new)
+                    setattr(parent, next_name, nn.Identity())
+                else:
+                    self.report.folded.append(full)
+                    setattr(parent, name, TimeDistributed(child))
+                    setattr(parent, next_name, new)
+                i += 2
+                continue
+            setattr(parent, name, self.layer(full, child))
+            i += 1
+
+
+def _is_user_container(module: nn.Module) -> bool:
+    """A user-defined model class (its children are the layers), as opposed to a library layer."""
+    mod = type(module).__module__ or ""
+    return not mod.startswith(("torch.", "snntorch", "spikingjelly", "sparsegrad"))
 
 
 def _copy_model(model: nn.Module) -> nn.Module:
@@ -432,18 +746,22 @@ def _copy_model(model: nn.Module) -> nn.Module:
 
 def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
             inplace: bool = False, return_report: bool = False):
-    """Replace each nn.Linear directly followed by an snnTorch/SpikingJelly neuron by a fused LIF.
+    """Turn a per-step snnTorch / SpikingJelly model into sparsegrad modules that take [T, B, ...].
 
-    model: any nn.Module. Pairs are siblings in registration order (nn.Sequential order, or the
-    order attributes were assigned in __init__). Supported neurons: snnTorch ``Leaky`` with
-    reset_mechanism="subtract" (any surrogate), SpikingJelly ``LIFNode(decay_input=False,
-    v_reset=None)`` and ``IFNode(v_reset=None)``; snnTorch ``RLeaky(all_to_all=True,
-    linear_features=N)`` becomes a recurrent ``RLIF`` (sparsegrad/conversion_recurrent.py). b_th and backward are given to every new LIF.
-    inplace=False (default) converts a deep copy and leaves ``model`` untouched.
+    model: an nn.Sequential (snnTorch's tutorial style, or SpikingJelly multi-step), or any module
+    whose children are its layers in call order. Supported neurons: snnTorch ``Leaky`` (any
+    surrogate sparsegrad has, resets "subtract" / "zero" / "none"), snnTorch ``RLeaky`` after an
+    nn.Linear (-> the recurrent ``RLIF``, sparsegrad/conversion_recurrent.py), SpikingJelly
+    ``LIFNode`` / ``IFNode``; see NEURON_RULES. b_th and backward are given to every new layer.
+    inplace=False (default) converts a deep copy.
 
-    Returns the converted model, or (model, ConversionReport) with return_report=True. Neurons left
-    unchanged and surrogates that were approximated are also announced with a UserWarning.
-    Run the result on [T, B, ...] sequences with ``SequenceModel``.
+    An nn.Sequential comes back as an nn.Sequential that runs a whole sequence:
+    ``convert(net)(x)`` with x [T, B, ...] gives what stacking the original's per-step outputs
+    gives. Other modules keep their class (their own forward, a time loop, no longer applies):
+    run them with ``SequenceModel``. Modules that cannot be converted exactly are left in place,
+    stepped over time (StepByStep), and listed in the report and in a UserWarning.
+
+    Returns the converted model, or (model, ConversionReport) with return_report=True.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -451,12 +769,13 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
     if not inplace:
         model = _copy_model(model)
     report = ConversionReport()
+    walk = _Walk(float(b_th), backward, report)
     if _is_foreign_neuron(model):
-        spec, reason = _neuron_spec(model)
-        report.skipped.append(("(root)", reason if spec is None else
-                               "a bare neuron without an nn.Linear in front"))
+        model, _ = walk.neuron("(root)", model, None, last=True)
+    elif type(model) is nn.Sequential or _is_user_container(model):
+        walk.children(model, "", root=True)
     else:
-        _convert_children(model, "", float(b_th), backward, report)
+        model = walk.layer("(root)", model)
     if not report.exact:
         warnings.warn(str(report), UserWarning, stacklevel=2)
     return (model, report) if return_report else model
@@ -467,7 +786,7 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
 def _layers(module: nn.Module) -> List[nn.Module]:
     """The chain of layers in call order: containers' children in registration order."""
     children = list(module.children())
-    is_container = isinstance(module, nn.Sequential) or _is_user_container(module)
+    is_container = type(module) is nn.Sequential or _is_user_container(module)
     if not children or not is_container:
         return [module]
     out = []
@@ -476,28 +795,21 @@ def _layers(module: nn.Module) -> List[nn.Module]:
     return out
 
 
-def _is_user_container(module: nn.Module) -> bool:
-    """A user-defined model class (its children are the layers), as opposed to a library layer."""
-    mod = type(module).__module__ or ""
-    return not mod.startswith(("torch.", "snntorch", "spikingjelly", "sparsegrad"))
-
-
 class SequenceModel(nn.Module):
     """Run a (converted) model on a whole time-major sequence x [T, B, ...].
 
     The model's layers are taken in registration order (an nn.Sequential, or a model class whose
     forward calls its layers in the order they were assigned, as in snnTorch's tutorials). Each
-    layer then runs the way the snnTorch time loop would have run it:
+    layer then runs the way the original time loop ran it:
 
-    * sparsegrad LIF / LIReadout and multi-step SpikingJelly modules take the whole sequence;
-    * stateless layers (nn.Linear, convolutions, dropout, activations, ...) are applied to all
-      T*B samples at once, which is the same as once per time step;
-    * neurons that were not converted (and other single-step stateful modules) run one step at a
-      time with their state reset at the start of the sequence; if they return (spike, mem) the
-      spikes are passed on.
+    * sparsegrad modules (LIF, LIFNeuron, LIReadout, TimeDistributed, StepByStep) and multi-step
+      SpikingJelly modules take the whole sequence;
+    * stateless layers that treat samples independently are applied to all T*B samples at once;
+    * anything else (unconverted neurons, BatchNorm, unknown modules) runs one step at a time,
+      with neuron state reset at the start of the sequence.
 
-    Returns the last layer's output stacked over time, [T, B, ...] (what ``torch.stack`` of the
-    per-step outputs of the original loop gives), unless that layer reduces over time itself.
+    A layer returning a tuple, such as (spikes, membrane), passes its first element on; the last
+    layer's output is returned as it is (stacked over time).
     """
 
     def __init__(self, model: nn.Module):
@@ -506,34 +818,25 @@ class SequenceModel(nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError(f"x must be a time-major tensor [T, B, ...], got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
-        for layer in _layers(self.model):
+        layers = _layers(self.model)
+        for i, layer in enumerate(layers):
             x = _run_layer(layer, x)
+            if isinstance(x, tuple) and i + 1 < len(layers):
+                x = x[0]
         return x
 
 
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _run_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, (LIF, RLIF, LIReadout, nn.Identity)):
+def _run_layer(layer: nn.Module, x: torch.Tensor):
+    if isinstance(layer, (LIF, RLIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
+                          SpikingJellyNeuron)):
         return layer(x)
-    if _is_stateful_step_module(layer):
-        if hasattr(layer, "reset_mem"):
-            layer.reset_mem()
-        elif hasattr(layer, "reset"):
-            layer.reset()
-        y = torch.stack([_first(layer(x[t])) for t in range(x.shape[0])])
-        # snnTorch emits float32 spikes whatever the input dtype; 0/1 converts exactly.
-        return y.to(x.dtype) if y.is_floating_point() and x.is_floating_point() else y
-    if getattr(layer, "step_mode", None) == "m":
-        if hasattr(layer, "reset"):
-            layer.reset()
-        return _first(layer(x))
-    T, B = x.shape[0], x.shape[1]
-    y = _first(layer(x.reshape(T * B, *x.shape[2:])))
-    return y.reshape(T, B, *y.shape[1:])
+    if _multi_step(layer):
+        _reset_state(layer)
+        return layer(x)
+    if not _is_stateful(layer) and _foldable(layer)[0]:
+        return TimeDistributed(layer)(x)
+    return StepByStep(layer)(x)

@@ -8,8 +8,8 @@ import torch
 
 from . import ops
 
-__all__ = ["lif_layer", "li_readout", "LIFState", "LIFStats", "lif_layer_with_stats", "SURROGATES",
-           "RESETS", "rlif_layer", "rlif_layer_with_stats"]
+__all__ = ["lif_layer", "li_readout", "LIFState", "LIFStats", "lif_layer_with_stats", "lif",
+           "lif_with_stats", "SURROGATES", "RESETS", "rlif_layer", "rlif_layer_with_stats"]
 
 # float16 / bfloat16 run with float32 state and sums, results in the input dtype (csrc/low_precision.h)
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -370,3 +370,109 @@ def li_readout(
         raise ValueError(f"reduce must be one of {ops.REDUCTIONS}, got {reduce!r}")
     out, *_ = ops.li_readout_forward(x, weight, bias, producer[0], producer[1], alpha, reduce)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The LIF neuron alone (after any per-step layer)
+# --------------------------------------------------------------------------------------------
+def lif_with_stats(
+    current: torch.Tensor,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
+    slope: float = 100.0,
+    reset: str = "subtract",
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    return_mem: bool = False,
+):
+    """lif returning (spikes, mem or None, LIFState, LIFStats, (act_cnt, act_idx))."""
+    if not isinstance(current, torch.Tensor):
+        raise TypeError(f"current must be a torch.Tensor, got {type(current).__name__}")
+    if current.dim() < 3:
+        raise ValueError(f"current must be [T, B, ...] with at least one feature dimension, got "
+                         f"shape {tuple(current.shape)}")
+    if current.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"current must be float32 or float64, got {current.dtype}")
+    if current.shape[0] == 0:
+        raise ValueError(f"current must have at least one time step, got shape "
+                         f"{tuple(current.shape)}")
+    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
+                                                   surrogate, reset)
+    T, B = current.shape[:2]
+    features = tuple(current.shape[2:])
+    n = math.prod(features)
+    v_init = s_init = None
+    if state is not None:
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError(f"state must be a (v, s) pair of [B, ...] tensors of shape "
+                            f"{(B,) + features} or None")
+        v_init, s_init = state
+        for name, t in (("state.v", v_init), ("state.s", s_init)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != (B,) + features:
+                raise ValueError(f"{name} must have shape {[B, *features]}, got {tuple(t.shape)}")
+            _check_tensor(name, t, t.dim(), current.dtype, current.device)
+        if reset == "zero" and not bool(((s_init == 0) | (s_init == 1)).all()):
+            raise ValueError("state.s must hold only spikes (0 or 1) with reset='zero'")
+        v_init, s_init = v_init.reshape(B, n), s_init.reshape(B, n)
+    sparse = backward == "sparse"
+    spikes, v_final, act_cnt, act_idx, _sg, _rg, _rst, mem, stats = ops.lif_neuron_forward(
+        current.reshape(T, B, n), v_init, s_init, alpha, threshold, b_th, slope, sparse,
+        surrogate, reset, return_mem)
+    if sparse and current.dim() == 3:
+        # a fused LIF right after this neuron then computes dx only at these entries
+        attach_active_set(spikes, act_cnt, act_idx)
+    spikes = spikes.view(current.shape) if current.dim() != 3 else spikes
+    v_final = v_final.view((B,) + features)
+    state_out = LIFState(v_final, spikes[-1])
+    stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n)
+    return (spikes, mem.view(current.shape) if return_mem else None, state_out, stats_out,
+            (act_cnt, act_idx))
+
+
+def lif(
+    current: torch.Tensor,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
+    slope: float = 100.0,
+    reset: str = "subtract",
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    return_state: bool = False,
+    return_mem: bool = False,
+):
+    """Leaky integrate-and-fire neurons driven by a given input current, over a whole sequence.
+
+    current [T, B, *] (time-major, any trailing shape: [T, B, N], [T, B, C, H, W], ...), e.g. the
+    output of a convolution applied to every time step -> spikes of the same shape:
+
+        V[t] = alpha*V[t-1] + current[t] - threshold*S[t-1]    reset="subtract" (default)
+        V[t] = alpha*(1 - S[t-1])*V[t-1] + current[t]          reset="zero"
+        V[t] = alpha*V[t-1] + current[t]                       reset="none"
+        S[t] = H(V[t] - threshold)                              (S[t-1] detached in every reset)
+
+    The surrogate dS/dV (surrogate= "fast_sigmoid", "atan", "sigmoid", "triangle" with ``slope``;
+    docs/surrogates.md) is used only where |V - threshold| < b_th with backward="sparse" (the
+    backward then keeps only those entries), everywhere with backward="dense". The backward
+    returns dL/dcurrent from the reverse-time trace of the surrogate gradient.
+
+    state=(V, S), each [B, *], continues a sequence (default: V = S = 0). return_mem=True also
+    returns the membrane V [T, B, *] (it carries gradient). Returns spikes, then mem if
+    return_mem, then the LIFState(V[T-1], S[T-1]) if return_state.
+    """
+    spikes, mem, state_out, _, _ = lif_with_stats(
+        current, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate, slope=slope,
+        reset=reset, backward=backward, state=state, return_mem=return_mem)
+    out = (spikes,)
+    if return_mem:
+        out += (mem,)
+    if return_state:
+        out += (state_out,)
+    return out[0] if len(out) == 1 else out

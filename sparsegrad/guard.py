@@ -38,11 +38,11 @@ class DeadNetworkWarning(RuntimeWarning):
 
 
 def sparse_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """The sparsegrad LIF / RLIF layers of ``model`` (unwrapping DistributedDataParallel), in order."""
-    from .nn import LIF, RLIF
+    """The sparsegrad LIF / LIFNeuron / RLIF layers of ``model`` (unwrapping DistributedDataParallel)."""
+    from .nn import LIF, LIFNeuron, RLIF
 
     inner = getattr(model, "module", model)
-    return [m for m in inner.modules() if isinstance(m, (LIF, RLIF))]
+    return [m for m in inner.modules() if isinstance(m, (LIF, LIFNeuron, RLIF))]
 
 
 class DeadNetworkGuard:

@@ -1,5 +1,6 @@
-"""Modules: LIF (nn.Linear + leaky integrate-and-fire, fused), RLIF (its recurrent version) and
-LIReadout."""
+"""Modules: LIF (nn.Linear + leaky integrate-and-fire, fused), RLIF (its recurrent version),
+LIFNeuron (the neuron alone, after any layer), LIReadout, and TimeDistributed (a per-step layer
+applied to a whole sequence)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ from torch import nn
 from . import functional as F_sg
 from . import ops
 
-__all__ = ["LIF", "RLIF", "LIReadout"]
+__all__ = ["LIF", "RLIF", "LIReadout", "LIFNeuron", "TimeDistributed"]
 
 
 class _LinearParams(nn.Module):
@@ -215,3 +216,122 @@ class LIReadout(_LinearParams):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, alpha={self.alpha}, reduce={self.reduce!r}, "
                 f"batch_first={self.batch_first}")
+
+
+class LIFNeuron(nn.Module):
+    """Leaky integrate-and-fire neurons driven by the output of any layer (sparsegrad.lif).
+
+    Input: the current [T, B, *] (or [B, T, *] with batch_first=True), e.g. a convolution's output
+    for every time step (see TimeDistributed) -> spikes of the same shape and layout. No
+    parameters. ``reset`` ("subtract", "zero", "none") and ``surrogate`` ("fast_sigmoid", "atan",
+    "sigmoid", "triangle", with ``slope``) as in sparsegrad.lif; return_mem=True makes forward
+    return (spikes, membrane). After each forward, ``last_stats`` holds that call's spike count
+    and active fraction.
+    """
+
+    def __init__(self, *, alpha: float = 0.9, threshold: float = 1.0, b_th: float = 0.2,
+                 surrogate: str = "fast_sigmoid", slope: float = 100.0, reset: str = "subtract",
+                 backward: str = "sparse", batch_first: bool = False, return_mem: bool = False):
+        super().__init__()
+        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
+        self.alpha = float(alpha)
+        self.threshold = float(threshold)
+        self.b_th = float(b_th)
+        self.surrogate = surrogate
+        self.slope = float(slope)
+        self.reset = reset
+        self.backward = backward
+        self.batch_first = bool(batch_first)
+        self.return_mem = bool(return_mem)
+        self.last_stats: Optional[F_sg.LIFStats] = None
+
+    def forward(self, x: torch.Tensor, state=None, return_state: bool = False):
+        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+            layout = "[B, T, ...]" if self.batch_first else "[T, B, ...]"
+            raise ValueError(f"input must be a {layout} tensor with at least one feature "
+                             f"dimension, got {getattr(x, 'shape', type(x).__name__)}")
+        x_tm = x.transpose(0, 1) if self.batch_first else x
+        spikes, mem, state_out, stats, _ = F_sg.lif_with_stats(
+            x_tm, alpha=self.alpha, threshold=self.threshold, b_th=self.b_th,
+            surrogate=self.surrogate, slope=self.slope, reset=self.reset, backward=self.backward,
+            state=state, return_mem=self.return_mem)
+        self.last_stats = stats
+        if self.batch_first:
+            time_major = spikes
+            spikes = spikes.transpose(0, 1)
+            mem = mem.transpose(0, 1) if mem is not None else None
+            producer = F_sg.producer_active_set(time_major)
+            if producer[0] is not None:
+                F_sg.attach_active_set(spikes, *producer, time_major=False)
+        out = (spikes, mem) if self.return_mem else (spikes,)
+        if return_state:
+            out += (state_out,)
+        return out[0] if len(out) == 1 else out
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["last_stats"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, threshold={self.threshold}, b_th={self.b_th}, "
+                f"surrogate={self.surrogate!r}, slope={self.slope}, reset={self.reset!r}, "
+                f"backward={self.backward!r}, batch_first={self.batch_first}"
+                + (", return_mem=True" if self.return_mem else ""))
+
+
+class TimeDistributed(nn.Module):
+    """Apply a module written for one time step to a whole sequence, by folding time into the batch.
+
+    ``TimeDistributed(nn.Conv2d(1, 8, 3))`` maps [T, B, 1, H, W] to [T, B, 8, H', W'] (or
+    [B, T, ...] to [B, T, ...] with batch_first=True) with one call of the module on T*B samples:
+    one reshape each way, no loop. That equals calling the module once per step for every layer
+    that treats samples independently (Conv*, pooling, Linear, Flatten, activations, Dropout in
+    distribution, BatchNorm in eval mode). In training mode a BatchNorm normalises over all T*B
+    samples at once (SpikingJelly's multi-step convention), not once per step.
+
+    The state_dict keys are the wrapped module's (``TimeDistributed(conv)`` saves ``weight`` and
+    ``bias``, not ``module.weight``), so a model whose layers were wrapped still loads the
+    original's weights and vice versa; parameter names (named_parameters) do include ``module.``.
+    """
+
+    def __init__(self, module: nn.Module, batch_first: bool = False):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.batch_first = bool(batch_first)
+        self._register_load_state_dict_pre_hook(_time_distributed_load_hook, with_module=True)
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        if args:  # the deprecated positional form: (destination, prefix, keep_vars)
+            return super().state_dict(*args)
+        return self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            layout = "[B, T, ...]" if self.batch_first else "[T, B, ...]"
+            raise ValueError(f"TimeDistributed({type(self.module).__name__}) takes a {layout} "
+                             f"sequence, got {getattr(x, 'shape', type(x).__name__)}")
+        lead = x.shape[:2]
+        y = self.module(x.flatten(0, 1))
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"TimeDistributed: {type(self.module).__name__} returned "
+                            f"{type(y).__name__}; only modules returning one tensor per sample "
+                            f"can be applied over time")
+        if y.dim() == 0 or y.shape[0] != lead[0] * lead[1]:
+            raise ValueError(f"TimeDistributed: {type(self.module).__name__} mapped "
+                             f"{lead[0] * lead[1]} samples to shape {tuple(y.shape)}; it must keep "
+                             f"the batch dimension first (one output per sample)")
+        return y.unflatten(0, lead)
+
+    def extra_repr(self) -> str:
+        return "batch_first=True" if self.batch_first else ""
+
+
+def _time_distributed_load_hook(module, state_dict, prefix, *args):
+    # Keys saved without the "module." level (TimeDistributed.state_dict, or the original
+    # unwrapped layer) are moved under it; keys that already have it are left alone.
+    inner = prefix + "module."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)

@@ -107,6 +107,41 @@ def _li_readout_backward_fake(grad_out, argmax_t, weight, ev_cnt, ev_idx, ev_val
     return _grads_fake((num_steps, B, weight.shape[1]), grad_out, weight, need_dx, need_dw, need_db)
 
 
+@torch.library.register_fake("sparsegrad::lif_neuron_forward")
+def _lif_neuron_forward_fake(current, v_init, s_init, alpha, threshold, b_th, slope, sparse,
+                             surrogate="fast_sigmoid", reset="subtract", return_mem=False,
+                             dynamics="leaky", tau=2.0, v_reset=0.0, detach_reset=True):
+    T, B, N = current.shape
+    ctx = torch.library.get_ctx()
+    spikes = current.new_empty(T, B, N)
+    v_final = current.new_empty(B, N)
+    if sparse:
+        act_cnt = current.new_empty(B * T, dtype=torch.int32)
+        n_active = _dynamic(ctx)
+        act_idx = current.new_empty(n_active, dtype=torch.int32)
+        act_sg = current.new_empty(n_active)
+    else:
+        act_cnt = current.new_empty(0, dtype=torch.int32)
+        act_idx = current.new_empty(0, dtype=torch.int32)
+        act_sg = current.new_empty(T, B, N)
+    act_rg = (current.new_empty(act_sg.shape) if dynamics != "leaky" and not detach_reset
+              else current.new_empty(0))
+    rst_bits = (current.new_empty(T, B, (N + 31) // 32, dtype=torch.int32) if reset == "zero"
+                else current.new_empty(0, dtype=torch.int32))
+    mem = current.new_empty(T, B, N) if return_mem else current.new_empty(0)
+    stats = current.new_empty(3, dtype=torch.int64)
+    return spikes, v_final, act_cnt, act_idx, act_sg, act_rg, rst_bits, mem, stats
+
+
+@torch.library.register_fake("sparsegrad::lif_neuron_backward")
+def _lif_neuron_backward_fake(grad_spikes, grad_v_final, grad_mem, act_cnt, act_idx, act_sg,
+                              act_rg, rst_bits, alpha, sparse, need_dv, dynamics="leaky",
+                              input_scale=1.0):
+    T, B, N = grad_spikes.shape
+    dv = grad_spikes.new_empty(B, N) if need_dv else grad_spikes.new_empty(0)
+    return grad_spikes.new_empty(T, B, N), dv
+
+
 @torch.library.register_fake("sparsegrad::rlif_forward")
 def _rlif_forward_fake(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha,
                        threshold, b_th, slope, sparse, surrogate="fast_sigmoid", reset="subtract"):
@@ -292,6 +327,55 @@ torch.library.register_autograd("sparsegrad::li_readout_forward", _readout_backw
                                 setup_context=_readout_setup_context)
 
 
+_NEURON_INPUTS = 15
+
+
+def _lif_neuron_setup_context(ctx, inputs, output):
+    current, v_init, s_init, alpha, threshold, b_th, slope, sparse = inputs[:8]
+    reset = inputs[9] if len(inputs) > 9 else "subtract"
+    dynamics = inputs[11] if len(inputs) > 11 else "leaky"
+    tau = inputs[12] if len(inputs) > 12 else 2.0
+    detach_reset = inputs[14] if len(inputs) > 14 else True
+    # From the arguments, not from the outputs' sizes (which are data-dependent under tracing).
+    ctx.has_rg = dynamics != "leaky" and not detach_reset
+    ctx.has_rst = reset == "zero"
+    spikes, v_final, act_cnt, act_idx, act_sg, act_rg, rst_bits, mem, stats = output
+    ctx.alpha = alpha
+    ctx.sparse = sparse
+    ctx.dynamics = dynamics
+    ctx.input_scale = 1.0 / tau if dynamics == "sj_lif_decay_input" else 1.0
+    ctx.has_v_init = v_init is not None
+    ctx.spikes_shape = spikes.shape
+    ctx.mark_non_differentiable(act_cnt, act_idx, act_sg, act_rg, rst_bits, stats)
+    ctx.set_materialize_grads(False)
+    # Sparse mode keeps the active set (and, for reset="zero", one bit per entry): no dense
+    # float [T, B, N] tensor. Dense mode keeps the surrogate everywhere, as dense BPTT does.
+    ctx.save_for_backward(act_cnt, act_idx, act_sg, act_rg, rst_bits)
+
+
+def _lif_neuron_backward(ctx, grad_spikes, grad_v_final, *rest):
+    grad_mem = rest[5]  # after act_cnt, act_idx, act_sg, act_rg, rst_bits
+    if grad_mem is not None and grad_mem.numel() == 0:  # return_mem=False: mem is an empty [0]
+        grad_mem = None
+    if grad_spikes is None and grad_v_final is None and grad_mem is None:
+        return (None,) * _NEURON_INPUTS
+    act_cnt, act_idx, act_sg, act_rg, rst_bits = ctx.saved_tensors
+    if grad_spikes is None:
+        like = grad_v_final if grad_v_final is not None else grad_mem
+        grad_spikes = like.new_zeros(ctx.spikes_shape)
+    need_dv = ctx.has_v_init and ctx.needs_input_grad[1]
+    grad_current, dv = _ops.lif_neuron_backward.default(
+        grad_spikes, grad_v_final, grad_mem, act_cnt, act_idx, act_sg,
+        act_rg if ctx.has_rg else None, rst_bits if ctx.has_rst else None,
+        ctx.alpha, ctx.sparse, need_dv, ctx.dynamics, ctx.input_scale)
+    return ((grad_current if ctx.needs_input_grad[0] else None), (dv if need_dv else None)) + \
+        (None,) * (_NEURON_INPUTS - 2)
+
+
+torch.library.register_autograd("sparsegrad::lif_neuron_forward", _lif_neuron_backward,
+                                setup_context=_lif_neuron_setup_context)
+
+
 def _rlif_setup_context(ctx, inputs, output):
     (x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha, threshold, b_th,
      slope, sparse, *kinds) = inputs
@@ -376,10 +460,21 @@ def rlif_forward(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_i
 
 
 
+def lif_neuron_forward(current, v_init, s_init, alpha: float, threshold: float, b_th: float,
+                       slope: float, sparse: bool, surrogate: str = "fast_sigmoid",
+                       reset: str = "subtract", return_mem: bool = False, dynamics: str = "leaky",
+                       tau: float = 2.0, v_reset: float = 0.0, detach_reset: bool = True):
+    return _ops.lif_neuron_forward.default(current, v_init, s_init, float(alpha), float(threshold),
+                                           float(b_th), float(slope), bool(sparse), surrogate,
+                                           reset, bool(return_mem), dynamics, float(tau),
+                                           float(v_reset), bool(detach_reset))
+
+
 def registered_kernels(dispatch_key: str = "CPU") -> dict:
     """Which sparsegrad ops have a kernel for `dispatch_key` ("CPU", "CUDA")."""
     names = ["lif_forward", "lif_backward_sparse", "lif_backward_dense", "li_readout_forward",
-             "li_readout_backward", "rlif_forward", "rlif_backward_sparse", "rlif_backward_dense"]
+             "li_readout_backward", "lif_neuron_forward", "lif_neuron_backward", "rlif_forward",
+             "rlif_backward_sparse", "rlif_backward_dense"]
     return {n: torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegrad::{n}", dispatch_key)
             for n in names}
 

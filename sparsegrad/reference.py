@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["surrogate_grad", "spike", "lif_layer", "rlif_layer", "li_readout"]
+__all__ = ["surrogate_grad", "spike", "lif_layer", "rlif_layer", "li_readout", "lif_neuron",
+           "spikingjelly_neuron"]
 
 
 def surrogate_grad(u: torch.Tensor, slope: float, surrogate: str = "fast_sigmoid") -> torch.Tensor:
@@ -197,3 +198,110 @@ def li_readout(
     if reduce == "none":
         return potentials
     raise ValueError(f"reduce must be one of 'max', 'sum', 'mean', 'none', got {reduce!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The LIF neuron alone (sparsegrad.lif), every surrogate and reset; SpikingJelly's neurons.
+# --------------------------------------------------------------------------------------------
+class _SpikeKind(torch.autograd.Function):
+    """spike(), optionally firing at u >= 0 (SpikingJelly's convention)."""
+
+    @staticmethod
+    def forward(ctx, u, slope, b_th, surrogate, at_zero=False):
+        ctx.save_for_backward(u)
+        ctx.slope, ctx.b_th, ctx.surrogate = slope, b_th, surrogate
+        return ((u >= 0) if at_zero else (u > 0)).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (u,) = ctx.saved_tensors
+        sg = surrogate_grad(u, ctx.slope, ctx.surrogate)
+        if not math.isinf(ctx.b_th):
+            sg = sg * (u.abs() < ctx.b_th).to(u.dtype)
+        return grad_out * sg, None, None, None, None
+
+
+def lif_neuron(
+    current: torch.Tensor,
+    *,
+    alpha: float,
+    threshold: float = 1.0,
+    b_th: float = 0.2,
+    surrogate: str = "fast_sigmoid",
+    slope: float = 100.0,
+    reset: str = "subtract",
+    backward: str = "sparse",
+    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    return_state: bool = False,
+    return_mem: bool = False,
+):
+    """Reference of sparsegrad.lif: current [T, B, *] -> spikes [T, B, *], step by step.
+
+    subtract: V[t] = alpha*V[t-1] + I[t] - threshold*S[t-1]
+    zero:     V[t] = alpha*((1 - S[t-1])*V[t-1]) + I[t]      (as snnTorch's reset_mechanism="zero")
+    none:     V[t] = alpha*V[t-1] + I[t]
+    S[t] = H(V[t] - threshold); S[t-1] is detached in every reset.
+    """
+    if backward not in ("sparse", "dense"):
+        raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
+    if reset not in ("subtract", "zero", "none"):
+        raise ValueError(f"reset must be 'subtract', 'zero' or 'none', got {reset!r}")
+    mask_width = b_th if backward == "sparse" else math.inf
+    if state is None:
+        v = current.new_zeros(current.shape[1:])
+        s = current.new_zeros(current.shape[1:])
+    else:
+        v, s = state
+    spikes, mems = [], []
+    for current_t in current.unbind(0):
+        v = lif_step(v, current_t, s, alpha, threshold, reset)
+        s = spike(v - threshold, slope, mask_width, surrogate)
+        spikes.append(s)
+        mems.append(v)
+    out = (torch.stack(spikes),)
+    if return_mem:
+        out += (torch.stack(mems),)
+    if return_state:
+        out += ((v, s),)
+    return out[0] if len(out) == 1 else out
+
+
+def spikingjelly_neuron(
+    x: torch.Tensor,
+    *,
+    tau: Optional[float] = 2.0,
+    decay_input: bool = True,
+    threshold: float = 1.0,
+    v_reset: Optional[float] = 0.0,
+    surrogate: str = "sigmoid",
+    slope: float = 4.0,
+    detach_reset: bool = False,
+    b_th: float = math.inf,
+    backward: str = "dense",
+):
+    """SpikingJelly's LIFNode (tau given) or IFNode (tau=None), multi-step, step by step.
+
+    H[t] = V[t-1] + (X[t] - (V[t-1] - V_reset)) / tau         (LIFNode, decay_input=True)
+    H[t] = V[t-1] - (V[t-1] - V_reset) / tau + X[t]           (LIFNode, decay_input=False)
+    H[t] = V[t-1] + X[t]                                      (IFNode)
+    S[t] = 1[H[t] - threshold >= 0]
+    V[t] = H[t] - threshold*S[t] (v_reset None)  or  S[t]*V_reset + (1 - S[t])*H[t]
+    V[-1] = V_reset (0 when None); S is detached in the reset iff detach_reset. The reference of
+    sparsegrad.conversion.SpikingJellyNeuron, written as spikingjelly.activation_based does.
+    """
+    mask_width = b_th if backward == "sparse" else math.inf
+    reset_value = 0.0 if v_reset is None else v_reset
+    v = x.new_full(x.shape[1:], reset_value)
+    spikes = []
+    for x_t in x.unbind(0):
+        if tau is None:
+            h = v + x_t
+        elif decay_input:
+            h = v + (x_t - (v - reset_value)) / tau
+        else:
+            h = v - (v - reset_value) / tau + x_t
+        s = _SpikeKind.apply(h - threshold, slope, mask_width, surrogate, True)
+        r = s.detach() if detach_reset else s
+        v = h - r * threshold if v_reset is None else r * v_reset + (1.0 - r) * h
+        spikes.append(s)
+    return torch.stack(spikes), v

@@ -1,6 +1,9 @@
 """Train a spiking network with the sparse backward: ``python -m sparsegrad.train``.
 
-input -> LIF(200) -> LIF(200) -> LIReadout (``--arch recurrent``: recurrent RLIF hidden layers), Adam, cross-entropy on the readout's max over time,
+``--arch mlp`` (default): input -> LIF(200) -> LIF(200) -> LIReadout; ``--arch recurrent``: the
+same with recurrent RLIF hidden layers; ``--arch conv``: a small LeNet-style network (Allred et
+al.'s setting): conv -> LIF -> pool -> conv -> LIF -> pool -> fc -> LIF -> LIReadout. Adam,
+cross-entropy on the readout's max over time,
 optionally a spike-count loss (Allred et al.) and the activity regulariser. Every epoch logs test
 accuracy, loss, spikes per sample, the active fraction of each layer, the backward time (sparse,
 and dense on the same batches with --compare-dense) and the cosine similarity of sparse and dense
@@ -26,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SpikingMLP", "build_parser", "main", "run", "DEFAULT_SIGMA0"]
+__all__ = ["SpikingMLP", "SpikingConvNet", "ARCHS", "build_parser", "main", "run",
+           "DEFAULT_SIGMA0", "DEFAULT_SLOPE"]
 
 # sigma0 per schedule, tuned on the digits demo (docs/training.md has the table): each cuts the
 # hidden spikes per sample by >= 50 % against --spike-loss none at <= 1 point of test accuracy.
@@ -37,6 +41,21 @@ DEFAULT_SIGMA0 = {
     "alternating": 2e-4,
     "alternating_linear": 4e-4,
 }
+# The same for --arch conv with its default flags (docs/training.md, "The conv network"): its
+# spikes fall much faster with sigma0 (constant 2e-5 cut them by 64 % but cost 10 points), so
+# each schedule's mean weight over the run is about that of constant 8e-6.
+DEFAULT_SIGMA0_CONV = {
+    "constant": 8e-6,
+    "linear": 1.6e-5,
+    "quadratic": 8e-7,
+    "alternating": 1.6e-5,
+    "alternating_linear": 3.2e-5,
+}
+# Default --slope per surrogate: each keeps a usable gradient across the band |u| < b_th = 0.2.
+DEFAULT_SLOPE = {"fast_sigmoid": 100.0, "atan": 10.0, "sigmoid": 25.0, "triangle": 5.0}
+# --arch conv: the convolutions' neurons sit near threshold far less often (their inputs arrive in
+# jumps), so a wider fast sigmoid (snnTorch's default slope) learns much faster there.
+DEFAULT_SLOPE_CONV = {"fast_sigmoid": 25.0, "atan": 10.0, "sigmoid": 25.0, "triangle": 5.0}
 
 
 class SpikingMLP(nn.Module):
@@ -52,13 +71,14 @@ class SpikingMLP(nn.Module):
     def __init__(self, num_inputs: int, hidden: List[int], num_classes: int, *,
                  alpha: float = 0.9, alpha_out: float = 0.9, b_th: float = 0.2,
                  slope: float = 100.0, backward: str = "sparse", weight_scale: float = 3.0,
-                 recurrent: bool = False, rec_scale: float = 1.0):
+                 recurrent: bool = False, rec_scale: float = 1.0, **neuron):
         super().__init__()
         from .nn import LIF, RLIF, LIReadout
 
         sizes = [num_inputs] + list(hidden)
         self.hidden = nn.ModuleList(
-            (RLIF if recurrent else LIF)(a, b, alpha=alpha, b_th=b_th, slope=slope, backward=backward)
+            (RLIF if recurrent else LIF)(a, b, alpha=alpha, b_th=b_th, slope=slope,
+                                         backward=backward, **neuron)
             for a, b in zip(sizes[:-1], sizes[1:]))
         self.readout = LIReadout(sizes[-1], num_classes, alpha=alpha_out, reduce="max")
         with torch.no_grad():
@@ -68,8 +88,17 @@ class SpikingMLP(nn.Module):
                 if recurrent and layer is not self.readout:
                     layer.rec_weight.normal_(0.0, rec_scale / math.sqrt(layer.out_features))
 
+    @property
+    def spiking_layers(self) -> List[nn.Module]:
+        """The layers whose spikes are counted, whose stats are logged and which the guard sees."""
+        return list(self.hidden)
+
+    def hidden_weights(self) -> List[torch.Tensor]:
+        """The weights feeding each spiking layer (their gradients are compared sparse vs dense)."""
+        return [layer.weight for layer in self.hidden]
+
     def set_backward(self, mode: str) -> None:
-        for layer in self.hidden:
+        for layer in self.spiking_layers:
             layer.backward = mode
 
     def forward(self, x):
@@ -81,30 +110,146 @@ class SpikingMLP(nn.Module):
         return self.readout(h), spikes
 
 
+class SpikingConvNet(nn.Module):
+    """LeNet-style spiking network on [T, B, C*H*W] image sequences (Allred et al.'s setting).
+
+    conv(3x3) -> LIF -> maxpool(2) -> conv(3x3) -> LIF -> maxpool(2) -> fc -> LIF -> LIReadout,
+    the convolutions and pooling applied to every step by TimeDistributed, their neurons
+    sparsegrad.nn.LIFNeuron, the fc layer a fused sparsegrad.nn.LIF. forward returns
+    (logits, [spikes of each spiking layer]).
+    """
+
+    def __init__(self, image_shape, channels: List[int], fc: int, num_classes: int, *,
+                 alpha: float = 0.9, alpha_out: float = 0.9, b_th: float = 0.2,
+                 surrogate: str = "fast_sigmoid", slope: float = 100.0,
+                 reset: str = "subtract", backward: str = "sparse", weight_scale: float = 3.0):
+        super().__init__()
+        from .nn import LIF, LIFNeuron, LIReadout, TimeDistributed
+
+        c_in, height, width = image_shape
+        c1, c2 = channels
+        self.image_shape = tuple(image_shape)
+        neuron = dict(alpha=alpha, b_th=b_th, surrogate=surrogate, slope=slope, reset=reset,
+                      backward=backward)
+        self.conv1 = TimeDistributed(nn.Conv2d(c_in, c1, 3, padding=1))
+        self.lif1 = LIFNeuron(**neuron)
+        self.pool1 = TimeDistributed(nn.MaxPool2d(2))
+        self.conv2 = TimeDistributed(nn.Conv2d(c1, c2, 3, padding=1))
+        self.lif2 = LIFNeuron(**neuron)
+        self.pool2 = TimeDistributed(nn.MaxPool2d(2))
+        self.flatten = TimeDistributed(nn.Flatten())
+        fc_in = c2 * (height // 4) * (width // 4)
+        self.fc = LIF(fc_in, fc, **neuron)
+        self.readout = LIReadout(fc, num_classes, alpha=alpha_out, reduce="max")
+        with torch.no_grad():
+            for layer in (self.conv1.module, self.conv2.module, self.fc, self.readout):
+                fan_in = layer.weight[0].numel()
+                layer.weight.normal_(0.0, weight_scale / math.sqrt(fan_in))
+                layer.bias.zero_()
+
+    @property
+    def spiking_layers(self) -> List[nn.Module]:
+        return [self.lif1, self.lif2, self.fc]
+
+    def hidden_weights(self) -> List[torch.Tensor]:
+        return [self.conv1.module.weight, self.conv2.module.weight, self.fc.weight]
+
+    def set_backward(self, mode: str) -> None:
+        for layer in self.spiking_layers:
+            layer.backward = mode
+
+    def forward(self, x):
+        T, B = x.shape[:2]
+        h = x.reshape(T, B, *self.image_shape)
+        s1 = self.lif1(self.conv1(h))
+        s2 = self.lif2(self.conv2(self.pool1(s1)))
+        s3 = self.fc(self.flatten(self.pool2(s2)))
+        return self.readout(s3), [s1, s2, s3]
+
+
+def _image_shape(num_inputs: int):
+    side = math.isqrt(num_inputs)
+    if side * side != num_inputs or side < 4:
+        raise SystemExit(f"--arch conv needs square images (N_in = side^2, side >= 4); this "
+                         f"dataset has {num_inputs} inputs per step")
+    return (1, side, side)
+
+
+def _build_mlp(args, num_inputs, num_classes):
+    return SpikingMLP(num_inputs, args.hidden, num_classes, alpha=args.alpha,
+                      alpha_out=args.alpha_out, b_th=args.b_th, backward=args.backward,
+                      weight_scale=args.weight_scale, **_neuron_kwargs(args))
+
+
+def _build_recurrent(args, num_inputs, num_classes):
+    return SpikingMLP(num_inputs, args.hidden, num_classes, alpha=args.alpha,
+                      alpha_out=args.alpha_out, b_th=args.b_th, backward=args.backward,
+                      weight_scale=args.weight_scale, recurrent=True, **_neuron_kwargs(args))
+
+
+def _build_conv(args, num_inputs, num_classes):
+    return SpikingConvNet(_image_shape(num_inputs), args.channels, args.fc, num_classes,
+                          alpha=args.alpha, alpha_out=args.alpha_out, b_th=args.b_th,
+                          backward=args.backward, weight_scale=args.weight_scale,
+                          **_neuron_kwargs(args, "conv"))
+
+
+def _neuron_kwargs(args, arch="mlp"):
+    """surrogate / slope / reset of every spiking layer."""
+    slopes = DEFAULT_SLOPE_CONV if arch == "conv" else DEFAULT_SLOPE
+    slope = args.slope if args.slope is not None else slopes[args.surrogate]
+    return {"slope": slope, "surrogate": args.surrogate, "reset": args.reset}
+
+
+# --arch NAME -> builder(args, num_inputs, num_classes); add an architecture by adding an entry.
+ARCHS = {"mlp": _build_mlp, "recurrent": _build_recurrent, "conv": _build_conv}
+
+
+def default_sigma0(arch: str, schedule: str) -> float:
+    return (DEFAULT_SIGMA0_CONV if arch == "conv" else DEFAULT_SIGMA0)[schedule]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .losses import SCHEDULES
 
+    from .functional import RESETS, SURROGATES
+
     p = argparse.ArgumentParser(
         prog="python -m sparsegrad.train",
-        description="Train input -> LIF -> LIF -> readout with sparsegrad's sparse backward.",
+        description="Train a spiking network (--arch mlp: input -> LIF -> LIF -> readout; --arch "
+                    "conv: conv -> LIF -> pool -> conv -> LIF -> pool -> fc -> LIF -> readout) "
+                    "with sparsegrad's sparse backward.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", default="mlp", choices=list(ARCHS),
+                   help="network: mlp (hidden LIF layers), recurrent (hidden RLIF layers) or conv "
+                        "(LeNet-style, square images)")
     p.add_argument("--dataset", default="digits", choices=["digits", "fmnist", "nmnist", "shd"],
                    help="digits needs no files; the others read --data-dir")
-    p.add_argument("--arch", default="mlp", choices=["mlp", "recurrent"],
-                   help="hidden layers: mlp = LIF, recurrent = RLIF (recurrent LIF)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the dataset's files (see docs/training.md)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--hidden", type=int, nargs="+", default=[200, 200],
-                   help="hidden layer sizes")
+                   help="hidden layer sizes (--arch mlp)")
+    p.add_argument("--channels", type=int, nargs=2, default=[16, 32], metavar=("C1", "C2"),
+                   help="channels of the two convolutions (--arch conv)")
+    p.add_argument("--fc", type=int, default=128, help="size of the fc LIF layer (--arch conv)")
+    p.add_argument("--surrogate", default="fast_sigmoid", choices=list(SURROGATES),
+                   help="surrogate gradient of every spiking layer (docs/surrogates.md)")
+    p.add_argument("--slope", type=float, default=None,
+                   help="surrogate slope; default per surrogate (mlp / conv): "
+                   + ", ".join(f"{k} {v:g} / {DEFAULT_SLOPE_CONV[k]:g}"
+                               for k, v in DEFAULT_SLOPE.items()))
+    p.add_argument("--reset", default="subtract", choices=list(RESETS),
+                   help="membrane reset after a spike")
     p.add_argument("--b-th", type=float, default=0.2,
                    help="half-width of the active band |V - threshold| < b_th of the sparse backward")
     p.add_argument("--backward", default="sparse", choices=["sparse", "dense"])
     p.add_argument("--spike-loss", default="none", choices=("none",) + SCHEDULES,
                    help="spike-count loss schedule (Allred et al. 2020)")
     p.add_argument("--sigma0", type=float, default=None,
-                   help="spike-count loss scale; default per schedule: "
-                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_SIGMA0.items()))
+                   help="spike-count loss scale; default per schedule (mlp / conv): "
+                   + ", ".join(f"{k} {v:g} / {DEFAULT_SIGMA0_CONV[k]:g}"
+                               for k, v in DEFAULT_SIGMA0.items()))
     p.add_argument("--activity-reg", action="store_true",
                    help="add the upper/lower firing-rate regulariser of Perez-Nieves & Goodman")
     p.add_argument("--compare-dense", action="store_true",
@@ -136,6 +281,10 @@ def _check_args(args) -> None:
         raise SystemExit(f"--epochs must be >= 1, got {args.epochs}")
     if any(h < 1 for h in args.hidden):
         raise SystemExit(f"--hidden sizes must be >= 1, got {args.hidden}")
+    if any(c < 1 for c in args.channels) or args.fc < 1:
+        raise SystemExit(f"--channels and --fc must be >= 1, got {args.channels} and {args.fc}")
+    if args.slope is not None and not (math.isfinite(args.slope) and args.slope > 0):
+        raise SystemExit(f"--slope must be a finite number > 0, got {args.slope}")
     if not args.b_th > 0:
         raise SystemExit(f"--b-th must be > 0 (inf allowed), got {args.b_th}")
     if args.sigma0 is not None and not (math.isfinite(args.sigma0) and args.sigma0 >= 0):
@@ -213,9 +362,8 @@ def _loss_terms(logits, spikes, y, epoch_f, spike_loss, activity_reg):
 def _weight_grads(model) -> List[torch.Tensor]:
     # Hidden layers only: the readout has no surrogate, its gradient is the same in both modes
     # (and, being the largest, would hide the difference in a combined cosine).
-    layers = list(model.hidden)
-    return [layer.weight.grad.detach().clone() if layer.weight.grad is not None
-            else torch.zeros_like(layer.weight) for layer in layers]
+    return [w.grad.detach().clone() if w.grad is not None else torch.zeros_like(w)
+            for w in model.hidden_weights()]
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -371,10 +519,7 @@ def run(args) -> List[dict]:
     base = train_set.dataset if isinstance(train_set, torch.utils.data.Subset) else train_set
     num_inputs, num_classes = base.num_inputs, base.num_classes
 
-    model = SpikingMLP(num_inputs, args.hidden, num_classes, alpha=args.alpha,
-                       alpha_out=args.alpha_out, b_th=args.b_th, backward=args.backward,
-                       weight_scale=args.weight_scale,
-                       recurrent=args.arch == "recurrent").to(device)
+    model = ARCHS[args.arch](args, num_inputs, num_classes).to(device)
     inner = model
     shadow = copy.deepcopy(model) if main_proc else None  # for dense timing and gradient cosine
     if dist_state.active:
@@ -409,7 +554,8 @@ def run(args) -> List[dict]:
     spike_loss = None
     sigma0 = None
     if args.spike_loss != "none":
-        sigma0 = args.sigma0 if args.sigma0 is not None else DEFAULT_SIGMA0[args.spike_loss]
+        sigma0 = args.sigma0 if args.sigma0 is not None else default_sigma0(args.arch,
+                                                                            args.spike_loss)
         spike_loss = SpikeCountLoss(sigma0, args.spike_loss, total_epochs=args.epochs)
     activity_reg = ActivityRegularizer() if args.activity_reg else None
     guard = None
@@ -424,8 +570,11 @@ def run(args) -> List[dict]:
                        "num_inputs": num_inputs, "num_classes": num_classes,
                        "T": base.T, "train_samples": len(train_set),
                        "test_samples": len(test_indices)}, f, indent=2)
+        layout = (f"conv channels {args.channels}, fc {args.fc}" if args.arch == "conv" else
+                  f"hidden {args.hidden}")
         print(f"sparsegrad.train: {args.dataset} ({len(train_set)} train / {len(test_indices)} "
-              f"test, T={base.T}, {num_inputs} inputs), {args.arch} hidden {args.hidden}, backward "
+              f"test, T={base.T}, {num_inputs} inputs), {args.arch} {layout}, surrogate "
+              f"{args.surrogate}, reset {args.reset}, backward "
               f"{args.backward} (b_th {args.b_th:g}), spike loss {args.spike_loss}"
               + (f" (sigma0 {sigma0:g})" if sigma0 is not None else "")
               + f", {dist_state.world} process(es), device {device}", flush=True)
@@ -439,7 +588,7 @@ def run(args) -> List[dict]:
                         dynamic_ncols=True, file=sys.stderr)
 
     history: List[dict] = []
-    n_hidden = len(args.hidden)
+    n_hidden = len(inner.spiking_layers)
     num_batches = len(loader)
     for epoch in range(args.epochs):
         if sampler is not None:
@@ -470,7 +619,7 @@ def run(args) -> List[dict]:
             optimizer.step()
             if guard is not None:
                 guard.end_step()
-            for i, layer in enumerate(inner.hidden):
+            for i, layer in enumerate(inner.spiking_layers):
                 if layer.last_stats is not None:
                     active_sum[i] += layer.last_stats.active_fraction
             sums["loss"] += float(loss.detach()) * y.shape[0]
@@ -480,7 +629,7 @@ def run(args) -> List[dict]:
             sums["spikes"] += float(sum(s.detach().sum() for s in spikes))
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}")
+                progress.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}")
         scheduler.step()
         train_time = time.perf_counter() - t_epoch
 
@@ -513,7 +662,7 @@ def run(args) -> List[dict]:
             record["guard"] = guard.state()
         if main_proc:
             shadow.load_state_dict(inner.state_dict())
-            for s_layer, layer in zip(shadow.hidden, inner.hidden):
+            for s_layer, layer in zip(shadow.spiking_layers, inner.spiking_layers):
                 s_layer.b_th = layer.b_th
             cos, cos_layers = _grad_similarity(shadow, fixed_batch[0], fixed_batch[1], epoch,
                                                spike_loss, activity_reg)

@@ -85,7 +85,7 @@ def test_rleaky_converts_exactly(dtype, spike_grad, want):
     rtol = 1e-5 if dtype == torch.float64 else 1e-4
     assert set(dict(layer.named_parameters())) == {"weight", "bias", "rec_weight", "rec_bias"}
     for g, w in zip([layer.weight.grad, layer.rec_weight.grad, layer.bias.grad, layer.rec_bias.grad,
-                     conv.fc2.weight.grad], orig):
+                     conv.fc2.module.weight.grad], orig):  # fc2: TimeDistributed(Linear)
         torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * float(w.abs().max()))
 
 
@@ -111,7 +111,9 @@ def test_rleaky_refusals_are_reported(kwargs, reason):
         warnings.simplefilter("always")
         conv, report = sparsegrad.convert(net, return_report=True)
     assert not report.exact and any(reason in why for _, why in report.skipped), report.skipped
-    assert isinstance(conv.fc1, nn.Linear) and type(conv.lif1).__name__ == "RLeaky"
+    # left in place: the Linear folded over time, the RLeaky stepped over time as it is
+    assert isinstance(conv.fc1, sparsegrad.nn.TimeDistributed)
+    assert isinstance(conv.fc1.module, nn.Linear) and type(conv.lif1.module).__name__ == "RLeaky"
     assert any(issubclass(w.category, UserWarning) for w in caught)
 
 

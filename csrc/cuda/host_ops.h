@@ -37,6 +37,7 @@
 #include "cuda/compaction.cuh"
 #include "cuda/csr.cuh"
 #include "cuda/forward.cuh"
+#include "cuda/neuron.cuh"  // the LIF neuron op's kernels (host code: neuron_host.h)
 #include "cuda/gpu_routes.h"
 
 namespace sparsegrad {

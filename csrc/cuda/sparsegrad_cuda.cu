@@ -11,6 +11,7 @@
 #include "low_precision.h"
 
 #include "cuda/host_ops.h"
+#include "cuda/neuron_host.h"
 #include "cuda/recurrent_host.h"
 
 namespace sparsegrad {
@@ -107,6 +108,31 @@ host::ReadoutGrads li_readout_backward_cuda(const at::Tensor& grad_out, const at
                                       prev_idx, num_steps, alpha, reduce, need_dx, need_dw, need_db);
 }
 
+host::NeuronForwardOutputs lif_neuron_forward_cuda(
+    const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
+    const c10::optional<at::Tensor>& s_init, double alpha, double threshold, double b_th,
+    double slope, bool sparse, c10::string_view surrogate, c10::string_view reset, bool return_mem,
+    c10::string_view dynamics, double tau, double v_reset, bool detach_reset) {
+  check_cuda(current, "lif_neuron_forward", "current");
+  const c10::cuda::CUDAGuard guard(current.device());
+  return host::lif_neuron_forward<L>(current, v_init, s_init, alpha, threshold, b_th, slope, sparse,
+                                     surrogate, reset, return_mem, dynamics, tau, v_reset,
+                                     detach_reset);
+}
+
+host::NeuronGrads lif_neuron_backward_cuda(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_mem, const at::Tensor& act_cnt, const at::Tensor& act_idx,
+    const at::Tensor& act_sg, const c10::optional<at::Tensor>& act_rg,
+    const c10::optional<at::Tensor>& rst_bits, double alpha, bool sparse, bool need_dv,
+    c10::string_view dynamics, double input_scale) {
+  check_cuda(grad_spikes, "lif_neuron_backward", "grad_spikes");
+  const c10::cuda::CUDAGuard guard(grad_spikes.device());
+  return host::lif_neuron_backward<L>(grad_spikes, grad_v_final, grad_mem, act_cnt, act_idx, act_sg,
+                                      act_rg, rst_bits, alpha, sparse, need_dv, dynamics,
+                                      input_scale);
+}
+
 host::RlifOutputs rlif_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                     const at::Tensor& rec_weight, const c10::optional<at::Tensor>& bias,
                                     const c10::optional<at::Tensor>& v_init,
@@ -161,6 +187,8 @@ TORCH_LIBRARY_IMPL(sparsegrad, CUDA, m) {
   m.impl("lif_backward_dense", SG_FLOAT32_MATH(lif_backward_dense_cuda));
   m.impl("li_readout_forward", SG_FLOAT32_MATH(li_readout_forward_cuda));
   m.impl("li_readout_backward", SG_FLOAT32_MATH(li_readout_backward_cuda));
+  m.impl("lif_neuron_forward", SG_FLOAT32_MATH(lif_neuron_forward_cuda));
+  m.impl("lif_neuron_backward", SG_FLOAT32_MATH(lif_neuron_backward_cuda));
   m.impl("rlif_forward", SG_FLOAT32_MATH(rlif_forward_cuda));
   m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(rlif_backward_sparse_cuda));
   m.impl("rlif_backward_dense", SG_FLOAT32_MATH(rlif_backward_dense_cuda));

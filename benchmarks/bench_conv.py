@@ -1,0 +1,202 @@
+"""A convolutional SNN's training step: snnTorch's tutorial CSNN, as written, vs sparsegrad.convert.
+
+The network is snnTorch tutorial 6's (Conv2d(1,12,5) -> MaxPool2d(2) -> Leaky -> Conv2d(12,64,5)
+-> MaxPool2d(2) -> Leaky -> Flatten -> Linear(1024,10) -> Leaky(output=True), beta = 0.5,
+spike_grad = fast_sigmoid(slope=25)) on 28x28 inputs, T = 25 steps, batch 128. One training step
+is forward, snnTorch's ce_rate_loss on the output spikes, backward and an Adam update:
+
+* snntorch: the model as the tutorial runs it, one call per time step (utils.reset first);
+* sparsegrad sparse / dense: the same model after sparsegrad.convert(model, backward=...), one
+  call on the whole [T, B, 1, 28, 28] sequence (TimeDistributed convolutions and pooling,
+  LIFNeuron after them, the last Linear + Leaky as TimeDistributed(Linear) + LIFNeuron because
+  output=True needs the membrane).
+
+Inputs are direct-coded as in the tutorial (the same image at every step); the images are
+synthetic (uniform noise in [0, 1], no download). The weights are PyTorch's default init with
+the two convolutions and the Linear scaled by 2, 3 and 3 (WEIGHT_SCALE), so that every layer
+spikes at the rates of a trained network (about 6 %, 12 % and 5 % of the entries; printed).
+Before timing, the converted model's spikes and membrane are compared with snnTorch's on the
+benchmark batch, and the effect of folding time into the batch on each layer's rounding is
+measured (``folding``: per-step calls vs one call on T*B samples, for several batch sizes).
+
+    python benchmarks/bench_conv.py --json benchmarks/results/conv.json
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+STEPS, BATCH, BETA, SLOPE = 25, 128, 0.5, 25.0
+QUICK = dict(steps=4, batch=8)
+FOLD_BATCHES = (1, 2, 6, 8, 32, 128)
+WEIGHT_SCALE = {0: 2.0, 3: 3.0, 7: 3.0}  # layer index -> factor on its weight (and conv1's bias)
+
+
+def tutorial_csnn(snn, surrogate, *, beta=BETA, slope=SLOPE, dtype=torch.float32):
+    """snnTorch tutorial 6's CSNN, as written there."""
+    spike_grad = surrogate.fast_sigmoid(slope=slope)
+    return nn.Sequential(
+        nn.Conv2d(1, 12, 5), nn.MaxPool2d(2),
+        snn.Leaky(beta=beta, spike_grad=spike_grad, init_hidden=True),
+        nn.Conv2d(12, 64, 5), nn.MaxPool2d(2),
+        snn.Leaky(beta=beta, spike_grad=spike_grad, init_hidden=True),
+        nn.Flatten(), nn.Linear(64 * 4 * 4, 10),
+        snn.Leaky(beta=beta, spike_grad=spike_grad, init_hidden=True, output=True),
+    ).to(dtype)
+
+
+def snntorch_forward(net, utils, x):
+    """The tutorial's forward_pass: reset, one call per step, outputs stacked."""
+    utils.reset(net)
+    spk_rec, mem_rec = [], []
+    for t in range(x.shape[0]):
+        spk, mem = net(x[t])
+        spk_rec.append(spk)
+        mem_rec.append(mem)
+    return torch.stack(spk_rec), torch.stack(mem_rec)
+
+
+def make_step(forward, params, loss_fn, y):
+    opt = torch.optim.Adam(params, lr=1e-3)
+
+    def run():
+        return forward()
+
+    def back(out):
+        spk, _ = out
+        loss = loss_fn(spk, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def step():
+        back(run())
+
+    return run, back, step
+
+
+def folding_check(snn, surrogate, steps, batches, generator, dtype):
+    """Elements (and spikes) where one call on T*B samples differs from T calls on B samples."""
+    rows = []
+    net = tutorial_csnn(snn, surrogate, dtype=dtype)
+    torch.manual_seed(0)
+    small = nn.Linear(32, 24).to(dtype)  # an MLP-sized layer (tests/test_convert.py's)
+    layers = {"conv1": (net[0], (1, 28, 28)), "conv2": (net[3], (12, 12, 12)),
+              "fc": (net[7], (1024,)), "linear 32->24": (small, (32,))}
+    for batch in batches:
+        for name, (layer, shape) in layers.items():
+            for kind in ("spikes", "dense"):
+                if kind == "spikes":
+                    x = (torch.rand(steps, batch, *shape, generator=generator) < 0.2).to(dtype)
+                elif name == "conv1":
+                    x = torch.rand(steps, batch, *shape, generator=generator).to(dtype)
+                else:
+                    continue
+                with torch.no_grad():
+                    folded = layer(x.flatten(0, 1)).unflatten(0, (steps, batch))
+                    stepped = torch.stack([layer(x[t]) for t in range(steps)])
+                diff = folded != stepped
+                rows.append(dict(layer=name, input=kind, batch=batch, steps=steps,
+                                 elements=diff.numel(), differing=int(diff.sum()),
+                                 max_abs_diff=float((folded - stepped).abs().max())))
+    return rows
+
+
+def main(argv=None):
+    p = common.make_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--batch", type=int, default=BATCH)
+    args = p.parse_args(argv)
+    device, dtype = common.setup(args)
+    try:
+        import snntorch as snn
+        from snntorch import functional as SF
+        from snntorch import surrogate, utils
+    except ImportError as exc:
+        raise SystemExit(f"bench_conv needs snntorch ({exc})")
+    import sparsegrad
+
+    steps, batch = (QUICK["steps"], QUICK["batch"]) if args.quick else (args.steps, args.batch)
+    g = torch.Generator().manual_seed(args.seed)
+    image = torch.rand(batch, 1, 28, 28, generator=g).to(dtype)
+    x = image.unsqueeze(0).expand(steps, *image.shape).contiguous().to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    loss_fn = SF.ce_rate_loss()
+
+    torch.manual_seed(args.seed)
+    original = tutorial_csnn(snn, surrogate, dtype=dtype).to(device)
+    with torch.no_grad():
+        for i, factor in WEIGHT_SCALE.items():
+            original[i].weight.mul_(factor)
+        original[0].bias.mul_(WEIGHT_SCALE[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tutorial CSNN converts exactly
+        converted = {mode: sparsegrad.convert(original, backward=mode) for mode in
+                     ("sparse", "dense")}
+
+    # Correctness on the benchmark batch (no grad), then the rates the timing runs at.
+    with torch.no_grad():
+        spk_ref, mem_ref = snntorch_forward(original, utils, x)
+        check = {}
+        for mode, model in converted.items():
+            spk, mem = model(x)
+            check[mode] = dict(spike_mismatches=int((spk != spk_ref).sum()),
+                               membrane_max_abs_diff=float((mem - mem_ref).abs().max()))
+        hidden = converted["sparse"]
+        h1 = hidden[2](hidden[1](hidden[0](x)))
+        h2 = hidden[5](hidden[4](hidden[3](h1)))
+        rates = dict(hidden1=float(h1.mean()), hidden2=float(h2.mean()),
+                     output=float(spk_ref.mean()))
+        for i in (2, 5, 8):
+            rates[f"active_fraction_{i}"] = hidden[i].last_stats.active_fraction
+
+    results = {}
+    runners = {
+        "snntorch": (lambda: snntorch_forward(original, utils, x), original.parameters()),
+        "sparsegrad sparse": (lambda: converted["sparse"](x), converted["sparse"].parameters()),
+        "sparsegrad dense": (lambda: converted["dense"](x), converted["dense"].parameters()),
+    }
+    for name, (fwd, params) in runners.items():
+        run, back, step = make_step(fwd, list(params), loss_fn, y)
+        times = common.measure(run, back, device=device, repeats=args.repeats, warmup=args.warmup)
+        mem = common.guarded_peak_memory(step, device)
+        results[name] = dict(time=times, peak_memory=mem)
+
+    folding = folding_check(snn, surrogate, steps, (2, 8) if args.quick else FOLD_BATCHES, g, dtype)
+
+    base = results["snntorch"]
+    rows = []
+    for name, r in results.items():
+        rows.append([name, common.fmt_ms(r["time"]["forward"]), common.fmt_ms(r["time"]["backward"]),
+                     common.fmt_ms(r["time"]["total"]),
+                     f"{common.ratio(base['time']['total']['median'], r['time']['total']['median']):.2f}x",
+                     common.fmt_mb(r["peak_memory"]["peak_bytes"]),
+                     f"{common.ratio(r['peak_memory']['peak_bytes'], base['peak_memory']['peak_bytes']):.2f}"])
+    print(f"tutorial CSNN training step, T={steps}, batch {batch}, 28x28, {dtype}, "
+          f"{torch.get_num_threads()} threads; rates {rates}")
+    common.print_table(["method", "forward ms", "backward ms", "step ms", "speed-up",
+                        "peak MB", "mem / snntorch"], rows)
+    print(f"spikes vs snnTorch: {check}")
+    diff_rows = [r for r in folding if r["differing"]]
+    print(f"time folding: {len(diff_rows)} of {len(folding)} layer/batch cases round differently"
+          + "".join(f"\n  {r['layer']} ({r['input']}, batch {r['batch']}): {r['differing']} of "
+                    f"{r['elements']} elements, max |diff| {r['max_abs_diff']:.2e}"
+                    for r in diff_rows))
+    payload = common.result_header("bench_conv.py", args, device)
+    payload.update(config=dict(steps=steps, batch=batch, beta=BETA, slope=SLOPE,
+                               surrogate="fast_sigmoid", image="28x28 uniform noise, direct-coded",
+                               loss="snntorch.functional.ce_rate_loss", optimizer="Adam(1e-3)"),
+                   rates=rates, check=check, results=results, folding=folding)
+    common.write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

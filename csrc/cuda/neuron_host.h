@@ -1,0 +1,220 @@
+// Host side of the LIF neuron op on CUDA (lif_neuron_forward / lif_neuron_backward): checks,
+// buffers, launches and scans, written once as templates over a Launcher (see host_ops.h) and
+// compiled for the GPU (csrc/cuda/sparsegrad_cuda.cu) and for the host emulation
+// (csrc/emul/emul_ops.cpp).
+//
+// Host synchronisation: only the sparse forward reads one number back (the size of the active
+// set, to allocate act_idx / act_sg). The backward never synchronises.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+#include "op_checks.h"
+#include "cuda/neuron.cuh"
+
+namespace sparsegrad {
+namespace cuda {
+namespace host {
+
+using NeuronForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                        at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using NeuronGrads = std::tuple<at::Tensor, at::Tensor>;
+
+namespace neuron_detail {
+
+inline c10::optional<at::Tensor> contiguous_opt(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
+template <typename T>
+inline T* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// int64 offsets [rows + 1] of a CSR given its int32 row counts (a device-wide scan on the GPU;
+// checked on the host in the emulation).
+inline at::Tensor offsets_from_counts(const at::Tensor& cnt, int64_t n_entries, int64_t n,
+                                      const char* op) {
+  return row_offsets(cnt, n_entries, n, op, "act_cnt");
+}
+
+template <class L, typename scalar_t>
+NeuronForwardOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
+                                  const c10::optional<at::Tensor>& s_init, double alpha,
+                                  double threshold, double b_th, double slope, bool sparse,
+                                  int surrogate, int reset, bool return_mem, int dynamics,
+                                  double tau, double v_reset, bool detach_reset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const bool keep_rg = dynamics != kChargeLeaky && !detach_reset;
+  const int64_t T = current.size(0), B = current.size(1), N = current.size(2), R = B * T;
+  const int64_t W = bit_words(N);
+  const auto opts = current.options();
+  const at::TensorOptions acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
+
+  auto spikes = at::empty({T, B, N}, opts);
+  auto v_final = at::empty({B, N}, opts);
+  auto stats = at::zeros({3}, opts.dtype(at::kLong));
+  auto mem = return_mem ? at::empty({T, B, N}, opts) : at::empty({0}, opts);
+  auto sg_dense = sparse ? at::empty({0}, opts) : at::empty({T, B, N}, opts);
+  auto rg_dense = keep_rg && !sparse ? at::empty({T, B, N}, opts) : at::empty({0}, opts);
+  at::Tensor v_trace = sparse ? at::empty({T, B, N}, acc_opts) : at::empty({0}, acc_opts);
+
+  NeuronForwardArgs<scalar_t> a;
+  a.current = current.data_ptr<scalar_t>();
+  a.T = T;
+  a.B = B;
+  a.N = N;
+  a.alpha = static_cast<acc_t>(alpha);
+  a.threshold = static_cast<acc_t>(threshold);
+  a.slope = static_cast<acc_t>(slope);
+  a.surrogate = surrogate;
+  a.reset = reset;
+  a.dynamics = dynamics;
+  a.tau = static_cast<acc_t>(tau);
+  a.v_reset = static_cast<acc_t>(v_reset);
+  a.v_init = data_or_null<scalar_t>(v_init);
+  a.s_init = data_or_null<scalar_t>(s_init);
+  a.spikes = spikes.data_ptr<scalar_t>();
+  a.v_final = v_final.data_ptr<scalar_t>();
+  a.mem = return_mem ? mem.data_ptr<scalar_t>() : nullptr;
+  a.v_trace = sparse ? v_trace.data_ptr<acc_t>() : nullptr;
+  a.sg_dense = sparse ? nullptr : sg_dense.data_ptr<scalar_t>();
+  a.rg_dense = keep_rg && !sparse ? rg_dense.data_ptr<scalar_t>() : nullptr;
+  a.counts = stats.data_ptr<int64_t>();
+  L::launch(B * N, &neuron_forward_kernel<scalar_t>, a);
+
+  auto rst_bits = at::empty({0}, opts.dtype(at::kInt));
+  if (reset == kResetZero) {
+    rst_bits = at::empty({T, B, W}, opts.dtype(at::kInt));
+    L::launch(T * B * W, &neuron_pack_bits_kernel<scalar_t>, a.spikes, a.s_init, T, B, N, W,
+              dynamics != kChargeLeaky, rst_bits.data_ptr<int32_t>());
+  }
+
+  const auto int_opts = opts.dtype(at::kInt);
+  if (!sparse) {
+    stats.narrow(0, 1, 1).fill_(T * B * N);
+    return {spikes, v_final, at::empty({0}, int_opts), at::empty({0}, int_opts), sg_dense,
+            rg_dense, rst_bits, mem, stats};
+  }
+  auto act_cnt = at::empty({R}, int_opts);
+  L::launch(R, &neuron_active_count_kernel<acc_t>, a.v_trace, T, B, N, a.threshold,
+            static_cast<acc_t>(b_th), act_cnt.data_ptr<int32_t>());
+  auto offsets = at::zeros({R + 1}, act_cnt.options().dtype(at::kLong));
+  if (R > 0) offsets.narrow(0, 1, R).copy_(at::cumsum(act_cnt, 0, at::kLong));
+  const int64_t n_active = offsets.narrow(0, R, 1).cpu().data_ptr<int64_t>()[0];  // host sync
+  auto act_idx = at::empty({n_active}, int_opts);
+  auto act_sg = at::empty({n_active}, opts);
+  auto act_rg = at::empty({keep_rg ? n_active : 0}, opts);
+  L::launch(R, &neuron_active_fill_kernel<scalar_t, acc_t>, a.v_trace, T, B, N, a.threshold,
+            static_cast<acc_t>(b_th), a.slope, surrogate, offsets.data_ptr<int64_t>(),
+            act_idx.data_ptr<int32_t>(), act_sg.data_ptr<scalar_t>(),
+            keep_rg ? act_rg.data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr), a.v_reset,
+            reset);
+  stats.narrow(0, 1, 1).fill_(n_active);
+  return {spikes, v_final, act_cnt, act_idx, act_sg, act_rg, rst_bits, mem, stats};
+}
+
+template <class L, typename scalar_t>
+NeuronGrads backward_impl(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+                          const c10::optional<at::Tensor>& grad_mem, const at::Tensor& act_cnt,
+                          const at::Tensor& act_idx, const at::Tensor& act_sg,
+                          const c10::optional<at::Tensor>& act_rg,
+                          const c10::optional<at::Tensor>& rst_bits, double alpha, bool sparse,
+                          bool need_dv, bool leaky, double input_scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), N = grad_spikes.size(2);
+  const int64_t R = B * T;
+  const auto opts = grad_spikes.options();
+  auto grad_current = sparse ? at::zeros({T, B, N}, opts) : at::empty({T, B, N}, opts);
+  auto dv = need_dv ? at::empty({B, N}, opts) : at::empty({0}, opts);
+  // The reset terms as a dense [T, B, N] (scattered from the active entries in sparse mode).
+  at::Tensor rg = act_rg.has_value() ? (sparse ? at::zeros({T, B, N}, opts) : *act_rg)
+                                     : at::empty({0}, opts);
+  if (sparse) {
+    auto offsets = offsets_from_counts(act_cnt, act_idx.numel(), N, "lif_neuron_backward");
+    L::launch(R, &neuron_scatter_delta_kernel<scalar_t>, grad_spikes.data_ptr<scalar_t>(),
+              offsets.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(),
+              act_sg.data_ptr<scalar_t>(), data_or_null<scalar_t>(act_rg), T, B, N,
+              grad_current.data_ptr<scalar_t>(),
+              act_rg.has_value() ? rg.data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
+  }
+  NeuronTraceArgs<scalar_t> a;
+  a.T = T;
+  a.B = B;
+  a.N = N;
+  a.W = bit_words(N);
+  a.alpha = static_cast<acc_t>(alpha);
+  a.reset = rst_bits.has_value() ? kResetZero : kResetSubtract;
+  a.leaky = leaky;
+  a.input_scale = static_cast<acc_t>(input_scale);
+  a.rg = act_rg.has_value() ? rg.data_ptr<scalar_t>() : nullptr;
+  a.grad_v_final = data_or_null<scalar_t>(grad_v_final);
+  a.grad_mem = data_or_null<scalar_t>(grad_mem);
+  a.bits = rst_bits.has_value() ? rst_bits->data_ptr<int32_t>() : nullptr;
+  a.grad_spikes = grad_spikes.data_ptr<scalar_t>();
+  a.sg_dense = sparse ? nullptr : act_sg.data_ptr<scalar_t>();
+  a.grad_current = grad_current.data_ptr<scalar_t>();
+  a.dv_init = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
+  L::launch(B * N, &neuron_trace_kernel<scalar_t>, a);
+  return {grad_current, dv};
+}
+
+}  // namespace neuron_detail
+
+template <class L>
+NeuronForwardOutputs lif_neuron_forward(const at::Tensor& current_in,
+                                        const c10::optional<at::Tensor>& v_init,
+                                        const c10::optional<at::Tensor>& s_init, double alpha,
+                                        double threshold, double b_th, double slope, bool sparse,
+                                        c10::string_view surrogate, c10::string_view reset,
+                                        bool return_mem, c10::string_view dynamics, double tau,
+                                        double v_reset, bool detach_reset) {
+  const NeuronOpKinds kinds = check_lif_neuron_forward_args(current_in, v_init, s_init, alpha,
+                                                          threshold, b_th, slope, surrogate, reset,
+                                                          return_mem, dynamics, tau);
+  const at::Tensor current = current_in.contiguous();
+  NeuronForwardOutputs out;
+  AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "lif_neuron_forward_cuda", [&] {
+    out = neuron_detail::forward_impl<L, scalar_t>(
+        current, neuron_detail::contiguous_opt(v_init), neuron_detail::contiguous_opt(s_init),
+        alpha, threshold, b_th, slope, sparse, kinds.surrogate, kinds.reset, return_mem,
+        kinds.dynamics, tau, v_reset, detach_reset);
+  });
+  return out;
+}
+
+template <class L>
+NeuronGrads lif_neuron_backward(const at::Tensor& grad_spikes_in,
+                                const c10::optional<at::Tensor>& grad_v_final,
+                                const c10::optional<at::Tensor>& grad_mem,
+                                const at::Tensor& act_cnt, const at::Tensor& act_idx,
+                                const at::Tensor& act_sg, const c10::optional<at::Tensor>& act_rg,
+                                const c10::optional<at::Tensor>& rst_bits, double alpha,
+                                bool sparse, bool need_dv, c10::string_view dynamics,
+                                double input_scale) {
+  const bool has_rst = check_lif_neuron_backward_args(grad_spikes_in, grad_v_final, grad_mem,
+                                                      act_cnt, act_idx, act_sg, act_rg, rst_bits,
+                                                      alpha, sparse, dynamics);
+  const bool leaky = parse_dynamics(dynamics, "lif_neuron_backward") == kChargeLeaky;
+  const bool has_rg = !leaky && act_rg.has_value() && act_rg->numel() > 0;
+  const at::Tensor grad_spikes = grad_spikes_in.contiguous();
+  NeuronGrads out;
+  AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "lif_neuron_backward_cuda", [&] {
+    out = neuron_detail::backward_impl<L, scalar_t>(
+        grad_spikes, neuron_detail::contiguous_opt(grad_v_final),
+        neuron_detail::contiguous_opt(grad_mem), act_cnt.contiguous(), act_idx.contiguous(),
+        act_sg.contiguous(), has_rg ? neuron_detail::contiguous_opt(act_rg) : c10::nullopt,
+        has_rst ? neuron_detail::contiguous_opt(rst_bits) : c10::nullopt, alpha, sparse, need_dv,
+        leaky, input_scale);
+  });
+  return out;
+}
+
+}  // namespace host
+}  // namespace cuda
+}  // namespace sparsegrad

@@ -1,0 +1,37 @@
+"""benchmarks/bench_conv.py runs end to end at CI size (--quick) and checks before it times.
+
+No timing thresholds: timings here are noise. The checks are the ones the script promises: the
+converted tutorial CSNN gives snnTorch's spikes and membrane, and the time-folding check ran.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+pytest.importorskip("snntorch")
+
+
+def test_bench_conv_quick(tmp_path):
+    import bench_conv
+
+    threads = torch.get_num_threads()
+    path = tmp_path / "conv.json"
+    try:
+        bench_conv.main(["--quick", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                         "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+    payload = json.loads(path.read_text())
+    for mode in ("sparse", "dense"):
+        assert payload["check"][mode]["spike_mismatches"] == 0
+        assert payload["check"][mode]["membrane_max_abs_diff"] < 1e-5
+    assert set(payload["results"]) == {"snntorch", "sparsegrad sparse", "sparsegrad dense"}
+    for r in payload["results"].values():
+        assert float(r["time"]["total"]["median"]) > 0
+    assert payload["folding"] and all(f["elements"] > 0 for f in payload["folding"])
+    assert payload["rates"]["hidden1"] > 0
