@@ -1,5 +1,5 @@
-"""No input crashes the process (issue 13): every op (LIF layer, recurrent LIF layer, readout) over
-shapes with each dimension 0 and 1, and
+"""No input crashes the process (issue 13): every op (LIF layer, LIF neuron, recurrent LIF layer,
+readout) over shapes with each dimension 0 and 1, and
 compact tensors that do not belong together passed to the ops directly.
 
 Each case runs in a child process, so that a crash (segmentation fault, abort) fails the test
@@ -7,9 +7,11 @@ that caused it instead of killing pytest. A case passes when the op either retur
 right shapes (finite, and zero/empty gradients where nothing can flow) or raises a Python
 exception with a message; it fails on a crash, a hang or wrong shapes.
 
-BACKENDS lists the op sets the cases run on. "cpu" is torch.ops.sparsegrad on CPU tensors; a
-backend is a name in BACKEND_SETUP, whose code runs in the child before the cases and must bind
-`ops` (the op namespace) and `device`.
+BACKENDS lists the op sets the cases run on. "cpu" is torch.ops.sparsegrad on CPU tensors, "emul"
+the CUDA kernels run on the CPU by the host emulation (torch.ops.sparsegrad_emul, built by
+tests/test_cuda_emul.py; the Python layers always call the CPU ops, so only the raw-op groups run
+there); a backend is a name in BACKEND_SETUP, whose code runs in the child before the cases and
+must bind `ops` (the op namespace) and `device`.
 """
 import itertools
 import json
@@ -20,10 +22,13 @@ import textwrap
 
 import pytest
 
-BACKENDS = ["cpu"]
+from test_cuda_emul import emul  # noqa: F401  (pytest fixture: the emulation build)
+
+BACKENDS = ["cpu", "emul"]
 
 BACKEND_SETUP = {
     "cpu": "ops = torch.ops.sparsegrad\ndevice = 'cpu'\n",
+    "emul": "torch.ops.load_library(sys.argv[3])\nops = torch.ops.sparsegrad_emul\ndevice = 'cpu'\n",
 }
 
 # Every dimension of (T, B, N_in, N_out) takes 0 and 1 with the others at small sizes (3 and 2
@@ -33,7 +38,7 @@ SHAPES = sorted({tuple(v if k == d else BASE[k] for k in range(4)) for d in rang
                 | {(1, 1, 1, 1), (0, 0, 0, 0), (1, 0, 0, 1), (0, 1, 1, 0)})
 
 _CHILD = r"""
-import json, math, sys, traceback
+import itertools, json, math, sys, traceback
 import torch
 import sparsegrad
 from sparsegrad import functional as F
@@ -123,6 +128,27 @@ def rlif_ops(T, B, I, O):
                 finite(*[g for g in grads if g is not None])
         case(f"rlif ops {(T, B, I, O)} sparse={sparse} reset={reset}", run)
 
+def neuron_ops(T, B, I, O):
+    # the neuron op on currents [T, B, O] and [T, B, I] (the Python layer flattens trailing dims)
+    for shape in ((T, B, O), (T, B, I)):
+        current = (torch.randn(*shape, generator=torch.Generator().manual_seed(5)) * 1.5).to(device)
+        for sparse, reset in itertools.product((True, False), ("subtract", "zero", "none")):
+            def run():
+                out = ops.lif_neuron_forward(current, None, None, 0.9, 1.0, 0.5, 5.0, sparse, "atan",
+                                             reset, True)
+                spikes, v_final, act_cnt, act_idx, act_sg, act_rg, rst, mem, stats = out
+                assert tuple(spikes.shape) == shape and tuple(v_final.shape) == shape[1:]
+                finite(spikes, v_final, act_sg, mem)
+                g = torch.randn(*shape).to(device)
+                gv = torch.randn(*shape[1:]).to(device)
+                gc, dv = ops.lif_neuron_backward(g, gv, g, act_cnt, act_idx, act_sg, None,
+                                                 rst if reset == "zero" else None, 0.9, sparse, True)
+                assert tuple(gc.shape) == shape and tuple(dv.shape) == shape[1:]
+                finite(gc, dv)
+                if T == 0:
+                    assert torch.equal(dv, gv)
+            case(f"lif_neuron ops {shape} sparse={sparse} reset={reset}", run)
+
 def readout_ops(T, B, I, O):
     x, w, b = problem(T, B, I, O)
     for reduce in ("max", "sum", "mean", "none"):
@@ -173,6 +199,16 @@ def layers(T, B, I, O):
             assert xi.grad.shape == xi.shape and wi.grad.shape == wi.shape and bi.grad.shape == bi.shape
             finite(xi.grad, wi.grad, bi.grad)
         case(f"li_readout {(T, B, I, O)} reduce={reduce}", run)
+    for backward in ("sparse", "dense"):
+        def run():
+            ci = torch.randn(T, B, I, O).to(device).requires_grad_(True)
+            s = sparsegrad.lif(ci, alpha=0.9, b_th=0.5, surrogate="atan", slope=2.0, reset="zero",
+                               backward=backward)
+            assert tuple(s.shape) == (T, B, I, O)
+            s.sum().backward()
+            assert ci.grad.shape == ci.shape
+            finite(ci.grad)
+        case(f"lif {(T, B, I, O)} backward={backward}", run)
     def run_modules():
         net = torch.nn.Sequential(sparsegrad.nn.LIF(I, O), sparsegrad.nn.LIReadout(O, 2)).to(device)
         xi = x.clone().requires_grad_(True)
@@ -256,6 +292,7 @@ else:
     for T, B, I, O in shapes:
         if group == "ops":
             lif_ops(T, B, I, O)
+            neuron_ops(T, B, I, O)
             rlif_ops(T, B, I, O)
             readout_ops(T, B, I, O)
         else:
@@ -264,12 +301,22 @@ print("RESULTS " + json.dumps(results), flush=True)
 """
 
 
-def _run_child(backend, group, shapes=()):
+@pytest.fixture
+def library(backend, request):
+    """The shared library the child loads for `backend` ("" for the package's own ops)."""
+    if backend != "emul":
+        return ""
+    from test_cuda_emul import _build_dir
+    request.getfixturevalue("emul")  # builds (or finds) the emulation library
+    return os.path.join(_build_dir(), "sparsegrad_emul.so")
+
+
+def _run_child(backend, group, shapes=(), library=""):
     src = _CHILD.replace("__SETUP__", BACKEND_SETUP[backend])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", src, group, json.dumps(list(shapes))],
+    proc = subprocess.run([sys.executable, "-c", src, group, json.dumps(list(shapes)), library],
                           capture_output=True, text=True, timeout=600, env=env, cwd=root)
     lines = proc.stdout.splitlines()
     if proc.returncode != 0 or not lines or not lines[-1].startswith("RESULTS "):
@@ -292,13 +339,13 @@ def _check(results, allow_raise=True):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_ops_over_zero_and_one_sizes(backend, shape):
-    results = _run_child(backend, "ops", [shape])
+def test_ops_over_zero_and_one_sizes(backend, shape, library):
+    results = _run_child(backend, "ops", [shape], library)
     # the raw ops accept every shape with T >= 1 (a readout reduced over zero steps has no value)
     _check(results, allow_raise=shape[0] == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["cpu"])  # the Python layers run the package's own ops
 def test_layers_and_modules_over_zero_and_one_sizes(backend):
     results = _run_child(backend, "layers", SHAPES)
     # the Python API refuses T = 0 with a ValueError; every other shape must work
@@ -309,7 +356,7 @@ def test_layers_and_modules_over_zero_and_one_sizes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_inconsistent_compact_tensors_raise(backend):
-    results = _run_child(backend, "inconsistent")
+def test_inconsistent_compact_tensors_raise(backend, library):
+    results = _run_child(backend, "inconsistent", library=library)
     _check(results)
     assert len(results) > 30

@@ -268,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
       if (dvp) {
         const int32_t* r = bits && leaky ? bits + b * W : nullptr;
         for (int64_t j = 0; j < n; ++j)
-          dvp[b * N + j0 + j] = static_cast<scalar_t>(
-              math::trace_decay(alpha, r != nullptr && bit_set(r, j0 + j), reset) * g[j]);
+          dvp[b * N + j0 + j] = static_cast<scalar_t>(  // T = 0: V_final is V_init, g = grad_v_final
+              T > 0 ? math::trace_decay(alpha, r != nullptr && bit_set(r, j0 + j), reset) * g[j] : g[j]);
       }
     }
   });

@@ -495,8 +495,10 @@ LifGrads lif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::
   }
 
   if (need_dx) {
+    // a given producer set is checked whichever route dx takes, as on the CPU
+    DeviceCsr prev;
+    if (prev_idx.has_value()) prev = prepare_csr<L>(*prev_cnt, *prev_idx, R, n_in, flag, 2, op, "prev_cnt");
     if (dx_r == routes::Dx::kDots) {
-      const DeviceCsr prev = prepare_csr<L>(*prev_cnt, *prev_idx, R, n_in, flag, 2, op, "prev_cnt");
       const at::Tensor weight_t = weight.t().contiguous();
       at::Tensor dx_acc = at::zeros({T, B, n_in}, acc_opts);
       L::launch(prev.n, &entry_dot_kernel<scalar_t>, prev.row.data_ptr<int64_t>(), prev.idx.data_ptr<int32_t>(),
@@ -708,8 +710,10 @@ ReadoutGrads li_readout_backward_impl(const at::Tensor& grad_out, const at::Tens
     dw = dw_acc.to(opts.dtype()).contiguous();
   }
   if (need_dx) {
+    // a given producer set is checked whichever route dx takes, as on the CPU
+    DeviceCsr prev;
+    if (prev_idx.has_value()) prev = prepare_csr<L>(*prev_cnt, *prev_idx, R, n_in, flag, 2, op, "prev_cnt");
     if (dx_r == routes::Dx::kDots) {
-      const DeviceCsr prev = prepare_csr<L>(*prev_cnt, *prev_idx, R, n_in, flag, 2, op, "prev_cnt");
       const at::Tensor weight_t = weight.t().contiguous();
       at::Tensor dx_acc = at::zeros({T, B, n_in}, acc_opts);
       L::launch(prev.n, &entry_dot_kernel<scalar_t>, prev.row.data_ptr<int64_t>(), prev.idx.data_ptr<int32_t>(),

@@ -214,7 +214,8 @@ __global__ void neuron_trace_kernel(NeuronTraceArgs<scalar_t> a) {
     if (a.dv_init) {
       const bool spiked = a.leaky && a.bits != nullptr &&
                           (static_cast<uint32_t>(a.bits[b * a.W + word]) & mask);
-      a.dv_init[k] = static_cast<scalar_t>(math::trace_decay(a.alpha, spiked, a.reset) * g);
+      // with no time step V_final is V_init itself: dL/dV_init = grad_v_final
+      a.dv_init[k] = static_cast<scalar_t>(a.T > 0 ? math::trace_decay(a.alpha, spiked, a.reset) * g : g);
     }
   }
 }

@@ -152,7 +152,7 @@ inline void rlif_state_grads(const at::Tensor& G, const at::Tensor& rec,
                              at::Tensor* db, at::Tensor* dv, at::Tensor* ds, at::Tensor* drec) {
   const int64_t n = G.size(2);
   const at::Tensor G0 = G[0];
-  if (need_db) *db = G.view({-1, n}).sum(0).to(opts.dtype());
+  if (need_db) *db = G.sum(at::IntArrayRef{0, 1}).to(opts.dtype());
   if (need_dv) {
     at::Tensor keep = G0 * alpha;
     if (reset == kResetZero && s_init.has_value()) keep = keep * (1 - s_init->to(G.scalar_type()));
