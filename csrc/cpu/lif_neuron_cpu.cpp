@@ -40,6 +40,66 @@ inline void pack_bits(const acc_t* s, int64_t n, int32_t* words) {
 
 inline bool bit_set(const int32_t* words, int64_t j) { return test_bit(words, j); }
 
+// Row helpers of the forward: each is one loop over a row of N neurons with restrict pointers
+// and the reset / surrogate fixed at compile time, so that the compiler vectorises it (a loop
+// over math:: calls with a run-time kind and possibly aliasing rows stays scalar and branchy).
+
+// One step of the leaky membrane for a row: V = integrate(V, I, S), S = fire(V), spikes out.
+template <int kReset, typename scalar_t, typename acc_t>
+inline void leaky_step_row(int64_t n, const scalar_t* __restrict__ cur, acc_t* __restrict__ v,
+                           acc_t* __restrict__ s, scalar_t* __restrict__ spk, acc_t alpha,
+                           acc_t threshold) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t vj = math::integrate(v[j], static_cast<acc_t>(cur[j]), s[j], alpha, threshold, kReset);
+    const acc_t sj = math::fire(vj, threshold);
+    v[j] = vj;
+    s[j] = sj;
+    spk[j] = static_cast<scalar_t>(sj);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void leaky_step_row(int reset, int64_t n, const scalar_t* cur, acc_t* v, acc_t* s,
+                           scalar_t* spk, acc_t alpha, acc_t threshold) {
+  switch (reset) {
+    case kResetZero: return leaky_step_row<kResetZero>(n, cur, v, s, spk, alpha, threshold);
+    case kResetNone: return leaky_step_row<kResetNone>(n, cur, v, s, spk, alpha, threshold);
+    default: return leaky_step_row<kResetSubtract>(n, cur, v, s, spk, alpha, threshold);
+  }
+}
+
+// The surrogate of every neuron of a row (dense mode).
+template <int kKind, typename scalar_t, typename acc_t>
+inline void surrogate_row(int64_t n, const acc_t* __restrict__ h, scalar_t* __restrict__ out,
+                          acc_t threshold, acc_t slope) {
+  for (int64_t j = 0; j < n; ++j)
+    out[j] = static_cast<scalar_t>(math::surrogate(h[j], threshold, slope, kKind));
+}
+
+template <typename scalar_t, typename acc_t>
+inline void surrogate_row(int kind, int64_t n, const acc_t* h, scalar_t* out, acc_t threshold,
+                          acc_t slope) {
+  switch (kind) {
+    case kAtan: return surrogate_row<kAtan>(n, h, out, threshold, slope);
+    case kSigmoid: return surrogate_row<kSigmoid>(n, h, out, threshold, slope);
+    case kTriangle: return surrogate_row<kTriangle>(n, h, out, threshold, slope);
+    default: return surrogate_row<kFastSigmoid>(n, h, out, threshold, slope);
+  }
+}
+
+// The active neurons of a row (|h - threshold| < b_th), ascending, into idx; returns how many.
+// Branch-free: every index is written, the position advances only on active ones.
+template <typename acc_t>
+inline int64_t active_row(int64_t n, const acc_t* __restrict__ h, int32_t* __restrict__ idx,
+                          acc_t threshold, acc_t b_th) {
+  int64_t k = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    idx[k] = static_cast<int32_t>(j);
+    k += math::is_active(h[j], threshold, b_th) ? 1 : 0;
+  }
+  return k;
+}
+
 template <typename scalar_t>
 NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
                            const c10::optional<at::Tensor>& s_init, double alpha_d,
@@ -85,6 +145,7 @@ NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Te
 
   at::parallel_for(0, B, grain_for(T * N), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> v(N), s(N), h_buf(leaky ? 0 : N);
+    std::vector<int32_t> row_idx(sparse ? N + 1 : 0);  // active_row writes one past the count
     // The membrane the spike is read from: V itself (leaky), or the charge H (SpikingJelly).
     acc_t* h = leaky ? v.data() : h_buf.data();
     for (int64_t b = b0; b < b1; ++b) {
@@ -99,11 +160,7 @@ NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Te
         // Separate simple loops so that each one vectorises.
         if (leaky) {
           if (bits) pack_bits(s.data(), N, bits + (t * B + b) * W);  // R[t] = S[t-1]
-          for (int64_t j = 0; j < N; ++j) {
-            v[j] = math::integrate(v[j], static_cast<acc_t>(cur[j]), s[j], alpha, threshold, reset);
-            s[j] = math::fire(v[j], threshold);
-            spk[row + j] = static_cast<scalar_t>(s[j]);
-          }
+          leaky_step_row(reset, N, cur, v.data(), s.data(), spk + row, alpha, threshold);
         } else {
           const bool hard = reset == kResetZero;
           for (int64_t j = 0; j < N; ++j) {
@@ -121,24 +178,24 @@ NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Te
         if (memp)
           for (int64_t j = 0; j < N; ++j) memp[row + j] = static_cast<scalar_t>(h[j]);
         if (sparse) {
-          int64_t active = 0;
-          for (int64_t j = 0; j < N; ++j) active += math::is_active(h[j], threshold, b_th);
+          const int64_t active = active_row(N, h, row_idx.data(), threshold, b_th);
           cnt[b * T + t] = static_cast<int32_t>(active);
-          for (int64_t j = 0; j < N && active > 0; ++j) {
-            if (math::is_active(h[j], threshold, b_th)) {
-              --active;
-              const acc_t g = math::surrogate(h[j], threshold, slope, surrogate);
-              act_idx[b].push_back(static_cast<int32_t>(j));
-              act_sg[b].push_back(static_cast<scalar_t>(g));
-              if (keep_rg) act_rg[b].push_back(static_cast<scalar_t>(reset_term(h[j], g)));
-            }
+          const size_t at = act_idx[b].size();
+          act_idx[b].insert(act_idx[b].end(), row_idx.begin(), row_idx.begin() + active);
+          act_sg[b].resize(at + active);
+          if (keep_rg) act_rg[b].resize(at + active);
+          scalar_t* sg_b = act_sg[b].data() + at;
+          for (int64_t e = 0; e < active; ++e) {
+            const int32_t j = row_idx[e];
+            const acc_t g = math::surrogate(h[j], threshold, slope, surrogate);
+            sg_b[e] = static_cast<scalar_t>(g);
+            if (keep_rg) act_rg[b][at + e] = static_cast<scalar_t>(reset_term(h[j], g));
           }
         } else {
-          for (int64_t j = 0; j < N; ++j) {
-            const acc_t g = math::surrogate(h[j], threshold, slope, surrogate);
-            sgd[row + j] = static_cast<scalar_t>(g);
-            if (rgd) rgd[row + j] = static_cast<scalar_t>(reset_term(h[j], g));
-          }
+          surrogate_row(surrogate, N, h, sgd + row, threshold, slope);
+          if (rgd)
+            for (int64_t j = 0; j < N; ++j)
+              rgd[row + j] = static_cast<scalar_t>(reset_term(h[j], static_cast<acc_t>(sgd[row + j])));
         }
       }
       for (int64_t j = 0; j < N; ++j) vfin[b * N + j] = static_cast<scalar_t>(v[j]);
