@@ -477,6 +477,10 @@ def machine_info(device) -> dict:
         torch=torch.__version__, torch_threads=torch.get_num_threads(),
         device=str(device),
     )
+    # allocator switches that change CPU timings (THP_MEM_ALLOC_ENABLE=1: PyTorch backs large CPU
+    # tensors with 2 MB pages, so a fresh large tensor costs far fewer page faults)
+    info["allocator_env"] = {k: v for k, v in sorted(os.environ.items())
+                             if k == "THP_MEM_ALLOC_ENABLE" or k.startswith("MALLOC_") or k == "LD_PRELOAD"}
     try:  # 1-minute load average as the run ends: other jobs on the machine skew the timings
         info["load_average"] = round(os.getloadavg()[0], 2)
     except OSError:

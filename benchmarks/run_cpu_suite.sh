@@ -44,6 +44,8 @@ run sweeps  $PY benchmarks/bench_sweeps.py  --repeats 3 --json $R/sweeps.json
 run sweeps  $PY benchmarks/bench_sweeps.py  --repeats 3 --threads 1 --json $R/sweeps-1thread.json
 run recurrent $PY benchmarks/bench_recurrent.py --repeats 5 --json $R/recurrent.json
 run conv    $PY benchmarks/bench_conv.py    --repeats 5 --json $R/conv.json
+# the same with PyTorch's 2 MB pages for large CPU tensors (docs/benchmarks.md, conv section)
+run conv    env THP_MEM_ALLOC_ENABLE=1 $PY benchmarks/bench_conv.py --repeats 5 --json $R/conv-thp.json
 run phases  $PY benchmarks/bench_phases.py  --repeats 7 --threads 1 --json $R/phases-1thread.json --docs docs/design.md
 $PY benchmarks/report.py --results $R --docs docs/benchmarks.md
 echo "done: update the prose of docs/benchmarks.md's summary and README.md's figures from the tables"
