@@ -40,7 +40,7 @@ from torch import nn
 from . import functional as F_sg
 from . import ops
 from .conversion_recurrent import rleaky_rule
-from .nn import LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed
+from .nn import LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed, TimeSequential
 
 __all__ = ["convert", "ConversionReport", "ConvertedPair", "NeuronSpec", "Unsupported",
            "NEURON_RULES", "register_neuron_rule", "SequenceModel", "StepByStep",
@@ -660,7 +660,7 @@ class _Walk:
         if _is_stateful(m):
             self.report.skipped.append((name, "keeps state between time steps"))
             return StepByStep(m, "keeps state between time steps")
-        if type(m) is nn.Sequential or isinstance(m, nn.ModuleList):
+        if type(m) in (nn.Sequential, TimeSequential) or isinstance(m, nn.ModuleList):
             self.children(m, f"{name}.")
             return m
         if _is_user_container(m) and any(True for _ in m.children()):
@@ -755,9 +755,10 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
     ``LIFNode`` / ``IFNode``; see NEURON_RULES. b_th and backward are given to every new layer.
     inplace=False (default) converts a deep copy.
 
-    An nn.Sequential comes back as an nn.Sequential that runs a whole sequence:
-    ``convert(net)(x)`` with x [T, B, ...] gives what stacking the original's per-step outputs
-    gives. Other modules keep their class (their own forward, a time loop, no longer applies):
+    An nn.Sequential comes back as a ``sparsegrad.nn.TimeSequential`` (an nn.Sequential with the
+    same children and state_dict keys that runs consecutive per-step layers together on chunks of
+    time steps) that runs a whole sequence: ``convert(net)(x)`` with x [T, B, ...] gives what
+    stacking the original's per-step outputs gives. Other modules keep their class (their own forward, a time loop, no longer applies):
     run them with ``SequenceModel``. Modules that cannot be converted exactly are left in place,
     stepped over time (StepByStep), and listed in the report and in a UserWarning.
 
@@ -772,8 +773,10 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
     walk = _Walk(float(b_th), backward, report)
     if _is_foreign_neuron(model):
         model, _ = walk.neuron("(root)", model, None, last=True)
-    elif type(model) is nn.Sequential or _is_user_container(model):
+    elif type(model) in (nn.Sequential, TimeSequential) or _is_user_container(model):
         walk.children(model, "", root=True)
+        if type(model) is nn.Sequential:  # same object, children and keys; runs per-step layers together
+            model.__class__ = TimeSequential
     else:
         model = walk.layer("(root)", model)
     if not report.exact:
@@ -786,7 +789,7 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
 def _layers(module: nn.Module) -> List[nn.Module]:
     """The chain of layers in call order: containers' children in registration order."""
     children = list(module.children())
-    is_container = type(module) is nn.Sequential or _is_user_container(module)
+    is_container = type(module) in (nn.Sequential, TimeSequential) or _is_user_container(module)
     if not children or not is_container:
         return [module]
     out = []

@@ -12,7 +12,7 @@ from torch import nn
 from . import functional as F_sg
 from . import ops
 
-__all__ = ["LIF", "RLIF", "LIReadout", "LIFNeuron", "TimeDistributed"]
+__all__ = ["LIF", "RLIF", "LIReadout", "LIFNeuron", "TimeDistributed", "TimeSequential"]
 
 
 class _LinearParams(nn.Module):
@@ -327,6 +327,76 @@ class TimeDistributed(nn.Module):
 
     def extra_repr(self) -> str:
         return "batch_first=True" if self.batch_first else ""
+
+
+# Layers that compute each sample alone and deterministically: a run of TimeDistributed layers
+# made of these gives the same per-sample results whether it sees all time steps at once or a
+# few at a time (Dropout is left out: chunks would draw its masks differently).
+_CHUNK_SAFE = (
+    nn.Linear, nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.conv._ConvNd,
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd, nn.modules.padding._ConstantPadNd,
+    nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd, nn.Upsample,
+    nn.PixelShuffle, nn.PixelUnshuffle, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.LogSigmoid,
+)
+
+
+def _chunkable(layer: nn.Module) -> bool:
+    """A TimeDistributed layer whose every part is a plain nn.Sequential or in _CHUNK_SAFE."""
+    return isinstance(layer, TimeDistributed) and all(
+        type(m) is nn.Sequential or isinstance(m, _CHUNK_SAFE) for m in layer.module.modules())
+
+
+class TimeSequential(nn.Sequential):
+    """An nn.Sequential for whole sequences that runs consecutive per-step layers together.
+
+    Children run in order as in nn.Sequential, except that a run of two or more consecutive
+    ``TimeDistributed`` layers of per-sample layers (convolutions, pooling, Linear, Flatten,
+    activations, ...; not Dropout) is applied to a few time steps at a time: each chunk of
+    about ``chunk_samples`` samples goes through the whole run, and the chunks' outputs are
+    concatenated over time. Every sample's result is what the layers give it one after another;
+    the run's intermediate tensors (e.g. a convolution's output before its pooling) then exist
+    per chunk only, small and cache-resident, instead of over all T·B samples at once (tens of MB
+    that the allocator maps and page-faults in again at every step).
+
+    ``sparsegrad.convert`` returns an nn.Sequential model as a TimeSequential (same children,
+    indices and state_dict keys).
+    """
+
+    #: samples per call of a chunked run (time steps per chunk: ceil(chunk_samples / batch))
+    chunk_samples = 256
+
+    def forward(self, x):
+        layers = list(self)
+        i = 0
+        while i < len(layers):
+            j = i
+            while j < len(layers) and _chunkable(layers[j]) and \
+                    layers[j].batch_first == layers[i].batch_first:
+                j += 1
+            if j - i >= 2 and isinstance(x, torch.Tensor) and x.dim() >= 2:
+                x = self._run_chunked(layers[i:j], x)
+                i = j
+            else:
+                x = layers[i](x)
+                i += 1
+        return x
+
+    def _run_chunked(self, run, x: torch.Tensor) -> torch.Tensor:
+        tdim = 1 if run[0].batch_first else 0
+        steps, batch = x.shape[tdim], x.shape[1 - tdim]
+        per_chunk = max(1, -(-int(self.chunk_samples) // max(batch, 1)))
+        parts = []
+        for t0 in range(0, steps, per_chunk) if per_chunk < steps else [None]:
+            h = x if t0 is None else x.narrow(tdim, t0, min(per_chunk, steps - t0))
+            for layer in run:
+                h = layer(h)
+            parts.append(h)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=tdim)
 
 
 def _time_distributed_load_hook(module, state_dict, prefix, *args):
