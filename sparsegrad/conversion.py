@@ -40,7 +40,8 @@ from torch import nn
 from . import functional as F_sg
 from . import ops
 from .conversion_recurrent import rleaky_rule
-from .nn import LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed, TimeSequential
+from .nn import (LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed, TimeSequential,
+                 _PER_SAMPLE_LAYERS)
 
 __all__ = ["convert", "ConversionReport", "ConvertedPair", "NeuronSpec", "Unsupported",
            "NEURON_RULES", "register_neuron_rule", "SequenceModel", "StepByStep",
@@ -520,18 +521,9 @@ def _transparent_load_hook(module, state_dict, prefix, *args):
 
 
 # Per-step layers that treat every sample on its own, so that one call on T*B samples equals T
-# calls on B samples (checked bit for bit in tests/test_convert.py and benchmarks/bench_conv.py).
-_FOLDABLE = (
-    nn.Linear, nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd, nn.Identity,
-    nn.modules.dropout._DropoutNd, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
-    nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
-    nn.modules.padding._ReplicationPadNd, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
-    nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.LogSigmoid,
-)
+# calls on B samples (checked bit for bit in tests/test_convert.py and benchmarks/bench_conv.py):
+# nn.py's list plus Dropout (Flatten / Unflatten are checked for the batch dimension first).
+_FOLDABLE = _PER_SAMPLE_LAYERS + (nn.modules.dropout._DropoutNd,)
 
 
 def _foldable(m: nn.Module) -> Tuple[bool, str]:

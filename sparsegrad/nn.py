@@ -329,10 +329,11 @@ class TimeDistributed(nn.Module):
         return "batch_first=True" if self.batch_first else ""
 
 
-# Layers that compute each sample alone and deterministically: a run of TimeDistributed layers
-# made of these gives the same per-sample results whether it sees all time steps at once or a
-# few at a time (Dropout is left out: chunks would draw its masks differently).
-_CHUNK_SAFE = (
+# Layers that compute each sample alone and deterministically (the one list: conversion.py folds
+# these, plus Dropout, over time). A run of TimeDistributed layers made of these gives the same
+# per-sample results whether it sees all time steps at once or a few at a time (Dropout is left
+# out here: chunks would draw its masks differently).
+_PER_SAMPLE_LAYERS = (
     nn.Linear, nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.conv._ConvNd,
     nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
@@ -346,9 +347,9 @@ _CHUNK_SAFE = (
 
 
 def _chunkable(layer: nn.Module) -> bool:
-    """A TimeDistributed layer whose every part is a plain nn.Sequential or in _CHUNK_SAFE."""
+    """A TimeDistributed layer whose every part is a plain nn.Sequential or in _PER_SAMPLE_LAYERS."""
     return isinstance(layer, TimeDistributed) and all(
-        type(m) is nn.Sequential or isinstance(m, _CHUNK_SAFE) for m in layer.module.modules())
+        type(m) is nn.Sequential or isinstance(m, _PER_SAMPLE_LAYERS) for m in layer.module.modules())
 
 
 class TimeSequential(nn.Sequential):
