@@ -67,4 +67,15 @@ inline at::Tensor row_offsets(const at::Tensor& cnt, int64_t n_entries, int64_t 
   return offsets;
 }
 
+// An optional tensor made contiguous (an absent one stays absent).
+inline c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
+// The data of an optional tensor, or null when it is absent.
+template <typename T>
+inline T* ptr_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
 }  // namespace sparsegrad

@@ -266,9 +266,6 @@ Outputs lif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                         c10::string_view surrogate, c10::string_view reset) {
   const NeuronKinds kinds = check_lif_forward_args(x_in, weight_in, bias_in, v_init_in, s_init_in,
                                                    alpha, threshold, b_th, slope, surrogate, reset);
-  auto contiguous = [](const c10::optional<at::Tensor>& t) -> c10::optional<at::Tensor> {
-    return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
-  };
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lif_forward_cpu", [&] {

@@ -333,10 +333,6 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
   return {grad_current, dv};
 }
 
-c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
-}
-
 NeuronOutputs lif_neuron_forward_cpu(const at::Tensor& current_in,
                                      const c10::optional<at::Tensor>& v_init,
                                      const c10::optional<at::Tensor>& s_init, double alpha,

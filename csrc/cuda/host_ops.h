@@ -52,15 +52,6 @@ using ReadoutGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 using cpu::Events;
 
-inline c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
-}
-
-template <typename T>
-inline const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
 inline at::TensorOptions acc_options(const at::Tensor& like) {
   const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return like.options().dtype(acc);

@@ -27,15 +27,6 @@ using NeuronGrads = std::tuple<at::Tensor, at::Tensor>;
 
 namespace neuron_detail {
 
-inline c10::optional<at::Tensor> contiguous_opt(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
-}
-
-template <typename T>
-inline T* data_or_null(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<T>() : nullptr;
-}
-
 // int64 offsets [rows + 1] of a CSR given its int32 row counts (a device-wide scan on the GPU;
 // checked on the host in the emulation).
 inline at::Tensor offsets_from_counts(const at::Tensor& cnt, int64_t n_entries, int64_t n,
@@ -77,8 +68,8 @@ NeuronForwardOutputs forward_impl(const at::Tensor& current, const c10::optional
   a.dynamics = dynamics;
   a.tau = static_cast<acc_t>(tau);
   a.v_reset = static_cast<acc_t>(v_reset);
-  a.v_init = data_or_null<scalar_t>(v_init);
-  a.s_init = data_or_null<scalar_t>(s_init);
+  a.v_init = ptr_or_null<scalar_t>(v_init);
+  a.s_init = ptr_or_null<scalar_t>(s_init);
   a.spikes = spikes.data_ptr<scalar_t>();
   a.v_final = v_final.data_ptr<scalar_t>();
   a.mem = return_mem ? mem.data_ptr<scalar_t>() : nullptr;
@@ -139,7 +130,7 @@ NeuronGrads backward_impl(const at::Tensor& grad_spikes, const c10::optional<at:
     auto offsets = offsets_from_counts(act_cnt, act_idx.numel(), N, "lif_neuron_backward");
     L::launch(R, &neuron_scatter_delta_kernel<scalar_t>, grad_spikes.data_ptr<scalar_t>(),
               offsets.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(),
-              act_sg.data_ptr<scalar_t>(), data_or_null<scalar_t>(act_rg), T, B, N,
+              act_sg.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(act_rg), T, B, N,
               grad_current.data_ptr<scalar_t>(),
               act_rg.has_value() ? rg.data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
   }
@@ -153,8 +144,8 @@ NeuronGrads backward_impl(const at::Tensor& grad_spikes, const c10::optional<at:
   a.leaky = leaky;
   a.input_scale = static_cast<acc_t>(input_scale);
   a.rg = act_rg.has_value() ? rg.data_ptr<scalar_t>() : nullptr;
-  a.grad_v_final = data_or_null<scalar_t>(grad_v_final);
-  a.grad_mem = data_or_null<scalar_t>(grad_mem);
+  a.grad_v_final = ptr_or_null<scalar_t>(grad_v_final);
+  a.grad_mem = ptr_or_null<scalar_t>(grad_mem);
   a.bits = rst_bits.has_value() ? rst_bits->data_ptr<int32_t>() : nullptr;
   a.grad_spikes = grad_spikes.data_ptr<scalar_t>();
   a.sg_dense = sparse ? nullptr : act_sg.data_ptr<scalar_t>();
@@ -181,7 +172,7 @@ NeuronForwardOutputs lif_neuron_forward(const at::Tensor& current_in,
   NeuronForwardOutputs out;
   AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "lif_neuron_forward_cuda", [&] {
     out = neuron_detail::forward_impl<L, scalar_t>(
-        current, neuron_detail::contiguous_opt(v_init), neuron_detail::contiguous_opt(s_init),
+        current, contiguous(v_init), contiguous(s_init),
         alpha, threshold, b_th, slope, sparse, kinds.surrogate, kinds.reset, return_mem,
         kinds.dynamics, tau, v_reset, detach_reset);
   });
@@ -206,10 +197,10 @@ NeuronGrads lif_neuron_backward(const at::Tensor& grad_spikes_in,
   NeuronGrads out;
   AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "lif_neuron_backward_cuda", [&] {
     out = neuron_detail::backward_impl<L, scalar_t>(
-        grad_spikes, neuron_detail::contiguous_opt(grad_v_final),
-        neuron_detail::contiguous_opt(grad_mem), act_cnt.contiguous(), act_idx.contiguous(),
-        act_sg.contiguous(), has_rg ? neuron_detail::contiguous_opt(act_rg) : c10::nullopt,
-        has_rst ? neuron_detail::contiguous_opt(rst_bits) : c10::nullopt, alpha, sparse, need_dv,
+        grad_spikes, contiguous(grad_v_final),
+        contiguous(grad_mem), act_cnt.contiguous(), act_idx.contiguous(),
+        act_sg.contiguous(), has_rg ? contiguous(act_rg) : c10::nullopt,
+        has_rst ? contiguous(rst_bits) : c10::nullopt, alpha, sparse, need_dv,
         leaky, input_scale);
   });
   return out;
