@@ -18,6 +18,8 @@ from sparsegrad.conversion import (ConversionReport, SequenceModel, StepByStep, 
                                    surrogate_of)
 from sparsegrad.nn import LIF, LIFNeuron, TimeDistributed
 
+from conftest import assert_spikes_match, lif_membrane
+
 T, B, N_IN, N_H1, N_H2, N_OUT = 40, 6, 20, 32, 24, 5
 
 
@@ -256,10 +258,11 @@ def test_snntorch_tutorial_csnn_same_spikes_and_dense_gradients(surrogate):
     x = torch.rand(6, 4, 1, 28, 28, generator=g) * 2  # [T, B, C, H, W]
     spk, mem = _snn_run(net, x)
     pytest.importorskip("snntorch.utils").reset(net)
-    hidden = []
-    for t in range(x.shape[0]):  # the first hidden layer's spikes
+    hidden, hidden_v = [], []
+    for t in range(x.shape[0]):  # the first hidden layer's spikes and (pre-reset) membrane
         hidden.append(net[2](net[1](net[0](x[t]))))
-    hidden = torch.stack(hidden)
+        hidden_v.append(net[2].mem.detach().clone())
+    hidden, hidden_v = torch.stack(hidden), torch.stack(hidden_v)
     assert 0.01 < hidden.mean() < 0.6 and 0.01 < spk.mean() < 0.9
 
     with warnings.catch_warnings():
@@ -268,9 +271,13 @@ def test_snntorch_tutorial_csnn_same_spikes_and_dense_gradients(surrogate):
     assert report.exact and len(report.converted) == 3
     assert report.folded == ["0", "1", "3", "4", "6", "7"]
     assert isinstance(conv[2], LIFNeuron) and isinstance(conv[0], TimeDistributed)
-    assert torch.equal(conv[2](conv[1](conv[0](x))), hidden)
+    # oneDNN may pick another convolution algorithm for T*B samples than for B, so the currents
+    # differ in the last bits: spikes equal wherever V clears the threshold by more than that
+    # rounding, membranes to round-off
+    assert_spikes_match(conv[2](conv[1](conv[0](x))), hidden, hidden_v)
     spk2, mem2 = conv(x)
-    assert torch.equal(spk2, spk) and torch.equal(mem2, mem)
+    assert_spikes_match(spk2, spk, mem.detach())
+    torch.testing.assert_close(mem2, mem, rtol=1e-5, atol=1e-5 * float(mem.detach().abs().max()))
 
     g1 = torch.randn(spk.shape, generator=g)
     g2 = torch.randn(mem.shape, generator=g)
