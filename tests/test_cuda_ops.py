@@ -9,7 +9,7 @@ import torch
 
 import sparsegrad
 from sparsegrad import reference as ref
-from conftest import DEVICE_DTYPES, TOL, random_problem
+from conftest import DEVICE_DTYPES, TOL, assert_spikes_match, layer_membrane, random_problem
 
 ops = torch.ops.sparsegrad
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -40,7 +40,7 @@ def test_cuda_ops_lif_matches_reference(device, dtype, shape, rate, backward):
     s = sparsegrad.lif_layer(x, w, b, **kw)
     s_ref = ref.lif_layer(x, w, b, **kw)
     assert s.device == x.device
-    assert torch.equal(s, s_ref)
+    assert_spikes_match(s, s_ref, layer_membrane(x, w, b, s_ref, 0.9))  # events/cuBLAS vs GEMM
     g = torch.randn(s.shape, dtype=dtype, device=device)
     got = _grads(lambda x, w, b: sparsegrad.lif_layer(x, w, b, **kw), x, [w, b], g)
     want = _grads(lambda x, w, b: ref.lif_layer(x, w, b, **kw), x, [w, b], g)
@@ -114,4 +114,7 @@ def test_cuda_indices_beyond_int32():
     assert int(act_cnt.sum(dtype=torch.int64)) == act_idx.numel() == int(stats[1])
     alone = ops.lif_forward(x[:, -1:].contiguous(), w, b, None, None, None, None, 0.9, 1.0, 0.01,
                             10.0, True)[0]
-    assert torch.equal(spikes[:, -1], alone[:, 0])
+    # one batch element's input density differs from the whole's: either may take the other
+    # current route (events or cuBLAS), so compare off the threshold's rounding
+    assert_spikes_match(spikes[:, -1], alone[:, 0],
+                        layer_membrane(x[:, -1:], w, b, alone, 0.9)[:, 0])

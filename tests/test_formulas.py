@@ -6,6 +6,8 @@ import torch
 
 import sparsegrad
 
+from conftest import assert_spikes_match, layer_membrane
+
 
 def numpy_lif(x, w, b, alpha, thr, slope, b_th):
     """Forward V and S, then G[k] = sum_{t>=k} alpha^(t-k) delta[t] by explicit sums."""
@@ -85,4 +87,5 @@ def test_spikes_match_snntorch_leaky(seed):
     want = torch.stack(spikes)
     got = sparsegrad.lif_layer(x, fc.weight, fc.bias, alpha=beta, threshold=1.0)
     assert want.sum() > 0
-    assert torch.equal(got, want)
+    # events vs snnTorch's per-step GEMM: the same spikes off the threshold's rounding
+    assert_spikes_match(got, want, layer_membrane(x, fc.weight, fc.bias, want, beta))

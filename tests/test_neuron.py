@@ -217,7 +217,10 @@ def test_time_distributed_equals_per_step(batch_first):
         per_step = torch.stack([layer(x[t]) for t in range(T)])
         if batch_first:
             per_step = per_step.transpose(0, 1)
-        assert torch.equal(y, per_step), type(layer).__name__
+        if isinstance(layer, nn.Conv2d):  # T*B samples at once may take another conv algorithm
+            torch.testing.assert_close(y, per_step, rtol=1e-12, atol=1e-12)
+        else:  # per-element or per-sample arithmetic: the same bits
+            assert torch.equal(y, per_step), type(layer).__name__
     lin = TimeDistributed(nn.Linear(6, 3))
     assert lin(torch.randn(T, B, 6)).shape == (T, B, 3)
     assert list(dict(lin.named_parameters())) == ["module.weight", "module.bias"]

@@ -13,7 +13,7 @@ import torch
 import sparsegrad
 from sparsegrad import reference as ref
 from sparsegrad.nn import LIF, RLIF
-from conftest import TOL
+from conftest import TOL, assert_spikes_match, layer_membrane
 
 SURROGATES = ["fast_sigmoid", "atan", "sigmoid", "triangle"]
 RESETS = ["subtract", "zero", "none"]
@@ -48,6 +48,12 @@ def run_both(x, w, r, b, *, state=None, grad_v=True, seed=1, **kw):
         loss.backward()
         grads = [t.grad for t in leaves] + ([t.grad for t in st] if st else [None, None])
         results.append([spk.detach(), v_fin.detach()] + grads)
+    # the reference's membrane, to compare spikes off the threshold's rounding (events vs GEMM)
+    thr = kw.get("threshold", 1.0)
+    v = layer_membrane(x, w, b, results[0][0], kw["alpha"], thr, kw.get("reset", "subtract"),
+                       state=state, rec_weight=r)
+    for res in results:
+        res.append((v, thr))
     return results
 
 
@@ -58,7 +64,10 @@ def assert_same(got, want, dtype=torch.float64):
             assert g is None or torch.count_nonzero(g) == 0, name
             continue
         if name == "spikes":
-            assert torch.equal(g, w), "spikes differ"
+            if len(want) > 8:
+                assert_spikes_match(g, w, *want[8])
+            else:
+                assert torch.equal(g, w), "spikes differ"
         else:
             tol = dict(TOL[dtype])
             if dtype == torch.float32:  # round-off through the recurrence: relative to the scale
@@ -180,14 +189,17 @@ def test_rlif_module_state_and_layouts():
     assert spk.shape == (10, 3, 5) and state.v.shape == (3, 5)
     assert layer.last_stats.numel == 150 and int(layer.last_stats.spike_count) == int(spk.sum())
     want = ref.rlif_layer(x, layer.weight, layer.rec_weight, layer.bias, alpha=0.8, slope=5.0)
-    assert torch.equal(spk, want)
+    assert_spikes_match(spk, want, layer_membrane(x, layer.weight, layer.bias, want, 0.8,
+                                                  rec_weight=layer.rec_weight))
     bf = copy.deepcopy(layer)
     bf.batch_first = True
     assert torch.equal(bf(x.transpose(0, 1)).transpose(0, 1), spk)
     # chunked through the module
     s1, st = layer(x[:4], return_state=True)
     s2 = layer(x[4:], state=st)
-    assert torch.equal(torch.cat([s1, s2]), spk)
+    # a chunk's input density may pick the other current route (events / GEMM) than the whole's
+    assert_spikes_match(torch.cat([s1, s2]), spk, layer_membrane(
+        x, layer.weight, layer.bias, spk, 0.8, rec_weight=layer.rec_weight))
     # parameters and pickling
     assert set(dict(layer.named_parameters())) == {"weight", "rec_weight", "bias"}
     assert layer.rec_weight.shape == (5, 5)
@@ -375,7 +387,8 @@ def test_rlif_spikes_equal_snntorch_rleaky():
                                 fc.bias + lif.recurrent.bias, alpha=0.85, threshold=0.8,
                                 surrogate="atan", slope=2.0)
     assert 0.05 < want.mean() < 0.6
-    assert torch.equal(got, want)
+    assert_spikes_match(got, want, layer_membrane(x, fc.weight, fc.bias + lif.recurrent.bias, want,
+                                                  0.85, 0.8, rec_weight=lif.recurrent.weight), 0.8)
 
 
 # --------------------------------------------------------------------------- GPU (skipped here)
@@ -402,6 +415,9 @@ def _rlif_all_outputs(x, w, r, b, s0, g, gv, prev):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rlif_cuda_equals_cpu_and_determinism_two_runs(dtype):
     x, w, r, b = rlif_problem(40, 8, 64, 48, rate=0.1, dtype=dtype, seed=6)
+    # weights on a grid of 1/64: every current is exact whatever the summation order (cuBLAS or
+    # CPU events), so the spikes and the compact outputs must agree bit for bit across devices
+    w, r, b = (torch.round(t * 64) / 64 for t in (w, r, b))
     s0 = (torch.rand(8, 48) < 0.3).to(dtype)
     g, gv = torch.randn(40, 8, 48, dtype=dtype), torch.randn(8, 48, dtype=dtype)
     mask = torch.rand(8, 40, 64) < 0.3
