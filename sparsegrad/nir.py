@@ -580,8 +580,8 @@ class _Exporter:
             what = ", ".join(f"{k}={v!r}" for k, v in bad.items())
             raise NIRConversionError(
                 f"layer {name!r} ({type(module).__name__}): {what} cannot be expressed in NIR "
-                f"(NIR's neurons reset to v_reset, have no surrogate gradient, no b_th and no "
-                f"reduction over time); pass metadata=True to store it in the node's metadata "
+                f"(NIR's neurons reset to v_reset; NIR has no surrogate gradient, slope, b_th, "
+                f"backward mode or reduction over time); pass metadata=True to store it in the node's metadata "
                 f"(read back only by sparsegrad.from_nir; other tools will run NIR's meaning)")
         return {_META_KEY: dict(bad)}
 

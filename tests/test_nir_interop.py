@@ -194,3 +194,16 @@ def test_norse_lifbox_export_is_refused_with_its_tau():
     assert taus and np.isclose(taus[0], 1e-5)
     with pytest.raises(NIRConversionError, match="shorter than dt"):
         from_nir(g, dt=1e-3)
+
+
+def test_worked_example_smoke():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "nir_example.py")
+    spec = importlib.util.spec_from_file_location("nir_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.main(epochs=1, T=20, n_test=32)
+    assert r["logits_identical_from_file"] and r["hidden_spikes_identical_in_snntorch"]
+    assert r["hidden_spikes"] > 0
