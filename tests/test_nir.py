@@ -264,3 +264,46 @@ def test_sparsegrad_imports_without_nir():
     assert out.returncode == 0, out.stderr
     assert "refused" in out.stdout and "sparsegrad[nir]" in out.stdout
     assert sparsegrad.to_nir is to_nir and sparsegrad.from_nir is from_nir
+
+
+def _euler64(cur, tau, r, v_leak, dt, theta=None):
+    """NIR's ODE tau dv/dt = v_leak - v + r I by forward Euler in float64 (reset to 0 after a
+    spike when theta is given): (outputs, min |v - theta|)."""
+    cur = cur.double()
+    v = torch.zeros_like(cur[0])
+    s = torch.zeros_like(cur[0])
+    out, margin = [], float("inf")
+    for t in range(cur.shape[0]):
+        v = v * (1 - s) if theta is not None else v
+        v = v + dt / tau * (v_leak - v + r * cur[t])
+        if theta is None:
+            out.append(v)
+            continue
+        margin = min(margin, float((v - theta).abs().min()))
+        s = (v > theta).double()
+        out.append(s)
+    return torch.stack(out), margin
+
+
+@pytest.mark.parametrize("dt", [1e-4, 1e-3])
+def test_lif_and_li_follow_nirs_ode_by_euler(dt):
+    torch.manual_seed(7)
+    w = torch.randn(6, 5)
+    b = torch.randn(6) * 0.1
+    tau, r, v_leak, theta = 20 * dt, 4.0, 0.3, 0.5
+    nodes = {"in": nir.Input(input_type=np.array([5])),
+             "a": nir.Affine(weight=w.numpy(), bias=b.numpy()),
+             "l": _lif((6,), tau=tau, thr=theta, r=r, v_leak=v_leak),
+             "a2": nir.Linear(weight=torch.randn(3, 6).numpy()),
+             "li": nir.LI(tau=_full(3, 10 * dt), r=_full(3, 2.0), v_leak=_full(3, 0.1)),
+             "out": nir.Output(output_type=np.array([3]))}
+    g = nir.NIRGraph(nodes=nodes, edges=[("in", "a"), ("a", "l"), ("l", "a2"), ("a2", "li"),
+                                         ("li", "out")])
+    m = from_nir(g, dt=dt)
+    x = _spikes(80, 4, 5, p=0.5)
+    ref_s, margin = _euler64(x.double() @ w.double().T + b.double(), tau, r, v_leak, dt, theta)
+    assert margin > 1e-5 and ref_s.sum() > 20
+    assert torch.equal(m[0](x), ref_s.float())
+    w2 = torch.as_tensor(nodes["a2"].weight).double()
+    ref_li, _ = _euler64(ref_s @ w2.T, 10 * dt, 2.0, 0.1, dt)
+    assert torch.allclose(m(x).double(), ref_li, atol=1e-5)
