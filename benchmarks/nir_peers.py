@@ -29,6 +29,7 @@ from snntorch.export_nir import _extract_snntorch_module, export_to_nir  # noqa:
 from snntorch.import_nir import import_from_nir  # noqa: E402
 
 import sparsegrad  # noqa: E402
+import sparsegrad.nir as sg_nir  # noqa: E402
 from sparsegrad.nir import NIRConversionError, neuron_params  # noqa: E402
 
 
@@ -80,7 +81,11 @@ def beta_sweep():
             n_hi += 1
             ours_hi += ok
             own_hi += theirs
+    # and the other way: sparsegrad's float64 tau through snnTorch's importer arithmetic
+    back = sum(np.float32((1 - 1e-4 / sg_nir._lif_node(float(a), 1.0, (1,), 1e-4, {}).tau)[0]) == a
+               for a in betas)
     return {"betas": int(betas.size), "snntorch_import_exact": int(own),
+            "sparsegrad_export_snntorch_import_exact": int(back),
             "snntorch_import_exact_ge_0.625": int(own_hi),
             "sparsegrad_exact": int(ours), "betas_ge_0.625": n_hi,
             "sparsegrad_exact_ge_0.625": int(ours_hi)}
