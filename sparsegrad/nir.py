@@ -15,6 +15,7 @@ Requires the optional packages ``nir`` (and, for NIR's own tooling, ``nirtorch``
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -42,6 +43,7 @@ NIR_DEFAULTS = {"surrogate": "fast_sigmoid", "slope": 100.0, "b_th": 0.2, "backw
 _GAIN_RTOL = 1e-6
 
 _META_KEY = "sparsegrad"
+_log = logging.getLogger(__name__)
 
 # nir 1.0 defines an Identity node without exporting it at the top level.
 _IDENTITY = getattr(nir, "Identity", None) or getattr(nir.ir.graph, "Identity", None) or ()
@@ -465,6 +467,10 @@ def from_nir(graph_or_path, dt: float = 1e-4, *, surrogate: str = NIR_DEFAULTS["
             if p not in units and p != inp:
                 raise NIRConversionError(f"NIR Output {o!r} reads {p!r}, which is fused into a "
                                          f"neuron or cannot run")
+    _log.info("sparsegrad.from_nir: dt=%g, spiking layers get reset='zero', surrogate=%r, "
+              "slope=%g, b_th=%g, backward=%r (NIR carries none of these)%s", dt, surrogate,
+              float(slope), float(b_th), backward,
+              "; node metadata['sparsegrad'] overrides them" if use_metadata else "")
     chain = (len(outputs) == 1 and all(len(unit_preds[k]) == 1 for k in order)
              and [unit_preds[k][0] for k in order] == [inp] + order[:-1]
              and out_preds[outputs[0]] == [order[-1] if order else inp])

@@ -238,3 +238,25 @@ def test_worked_example_smoke():
     r = mod.main(epochs=1, T=20, n_test=32)
     assert r["logits_identical_from_file"] and r["hidden_spikes_identical_in_snntorch"]
     assert r["hidden_spikes"] > 0
+
+
+def test_converted_snntorch_model_exports_with_its_surrogate_in_metadata(tmp_path):
+    import sparsegrad
+    torch.manual_seed(8)
+    net = _boost(nn.Sequential(
+        nn.Linear(10, 20), snn.Leaky(beta=0.9, reset_mechanism="zero", init_hidden=True),
+        nn.Linear(20, 5), snn.Leaky(beta=0.8, threshold=0.5, reset_mechanism="zero",
+                                    init_hidden=True)))
+    conv = sparsegrad.convert(net)
+    x = _x(30, 4, 10, seed=9)
+    ref, mems = _run_snntorch(net, x)
+    assert _min_margin(mems) > MARGIN
+    # snnTorch's default surrogate (atan, slope 2) is not NIR's: refused unless stored
+    with pytest.raises(NIRConversionError, match=r"layer '0' \(LIF\): surrogate='atan', slope=2.0"):
+        to_nir(conv, x[:, :1])
+    nir.write(tmp_path / "c.nir", to_nir(conv, x[:, :1], metadata=True))
+    back = from_nir(tmp_path / "c.nir")
+    assert (back[0].surrogate, back[0].slope) == ("atan", 2.0)
+    assert torch.equal(back(x), ref)
+    assert torch.equal(_run_imported(import_from_nir(nir.read(tmp_path / "c.nir")), x), ref)
+    assert ref.sum() > 20
