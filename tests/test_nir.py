@@ -307,3 +307,24 @@ def test_lif_and_li_follow_nirs_ode_by_euler(dt):
     w2 = torch.as_tensor(nodes["a2"].weight).double()
     ref_li, _ = _euler64(ref_s @ w2.T, 10 * dt, 2.0, 0.1, dt)
     assert torch.allclose(m(x).double(), ref_li, atol=1e-5)
+
+
+def test_argument_errors_and_edge_shapes():
+    m = _mlp()
+    with pytest.raises(ValueError, match=r"sample_input must be a \[T, B, \.\.\.\]"):
+        to_nir(m, torch.zeros(3, 6))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        to_nir("model", torch.zeros(1, 1, 6))
+    with pytest.raises(ValueError, match="dt must be"):
+        to_nir(m, torch.zeros(1, 1, 6), dt=-1.0)
+    two_inputs = nir.NIRGraph(nodes={"a": nir.Input(input_type=np.array([2])),
+                                     "b": nir.Input(input_type=np.array([2])),
+                                     "out": nir.Output(output_type=np.array([2]))},
+                              edges=[("a", "out"), ("b", "out")])
+    with pytest.raises(NIRConversionError, match="exactly one Input"):
+        from_nir(two_inputs)
+    # T = 1, B = 1
+    g = to_nir(m, torch.zeros(1, 1, 6))
+    x = torch.full((1, 1, 6), 3.0)
+    assert torch.equal(from_nir(g)(x), m(x))
+    assert sparsegrad.nir.NIRConversionError is NIRConversionError

@@ -44,10 +44,11 @@ def _run_snntorch(net, x):
     """Step an init_hidden snnTorch Sequential; spikes [T, B, ...] and every Leaky's membrane."""
     snn_utils.reset(net)
     spikes, mems = [], []
-    for t in range(x.shape[0]):
-        spikes.append(net(x[t]))
-        mems.append([m.mem.clone() - m.threshold for m in net.modules()
-                     if isinstance(m, (snn.Leaky, snn.RLeaky))])
+    with torch.no_grad():
+        for t in range(x.shape[0]):
+            spikes.append(net(x[t]))
+            mems.append([m.mem.clone() - m.threshold for m in net.modules()
+                         if isinstance(m, (snn.Leaky, snn.RLeaky))])
     return torch.stack(spikes), mems
 
 
@@ -57,7 +58,10 @@ def _lif64(x, w, b, alpha, theta, rec=None, rec_b=None):
     Two float32 implementations each stay within ~1e-6 of this V, so while the margin is larger
     their spikes agree (by induction over steps) whatever their summation order.
     """
-    x, w = x.double(), w.double()
+    x, w = x.detach().double(), w.detach().double()
+    b = b.detach() if b is not None else None
+    rec = rec.detach() if rec is not None else None
+    rec_b = rec_b.detach() if rec_b is not None else None
     cur = x @ w.T + (b.double() if b is not None else 0)
     v = torch.zeros_like(cur[0])
     s = torch.zeros_like(cur[0])
