@@ -1,6 +1,7 @@
 """docs/nir.md's worked example: train on digits with sparsegrad, export to NIR, reload in snnTorch.
 
-    PYTHONPATH=. python benchmarks/nir_example.py [--epochs 5] [--out benchmarks/results/nir_example.json]
+    PYTHONPATH=. python benchmarks/nir_example.py [--epochs 5] \
+        [--out benchmarks/results/nir_example.json]
 
 Trains a 64-128-10 network (sparsegrad.nn.LIF with reset="zero", NIR's reset, and an
 LIReadout whose max over time is taken in the loss) on the latency-encoded scikit-learn digits,

@@ -82,8 +82,8 @@ def beta_sweep():
             ours_hi += ok
             own_hi += theirs
     # and the other way: sparsegrad's float64 tau through snnTorch's importer arithmetic
-    back = sum(np.float32((1 - 1e-4 / sg_nir._lif_node(float(a), 1.0, (1,), 1e-4, {}).tau)[0]) == a
-               for a in betas)
+    back = sum(np.float32((1 - 1e-4 / sg_nir._lif_node("n", float(a), 1.0, (1,), 1e-4, {}).tau)[0])
+               == a for a in betas)
     return {"betas": int(betas.size), "snntorch_import_exact": int(own),
             "sparsegrad_export_snntorch_import_exact": int(back),
             "snntorch_import_exact_ge_0.625": int(own_hi),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -57,11 +57,17 @@ class NIRConversionError(ValueError):
 # The one place where NIR neuron parameters become sparsegrad's (and back).
 # --------------------------------------------------------------------------------------------
 
+def _check_dt(dt) -> None:
+    if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not (0 < dt < math.inf):
+        raise ValueError(f"dt must be a positive finite float, got {dt!r}")
+
+
 def _uniform(node_name: str, node, field: str) -> float:
     value = getattr(node, field)
     arr = np.asarray(value, dtype=np.float64)
     if arr.size == 0:
-        raise NIRConversionError(f"NIR node {node_name!r} ({type(node).__name__}): {field} is empty")
+        raise NIRConversionError(
+            f"NIR node {node_name!r} ({type(node).__name__}): {field} is empty")
     first = arr.reshape(-1)[0]
     if not np.all(arr == first):
         raise NIRConversionError(
@@ -114,7 +120,8 @@ def neuron_params(node_name: str, node, dt: float) -> dict:
         r = _uniform(node_name, node, "r")
         v_leak = _uniform(node_name, node, "v_leak")
         if not tau > 0.0:
-            raise NIRConversionError(f"NIR node {node_name!r} ({kind}): tau must be > 0, got {tau:g}")
+            raise NIRConversionError(
+                f"NIR node {node_name!r} ({kind}): tau must be > 0, got {tau:g}")
         step = dt / tau
         if step > 1.0:
             raise NIRConversionError(
@@ -132,25 +139,37 @@ def neuron_params(node_name: str, node, dt: float) -> dict:
     raise NIRConversionError(f"NIR node {node_name!r}: {kind} is not a neuron node")
 
 
-def _lif_node(alpha: float, threshold: float, shape, dt: float, metadata: dict):
+def _per_neuron(value, shape) -> np.ndarray:
+    """A float (or, with tensor parameters, a per-neuron tensor) as a float64 array of `shape`."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().double().numpy()
+    return np.broadcast_to(np.asarray(value, dtype=np.float64), shape).copy()
+
+
+def _lif_node(name, alpha, threshold, shape, dt: float, metadata: dict):
     """The NIR node for a sparsegrad neuron (zero reset): LIF, or IF when alpha = 1."""
-    full = lambda v: np.full(shape, v, dtype=np.float64)  # noqa: E731
-    if alpha == 1.0:
-        return nir.IF(r=full(1.0), v_threshold=full(threshold), v_reset=full(0.0),
-                      metadata=metadata)
-    tau = dt / (1.0 - alpha)
+    a = _per_neuron(alpha, shape)
+    thr = _per_neuron(threshold, shape)
+    zeros = np.zeros(shape, dtype=np.float64)
+    if np.all(a == 1.0):
+        return nir.IF(r=np.ones(shape), v_threshold=thr, v_reset=zeros, metadata=metadata)
+    if np.any(a == 1.0):
+        raise NIRConversionError(f"layer {name!r}: alpha = 1 for some neurons and < 1 for "
+                                 f"others is neither a NIR LIF nor an IF")
+    tau = dt / (1.0 - a)
     # r = tau/dt makes the input gain r*dt/tau one (snnTorch's convention); float64 so that
     # 1 - dt/tau gives alpha back to well under a float32 ulp.
-    return nir.LIF(tau=full(tau), r=full(tau / dt), v_leak=full(0.0), v_threshold=full(threshold),
-                   v_reset=full(0.0), metadata=metadata)
+    return nir.LIF(tau=tau, r=tau / dt, v_leak=zeros, v_threshold=thr, v_reset=zeros.copy(),
+                   metadata=metadata)
 
 
-def _li_node(alpha: float, shape, dt: float, metadata: dict):
-    full = lambda v: np.full(shape, v, dtype=np.float64)  # noqa: E731
-    if not alpha < 1.0:
-        raise NIRConversionError("an LIReadout with alpha = 1 never integrates its input "
-                                 "((1 - alpha) = 0) and has no NIR LI equivalent")
-    return nir.LI(tau=full(dt / (1.0 - alpha)), r=full(1.0), v_leak=full(0.0), metadata=metadata)
+def _li_node(name, alpha, shape, dt: float, metadata: dict):
+    a = _per_neuron(alpha, shape)
+    if not np.all(a < 1.0):
+        raise NIRConversionError(f"layer {name!r} (LIReadout): alpha = 1 never integrates its "
+                                 f"input ((1 - alpha) = 0) and has no NIR LI equivalent")
+    return nir.LI(tau=dt / (1.0 - a), r=np.ones(shape), v_leak=np.zeros(shape),
+                  metadata=metadata)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +188,7 @@ class Scale(nn.Module):
 
 
 class GainShift(nn.Module):
-    """gain * x + shift: a neuron node's input gain and v_leak current when no layer absorbs them."""
+    """gain * x + shift: a neuron node's input gain and v_leak current, when no layer takes them."""
 
     def __init__(self, gain: float, shift: float):
         super().__init__()
@@ -299,7 +318,8 @@ def _pair(name, field, value):
     if arr.size == 1:
         return (int(arr[0]), int(arr[0]))
     if arr.size != 2:
-        raise NIRConversionError(f"NIR node {name!r}: {field} must be one or two ints, got {value!r}")
+        raise NIRConversionError(
+            f"NIR node {name!r}: {field} must be one or two ints, got {value!r}")
     return (int(arr[0]), int(arr[1]))
 
 
@@ -386,8 +406,7 @@ def from_nir(graph_or_path, dt: float = 1e-4, *, surrogate: str = NIR_DEFAULTS["
         graph = nir.read(graph_or_path, type_check=False)
     if not isinstance(graph, nir.NIRGraph):
         graph = nir.NIRGraph.from_list(graph)
-    if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0 or not math.isfinite(dt):
-        raise ValueError(f"dt must be a positive finite float, got {dt!r}")
+    _check_dt(dt)
     dt = float(dt)
     props = {"surrogate": surrogate, "slope": float(slope), "b_th": float(b_th),
              "backward": backward}
@@ -587,8 +606,9 @@ class _Exporter:
             raise NIRConversionError(
                 f"layer {name!r} ({type(module).__name__}): {what} cannot be expressed in NIR "
                 f"(NIR's neurons reset to v_reset; NIR has no surrogate gradient, slope, b_th, "
-                f"backward mode or reduction over time); pass metadata=True to store it in the node's metadata "
-                f"(read back only by sparsegrad.from_nir; other tools will run NIR's meaning)")
+                f"backward mode or reduction over time); pass metadata=True to store it in the "
+                f"node's metadata (read back only by sparsegrad.from_nir; other tools will run "
+                f"NIR's meaning)")
         return {_META_KEY: dict(bad)}
 
     def _spiking_props(self, name, module):
@@ -637,7 +657,7 @@ class _Exporter:
             meta = self._spiking_props(name, module)
             aff = self.dense(f"{name}.affine", module.weight, module.bias)
             self.edges += [(s, aff) for s in srcs]
-            key = self.add(f"{name}.lif", _lif_node(module.alpha, module.threshold,
+            key = self.add(f"{name}.lif", _lif_node(name, module.alpha, module.threshold,
                                                     (module.out_features,), self.dt, meta))
             self.edges.append((aff, key))
             return [key]
@@ -645,7 +665,7 @@ class _Exporter:
             meta = self._spiking_props(name, module)
             aff = self.dense(f"{name}.affine", module.weight, module.bias)
             self.edges += [(s, aff) for s in srcs]
-            key = self.add(f"{name}.lif", _lif_node(module.alpha, module.threshold,
+            key = self.add(f"{name}.lif", _lif_node(name, module.alpha, module.threshold,
                                                     (module.out_features,), self.dt, meta))
             rec = self.dense(f"{name}.w_rec", module.rec_weight, module.rec_bias)
             self.edges += [(aff, key), (key, rec), (rec, key)]
@@ -658,7 +678,8 @@ class _Exporter:
             shape = self.shapes.get(module)
             if shape is None:
                 raise NIRConversionError(f"layer {name!r} (LIFNeuron) did not run on the sample")
-            key = self.add(name, _lif_node(module.alpha, module.threshold, shape, self.dt, meta))
+            key = self.add(name, _lif_node(name, module.alpha, module.threshold, shape, self.dt,
+                                           meta))
         elif isinstance(module, sg_nn.LIReadout):
             if module.batch_first:
                 raise NIRConversionError(f"layer {name!r} (LIReadout): batch_first=True is not "
@@ -666,7 +687,7 @@ class _Exporter:
             meta = self._unexpressible(name, module, {"reduce": module.reduce})
             aff = self.dense(f"{name}.affine", module.weight, module.bias)
             self.edges += [(s, aff) for s in srcs]
-            key = self.add(f"{name}.li", _li_node(module.alpha, (module.out_features,),
+            key = self.add(f"{name}.li", _li_node(name, module.alpha, (module.out_features,),
                                                   self.dt, meta))
             self.edges.append((aff, key))
             return [key]
@@ -753,8 +774,7 @@ def to_nir(model: nn.Module, sample_input: torch.Tensor, dt: float = 1e-4, *,
     if not isinstance(sample_input, torch.Tensor) or sample_input.dim() < 3:
         raise ValueError(f"sample_input must be a [T, B, ...] tensor, got "
                          f"{getattr(sample_input, 'shape', type(sample_input).__name__)}")
-    if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not dt > 0 or not math.isfinite(dt):
-        raise ValueError(f"dt must be a positive finite float, got {dt!r}")
+    _check_dt(dt)
     shapes = {}
 
     def record(mod, args):  # returns None: the arguments pass unchanged

@@ -68,7 +68,8 @@ def test_neuron_params_discretisation():
 def test_neuron_params_refusals():
     per_neuron = _lif((3,), tau=1e-3)
     per_neuron.tau = np.array([1e-3, 2e-3, 1e-3], dtype=np.float32)
-    with pytest.raises(NIRConversionError, match=r"'layer1'.*tau differs.*per-neuron.*tensor-param"):
+    with pytest.raises(NIRConversionError,
+                       match=r"'layer1'.*tau differs.*per-neuron.*tensor-param"):
         neuron_params("layer1", per_neuron, 1e-4)
     thr = _lif((2,), tau=1e-3)
     thr.v_threshold = np.array([1.0, 1.5], dtype=np.float32)
@@ -226,7 +227,8 @@ def test_from_nir_refusals():
 def test_from_nir_defaults_and_overrides():
     g = to_nir(_mlp(), torch.zeros(2, 1, 6))
     m = from_nir(g)
-    assert (m[0].surrogate, m[0].slope, m[0].b_th, m[0].reset) == ("fast_sigmoid", 100.0, 0.2, "zero")
+    assert (m[0].surrogate, m[0].slope, m[0].b_th, m[0].reset) == \
+        ("fast_sigmoid", 100.0, 0.2, "zero")
     m = from_nir(g, surrogate="atan", slope=2.0, b_th=0.5)
     assert (m[1].surrogate, m[1].slope, m[1].b_th) == ("atan", 2.0, 0.5)
 
@@ -243,7 +245,8 @@ def test_to_nir_refuses_what_nir_cannot_express(tmp_path):
     with pytest.raises(NIRConversionError, match=r"'0' \(LIReadout\): reduce='max'"):
         to_nir(ro, x)
     with pytest.raises(NIRConversionError, match="MaxPool2d"):
-        to_nir(sgnn.TimeSequential(sgnn.TimeDistributed(nn.MaxPool2d(2))), torch.zeros(2, 1, 1, 4, 4))
+        to_nir(sgnn.TimeSequential(sgnn.TimeDistributed(nn.MaxPool2d(2))),
+               torch.zeros(2, 1, 1, 4, 4))
     # metadata=True stores them, and from_nir reads them back (through a file too)
     m = _mlp(reset="subtract", surrogate="atan", slope=3.0, b_th=0.5)
     g = to_nir(m, x, metadata=True)
@@ -328,3 +331,9 @@ def test_argument_errors_and_edge_shapes():
     x = torch.full((1, 1, 6), 3.0)
     assert torch.equal(from_nir(g)(x), m(x))
     assert sparsegrad.nir.NIRConversionError is NIRConversionError
+
+
+def test_readout_without_integration_refused_naming_it():
+    with pytest.raises(NIRConversionError, match=r"layer '0' \(LIReadout\): alpha = 1"):
+        to_nir(sgnn.TimeSequential(sgnn.LIReadout(3, 2, alpha=1.0, reduce="none")),
+               torch.zeros(2, 1, 3))
