@@ -337,3 +337,39 @@ def test_readout_without_integration_refused_naming_it():
     with pytest.raises(NIRConversionError, match=r"layer '0' \(LIReadout\): alpha = 1"):
         to_nir(sgnn.TimeSequential(sgnn.LIReadout(3, 2, alpha=1.0, reduce="none")),
                torch.zeros(2, 1, 3))
+
+
+def test_nested_recurrent_subgraph_equals_flat():
+    torch.manual_seed(9)
+    w, r = torch.randn(4, 3), torch.randn(4, 4) * 0.5
+    lif = lambda: _lif((4,), tau=1e-3, thr=0.5)  # noqa: E731
+    flat = nir.NIRGraph(
+        nodes={"in": nir.Input(input_type=np.array([3])), "a": nir.Linear(weight=w.numpy()),
+               "l": lif(), "rec": nir.Linear(weight=r.numpy()),
+               "out": nir.Output(output_type=np.array([4]))},
+        edges=[("in", "a"), ("a", "l"), ("l", "rec"), ("rec", "l"), ("l", "out")])
+    sub = nir.NIRGraph(
+        nodes={"input": nir.Input(input_type=np.array([4])), "lif": lif(),
+               "w_rec": nir.Linear(weight=r.numpy()),
+               "output": nir.Output(output_type=np.array([4]))},
+        edges=[("input", "lif"), ("lif", "w_rec"), ("w_rec", "lif"), ("lif", "output")])
+    nested = nir.NIRGraph(
+        nodes={"in": nir.Input(input_type=np.array([3])), "a": nir.Linear(weight=w.numpy()),
+               "rnn": sub, "out": nir.Output(output_type=np.array([4]))},
+        edges=[("in", "a"), ("a", "rnn"), ("rnn", "out")])
+    m_flat, m_nested = from_nir(flat), from_nir(nested)
+    assert isinstance(m_flat[0], sgnn.RLIF) and isinstance(m_nested[0], sgnn.RLIF)
+    x = _spikes(30, 3, 3, p=0.5) * 2
+    y = m_flat(x)
+    assert torch.equal(m_nested(x), y) and y.sum() > 10
+    # and against NIR's meaning, V = a(1-S)V + W x + R S[t-1], in float64 with a margin
+    v = torch.zeros(3, 4, dtype=torch.float64)
+    s = torch.zeros_like(v)
+    ref, margin = [], float("inf")
+    for t in range(30):
+        v = 0.9 * (1 - s) * v + x[t].double() @ w.double().T + s @ r.double().T
+        margin = min(margin, float((v - 0.5).abs().min()))
+        s = (v > 0.5).double()
+        ref.append(s)
+    assert margin > 1e-5
+    assert torch.equal(torch.stack(ref).float(), y)
