@@ -39,7 +39,7 @@ __all__ = ["to_nir", "from_nir", "NIRGraphModule", "neuron_params", "NIR_DEFAULT
 NIR_DEFAULTS = {"surrogate": "fast_sigmoid", "slope": 100.0, "b_th": 0.2, "backward": "sparse"}
 
 # An input gain within this relative distance of 1 is taken as exactly 1: snnTorch writes
-# r = tau/dt in float32, so r*dt/tau comes back as 1 +- a few float32 ulps (measured 3e-7).
+# r = tau/dt in float32, so r*dt/tau comes back as 1 + up to 8.2e-8 (measured over 2,000 betas).
 _GAIN_RTOL = 1e-6
 
 _META_KEY = "sparsegrad"
