@@ -190,17 +190,13 @@ class Scale(nn.Module):
 class GainShift(nn.Module):
     """gain * x + shift: a neuron node's input gain and v_leak current, when no layer takes them."""
 
-    def __init__(self, gain: float, shift: float):
+    def __init__(self, gain, shift):
         super().__init__()
-        self.gain = float(gain)
-        self.shift = float(shift)
+        self.register_buffer("gain", torch.as_tensor(gain, dtype=torch.float32))
+        self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.float32))
 
     def forward(self, x):
-        y = x * self.gain if self.gain != 1.0 else x
-        return y + self.shift if self.shift != 0.0 else y
-
-    def extra_repr(self):
-        return f"gain={self.gain}, shift={self.shift}"
+        return x * self.gain + self.shift
 
 
 class NIRGraphModule(nn.Module):
@@ -555,19 +551,27 @@ def _neuron_module(name, node, nodes, fused, rec, dt, props, meta) -> nn.Module:
         _set_linear(mod, w, b)
         return mod
     neuron = sg_nn.LIFNeuron(**args)
-    if gain == 1.0 and shift == 0.0:
+    if _equals(gain, 1.0) and _equals(shift, 0.0):
         return neuron
     return sg_nn.TimeSequential(OrderedDict(
         [("input_gain", sg_nn.TimeDistributed(GainShift(gain, shift))), ("neuron", neuron)]))
 
 
+def _equals(value, const) -> bool:
+    return bool(torch.all(torch.as_tensor(value) == const))
+
+
 def _gain_shift(w, b, gain, shift):
-    """gain*(W x + b) + shift as a new (W, b); untouched when gain = 1 and shift = 0 (exact)."""
-    if gain != 1.0:
-        w = w * gain
-        b = b * gain if b is not None else None
-    if shift != 0.0:
-        b = (b if b is not None else torch.zeros(w.shape[0])) + shift
+    """gain*(W x + b) + shift as a new (W, b); untouched when gain = 1 and shift = 0 (exact).
+
+    gain and shift are floats, or per-output-neuron tensors once neuron_params returns them."""
+    if not _equals(gain, 1.0):
+        g = torch.as_tensor(gain, dtype=w.dtype).reshape(-1)
+        w = w * g.reshape(-1, 1)
+        b = b * g if b is not None else None
+    if not _equals(shift, 0.0):
+        c = torch.as_tensor(shift, dtype=w.dtype).reshape(-1)
+        b = (b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)) + c
     return w, b
 
 
