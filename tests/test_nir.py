@@ -384,3 +384,19 @@ def test_gain_and_v_leak_before_a_neuron_alone():
     ref, mem = _lif_ref(x * 0.5 + 0.1, 0.9, 0.4)  # gain 5*0.1, current 1*0.1 each step
     assert (mem - 0.4).abs().min() > 1e-5  # no tie that another rounding order could flip
     assert torch.equal(m(x), ref) and ref.sum() > 5
+
+
+def test_partial_flatten_and_valid_padding_round_trip():
+    TD = sgnn.TimeDistributed
+    torch.manual_seed(10)
+    m = sgnn.TimeSequential(TD(nn.Conv2d(2, 3, 3, padding="valid")), TD(nn.Flatten(2, 3)),
+                            TD(nn.Flatten()), sgnn.LIFNeuron(alpha=0.9, reset="zero"))
+    x = _spikes(5, 2, 2, 6, 6, p=0.5) * 3
+    g = to_nir(m, x)
+    flats = [n for n in g.nodes.values() if isinstance(n, nir.Flatten)]
+    assert [(f.start_dim, f.end_dim) for f in flats] == [(1, 2), (0, 1)]
+    m2 = from_nir(g)
+    assert [c.module.start_dim for c in m2 if isinstance(c, TD) and
+            isinstance(c.module, nn.Flatten)] == [2, 1]
+    y = m(x)
+    assert torch.equal(m2(x), y) and y.sum() > 0
