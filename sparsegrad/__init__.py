@@ -24,11 +24,12 @@ from .functional import lif_layer, lif, rlif_layer, li_readout, LIFState, LIFSta
 __version__ = _C.build_info()["version"]
 
 __all__ = ["lif_layer", "lif", "rlif_layer", "li_readout", "LIFState", "LIFStats", "nn", "functional", "reference",
-           "ops", "show_config", "build_info", "convert", "losses", "data"]
+           "ops", "show_config", "build_info", "convert", "losses", "data", "to_nir", "from_nir"]
 
 # Optional parts load on first use, so that importing sparsegrad needs only torch and numpy.
-_LAZY_MODULES = {"losses", "data", "train", "guard"}
-_LAZY_ATTRS = {"convert": ("conversion", "convert")}
+_LAZY_MODULES = {"losses", "data", "train", "guard", "nir"}
+_LAZY_ATTRS = {"convert": ("conversion", "convert"),
+               "to_nir": ("nir", "to_nir"), "from_nir": ("nir", "from_nir")}  # need `nir`
 
 
 def __getattr__(name):
