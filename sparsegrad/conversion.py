@@ -575,6 +575,11 @@ class ConversionReport:
     # (name, reason): stateless layers applied once per time step (StepByStep) rather than folded
     stepped: List[Tuple[str, str]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    # False when a model class's forward could not be followed (its layers then run in
+    # registration order, SequenceModel); True when it was traced; None for Sequential models
+    forward_followed: Optional[bool] = None
+    # what convert(..., example_input=...) compared, or "" when nothing was run
+    checked: str = ""
 
     @property
     def exact(self) -> bool:
@@ -720,6 +725,38 @@ class _Walk:
             i += 1
 
 
+def _is_spikingjelly_model(module: nn.Module) -> bool:
+    """A model class of SpikingJelly's model zoo (or any SpikingJelly module with children)."""
+    mod = type(module).__module__ or ""
+    return mod.startswith("spikingjelly.activation_based.model") or (
+        mod.startswith("spikingjelly") and not _is_stateful(module) and
+        any(_is_stateful(m) for m in module.modules()))
+
+
+def _spikingjelly_multi_step(module: nn.Module) -> bool:
+    """A model whose SpikingJelly modules all run in multi-step mode (its forward takes [T, B, ...]).
+
+    Raises when some are single-step and some multi-step: no one forward fits both."""
+    modes = {getattr(m, "step_mode") for m in module.modules()
+             if (type(m).__module__ or "").startswith("spikingjelly") and hasattr(m, "step_mode")}
+    if modes == {"s", "m"}:
+        from .conversion_fx import ConversionError
+        raise ConversionError(f"{type(module).__name__} mixes SpikingJelly modules in single-step "
+                              f"and multi-step mode; set one mode (functional.set_step_mode)")
+    return modes == {"m"}
+
+
+def _convert_in_place(parent: nn.Module, walk: "_Walk", prefix: str) -> None:
+    """Replace every neuron below parent where it is (a model whose forward takes sequences)."""
+    for name, child in list(parent.named_children()):
+        full = f"{prefix}{name}"
+        if _is_foreign_neuron(child):
+            new, _ = walk.neuron(full, child, None)
+            setattr(parent, name, new)
+        elif not isinstance(child, (LIF, RLIF, LIReadout, LIFNeuron, SpikingJellyNeuron)):
+            _convert_in_place(child, walk, f"{full}.")
+
+
 def _is_user_container(module: nn.Module) -> bool:
     """A user-defined model class (its children are the layers), as opposed to a library layer."""
     mod = type(module).__module__ or ""
@@ -730,7 +767,9 @@ def _copy_model(model: nn.Module) -> nn.Module:
     """deepcopy that tolerates the non-leaf state tensors neurons keep after a forward call."""
     memo = {}
     for m in model.modules():
-        for value in list(vars(m).values()) + list(m._buffers.values()):
+        memories = list(getattr(m, "_memories", {}).values()) if isinstance(
+            getattr(m, "_memories", None), dict) else []  # SpikingJelly's neuron state
+        for value in list(vars(m).values()) + list(m._buffers.values()) + memories:
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
     return copy.deepcopy(model, memo)
@@ -765,10 +804,27 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
     walk = _Walk(float(b_th), backward, report)
     if _is_foreign_neuron(model):
         model, _ = walk.neuron("(root)", model, None, last=True)
-    elif type(model) in (nn.Sequential, TimeSequential) or _is_user_container(model):
+    elif type(model) in (nn.Sequential, TimeSequential):
         walk.children(model, "", root=True)
         if type(model) is nn.Sequential:  # same object, children and keys; runs per-step layers together
             model.__class__ = TimeSequential
+    elif _spikingjelly_multi_step(model):
+        _convert_in_place(model, walk, "")
+        report.notes.append(f"{type(model).__name__}: a multi-step model, its own forward takes "
+                            f"the sequence; neurons replaced where they are")
+    elif _is_user_container(model) or _is_spikingjelly_model(model):
+        from .conversion_fx import ConversionError, convert_traced
+        try:
+            model = convert_traced(model, walk, report)
+            report.forward_followed = True
+        except ConversionError as exc:
+            if not _is_user_container(model):
+                raise
+            walk.children(model, "", root=True)
+            report.forward_followed = False
+            report.notes.append(
+                f"(root): {type(model).__name__}.forward is not followed ({exc}); its layers were "
+                f"converted in place and run in registration order by SequenceModel")
     else:
         model = walk.layer("(root)", model)
     if not report.exact:
@@ -826,6 +882,9 @@ class SequenceModel(nn.Module):
 
 
 def _run_layer(layer: nn.Module, x: torch.Tensor):
+    from .conversion_fx import SequenceForward
+    if isinstance(layer, SequenceForward):
+        return layer(x)
     if isinstance(layer, (LIF, RLIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
                           SpikingJellyNeuron)):
         return layer(x)
