@@ -39,11 +39,12 @@ from torch import nn
 
 from . import functional as F_sg
 from . import ops
+from .conversion_fx import ConversionError
 from .conversion_recurrent import rleaky_rule
 from .nn import (LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed, TimeSequential,
                  _PER_SAMPLE_LAYERS)
 
-__all__ = ["convert", "ConversionReport", "ConvertedPair", "NeuronSpec", "Unsupported",
+__all__ = ["convert", "ConversionError", "ConversionReport", "ConvertedPair", "NeuronSpec", "Unsupported",
            "NEURON_RULES", "register_neuron_rule", "SequenceModel", "StepByStep",
            "SpikingJellyNeuron", "surrogate_of"]
 
@@ -583,7 +584,10 @@ class ConversionReport:
 
     @property
     def exact(self) -> bool:
-        """True when every neuron became a sparsegrad layer and nothing was left stepping."""
+        """True when every neuron became a sparsegrad layer and nothing was left stepping, or
+        when convert(..., example_input=...) ran both models and found the same spikes."""
+        if self.checked:
+            return True
         return not self.skipped and not any(p.notes for p in self.converted)
 
     def __str__(self) -> str:
@@ -601,6 +605,8 @@ class ConversionReport:
         for name, reason in self.stepped:
             lines.append(f"  applied per time step {name}: {reason}")
         lines.extend(f"  note: {n}" for n in self.notes)
+        if self.checked:
+            lines.append(f"  checked: {self.checked}")
         return "\n".join(lines)
 
 
@@ -776,7 +782,7 @@ def _copy_model(model: nn.Module) -> nn.Module:
 
 
 def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
-            inplace: bool = False, return_report: bool = False):
+            inplace: bool = False, return_report: bool = False, example_input=None):
     """Turn a per-step snnTorch / SpikingJelly model into sparsegrad modules that take [T, B, ...].
 
     model: an nn.Sequential (snnTorch's tutorial style, or SpikingJelly multi-step), or any module
@@ -793,11 +799,22 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
     run them with ``SequenceModel``. Modules that cannot be converted exactly are left in place,
     stepped over time (StepByStep), and listed in the report and in a UserWarning.
 
+    example_input: a sequence [T, B, ...] (recommended): the original (stepped over time as its
+    tutorials do, or called once when its forward takes the sequence) and the converted model
+    both run on it (in eval mode, without gradients); convert raises ConversionError if any
+    spike output differs or another output differs by more than 1e-3 relative, and the report's
+    ``checked`` says what was compared and the largest difference of the non-spike outputs.
+
     Returns the converted model, or (model, ConversionReport) with return_report=True.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     F_sg.check_lif_args(0.5, 1.0, b_th, 1.0, backward)
+    if example_input is not None and (not isinstance(example_input, torch.Tensor) or
+                                      example_input.dim() < 2 or example_input.shape[0] == 0):
+        raise ValueError(f"example_input must be a tensor [T, B, ...] with T >= 1, got "
+                         f"{getattr(example_input, 'shape', type(example_input).__name__)}")
+    original = _copy_model(model) if example_input is not None else None
     if not inplace:
         model = _copy_model(model)
     report = ConversionReport()
@@ -827,9 +844,80 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
                 f"converted in place and run in registration order by SequenceModel")
     else:
         model = walk.layer("(root)", model)
+    if example_input is not None:
+        report.checked = _check_against(original, model, example_input, report)
     if not report.exact:
         warnings.warn(str(report), UserWarning, stacklevel=2)
     return (model, report) if return_report else model
+
+
+def _takes_sequence(model: nn.Module, report: "ConversionReport") -> bool:
+    """Whether the original's forward takes the whole sequence itself (else: one step per call)."""
+    return report.forward_followed is False or _spikingjelly_multi_step(model)
+
+
+def _check_against(original: nn.Module, converted: nn.Module, x: torch.Tensor,
+                   report: "ConversionReport") -> str:
+    """Run both on x; raise ConversionError on a different spike; describe what was compared."""
+    from .conversion_fx import ConversionError
+    modes = [(m, m.training) for m in list(original.modules()) + list(converted.modules())]
+    for m, _ in modes:
+        m.training = False
+    try:
+        with torch.no_grad():
+            if _takes_sequence(original, report):
+                _reset_state(original)
+                ref = original(x)
+                got = converted(x) if report.forward_followed is not False else \
+                    SequenceModel(converted)(x)
+                how = "the original called once on the sequence"
+            else:
+                from .conversion_fx import SequenceForward
+                if isinstance(converted, SequenceForward) and converted._plan.state_inputs:
+                    raise ValueError("example_input: this forward takes neuron states as inputs "
+                                     "(fed back by the caller's loop); convert cannot run its "
+                                     "loop, so compare the outputs yourself")
+                ref = StepByStep(original)(x)
+                got = converted(x)
+                how = "the original stepped over time"
+            _reset_state(original)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    ref_l, got_l = _leaves(ref), _leaves(got)
+    if len(ref_l) != len(got_l) or any(a.shape != b.shape for a, b in zip(ref_l, got_l)):
+        raise ConversionError(
+            f"the converted model's output {[tuple(t.shape) for t in got_l]} does not match the "
+            f"original's {[tuple(t.shape) for t in ref_l]} on example_input")
+    n_spikes, worst = 0, 0.0
+    for i, (a, b) in enumerate(zip(ref_l, got_l)):
+        diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        if bool(((a == 0) | (a == 1)).all()) and bool(((b == 0) | (b == 1)).all()):
+            n_spikes += 1
+            if diff != 0.0:
+                raise ConversionError(
+                    f"output {i}: {int((a != b).sum())} of {a.numel()} spikes differ from the "
+                    f"original's on example_input; largest difference of the other outputs so "
+                    f"far {worst:.3g}")
+            continue
+        worst = max(worst, diff)
+        scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
+        if not diff <= 1e-3 * scale:
+            raise ConversionError(f"output {i} differs from the original's by {diff:.3g} on "
+                                  f"example_input (more than 1e-3 relative)")
+    return (f"example_input {list(x.shape)}, in eval mode against {how}: {len(ref_l)} output "
+            f"tensor(s), {n_spikes} of spikes equal; largest difference of the others "
+            f"{worst:.3g}")
+
+
+def _leaves(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _leaves(o)]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _leaves(out[k])]
+    return []
 
 
 # --------------------------------------------------------------------------- running sequences

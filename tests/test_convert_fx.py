@@ -399,3 +399,55 @@ def test_batchnorm_is_stepped_in_training_and_folded_in_eval():
         torch.testing.assert_close(got, ref)
     assert isinstance(conv.bn, nn.BatchNorm2d)  # not wrapped: the graph decides per call
     assert not isinstance(conv.bn, StepByStep)
+
+
+# ------------------------------------------------------------------- convert(..., example_input)
+
+def test_example_input_check_passes_and_is_reported():
+    torch.manual_seed(1)
+    net = _boost(HiddenCSNN(), conv1=2.0, conv2=2.0, fc1=3.0)
+    conv, report = sparsegrad.convert(net, example_input=_images(2), return_report=True)
+    assert report.exact and "2 output tensor(s), 1 of spikes equal" in report.checked
+    assert "stepped over time" in report.checked and "checked:" in str(report)
+    # a stepped (unsupported) neuron: exact because checked
+    net = _boost(WithSynaptic(), fc1=3.0, fc2=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv, report = sparsegrad.convert(net, example_input=_spikes(0, (T, B, 20)),
+                                          return_report=True)
+    assert report.skipped and report.exact and report.checked
+
+
+class OutOfOrder(nn.Module):
+    """A time-loop forward that calls its layers in another order than they were registered."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc2 = nn.Linear(16, 16)
+        self.lif2 = snn.Leaky(beta=0.8, init_hidden=True)
+        self.fc1 = nn.Linear(16, 16)
+        self.lif1 = snn.Leaky(beta=0.9, init_hidden=True)
+
+    def forward(self, x):
+        utils.reset(self)
+        out = []
+        for t in range(x.shape[0]):
+            out.append(self.lif2(self.fc2(self.lif1(self.fc1(x[t])))))
+        return torch.stack(out)
+
+
+def test_example_input_catches_a_model_that_would_differ():
+    torch.manual_seed(2)
+    net = _boost(OutOfOrder(), fc1=3.0, fc2=3.0)
+    x = _spikes(1, (T * 3, B, 16))
+    conv, report = sparsegrad.convert(net, return_report=True)  # unchecked: only a note
+    assert report.forward_followed is False
+    with pytest.raises(ConversionError, match="spikes differ"):
+        sparsegrad.convert(net, example_input=x)
+
+
+def test_example_input_is_validated():
+    with pytest.raises(ValueError, match="example_input"):
+        sparsegrad.convert(MLP(), example_input=torch.zeros(3))
+    with pytest.raises(ValueError, match="states as inputs"):
+        sparsegrad.convert(StatePassing(), example_input=torch.zeros(T, B, 20))
