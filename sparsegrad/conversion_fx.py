@@ -70,7 +70,10 @@ def _is_leaf(m: nn.Module) -> bool:
     from .conversion import _is_foreign_neuron, _is_stateful
     from .nn import LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed
     mod = type(m).__module__ or ""
-    return (_is_foreign_neuron(m) or _is_stateful(m) or mod.startswith(("spikingjelly", "norse"))
+    # a library's layer is a leaf; its blocks (a SpikingJelly ResNet block) are traced into
+    library_layer = mod.startswith(("spikingjelly", "norse", "snntorch")) and \
+        not any(True for _ in m.children())
+    return (_is_foreign_neuron(m) or _is_stateful(m) or library_layer
             or isinstance(m, (LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed)))
 
 
@@ -191,8 +194,10 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
         m = model.get_submodule(n.target)
         if not _is_foreign_neuron(m):
             if _is_stateful(m):
-                reason = "keeps state between time steps"
-                report.skipped.append((n.target, reason))
+                # not a neuron (e.g. SpikingJelly's Dropout keeping one mask for all steps):
+                # exact when stepped with its state
+                report.stepped.append((n.target, "keeps state between time steps: stepped with "
+                                                 "its state, reset at the start of a sequence"))
                 plan.actions[n.name] = ("step", n.target, "internal", ())
             else:
                 plan.actions[n.name] = ("module", n.target)
@@ -294,7 +299,11 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
                 plan.actions[n.name] = ("step", n.target, "internal", ())
             else:
                 ok, why = _foldable(m)
-                if not ok:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    report.stepped.append((n.target, "BatchNorm: stepped in training mode (it "
+                                                     "normalises over one step's samples), "
+                                                     "folded in eval mode"))
+                elif not ok:
                     report.stepped.append((n.target, why))
                 else:
                     report.folded.append(n.target)
