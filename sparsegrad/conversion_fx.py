@@ -143,9 +143,9 @@ class _Plan:
         self.state_inputs: set = set()      # placeholder names that are a neuron's initial state
 
 
-def _state_kind(arg, root, fresh, neuron_path) -> str:
+def _state_kind(arg, root, fresh, neuron_path, norse=False) -> str:
     if arg is None:
-        return "internal"
+        return "fresh" if norse else "internal"
     if not isinstance(arg, fx.Node):
         return "const"
     if arg.op == "placeholder":
@@ -203,7 +203,10 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
                 plan.actions[n.name] = ("module", n.target)
             continue
         state_args = list(n.args[1:]) + list(n.kwargs.values())
-        kinds = {_state_kind(a, model, fresh, n.target) for a in state_args} or {"internal"}
+        from .conversion_norse import is_norse_cell
+        norse = is_norse_cell(m)  # a Norse cell called without its state starts from rest
+        kinds = {_state_kind(a, model, fresh, n.target, norse) for a in state_args} or \
+            {"fresh" if norse else "internal"}
         positions = list(range(1, len(n.args)))
         keys = list(n.kwargs)
         if len(kinds) > 1:
@@ -278,7 +281,12 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
         if tuple_out or kind == "input":
             spec = spec.last_layer()
             spec.return_mem = True
-        module = spec.neuron(walk.b_th, walk.backward)
+        try:
+            module = spec.neuron(walk.b_th, walk.backward)
+        except Unsupported as exc:
+            report.skipped.append((n.target, str(exc)))
+            plan.actions[n.name] = ("step", n.target, kind, (positions, keys))
+            continue
         replacements.append((n.target, module))
         from .conversion import ConvertedPair
         report.converted.append(ConvertedPair(
@@ -387,9 +395,12 @@ def _stepped(module, args, kwargs, kind, where, reset):
                     f"{type(module).__name__} returns {len(parts)} values for {n_s} state "
                     f"arguments: which output is the next state is not known")
         outs.append(out)
-    if isinstance(outs[0], tuple):
-        return tuple(_Seq(torch.stack(p)) for p in zip(*outs))
-    return _Seq(torch.stack(outs))
+    # stack every tensor over time, inside tuples and state NamedTuples alike
+    flats = [pytree.tree_flatten(o) for o in outs]
+    spec = flats[0][1]
+    leaves = [_Seq(torch.stack(parts)) if isinstance(parts[0], torch.Tensor) else parts[0]
+              for parts in zip(*(f[0] for f in flats))]
+    return pytree.tree_unflatten(leaves, spec)
 
 
 class SequenceForward(nn.Module):
@@ -524,7 +535,8 @@ class SequenceForward(nn.Module):
             T, B = x.t.shape[:2]
             rest = [a.t[0] if isinstance(a, _Seq) else a for a in args[1:]]
             out = m(x.t.reshape((T * B,) + tuple(x.t.shape[2:])), *rest, **kwargs)
-            return pytree.tree_map(lambda o: _Seq(o.reshape((T, B) + tuple(o.shape[1:]))), out)
+            return pytree.tree_map(lambda o: _Seq(o.reshape((T, B) + tuple(o.shape[1:])))
+                                   if isinstance(o, torch.Tensor) else o, out)
         if kind == "step":
             _, path, skind, where = action
             return _stepped(m, args, kwargs, skind, where, reset=skind in ("internal", "const"))
