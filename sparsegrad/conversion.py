@@ -267,8 +267,34 @@ def _scalar(t) -> Optional[float]:
     return None
 
 
-def _snntorch_leaky(m) -> NeuronSpec:
-    """snnTorch Leaky (reset_delay=True): V[t] = clamp(beta)V[t-1] + I[t] - reset term, as lif()."""
+def _snntorch_params(m, names=("beta", "threshold")):
+    """(floats, tensor_params, learnable, pending reason) of an snnTorch neuron's beta / threshold.
+
+    A learnable or per-neuron beta / threshold is read now (as sparsegrad's alpha / threshold)
+    and marked pending: sparsegrad's modules take one fixed float until per-neuron and learnable
+    parameters land (the neuron-models issue); until then the neuron is kept and stepped."""
+    sg_name = {"beta": "alpha", "alpha": "alpha_syn", "threshold": "threshold"}
+    floats, tensors, learnable, why = {}, {}, [], []
+    for name in names:
+        value = getattr(m, name, None)
+        if isinstance(value, nn.Parameter) and value.requires_grad:
+            learnable.append(sg_name[name])
+            tensors[sg_name[name]] = value
+            why.append(f"{name} is learnable (sparsegrad's {sg_name[name]} is a fixed float)")
+        f = _scalar(value)
+        if f is None:
+            tensors[sg_name[name]] = value
+            why.append(f"{name} has one value per neuron (sparsegrad's {sg_name[name]} is one "
+                       f"float per layer)")
+        floats[name] = f
+    pending = ""
+    if why:
+        pending = ("; ".join(why) + ": kept until per-neuron / learnable parameters land in "
+                   "sparsegrad's neurons (the neuron-models issue)")
+    return floats, tensors, learnable, pending
+
+
+def _snntorch_common(m) -> None:
     if not getattr(m, "reset_delay", True):
         raise Unsupported("reset_delay=False resets in the same step; sparsegrad resets at the "
                           "next step")
@@ -276,35 +302,57 @@ def _snntorch_leaky(m) -> NeuronSpec:
                       ("surrogate_disable", "surrogate_disable=True (no gradient)")):
         if getattr(m, flag, False):
             raise Unsupported(f"{why} has no sparsegrad equivalent")
-    for name in ("beta", "threshold", "graded_spikes_factor"):
-        if isinstance(getattr(m, name, None), nn.Parameter):
-            raise Unsupported(f"{name} is a learnable parameter; sparsegrad's {name} is a fixed "
-                              f"float")
-    reset = getattr(m, "reset_mechanism", "subtract")
-    if reset not in ("subtract", "zero", "none"):
-        raise Unsupported(f"reset_mechanism={reset!r}")
-    beta, threshold = _scalar(m.beta), _scalar(m.threshold)
+    if isinstance(getattr(m, "graded_spikes_factor", None), nn.Parameter):
+        raise Unsupported("graded_spikes_factor is a learnable parameter; sparsegrad's spikes "
+                          "are 0/1")
     graded = _scalar(getattr(m, "graded_spikes_factor", 1.0))
-    if beta is None:
-        raise Unsupported("beta has one value per neuron; sparsegrad's alpha is one float per "
-                          "layer")
-    if threshold is None:
-        raise Unsupported("threshold has one value per neuron; sparsegrad's is one float per layer")
     if graded != 1.0:
         raise Unsupported(f"graded_spikes_factor={graded} scales spikes; sparsegrad's spikes are "
                           f"0/1")
-    if not threshold > 0.0 or not math.isfinite(threshold):
+
+
+def _snntorch_leaky(m) -> NeuronSpec:
+    """snnTorch Leaky (reset_delay=True): V[t] = clamp(beta)V[t-1] + I[t] - reset term, as lif()."""
+    _snntorch_common(m)
+    reset = getattr(m, "reset_mechanism", "subtract")
+    if reset not in ("subtract", "zero", "none"):
+        raise Unsupported(f"reset_mechanism={reset!r}")
+    floats, tensors, learnable, pending = _snntorch_params(m)
+    beta, threshold = floats["beta"], floats["threshold"]
+    if threshold is not None and (not threshold > 0.0 or not math.isfinite(threshold)):
         raise Unsupported(f"threshold={threshold} is not a positive finite number")
-    if math.isnan(beta):
+    if beta is not None and math.isnan(beta):
         raise Unsupported("beta is NaN")
     surrogate, slope = surrogate_of(m.spike_grad)
     # snnTorch returns (spk, mem) when output=True, or with init_hidden=False (the time loop
     # then usually passes spk on and keeps mem for the next call).
     init_hidden = bool(getattr(m, "init_hidden", False))
     # beta is clamped to [0, 1] in snnTorch's forward; its float32 value is kept bit for bit.
-    return NeuronSpec("snntorch.Leaky", min(max(beta, 0.0), 1.0), threshold, surrogate, slope,
+    return NeuronSpec("snntorch.Leaky", min(max(beta if beta is not None else 0.0, 0.0), 1.0),
+                      threshold if threshold is not None else 1.0, surrogate, slope,
                       reset, return_mem=init_hidden and bool(getattr(m, "output", False)),
-                      tuple_output=not init_hidden)
+                      tuple_output=not init_hidden, tensor_params=tensors, learnable=learnable,
+                      pending=pending)
+
+
+def _snntorch_synaptic(m) -> NeuronSpec:
+    """snnTorch Synaptic: syn = clamp(alpha)syn + I; mem = clamp(beta)mem + syn - reset*threshold.
+
+    That is DESIGN 3c's synaptic current (alpha_syn = clamp(alpha), sparsegrad's alpha =
+    clamp(beta)); read now, pending until sparsegrad's neurons take alpha_syn."""
+    _snntorch_common(m)
+    floats, tensors, learnable, pending = _snntorch_params(m, ("alpha", "beta", "threshold"))
+    surrogate, slope = surrogate_of(m.spike_grad)
+    clamp = (lambda v: None if v is None else min(max(v, 0.0), 1.0))
+    why = ("it has a synaptic current (syn); sparsegrad's neurons take alpha_syn once the "
+           "neuron-models issue lands")
+    return NeuronSpec("snntorch.Synaptic", clamp(floats["beta"]) or 0.0,
+                      floats["threshold"] or 1.0, surrogate, slope,
+                      getattr(m, "reset_mechanism", "subtract"),
+                      tuple_output=not getattr(m, "init_hidden", False), fusable=False,
+                      tensor_params=tensors, learnable=learnable,
+                      alpha_syn=clamp(floats["alpha"]),
+                      pending="; ".join(x for x in (pending, why) if x))
 
 
 class SpikingJellyNeuron(nn.Module):
@@ -408,6 +456,24 @@ def _spikingjelly_node(m) -> NeuronSpec:
                       "subtract" if v_reset is None else "zero", fusable=False, factory=factory)
 
 
+def _spikingjelly_plif(m) -> NeuronSpec:
+    """SpikingJelly ParametricLIFNode: a LIFNode whose 1/tau = sigmoid(w) is learnable; read now,
+    pending until sparsegrad's neurons take a learnable alpha."""
+    w = getattr(m, "w", None)
+    if not isinstance(w, torch.Tensor) or w.numel() != 1:
+        raise Unsupported("w (the learnable 1/tau) is not one value")
+    inv_tau = float(torch.sigmoid(w.detach()).reshape(-1)[0])
+    theta = _scalar(getattr(m, "v_threshold", None)) or 1.0
+    surrogate, slope = surrogate_of(m.surrogate_function, fires_at_zero=True)
+    v_reset = getattr(m, "v_reset", 0.0)
+    return NeuronSpec("spikingjelly.ParametricLIFNode", 1.0 - inv_tau, theta, surrogate, slope,
+                      "subtract" if v_reset is None else "zero", fusable=False,
+                      tensor_params={"alpha": w}, learnable=["alpha"],
+                      pending=("its 1/tau = sigmoid(w) is learnable; sparsegrad's alpha is a "
+                               "fixed float until learnable alpha lands (the neuron-models "
+                               "issue)"))
+
+
 def _snntorch_rleaky(m) -> NeuronSpec:
     """snnTorch RLeaky after an nn.Linear -> sparsegrad's recurrent RLIF (conversion_recurrent.py)."""
     surrogate, slope = surrogate_of(m.spike_grad)
@@ -432,6 +498,8 @@ def _snntorch_rleaky(m) -> NeuronSpec:
 NEURON_RULES: Dict[Tuple[str, str], Callable[[nn.Module], NeuronSpec]] = {
     ("snntorch", "Leaky"): _snntorch_leaky,
     ("snntorch", "RLeaky"): _snntorch_rleaky,
+    ("snntorch", "Synaptic"): _snntorch_synaptic,
+    ("spikingjelly.activation_based.neuron", "ParametricLIFNode"): _spikingjelly_plif,
     ("spikingjelly.activation_based.neuron", "LIFNode"): _spikingjelly_node,
     ("spikingjelly.activation_based.neuron", "IFNode"): _spikingjelly_node,
 }

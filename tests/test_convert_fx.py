@@ -451,3 +451,20 @@ def test_example_input_is_validated():
         sparsegrad.convert(MLP(), example_input=torch.zeros(3))
     with pytest.raises(ValueError, match="states as inputs"):
         sparsegrad.convert(StatePassing(), example_input=torch.zeros(T, B, 20))
+
+
+def test_pending_neurons_have_their_parameters_read():
+    """Neurons waiting for per-neuron / learnable parameters or alpha_syn: the rule reads them now
+    (sparsegrad's names: alpha, threshold, alpha_syn) and refuses only where the module is built."""
+    from sparsegrad.conversion import NEURON_RULES, Unsupported, _rule_for
+    leaky = snn.Leaky(beta=torch.full((8,), 0.9), learn_threshold=True)
+    spec = _rule_for(leaky)(leaky)
+    assert spec.pending and "alpha" in spec.tensor_params and spec.learnable == ["threshold"]
+    assert "sparsegrad's alpha" in spec.pending and "beta is learnable" not in spec.pending
+    with pytest.raises(Unsupported, match="neuron-models issue"):
+        spec.neuron(0.2, "sparse")
+    syn = snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True)
+    spec = _rule_for(syn)(syn)
+    assert spec.alpha_syn == pytest.approx(0.8) and spec.alpha == pytest.approx(0.9)
+    assert "synaptic current" in spec.pending
+    assert ("snntorch", "Synaptic") in NEURON_RULES
