@@ -704,6 +704,24 @@ class ConversionReport:
 class _Walk:
     def __init__(self, b_th: float, backward: str, report: ConversionReport):
         self.b_th, self.backward, self.report = b_th, backward, report
+        self._warned = set()
+
+    def b_th_for(self, spec: NeuronSpec) -> float:
+        """b_th for this neuron: "auto" from its surrogate and slope; a given float is checked."""
+        if self.b_th == "auto":
+            return F_sg.auto_b_th(spec.surrogate, spec.slope)
+        kept = F_sg.surrogate_mass_kept(spec.surrogate, spec.slope, self.b_th)
+        key = (spec.surrogate, spec.slope)
+        if self.backward == "sparse" and kept < F_sg.AUTO_B_TH_SHARE and key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"b_th={self.b_th} keeps {100 * kept:.1f}% of the {spec.surrogate}(slope="
+                f"{spec.slope:g}) surrogate's mass (b_th='auto' keeps "
+                f"{100 * F_sg.AUTO_B_TH_SHARE:.0f}%: b_th="
+                f"{F_sg.auto_b_th(spec.surrogate, spec.slope):.3g}); the sparse backward may "
+                f"then learn slower than the original or stall (docs/surrogates.md)",
+                UserWarning, stacklevel=4)
+        return self.b_th
 
     def neuron(self, name: str, m: nn.Module, linear: Optional[Tuple[str, nn.Linear]],
                last: bool = False):
@@ -721,7 +739,7 @@ class _Walk:
             return (m if _multi_step(m) else StepByStep(m, str(exc))), False
         if linear is not None:
             try:
-                fused = spec.fused(linear[1], self.b_th, self.backward)
+                fused = spec.fused(linear[1], self.b_th_for(spec), self.backward)
             except Unsupported as exc:
                 self.report.skipped.append((name, str(exc)))
                 return (m if _multi_step(m) else StepByStep(m, str(exc))), False
@@ -736,7 +754,7 @@ class _Walk:
             self.report.skipped.append((name, reason))
             return (m if _multi_step(m) else StepByStep(m, reason)), False
         try:
-            module = spec.neuron(self.b_th, self.backward)
+            module = spec.neuron(self.b_th_for(spec), self.backward)
         except Unsupported as exc:
             self.report.skipped.append((name, str(exc)))
             return (m if _multi_step(m) else StepByStep(m, str(exc))), False
@@ -874,7 +892,7 @@ def _copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
+def convert(model: nn.Module, *, b_th="auto", backward: str = "sparse",
             inplace: bool = False, return_report: bool = False, example_input=None):
     """Turn a per-step snnTorch / SpikingJelly model into sparsegrad modules that take [T, B, ...].
 
@@ -882,7 +900,11 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
     whose children are its layers in call order. Supported neurons: snnTorch ``Leaky`` (any
     surrogate sparsegrad has, resets "subtract" / "zero" / "none"), snnTorch ``RLeaky`` after an
     nn.Linear (-> the recurrent ``RLIF``, sparsegrad/conversion_recurrent.py), SpikingJelly
-    ``LIFNode`` / ``IFNode``; see NEURON_RULES. b_th and backward are given to every new layer.
+    ``LIFNode`` / ``IFNode``, Norse ``LIFBoxCell`` (in a ``SequentialState``); see NEURON_RULES.
+    backward is given to every new layer; b_th="auto" (default) gives each neuron the smallest
+    b_th keeping 95 % of its surrogate's mass (functional.auto_b_th, docs/surrogates.md: 0.19 for
+    fast_sigmoid(100), 4.04 for snnTorch's default atan(2)); a number is used for all of them,
+    with a UserWarning where it keeps less than 95 % of a neuron's surrogate.
     inplace=False (default) converts a deep copy.
 
     An nn.Sequential comes back as a ``sparsegrad.nn.TimeSequential`` (an nn.Sequential with the
@@ -902,7 +924,11 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    F_sg.check_lif_args(0.5, 1.0, b_th, 1.0, backward)
+    if isinstance(b_th, str) and b_th != "auto":
+        raise ValueError(f"b_th must be 'auto' or a positive number, got {b_th!r}")
+    if b_th != "auto":
+        b_th = F_sg.check_lif_args(0.5, 1.0, b_th, 1.0, backward)[2]
+    F_sg.check_lif_args(0.5, 1.0, 1.0, 1.0, backward)
     if example_input is not None and (not isinstance(example_input, torch.Tensor) or
                                       example_input.dim() < 2 or example_input.shape[0] == 0):
         raise ValueError(f"example_input must be a tensor [T, B, ...] with T >= 1, got "
@@ -911,7 +937,7 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
     if not inplace:
         model = _copy_model(model)
     report = ConversionReport()
-    walk = _Walk(float(b_th), backward, report)
+    walk = _Walk(b_th, backward, report)
     if _is_foreign_neuron(model):
         model, _ = walk.neuron("(root)", model, None, last=True)
     elif is_sequential_state(model):

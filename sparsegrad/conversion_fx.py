@@ -251,7 +251,7 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
         if linear is not None:
             lin = model.get_submodule(linear.target)
             try:
-                fused = spec.fused(lin, walk.b_th, walk.backward)
+                fused = spec.fused(lin, walk.b_th_for(spec), walk.backward)
             except Unsupported as exc:
                 fused = None
                 if spec.needs_linear:
@@ -282,7 +282,7 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
             spec = spec.last_layer()
             spec.return_mem = True
         try:
-            module = spec.neuron(walk.b_th, walk.backward)
+            module = spec.neuron(walk.b_th_for(spec), walk.backward)
         except Unsupported as exc:
             report.skipped.append((n.target, str(exc)))
             plan.actions[n.name] = ("step", n.target, kind, (positions, keys))
