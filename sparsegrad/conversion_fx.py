@@ -25,7 +25,9 @@ on tensor values, a neuron state computed from other tensors.
 """
 from __future__ import annotations
 
+import importlib
 import operator
+import pickle
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -263,7 +265,10 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
                 replacements += [(linear.target, fused), (n.target, nn.Identity())]
                 fused_linears.add(linear.name)
                 plan.actions[linear.name] = ("skip",)
-                plan.actions[n.name] = ("fused", linear.target, linear.args[0], tuple_out)
+                src_in = linear.args[0]
+                if not isinstance(src_in, fx.Node):
+                    raise ConversionError(f"layer {linear.target!r} gets no per-step input")
+                plan.actions[n.name] = ("fused", linear.target, src_in.name, tuple_out)
                 report.converted.append(ConvertedPair(
                     linear.target, n.target, spec.kind, spec.alpha, spec.threshold, spec.slope,
                     spec.surrogate, spec.reset, type(fused).__name__, list(spec.notes)))
@@ -403,6 +408,42 @@ def _stepped(module, args, kwargs, kind, where, reset):
     return pytree.tree_unflatten(leaves, spec)
 
 
+def _picklable(obj) -> bool:
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:
+        return False
+
+
+class _NodeRef:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getstate__(self):
+        return self.name
+
+    def __setstate__(self, name):
+        self.name = name
+
+
+class _FnRef:
+    """A function named by module and name (for functions that pickle cannot find by qualname)."""
+
+    def __init__(self, fn):
+        self.module, self.name = fn.__module__, fn.__name__
+        if getattr(importlib.import_module(self.module), self.name, None) is not fn:
+            raise pickle.PicklingError(f"cannot pickle the function {fn!r} of a traced forward")
+
+    def resolve(self):
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args, **kwargs):  # fx checks that a call_function target is callable
+        return self.resolve()(*args, **kwargs)
+
+
 class SequenceForward(nn.Module):
     """A converted model class: its own per-step forward (traced), run over whole sequences.
 
@@ -427,6 +468,34 @@ class SequenceForward(nn.Module):
         self._graph = graph
         self._plan = plan
         self.original_class = type(model).__name__
+
+    def __getstate__(self):
+        # F.max_pool2d & co. are closures (torch's boolean_dispatch): pickle them by name
+        state = super().__getstate__().copy()
+        nodes = []
+        for n in self._graph.nodes:
+            target = n.target
+            if n.op == "call_function" and not _picklable(target):
+                target = _FnRef(target)
+            args = pytree.tree_map(lambda a: _NodeRef(a.name) if isinstance(a, fx.Node) else a,
+                                   (n.args, n.kwargs))
+            nodes.append((n.op, n.name, target, args))
+        state["_graph"] = nodes
+        return state
+
+    def __setstate__(self, state):
+        graph, env = fx.Graph(), {}
+        for op, name, target, args in state["_graph"]:
+            if isinstance(target, _FnRef):
+                target = target.resolve()
+            a, k = pytree.tree_map(lambda v: env[v.name] if isinstance(v, _NodeRef) else v, args,
+                                   is_leaf=lambda v: isinstance(v, _NodeRef))
+            node = graph.create_node(op, target, tuple(a), dict(k), name=name)
+            if node.name != name:
+                raise pickle.UnpicklingError(f"node {name!r} came back as {node.name!r}")
+            env[name] = node
+        state["_graph"] = graph
+        super().__setstate__(state)
 
     def _attr(self, target: str):
         if target in self._constants:
@@ -509,7 +578,7 @@ class SequenceForward(nn.Module):
         if kind == "fused":
             _, path, src, tuple_out = action
             # the fused layer takes the Linear's input (evaluated earlier in the graph)
-            x = env[src.name] if isinstance(src, fx.Node) else src
+            x = env[src]
             if not isinstance(x, _Seq):
                 raise ConversionError(f"layer {path!r} gets no per-step input")
             out = _Seq(self.get_submodule(path)(x.t))

@@ -468,3 +468,16 @@ def test_pending_neurons_have_their_parameters_read():
     assert spec.alpha_syn == pytest.approx(0.8) and spec.alpha == pytest.approx(0.9)
     assert "synaptic current" in spec.pending
     assert ("snntorch", "Synaptic") in NEURON_RULES
+
+
+def test_converted_class_model_deepcopies_and_pickles():
+    import copy
+    import pickle
+    torch.manual_seed(1)
+    net = _boost(HiddenCSNN(), conv1=2.0, conv2=2.0, fc1=3.0)  # F.max_pool2d: a torch closure
+    conv = sparsegrad.convert(net)
+    x = _images(3)
+    want = conv(x)
+    for other in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
+        got = other(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
