@@ -591,9 +591,14 @@ class StepByStep(nn.Module):
                 outs.append(z)
             return torch.stack(outs)
         outs = [self.module(x_t) for x_t in x.unbind(0)]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.stack(parts) for parts in zip(*outs))
-        return torch.stack(outs)
+        if isinstance(outs[0], torch.Tensor):
+            return torch.stack(outs)
+        # (spk, mem), or nested as snnTorch's DeltaLeaky returns: stack every tensor over time
+        from torch.utils import _pytree as pytree
+        flats = [pytree.tree_flatten(o) for o in outs]
+        leaves = [torch.stack(parts) if isinstance(parts[0], torch.Tensor) else parts[0]
+                  for parts in zip(*(f[0] for f in flats))]
+        return pytree.tree_unflatten(leaves, flats[0][1])
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         if args:
@@ -797,8 +802,11 @@ class _Walk:
             self.report.folded.append(name)
             return TimeDistributed(nn.Sequential(*m.children()))
         if _is_stateful(m):
-            if _multi_step(m):
-                return m  # takes the whole sequence itself
+            if _multi_step(m):  # takes the whole sequence itself
+                self.report.skipped.append((name, f"{type(m).__name__} keeps state between time "
+                                                  f"steps: kept as it is (multi-step, it runs "
+                                                  f"the whole sequence itself)"))
+                return m
             self.report.skipped.append((name, "keeps state between time steps"))
             return StepByStep(m, "keeps state between time steps")
         step = _sj_base("StepModule")
@@ -986,6 +994,15 @@ def _check_against(original: nn.Module, converted: nn.Module, x: torch.Tensor,
     for m, _ in modes:
         m.training = False
     try:
+        return _compare_outputs(*_run_both(original, converted, x, report))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _run_both(original, converted, x, report):
+    from .conversion_fx import ConversionError
+    try:
         with torch.no_grad():
             if is_sequential_state(original):
                 state, outs = None, []
@@ -1010,9 +1027,19 @@ def _check_against(original: nn.Module, converted: nn.Module, x: torch.Tensor,
                 got = converted(x)
                 how = "the original stepped over time"
             _reset_state(original)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    except (ConversionError, ValueError):
+        raise
+    except Exception as exc:
+        extra = ("; its forward was not followed, so its layers ran in registration order "
+                 "(SequenceModel), which this forward does not compute"
+                 if report.forward_followed is False else "")
+        raise ConversionError(f"running the models on example_input failed ({type(exc).__name__}: "
+                              f"{exc}){extra}") from exc
+    return ref, got, x, how
+
+
+def _compare_outputs(ref, got, x, how) -> str:
+    from .conversion_fx import ConversionError
     ref_l, got_l = _leaves(ref), _leaves(got)
     if len(ref_l) != len(got_l) or any(a.shape != b.shape for a, b in zip(ref_l, got_l)):
         raise ConversionError(

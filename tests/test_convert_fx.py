@@ -481,3 +481,20 @@ def test_converted_class_model_deepcopies_and_pickles():
     for other in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
         got = other(x)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_delta_leaky_is_stepped_with_its_nested_output():
+    if not hasattr(snn, "DeltaLeaky"):
+        pytest.skip("snnTorch without DeltaLeaky")
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(16, 16), snn.DeltaLeaky(beta=0.9, init_hidden=True))
+    x = torch.rand(T, B, 16) * 3
+    with pytest.warns(UserWarning, match="left unchanged"):
+        conv = sparsegrad.convert(net)
+    # a fresh neuron starts from rest (utils.reset walks every Leaky ever made: not used here)
+    outs = [net(x[t]) for t in range(T)]
+    ref = torch.utils._pytree.tree_map(lambda *p: torch.stack(p), *outs)
+    got = conv(x)
+    assert len(torch.utils._pytree.tree_leaves(got)) == len(torch.utils._pytree.tree_leaves(ref))
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(ref)):
+        assert torch.equal(a, b)

@@ -143,3 +143,19 @@ def test_mixed_step_modes_are_refused():
     net.conv_fc[2].step_mode = "s"
     with pytest.raises(sparsegrad.conversion.ConversionError, match="single-step and multi-step"):
         sparsegrad.convert(net)
+
+
+def test_kept_stateful_container_is_listed():
+    from spikingjelly.activation_based import layer
+    net = torch.nn.Sequential(
+        layer.Linear(8, 8),
+        layer.LinearRecurrentContainer(neuron.IFNode(), in_features=8, out_features=8))
+    functional.set_step_mode(net, "m")
+    x = torch.rand(3, 2, 8)
+    ref = _run_original(net, x, "m")
+    with pytest.warns(UserWarning, match="LinearRecurrentContainer"):
+        conv, report = sparsegrad.convert(net, return_report=True)
+    assert any(name == "1" and "kept as it is" in why for name, why in report.skipped)
+    with torch.no_grad():
+        functional.reset_net(conv)
+        torch.testing.assert_close(conv(x), ref.detach())
