@@ -682,7 +682,8 @@ class ConversionReport:
         when convert(..., example_input=...) ran both models and found the same spikes."""
         if self.checked:
             return True
-        return not self.skipped and not any(p.notes for p in self.converted)
+        return (not self.skipped and not any(p.notes for p in self.converted)
+                and self.forward_followed is not False)
 
     def __str__(self) -> str:
         lines = [f"sparsegrad.convert: {len(self.converted)} neuron(s) converted, "
@@ -971,7 +972,8 @@ def convert(model: nn.Module, *, b_th="auto", backward: str = "sparse",
             report.forward_followed = False
             report.notes.append(
                 f"(root): {type(model).__name__}.forward is not followed ({exc}); its layers were "
-                f"converted in place and run in registration order by SequenceModel")
+                f"converted in place: run them with SequenceModel(converted)(x) (registration "
+                f"order), not with the model's own forward, and check that with example_input=")
     else:
         model = walk.layer("(root)", model)
     if example_input is not None:
