@@ -17,6 +17,12 @@ SpikingJelly multi-step model, into modules that take the whole sequence ``[T, B
   with its state reset at the start of the sequence, exactly as the original time loop did. The
   report (and a UserWarning) lists each such module and why.
 
+A model class is converted by following its own per-step ``forward`` (traced with torch.fx,
+sparsegrad/conversion_fx.py); a SpikingJelly multi-step model keeps its forward and gets its
+neurons replaced where they are; a Norse ``SequentialState`` becomes ``NorseSequence``
+(sparsegrad/conversion_norse.py). ``example_input=`` runs the original and the converted model and
+raises ``ConversionError`` on a different spike.
+
 Neurons are recognised by a rule table, one function per neuron type (``NEURON_RULES``,
 ``register_neuron_rule``). A rule reads the module's settings and returns a ``NeuronSpec`` (the
 exact sparsegrad parameters) or raises ``Unsupported`` with the reason. Surrogate gradients are
