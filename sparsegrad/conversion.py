@@ -46,7 +46,8 @@ from torch import nn
 from . import functional as F_sg
 from . import ops
 from .conversion_fx import ConversionError
-from .conversion_norse import NORSE_RULES, is_norse_cell, is_sequential_state
+from .conversion_norse import (NORSE_RULES, is_norse_cell, is_norse_sequence_module,
+                               is_sequential_state, uses_norse_sequence_modules)
 from .conversion_recurrent import rleaky_rule
 from .nn import (LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed, TimeSequential,
                  _PER_SAMPLE_LAYERS)
@@ -955,6 +956,15 @@ def convert(model: nn.Module, *, b_th="auto", backward: str = "sparse",
     walk = _Walk(b_th, backward, report)
     if _is_foreign_neuron(model):
         model, _ = walk.neuron("(root)", model, None, last=True)
+    elif uses_norse_sequence_modules(model):
+        # Norse's LIF, LI, Lift, ... loop over time themselves: this model takes whole sequences
+        for name, m in model.named_modules():
+            if is_norse_sequence_module(m):
+                report.skipped.append((name or "(root)", f"Norse {type(m).__name__} runs the whole "
+                                                          f"sequence itself: kept as it is (no "
+                                                          f"sparsegrad op for it yet)"))
+        report.notes.append(f"{type(model).__name__} takes whole sequences (Norse sequence "
+                            f"modules): kept, its own forward is used")
     elif is_sequential_state(model):
         from .conversion_norse import convert_sequential_state
         model = convert_sequential_state(model, walk)
@@ -991,7 +1001,8 @@ def convert(model: nn.Module, *, b_th="auto", backward: str = "sparse",
 
 def _takes_sequence(model: nn.Module, report: "ConversionReport") -> bool:
     """Whether the original's forward takes the whole sequence itself (else: one step per call)."""
-    return report.forward_followed is False or _spikingjelly_multi_step(model)
+    return (report.forward_followed is False or _spikingjelly_multi_step(model)
+            or uses_norse_sequence_modules(model))
 
 
 def _check_against(original: nn.Module, converted: nn.Module, x: torch.Tensor,
@@ -1012,7 +1023,7 @@ def _run_both(original, converted, x, report):
     from .conversion_fx import ConversionError
     try:
         with torch.no_grad():
-            if is_sequential_state(original):
+            if is_sequential_state(original) and not uses_norse_sequence_modules(original):
                 state, outs = None, []
                 for x_t in x.unbind(0):
                     out_t, state = original(x_t, state)

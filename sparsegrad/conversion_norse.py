@@ -36,7 +36,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-__all__ = ["NorseSequence", "NORSE_RULES", "is_sequential_state"]
+__all__ = ["NorseSequence", "NORSE_RULES", "is_sequential_state", "is_norse_sequence_module",
+           "uses_norse_sequence_modules"]
 
 
 def _norse_threshold_surrogate(p):
@@ -135,6 +136,20 @@ def is_norse_cell(m: nn.Module) -> bool:
     bases = tuple(getattr(mod, n) for n in ("SNNCell", "SNNRecurrentCell")
                   if mod is not None and hasattr(mod, n))
     return bool(bases) and isinstance(m, bases)
+
+
+def is_norse_sequence_module(m: nn.Module) -> bool:
+    """A Norse module that takes the whole sequence [T, B, ...] itself (LIF, LI, Lift, ...)."""
+    snn = sys.modules.get("norse.torch.module.snn")
+    lift = sys.modules.get("norse.torch.module.lift")
+    bases = tuple(getattr(mod, n) for mod, names in ((snn, ("SNN", "SNNRecurrent")),
+                                                     (lift, ("Lift",)))
+                  if mod is not None for n in names if hasattr(mod, n))
+    return bool(bases) and isinstance(m, bases)
+
+
+def uses_norse_sequence_modules(model: nn.Module) -> bool:
+    return any(is_norse_sequence_module(m) for m in model.modules())
 
 
 def is_sequential_state(m: nn.Module) -> bool:

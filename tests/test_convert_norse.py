@@ -177,3 +177,35 @@ def test_norse_cell_stepped_by_step_by_step_gets_its_state():
     x = torch.randn(T, B, 5)
     got = sparsegrad.conversion.StepByStep(cell)(x)
     assert torch.equal(got, _cell_loop(cell, x))
+
+
+class SequenceNet(nn.Module):
+    """Norse's tutorial style: modules over whole sequences (LIF loops over time itself)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(20, 8)
+        self.lif = norse.LIF()
+
+    def forward(self, x):
+        z, _ = self.lif(self.fc(x))
+        return z
+
+
+def test_models_of_norse_sequence_modules_are_kept_whole():
+    torch.manual_seed(4)
+    x = _spikes(4, (T, B, 20))
+    for net in (_boost(SequenceNet()), _boost(norse.SequentialState(
+            nn.Linear(20, 8), norse.LIF(), nn.Linear(8, 3), norse.LI()))):
+        ref = net(x)
+        with pytest.warns(UserWarning, match="runs the whole sequence itself"):
+            conv, report = sparsegrad.convert(net, return_report=True)
+        assert not report.exact
+        got = conv(x)
+        leaves = [[t for t in torch.utils._pytree.tree_leaves(o) if isinstance(t, torch.Tensor)]
+                  for o in (got, ref)]
+        assert len(leaves[0]) == len(leaves[1]) > 0
+        for a, b in zip(*leaves):
+            assert torch.equal(a, b)
+        conv, report = sparsegrad.convert(net, example_input=x, return_report=True)
+        assert report.exact and "called once on the sequence" in report.checked
