@@ -75,7 +75,8 @@ def _is_leaf(m: nn.Module) -> bool:
     # a library's layer is a leaf; its blocks (a SpikingJelly ResNet block) are traced into
     library_layer = mod.startswith(("spikingjelly", "norse", "snntorch")) and \
         not any(True for _ in m.children())
-    return (_is_foreign_neuron(m) or _is_stateful(m) or library_layer
+    from .conversion_norse import is_sequential_state
+    return (_is_foreign_neuron(m) or _is_stateful(m) or library_layer or is_sequential_state(m)
             or isinstance(m, (LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed)))
 
 
@@ -194,6 +195,25 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
         if n.op != "call_module":
             continue
         m = model.get_submodule(n.target)
+        from .conversion_norse import convert_sequential_state, is_sequential_state
+        if is_sequential_state(m):
+            # out, state = seq(x, state): the state list is the caller's loop's, or None (rest)
+            state_args = list(n.args[1:]) + list(n.kwargs.values())
+            kinds = {_state_kind(a, model, fresh, n.target, True) for a in state_args} or {"fresh"}
+            if kinds == {"fresh"}:
+                report.folded.append(n.target)
+                report.notes.append(f"{n.target}: SequentialState called without its state, so "
+                                    f"each step starts from rest: applied to all steps at once")
+                plan.actions[n.name] = ("fold_neuron", n.target)
+            elif kinds == {"input"}:
+                plan.state_inputs.update(a.name for a in state_args)
+                replacements.append((n.target, convert_sequential_state(
+                    m, walk, f"{n.target}.")))
+                plan.actions[n.name] = ("norse_seq", n.target)
+            else:
+                raise ConversionError(f"SequentialState {n.target!r} gets a state that is neither "
+                                      f"None nor a forward input")
+            continue
         if not _is_foreign_neuron(m):
             if _is_stateful(m):
                 # not a neuron (e.g. SpikingJelly's Dropout keeping one mask for all steps):
@@ -606,6 +626,11 @@ class SequenceForward(nn.Module):
             out = m(x.t.reshape((T * B,) + tuple(x.t.shape[2:])), *rest, **kwargs)
             return pytree.tree_map(lambda o: _Seq(o.reshape((T, B) + tuple(o.shape[1:])))
                                    if isinstance(o, torch.Tensor) else o, out)
+        if kind == "norse_seq":
+            x = args[0]
+            state = (list(args[1:]) + list(kwargs.values()) or [None])[0]
+            out, state = m(x.t, state)
+            return _Seq(out), state
         if kind == "step":
             _, path, skind, where = action
             return _stepped(m, args, kwargs, skind, where, reset=skind in ("internal", "const"))

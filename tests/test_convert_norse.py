@@ -209,3 +209,33 @@ def test_models_of_norse_sequence_modules_are_kept_whole():
             assert torch.equal(a, b)
         conv, report = sparsegrad.convert(net, example_input=x, return_report=True)
         assert report.exact and "called once on the sequence" in report.checked
+
+
+class SeqInClass(nn.Module):
+    """A SequentialState inside a model class, its state list passed in and out."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = norse.SequentialState(nn.Linear(20, 16), norse.LIFBoxCell(),
+                                         nn.Linear(16, 4), norse.LICell())
+
+    def forward(self, x, state):
+        out, state = self.seq(x, state)
+        return out, state
+
+
+def test_sequential_state_inside_a_class_keeps_its_state():
+    torch.manual_seed(5)
+    net = _boost(SeqInClass())
+    x = _spikes(5, (T, B, 20))
+    state, outs = None, []
+    for t in range(T):
+        out, state = net(x[t], state)
+        outs.append(out)
+    ref = torch.stack(outs)
+    with pytest.warns(UserWarning, match="left unchanged"):  # the LICell readout is stepped
+        conv, report = sparsegrad.convert(net, return_report=True)
+    assert report.forward_followed and isinstance(conv.seq, NorseSequence)
+    got, final = conv(x, None)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert final[1] is None and final[3] is not None
