@@ -15,6 +15,9 @@ fi
 python -m pip install -q --upgrade pip setuptools wheel
 python -m pip install -q "${SPARSEGRAD_TORCH:-torch==2.14.1}" numpy ninja
 python -m pip install -q -r requirements-dev.txt
+# Norse without its dependencies (they pull in torchvision, which replaces the CUDA torch);
+# nir and nirtorch, which it imports, come from requirements-dev.txt
+python -m pip install -q --no-deps norse==1.1.0
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi

@@ -17,6 +17,12 @@ SpikingJelly multi-step model, into modules that take the whole sequence ``[T, B
   with its state reset at the start of the sequence, exactly as the original time loop did. The
   report (and a UserWarning) lists each such module and why.
 
+A model class is converted by following its own per-step ``forward`` (traced with torch.fx,
+sparsegrad/conversion_fx.py); a SpikingJelly multi-step model keeps its forward and gets its
+neurons replaced where they are; a Norse ``SequentialState`` becomes ``NorseSequence``
+(sparsegrad/conversion_norse.py). ``example_input=`` runs the original and the converted model and
+raises ``ConversionError`` on a different spike.
+
 Neurons are recognised by a rule table, one function per neuron type (``NEURON_RULES``,
 ``register_neuron_rule``). A rule reads the module's settings and returns a ``NeuronSpec`` (the
 exact sparsegrad parameters) or raises ``Unsupported`` with the reason. Surrogate gradients are
@@ -39,11 +45,14 @@ from torch import nn
 
 from . import functional as F_sg
 from . import ops
+from .conversion_fx import ConversionError
+from .conversion_norse import (NORSE_RULES, is_norse_cell, is_norse_sequence_module,
+                               is_sequential_state, uses_norse_sequence_modules)
 from .conversion_recurrent import rleaky_rule
 from .nn import (LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed, TimeSequential,
                  _PER_SAMPLE_LAYERS)
 
-__all__ = ["convert", "ConversionReport", "ConvertedPair", "NeuronSpec", "Unsupported",
+__all__ = ["convert", "ConversionError", "ConversionReport", "ConvertedPair", "NeuronSpec", "Unsupported",
            "NEURON_RULES", "register_neuron_rule", "SequenceModel", "StepByStep",
            "SpikingJellyNeuron", "surrogate_of"]
 
@@ -209,9 +218,18 @@ class NeuronSpec:
     # (e.g. a recurrent layer); None: the fused LIF
     fused_factory: Optional[Callable[[nn.Linear, float, str], nn.Module]] = None
     needs_linear: bool = False
+    # Parameters sparsegrad's modules do not take yet (the neuron-models issue: per-neuron and
+    # learnable alpha / threshold, a synaptic current), read by the rule now; while `pending`
+    # says why, the neuron is kept and stepped. Mapping them is a change here, in neuron().
+    tensor_params: Dict[str, torch.Tensor] = field(default_factory=dict)   # e.g. per-neuron beta
+    learnable: List[str] = field(default_factory=list)                     # e.g. ["alpha"]
+    alpha_syn: Optional[float] = None                                      # synaptic decay
+    pending: str = ""
 
     def neuron(self, b_th: float, backward: str) -> nn.Module:
         """The neuron alone, after any layer."""
+        if self.pending:
+            raise Unsupported(self.pending)
         if self.factory is not None:
             return self.factory(b_th, backward)
         return LIFNeuron(alpha=self.alpha, threshold=self.threshold, b_th=b_th,
@@ -226,6 +244,8 @@ class NeuronSpec:
 
     def fused(self, linear: nn.Linear, b_th: float, backward: str) -> Optional[nn.Module]:
         """nn.Linear + this neuron as one layer, or None when they cannot fuse."""
+        if self.pending:
+            raise Unsupported(self.pending)
         if not self.fusable or self.return_mem:
             return None
         if self.fused_factory is not None:
@@ -254,8 +274,34 @@ def _scalar(t) -> Optional[float]:
     return None
 
 
-def _snntorch_leaky(m) -> NeuronSpec:
-    """snnTorch Leaky (reset_delay=True): V[t] = clamp(beta)V[t-1] + I[t] - reset term, as lif()."""
+def _snntorch_params(m, names=("beta", "threshold")):
+    """(floats, tensor_params, learnable, pending reason) of an snnTorch neuron's beta / threshold.
+
+    A learnable or per-neuron beta / threshold is read now (as sparsegrad's alpha / threshold)
+    and marked pending: sparsegrad's modules take one fixed float until per-neuron and learnable
+    parameters land (the neuron-models issue); until then the neuron is kept and stepped."""
+    sg_name = {"beta": "alpha", "alpha": "alpha_syn", "threshold": "threshold"}
+    floats, tensors, learnable, why = {}, {}, [], []
+    for name in names:
+        value = getattr(m, name, None)
+        if isinstance(value, nn.Parameter) and value.requires_grad:
+            learnable.append(sg_name[name])
+            tensors[sg_name[name]] = value
+            why.append(f"{name} is learnable (sparsegrad's {sg_name[name]} is a fixed float)")
+        f = _scalar(value)
+        if f is None:
+            tensors[sg_name[name]] = value
+            why.append(f"{name} has one value per neuron (sparsegrad's {sg_name[name]} is one "
+                       f"float per layer)")
+        floats[name] = f
+    pending = ""
+    if why:
+        pending = ("; ".join(why) + ": kept until per-neuron / learnable parameters land in "
+                   "sparsegrad's neurons (the neuron-models issue)")
+    return floats, tensors, learnable, pending
+
+
+def _snntorch_common(m) -> None:
     if not getattr(m, "reset_delay", True):
         raise Unsupported("reset_delay=False resets in the same step; sparsegrad resets at the "
                           "next step")
@@ -263,35 +309,57 @@ def _snntorch_leaky(m) -> NeuronSpec:
                       ("surrogate_disable", "surrogate_disable=True (no gradient)")):
         if getattr(m, flag, False):
             raise Unsupported(f"{why} has no sparsegrad equivalent")
-    for name in ("beta", "threshold", "graded_spikes_factor"):
-        if isinstance(getattr(m, name, None), nn.Parameter):
-            raise Unsupported(f"{name} is a learnable parameter; sparsegrad's {name} is a fixed "
-                              f"float")
-    reset = getattr(m, "reset_mechanism", "subtract")
-    if reset not in ("subtract", "zero", "none"):
-        raise Unsupported(f"reset_mechanism={reset!r}")
-    beta, threshold = _scalar(m.beta), _scalar(m.threshold)
+    if isinstance(getattr(m, "graded_spikes_factor", None), nn.Parameter):
+        raise Unsupported("graded_spikes_factor is a learnable parameter; sparsegrad's spikes "
+                          "are 0/1")
     graded = _scalar(getattr(m, "graded_spikes_factor", 1.0))
-    if beta is None:
-        raise Unsupported("beta has one value per neuron; sparsegrad's alpha is one float per "
-                          "layer")
-    if threshold is None:
-        raise Unsupported("threshold has one value per neuron; sparsegrad's is one float per layer")
     if graded != 1.0:
         raise Unsupported(f"graded_spikes_factor={graded} scales spikes; sparsegrad's spikes are "
                           f"0/1")
-    if not threshold > 0.0 or not math.isfinite(threshold):
+
+
+def _snntorch_leaky(m) -> NeuronSpec:
+    """snnTorch Leaky (reset_delay=True): V[t] = clamp(beta)V[t-1] + I[t] - reset term, as lif()."""
+    _snntorch_common(m)
+    reset = getattr(m, "reset_mechanism", "subtract")
+    if reset not in ("subtract", "zero", "none"):
+        raise Unsupported(f"reset_mechanism={reset!r}")
+    floats, tensors, learnable, pending = _snntorch_params(m)
+    beta, threshold = floats["beta"], floats["threshold"]
+    if threshold is not None and (not threshold > 0.0 or not math.isfinite(threshold)):
         raise Unsupported(f"threshold={threshold} is not a positive finite number")
-    if math.isnan(beta):
+    if beta is not None and math.isnan(beta):
         raise Unsupported("beta is NaN")
     surrogate, slope = surrogate_of(m.spike_grad)
     # snnTorch returns (spk, mem) when output=True, or with init_hidden=False (the time loop
     # then usually passes spk on and keeps mem for the next call).
     init_hidden = bool(getattr(m, "init_hidden", False))
     # beta is clamped to [0, 1] in snnTorch's forward; its float32 value is kept bit for bit.
-    return NeuronSpec("snntorch.Leaky", min(max(beta, 0.0), 1.0), threshold, surrogate, slope,
+    return NeuronSpec("snntorch.Leaky", min(max(beta if beta is not None else 0.0, 0.0), 1.0),
+                      threshold if threshold is not None else 1.0, surrogate, slope,
                       reset, return_mem=init_hidden and bool(getattr(m, "output", False)),
-                      tuple_output=not init_hidden)
+                      tuple_output=not init_hidden, tensor_params=tensors, learnable=learnable,
+                      pending=pending)
+
+
+def _snntorch_synaptic(m) -> NeuronSpec:
+    """snnTorch Synaptic: syn = clamp(alpha)syn + I; mem = clamp(beta)mem + syn - reset*threshold.
+
+    That is DESIGN 3c's synaptic current (alpha_syn = clamp(alpha), sparsegrad's alpha =
+    clamp(beta)); read now, pending until sparsegrad's neurons take alpha_syn."""
+    _snntorch_common(m)
+    floats, tensors, learnable, pending = _snntorch_params(m, ("alpha", "beta", "threshold"))
+    surrogate, slope = surrogate_of(m.spike_grad)
+    clamp = (lambda v: None if v is None else min(max(v, 0.0), 1.0))
+    why = ("it has a synaptic current (syn); sparsegrad's neurons take alpha_syn once the "
+           "neuron-models issue lands")
+    return NeuronSpec("snntorch.Synaptic", clamp(floats["beta"]) or 0.0,
+                      floats["threshold"] or 1.0, surrogate, slope,
+                      getattr(m, "reset_mechanism", "subtract"),
+                      tuple_output=not getattr(m, "init_hidden", False), fusable=False,
+                      tensor_params=tensors, learnable=learnable,
+                      alpha_syn=clamp(floats["alpha"]),
+                      pending="; ".join(x for x in (pending, why) if x))
 
 
 class SpikingJellyNeuron(nn.Module):
@@ -395,6 +463,24 @@ def _spikingjelly_node(m) -> NeuronSpec:
                       "subtract" if v_reset is None else "zero", fusable=False, factory=factory)
 
 
+def _spikingjelly_plif(m) -> NeuronSpec:
+    """SpikingJelly ParametricLIFNode: a LIFNode whose 1/tau = sigmoid(w) is learnable; read now,
+    pending until sparsegrad's neurons take a learnable alpha."""
+    w = getattr(m, "w", None)
+    if not isinstance(w, torch.Tensor) or w.numel() != 1:
+        raise Unsupported("w (the learnable 1/tau) is not one value")
+    inv_tau = float(torch.sigmoid(w.detach()).reshape(-1)[0])
+    theta = _scalar(getattr(m, "v_threshold", None)) or 1.0
+    surrogate, slope = surrogate_of(m.surrogate_function, fires_at_zero=True)
+    v_reset = getattr(m, "v_reset", 0.0)
+    return NeuronSpec("spikingjelly.ParametricLIFNode", 1.0 - inv_tau, theta, surrogate, slope,
+                      "subtract" if v_reset is None else "zero", fusable=False,
+                      tensor_params={"alpha": w}, learnable=["alpha"],
+                      pending=("its 1/tau = sigmoid(w) is learnable; sparsegrad's alpha is a "
+                               "fixed float until learnable alpha lands (the neuron-models "
+                               "issue)"))
+
+
 def _snntorch_rleaky(m) -> NeuronSpec:
     """snnTorch RLeaky after an nn.Linear -> sparsegrad's recurrent RLIF (conversion_recurrent.py)."""
     surrogate, slope = surrogate_of(m.spike_grad)
@@ -419,9 +505,12 @@ def _snntorch_rleaky(m) -> NeuronSpec:
 NEURON_RULES: Dict[Tuple[str, str], Callable[[nn.Module], NeuronSpec]] = {
     ("snntorch", "Leaky"): _snntorch_leaky,
     ("snntorch", "RLeaky"): _snntorch_rleaky,
+    ("snntorch", "Synaptic"): _snntorch_synaptic,
+    ("spikingjelly.activation_based.neuron", "ParametricLIFNode"): _spikingjelly_plif,
     ("spikingjelly.activation_based.neuron", "LIFNode"): _spikingjelly_node,
     ("spikingjelly.activation_based.neuron", "IFNode"): _spikingjelly_node,
 }
+NEURON_RULES.update(NORSE_RULES)
 
 
 def register_neuron_rule(module_prefix: str, class_name: str,
@@ -446,6 +535,8 @@ def _is_foreign_neuron(m: nn.Module) -> bool:
     if mod.startswith("snntorch"):
         base = getattr(sys.modules.get("snntorch"), "SpikingNeuron", None)
         return base is not None and isinstance(m, base)
+    if mod.startswith("norse"):
+        return is_norse_cell(m)
     return mod.startswith("spikingjelly.activation_based.neuron")
 
 
@@ -500,10 +591,21 @@ class StepByStep(nn.Module):
             raise ValueError(f"StepByStep({type(self.module).__name__}) takes a [T, B, ...] "
                              f"sequence, got {getattr(x, 'shape', type(x).__name__)}")
         _reset_state(self.module)
+        if is_norse_cell(self.module):  # a Norse cell's state is an argument: carry it
+            state, outs = None, []
+            for x_t in x.unbind(0):
+                z, state = self.module(x_t, state)
+                outs.append(z)
+            return torch.stack(outs)
         outs = [self.module(x_t) for x_t in x.unbind(0)]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.stack(parts) for parts in zip(*outs))
-        return torch.stack(outs)
+        if isinstance(outs[0], torch.Tensor):
+            return torch.stack(outs)
+        # (spk, mem), or nested as snnTorch's DeltaLeaky returns: stack every tensor over time
+        from torch.utils import _pytree as pytree
+        flats = [pytree.tree_flatten(o) for o in outs]
+        leaves = [torch.stack(parts) if isinstance(parts[0], torch.Tensor) else parts[0]
+                  for parts in zip(*(f[0] for f in flats))]
+        return pytree.tree_unflatten(leaves, flats[0][1])
 
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
         if args:
@@ -575,11 +677,20 @@ class ConversionReport:
     # (name, reason): stateless layers applied once per time step (StepByStep) rather than folded
     stepped: List[Tuple[str, str]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    # False when a model class's forward could not be followed (its layers then run in
+    # registration order, SequenceModel); True when it was traced; None for Sequential models
+    forward_followed: Optional[bool] = None
+    # what convert(..., example_input=...) compared, or "" when nothing was run
+    checked: str = ""
 
     @property
     def exact(self) -> bool:
-        """True when every neuron became a sparsegrad layer and nothing was left stepping."""
-        return not self.skipped and not any(p.notes for p in self.converted)
+        """True when every neuron became a sparsegrad layer and nothing was left stepping, or
+        when convert(..., example_input=...) ran both models and found the same spikes."""
+        if self.checked:
+            return True
+        return (not self.skipped and not any(p.notes for p in self.converted)
+                and self.forward_followed is not False)
 
     def __str__(self) -> str:
         lines = [f"sparsegrad.convert: {len(self.converted)} neuron(s) converted, "
@@ -596,6 +707,8 @@ class ConversionReport:
         for name, reason in self.stepped:
             lines.append(f"  applied per time step {name}: {reason}")
         lines.extend(f"  note: {n}" for n in self.notes)
+        if self.checked:
+            lines.append(f"  checked: {self.checked}")
         return "\n".join(lines)
 
 
@@ -604,6 +717,24 @@ class ConversionReport:
 class _Walk:
     def __init__(self, b_th: float, backward: str, report: ConversionReport):
         self.b_th, self.backward, self.report = b_th, backward, report
+        self._warned = set()
+
+    def b_th_for(self, spec: NeuronSpec) -> float:
+        """b_th for this neuron: "auto" from its surrogate and slope; a given float is checked."""
+        if self.b_th == "auto":
+            return F_sg.auto_b_th(spec.surrogate, spec.slope)
+        kept = F_sg.surrogate_mass_kept(spec.surrogate, spec.slope, self.b_th)
+        key = (spec.surrogate, spec.slope)
+        if self.backward == "sparse" and kept < F_sg.AUTO_B_TH_SHARE and key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"b_th={self.b_th} keeps {100 * kept:.1f}% of the {spec.surrogate}(slope="
+                f"{spec.slope:g}) surrogate's mass (b_th='auto' keeps "
+                f"{100 * F_sg.AUTO_B_TH_SHARE:.0f}%: b_th="
+                f"{F_sg.auto_b_th(spec.surrogate, spec.slope):.3g}); the sparse backward may "
+                f"then learn slower than the original or stall (docs/surrogates.md)",
+                UserWarning, stacklevel=4)
+        return self.b_th
 
     def neuron(self, name: str, m: nn.Module, linear: Optional[Tuple[str, nn.Linear]],
                last: bool = False):
@@ -621,7 +752,7 @@ class _Walk:
             return (m if _multi_step(m) else StepByStep(m, str(exc))), False
         if linear is not None:
             try:
-                fused = spec.fused(linear[1], self.b_th, self.backward)
+                fused = spec.fused(linear[1], self.b_th_for(spec), self.backward)
             except Unsupported as exc:
                 self.report.skipped.append((name, str(exc)))
                 return (m if _multi_step(m) else StepByStep(m, str(exc))), False
@@ -635,7 +766,11 @@ class _Walk:
                       f"become the layer's input weights)")
             self.report.skipped.append((name, reason))
             return (m if _multi_step(m) else StepByStep(m, reason)), False
-        module = spec.neuron(self.b_th, self.backward)
+        try:
+            module = spec.neuron(self.b_th_for(spec), self.backward)
+        except Unsupported as exc:
+            self.report.skipped.append((name, str(exc)))
+            return (m if _multi_step(m) else StepByStep(m, str(exc))), False
         self.report.converted.append(ConvertedPair(
             None, name, spec.kind, spec.alpha, spec.threshold, spec.slope, spec.surrogate,
             spec.reset, type(module).__name__, list(spec.notes)))
@@ -675,8 +810,11 @@ class _Walk:
             self.report.folded.append(name)
             return TimeDistributed(nn.Sequential(*m.children()))
         if _is_stateful(m):
-            if _multi_step(m):
-                return m  # takes the whole sequence itself
+            if _multi_step(m):  # takes the whole sequence itself
+                self.report.skipped.append((name, f"{type(m).__name__} keeps state between time "
+                                                  f"steps: kept as it is (multi-step, it runs "
+                                                  f"the whole sequence itself)"))
+                return m
             self.report.skipped.append((name, "keeps state between time steps"))
             return StepByStep(m, "keeps state between time steps")
         step = _sj_base("StepModule")
@@ -720,6 +858,38 @@ class _Walk:
             i += 1
 
 
+def _is_spikingjelly_model(module: nn.Module) -> bool:
+    """A model class of SpikingJelly's model zoo (or any SpikingJelly module with children)."""
+    mod = type(module).__module__ or ""
+    return mod.startswith("spikingjelly.activation_based.model") or (
+        mod.startswith("spikingjelly") and not _is_stateful(module) and
+        any(_is_stateful(m) for m in module.modules()))
+
+
+def _spikingjelly_multi_step(module: nn.Module) -> bool:
+    """A model whose SpikingJelly modules all run in multi-step mode (its forward takes [T, B, ...]).
+
+    Raises when some are single-step and some multi-step: no one forward fits both."""
+    modes = {getattr(m, "step_mode") for m in module.modules()
+             if (type(m).__module__ or "").startswith("spikingjelly") and hasattr(m, "step_mode")}
+    if modes == {"s", "m"}:
+        from .conversion_fx import ConversionError
+        raise ConversionError(f"{type(module).__name__} mixes SpikingJelly modules in single-step "
+                              f"and multi-step mode; set one mode (functional.set_step_mode)")
+    return modes == {"m"}
+
+
+def _convert_in_place(parent: nn.Module, walk: "_Walk", prefix: str) -> None:
+    """Replace every neuron below parent where it is (a model whose forward takes sequences)."""
+    for name, child in list(parent.named_children()):
+        full = f"{prefix}{name}"
+        if _is_foreign_neuron(child):
+            new, _ = walk.neuron(full, child, None)
+            setattr(parent, name, new)
+        elif not isinstance(child, (LIF, RLIF, LIReadout, LIFNeuron, SpikingJellyNeuron)):
+            _convert_in_place(child, walk, f"{full}.")
+
+
 def _is_user_container(module: nn.Module) -> bool:
     """A user-defined model class (its children are the layers), as opposed to a library layer."""
     mod = type(module).__module__ or ""
@@ -730,21 +900,27 @@ def _copy_model(model: nn.Module) -> nn.Module:
     """deepcopy that tolerates the non-leaf state tensors neurons keep after a forward call."""
     memo = {}
     for m in model.modules():
-        for value in list(vars(m).values()) + list(m._buffers.values()):
+        memories = list(getattr(m, "_memories", {}).values()) if isinstance(
+            getattr(m, "_memories", None), dict) else []  # SpikingJelly's neuron state
+        for value in list(vars(m).values()) + list(m._buffers.values()) + memories:
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
     return copy.deepcopy(model, memo)
 
 
-def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
-            inplace: bool = False, return_report: bool = False):
+def convert(model: nn.Module, *, b_th="auto", backward: str = "sparse",
+            inplace: bool = False, return_report: bool = False, example_input=None):
     """Turn a per-step snnTorch / SpikingJelly model into sparsegrad modules that take [T, B, ...].
 
     model: an nn.Sequential (snnTorch's tutorial style, or SpikingJelly multi-step), or any module
     whose children are its layers in call order. Supported neurons: snnTorch ``Leaky`` (any
     surrogate sparsegrad has, resets "subtract" / "zero" / "none"), snnTorch ``RLeaky`` after an
     nn.Linear (-> the recurrent ``RLIF``, sparsegrad/conversion_recurrent.py), SpikingJelly
-    ``LIFNode`` / ``IFNode``; see NEURON_RULES. b_th and backward are given to every new layer.
+    ``LIFNode`` / ``IFNode``, Norse ``LIFBoxCell`` (in a ``SequentialState``); see NEURON_RULES.
+    backward is given to every new layer; b_th="auto" (default) gives each neuron the smallest
+    b_th keeping 95 % of its surrogate's mass (functional.auto_b_th, docs/surrogates.md: 0.19 for
+    fast_sigmoid(100), 4.04 for snnTorch's default atan(2)); a number is used for all of them,
+    with a UserWarning where it keeps less than 95 % of a neuron's surrogate.
     inplace=False (default) converts a deep copy.
 
     An nn.Sequential comes back as a ``sparsegrad.nn.TimeSequential`` (an nn.Sequential with the
@@ -754,26 +930,169 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
     run them with ``SequenceModel``. Modules that cannot be converted exactly are left in place,
     stepped over time (StepByStep), and listed in the report and in a UserWarning.
 
+    example_input: a sequence [T, B, ...] (recommended): the original (stepped over time as its
+    tutorials do, or called once when its forward takes the sequence) and the converted model
+    both run on it (in eval mode, without gradients); convert raises ConversionError if any
+    spike output differs or another output differs by more than 1e-3 relative, and the report's
+    ``checked`` says what was compared and the largest difference of the non-spike outputs.
+
     Returns the converted model, or (model, ConversionReport) with return_report=True.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    F_sg.check_lif_args(0.5, 1.0, b_th, 1.0, backward)
+    if isinstance(b_th, str) and b_th != "auto":
+        raise ValueError(f"b_th must be 'auto' or a positive number, got {b_th!r}")
+    if b_th != "auto":
+        b_th = F_sg.check_lif_args(0.5, 1.0, b_th, 1.0, backward)[2]
+    F_sg.check_lif_args(0.5, 1.0, 1.0, 1.0, backward)
+    if example_input is not None and (not isinstance(example_input, torch.Tensor) or
+                                      example_input.dim() < 2 or example_input.shape[0] == 0):
+        raise ValueError(f"example_input must be a tensor [T, B, ...] with T >= 1, got "
+                         f"{getattr(example_input, 'shape', type(example_input).__name__)}")
+    original = _copy_model(model) if example_input is not None else None
     if not inplace:
         model = _copy_model(model)
     report = ConversionReport()
-    walk = _Walk(float(b_th), backward, report)
+    walk = _Walk(b_th, backward, report)
     if _is_foreign_neuron(model):
         model, _ = walk.neuron("(root)", model, None, last=True)
-    elif type(model) in (nn.Sequential, TimeSequential) or _is_user_container(model):
+    elif uses_norse_sequence_modules(model):
+        # Norse's LIF, LI, Lift, ... loop over time themselves: this model takes whole sequences
+        for name, m in model.named_modules():
+            if is_norse_sequence_module(m):
+                report.skipped.append((name or "(root)", f"Norse {type(m).__name__} runs the whole "
+                                                          f"sequence itself: kept as it is (no "
+                                                          f"sparsegrad op for it yet)"))
+        report.notes.append(f"{type(model).__name__} takes whole sequences (Norse sequence "
+                            f"modules): kept, its own forward is used")
+    elif is_sequential_state(model):
+        from .conversion_norse import convert_sequential_state
+        model = convert_sequential_state(model, walk)
+    elif type(model) in (nn.Sequential, TimeSequential):
         walk.children(model, "", root=True)
         if type(model) is nn.Sequential:  # same object, children and keys; runs per-step layers together
             model.__class__ = TimeSequential
+    elif _spikingjelly_multi_step(model):
+        _convert_in_place(model, walk, "")
+        report.notes.append(f"{type(model).__name__}: a multi-step model, its own forward takes "
+                            f"the sequence; neurons replaced where they are")
+    elif _is_user_container(model) or _is_spikingjelly_model(model):
+        from .conversion_fx import ConversionError, convert_traced
+        try:
+            model = convert_traced(model, walk, report)
+            report.forward_followed = True
+        except ConversionError as exc:
+            if not _is_user_container(model):
+                raise
+            walk.children(model, "", root=True)
+            report.forward_followed = False
+            report.notes.append(
+                f"(root): {type(model).__name__}.forward is not followed ({exc}); its layers were "
+                f"converted in place: run them with SequenceModel(converted)(x) (registration "
+                f"order), not with the model's own forward, and check that with example_input=")
     else:
         model = walk.layer("(root)", model)
+    if example_input is not None:
+        report.checked = _check_against(original, model, example_input, report)
     if not report.exact:
         warnings.warn(str(report), UserWarning, stacklevel=2)
     return (model, report) if return_report else model
+
+
+def _takes_sequence(model: nn.Module, report: "ConversionReport") -> bool:
+    """Whether the original's forward takes the whole sequence itself (else: one step per call)."""
+    return (report.forward_followed is False or _spikingjelly_multi_step(model)
+            or uses_norse_sequence_modules(model))
+
+
+def _check_against(original: nn.Module, converted: nn.Module, x: torch.Tensor,
+                   report: "ConversionReport") -> str:
+    """Run both on x; raise ConversionError on a different spike; describe what was compared."""
+    from .conversion_fx import ConversionError
+    modes = [(m, m.training) for m in list(original.modules()) + list(converted.modules())]
+    for m, _ in modes:
+        m.training = False
+    try:
+        return _compare_outputs(*_run_both(original, converted, x, report))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _run_both(original, converted, x, report):
+    from .conversion_fx import ConversionError
+    try:
+        with torch.no_grad():
+            if is_sequential_state(original) and not uses_norse_sequence_modules(original):
+                state, outs = None, []
+                for x_t in x.unbind(0):
+                    out_t, state = original(x_t, state)
+                    outs.append(out_t)
+                ref, got = torch.stack(outs), converted(x)[0]
+                how = "the SequentialState stepped over time with its state"
+            elif _takes_sequence(original, report):
+                _reset_state(original)
+                ref = original(x)
+                got = converted(x) if report.forward_followed is not False else \
+                    SequenceModel(converted)(x)
+                how = "the original called once on the sequence"
+            else:
+                from .conversion_fx import SequenceForward
+                if isinstance(converted, SequenceForward) and converted._plan.state_inputs:
+                    raise ValueError("example_input: this forward takes neuron states as inputs "
+                                     "(fed back by the caller's loop); convert cannot run its "
+                                     "loop, so compare the outputs yourself")
+                ref = StepByStep(original)(x)
+                got = converted(x)
+                how = "the original stepped over time"
+            _reset_state(original)
+    except (ConversionError, ValueError):
+        raise
+    except Exception as exc:
+        extra = ("; its forward was not followed, so its layers ran in registration order "
+                 "(SequenceModel), which this forward does not compute"
+                 if report.forward_followed is False else "")
+        raise ConversionError(f"running the models on example_input failed ({type(exc).__name__}: "
+                              f"{exc}){extra}") from exc
+    return ref, got, x, how
+
+
+def _compare_outputs(ref, got, x, how) -> str:
+    from .conversion_fx import ConversionError
+    ref_l, got_l = _leaves(ref), _leaves(got)
+    if len(ref_l) != len(got_l) or any(a.shape != b.shape for a, b in zip(ref_l, got_l)):
+        raise ConversionError(
+            f"the converted model's output {[tuple(t.shape) for t in got_l]} does not match the "
+            f"original's {[tuple(t.shape) for t in ref_l]} on example_input")
+    n_spikes, worst = 0, 0.0
+    for i, (a, b) in enumerate(zip(ref_l, got_l)):
+        diff = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+        if bool(((a == 0) | (a == 1)).all()) and bool(((b == 0) | (b == 1)).all()):
+            n_spikes += 1
+            if diff != 0.0:
+                raise ConversionError(
+                    f"output {i}: {int((a != b).sum())} of {a.numel()} spikes differ from the "
+                    f"original's on example_input; largest difference of the other outputs so "
+                    f"far {worst:.3g}")
+            continue
+        worst = max(worst, diff)
+        scale = max(1.0, float(a.abs().max())) if a.numel() else 1.0
+        if not diff <= 1e-3 * scale:
+            raise ConversionError(f"output {i} differs from the original's by {diff:.3g} on "
+                                  f"example_input (more than 1e-3 relative)")
+    return (f"example_input {list(x.shape)}, in eval mode against {how}: {len(ref_l)} output "
+            f"tensor(s), {n_spikes} of spikes equal; largest difference of the others "
+            f"{worst:.3g}")
+
+
+def _leaves(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _leaves(o)]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _leaves(out[k])]
+    return []
 
 
 # --------------------------------------------------------------------------- running sequences
@@ -826,6 +1145,9 @@ class SequenceModel(nn.Module):
 
 
 def _run_layer(layer: nn.Module, x: torch.Tensor):
+    from .conversion_fx import SequenceForward
+    if isinstance(layer, SequenceForward):
+        return layer(x)
     if isinstance(layer, (LIF, RLIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
                           SpikingJellyNeuron)):
         return layer(x)

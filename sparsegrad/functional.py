@@ -9,7 +9,8 @@ import torch
 from . import ops
 
 __all__ = ["lif_layer", "li_readout", "LIFState", "LIFStats", "lif_layer_with_stats", "lif",
-           "lif_with_stats", "SURROGATES", "RESETS", "rlif_layer", "rlif_layer_with_stats"]
+           "lif_with_stats", "SURROGATES", "RESETS", "rlif_layer", "rlif_layer_with_stats",
+           "surrogate_mass_kept", "auto_b_th", "AUTO_B_TH_SHARE"]
 
 # float16 / bfloat16 run with float32 state and sums, results in the input dtype (csrc/low_precision.h)
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -125,6 +126,40 @@ def _check_choice(name, value, choices):
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+# b_th="auto" keeps this share of the surrogate's mass inside |V - theta| < b_th (docs/surrogates.md)
+AUTO_B_TH_SHARE = 0.95
+
+
+def surrogate_mass_kept(surrogate: str, slope: float, b_th: float) -> float:
+    """Share of the surrogate's mass (its integral over u = V - theta) where |u| < b_th."""
+    _check_choice("surrogate", surrogate, SURROGATES)
+    k, b = float(slope), float(b_th)
+    if math.isinf(b):
+        return 1.0
+    if surrogate == "fast_sigmoid":          # 1/(k|u|+1)^2, mass 2/k
+        return k * b / (k * b + 1.0)
+    if surrogate == "atan":                  # (k/2)/(1+(pi k u/2)^2), mass 1
+        return 2.0 / math.pi * math.atan(math.pi * k * b / 2.0)
+    if surrogate == "sigmoid":               # k s(ku)(1-s(ku)), mass 1
+        return math.tanh(k * b / 2.0)
+    return 1.0 - max(0.0, 1.0 - k * b) ** 2  # triangle k max(0, 1-k|u|), mass 1
+
+
+def auto_b_th(surrogate: str, slope: float, share: float = AUTO_B_TH_SHARE) -> float:
+    """The smallest b_th keeping `share` of the surrogate's mass (the inverse of the above)."""
+    _check_choice("surrogate", surrogate, SURROGATES)
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    k = _check_scalar("slope", slope, 0.0, math.inf, low_open=True)
+    if surrogate == "fast_sigmoid":
+        return share / ((1.0 - share) * k)
+    if surrogate == "atan":
+        return 2.0 / (math.pi * k) * math.tan(math.pi / 2.0 * share)
+    if surrogate == "sigmoid":
+        return 2.0 / k * math.atanh(share)
+    return (1.0 - math.sqrt(1.0 - share)) / k
 
 
 def check_lif_args(alpha, threshold, b_th, slope, backward, surrogate="fast_sigmoid",

@@ -1,0 +1,500 @@
+"""sparsegrad.convert on model classes: their own per-step forward, traced (torch.fx) and run over
+whole sequences (sparsegrad/conversion_fx.py).
+
+Each model is written the way snnTorch's tutorials write it and run the way they run it (reset,
+then one call per step); the converted model takes the whole sequence. Spikes are compared
+exactly where the same arithmetic runs (every spike here is checked to be away from the
+threshold by more than rounding); membranes and dense-mode gradients with tolerances (a folded
+layer computes T*B samples in one call, whose summation order may differ in the last bits).
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsegrad
+from sparsegrad.conversion import StepByStep
+from sparsegrad.conversion_fx import ConversionError, SequenceForward
+from sparsegrad.nn import LIF, LIFNeuron
+
+snn = pytest.importorskip("snntorch")
+utils = pytest.importorskip("snntorch.utils")
+
+T, B = 6, 4
+
+
+def _run_steps(net, x, *state):
+    """snnTorch's way: reset, one call per step; state arguments fed back as the loop does."""
+    utils.reset(net)
+    outs = []
+    for t in range(x.shape[0]):
+        out = net(x[t], *state) if state else net(x[t])
+        outs.append(out)
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs))
+    return torch.stack(outs)
+
+
+def _grads_close(conv, net, rtol=1e-4):
+    ref = dict(net.named_parameters())
+    n = 0
+    for name, p in conv.named_parameters():
+        r = ref[name.replace("module.", "")].grad
+        assert r is not None and p.grad is not None, name
+        scale = float(r.abs().max())
+        assert scale > 0, name
+        assert float((p.grad - r).abs().max()) <= rtol * scale, name
+        n += 1
+    assert n == len(ref)
+
+
+def _compare(net, conv, x, *, spikes_at=(0,), membranes_at=(1,), tol=1e-5):
+    """Spikes equal, membranes close, dense-mode gradients within 1e-4 relative."""
+    ref = _run_steps(net, x)
+    got = conv(x)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    got = got if isinstance(got, tuple) else (got,)
+    assert len(ref) == len(got)
+    for i in spikes_at:
+        assert ref[i].sum() > 0, "the test must exercise spikes"
+        assert torch.equal(got[i].to(ref[i].dtype), ref[i]), f"output {i}: spikes differ"
+    for i in membranes_at:
+        torch.testing.assert_close(got[i], ref[i], rtol=tol, atol=tol)
+    gs = [torch.randn_like(r) for r in ref]
+    sum((r * g).sum() for r, g in zip(ref, gs)).backward()
+    sum((o * g).sum() for o, g in zip(got, gs)).backward()
+    _grads_close(conv, net)
+    return ref, got
+
+
+class TutorialCSNN(nn.Module):
+    """snnTorch tutorial 6's class CSNN, as printed (mem re-initialised in every call)."""
+
+    def __init__(self, beta=0.5, spike_grad=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 12, 5)
+        self.lif1 = snn.Leaky(beta=beta, spike_grad=spike_grad)
+        self.conv2 = nn.Conv2d(12, 64, 5)
+        self.lif2 = snn.Leaky(beta=beta, spike_grad=spike_grad)
+        self.fc1 = nn.Linear(64 * 4 * 4, 10)
+        self.lif3 = snn.Leaky(beta=beta, spike_grad=spike_grad)
+
+    def forward(self, x):
+        mem1 = self.lif1.init_leaky()
+        mem2 = self.lif2.init_leaky()
+        mem3 = self.lif3.init_leaky()
+        cur1 = F.max_pool2d(self.conv1(x), 2)
+        spk1, mem1 = self.lif1(cur1, mem1)
+        cur2 = F.max_pool2d(self.conv2(spk1), 2)
+        spk2, mem2 = self.lif2(cur2, mem2)
+        cur3 = self.fc1(spk2.view(B, -1))
+        spk3, mem3 = self.lif3(cur3, mem3)
+        return spk3, mem3
+
+
+class HiddenCSNN(nn.Module):
+    """The same network with init_hidden=True neurons, F.avg_pool2d and a scaled current."""
+
+    def __init__(self, spike_grad=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 12, 5)
+        self.lif1 = snn.Leaky(beta=0.5, spike_grad=spike_grad, init_hidden=True)
+        self.conv2 = nn.Conv2d(12, 64, 5)
+        self.lif2 = snn.Leaky(beta=0.5, spike_grad=spike_grad, init_hidden=True)
+        self.fc1 = nn.Linear(64 * 4 * 4, 10)
+        self.lif3 = snn.Leaky(beta=0.5, spike_grad=spike_grad, init_hidden=True, output=True)
+
+    def forward(self, x):
+        spk1 = self.lif1(F.max_pool2d(self.conv1(x), 2))
+        spk2 = self.lif2(2.0 * F.avg_pool2d(self.conv2(spk1), 2))
+        return self.lif3(self.fc1(spk2.view(x.size(0), -1)))
+
+
+def _images(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(T, B, 1, 28, 28, generator=g) * 2
+
+
+def _boost(net, **factors):
+    with torch.no_grad():
+        for name, f in factors.items():
+            getattr(net, name).weight.mul_(f)
+    return net
+
+
+def test_tutorial6_class_csnn_follows_forward():
+    torch.manual_seed(6)
+    net = _boost(TutorialCSNN(), conv1=3.0, conv2=6.0, fc1=8.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    assert isinstance(conv, SequenceForward) and report.forward_followed and report.exact
+    # init_leaky() inside forward re-creates the state at every call: every step starts at rest
+    assert {"lif1", "lif2", "lif3"} <= set(report.folded)
+    _compare(net, conv, _images())
+    # same parameter names, so the original's weights load
+    conv.load_state_dict(net.state_dict(), strict=False)
+
+
+@pytest.mark.parametrize("surrogate", ["atan", "fast_sigmoid"])
+def test_class_csnn_with_functional_ops_and_scaling(surrogate):
+    """F.max_pool2d, F.avg_pool2d, 2.0 * current, x.view(x.size(0), -1): as the forward says."""
+    sg = None if surrogate == "atan" else snn.surrogate.fast_sigmoid(slope=25)
+    torch.manual_seed(1)
+    net = _boost(HiddenCSNN(sg), conv1=2.0, conv2=2.0, fc1=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    assert report.exact and len(report.converted) == 3
+    assert all(isinstance(getattr(conv, n), LIFNeuron) for n in ("lif1", "lif2", "lif3"))
+    assert report.converted[0].surrogate == surrogate
+    x = _images(1)
+    ref, got = _compare(net, conv, x)
+    # the factor 2.0 is applied (it was lost by the registration-order conversion)
+    utils.reset(net)
+    hidden = torch.stack([net.lif2(2.0 * F.avg_pool2d(net.conv2(net.lif1(F.max_pool2d(
+        net.conv1(x[t]), 2))), 2)) for t in range(T)])
+    assert hidden.sum() > 0
+
+
+class MLP(nn.Module):
+    """fc1 -> lif1(2.0 * fc1(x)) -> fc2 -> lif2, and a fused pair fc3 -> lif3."""
+
+    def __init__(self, n_in=20, hidden=32, out=5):
+        super().__init__()
+        self.fc1 = nn.Linear(n_in, hidden)
+        self.lif1 = snn.Leaky(beta=0.9, init_hidden=True)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.lif2 = snn.Leaky(beta=0.8, init_hidden=True)
+        self.fc3 = nn.Linear(hidden, out)
+        self.lif3 = snn.Leaky(beta=0.7, init_hidden=True, output=True)
+
+    def forward(self, x):
+        spk1 = self.lif1(2.0 * self.fc1(x))
+        spk2 = self.lif2(self.fc2(spk1))
+        return self.lif3(self.fc3(spk2))
+
+
+def _spikes(seed, shape):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g) < 0.3).float()
+
+
+def test_scaled_current_is_not_lost_and_linear_fuses():
+    torch.manual_seed(3)
+    net = _boost(MLP(), fc1=2.0, fc2=3.0, fc3=3.0)
+    conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    # fc2 feeds only lif2 and lif2's membrane is not used: one fused LIF; fc1 is scaled first
+    assert isinstance(conv.fc2, LIF) and isinstance(conv.lif2, nn.Identity)
+    assert isinstance(conv.lif1, LIFNeuron) and not isinstance(conv.fc1, LIF)
+    assert [p.linear for p in report.converted] == [None, "fc2", None]
+    x = _spikes(0, (T * 5, B, 20))
+    ref, got = _compare(net, conv, x)
+    # without the factor the output differs: the test would see a lost 2.0
+    utils.reset(net)
+    spk1 = torch.stack([net.lif1(net.fc1(x[t])) for t in range(x.shape[0])])
+    utils.reset(net)
+    spk1_scaled = torch.stack([net.lif1(2.0 * net.fc1(x[t])) for t in range(x.shape[0])])
+    assert not torch.equal(spk1, spk1_scaled)
+
+
+class Conv1dNet(nn.Module):
+    """Audio-style: Conv1d -> F.max_pool1d -> Leaky -> flatten -> Linear -> Leaky."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 8, 3)
+        self.lif1 = snn.Leaky(beta=0.6, init_hidden=True)
+        self.fc = nn.Linear(8 * 7, 4)
+        self.lif2 = snn.Leaky(beta=0.6, init_hidden=True)
+
+    def forward(self, x):
+        h = self.lif1(F.max_pool1d(self.conv(x), 2))
+        return self.lif2(self.fc(torch.flatten(h, 1)))
+
+
+def test_max_pool1d_and_flatten():
+    torch.manual_seed(4)
+    net = _boost(Conv1dNet(), conv=3.0, fc=4.0)
+    conv = sparsegrad.convert(net, backward="dense")
+    assert isinstance(conv.fc, LIF)
+    x = torch.rand(T, B, 2, 16, generator=torch.Generator().manual_seed(2)) * 2
+    _compare(net, conv, x, membranes_at=())
+
+
+class StatePassing(nn.Module):
+    """snnTorch's docstring style: the state is a forward input and output (init_hidden=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(20, 16)
+        self.lif1 = snn.Leaky(beta=0.9)
+        self.fc2 = nn.Linear(16, 5)
+        self.lif2 = snn.Leaky(beta=0.8)
+
+    def forward(self, x, mem1, mem2):
+        spk1, mem1 = self.lif1(self.fc1(x), mem1)
+        spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+        return spk2, mem2, mem1
+
+
+def test_state_passed_in_and_out_is_the_initial_state():
+    torch.manual_seed(5)
+    net = _boost(StatePassing(), fc1=3.0, fc2=3.0)
+    x = _spikes(1, (T * 4, B, 20))
+    # the caller's loop: state in, state out
+    mem1 = torch.full((B, 16), 0.3)
+    mem2 = torch.zeros(B, 5)
+    m1, m2 = mem1, mem2
+    outs = []
+    for t in range(x.shape[0]):
+        spk2, m2, m1 = net(x[t], m1, m2)
+        outs.append((spk2, m2, m1))
+    ref = [torch.stack(o) for o in zip(*outs)]
+    conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    assert report.exact and len(report.converted) == 2
+    got = conv(x, mem1, mem2)
+    assert ref[0].sum() > 0 and torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+    # snnTorch's init_leaky() gives an empty tensor: "start from rest"
+    got0 = conv(x, net.lif1.init_leaky(), net.lif2.init_leaky())
+    utils.reset(net)
+    ref0 = []
+    m1, m2 = net.lif1.init_leaky(), net.lif2.init_leaky()
+    for t in range(x.shape[0]):
+        spk2, m2, m1 = net(x[t], m1, m2)
+        ref0.append(spk2)
+    assert torch.equal(got0[0], torch.stack(ref0))
+
+
+class WithSynaptic(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.fc1 = nn.Linear(20, 16)
+        self.syn = snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True)
+        self.fc2 = nn.Linear(16, 5)
+        self.lif = snn.Leaky(beta=0.7, init_hidden=True, **kw)
+
+    def forward(self, x):
+        return self.lif(self.fc2(self.syn(self.fc1(x))))
+
+
+@pytest.mark.parametrize("kw,word", [({}, None), ({"learn_beta": True}, "learnable")])
+def test_unsupported_neurons_are_stepped_with_their_state(kw, word):
+    torch.manual_seed(7)
+    net = _boost(WithSynaptic(**kw), fc1=3.0, fc2=3.0)
+    with pytest.warns(UserWarning, match="left unchanged"):
+        conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    names = [n for n, _ in report.skipped]
+    assert "syn" in names and not report.exact
+    if word:
+        assert "lif" in names and word in dict(report.skipped)["lif"]
+    x = _spikes(3, (T * 4, B, 20))
+    ref = _run_steps(net, x)
+    got = conv(x)
+    assert ref.sum() > 0 and torch.equal(got, ref)
+    # running twice restarts the stepped neurons from rest
+    assert torch.equal(conv(x), ref)
+
+
+class OwnTimeLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(20, 16)
+        self.lif1 = snn.Leaky(beta=0.9)
+
+    def forward(self, x):
+        mem = self.lif1.init_leaky()
+        out = []
+        for t in range(x.shape[0]):
+            spk, mem = self.lif1(self.fc1(x[t]), mem)
+            out.append(spk)
+        return torch.stack(out)
+
+
+NUM_STEPS = 5
+
+
+class UnrolledLoop(OwnTimeLoop):
+    def forward(self, x):
+        mem = self.lif1.init_leaky()
+        out = []
+        for t in range(NUM_STEPS):
+            spk, mem = self.lif1(self.fc1(x[t]), mem)
+            out.append(spk)
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("cls,word", [(OwnTimeLoop, "cannot be traced"),
+                                      (UnrolledLoop, "called 5 times")])
+def test_forward_with_its_own_time_loop_is_not_followed(cls, word):
+    from sparsegrad.conversion_fx import convert_traced, trace_step  # noqa: F401
+    net = cls()
+    conv, report = sparsegrad.convert(net, return_report=True)
+    assert report.forward_followed is False
+    assert any("is not followed" in n and word in n for n in report.notes)
+    assert not isinstance(conv, SequenceForward)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.lif = snn.Leaky(beta=0.9, init_hidden=True)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.lif(self.fc(x))
+
+
+def test_control_flow_on_values_is_refused_with_the_reason():
+    with pytest.raises(ConversionError, match="control flow|cannot be traced"):
+        from sparsegrad.conversion_fx import trace_step
+        trace_step(DataDependent())
+
+
+class StateFromOtherValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.lif = snn.Leaky(beta=0.9)
+
+    def forward(self, x):
+        cur = self.fc(x)
+        return self.lif(cur, 0.5 * cur)
+
+
+def test_state_computed_inside_forward_is_refused():
+    from sparsegrad.conversion_fx import convert_traced  # noqa: F401
+    conv, report = sparsegrad.convert(StateFromOtherValues(), return_report=True)
+    assert report.forward_followed is False
+    assert any("passed as the state" in n for n in report.notes)
+
+
+def test_batchnorm_is_stepped_in_training_and_folded_in_eval():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.lif = snn.Leaky(beta=0.5, init_hidden=True)
+
+        def forward(self, x):
+            return self.lif(self.bn(self.conv(x)))
+
+    torch.manual_seed(8)
+    net = Net()
+    conv = sparsegrad.convert(net, backward="dense")
+    x = torch.rand(T, B, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * 3
+    for train in (True, False):
+        net.train(train)
+        conv.train(train)
+        ref = _run_steps(net, x)
+        got = conv(x)
+        assert ref.sum() > 0
+        torch.testing.assert_close(got, ref)
+    assert isinstance(conv.bn, nn.BatchNorm2d)  # not wrapped: the graph decides per call
+    assert not isinstance(conv.bn, StepByStep)
+
+
+# ------------------------------------------------------------------- convert(..., example_input)
+
+def test_example_input_check_passes_and_is_reported():
+    torch.manual_seed(1)
+    net = _boost(HiddenCSNN(), conv1=2.0, conv2=2.0, fc1=3.0)
+    conv, report = sparsegrad.convert(net, example_input=_images(2), return_report=True)
+    assert report.exact and "2 output tensor(s), 1 of spikes equal" in report.checked
+    assert "stepped over time" in report.checked and "checked:" in str(report)
+    # a stepped (unsupported) neuron: exact because checked
+    net = _boost(WithSynaptic(), fc1=3.0, fc2=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv, report = sparsegrad.convert(net, example_input=_spikes(0, (T, B, 20)),
+                                          return_report=True)
+    assert report.skipped and report.exact and report.checked
+
+
+class OutOfOrder(nn.Module):
+    """A time-loop forward that calls its layers in another order than they were registered."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc2 = nn.Linear(16, 16)
+        self.lif2 = snn.Leaky(beta=0.8, init_hidden=True)
+        self.fc1 = nn.Linear(16, 16)
+        self.lif1 = snn.Leaky(beta=0.9, init_hidden=True)
+
+    def forward(self, x):
+        utils.reset(self)
+        out = []
+        for t in range(x.shape[0]):
+            out.append(self.lif2(self.fc2(self.lif1(self.fc1(x[t])))))
+        return torch.stack(out)
+
+
+def test_example_input_catches_a_model_that_would_differ():
+    torch.manual_seed(2)
+    net = _boost(OutOfOrder(), fc1=3.0, fc2=3.0)
+    x = _spikes(1, (T * 3, B, 16))
+    conv, report = sparsegrad.convert(net, return_report=True)  # unchecked: only a note
+    assert report.forward_followed is False
+    with pytest.raises(ConversionError, match="spikes differ"):
+        sparsegrad.convert(net, example_input=x)
+
+
+def test_example_input_is_validated():
+    with pytest.raises(ValueError, match="example_input"):
+        sparsegrad.convert(MLP(), example_input=torch.zeros(3))
+    with pytest.raises(ValueError, match="states as inputs"):
+        sparsegrad.convert(StatePassing(), example_input=torch.zeros(T, B, 20))
+
+
+def test_pending_neurons_have_their_parameters_read():
+    """Neurons waiting for per-neuron / learnable parameters or alpha_syn: the rule reads them now
+    (sparsegrad's names: alpha, threshold, alpha_syn) and refuses only where the module is built."""
+    from sparsegrad.conversion import NEURON_RULES, Unsupported, _rule_for
+    leaky = snn.Leaky(beta=torch.full((8,), 0.9), learn_threshold=True)
+    spec = _rule_for(leaky)(leaky)
+    assert spec.pending and "alpha" in spec.tensor_params and spec.learnable == ["threshold"]
+    assert "sparsegrad's alpha" in spec.pending and "beta is learnable" not in spec.pending
+    with pytest.raises(Unsupported, match="neuron-models issue"):
+        spec.neuron(0.2, "sparse")
+    syn = snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True)
+    spec = _rule_for(syn)(syn)
+    assert spec.alpha_syn == pytest.approx(0.8) and spec.alpha == pytest.approx(0.9)
+    assert "synaptic current" in spec.pending
+    assert ("snntorch", "Synaptic") in NEURON_RULES
+
+
+def test_converted_class_model_deepcopies_and_pickles():
+    import copy
+    import pickle
+    torch.manual_seed(1)
+    net = _boost(HiddenCSNN(), conv1=2.0, conv2=2.0, fc1=3.0)  # F.max_pool2d: a torch closure
+    conv = sparsegrad.convert(net)
+    x = _images(3)
+    want = conv(x)
+    for other in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
+        got = other(x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_delta_leaky_is_stepped_with_its_nested_output():
+    if not hasattr(snn, "DeltaLeaky"):
+        pytest.skip("snnTorch without DeltaLeaky")
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(16, 16), snn.DeltaLeaky(beta=0.9, init_hidden=True))
+    x = torch.rand(T, B, 16) * 3
+    with pytest.warns(UserWarning, match="left unchanged"):
+        conv = sparsegrad.convert(net)
+    # a fresh neuron starts from rest (utils.reset walks every Leaky ever made: not used here)
+    outs = [net(x[t]) for t in range(T)]
+    ref = torch.utils._pytree.tree_map(lambda *p: torch.stack(p), *outs)
+    got = conv(x)
+    assert len(torch.utils._pytree.tree_leaves(got)) == len(torch.utils._pytree.tree_leaves(ref))
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(ref)):
+        assert torch.equal(a, b)
