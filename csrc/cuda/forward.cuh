@@ -1,6 +1,14 @@
 // Forward kernels: fused LIF layer and leaky-integrator readout. One thread per (b, j) walks the
 // time steps with its state in registers; consecutive threads are consecutive j, so the reads of
 // the input current and the writes of the spikes are coalesced.
+//
+// The walk is a chain of T dependent steps, but the input current of a step does not depend on
+// the state: each step first issues the loads of the NEXT step's current (event row pointer,
+// event indices, weight rows; or the dense current) and only then integrates the current step
+// and stores its outputs, so the latency of one step's loads overlaps the previous step's work
+// instead of adding to it. The same additions in the same order: the results are bit-identical
+// to a walk that loads and integrates in turn. The host launches them with walk_launch_shape
+// (smaller blocks at small B*N, so that more SMs take part) in whole warps.
 #pragma once
 
 #include "cuda/kernel_common.cuh"
@@ -22,10 +30,13 @@ struct InputCurrent {
 
   __device__ __forceinline__ acc_t operator()(int64_t b, int64_t t, int64_t j) const {
     if (dense) return static_cast<acc_t>(dense[(t * B + b) * n_out + j]);
-    acc_t cur = bias ? static_cast<acc_t>(bias[j]) : acc_t(0);
     const int64_t r = b * T + t;
-    int64_t e = events.ptr[r];
-    const int64_t e_end = events.ptr[r + 1];
+    return event_sum(events.ptr[r], events.ptr[r + 1], j);
+  }
+
+  // The event path's current from the events [e, e_end) of one row.
+  __device__ __forceinline__ acc_t event_sum(int64_t e, int64_t e_end, int64_t j) const {
+    acc_t cur = bias ? static_cast<acc_t>(bias[j]) : acc_t(0);
     const scalar_t* w = weight_t + j;
     if (!events.val) {  // binary input: four weights per step, as the CPU kernel groups them
       for (; e + 4 <= e_end; e += 4) {
@@ -37,6 +48,36 @@ struct InputCurrent {
     }
     for (; e < e_end; ++e)
       cur += static_cast<acc_t>(events.value(e)) * static_cast<acc_t>(w[int64_t(events.idx[e]) * n_out]);
+    return cur;
+  }
+};
+
+// The currents of one (b, j) for t = 0, 1, ..., T-1, one per next(). Rows b*T + t of the events
+// are consecutive in t, so a step's row start is the previous step's row end and the row pointer
+// of the step after is loaded one step ahead: the event path's chain of dependent loads per step
+// is event index -> weight, not row pointer -> event index -> weight.
+template <typename scalar_t>
+struct CurrentStream {
+  using acc_t = at::opmath_type<scalar_t>;
+  const InputCurrent<scalar_t>& c;
+  const int64_t b, j;
+  int64_t t = 0, lo = 0, hi = 0;
+
+  __device__ __forceinline__ CurrentStream(const InputCurrent<scalar_t>& c_, int64_t b_, int64_t j_)
+      : c(c_), b(b_), j(j_) {
+    if (!c.dense && c.T > 0) {
+      lo = c.events.ptr[b * c.T];
+      hi = c.events.ptr[b * c.T + 1];
+    }
+  }
+
+  __device__ __forceinline__ acc_t next() {
+    if (c.dense) return static_cast<acc_t>(c.dense[(t++ * c.B + b) * c.n_out + j]);
+    const int64_t hi_next = t + 1 < c.T ? c.events.ptr[b * c.T + t + 2] : hi;  // a step ahead
+    const acc_t cur = c.event_sum(lo, hi, j);
+    lo = hi;
+    hi = hi_next;
+    ++t;
     return cur;
   }
 };
@@ -54,31 +95,40 @@ struct LifForwardArgs {
   scalar_t* v_final = nullptr;       // [B, N_out]
   acc_t* v_trace = nullptr;          // sparse mode: V at every (t, b, j), for the compaction
   scalar_t* sg_dense = nullptr;      // dense mode: the surrogate at every (t, b, j)
-  int64_t* spike_count = nullptr;    // one int64, accumulated atomically
+  int64_t* spike_partial = nullptr;  // one int64 per block: the block's spike count (the host sums
+                                     // them: no same-address atomics)
 };
 
-// v_trace may alias current.dense (same element, same thread, read before written).
+// v_trace may alias current.dense (same element, same thread, read before written: the prefetch
+// of step t + 1 reads element t + 1 before step t + 1 writes it).
+// Every thread of every block must reach the block_sum after the loop: launch in whole warps.
 template <typename scalar_t>
 __global__ void lif_forward_kernel(LifForwardArgs<scalar_t> a) {
   using acc_t = at::opmath_type<scalar_t>;
+  int64_t fired = 0;
   SG_KERNEL_LOOP(k, a.B * a.n_out) {
     const int64_t b = k / a.n_out, j = k % a.n_out;
     acc_t v = a.v_init ? static_cast<acc_t>(a.v_init[k]) : acc_t(0);
     acc_t s = a.s_init ? static_cast<acc_t>(a.s_init[k]) : acc_t(0);
-    int64_t fired = 0;
+    CurrentStream<scalar_t> in(a.current, b, j);
+    acc_t cur = a.T > 0 ? in.next() : acc_t(0);
     for (int64_t t = 0; t < a.T; ++t) {
       const int64_t at = (t * a.B + b) * a.n_out + j;
-      v = math::integrate(v, a.current(b, t, j), s, a.alpha, a.threshold, a.reset);
+      const acc_t next = t + 1 < a.T ? in.next() : acc_t(0);  // independent of v: issued first
+      v = math::integrate(v, cur, s, a.alpha, a.threshold, a.reset);
       s = math::fire(v, a.threshold);
       a.spikes[at] = static_cast<scalar_t>(s);
       fired += s > acc_t(0);
       if (a.v_trace) a.v_trace[at] = v;
       if (a.sg_dense)
         a.sg_dense[at] = static_cast<scalar_t>(math::surrogate(v, a.threshold, a.slope, a.surrogate));
+      cur = next;
     }
     a.v_final[k] = static_cast<scalar_t>(v);
-    if (fired) atomic_add_count(a.spike_count, fired);
   }
+  // One partial count per block instead of one same-address 64-bit atomic per thread.
+  fired = block_sum(fired);
+  if (thread_in_block() == 0) a.spike_partial[block_index()] = fired;
 }
 
 template <typename scalar_t>
@@ -99,8 +149,12 @@ __global__ void li_readout_forward_kernel(ReadoutForwardArgs<scalar_t> a) {
     const int64_t b = k / a.n_out, j = k % a.n_out;
     acc_t u = 0, acc = 0;
     int64_t arg = 0;
+    CurrentStream<scalar_t> in(a.current, b, j);
+    acc_t cur = a.T > 0 ? in.next() : acc_t(0);
     for (int64_t t = 0; t < a.T; ++t) {
-      u = math::leaky_integrate(u, a.current(b, t, j), a.alpha);
+      const acc_t next = t + 1 < a.T ? in.next() : acc_t(0);  // see the top of the file
+      u = math::leaky_integrate(u, cur, a.alpha);
+      cur = next;
       switch (a.reduce) {
         case kReduceMax:  // first step reaching the maximum; a NaN wins, as torch.max(dim)
           if (t == 0 || u > acc || (u != u && acc == acc)) {

@@ -32,6 +32,25 @@ struct EmulLauncher {
                                           cfg.max_blocks > 0 ? cfg.max_blocks : cuda::kMaxBlocks);
     emulation::launch(dim3(unsigned(shape.blocks)), dim3(unsigned(shape.threads)), kernel, args...);
   }
+
+  // Whole warps: the configured block size rounded up to a multiple of 32 (1 -> 32, 100 -> 128).
+  static cuda::LaunchShape warp_shape(int64_t n) {
+    const emulation::Config& cfg = emulation::config();
+    return cuda::warp_launch_shape(n, cfg.threads > 0 ? cfg.threads : cuda::kThreadsPerBlock,
+                                   cfg.max_blocks > 0 ? cfg.max_blocks : cuda::kMaxBlocks);
+  }
+  // The walks: as warp_shape when the tests set a block size, else the GPU's rule for an H100.
+  static cuda::LaunchShape walk_shape(int64_t n) {
+    const emulation::Config& cfg = emulation::config();
+    if (cfg.threads > 0) return warp_shape(n);
+    return cuda::walk_launch_shape(n, kEmulatedSms, cfg.max_blocks > 0 ? cfg.max_blocks : cuda::kMaxBlocks);
+  }
+  static constexpr int64_t kEmulatedSms = 132;
+
+  template <typename... KArgs, typename... Args>
+  static void launch_in(cuda::LaunchShape shape, void (*kernel)(KArgs...), Args... args) {
+    emulation::launch(dim3(unsigned(shape.blocks)), dim3(unsigned(shape.threads)), kernel, args...);
+  }
 };
 
 // order: 0 forward, 1 reverse, 2 shuffled (seeded); threads / max_blocks: 0 keeps the defaults;
@@ -76,9 +95,9 @@ std::vector<int64_t> gpu_routes(int64_t T, int64_t B, int64_t n_in, int64_t n_ou
           int64_t(cuda::routes::choose_dx(p, cuda::routes::Dx::kAuto))};
 }
 
-// [launches, emulated threads] since the library was loaded.
+// [launches, emulated threads, barrier / collective arrivals] since the library was loaded.
 std::vector<int64_t> launch_counters() {
-  return {emulation::config().launches, emulation::config().threads_run};
+  return {emulation::config().launches, emulation::config().threads_run, emulation::config().switches};
 }
 
 }  // namespace
