@@ -117,6 +117,7 @@ struct Config {
   bool wide_tiles = false;  // kernels with a tiled variant: several neurons per thread
   int dw_route = 0;        // forced GPU routes of the backwards (host_ops.h, gpu_routes.h); 0: model
   int dx_route = 0;
+  int walk_mode = 0;       // forward walks: 0 as an H100 decides, 1 fused event current, 2 split
   int64_t launches = 0;    // counter of launches (tests check that kernels really ran)
   int64_t threads_run = 0;  // counter of emulated threads
   int64_t switches = 0;    // counter of barrier / collective arrivals (tests check they happen)

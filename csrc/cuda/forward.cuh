@@ -3,12 +3,15 @@
 // the input current and the writes of the spikes are coalesced.
 //
 // The walk is a chain of T dependent steps, but the input current of a step does not depend on
-// the state: each step first issues the loads of the NEXT step's current (event row pointer,
-// event indices, weight rows; or the dense current) and only then integrates the current step
-// and stores its outputs, so the latency of one step's loads overlaps the previous step's work
-// instead of adding to it. The same additions in the same order: the results are bit-identical
-// to a walk that loads and integrates in turn. The host launches them with walk_launch_shape
-// (smaller blocks at small B*N, so that more SMs take part) in whole warps.
+// the state, so the walks load the currents of kWalkAhead steps before they integrate them: from a
+// dense current (the GEMM's, or the event currents precomputed by event_current_kernel) those are
+// kWalkAhead independent loads in flight per thread instead of one; from the events, each step's
+// row start is the previous step's row end and the next row pointer is loaded a step ahead
+// (CurrentStream). The same additions in the same order: the results are bit-identical to a walk
+// that loads and integrates in turn. The host launches the walks with walk_launch_shape (smaller
+// blocks at small B*N, so that more SMs take part) in whole warps, and precomputes the event
+// currents with T*B*N threads when the walk has too few threads to hide latency
+// (split_event_current in kernel_common.cuh).
 #pragma once
 
 #include "cuda/kernel_common.cuh"
@@ -59,7 +62,7 @@ struct InputCurrent {
 template <typename scalar_t>
 struct CurrentStream {
   using acc_t = at::opmath_type<scalar_t>;
-  const InputCurrent<scalar_t>& c;
+  const InputCurrent<scalar_t> c;  // a copy: its fields become registers, not a kernel-parameter address
   const int64_t b, j;
   int64_t t = 0, lo = 0, hi = 0;
 
@@ -82,6 +85,19 @@ struct CurrentStream {
   }
 };
 
+// The event path's currents of every (t, b, j) at once, one thread each (j fastest: coalesced
+// weight reads and writes), into a [T, B, N_out] buffer the walk then reads as a dense current.
+// The same sums as InputCurrent makes inside the walk, stored in the accumulation type.
+template <typename scalar_t>
+__global__ void event_current_kernel(InputCurrent<scalar_t> c, scalar_t* __restrict__ out) {
+  SG_KERNEL_LOOP(k, c.T * c.B * c.n_out) {
+    const int64_t j = k % c.n_out, tb = k / c.n_out, t = tb / c.B, b = tb % c.B;
+    out[k] = static_cast<scalar_t>(c(b, t, j));
+  }
+}
+
+constexpr int kWalkAhead = 8;  // steps whose currents a walk loads before integrating them
+
 template <typename scalar_t>
 struct LifForwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
@@ -99,8 +115,8 @@ struct LifForwardArgs {
                                      // them: no same-address atomics)
 };
 
-// v_trace may alias current.dense (same element, same thread, read before written: the prefetch
-// of step t + 1 reads element t + 1 before step t + 1 writes it).
+// v_trace may alias current.dense (same element, same thread, read before written: a chunk's
+// currents are all loaded before any of its steps writes V).
 // Every thread of every block must reach the block_sum after the loop: launch in whole warps.
 template <typename scalar_t>
 __global__ void lif_forward_kernel(LifForwardArgs<scalar_t> a) {
@@ -111,18 +127,23 @@ __global__ void lif_forward_kernel(LifForwardArgs<scalar_t> a) {
     acc_t v = a.v_init ? static_cast<acc_t>(a.v_init[k]) : acc_t(0);
     acc_t s = a.s_init ? static_cast<acc_t>(a.s_init[k]) : acc_t(0);
     CurrentStream<scalar_t> in(a.current, b, j);
-    acc_t cur = a.T > 0 ? in.next() : acc_t(0);
-    for (int64_t t = 0; t < a.T; ++t) {
-      const int64_t at = (t * a.B + b) * a.n_out + j;
-      const acc_t next = t + 1 < a.T ? in.next() : acc_t(0);  // independent of v: issued first
-      v = math::integrate(v, cur, s, a.alpha, a.threshold, a.reset);
-      s = math::fire(v, a.threshold);
-      a.spikes[at] = static_cast<scalar_t>(s);
-      fired += s > acc_t(0);
-      if (a.v_trace) a.v_trace[at] = v;
-      if (a.sg_dense)
-        a.sg_dense[at] = static_cast<scalar_t>(math::surrogate(v, a.threshold, a.slope, a.surrogate));
-      cur = next;
+    for (int64_t t0 = 0; t0 < a.T; t0 += kWalkAhead) {
+      const int64_t n = a.T - t0 < kWalkAhead ? a.T - t0 : kWalkAhead;
+      acc_t cur[kWalkAhead];  // loaded first: independent of v
+      SG_DEVICE_UNROLL
+      for (int q = 0; q < kWalkAhead; ++q) cur[q] = q < n ? in.next() : acc_t(0);
+      SG_DEVICE_UNROLL
+      for (int q = 0; q < kWalkAhead; ++q) {
+        if (q >= n) break;
+        const int64_t at = ((t0 + q) * a.B + b) * a.n_out + j;
+        v = math::integrate(v, cur[q], s, a.alpha, a.threshold, a.reset);
+        s = math::fire(v, a.threshold);
+        a.spikes[at] = static_cast<scalar_t>(s);
+        fired += s > acc_t(0);
+        if (a.v_trace) a.v_trace[at] = v;
+        if (a.sg_dense)
+          a.sg_dense[at] = static_cast<scalar_t>(math::surrogate(v, a.threshold, a.slope, a.surrogate));
+      }
     }
     a.v_final[k] = static_cast<scalar_t>(v);
   }
@@ -150,25 +171,31 @@ __global__ void li_readout_forward_kernel(ReadoutForwardArgs<scalar_t> a) {
     acc_t u = 0, acc = 0;
     int64_t arg = 0;
     CurrentStream<scalar_t> in(a.current, b, j);
-    acc_t cur = a.T > 0 ? in.next() : acc_t(0);
-    for (int64_t t = 0; t < a.T; ++t) {
-      const acc_t next = t + 1 < a.T ? in.next() : acc_t(0);  // see the top of the file
-      u = math::leaky_integrate(u, cur, a.alpha);
-      cur = next;
-      switch (a.reduce) {
-        case kReduceMax:  // first step reaching the maximum; a NaN wins, as torch.max(dim)
-          if (t == 0 || u > acc || (u != u && acc == acc)) {
-            acc = u;
-            arg = t;
-          }
-          break;
-        case kReduceSum:
-        case kReduceMean:
-          acc = t == 0 ? u : acc + u;
-          break;
-        default:
-          a.out[(t * a.B + b) * a.n_out + j] = static_cast<scalar_t>(u);
-          break;
+    for (int64_t t0 = 0; t0 < a.T; t0 += kWalkAhead) {
+      const int64_t n = a.T - t0 < kWalkAhead ? a.T - t0 : kWalkAhead;
+      acc_t cur[kWalkAhead];  // see the top of the file
+      SG_DEVICE_UNROLL
+      for (int q = 0; q < kWalkAhead; ++q) cur[q] = q < n ? in.next() : acc_t(0);
+      SG_DEVICE_UNROLL
+      for (int q = 0; q < kWalkAhead; ++q) {
+        if (q >= n) break;
+        const int64_t t = t0 + q;
+        u = math::leaky_integrate(u, cur[q], a.alpha);
+        switch (a.reduce) {
+          case kReduceMax:  // first step reaching the maximum; a NaN wins, as torch.max(dim)
+            if (t == 0 || u > acc || (u != u && acc == acc)) {
+              acc = u;
+              arg = t;
+            }
+            break;
+          case kReduceSum:
+          case kReduceMean:
+            acc = t == 0 ? u : acc + u;
+            break;
+          default:
+            a.out[(t * a.B + b) * a.n_out + j] = static_cast<scalar_t>(u);
+            break;
+        }
       }
     }
     if (a.reduce == kReduceNone) continue;

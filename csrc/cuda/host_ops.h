@@ -13,6 +13,7 @@
 //     threads (kernels with warp collectives / block reductions; the forward walks, which may
 //     take smaller blocks to reach more SMs), and
 //   static void launch_in(LaunchShape shape, kernel, args...): a launch with that geometry;
+//   static int64_t resident_threads(): threads the device holds at once (split_event_current);
 //   static int forced_dw_route(), forced_dx_route(): 0, or a route of gpu_routes.h that replaces
 //     the cost model's choice (the emulation tests force each route; 0 on the GPU);
 //   static constexpr bool kHostReadsFlag: whether the error flag of the bound checks is read on
@@ -173,6 +174,15 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
     a.v_trace = v_trace.data_ptr<acc_t>();  // reuses the GEMM buffer when there is one
   } else {
     a.sg_dense = sg_dense.data_ptr<scalar_t>();
+  }
+  at::Tensor split_current;  // the precomputed event currents, when the walk is too small
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (!a.current.dense && B * n_out > 0 && T > 0 &&
+        split_event_current(B * n_out, L::resident_threads(), T * B * n_out * int64_t(sizeof(acc_t)), sparse)) {
+      split_current = sparse ? v_trace : at::empty({T, B, n_out}, x.options());  // V overwrites I in place
+      L::launch(T * B * n_out, &event_current_kernel<scalar_t>, a.current, split_current.data_ptr<scalar_t>());
+      a.current.dense = split_current.data_ptr<scalar_t>();
+    }
   }
   if (B * n_out > 0) {
     // One spike count per block, summed here (no same-address atomics in the kernel).
@@ -636,6 +646,15 @@ ReadoutForwardOutputs li_readout_forward_impl(const at::Tensor& x, const at::Ten
   a.reduce = reduce;
   a.out = out.data_ptr<scalar_t>();
   a.argmax = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
+  at::Tensor split_current;  // the precomputed event currents, when the walk is too small
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (!a.current.dense && B * n_out > 0 && T > 0 &&
+        split_event_current(B * n_out, L::resident_threads(), T * B * n_out * int64_t(sizeof(acc_t)), false)) {
+      split_current = at::empty({T, B, n_out}, x.options());
+      L::launch(T * B * n_out, &event_current_kernel<scalar_t>, a.current, split_current.data_ptr<scalar_t>());
+      a.current.dense = split_current.data_ptr<scalar_t>();
+    }
+  }
   if (B * n_out > 0) L::launch_in(L::walk_shape(B * n_out), &li_readout_forward_kernel<scalar_t>, a);
   return {out, argmax, ev.cnt, ev.idx, ev.val};
 }

@@ -73,6 +73,18 @@ inline LaunchShape walk_launch_shape(int64_t n, int64_t sm_count, int64_t max_bl
   return launch_shape(n, threads, max_blocks);
 }
 
+// A walk (one thread per (b, j), T dependent steps) with fewer threads than the GPU holds at once
+// cannot hide the latency of the event path's loads (row pointer -> event index -> weight row each
+// step): the host then computes every step's current first with T*B*N threads
+// (event_current_kernel) and the walk reads them as a dense current. Only where the buffer is
+// free (it is the sparse forward's V buffer) or small: at large layers the walk has threads enough.
+constexpr int64_t kSplitCurrentMaxBytes = int64_t(256) << 20;
+
+inline bool split_event_current(int64_t walkers, int64_t resident_threads, int64_t buffer_bytes,
+                                bool buffer_free) {
+  return walkers < resident_threads && (buffer_free || buffer_bytes <= kSplitCurrentMaxBytes);
+}
+
 // Grid-stride loop over warps: all 32 lanes of a warp see the same w and leave the loop together
 // (launch with warp_launch_shape), so collectives inside it have every lane of the full mask.
 #define SG_WARP_LOOP(w, n)                                                                        \

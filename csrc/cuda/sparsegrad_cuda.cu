@@ -39,6 +39,11 @@ struct CudaLauncher {
     return walk_launch_shape(n, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   }
 
+  static int64_t resident_threads() {
+    const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
+    return int64_t(p->multiProcessorCount) * int64_t(p->maxThreadsPerMultiProcessor);
+  }
+
   template <typename... KArgs, typename... Args>
   static void launch_in(LaunchShape shape, void (*kernel)(KArgs...), Args... args) {
     kernel<<<dim3(unsigned(shape.blocks)), dim3(unsigned(shape.threads)), 0,

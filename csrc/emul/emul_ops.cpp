@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 #include "cuda/host_ops.h"
@@ -46,6 +47,11 @@ struct EmulLauncher {
     return cuda::walk_launch_shape(n, kEmulatedSms, cfg.max_blocks > 0 ? cfg.max_blocks : cuda::kMaxBlocks);
   }
   static constexpr int64_t kEmulatedSms = 132;
+  // split_event_current: walk mode 1 never splits, 2 always does, 0 decides as an H100 would.
+  static int64_t resident_threads() {
+    const int mode = emulation::config().walk_mode;
+    return mode == 1 ? 0 : mode == 2 ? std::numeric_limits<int64_t>::max() : kEmulatedSms * 2048;
+  }
 
   template <typename... KArgs, typename... Args>
   static void launch_in(cuda::LaunchShape shape, void (*kernel)(KArgs...), Args... args) {
@@ -75,6 +81,14 @@ void set_routes(int64_t dw_route, int64_t dx_route) {
   TORCH_CHECK(dx_route >= 0 && dx_route <= 2, "sparsegrad_emul.set_routes: 'dx_route' must be 0..2, got ", dx_route);
   emulation::config().dw_route = int(dw_route);
   emulation::config().dx_route = int(dx_route);
+}
+
+// The forward walks' input current (split_event_current, kernel_common.cuh): 0 as the H100 rule
+// decides (every test-sized problem precomputes the event currents), 1 always inside the walk,
+// 2 always precomputed. Results are bit-identical either way (tests/test_emul_forward_shapes.py).
+void set_walk_mode(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "sparsegrad_emul.set_walk_mode: 'mode' must be 0, 1 or 2, got ", mode);
+  emulation::config().walk_mode = int(mode);
 }
 
 // The cost model's choice for a problem: [dw route, dx route] (values as set_routes).
@@ -108,6 +122,7 @@ TORCH_LIBRARY(sparsegrad_emul, m) {
   m.def("set_launch_config(int order, int seed, int threads, int max_blocks, bool wide_tiles) -> ()",
         &set_launch_config);
   m.def("set_routes(int dw_route, int dx_route) -> ()", &set_routes);
+  m.def("set_walk_mode(int mode) -> ()", &set_walk_mode);
   m.def("gpu_routes(int T, int B, int n_in, int n_out, int nnz, int n_active, int n_prev, int acc_bytes, "
         "bool active_route_valid) -> int[]", &gpu_routes);
   m.def("launch_counters() -> int[]", &launch_counters);
