@@ -114,21 +114,19 @@ __global__ void active_fill_kernel(const acc_t* __restrict__ v, int64_t T, int64
 
 // ---------------------------------------------------------------------------------------------
 // Reset bits (reset to zero): word w of row (t, b) packs S[t-1, b, 32w .. 32w+31] (s_init at t = 0),
-// one thread per word, so no two threads write the same word.
+// one warp per word: lane l reads neuron 32w + l (coalesced) and the ballot is the word, so no two
+// warps write the same word and no atomics are needed.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
 __global__ void reset_bits_kernel(const scalar_t* __restrict__ spikes, const scalar_t* __restrict__ s_init,
                                   int64_t T, int64_t B, int64_t N, int32_t* __restrict__ bits) {
   const int64_t words = (N + 31) / 32;
-  SG_KERNEL_LOOP(k, T * B * words) {
+  SG_WARP_LOOP(k, T * B * words) {
     const int64_t w = k % words, tb = k / words, t = tb / B, b = tb % B;
     const scalar_t* s = t == 0 ? (s_init ? s_init + b * N : nullptr) : spikes + ((t - 1) * B + b) * N;
-    uint32_t word = 0;
-    if (s) {
-      for (int64_t l = 0; l < 32 && 32 * w + l < N; ++l)
-        word |= static_cast<uint32_t>(s[32 * w + l] > scalar_t(0)) << l;
-    }
-    bits[k] = static_cast<int32_t>(word);
+    const int64_t j = kWarp * w + lane_id();
+    const unsigned word = __ballot_sync(kFullMask, s != nullptr && j < N && s[j] > scalar_t(0));
+    if (lane_id() == 0) bits[k] = static_cast<int32_t>(word);
   }
 }
 

@@ -199,7 +199,7 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor rst_bits = zero_reset ? at::empty({T, B, words}, x.options().dtype(at::kInt))
                                    : at::empty({0}, x.options().dtype(at::kInt));
   if (zero_reset)
-    L::launch(T * B * words, &reset_bits_kernel<scalar_t>, a.spikes, a.s_init, T, B, n_out,
+    launch_warps<L>(T * B * words, &reset_bits_kernel<scalar_t>, a.spikes, a.s_init, T, B, n_out,
               rst_bits.data_ptr<int32_t>());
 
   if (!sparse) {
