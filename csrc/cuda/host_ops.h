@@ -130,6 +130,27 @@ struct CurrentPlan {
   }
 };
 
+// When a forward walk has too few threads to hide the event path's latency (split_event_current),
+// compute every event current first (event_current_kernel) and point the walk at them as a dense
+// current. `free_buffer`: a [T, B, N_out] buffer of the accumulation type that the walk may
+// overwrite (the sparse LIF forward's V trace), or undefined (then one is allocated, if small
+// enough). Returns the buffer, to be kept alive until the walk has run (undefined: not split).
+template <class L, typename scalar_t>
+at::Tensor split_if_small(InputCurrent<scalar_t>& current, const at::Tensor& x, const at::Tensor& free_buffer) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = current.T, B = current.B, n_out = current.n_out, n = T * B * n_out;
+  at::Tensor buffer;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {  // the walk reads the buffer as scalar_t
+    if (!current.dense && n > 0 &&
+        split_event_current(B * n_out, L::resident_threads(), n * int64_t(sizeof(acc_t)), free_buffer.defined())) {
+      buffer = free_buffer.defined() ? free_buffer : at::empty({T, B, n_out}, x.options());
+      L::launch(n, &event_current_kernel<scalar_t>, current, buffer.data_ptr<scalar_t>());
+      current.dense = buffer.data_ptr<scalar_t>();
+    }
+  }
+  return buffer;
+}
+
 // ------------------------------------------------------------------------------------------------
 // lif_forward
 // ------------------------------------------------------------------------------------------------
@@ -175,15 +196,8 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   } else {
     a.sg_dense = sg_dense.data_ptr<scalar_t>();
   }
-  at::Tensor split_current;  // the precomputed event currents, when the walk is too small
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    if (!a.current.dense && B * n_out > 0 && T > 0 &&
-        split_event_current(B * n_out, L::resident_threads(), T * B * n_out * int64_t(sizeof(acc_t)), sparse)) {
-      split_current = sparse ? v_trace : at::empty({T, B, n_out}, x.options());  // V overwrites I in place
-      L::launch(T * B * n_out, &event_current_kernel<scalar_t>, a.current, split_current.data_ptr<scalar_t>());
-      a.current.dense = split_current.data_ptr<scalar_t>();
-    }
-  }
+  // (the sparse forward's V buffer takes the currents: the walk overwrites each I with its V)
+  const at::Tensor split_current = split_if_small<L, scalar_t>(a.current, x, sparse ? v_trace : at::Tensor());
   if (B * n_out > 0) {
     // One spike count per block, summed here (no same-address atomics in the kernel).
     const LaunchShape shape = L::walk_shape(B * n_out);
@@ -646,15 +660,7 @@ ReadoutForwardOutputs li_readout_forward_impl(const at::Tensor& x, const at::Ten
   a.reduce = reduce;
   a.out = out.data_ptr<scalar_t>();
   a.argmax = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
-  at::Tensor split_current;  // the precomputed event currents, when the walk is too small
-  if constexpr (std::is_same_v<acc_t, scalar_t>) {
-    if (!a.current.dense && B * n_out > 0 && T > 0 &&
-        split_event_current(B * n_out, L::resident_threads(), T * B * n_out * int64_t(sizeof(acc_t)), false)) {
-      split_current = at::empty({T, B, n_out}, x.options());
-      L::launch(T * B * n_out, &event_current_kernel<scalar_t>, a.current, split_current.data_ptr<scalar_t>());
-      a.current.dense = split_current.data_ptr<scalar_t>();
-    }
-  }
+  const at::Tensor split_current = split_if_small<L, scalar_t>(a.current, x, at::Tensor());
   if (B * n_out > 0) L::launch_in(L::walk_shape(B * n_out), &li_readout_forward_kernel<scalar_t>, a);
   return {out, argmax, ev.cnt, ev.idx, ev.val};
 }
