@@ -76,3 +76,19 @@ def test_emul_split_mode_precomputes_the_event_currents(emul, walk_mode):
     assert counts["split"][0] == counts["fused"][0] + 1
     assert counts["split"][1] == counts["fused"][1] + 256  # 240 currents: one block of 256
     assert counts["auto"] == counts["split"]
+
+
+def test_emul_gpu_launch_rules(emul):
+    """The geometry the GPU launcher picks (kernel_common.cuh), at the sizes docs/cuda.md's model
+    uses: an H100 (132 SMs, 270,336 resident threads)."""
+    sms, resident = 132, 132 * 2048
+    # SHD layer walk: 64 * 200 = 12,800 threads -> blocks of 64, 200 blocks; split
+    assert emul.launch_rules(12800, sms, resident) == [64, 200, 256, 50, 1]
+    # the readout (64 * 20): blocks of 64
+    assert emul.launch_rules(1280, sms, resident) == [64, 20, 256, 5, 1]
+    # large layer walk: 256 * 4096 threads -> blocks of 256, 4096 blocks; not split
+    assert emul.launch_rules(256 * 4096, sms, resident) == [256, 4096, 256, 4096, 0]
+    # in between: 128 threads when that still gives >= 2 blocks per SM
+    assert emul.launch_rules(264 * 128, sms, resident)[:2] == [128, 264]
+    # the grid is capped (grid-stride loops cover the rest)
+    assert emul.launch_rules(1 << 40, sms, resident)[1] == 65535

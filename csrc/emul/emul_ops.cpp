@@ -91,6 +91,15 @@ void set_walk_mode(int64_t mode) {
   emulation::config().walk_mode = int(mode);
 }
 
+// The GPU's launch-shape rules (kernel_common.cuh) for n threads on a GPU of `sms` SMs holding
+// `resident` threads: [walk threads per block, walk blocks, warp-kernel threads per block,
+// warp-kernel blocks, whether the walk precomputes its event currents (buffer free)].
+std::vector<int64_t> launch_rules(int64_t n, int64_t sms, int64_t resident) {
+  const cuda::LaunchShape walk = cuda::walk_launch_shape(n, sms), warp = cuda::warp_launch_shape(n);
+  return {walk.threads, walk.blocks, warp.threads, warp.blocks,
+          int64_t(cuda::split_event_current(n, resident, 0, true))};
+}
+
 // The cost model's choice for a problem: [dw route, dx route] (values as set_routes).
 std::vector<int64_t> gpu_routes(int64_t T, int64_t B, int64_t n_in, int64_t n_out, int64_t nnz,
                                 int64_t n_active, int64_t n_prev, int64_t acc_bytes, bool active_route_valid) {
@@ -123,6 +132,7 @@ TORCH_LIBRARY(sparsegrad_emul, m) {
         &set_launch_config);
   m.def("set_routes(int dw_route, int dx_route) -> ()", &set_routes);
   m.def("set_walk_mode(int mode) -> ()", &set_walk_mode);
+  m.def("launch_rules(int n, int sms, int resident) -> int[]", &launch_rules);
   m.def("gpu_routes(int T, int B, int n_in, int n_out, int nnz, int n_active, int n_prev, int acc_bytes, "
         "bool active_route_valid) -> int[]", &gpu_routes);
   m.def("launch_counters() -> int[]", &launch_counters);
