@@ -157,13 +157,17 @@ def test_emul_compiles_the_same_kernel_source_as_nvcc():
 
 def test_emul_runs_the_kernels(emul):
     """The emulated ops really launch kernels: sparse LIF forward = event count + fill, the LIF
-    kernel, active-set count + fill; every thread of every block runs."""
+    kernel, active-set count + fill; every thread of every block runs, and the warp-per-row
+    compaction and the block reduction of the spike count really meet at collectives."""
     x, w, b = random_problem(5, 3, 8, 6, rate=0.3)
     before = emul.launch_counters()
     emul.lif_forward(*lif_args(x, w, b))
     after = emul.launch_counters()
     assert after[0] - before[0] == 5
-    assert after[1] - before[1] == 5 * 256  # each launch is one block of 256 threads here
+    # 15 rows: one warp each, 480 threads = 2 blocks of 256 per compaction launch; the walk of
+    # 3 * 6 neurons: one block of 64 (walk_launch_shape: small blocks at small B*N)
+    assert after[1] - before[1] == 4 * 512 + 64
+    assert after[2] > before[2]
     emul.lif_forward(*lif_args(x, w, b, sparse=False))
     assert emul.launch_counters()[0] - after[0] == 3
 

@@ -9,6 +9,11 @@
 // Launcher requirements:
 //   static void launch(int64_t n, void (*kernel)(KArgs...), Args... args): runs `kernel` with
 //     enough threads for a grid-stride loop over n items (nothing when n == 0);
+//   static LaunchShape warp_shape(int64_t n), walk_shape(int64_t n): whole-warp geometries for n
+//     threads (kernels with warp collectives / block reductions; the forward walks, which may
+//     take smaller blocks to reach more SMs), and
+//   static void launch_in(LaunchShape shape, kernel, args...): a launch with that geometry;
+//   static int64_t resident_threads(): threads the device holds at once (split_event_current);
 //   static int forced_dw_route(), forced_dx_route(): 0, or a route of gpu_routes.h that replaces
 //     the cost model's choice (the emulation tests force each route; 0 on the GPU);
 //   static constexpr bool kHostReadsFlag: whether the error flag of the bound checks is read on
@@ -52,6 +57,13 @@ using ReadoutGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 using cpu::Events;
 
+// A launch of one warp per item (the compaction kernels: SG_WARP_LOOP over rows).
+template <class L, typename... KArgs, typename... Args>
+void launch_warps(int64_t n_items, void (*kernel)(KArgs...), Args... args) {
+  if (n_items <= 0) return;
+  L::launch_in(L::warp_shape(n_items * kWarp), kernel, args...);
+}
+
 inline at::TensorOptions acc_options(const at::Tensor& like) {
   const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return like.options().dtype(acc);
@@ -67,7 +79,7 @@ Events build_events(const at::Tensor& x) {
   Events ev;
   ev.ptr = at::zeros({R + 1}, long_opts);
   auto nonbinary = at::zeros({1}, long_opts);
-  L::launch(R, &events_count_kernel<scalar_t>, x.data_ptr<scalar_t>(), T, B, N,
+  launch_warps<L>(R, &events_count_kernel<scalar_t>, x.data_ptr<scalar_t>(), T, B, N,
             ev.ptr.data_ptr<int64_t>(), nonbinary.data_ptr<int64_t>());
   ev.cnt = ev.ptr.narrow(0, 1, R).to(at::kInt);  // the op's output: per-row counts
   ev.ptr.cumsum_(0);
@@ -76,7 +88,7 @@ Events build_events(const at::Tensor& x) {
   ev.binary = sizes.data_ptr<int64_t>()[1] == 0;
   ev.idx = at::empty({ev.nnz}, x.options().dtype(at::kInt));
   ev.val = at::empty({ev.binary ? 0 : ev.nnz}, x.options());
-  L::launch(R, &events_fill_kernel<scalar_t>, x.data_ptr<scalar_t>(), T, B, N,
+  launch_warps<L>(R, &events_fill_kernel<scalar_t>, x.data_ptr<scalar_t>(), T, B, N,
             ev.ptr.data_ptr<int64_t>(), ev.idx.data_ptr<int32_t>(),
             ev.binary ? static_cast<scalar_t*>(nullptr) : ev.val.data_ptr<scalar_t>());
   return ev;
@@ -118,6 +130,27 @@ struct CurrentPlan {
   }
 };
 
+// When a forward walk has too few threads to hide the event path's latency (split_event_current),
+// compute every event current first (event_current_kernel) and point the walk at them as a dense
+// current. `free_buffer`: a [T, B, N_out] buffer of the accumulation type that the walk may
+// overwrite (the sparse LIF forward's V trace), or undefined (then one is allocated, if small
+// enough). Returns the buffer, to be kept alive until the walk has run (undefined: not split).
+template <class L, typename scalar_t>
+at::Tensor split_if_small(InputCurrent<scalar_t>& current, const at::Tensor& x, const at::Tensor& free_buffer) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = current.T, B = current.B, n_out = current.n_out, n = T * B * n_out;
+  at::Tensor buffer;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {  // the walk reads the buffer as scalar_t
+    if (!current.dense && n > 0 &&
+        split_event_current(B * n_out, L::resident_threads(), n * int64_t(sizeof(acc_t)), free_buffer.defined())) {
+      buffer = free_buffer.defined() ? free_buffer : at::empty({T, B, n_out}, x.options());
+      L::launch(n, &event_current_kernel<scalar_t>, current, buffer.data_ptr<scalar_t>());
+      current.dense = buffer.data_ptr<scalar_t>();
+    }
+  }
+  return buffer;
+}
+
 // ------------------------------------------------------------------------------------------------
 // lif_forward
 // ------------------------------------------------------------------------------------------------
@@ -153,7 +186,6 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   a.s_init = ptr_or_null<scalar_t>(s_init);
   a.spikes = spikes.data_ptr<scalar_t>();
   a.v_final = v_final.data_ptr<scalar_t>();
-  a.spike_count = stats.data_ptr<int64_t>();
   if (sparse) {
     if constexpr (std::is_same_v<acc_t, scalar_t>) {
       v_trace = plan.dense.defined() ? plan.dense : at::empty({T, B, n_out}, acc_options(x));
@@ -164,7 +196,16 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   } else {
     a.sg_dense = sg_dense.data_ptr<scalar_t>();
   }
-  L::launch(B * n_out, &lif_forward_kernel<scalar_t>, a);
+  // (the sparse forward's V buffer takes the currents: the walk overwrites each I with its V)
+  const at::Tensor split_current = split_if_small<L, scalar_t>(a.current, x, sparse ? v_trace : at::Tensor());
+  if (B * n_out > 0) {
+    // One spike count per block, summed here (no same-address atomics in the kernel).
+    const LaunchShape shape = L::walk_shape(B * n_out);
+    auto partial = at::empty({shape.blocks}, long_opts);
+    a.spike_partial = partial.data_ptr<int64_t>();
+    L::launch_in(shape, &lif_forward_kernel<scalar_t>, a);
+    stats.narrow(0, 0, 1).copy_(partial.sum(0, /*keepdim=*/true));
+  }
   stats.narrow(0, 2, 1).fill_(ev.nnz);
   // Reset to zero: the spikes that reset V, bit-packed for the backward (op_schemas.h).
   const int64_t words = bit_words(n_out);
@@ -172,7 +213,7 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor rst_bits = zero_reset ? at::empty({T, B, words}, x.options().dtype(at::kInt))
                                    : at::empty({0}, x.options().dtype(at::kInt));
   if (zero_reset)
-    L::launch(T * B * words, &reset_bits_kernel<scalar_t>, a.spikes, a.s_init, T, B, n_out,
+    launch_warps<L>(T * B * words, &reset_bits_kernel<scalar_t>, a.spikes, a.s_init, T, B, n_out,
               rst_bits.data_ptr<int32_t>());
 
   if (!sparse) {
@@ -184,14 +225,14 @@ ForwardOutputs lif_forward_impl(const at::Tensor& x, const at::Tensor& weight,
 
   // Compact the active set: count kernel, scan, one device->host copy (its size), fill kernel.
   auto act_ptr = at::zeros({R + 1}, long_opts);
-  L::launch(R, &active_count_kernel<acc_t>, v_trace.data_ptr<acc_t>(), T, B, n_out,
+  launch_warps<L>(R, &active_count_kernel<acc_t>, v_trace.data_ptr<acc_t>(), T, B, n_out,
             static_cast<acc_t>(threshold), static_cast<acc_t>(b_th), act_ptr.data_ptr<int64_t>());
   const at::Tensor act_cnt = act_ptr.narrow(0, 1, R).to(at::kInt);
   act_ptr.cumsum_(0);
   const int64_t n_active = act_ptr[R].item<int64_t>();  // host sync: output size
   auto act_idx = at::empty({n_active}, x.options().dtype(at::kInt));
   auto act_sg = at::empty({n_active}, x.options());
-  L::launch(R, &active_fill_kernel<scalar_t, acc_t>, v_trace.data_ptr<acc_t>(), T, B, n_out,
+  launch_warps<L>(R, &active_fill_kernel<scalar_t, acc_t>, v_trace.data_ptr<acc_t>(), T, B, n_out,
             static_cast<acc_t>(threshold), static_cast<acc_t>(b_th), static_cast<acc_t>(slope),
             int(kinds.surrogate), act_ptr.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(),
             act_sg.data_ptr<scalar_t>());
@@ -619,7 +660,8 @@ ReadoutForwardOutputs li_readout_forward_impl(const at::Tensor& x, const at::Ten
   a.reduce = reduce;
   a.out = out.data_ptr<scalar_t>();
   a.argmax = reduce == kReduceMax ? argmax.data_ptr<int64_t>() : nullptr;
-  L::launch(B * n_out, &li_readout_forward_kernel<scalar_t>, a);
+  const at::Tensor split_current = split_if_small<L, scalar_t>(a.current, x, at::Tensor());
+  if (B * n_out > 0) L::launch_in(L::walk_shape(B * n_out), &li_readout_forward_kernel<scalar_t>, a);
   return {out, argmax, ev.cnt, ev.idx, ev.val};
 }
 

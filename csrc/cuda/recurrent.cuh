@@ -1,9 +1,10 @@
 // Kernels of the recurrent LIF layer (rlif_*), shared by nvcc and the host emulation.
 //
 // The recurrence couples every neuron of a batch element from one step to the next (S[t-1] R^T
-// in the forward, G[t+1] R in the backward), and the kernels use no barriers or shared memory
-// (csrc/cuda/emulation.h). So both directions launch one kernel per time step over (b, j), one
-// thread per neuron: step t reads only what the launch of the previous step wrote.
+// in the forward, G[t+1] R in the backward), and no barrier can order that across blocks. So both
+// directions launch one kernel per time step over (b, j), one thread per neuron: step t reads
+// only what the launch of the previous step wrote. (The compaction of the active set takes a warp
+// per row, with ballots.)
 //   forward step t:  V = integrate(V, I[t] + S[t-1] R^T, S[t-1]), S[t] = H(V - threshold); the
 //                    spike sets bit j of spk_bits[t, b] (integer atomicOr: exact in any order).
 //   backward step t: G[t] = d[t]*G[t+1] + sg*(e + G[t+1] . R[:, j]) at active entries (the dot
@@ -86,16 +87,22 @@ __global__ void rlif_forward_step_kernel(RlifStepArgs<scalar_t> a, int64_t t) {
   }
 }
 
-// Active set from the membrane trace: per-row counts, then (after a scan) the entries.
+// Active set from the membrane trace: per-row counts, then (after a scan) the entries; one warp
+// per row with ballots, as compaction.cuh's active_count_kernel / active_fill_kernel (coalesced
+// reads; the same CSR, ascending j).
 template <typename acc_t>
 __global__ void rlif_active_count_kernel(const acc_t* __restrict__ v, int64_t T, int64_t B, int64_t n,
                                          acc_t threshold, acc_t b_th, int32_t* __restrict__ cnt) {
-  SG_KERNEL_LOOP(r, B * T) {
+  SG_WARP_LOOP(r, B * T) {
     const int64_t b = r / T, t = r % T;
     const acc_t* row = v + (t * B + b) * n;
     int32_t count = 0;
-    for (int64_t j = 0; j < n; ++j) count += math::is_active(row[j], threshold, b_th);
-    cnt[r] = count;
+    for (int64_t j0 = 0; j0 < n; j0 += kWarp) {
+      const int64_t j = j0 + lane_id();
+      const bool active = j < n && math::is_active(row[j], threshold, b_th);
+      count += __popc(__ballot_sync(kFullMask, active));
+    }
+    if (lane_id() == 0) cnt[r] = count;
   }
 }
 
@@ -104,16 +111,20 @@ __global__ void rlif_active_fill_kernel(const acc_t* __restrict__ v, int64_t T, 
                                         acc_t threshold, acc_t b_th, acc_t slope, int surrogate,
                                         const int64_t* __restrict__ off, int32_t* __restrict__ idx,
                                         scalar_t* __restrict__ sg) {
-  SG_KERNEL_LOOP(r, B * T) {
+  SG_WARP_LOOP(r, B * T) {
     const int64_t b = r / T, t = r % T;
     const acc_t* row = v + (t * B + b) * n;
     int64_t e = off[r];
-    for (int64_t j = 0; j < n; ++j) {
-      if (math::is_active(row[j], threshold, b_th)) {
-        idx[e] = static_cast<int32_t>(j);
-        sg[e] = static_cast<scalar_t>(math::surrogate(row[j], threshold, slope, surrogate));
-        ++e;
+    for (int64_t j0 = 0; j0 < n; j0 += kWarp) {
+      const int64_t j = j0 + lane_id();
+      const bool active = j < n && math::is_active(row[j], threshold, b_th);
+      const unsigned mask = __ballot_sync(kFullMask, active);
+      if (active) {
+        const int64_t at = e + __popc(mask & lanes_below());
+        idx[at] = static_cast<int32_t>(j);
+        sg[at] = static_cast<scalar_t>(math::surrogate(row[j], threshold, slope, surrogate));
       }
+      e += __popc(mask);
     }
   }
 }

@@ -87,13 +87,13 @@ RlifOutputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, con
   }
   // Compact the active set: count kernel, scan, one device->host copy (its size), fill kernel.
   auto act_cnt = at::empty({R}, int_opts);
-  L::launch(R, &rlif_active_count_kernel<acc_t>, v_trace.data_ptr<acc_t>(), T, B, n,
+  launch_warps<L>(R, &rlif_active_count_kernel<acc_t>, v_trace.data_ptr<acc_t>(), T, B, n,
             a.threshold, static_cast<acc_t>(b_th), act_cnt.data_ptr<int32_t>());
   const at::Tensor act_off = offsets_of(act_cnt);
   const int64_t n_active = act_off[R].item<int64_t>();  // host sync: output size
   auto act_idx = at::empty({n_active}, int_opts);
   auto act_sg = at::empty({n_active}, x.options());
-  L::launch(R, &rlif_active_fill_kernel<scalar_t, acc_t>, v_trace.data_ptr<acc_t>(), T, B, n,
+  launch_warps<L>(R, &rlif_active_fill_kernel<scalar_t, acc_t>, v_trace.data_ptr<acc_t>(), T, B, n,
             a.threshold, static_cast<acc_t>(b_th), a.slope, a.surrogate,
             act_off.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(), act_sg.data_ptr<scalar_t>());
   stats.narrow(0, 1, 1).fill_(n_active);

@@ -31,6 +31,25 @@ struct CudaLauncher {
              at::cuda::getCurrentCUDAStream()>>>(static_cast<KArgs>(args)...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+
+  // Whole-warp geometries (kernel_common.cuh): 256 threads; the walks fewer at small B*N so that
+  // they reach more of the SMs.
+  static LaunchShape warp_shape(int64_t n) { return warp_launch_shape(n); }
+  static LaunchShape walk_shape(int64_t n) {
+    return walk_launch_shape(n, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  }
+
+  static int64_t resident_threads() {
+    const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
+    return int64_t(p->multiProcessorCount) * int64_t(p->maxThreadsPerMultiProcessor);
+  }
+
+  template <typename... KArgs, typename... Args>
+  static void launch_in(LaunchShape shape, void (*kernel)(KArgs...), Args... args) {
+    kernel<<<dim3(unsigned(shape.blocks)), dim3(unsigned(shape.threads)), 0,
+             at::cuda::getCurrentCUDAStream()>>>(static_cast<KArgs>(args)...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 };
 
 using L = CudaLauncher;

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 #include "cuda/host_ops.h"
@@ -30,6 +31,30 @@ struct EmulLauncher {
     const emulation::Config& cfg = emulation::config();
     const auto shape = cuda::launch_shape(n, cfg.threads > 0 ? cfg.threads : cuda::kThreadsPerBlock,
                                           cfg.max_blocks > 0 ? cfg.max_blocks : cuda::kMaxBlocks);
+    emulation::launch(dim3(unsigned(shape.blocks)), dim3(unsigned(shape.threads)), kernel, args...);
+  }
+
+  // Whole warps: the configured block size rounded up to a multiple of 32 (1 -> 32, 100 -> 128).
+  static cuda::LaunchShape warp_shape(int64_t n) {
+    const emulation::Config& cfg = emulation::config();
+    return cuda::warp_launch_shape(n, cfg.threads > 0 ? cfg.threads : cuda::kThreadsPerBlock,
+                                   cfg.max_blocks > 0 ? cfg.max_blocks : cuda::kMaxBlocks);
+  }
+  // The walks: as warp_shape when the tests set a block size, else the GPU's rule for an H100.
+  static cuda::LaunchShape walk_shape(int64_t n) {
+    const emulation::Config& cfg = emulation::config();
+    if (cfg.threads > 0) return warp_shape(n);
+    return cuda::walk_launch_shape(n, kEmulatedSms, cfg.max_blocks > 0 ? cfg.max_blocks : cuda::kMaxBlocks);
+  }
+  static constexpr int64_t kEmulatedSms = 132;
+  // split_event_current: walk mode 1 never splits, 2 always does, 0 decides as an H100 would.
+  static int64_t resident_threads() {
+    const int mode = emulation::config().walk_mode;
+    return mode == 1 ? 0 : mode == 2 ? std::numeric_limits<int64_t>::max() : kEmulatedSms * 2048;
+  }
+
+  template <typename... KArgs, typename... Args>
+  static void launch_in(cuda::LaunchShape shape, void (*kernel)(KArgs...), Args... args) {
     emulation::launch(dim3(unsigned(shape.blocks)), dim3(unsigned(shape.threads)), kernel, args...);
   }
 };
@@ -58,6 +83,23 @@ void set_routes(int64_t dw_route, int64_t dx_route) {
   emulation::config().dx_route = int(dx_route);
 }
 
+// The forward walks' input current (split_event_current, kernel_common.cuh): 0 as the H100 rule
+// decides (every test-sized problem precomputes the event currents), 1 always inside the walk,
+// 2 always precomputed. Results are bit-identical either way (tests/test_emul_forward_shapes.py).
+void set_walk_mode(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "sparsegrad_emul.set_walk_mode: 'mode' must be 0, 1 or 2, got ", mode);
+  emulation::config().walk_mode = int(mode);
+}
+
+// The GPU's launch-shape rules (kernel_common.cuh) for n threads on a GPU of `sms` SMs holding
+// `resident` threads: [walk threads per block, walk blocks, warp-kernel threads per block,
+// warp-kernel blocks, whether the walk precomputes its event currents (buffer free)].
+std::vector<int64_t> launch_rules(int64_t n, int64_t sms, int64_t resident) {
+  const cuda::LaunchShape walk = cuda::walk_launch_shape(n, sms), warp = cuda::warp_launch_shape(n);
+  return {walk.threads, walk.blocks, warp.threads, warp.blocks,
+          int64_t(cuda::split_event_current(n, resident, 0, true))};
+}
+
 // The cost model's choice for a problem: [dw route, dx route] (values as set_routes).
 std::vector<int64_t> gpu_routes(int64_t T, int64_t B, int64_t n_in, int64_t n_out, int64_t nnz,
                                 int64_t n_active, int64_t n_prev, int64_t acc_bytes, bool active_route_valid) {
@@ -76,9 +118,9 @@ std::vector<int64_t> gpu_routes(int64_t T, int64_t B, int64_t n_in, int64_t n_ou
           int64_t(cuda::routes::choose_dx(p, cuda::routes::Dx::kAuto))};
 }
 
-// [launches, emulated threads] since the library was loaded.
+// [launches, emulated threads, barrier / collective arrivals] since the library was loaded.
 std::vector<int64_t> launch_counters() {
-  return {emulation::config().launches, emulation::config().threads_run};
+  return {emulation::config().launches, emulation::config().threads_run, emulation::config().switches};
 }
 
 }  // namespace
@@ -89,6 +131,8 @@ TORCH_LIBRARY(sparsegrad_emul, m) {
   m.def("set_launch_config(int order, int seed, int threads, int max_blocks, bool wide_tiles) -> ()",
         &set_launch_config);
   m.def("set_routes(int dw_route, int dx_route) -> ()", &set_routes);
+  m.def("set_walk_mode(int mode) -> ()", &set_walk_mode);
+  m.def("launch_rules(int n, int sms, int resident) -> int[]", &launch_rules);
   m.def("gpu_routes(int T, int B, int n_in, int n_out, int nnz, int n_active, int n_prev, int acc_bytes, "
         "bool active_route_valid) -> int[]", &gpu_routes);
   m.def("launch_counters() -> int[]", &launch_counters);
