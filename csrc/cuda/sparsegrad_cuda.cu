@@ -30,7 +30,7 @@ struct ForcedRoutes {
 };
 
 ForcedRoutes& forced_routes() {
-  static ForcedRoutes* routes = [] {
+  static ForcedRoutes* instance = [] {
     auto* r = new ForcedRoutes;  // (never freed: used until exit)
     if (const char* spec = std::getenv("SPARSEGRAD_CUDA_ROUTES")) {
       int dw = 0, dx = 0;
@@ -42,7 +42,7 @@ ForcedRoutes& forced_routes() {
     }
     return r;
   }();
-  return *routes;
+  return *instance;
 }
 
 void set_routes(int64_t dw_route, int64_t dx_route) {
