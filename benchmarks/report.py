@@ -39,7 +39,7 @@ GPU_BEGIN, GPU_END = "<!-- gpu-results:begin -->", "<!-- gpu-results:end -->"
 NAMES = ("layer", "network", "peers", "sweeps", "recurrent")
 GPU_FILES = ("summary",) + NAMES
 GPU_NOT_MEASURED = ("Not yet measured on a GPU. On a GPU machine run `bash scripts/gpu_check.sh` "
-                    "(it builds, tests, sanitises and times everything in under 8 minutes), then "
+                    "(it builds, tests, times and sanitises everything in under 7 minutes), then "
                     "`python benchmarks/report.py --add-gpu-run runs/gpu-check --docs "
                     "docs/benchmarks.md` and commit `benchmarks/results/gpu/`.")
 

@@ -67,6 +67,24 @@ inline at::Tensor row_offsets(const at::Tensor& cnt, int64_t n_entries, int64_t 
   return offsets;
 }
 
+// The columns of a CPU CSR (int64 offsets from row_offsets, int32 indices): each in [0, n_cols)
+// and strictly ascending within its row, as the forward ops make them (O(n), on the host), so that
+// kernels which index with them, or binary-search them, stay in bounds.
+inline void check_columns(const at::Tensor& offsets, const at::Tensor& idx, int64_t n_cols,
+                          const char* op, const char* name) {
+  if (!idx.is_cpu()) return;  // CUDA: checked on the device (csr.cuh)
+  const at::Tensor c = idx.contiguous();
+  const int32_t* in = c.data_ptr<int32_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t rows = offsets.numel() - 1;
+  bool ok = true;
+  for (int64_t r = 0; r < rows && ok; ++r)
+    for (int64_t e = off[r]; e < off[r + 1]; ++e)
+      ok &= in[e] >= 0 && in[e] < n_cols && (e == off[r] || in[e - 1] < in[e]);
+  SG_CHECK(ok, op, name, "must hold indices in [0, ", n_cols,
+           ") ascending within each row: this is not a CSR made by a sparsegrad forward op");
+}
+
 // An optional tensor made contiguous (an absent one stays absent).
 inline c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;

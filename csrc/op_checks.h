@@ -217,6 +217,9 @@ inline void check_lif_backward_dense_args(const at::Tensor& grad_spikes,
   check_lif_grad_inputs(grad_spikes, grad_v_final, weight, alpha, op);
   check_linear(x, weight, c10::nullopt, op);
   check_like(x, grad_spikes, op, "x");
+  // (x's numel alone would let a [B, T, N_in] x through a view: a silently wrong dW)
+  SG_CHECK(x.size(0) == grad_spikes.size(0) && x.size(1) == grad_spikes.size(1), op, "x",
+           "must be [T, B, N_in] with T, B of grad_spikes ", grad_spikes.sizes(), ", got ", x.sizes());
   SG_CHECK(sg.sizes() == grad_spikes.sizes(), op, "sg", "must match grad_spikes ",
            grad_spikes.sizes(), ", got ", sg.sizes());
   check_like(sg, grad_spikes, op, "sg");
@@ -411,8 +414,8 @@ inline void check_spike_bits(const at::Tensor& bits, const at::Tensor& grad_spik
   check_device(bits, grad_spikes, op, "spk_bits");
 }
 
-// Returns the reset kind; the int64 offsets of the CSRs (row_offsets: counts checked on the CPU)
-// come back through the pointers.
+// Returns the reset kind; the int64 offsets of the CSRs (row_offsets: counts checked on the host)
+// come back through the pointers unless they are null.
 inline ResetKind check_rlif_backward_sparse_args(
     const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
     const at::Tensor& weight, const at::Tensor& rec_weight, const c10::optional<at::Tensor>& s_init,
@@ -432,10 +435,16 @@ inline ResetKind check_rlif_backward_sparse_args(
   check_event_values(ev_val, ev_idx, grad_spikes, op);
   check_spike_bits(spk_bits, grad_spikes, op);
   check_optional_csr(prev_cnt, prev_idx, rows, grad_spikes, op);
-  *act_off = row_offsets(act_cnt, act_idx.numel(), weight.size(0), op, "act_cnt");
-  *ev_off = row_offsets(ev_cnt, ev_idx.numel(), weight.size(1), op, "ev_cnt");
-  if (prev_cnt.has_value())
-    *prev_off = row_offsets(*prev_cnt, prev_idx->numel(), weight.size(1), op, "prev_cnt");
+  if (act_off) {  // null: the caller checks the CSRs itself (the CUDA ops: on the device)
+    *act_off = row_offsets(act_cnt, act_idx.numel(), weight.size(0), op, "act_cnt");
+    check_columns(*act_off, act_idx, weight.size(0), op, "act_idx");
+    *ev_off = row_offsets(ev_cnt, ev_idx.numel(), weight.size(1), op, "ev_cnt");
+    check_columns(*ev_off, ev_idx, weight.size(1), op, "ev_idx");
+    if (prev_cnt.has_value()) {
+      *prev_off = row_offsets(*prev_cnt, prev_idx->numel(), weight.size(1), op, "prev_cnt");
+      check_columns(**prev_off, *prev_idx, weight.size(1), op, "prev_idx");
+    }
+  }
   return parse_reset(reset, op);
 }
 

@@ -5,7 +5,9 @@
 #   bash scripts/gpu_check.sh --cpu           # the same steps on a machine without a GPU
 #   bash scripts/gpu_check.sh --cpu --no-build --quick      # what tests/test_gpu_check.py runs
 #
-# Steps (each with its own timeout, all run even when one fails; nothing stops early):
+# Steps, in order of value (each with its own timeout, all run even when one fails; nothing stops
+# early; after each step summary.json / summary.txt / logs.tar.gz are rewritten with what has
+# run so far, "complete": false, so a run cut off still leaves its results):
 #   wheels    if .whl/*.whl exist (scripts/fetch_gpu_wheels.sh): install them with pip --target
 #             into $SPARSEGRAD_WHEEL_SITE (default /tmp/site), prepend it to PYTHONPATH
 #   versions  GPU, driver, CUDA, nvcc, torch, compute-sanitizer versions
@@ -14,18 +16,25 @@
 #             visible GPU's architecture, SPARSEGRAD_REQUIRE_CUDA=1; --cpu: SPARSEGRAD_NO_CUDA=1.
 #             --no-build: only checks that the existing extension imports
 #   tests     every CUDA case of the suite (scripts/pytest_gpu_select.py --gpu-select cuda,
-#             nightly-marked CUDA tests included), no -x, junit XML; --cpu: the emulated CUDA
-#             kernels and the CPU cases of the device-parametrised tests (--gpu-select emul)
-#   sanitize  compute-sanitizer memcheck over scripts/gpu_sanitize.py (every op, both backward
-#             modes, every dtype), plus racecheck and synccheck when a kernel in csrc/cuda uses
-#             shared memory, barriers or warp collectives; --cpu: compute-sanitizer is skipped
-#             (sanitizer_errors: null) and gpu_sanitize.py runs on the CPU kernels, so the
-#             op-coverage check still runs
+#             nightly-marked CUDA tests included: every route of every op, tests/test_cuda_routes.py),
+#             no -x, junit XML, in parallel with pytest-xdist (-n MAX_JOBS) when it is installed;
+#             --cpu: the emulated CUDA kernels and the CPU cases of the device-parametrised
+#             tests (--gpu-select emul)
 #   bench_*   benchmarks/bench_layer.py (SHD layer 700->200, T=500, B=64: sparse, sparsegrad
 #             dense, plain-PyTorch BPTT; measured / perf-model floor), bench_network.py (the SHD
 #             network step 700-200-200-20 with Adam vs snnTorch), bench_peers.py (snnTorch,
 #             SpikingJelly when importable), bench_sweeps.py (backward time vs b_th); peak
 #             memory is torch.cuda.max_memory_allocated on the GPU
+#   sanitize  last (it adds the least): compute-sanitizer memcheck over
+#             scripts/gpu_sanitize.py --trim (every op, mode, route, reset, reduction and
+#             dynamics in float32; one case per op family in the other dtypes: surrogates and
+#             half types change arithmetic, not memory accesses), plus racecheck and synccheck
+#             when a kernel in csrc/cuda uses shared memory, barriers or warp collectives. A
+#             sanitizer that cannot run (unsupported device, failed first allocation) gives
+#             sanitizer_ran: false and sanitizer_errors: null, never 0; a case that fails is
+#             reported as sanitize_cases_failed, not as a sanitizer error. --cpu:
+#             compute-sanitizer is skipped (sanitizer_ran: false) and gpu_sanitize.py runs on
+#             the CPU kernels, so the op-coverage check still runs
 #   summary   summary.json + summary.txt; the summary table is printed last
 #
 # Options:
@@ -34,12 +43,14 @@
 #   --quick      tiny benchmark sizes; the tests step runs a small subset (tests/test_cuda_ops.py,
 #                tests/test_cuda_registration.py, and one emulation test that needs no compiled
 #                emulation); GPU targets are reported, not judged
-#   --budget S   wall-clock budget in seconds for all steps (default 470 on a GPU: the whole run
-#                fits in 8 minutes, build included; each step's timeout is cut to what is left)
+#   --budget S   wall-clock budget in seconds for all steps (default 420 on a GPU: the whole run
+#                fits in 7 minutes on 16 cores, build included; each step's timeout is cut to
+#                what is left, keeping the minimum of every later step)
 #   --out DIR    where results go (default: $OUT if set, else runs/gpu-check)
 #
 # Results (at most 8 files, no folders, so the device tool brings all of them back):
-#   summary.json  device, gpu_model, torch, tests_passed, tests_failed, sanitizer_errors,
+#   summary.json  device, gpu_model, torch, tests_passed, tests_failed, tests_workers,
+#                 sanitizer_ran, sanitizer_errors, sanitize_cases_failed, complete,
 #                 bwd_speedup_vs_pytorch_shd, step_speedup_vs_snntorch_shd,
 #                 peak_mem_ratio_vs_snntorch_shd, targets, over_floor_shd, steps (status, seconds)
 #   summary.txt   the table printed at the end
@@ -92,7 +103,7 @@ export ROOT WORK OUT_DIR MODE QUICK
 
 if [ "$MODE" = gpu ]; then DEV=cuda; else DEV=cpu; fi
 if [ -z "$BUDGET" ]; then
-  if [ "$MODE" = gpu ]; then BUDGET=470; elif [ "$QUICK" = 1 ]; then BUDGET=900; else BUDGET=2400; fi
+  if [ "$MODE" = gpu ]; then BUDGET=420; elif [ "$QUICK" = 1 ]; then BUDGET=900; else BUDGET=2400; fi
 fi
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
@@ -102,9 +113,11 @@ SUMMARY_RESERVE=15
 declare -A TMAX TMIN
 plan() { TMAX[$1]=$2; TMIN[$1]=$3; }
 if [ "$MODE" = gpu ]; then
-  plan wheels 60 5;   plan versions 60 10;  plan build 270 60;  plan tests 150 30
-  plan sanitize_memcheck 120 30; plan sanitize_racecheck 60 20; plan sanitize_synccheck 45 20
-  plan bench_layer 80 20; plan bench_network 80 20; plan bench_peers 90 20; plan bench_sweeps 60 20
+  # 420 s in all: build ~3 min (one nvcc translation unit, one architecture), the tests ~1.5 min
+  # on 16 workers, ~25 s per benchmark, then what is left for the sanitizer
+  plan wheels 40 5;   plan versions 30 5;   plan build 200 60;  plan tests 100 30
+  plan bench_layer 40 15; plan bench_network 40 15; plan bench_peers 35 15; plan bench_sweeps 30 10
+  plan sanitize_memcheck 90 20; plan sanitize_racecheck 40 15; plan sanitize_synccheck 30 15
 else
   plan wheels 60 5;   plan versions 60 10;  plan build 900 60;  plan tests 900 30
   plan sanitize 300 20
@@ -158,11 +171,22 @@ run_step() {
   if [ "$status" != pass ]; then
     tail -n 25 "$logf" | sed 's/^/    | /'
   fi
+  checkpoint
   return $rc
 }
 skip_step() {  # NAME WHY
   printf '%s\tskipped\t\t0\t%s\n' "$1" "$2" >> "$STEPS"
   log "$1: skipped ($2)"
+  checkpoint
+}
+# The results so far, after every step (complete: false), so that a run cut off by its machine's
+# time limit still leaves summary.json, summary.txt and the logs of what ran.
+checkpoint() {
+  [ -n "$DRY_RUN" ] && return 0
+  tar -czf "$OUT_DIR/logs.tar.gz" -C "$WORK" . 2>/dev/null
+  "$PY" scripts/gpu_check_helper.py summary --steps "$STEPS" --work "$WORK" --out "$OUT_DIR" \
+    --mode "$MODE" $([ "$QUICK" = 1 ] && echo --quick) --partial --planned "$(IFS=,; echo "${PLANNED[*]}")" \
+    --budget "$BUDGET" >/dev/null 2>&1 || true
 }
 
 # ----------------------------------------------------------------------------- the plan
@@ -177,14 +201,13 @@ fi
 HAVE_WHEELS=0
 if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then HAVE_WHEELS=1; fi
 [ "$HAVE_WHEELS" = 1 ] && PLANNED+=(wheels)
-PLANNED+=(versions build tests)
+PLANNED+=(versions build tests bench_layer bench_network bench_peers bench_sweeps)
 if [ "$MODE" = gpu ]; then
   PLANNED+=(sanitize_memcheck)
   [ "$SHARED_MEM" = 1 ] && PLANNED+=(sanitize_racecheck sanitize_synccheck)
 else
   PLANNED+=(sanitize)
 fi
-PLANNED+=(bench_layer bench_network bench_peers bench_sweeps)
 log "mode $MODE$([ "$QUICK" = 1 ] && echo ' (quick)'), budget ${BUDGET}s, results in $OUT_DIR, steps: ${PLANNED[*]}"
 
 # ----------------------------------------------------------------------------- wheels
@@ -235,38 +258,20 @@ else
   QUICK_PATHS="tests/test_cuda_ops.py tests/test_cuda_registration.py tests/test_cuda_emul.py::test_emul_compiles_the_same_kernel_source_as_nvcc"
   TEST_ENV=""
 fi
+# pytest-xdist (on the GPU image): one worker per core; the CUDA tests share the one GPU
+XDIST="" WORKERS=1
+if [ -n "$DRY_RUN" ] && [ "$MODE" = gpu ]; then
+  XDIST="-n $JOBS" WORKERS=$JOBS
+elif [ -z "$DRY_RUN" ] && "$PY" -c 'import xdist' >/dev/null 2>&1 && [ "$JOBS" -gt 1 ]; then
+  XDIST="-n $JOBS" WORKERS=$JOBS
+fi
+echo "$WORKERS" > "$WORK/tests-workers.txt"
 if [ "$NO_GPU" = 1 ]; then
   skip_step tests "no GPU visible"
 elif [ "$QUICK" = 1 ]; then
-  run_step tests "quick subset: $QUICK_PATHS" "$TEST_ENV $PYTEST $SELECT $QUICK_PATHS"
+  run_step tests "quick subset: $QUICK_PATHS; $WORKERS worker(s)" "$TEST_ENV $PYTEST $XDIST $SELECT $QUICK_PATHS"
 else
-  run_step tests "$SELECT" "$TEST_ENV $PYTEST $SELECT tests"
-fi
-
-# ----------------------------------------------------------------------------- sanitize
-SAN_SIZE=small SAN_DTYPES=""
-[ "$QUICK" = 1 ] && SAN_SIZE=tiny SAN_DTYPES="--dtypes float32"
-SAN_CASES="\"\$PY\" scripts/gpu_sanitize.py --size $SAN_SIZE $SAN_DTYPES --json \"\$WORK/sanitize-cases.json\""
-if [ "$MODE" = gpu ]; then
-  if [ "$NO_GPU" = 1 ]; then
-    skip_step sanitize_memcheck "no GPU visible"
-  else
-    # Without the caching allocator every tensor is its own allocation, so memcheck sees an
-    # access past a tensor's end instead of landing in a cached neighbour.
-    run_step sanitize_memcheck "PYTORCH_NO_CUDA_MEMORY_CACHING=1" \
-      "PYTORCH_NO_CUDA_MEMORY_CACHING=1 \"\$PY\" scripts/gpu_check_helper.py sanitize --tool memcheck --json \"\$WORK/sanitizer-memcheck.json\" -- $SAN_CASES"
-    if [ "$SHARED_MEM" = 1 ]; then
-      for tool in racecheck synccheck; do
-        run_step "sanitize_$tool" "sparsegrad kernels only (--kernel-name kns=sparsegrad)" \
-          "\"\$PY\" scripts/gpu_check_helper.py sanitize --tool $tool --kernel-filter sparsegrad --json \"\$WORK/sanitizer-$tool.json\" -- \"\$PY\" scripts/gpu_sanitize.py --size $SAN_SIZE $SAN_DTYPES"
-      done
-    else
-      skip_step sanitize_race_sync "no __shared__/__syncthreads/warp collectives in csrc/cuda"
-    fi
-  fi
-else
-  run_step sanitize "compute-sanitizer skipped (--cpu); op coverage on the CPU kernels" \
-    "$SAN_CASES --device cpu"
+  run_step tests "$SELECT; $WORKERS worker(s)" "$TEST_ENV $PYTEST $XDIST $SELECT tests"
 fi
 
 # ----------------------------------------------------------------------------- benchmarks
@@ -295,6 +300,33 @@ for b in layer network peers sweeps; do
   fi
 done
 
+# ----------------------------------------------------------------------------- sanitize
+SAN_SIZE=small SAN_DTYPES=""
+[ "$QUICK" = 1 ] && SAN_SIZE=tiny SAN_DTYPES="--dtypes float32"
+SAN_CASES="\"\$PY\" scripts/gpu_sanitize.py --size $SAN_SIZE $SAN_DTYPES --json \"\$WORK/sanitize-cases.json\""
+TRIM="--trim"  # under a sanitizer: only the cases that add memory coverage
+if [ "$MODE" = gpu ]; then
+  if [ "$NO_GPU" = 1 ]; then
+    skip_step sanitize_memcheck "no GPU visible"
+  else
+    # Without the caching allocator every tensor is its own allocation, so memcheck sees an
+    # access past a tensor's end instead of landing in a cached neighbour.
+    run_step sanitize_memcheck "PYTORCH_NO_CUDA_MEMORY_CACHING=1" \
+      "PYTORCH_NO_CUDA_MEMORY_CACHING=1 \"\$PY\" scripts/gpu_check_helper.py sanitize --tool memcheck --json \"\$WORK/sanitizer-memcheck.json\" -- $SAN_CASES $TRIM"
+    if [ "$SHARED_MEM" = 1 ]; then
+      for tool in racecheck synccheck; do
+        run_step "sanitize_$tool" "sparsegrad kernels only (--kernel-name kns=sparsegrad)" \
+          "\"\$PY\" scripts/gpu_check_helper.py sanitize --tool $tool --kernel-filter sparsegrad --json \"\$WORK/sanitizer-$tool.json\" -- \"\$PY\" scripts/gpu_sanitize.py --size $SAN_SIZE $SAN_DTYPES $TRIM"
+      done
+    else
+      skip_step sanitize_race_sync "no __shared__/__syncthreads/warp collectives in csrc/cuda"
+    fi
+  fi
+else
+  run_step sanitize "compute-sanitizer skipped (--cpu); op coverage on the CPU kernels" \
+    "$SAN_CASES --device cpu"
+fi
+
 # ----------------------------------------------------------------------------- summary
 if [ -n "$DRY_RUN" ]; then
   cp "$WORK/dry-run.tsv" "$OUT_DIR/dry-run.tsv"
@@ -303,7 +335,7 @@ if [ -n "$DRY_RUN" ]; then
 fi
 tar -czf "$OUT_DIR/logs.tar.gz" -C "$WORK" . 2>/dev/null || log "could not write logs.tar.gz"
 "$PY" scripts/gpu_check_helper.py summary --steps "$STEPS" --work "$WORK" --out "$OUT_DIR" \
-  --mode "$MODE" $([ "$QUICK" = 1 ] && echo --quick)
+  --mode "$MODE" $([ "$QUICK" = 1 ] && echo --quick) --budget "$BUDGET"
 RC=$?
 if [ ! -s "$OUT_DIR/summary.json" ]; then  # the summary itself failed: still say what ran
   echo "== gpu_check: the summary could not be written; steps:"

@@ -5,10 +5,15 @@
     gpu_check_helper.py arch
         print the visible GPU's architecture for TORCH_CUDA_ARCH_LIST ("9.0")
     gpu_check_helper.py sanitize --tool TOOL --json PATH [--kernel-filter S] -- CMD...
-        run CMD under compute-sanitizer, count the errors it reports, write them to PATH
+        run CMD under compute-sanitizer, count the errors it reports, write them to PATH with
+        ran: false when the sanitizer could not run the program (device not supported, a failed
+        first allocation, no summary); the program's own failures (a case that raised) are
+        recorded apart (program_failed), never counted as sanitizer errors
     gpu_check_helper.py summary --steps TSV --work DIR --out DIR --mode gpu|cpu [--quick]
+        [--partial] [--budget S]
         write OUT/summary.json and OUT/summary.txt from the steps' records, logs and benchmark
-        JSON; print the table; exit 0 if every check passed, else 1
+        JSON; print the table; exit 0 if every check passed, else 1. --partial: written after
+        each step (complete: false), quietly
 """
 from __future__ import annotations
 
@@ -145,6 +150,22 @@ def cmd_arch(args) -> int:
 # ----------------------------------------------------------------------------- sanitizer
 
 _ERROR_SUMMARY = re.compile(r"ERROR SUMMARY:\s*(\d+)\s+error")
+# compute-sanitizer ran but could not watch the program: not "0 errors"
+_COULD_NOT_RUN = re.compile(r"device not supported|not supported on this device|"
+                            r"CUDA_ERROR_NOT_SUPPORTED|unable to (launch|attach|initialize)|"
+                            r"target application terminated before first instrumented api call",
+                            re.IGNORECASE)
+_CASE_LINE = re.compile(r"^\s+(ok|FAIL)\s{1,4}\S", re.MULTILINE)
+
+
+def sanitizer_ran(text: str, errors) -> bool:
+    """Whether compute-sanitizer watched the program run: it printed a summary, said nothing of
+    an unsupported device, and, when the program is gpu_sanitize.py (it prints one line per
+    case), at least one case passed (all failing means the first allocation already failed)."""
+    if errors is None or _COULD_NOT_RUN.search(text):
+        return False
+    cases = _CASE_LINE.findall(text)
+    return not cases or "ok" in cases
 _RACE_SUMMARY = re.compile(r"RACECHECK SUMMARY:\s*(\d+)\s+hazards?\s+displayed\s*"
                            r"\((\d+)\s+errors?,\s*(\d+)\s+warnings?\)")
 
@@ -164,7 +185,7 @@ def parse_sanitizer(text: str) -> dict:
 def cmd_sanitize(args) -> int:
     sanitizer = _compute_sanitizer()
     record = dict(tool=args.tool, errors=None, warnings=None, rc=None, kernel_filter=None,
-                  options_dropped=[])
+                  options_dropped=[], ran=False, program_failed=None)
     if sanitizer is None:
         record["note"] = "compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)"
         print(record["note"], file=sys.stderr)
@@ -194,12 +215,20 @@ def cmd_sanitize(args) -> int:
         record["options_dropped"].append(name)
         print(f"gpu_check: compute-sanitizer {args.tool} printed no summary; retrying without "
               f"{name}", flush=True)
+    record["ran"] = sanitizer_ran(p.stdout, record["errors"])
+    # --error-exitcode 99 is the sanitizer's; any other non-zero exit is the program's (a case
+    # that raised or gave non-finite values: gpu_sanitize.py's exit 1), not a sanitizer error
+    record["program_failed"] = record["rc"] not in (0, 99)
+    if not record["ran"]:
+        record["errors"] = None
+        record["note"] = ("compute-sanitizer could not run the program (unsupported device, a "
+                          "failed first allocation, or no summary): sanitizer_ran false")
     _write(args.json, record)
-    if record["errors"] is None:
-        print(f"gpu_check: compute-sanitizer {args.tool} printed no summary (rc {record['rc']})",
-              file=sys.stderr)
+    if not record["ran"]:
+        print(f"gpu_check: compute-sanitizer {args.tool} did not run the program "
+              f"(rc {record['rc']})", file=sys.stderr)
         return 1
-    return 0 if record["errors"] == 0 and record["rc"] == 0 else 1
+    return 0 if record["errors"] == 0 and not record["program_failed"] else 1
 
 
 def _write(path, obj):
@@ -225,6 +254,14 @@ def _load(path):
     try:
         with open(path) as f:
             return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _read_int(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
     except (OSError, ValueError):
         return None
 
@@ -360,18 +397,23 @@ def cmd_summary(args) -> int:
             sanitizers[m.group(1)] = _load(os.path.join(args.work, name)) or {}
     coverage = _load(os.path.join(args.work, "sanitize-cases.json")) or {}
     gpu = args.mode == "gpu"
-    if gpu and sanitizers:
-        counts = [s.get("errors") for s in sanitizers.values()]
-        sanitizer_errors = None if any(c is None for c in counts) else sum(counts)
+    # sanitizer_ran: every sanitizer run watched the program; without a run (--cpu, no time, a
+    # device it does not support) the errors are unknown (null), never 0
+    ran = gpu and bool(sanitizers) and all(v.get("ran", v.get("errors") is not None)
+                                           for v in sanitizers.values())
+    if ran:
+        sanitizer_errors = sum(int(v.get("errors") or 0) for v in sanitizers.values())
     else:
-        sanitizer_errors = None  # --cpu: compute-sanitizer does not run (documented)
+        sanitizer_errors = None
     fig = key_figures(args.out)
     targets = evaluate_targets(fig)
     failed_steps = [n for n, s in steps.items() if s["status"] not in ("pass", "skipped")]
+    planned = [n for n in (args.planned or "").split(",") if n]
+    pending = [n for n in planned if n not in steps] if args.partial else []
     missed = [k for k, t in targets.items() if t["met"] is False or (gpu and t["met"] is None)]
     # The GPU targets are judged on a GPU at full size only; --cpu and --quick report them.
     judged = gpu and not args.quick
-    ok = not failed_steps and (not judged or not missed)
+    ok = not failed_steps and not pending and (not judged or not missed)
     summary = dict(
         date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
         device=versions.get("device"), gpu_model=versions.get("gpu_model"),
@@ -381,10 +423,13 @@ def cmd_summary(args) -> int:
         tests_passed=junit["tests_passed"], tests_failed=junit["tests_failed"],
         tests_skipped=junit["tests_skipped"], failed_tests=junit["failed_tests"],
         tests_note=junit.get("tests_note"),
-        sanitizer_errors=sanitizer_errors,
+        sanitizer_errors=sanitizer_errors, sanitizer_ran=ran,
         sanitizer={k: dict(errors=v.get("errors"), warnings=v.get("warnings"), rc=v.get("rc"),
+                           ran=v.get("ran"), program_failed=v.get("program_failed"),
                            kernel_filter=v.get("kernel_filter")) for k, v in sanitizers.items()}
         if gpu else "skipped (--cpu: no GPU); the op-coverage script ran on the CPU",
+        sanitize_trimmed=coverage.get("trim"),
+        tests_workers=_read_int(os.path.join(args.work, "tests-workers.txt")),
         sanitize_cases=coverage.get("cases"), sanitize_cases_failed=coverage.get("cases_failed"),
         sanitize_ops_not_called=coverage.get("ops_not_called"),
         sanitize_dtypes=coverage.get("dtypes"),
@@ -396,6 +441,7 @@ def cmd_summary(args) -> int:
         targets=targets, targets_judged=judged,
         steps=steps, failed_steps=failed_steps,
         total_seconds=round(sum(s["seconds"] for s in steps.values()), 1),
+        budget_seconds=args.budget, complete=not args.partial, steps_pending=pending,
         ok=ok, exit_code=0 if ok else 1,
         files=sorted(os.listdir(args.out)) + ["summary.json", "summary.txt"],
     )
@@ -405,7 +451,8 @@ def cmd_summary(args) -> int:
     text = render_table(summary)
     with open(os.path.join(args.out, "summary.txt"), "w") as f:
         f.write(text + "\n")
-    print(text)
+    if not args.partial:
+        print(text)
     return summary["exit_code"]
 
 
@@ -423,6 +470,7 @@ def render_table(s) -> str:
     lines.append(tests)
     lines.append(f"sanitizer errors: {s['sanitizer_errors']}"
                  + ("" if s["mode"] == "gpu" else " (skipped: --cpu)")
+                 + ("" if s["sanitizer_ran"] else " (sanitizer did not run)")
                  + f"; op-coverage cases {s['sanitize_cases']}, failed {s['sanitize_cases_failed']}, "
                    f"ops not called {s['sanitize_ops_not_called']}")
     for key, t in s["targets"].items():
@@ -433,6 +481,9 @@ def render_table(s) -> str:
     if s.get("over_floor_shd"):
         lines.append("SHD layer, measured / H100 floor: " + ", ".join(
             f"{k.replace('_', ' ')} {_fmt(v)}x" for k, v in s["over_floor_shd"].items()))
+    if not s["complete"]:
+        lines.append("(partial: written after a step; still to run: "
+                     + (", ".join(s["steps_pending"]) or "the summary") + ")")
     lines.append(f"RESULT: {'PASS' if s['ok'] else 'FAIL'} (exit {s['exit_code']})"
                  + (f"; failed steps: {', '.join(s['failed_steps'])}" if s["failed_steps"] else "")
                  + f"; total {s['total_seconds']:.0f} s")
@@ -458,6 +509,9 @@ def main(argv=None) -> int:
     m.add_argument("--out", required=True)
     m.add_argument("--mode", choices=("gpu", "cpu"), required=True)
     m.add_argument("--quick", action="store_true")
+    m.add_argument("--partial", action="store_true")
+    m.add_argument("--planned", default="", help="comma-separated steps of the plan")
+    m.add_argument("--budget", type=float, default=None)
     args = p.parse_args(argv)
     return {"versions": cmd_versions, "arch": cmd_arch, "sanitize": cmd_sanitize,
             "summary": cmd_summary}[args.command](args)

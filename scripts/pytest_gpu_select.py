@@ -50,7 +50,9 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_configure(config):
-    pytest_runtest_logreport.path = config.getoption("--gpu-select-log", default=None)
+    # under pytest-xdist only the controller writes the log (it sees every worker's reports)
+    worker = hasattr(config, "workerinput")
+    pytest_runtest_logreport.path = None if worker else config.getoption("--gpu-select-log", default=None)
 
 
 def _device_params(item):

@@ -409,3 +409,22 @@ def test_build_info():
     assert info["version"] == sparsegrad.__version__
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert all(sparsegrad.ops.registered_kernels("CPU").values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_backwards_refuse_x_with_other_time_and_batch(device):
+    """An x of shape [B, T, N_in] (the same numel as [T, B, N_in]) must not pass a view into a
+    silently wrong dW: every backward op that takes x checks its T and B against grad_spikes."""
+    T, B, n_in, n = 5, 3, 4, 6
+    x, w, b = random_problem(T, B, n_in, n, device=device)
+    r = torch.zeros(n, n, dtype=x.dtype, device=device)
+    g = torch.randn(T, B, n, dtype=x.dtype, device=device)
+    sg = torch.rand(T, B, n, dtype=x.dtype, device=device)
+    bad = x.transpose(0, 1).contiguous()  # [B, T, N_in]
+    ops = torch.ops.sparsegrad
+    with pytest.raises(RuntimeError, match="lif_backward_dense: argument 'x'"):
+        ops.lif_backward_dense(g, None, bad, w, sg, None, 0.9, True, True, True, True)
+    with pytest.raises(RuntimeError, match="rlif_backward_dense: argument 'x'"):
+        ops.rlif_backward_dense(g, None, bad, w, r, None, (sg > 0.5).to(x.dtype), sg, 0.9, "subtract",
+                                True, True, True, True, True, True)
+    ops.lif_backward_dense(g, None, x, w, sg, None, 0.9, True, True, True, True)  # the right x passes

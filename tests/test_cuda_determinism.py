@@ -113,3 +113,39 @@ def test_cuda_inconsistent_compact_tensors_give_nan_gradients():
     fwd = ops.lif_forward(x, w, b, None, None, None, None, 0.9, 1.0, 10.0, 5.0, True)
     grads = ops.lif_backward_sparse(g, None, w, *fwd[2:8], None, None, None, 0.9, True, True, True, True, 0)
     assert all(torch.isfinite(t).all() for t in grads)
+
+
+def test_cuda_neuron_and_rlif_inconsistent_compact_tensors_give_nan_gradients():
+    """lif_neuron_backward and rlif_backward_sparse check their CSRs on the device too: corrupted
+    counts or indices give NaN gradients, no exception, no memory error, and the device stays
+    usable (a following consistent call is finite)."""
+    T, B, n_in, n = 6, 3, 8, 5
+    x, w, b = random_problem(T, B, n_in, n, rate=0.5, dtype=torch.float32, device="cuda", seed=3)
+    r = torch.randn(n, n, device="cuda") * 0.3
+    g = torch.randn(T, B, n, device="cuda")
+    f = list(ops.rlif_forward(x, w, r, b, None, None, None, None, 0.9, 1.0, 10.0, 5.0, True,
+                              "fast_sigmoid", "subtract"))
+    cnt, idx = f[2], f[3]
+    bad_cnt = cnt.clone()
+    bad_cnt[2] = 1 << 30
+    bad_idx = idx.clone()
+    bad_idx[4] = 1 << 30
+    for c, i in ((bad_cnt, idx), (cnt, bad_idx)):
+        grads = ops.rlif_backward_sparse(g, None, w, r, None, c, i, *f[4:9], None, None, 0.9,
+                                         "subtract", True, True, True, True, True, True)
+        assert all(torch.isnan(t).all() for t in grads if t.numel())
+    grads = ops.rlif_backward_sparse(g, None, w, r, None, *f[2:9], None, None, 0.9, "subtract",
+                                     True, True, True, True, True, True)
+    assert all(torch.isfinite(t).all() for t in grads)
+
+    cur = torch.randn(T, B, n, device="cuda") + 0.8
+    nf = ops.lif_neuron_forward(cur, None, None, 0.9, 1.0, 10.0, 5.0, True)
+    bad_cnt = nf[2].clone()
+    bad_cnt[1] = -7
+    bad_idx = nf[3].clone()
+    bad_idx[0] = 1 << 30
+    for c, i in ((bad_cnt, nf[3]), (nf[2], bad_idx)):
+        gc, dv = ops.lif_neuron_backward(g, g[0], None, c, i, nf[4], None, None, 0.9, True, True)
+        assert torch.isnan(gc).all() and torch.isnan(dv).all()
+    gc, dv = ops.lif_neuron_backward(g, g[0], None, *nf[2:5], None, None, 0.9, True, True)
+    assert torch.isfinite(gc).all() and torch.isfinite(dv).all()

@@ -25,6 +25,8 @@ sys.path.insert(0, SCRIPTS)
 import gpu_check_helper  # noqa: E402
 
 SUMMARY_KEYS = {"device", "torch", "tests_passed", "tests_failed", "sanitizer_errors",
+                "sanitizer_ran", "sanitize_cases_failed", "complete", "tests_workers",
+                "budget_seconds", "steps_pending",
                 "bwd_speedup_vs_pytorch_shd", "step_speedup_vs_snntorch_shd",
                 "peak_mem_ratio_vs_snntorch_shd", "steps", "targets", "over_floor_shd",
                 "gpu_model", "mode", "exit_code"}
@@ -61,6 +63,9 @@ def test_gpu_check_cpu_quick_writes_every_file_and_key(tmp_path):
     assert summary["torch"] == torch.__version__
     assert summary["tests_passed"] > 0 and summary["tests_failed"] == 0
     assert summary["sanitizer_errors"] is None  # --cpu: compute-sanitizer does not run
+    assert summary["sanitizer_ran"] is False and summary["sanitize_cases_failed"] == 0
+    assert summary["complete"] is True and summary["steps_pending"] == []
+    assert summary["tests_workers"] >= 1
     assert summary["sanitize_cases"] > 0 and summary["sanitize_ops_not_called"] == []
     for key in ("bwd_speedup_vs_pytorch_shd", "step_speedup_vs_snntorch_shd",
                 "peak_mem_ratio_vs_snntorch_shd"):
@@ -69,8 +74,9 @@ def test_gpu_check_cpu_quick_writes_every_file_and_key(tmp_path):
     assert set(summary["over_floor_shd"]) == {"sparse_forward", "sparse_backward",
                                               "dense_forward", "dense_backward"}
     steps = summary["steps"]
-    assert list(steps) == ["versions", "build", "tests", "sanitize", "bench_layer",
-                           "bench_network", "bench_peers", "bench_sweeps"]
+    # in order of value: the sanitizer last
+    assert list(steps) == ["versions", "build", "tests", "bench_layer", "bench_network",
+                           "bench_peers", "bench_sweeps", "sanitize"]
     assert all(s["status"] == "pass" and s["seconds"] >= 0 for s in steps.values())
     for name in ("layer", "network", "peers", "sweeps"):
         data = json.loads((out / f"{name}.json").read_text())
@@ -139,8 +145,10 @@ def _fake_sanitizer(tmp_path, errors, refuse):
           shift
         done
         "${{args[@]}}"
+        prc=$?
         echo "========= ERROR SUMMARY: {errors} errors"
         [ {errors} -eq 0 ] || exit 99
+        exit $prc
         """))
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return str(bindir)
@@ -162,6 +170,35 @@ def test_sanitize_wrapper_counts_errors_and_falls_back(tmp_path, errors, refuse)
     assert r["errors"] == errors and (p.returncode == 0) == (errors == 0)
     assert r["kernel_filter"] == (None if "--kernel-name" in refuse else "sparsegrad")
     assert r["options_dropped"] == list(refuse)
+
+
+def test_sanitizer_ran_is_false_when_it_could_not_watch_the_program():
+    ran = gpu_check_helper.sanitizer_ran
+    summary = "========= ERROR SUMMARY: 0 errors\n"
+    assert ran(summary, 0)
+    assert ran("  ok   lif_layer float32 sparse\n  FAIL rlif_layer float16: x\n" + summary, 0)
+    assert not ran("========= Error: Device not supported\n" + summary, 0)
+    assert not ran("========= Target application terminated before first instrumented API call\n"
+                   + summary, 0)
+    # every case failed (the first allocation already did): nothing was watched
+    assert not ran("  FAIL lif_layer float32 sparse: RuntimeError: CUDA error\n"
+                   "  FAIL lif_layer float64 sparse: RuntimeError: CUDA error\n" + summary, 0)
+    assert not ran("Traceback ... killed", None)
+
+
+@pytest.mark.parametrize("program,want_rc,failed", [("print('  ok   a')", 0, False),
+                                                    ("import sys; print('  ok   a'); sys.exit(1)", 1, True)])
+def test_sanitize_wrapper_keeps_case_failures_apart(tmp_path, program, want_rc, failed):
+    """A case that fails makes the step fail but is not a sanitizer error (errors stay 0)."""
+    bindir = _fake_sanitizer(tmp_path, 0, ())
+    record = tmp_path / "r.json"
+    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ["PATH"])
+    p = subprocess.run([sys.executable, os.path.join(SCRIPTS, "gpu_check_helper.py"), "sanitize",
+                        "--tool", "memcheck", "--json", str(record), "--", sys.executable, "-c",
+                        program], env=env, capture_output=True, text=True, timeout=60)
+    r = json.loads(record.read_text())
+    assert r["errors"] == 0 and r["ran"] is True and r["program_failed"] is failed
+    assert p.returncode == want_rc
 
 
 def test_gpu_sanitize_fails_loudly_on_an_op_it_does_not_call(monkeypatch, tmp_path, capsys):
@@ -271,10 +308,12 @@ def test_gpu_mode_plan_dry_run(tmp_path, shared):
     assert p.returncode == 0, p.stdout + p.stderr
     plan = dict(line.split("\t", 1) for line in
                 (tmp_path / "out" / "dry-run.tsv").read_text().splitlines())
-    want = ["versions", "build", "tests", "sanitize_memcheck"]
+    want = ["versions", "build", "tests", "bench_layer", "bench_network", "bench_peers",
+            "bench_sweeps", "sanitize_memcheck"]
     want += ["sanitize_racecheck", "sanitize_synccheck"] if shared else []
-    want += ["bench_layer", "bench_network", "bench_peers", "bench_sweeps"]
     assert list(plan) == want
+    assert " -n 2 " in plan["tests"]  # pytest-xdist, one worker per core (MAX_JOBS=2 here)
+    assert "--trim" in plan["sanitize_memcheck"]
     assert "TORCH_CUDA_ARCH_LIST='9.0'" in plan["build"] and "SPARSEGRAD_REQUIRE_CUDA=1" in plan["build"]
     assert "build_ext --inplace" in plan["build"]
     assert "--gpu-select cuda -m ''" in plan["tests"] and " -x" not in plan["tests"]
@@ -287,3 +326,19 @@ def test_gpu_mode_plan_dry_run(tmp_path, shared):
     assert "--batches 64" in plan["bench_layer"] and "--sweeps b_th" in plan["bench_sweeps"]
     assert "--settings shd" in plan["bench_network"]
     assert "fail" not in p.stdout  # bash -n accepted every command
+
+
+def test_gpu_sanitize_trim_still_calls_every_op(tmp_path):
+    """--trim (what memcheck runs): every registered op, the SpikingJelly dynamics and every dtype
+    still run, in far fewer cases than the full set."""
+    import gpu_sanitize
+
+    report = tmp_path / "cases.json"
+    assert gpu_sanitize.main(["--device", "cpu", "--size", "tiny", "--trim", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["trim"] is True and data["ops_not_called"] == [] and data["cases_failed"] == 0
+    assert len(data["dtypes"]) == 4 and data["cases"] < 120
+    names = [c["case"] for c in data["results"]]
+    for word in ("spikingjelly neuron float32 sparse sj_lif", "sj_if", "float16", "bfloat16",
+                 "dw_route=events", "dw_route=active", "reset=zero"):
+        assert any(word in n for n in names), word

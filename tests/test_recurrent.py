@@ -13,7 +13,7 @@ import torch
 import sparsegrad
 from sparsegrad import reference as ref
 from sparsegrad.nn import LIF, RLIF
-from conftest import TOL, assert_spikes_match, layer_membrane
+from conftest import DEVICES, TOL, assert_spikes_match, layer_membrane
 
 SURROGATES = ["fast_sigmoid", "atan", "sigmoid", "triangle"]
 RESETS = ["subtract", "zero", "none"]
@@ -42,9 +42,10 @@ def run_both(x, w, r, b, *, state=None, grad_v=True, seed=1, **kw):
             st = tuple(t.clone().requires_grad_() for t in state)
         spk, (v_fin, _) = f(*leaves, state=st, return_state=True, **kw)
         g = torch.Generator().manual_seed(seed)
-        loss = (spk * torch.randn(spk.shape, generator=g, dtype=spk.dtype)).sum()
+        loss = (spk * torch.randn(spk.shape, generator=g, dtype=spk.dtype).to(spk.device)).sum()
         if grad_v:
-            loss = loss + (v_fin * torch.randn(v_fin.shape, generator=g, dtype=spk.dtype)).sum()
+            loss = loss + (v_fin * torch.randn(v_fin.shape, generator=g, dtype=spk.dtype)
+                           .to(spk.device)).sum()
         loss.backward()
         grads = [t.grad for t in leaves] + ([t.grad for t in st] if st else [None, None])
         results.append([spk.detach(), v_fin.detach()] + grads)
@@ -79,11 +80,12 @@ def assert_same(got, want, dtype=torch.float64):
 @pytest.mark.parametrize("reset", RESETS)
 @pytest.mark.parametrize("surrogate", SURROGATES)
 @pytest.mark.parametrize("backward,b_th", [("dense", 0.2), ("sparse", 0.3), ("sparse", math.inf)])
-def test_rlif_matches_reference(reset, surrogate, backward, b_th):
-    x, w, r, b = rlif_problem(17, 3, 11, 9, seed=len(reset) + len(surrogate))
+@pytest.mark.parametrize("device", DEVICES)
+def test_rlif_matches_reference(reset, surrogate, backward, b_th, device):
+    x, w, r, b = (t.to(device) for t in rlif_problem(17, 3, 11, 9, seed=len(reset) + len(surrogate)))
     g = torch.Generator().manual_seed(5)
-    state = (torch.randn(3, 9, generator=g, dtype=torch.float64),
-             (torch.rand(3, 9, generator=g) < 0.4).double())
+    state = (torch.randn(3, 9, generator=g, dtype=torch.float64).to(device),
+             (torch.rand(3, 9, generator=g) < 0.4).double().to(device))
     slope = 0.5 if surrogate == "triangle" else 5.0  # triangle's support is |u| < 1/slope
     kw = dict(alpha=0.9, threshold=1.0, b_th=b_th, slope=slope, surrogate=surrogate, reset=reset,
               backward=backward)
@@ -96,11 +98,12 @@ def test_rlif_matches_reference(reset, surrogate, backward, b_th):
                                    (13, 5, 17, 11), (6, 3, 40, 33), (4, 37, 9, 7)])
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 @pytest.mark.parametrize("binary", [True, False])
-def test_rlif_random_shapes(shape, backward, binary):
-    x, w, r, b = rlif_problem(*shape, binary=binary, seed=sum(shape))
+@pytest.mark.parametrize("device", DEVICES)
+def test_rlif_random_shapes(shape, backward, binary, device):
+    x, w, r, b = (t.to(device) for t in rlif_problem(*shape, binary=binary, seed=sum(shape)))
     kw = dict(alpha=0.8, threshold=0.7, b_th=0.4, slope=4.0, backward=backward)
-    for state in (None, (torch.randn(shape[1], shape[3], dtype=torch.float64),
-                         (torch.rand(shape[1], shape[3]) < 0.5).double())):
+    for state in (None, (torch.randn(shape[1], shape[3], dtype=torch.float64).to(device),
+                         (torch.rand(shape[1], shape[3]) < 0.5).double().to(device))):
         for grad_v in (False, True):
             want, got = run_both(x, w, r, b, state=state, grad_v=grad_v, **kw)
             assert_same(got, want)

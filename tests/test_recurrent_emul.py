@@ -177,3 +177,105 @@ def test_emul_rlif_host_checks_name_the_argument(emul):
     args[5] = args[5][:-1]  # act_cnt too short
     with pytest.raises(RuntimeError, match="rlif_backward_sparse: argument 'act_cnt'"):
         emul.rlif_backward_sparse(*args)
+
+
+def test_emul_neuron_and_rlif_inconsistent_compact_tensors_raise(emul):
+    """lif_neuron_backward and rlif_backward_sparse check their compact tensors on the device as
+    the LIF ops do (prepare_csr: no host synchronisation, NaN gradients on a GPU): in the
+    emulation, which takes that same path, an error naming them, never an out-of-bounds access.
+    The CPU ops refuse the same tensors on the host."""
+    from test_cuda_emul import _run_isolated
+    out = _run_isolated(emul, """
+        import torch
+        from test_recurrent import rlif_problem
+        from test_recurrent_emul import backward_args, fwd_args, upstream
+        cpu = torch.ops.sparsegrad
+
+        def changed(t, k, v):
+            t = t.clone()
+            t[k] = v
+            return t
+
+        def moved(cnt, r, d):
+            cnt = cnt.clone()
+            cnt[r] += d
+            cnt[r + 1] -= d
+            return cnt
+
+        raised = 0
+        T, B, n_in, n = 6, 3, 8, 5
+        x, w, r, b = rlif_problem(T, B, n_in, n, rate=0.5, seed=3)
+        f = emul.rlif_forward(*fwd_args(x, w, r, b, b_th=10.0))  # every entry active
+        gS, gV = upstream(T, B, n, torch.float64)
+        prev_cnt = torch.full((B * T,), n_in, dtype=torch.int32)
+        prev_idx = torch.arange(n_in, dtype=torch.int32).repeat(B * T)
+        good = list(backward_args(f, x, w, r, None, gS, gV, sparse=True, prev=(prev_cnt, prev_idx)))
+        act_cnt, act_idx, ev_cnt, ev_idx = good[5], good[6], good[8], good[9]
+        bad = {  # name: (argument position, tensor, word in the message)
+            "act_cnt total": (5, changed(act_cnt, -1, act_cnt[-1] - 1), "act_cnt"),
+            "act_cnt negative": (5, changed(act_cnt, 4, -3), "act_cnt"),
+            "act_cnt huge": (5, changed(act_cnt, 2, 2**30), "act_cnt"),
+            "act_cnt moved": (5, moved(act_cnt, 3, 1), "act_cnt/act_idx"),
+            "act_idx too large": (6, changed(act_idx, 7, n), "act_cnt/act_idx"),
+            "act_idx negative": (6, changed(act_idx, 0, -1), "act_cnt/act_idx"),
+            "ev_cnt total": (8, changed(ev_cnt, -1, ev_cnt[-1] + 3), "ev_cnt"),
+            "ev_idx too large": (9, changed(ev_idx, 2, n_in + 100), "ev_cnt/ev_idx"),
+            "ev_idx negative": (9, changed(ev_idx, 2, -7), "ev_cnt/ev_idx"),
+            "prev_cnt total": (12, changed(prev_cnt, -1, 10**6), "prev_cnt"),
+            "prev_idx too large": (13, changed(prev_idx, 5, n_in), "prev_cnt/prev_idx"),
+        }
+        for name, (pos, tensor, word) in bad.items():
+            args = list(good)
+            args[pos] = tensor
+            for ops in (emul, cpu):
+                try:
+                    ops.rlif_backward_sparse(*args)
+                except RuntimeError as e:
+                    prefix = word.split("_")[0] + "_"  # the CSR's count or index tensor
+                    assert prefix + "cnt" in str(e) or prefix + "idx" in str(e), (name, str(e))
+                    raised += 1
+                    continue
+                raise AssertionError(f"rlif {name}: no error")
+        emul.rlif_backward_sparse(*good)  # the consistent tensors pass
+
+        cur = torch.randn(T, B, n, dtype=torch.float64) + 0.8
+        nf = emul.lif_neuron_forward(cur, None, None, 0.9, 1.0, 10.0, 5.0, True)  # all active
+        n_cnt, n_idx, n_sg = nf[2], nf[3], nf[4]
+        g = torch.randn(T, B, n, dtype=torch.float64)
+        nbad = {
+            "act_cnt total": (3, changed(n_cnt, -1, n_cnt[-1] - 1)),
+            "act_cnt negative": (3, changed(n_cnt, 4, -3)),
+            "act_cnt huge": (3, changed(n_cnt, 2, 2**30)),
+            "act_cnt moved": (3, moved(n_cnt, 3, 1)),
+            "act_idx too large": (4, changed(n_idx, 7, n)),
+            "act_idx negative": (4, changed(n_idx, 0, -1)),
+            "act_idx huge": (4, changed(n_idx, 1, 2**31 - 1)),
+        }
+        for name, (pos, tensor) in nbad.items():
+            args = [g, g[0], None, n_cnt, n_idx, n_sg, None, None, 0.9, True, True]
+            args[pos] = tensor
+            for ops in (emul, cpu):
+                try:
+                    ops.lif_neuron_backward(*args)
+                except RuntimeError as e:
+                    assert "act_cnt" in str(e) or "act_idx" in str(e), (name, str(e))
+                    raised += 1
+                    continue
+                raise AssertionError(f"neuron {name}: no error")
+        emul.lif_neuron_backward(g, g[0], None, n_cnt, n_idx, n_sg, None, None, 0.9, True, True)
+        print("raised", raised)
+    """)
+    assert "raised 36" in out, out
+
+
+def test_emul_dense_backwards_refuse_x_with_other_time_and_batch(emul):
+    T, B, n_in, n = 5, 3, 4, 6
+    x, w, r, b = rlif_problem(T, B, n_in, n)
+    g = torch.randn(T, B, n, dtype=x.dtype)
+    sg = torch.rand(T, B, n, dtype=x.dtype)
+    bad = x.transpose(0, 1).contiguous()  # [B, T, N_in]: the same numel
+    with pytest.raises(RuntimeError, match="lif_backward_dense: argument 'x'"):
+        emul.lif_backward_dense(g, None, bad, w, sg, None, 0.9, True, True, True, True)
+    with pytest.raises(RuntimeError, match="rlif_backward_dense: argument 'x'"):
+        emul.rlif_backward_dense(g, None, bad, w, r, None, (sg > 0.5).to(x.dtype), sg, 0.9, "subtract",
+                                 True, True, True, True, True, True)

@@ -283,6 +283,34 @@ def inconsistent():
         bad[-1, -1] = -3
         ops.li_readout_backward(g, bad, w, rc, ri, rv, None, None, T, 0.8, "max", True, True, True)
     case("readout argmax out of range: error or ignored", argmax_out_of_range)
+    # the neuron op and the recurrent layer: the same corruptions of their CSRs
+    cur = torch.randn(T, B, O).to(device) + 0.8
+    nf = ops.lif_neuron_forward(cur, None, None, 0.9, 1.0, 10.0, 5.0, True)
+    ncnt, nidx, nsg = nf[2], nf[3], nf[4]
+    nb = lambda c=ncnt, i=nidx: ops.lif_neuron_backward(gS, None, None, c, i, nsg, None, None, 0.9, True, True)
+    nb()
+    must_raise("neuron act counts sum > idx", lambda: nb(c=bump(ncnt)))
+    must_raise("neuron act counts sum < idx", lambda: nb(c=bump(ncnt, 0, -1)))
+    must_raise("neuron negative act count", lambda: nb(c=bump(bump(ncnt, 0, -int(ncnt[0]) - 1), 1, int(ncnt[0]) + 1)))
+    must_raise("neuron act idx >= N", lambda: nb(i=big(nidx, O)))
+    must_raise("neuron act idx < 0", lambda: nb(i=big(nidx, -1)))
+    must_raise("neuron act idx huge", lambda: nb(i=big(nidx, 2**31 - 1)))
+    r = (torch.randn(O, O) * 0.3).to(device)
+    rf = ops.rlif_forward(x, w, r, b, None, None, None, None, 0.9, 1.0, 10.0, 5.0, True, "fast_sigmoid", "subtract")
+    rcnt, ridx, rsg, recnt, reidx, reval, rbits = rf[2:9]
+    def rb(c=rcnt, i=ridx, ec=recnt, ei=reidx, pc=None, pi=None):
+        return ops.rlif_backward_sparse(gS, None, w, r, None, c, i, rsg, ec, ei, reval, rbits, pc, pi, 0.9,
+                                        "subtract", True, True, True, True, True, True)
+    rb()
+    must_raise("rlif act counts sum > idx", lambda: rb(c=bump(rcnt)))
+    must_raise("rlif negative act count", lambda: rb(c=bump(bump(rcnt, 0, -int(rcnt[0]) - 1), 1, int(rcnt[0]) + 1)))
+    must_raise("rlif act idx >= N_out", lambda: rb(i=big(ridx, O)))
+    must_raise("rlif act idx huge", lambda: rb(i=big(ridx, 2**31 - 1)))
+    must_raise("rlif ev counts sum > idx", lambda: rb(ec=bump(recnt)))
+    must_raise("rlif ev idx >= N_in", lambda: rb(ei=big(reidx, I)))
+    must_raise("rlif ev idx < 0", lambda: rb(ei=big(reidx, -5)))
+    must_raise("rlif prev idx >= N_in", lambda: rb(pc=recnt, pi=big(reidx, I)))
+    must_raise("rlif prev counts sum > idx", lambda: rb(pc=bump(recnt), pi=reidx))
 
 group = sys.argv[1]
 if group == "inconsistent":

@@ -268,6 +268,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
   const at::Tensor offsets = sparse ? row_offsets(act_cnt, act_idx.numel(), N, "lif_neuron_backward",
                                                   "act_cnt")
                                     : at::empty({0}, act_cnt.options().dtype(at::kLong));
+  if (sparse) check_columns(offsets, act_idx, N, "lif_neuron_backward", "act_idx");
   const int64_t* offs = sparse ? offsets.data_ptr<int64_t>() : nullptr;
   const int32_t* idx = sparse ? act_idx.data_ptr<int32_t>() : nullptr;
 

@@ -291,10 +291,12 @@ __global__ void column_sum_kernel(const at::opmath_type<scalar_t>* __restrict__ 
 // so that a wrong call cannot go unnoticed on a GPU, where reading the flag would cost a host
 // synchronisation. Launched with a few blocks whatever the sizes: it returns at once when the
 // flag is clear.
+constexpr int kPoisonOutputs = 6;  // the most gradients of one op (rlif_backward_sparse)
+
 template <typename scalar_t>
 struct PoisonArgs {
-  scalar_t* out[4] = {nullptr, nullptr, nullptr, nullptr};
-  int64_t n[4] = {0, 0, 0, 0};
+  scalar_t* out[kPoisonOutputs] = {};
+  int64_t n[kPoisonOutputs] = {};
   const int32_t* flag = nullptr;
 };
 
@@ -303,7 +305,7 @@ __global__ void poison_kernel(PoisonArgs<scalar_t> a, int64_t total) {
   if (*a.flag == 0) return;
   SG_KERNEL_LOOP(k, total) {
     int64_t q = k;
-    for (int o = 0; o < 4; ++o) {
+    for (int o = 0; o < kPoisonOutputs; ++o) {
       if (q < a.n[o]) {
         a.out[o][q] = static_cast<scalar_t>(NAN);
         break;

@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
+#include <utility>
 
 namespace sparsegrad {
 namespace cuda {
@@ -110,6 +112,36 @@ inline Dx choose_dx(const Problem& p, Dx asked) {
   if (p.n_prev < 0) return Dx::kGemm;  // no producer set: dx everywhere
   if (asked != Dx::kAuto) return asked;
   return dx_seconds(p, Dx::kDots) <= dx_seconds(p, Dx::kGemm) ? Dx::kDots : Dx::kGemm;
+}
+
+// Routes forced instead of the model's choice, from a spec such as "dw=events,dx=dots" (either
+// part may be left out; "auto" is the model): what SPARSEGRAD_CUDA_ROUTES holds (docs/cuda.md).
+// Values as Dw / Dx. Returns false, leaving *dw / *dx as they were, on anything else.
+inline bool parse_forced_routes(const std::string& spec, int* dw, int* dx) {
+  static const std::pair<const char*, int> kDw[] = {{"auto", 0}, {"events", 1}, {"active", 2}, {"gemm", 3}};
+  static const std::pair<const char*, int> kDx[] = {{"auto", 0}, {"dots", 1}, {"gemm", 2}};
+  int new_dw = *dw, new_dx = *dx;
+  size_t pos = 0;
+  while (pos <= spec.size()) {
+    size_t end = spec.find(',', pos);
+    if (end == std::string::npos) end = spec.size();
+    const std::string item = spec.substr(pos, end - pos);
+    pos = end + 1;
+    if (item.empty()) continue;
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) return false;
+    const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
+    bool found = false;
+    if (key == "dw") {
+      for (const auto& [name, v] : kDw) if (value == name) { new_dw = v; found = true; }
+    } else if (key == "dx") {
+      for (const auto& [name, v] : kDx) if (value == name) { new_dx = v; found = true; }
+    }
+    if (!found) return false;
+  }
+  *dw = new_dw;
+  *dx = new_dx;
+  return true;
 }
 
 }  // namespace routes

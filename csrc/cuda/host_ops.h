@@ -293,6 +293,20 @@ DeviceCsr prepare_csr(const at::Tensor& cnt, const at::Tensor& idx, int64_t R, i
   return c;
 }
 
+// Offsets a per-row kernel may follow whatever the counts held: clamped into [0, n] and made
+// non-decreasing (a running max), so every row's range lies inside the index array. Where they
+// differ from c.off, csr_check_rows_kernel has raised the flag and the results are poisoned.
+inline at::Tensor safe_offsets(const DeviceCsr& c) {
+  return std::get<0>(at::cummax(c.off.clamp(0, c.n), 0));
+}
+
+// The columns with every unusable entry (row -1: out of range) replaced by column 0, and the
+// rows with -1 replaced by row 0, for kernels that index with them directly (results poisoned).
+inline at::Tensor safe_columns(const DeviceCsr& c) {
+  return at::where(c.row.ge(0), c.idx, at::zeros_like(c.idx));
+}
+inline at::Tensor safe_rows(const DeviceCsr& c) { return c.row.clamp_min(0); }
+
 // The entries of a CSR regrouped by column: one stable sort (CUB radix sort through ATen on the
 // GPU: deterministic), the segment bounds, and per sorted position its dense row and weight.
 template <typename acc_t>
@@ -416,6 +430,7 @@ template <class L, typename scalar_t>
 void finish_with_flag(const at::Tensor& flag, std::initializer_list<at::Tensor> outputs, const char* op,
                       const char* const csr_names[3]) {
   PoisonArgs<scalar_t> a;
+  TORCH_INTERNAL_ASSERT(outputs.size() <= size_t(kPoisonOutputs));
   int64_t total = 0, k = 0;
   for (const at::Tensor& t : outputs) {
     if (t.numel() > 0) {

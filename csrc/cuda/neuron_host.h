@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "op_checks.h"
+#include "cuda/host_ops.h"  // prepare_csr, finish_with_flag: the device-side checks of a CSR
 #include "cuda/neuron.cuh"
 
 namespace sparsegrad {
@@ -26,13 +27,6 @@ using NeuronForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::
 using NeuronGrads = std::tuple<at::Tensor, at::Tensor>;
 
 namespace neuron_detail {
-
-// int64 offsets [rows + 1] of a CSR given its int32 row counts (a device-wide scan on the GPU;
-// checked on the host in the emulation).
-inline at::Tensor offsets_from_counts(const at::Tensor& cnt, int64_t n_entries, int64_t n,
-                                      const char* op) {
-  return row_offsets(cnt, n_entries, n, op, "act_cnt");
-}
 
 template <class L, typename scalar_t>
 NeuronForwardOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
@@ -126,10 +120,17 @@ NeuronGrads backward_impl(const at::Tensor& grad_spikes, const c10::optional<at:
   // The reset terms as a dense [T, B, N] (scattered from the active entries in sparse mode).
   at::Tensor rg = act_rg.has_value() ? (sparse ? at::zeros({T, B, N}, opts) : *act_rg)
                                      : at::empty({0}, opts);
+  // The active set is checked on the device as the LIF ops' (prepare_csr: no synchronisation);
+  // the scatter then follows clamped offsets and in-range columns, and a raised flag poisons
+  // the gradients (NaN on the GPU, an error in the emulation).
+  const at::Tensor flag = at::zeros({1}, opts.dtype(at::kInt));
+  at::Tensor safe_idx;
   if (sparse) {
-    auto offsets = offsets_from_counts(act_cnt, act_idx.numel(), N, "lif_neuron_backward");
+    const DeviceCsr act = prepare_csr<L>(act_cnt, act_idx, R, N, flag, 0, "lif_neuron_backward", "act_cnt");
+    const at::Tensor offsets = safe_offsets(act);
+    safe_idx = safe_columns(act);
     L::launch(R, &neuron_scatter_delta_kernel<scalar_t>, grad_spikes.data_ptr<scalar_t>(),
-              offsets.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(),
+              offsets.data_ptr<int64_t>(), safe_idx.data_ptr<int32_t>(),
               act_sg.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(act_rg), T, B, N,
               grad_current.data_ptr<scalar_t>(),
               act_rg.has_value() ? rg.data_ptr<scalar_t>() : static_cast<scalar_t*>(nullptr));
@@ -152,6 +153,10 @@ NeuronGrads backward_impl(const at::Tensor& grad_spikes, const c10::optional<at:
   a.grad_current = grad_current.data_ptr<scalar_t>();
   a.dv_init = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
   L::launch(B * N, &neuron_trace_kernel<scalar_t>, a);
+  if (sparse) {
+    static const char* const kNames[3] = {"act_cnt/act_idx", "", ""};
+    finish_with_flag<L, scalar_t>(flag, {grad_current, dv}, "lif_neuron_backward", kNames);
+  }
   return {grad_current, dv};
 }
 

@@ -199,12 +199,6 @@ at::Tensor column_sums(const ColumnGroups& groups, int64_t cols, const at::Tenso
   return out;
 }
 
-// The row id b*T + t of every entry of a CSR with int32 per-row counts (no host copy: the
-// number of entries is known).
-inline at::Tensor entry_rows(const at::Tensor& cnt, int64_t entries) {
-  // (the optional matters: with a plain int64 the call would repeat every count `entries` times)
-  return at::repeat_interleave(cnt.to(at::kLong), c10::optional<int64_t>(entries));
-}
 
 // ------------------------------------------------------------------------------------------------
 // rlif_backward_sparse
@@ -212,7 +206,7 @@ inline at::Tensor entry_rows(const at::Tensor& cnt, int64_t entries) {
 template <class L, typename scalar_t>
 RlifGrads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
                                     const at::Tensor& weight, const at::Tensor& rec,
-                                    const c10::optional<at::Tensor>& s_init, const at::Tensor& act_off,
+                                    const c10::optional<at::Tensor>& s_init, const at::Tensor& act_cnt,
                                     const at::Tensor& act_idx, const at::Tensor& act_sg,
                                     const at::Tensor& ev_cnt, const at::Tensor& ev_idx,
                                     const at::Tensor& ev_val, const at::Tensor& bits,
@@ -228,6 +222,15 @@ RlifGrads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at
              dv = dx.clone(), ds = dx.clone();
   if (!(need_dx || need_dw || need_drec || need_db || need_dv || need_ds)) return {dx, dw, drec, db, dv, ds};
 
+  // The compact tensors are checked on the device as the LIF ops' (prepare_csr, no host
+  // synchronisation): the kernels then read only clamped offsets, in-range rows and columns,
+  // and a raised flag poisons every gradient (NaN on the GPU, an error in the emulation).
+  const char* op = "rlif_backward_sparse";
+  static const char* const kNames[3] = {"act_cnt/act_idx", "ev_cnt/ev_idx", "prev_cnt/prev_idx"};
+  const int64_t R = B * T;
+  const at::Tensor flag = at::zeros({1}, opts.dtype(at::kInt));
+  const DeviceCsr act = prepare_csr<L>(act_cnt, act_idx, R, n, flag, 0, op, "act_cnt");
+  const at::Tensor act_off = safe_offsets(act);
   RlifEntries<scalar_t> entries;
   entries.act_off = act_off.data_ptr<int64_t>();
   entries.act_idx = act_idx.data_ptr<int32_t>();
@@ -239,9 +242,10 @@ RlifGrads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at
   if (need_dx) {
     if (prev_cnt.has_value()) {  // only on the producer's active set
       at::Tensor dx_acc = at::zeros({T, B, n_in}, G.options());
-      const at::Tensor rows = entry_rows(*prev_cnt, prev_idx->numel());
-      L::launch(prev_idx->numel(), &rlif_dx_restricted_kernel<scalar_t>, rows.data_ptr<int64_t>(),
-                prev_idx->data_ptr<int32_t>(), prev_idx->numel(), T, B, n, n_in,
+      const DeviceCsr prev = prepare_csr<L>(*prev_cnt, *prev_idx, R, n_in, flag, 2, op, "prev_cnt");
+      const at::Tensor rows = safe_rows(prev), cols = safe_columns(prev);
+      L::launch(prev.n, &rlif_dx_restricted_kernel<scalar_t>, rows.data_ptr<int64_t>(),
+                cols.data_ptr<int32_t>(), prev.n, T, B, n, n_in,
                 static_cast<const acc_t*>(G.data_ptr<acc_t>()), weight.data_ptr<scalar_t>(),
                 dx_acc.data_ptr<acc_t>());
       dx = dx_acc.to(opts.dtype());
@@ -250,9 +254,11 @@ RlifGrads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at
     }
   }
   if (need_dw) {  // dW^T[i, :] = sum over the events (t, b, i) of x * G[t, b, :]
-    const at::Tensor r = entry_rows(ev_cnt, ev_idx.numel());
+    const DeviceCsr ev = prepare_csr<L>(ev_cnt, ev_idx, R, n_in, flag, 1, op, "ev_cnt");
+    // (columns out of range fall outside every column group; unusable rows read row 0)
+    const at::Tensor r = safe_rows(ev);
     const at::Tensor g_row = at::remainder(r, T) * B + at::floor_divide(r, T);
-    const ColumnGroups groups = group_by_column(ev_idx, g_row, ev_val, n_in);
+    const ColumnGroups groups = group_by_column(ev.idx, g_row, ev_val, n_in);
     dw = column_sums<L, scalar_t>(groups, n_in, G).t().to(opts.dtype()).contiguous();
   }
   if (need_drec) {  // dR^T[i, :] = sum over the spikes (t < T-1, b, i) of G[t+1, b, :]
@@ -264,6 +270,7 @@ RlifGrads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at
   rlif_state_grads(G, rec, s_init, alpha, reset, opts, need_db, need_dv, need_ds, &db, &dv, &ds,
                    need_drec ? &drec : nullptr);
   if (need_drec) drec = drec.to(opts.dtype());
+  finish_with_flag<L, scalar_t>(flag, {dx, dw, drec, db, dv, ds}, op, kNames);
   return {dx, dw, drec, db, dv, ds};
 }
 
@@ -278,16 +285,16 @@ RlifGrads rlif_backward_sparse(const at::Tensor& grad_spikes, const c10::optiona
                                const c10::optional<at::Tensor>& prev_idx, double alpha,
                                c10::string_view reset_name, bool need_dx, bool need_dw,
                                bool need_drec, bool need_db, bool need_dv, bool need_ds) {
-  at::Tensor act_off, ev_off;
-  c10::optional<at::Tensor> prev_off;
+  // (no offsets from the checks: row_offsets validates on the host, the GPU's checks run on the
+  // device, in the emulation too)
   const ResetKind reset = check_rlif_backward_sparse_args(
       grad_spikes, grad_v_final, weight, rec_weight, s_init, act_cnt, act_idx, act_sg, ev_cnt,
-      ev_idx, ev_val, spk_bits, prev_cnt, prev_idx, alpha, reset_name, &act_off, &ev_off, &prev_off);
+      ev_idx, ev_val, spk_bits, prev_cnt, prev_idx, alpha, reset_name, nullptr, nullptr, nullptr);
   RlifGrads out;
   AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "sparsegrad_rlif_backward_sparse_cuda", [&] {
     out = rlif_backward_sparse_impl<L, scalar_t>(
         grad_spikes.contiguous(), contiguous(grad_v_final), weight.contiguous(),
-        rec_weight.contiguous(), contiguous(s_init), act_off, act_idx.contiguous(),
+        rec_weight.contiguous(), contiguous(s_init), act_cnt.contiguous(), act_idx.contiguous(),
         act_sg.contiguous(), ev_cnt.contiguous(), ev_idx.contiguous(), ev_val.contiguous(),
         spk_bits.contiguous(), contiguous(prev_cnt), contiguous(prev_idx), alpha, reset, need_dx,
         need_dw, need_drec, need_db, need_dv, need_ds);

@@ -8,6 +8,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <vector>
+
 #include "low_precision.h"
 
 #include "cuda/host_ops.h"
@@ -18,10 +22,44 @@ namespace sparsegrad {
 namespace cuda {
 namespace {
 
+// The backward routes forced instead of the cost model's choice (0: the model decides). Read once
+// from SPARSEGRAD_CUDA_ROUTES ("dw=events,dx=dots", gpu_routes.h parse_forced_routes) at the first
+// backward; torch.ops.sparsegrad_cuda.set_routes(dw, dx) changes them at run time (the route tests).
+struct ForcedRoutes {
+  std::atomic<int> dw{0}, dx{0};
+};
+
+ForcedRoutes& forced_routes() {
+  static ForcedRoutes* instance = [] {
+    auto* r = new ForcedRoutes;  // (never freed: used until exit)
+    if (const char* spec = std::getenv("SPARSEGRAD_CUDA_ROUTES")) {
+      int dw = 0, dx = 0;
+      TORCH_CHECK(routes::parse_forced_routes(spec, &dw, &dx), "SPARSEGRAD_CUDA_ROUTES='", spec,
+                  "': expected e.g. 'dw=events,dx=dots' (dw: auto, events, active, gemm; dx: auto, "
+                  "dots, gemm)");
+      r->dw = dw;
+      r->dx = dx;
+    }
+    return r;
+  }();
+  return *instance;
+}
+
+void set_routes(int64_t dw_route, int64_t dx_route) {
+  TORCH_CHECK(dw_route >= 0 && dw_route <= 3, "sparsegrad_cuda.set_routes: 'dw_route' must be 0..3 "
+              "(auto, events, active, gemm), got ", dw_route);
+  TORCH_CHECK(dx_route >= 0 && dx_route <= 2, "sparsegrad_cuda.set_routes: 'dx_route' must be 0..2 "
+              "(auto, dots, gemm), got ", dx_route);
+  forced_routes().dw = int(dw_route);
+  forced_routes().dx = int(dx_route);
+}
+
+std::vector<int64_t> get_routes() { return {forced_routes().dw.load(), forced_routes().dx.load()}; }
+
 struct CudaLauncher {
   static constexpr bool kHostReadsFlag = false;  // reading it would synchronise: NaN gradients instead
-  static int forced_dw_route() { return 0; }     // the cost model of gpu_routes.h decides
-  static int forced_dx_route() { return 0; }
+  static int forced_dw_route() { return forced_routes().dw; }  // 0: the cost model decides
+  static int forced_dx_route() { return forced_routes().dx; }
 
   template <typename... KArgs, typename... Args>
   static void launch(int64_t n, void (*kernel)(KArgs...), Args... args) {
@@ -199,6 +237,12 @@ host::RlifGrads rlif_backward_dense_cuda(const at::Tensor& grad_spikes,
 }
 
 }  // namespace
+
+// Route forcing for tests and route timing (not part of the sparsegrad op set: no CPU kernel).
+TORCH_LIBRARY(sparsegrad_cuda, m) {
+  m.def("set_routes(int dw_route, int dx_route) -> ()", &set_routes);
+  m.def("routes() -> int[]", &get_routes);
+}
 
 TORCH_LIBRARY_IMPL(sparsegrad, CUDA, m) {
   m.impl("lif_forward", SG_FLOAT32_MATH(lif_forward_cuda));

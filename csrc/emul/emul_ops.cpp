@@ -100,6 +100,15 @@ std::vector<int64_t> launch_rules(int64_t n, int64_t sms, int64_t resident) {
           int64_t(cuda::split_event_current(n, resident, 0, true))};
 }
 
+// The routes a SPARSEGRAD_CUDA_ROUTES spec forces on the GPU ([dw, dx] as set_routes; the
+// parser of the CUDA launcher), or an error for a malformed spec.
+std::vector<int64_t> parse_routes(c10::string_view spec) {
+  int dw = 0, dx = 0;
+  TORCH_CHECK(cuda::routes::parse_forced_routes(std::string(spec), &dw, &dx),
+              "sparsegrad_emul.parse_routes: malformed spec '", std::string(spec), "'");
+  return {dw, dx};
+}
+
 // The cost model's choice for a problem: [dw route, dx route] (values as set_routes).
 std::vector<int64_t> gpu_routes(int64_t T, int64_t B, int64_t n_in, int64_t n_out, int64_t nnz,
                                 int64_t n_active, int64_t n_prev, int64_t acc_bytes, bool active_route_valid) {
@@ -136,6 +145,7 @@ TORCH_LIBRARY(sparsegrad_emul, m) {
   m.def("gpu_routes(int T, int B, int n_in, int n_out, int nnz, int n_active, int n_prev, int acc_bytes, "
         "bool active_route_valid) -> int[]", &gpu_routes);
   m.def("launch_counters() -> int[]", &launch_counters);
+  m.def("parse_routes(str spec) -> int[]", &parse_routes);
 }
 
 // CPU only: the emulated kernels read and write host memory.
