@@ -87,9 +87,9 @@ __global__ void rlif_forward_step_kernel(RlifStepArgs<scalar_t> a, int64_t t) {
   }
 }
 
-// Active set from the membrane trace: per-row counts, then (after a scan) the entries; one warp
-// per row with ballots, as compaction.cuh's active_count_kernel / active_fill_kernel (coalesced
-// reads; the same CSR, ascending j).
+// Active set from the membrane trace: per-row int32 counts here, then (after a scan) the entries
+// by compaction.cuh's active_fill_kernel; one warp per row with ballots (coalesced reads; the same
+// CSR, ascending j).
 template <typename acc_t>
 __global__ void rlif_active_count_kernel(const acc_t* __restrict__ v, int64_t T, int64_t B, int64_t n,
                                          acc_t threshold, acc_t b_th, int32_t* __restrict__ cnt) {
@@ -103,29 +103,6 @@ __global__ void rlif_active_count_kernel(const acc_t* __restrict__ v, int64_t T,
       count += __popc(__ballot_sync(kFullMask, active));
     }
     if (lane_id() == 0) cnt[r] = count;
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void rlif_active_fill_kernel(const acc_t* __restrict__ v, int64_t T, int64_t B, int64_t n,
-                                        acc_t threshold, acc_t b_th, acc_t slope, int surrogate,
-                                        const int64_t* __restrict__ off, int32_t* __restrict__ idx,
-                                        scalar_t* __restrict__ sg) {
-  SG_WARP_LOOP(r, B * T) {
-    const int64_t b = r / T, t = r % T;
-    const acc_t* row = v + (t * B + b) * n;
-    int64_t e = off[r];
-    for (int64_t j0 = 0; j0 < n; j0 += kWarp) {
-      const int64_t j = j0 + lane_id();
-      const bool active = j < n && math::is_active(row[j], threshold, b_th);
-      const unsigned mask = __ballot_sync(kFullMask, active);
-      if (active) {
-        const int64_t at = e + __popc(mask & lanes_below());
-        idx[at] = static_cast<int32_t>(j);
-        sg[at] = static_cast<scalar_t>(math::surrogate(row[j], threshold, slope, surrogate));
-      }
-      e += __popc(mask);
-    }
   }
 }
 

@@ -93,7 +93,7 @@ RlifOutputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, con
   const int64_t n_active = act_off[R].item<int64_t>();  // host sync: output size
   auto act_idx = at::empty({n_active}, int_opts);
   auto act_sg = at::empty({n_active}, x.options());
-  launch_warps<L>(R, &rlif_active_fill_kernel<scalar_t, acc_t>, v_trace.data_ptr<acc_t>(), T, B, n,
+  launch_warps<L>(R, &active_fill_kernel<scalar_t, acc_t>, v_trace.data_ptr<acc_t>(), T, B, n,
             a.threshold, static_cast<acc_t>(b_th), a.slope, a.surrogate,
             act_off.data_ptr<int64_t>(), act_idx.data_ptr<int32_t>(), act_sg.data_ptr<scalar_t>());
   stats.narrow(0, 1, 1).fill_(n_active);
