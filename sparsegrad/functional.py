@@ -21,11 +21,37 @@ RESETS = ("subtract", "zero", "none")
 _ACTIVE_SET_ATTR = "_sparsegrad_active_set"
 
 
-class LIFState(NamedTuple):
-    """Membrane potential and last spikes, each [B, N_out]."""
+class LIFState(tuple):
+    """Membrane potential, last spikes and (with a synaptic current) the synaptic current, each
+    [B, N_out] (or [B, *] for sparsegrad.lif).
 
-    v: torch.Tensor
-    s: torch.Tensor
+    ``LIFState(v, s)`` or ``LIFState(v, s, syn)``; fields ``v``, ``s``, ``syn`` (None without a
+    synaptic current). It unpacks as ``v, s = state`` when ``syn`` is None and as
+    ``v, s, syn = state`` otherwise, so code written for the two-field state keeps working.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, v, s, syn=None):
+        return tuple.__new__(cls, (v, s) if syn is None else (v, s, syn))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def s(self) -> torch.Tensor:
+        return self[1]
+
+    @property
+    def syn(self) -> Optional[torch.Tensor]:
+        return self[2] if len(self) > 2 else None
+
+    def __repr__(self):
+        return f"LIFState(v={self.v!r}, s={self.s!r}, syn={self.syn!r})"
 
 
 class LIFStats(NamedTuple):
@@ -148,8 +174,11 @@ def check_state(state, x, B, n, reset, what="N_out"):
     """
     if state is None:
         return None, None
+    if isinstance(state, (tuple, list)) and len(state) == 3 and state[2] is None:
+        state = state[:2]  # a LIFState(v, s, syn=None) given as a plain triple
     if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise TypeError(f"state must be a (v, s) pair of [B, {what}] tensors or None")
+        raise TypeError(f"state must be a (v, s) pair of [B, {what}] tensors or None (this layer "
+                        f"has no synaptic current, so no syn)")
     v_init, s_init = state
     for name, t in (("state.v", v_init), ("state.s", s_init)):
         _check_tensor(name, t, 2, x.dtype, x.device)
@@ -375,18 +404,52 @@ def li_readout(
 # --------------------------------------------------------------------------------------------
 # The LIF neuron alone (after any per-step layer)
 # --------------------------------------------------------------------------------------------
+def _neuron_param(name, value, features, current, low, high, low_open, allow_none=False):
+    """A neuron parameter: a float (checked against its range) or a floating tensor that broadcasts
+    to one step's per-sample shape `features` (its values are not checked: that would synchronise
+    a GPU; see docs/design.md §3c for what values outside the range do)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got a tensor of "
+                            f"dtype {value.dtype}")
+        if value.device != current.device:
+            raise ValueError(f"{name} is on {value.device} but current is on {current.device}; "
+                             f"put them on one device")
+        try:
+            shape = tuple(torch.broadcast_shapes(tuple(value.shape), features))
+        except RuntimeError:
+            shape = None
+        if shape != features:
+            raise ValueError(f"{name} of shape {list(value.shape)} does not broadcast to one time "
+                             f"step's per-sample shape {list(features)} (current.shape[2:]); use "
+                             f"e.g. [] for one value, {list(features)} per neuron, or "
+                             f"[C, 1, 1] per channel of a [T, B, C, H, W] current")
+        return value
+    return _check_scalar(name, value, low, high, low_open)
+
+
+def _neuron_row(value, features, n, dtype, device):
+    """The parameter as the kernels take it: one value per neuron, [n] (differentiable)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype).expand(features).reshape(n)
+    return torch.full((n,), value, dtype=dtype, device=device)
+
+
 def lif_with_stats(
     current: torch.Tensor,
     *,
-    alpha: float,
-    threshold: float = 1.0,
+    alpha,
+    threshold=1.0,
     b_th: float = 0.2,
     surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
     reset: str = "subtract",
     backward: str = "sparse",
-    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    state=None,
     return_mem: bool = False,
+    alpha_syn=None,
 ):
     """lif returning (spikes, mem or None, LIFState, LIFStats, (act_cnt, act_idx))."""
     if not isinstance(current, torch.Tensor):
@@ -399,18 +462,32 @@ def lif_with_stats(
     if current.shape[0] == 0:
         raise ValueError(f"current must have at least one time step, got shape "
                          f"{tuple(current.shape)}")
-    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
-                                                   surrogate, reset)
     T, B = current.shape[:2]
     features = tuple(current.shape[2:])
     n = math.prod(features)
-    v_init = s_init = None
+    alpha = _neuron_param("alpha", alpha, features, current, 0.0, 1.0, False)
+    threshold = _neuron_param("threshold", threshold, features, current, 0.0, math.inf, True)
+    alpha_syn = _neuron_param("alpha_syn", alpha_syn, features, current, 0.0, 1.0, False,
+                              allow_none=True)
+    _, _, b_th, slope = check_lif_args(
+        0.5 if isinstance(alpha, torch.Tensor) else alpha,
+        1.0 if isinstance(threshold, torch.Tensor) else threshold, b_th, slope, backward,
+        surrogate, reset)
+    syn_model = alpha_syn is not None
+    v_init = s_init = syn_init = None
     if state is not None:
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise TypeError(f"state must be a (v, s) pair of [B, ...] tensors of shape "
-                            f"{(B,) + features} or None")
-        v_init, s_init = state
-        for name, t in (("state.v", v_init), ("state.s", s_init)):
+        pair = f"a (v, s{', syn' if syn_model else ''}) tuple"
+        if not isinstance(state, (tuple, list)) or len(state) not in (2, 3):
+            raise TypeError(f"state must be {pair} of [B, ...] tensors of shape {(B,) + features} "
+                            f"or None")
+        v_init, s_init = state[0], state[1]
+        syn_init = state[2] if len(state) == 3 else None
+        if syn_init is not None and not syn_model:
+            raise ValueError("state.syn is given but alpha_syn is None (no synaptic current)")
+        named = [("state.v", v_init), ("state.s", s_init)]
+        if syn_init is not None:
+            named.append(("state.syn", syn_init))
+        for name, t in named:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if tuple(t.shape) != (B,) + features:
@@ -419,16 +496,45 @@ def lif_with_stats(
         if reset == "zero" and not bool(((s_init == 0) | (s_init == 1)).all()):
             raise ValueError("state.s must hold only spikes (0 or 1) with reset='zero'")
         v_init, s_init = v_init.reshape(B, n), s_init.reshape(B, n)
+        if syn_init is not None:
+            syn_init = syn_init.reshape(B, n)
     sparse = backward == "sparse"
-    spikes, v_final, act_cnt, act_idx, _sg, _rg, _rst, mem, stats = ops.lif_neuron_forward(
-        current.reshape(T, B, n), v_init, s_init, alpha, threshold, b_th, slope, sparse,
-        surrogate, reset, return_mem)
+    syn_final = None
+    if not syn_model and not any(isinstance(p, torch.Tensor) for p in (alpha, threshold)):
+        # float parameters: the scalar kernels, exactly as before tensor parameters existed
+        spikes, v_final, act_cnt, act_idx, _sg, _rg, _rst, mem, stats = ops.lif_neuron_forward(
+            current.reshape(T, B, n), v_init, s_init, alpha, threshold, b_th, slope, sparse,
+            surrogate, reset, return_mem)
+    else:
+        # per-neuron / learnable parameters, synaptic current: one value per neuron, in the
+        # kernel's dtype (float32 for half types, so that alpha is not rounded to 8 bits)
+        kd = torch.float32 if current.dtype in (torch.float16, torch.bfloat16) else current.dtype
+
+        def k(t):
+            return None if t is None else t.to(kd)
+
+        rows = [_neuron_row(p, features, n, kd, current.device) if p is not None else None
+                for p in (alpha, threshold, alpha_syn)]
+        grad_on = torch.is_grad_enabled()
+        need = [bool(grad_on and r is not None and r.requires_grad) for r in rows]
+        (spikes, v_final, syn_final, act_cnt, act_idx, _sg, _p, _q, _u, _tl, _rst, mem,
+         stats) = ops.lif_neuron_param_forward(
+            k(current.reshape(T, B, n)), k(v_init), k(s_init), k(syn_init), rows[0], rows[1],
+            rows[2], b_th, slope, sparse, surrogate, reset, return_mem, need[0], need[1], need[2])
+        if kd != current.dtype:
+            spikes, v_final, mem = (t.to(current.dtype) for t in (spikes, v_final, mem))
+            if syn_model:
+                syn_final = syn_final.to(current.dtype)
+        if not syn_model:
+            syn_final = None
     if sparse and current.dim() == 3:
         # a fused LIF right after this neuron then computes dx only at these entries
         attach_active_set(spikes, act_cnt, act_idx)
     spikes = spikes.view(current.shape) if current.dim() != 3 else spikes
     v_final = v_final.view((B,) + features)
-    state_out = LIFState(v_final, spikes[-1])
+    if syn_final is not None:
+        syn_final = syn_final.view((B,) + features)
+    state_out = LIFState(v_final, spikes[-1], syn_final)
     stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n)
     return (spikes, mem.view(current.shape) if return_mem else None, state_out, stats_out,
             (act_cnt, act_idx))
@@ -437,8 +543,8 @@ def lif_with_stats(
 def lif(
     current: torch.Tensor,
     *,
-    alpha: float,
-    threshold: float = 1.0,
+    alpha,
+    threshold=1.0,
     b_th: float = 0.2,
     surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
@@ -447,6 +553,7 @@ def lif(
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     return_state: bool = False,
     return_mem: bool = False,
+    alpha_syn=None,
 ):
     """Leaky integrate-and-fire neurons driven by a given input current, over a whole sequence.
 
@@ -466,10 +573,22 @@ def lif(
     state=(V, S), each [B, *], continues a sequence (default: V = S = 0). return_mem=True also
     returns the membrane V [T, B, *] (it carries gradient). Returns spikes, then mem if
     return_mem, then the LIFState(V[T-1], S[T-1]) if return_state.
+
+    alpha and threshold are floats, or tensors that broadcast to current.shape[2:] (e.g. [] for
+    one value, [C, 1, 1] for one per channel of a [T, B, C, H, W] current, the full per-sample
+    shape for one per neuron); a tensor that requires grad gets its gradient in both backward
+    modes (the sparse one from the traces P = dV/dalpha and Q = -dV/dthreshold kept at the
+    active entries only; docs/design.md §3c). Tensor values are used as given, without a range
+    check (it would synchronise a GPU): alpha outside [0, 1] makes the membrane grow or
+    oscillate, a threshold <= 0 fires at rest; nn.LIFNeuron clamps its alpha to [0, 1].
+    alpha_syn (float or tensor like alpha; default None: no synaptic current) adds the
+    synaptic current of snnTorch's Synaptic / NIR's CubaLIF: syn[t] = alpha_syn*syn[t-1] +
+    current[t], and V integrates syn[t] in place of current[t]; state and the returned
+    LIFState then carry syn too (state=(V, S, syn)).
     """
     spikes, mem, state_out, _, _ = lif_with_stats(
         current, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate, slope=slope,
-        reset=reset, backward=backward, state=state, return_mem=return_mem)
+        reset=reset, backward=backward, state=state, return_mem=return_mem, alpha_syn=alpha_syn)
     out = (spikes,)
     if return_mem:
         out += (mem,)

@@ -218,24 +218,76 @@ class LIReadout(_LinearParams):
                 f"batch_first={self.batch_first}")
 
 
+def _neuron_parameter(module: nn.Module, name: str, value, learn: bool, low: float, high: float,
+                      low_open: bool) -> None:
+    """Store a neuron parameter on `module` under `name`: a float stays a float attribute (the
+    float kernels, exactly as before); a tensor becomes a buffer, or with learn=True (a float
+    too) an nn.Parameter, so that the state_dict key is `name`. Tensor values are checked here,
+    once, so that the forward never synchronises a GPU to check them."""
+    if not isinstance(value, torch.Tensor) and not learn:
+        setattr(module, name, F_sg._check_scalar(name, value, low, high, low_open))
+        return
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got {value.dtype}")
+        t = value.detach().clone()
+    else:
+        t = torch.tensor(F_sg._check_scalar(name, value, -math.inf, math.inf, False))
+    if t.numel():
+        lo, hi = float(t.min()), float(t.max())
+        if math.isnan(lo) or math.isnan(hi) or (lo <= low if low_open else lo < low) or hi > high:
+            bracket = "(" if low_open else "["
+            raise ValueError(f"{name} must be in {bracket}{low}, {high}], got values in "
+                             f"[{lo}, {hi}]")
+    if learn:
+        setattr(module, name, nn.Parameter(t))
+    else:
+        module.register_buffer(name, t)
+
+
+def _param_repr(value) -> str:
+    if isinstance(value, torch.Tensor):
+        kind = "Parameter" if isinstance(value, nn.Parameter) else "tensor"
+        return f"{kind}{list(value.shape)}"
+    return repr(value)
+
+
 class LIFNeuron(nn.Module):
     """Leaky integrate-and-fire neurons driven by the output of any layer (sparsegrad.lif).
 
     Input: the current [T, B, *] (or [B, T, *] with batch_first=True), e.g. a convolution's output
-    for every time step (see TimeDistributed) -> spikes of the same shape and layout. No
-    parameters. ``reset`` ("subtract", "zero", "none") and ``surrogate`` ("fast_sigmoid", "atan",
-    "sigmoid", "triangle", with ``slope``) as in sparsegrad.lif; return_mem=True makes forward
-    return (spikes, membrane). After each forward, ``last_stats`` holds that call's spike count
-    and active fraction.
+    for every time step (see TimeDistributed) -> spikes of the same shape and layout. ``reset``
+    ("subtract", "zero", "none") and ``surrogate`` ("fast_sigmoid", "atan", "sigmoid",
+    "triangle", with ``slope``) as in sparsegrad.lif; return_mem=True makes forward return
+    (spikes, membrane). After each forward, ``last_stats`` holds that call's spike count and
+    active fraction.
+
+    ``alpha``, ``threshold`` and ``alpha_syn`` (default None: no synaptic current; a float gives
+    snnTorch's Synaptic with alpha = beta and alpha_syn = its alpha) are floats or tensors that
+    broadcast to the per-sample shape (e.g. [C, 1, 1] per channel, [N] per neuron). A float
+    stays a plain attribute; a tensor is a buffer; ``learn_alpha`` / ``learn_threshold`` /
+    ``learn_alpha_syn`` make the value (a float becomes a 0-d tensor) an nn.Parameter. Either
+    way the state_dict keys are ``alpha``, ``threshold``, ``alpha_syn``. In the forward a
+    tensor alpha and alpha_syn are clamped to [0, 1], as snnTorch clamps a learnable beta (the
+    gradient is zero outside); the threshold is used as it is (it should stay > 0).
     """
 
-    def __init__(self, *, alpha: float = 0.9, threshold: float = 1.0, b_th: float = 0.2,
+    def __init__(self, *, alpha=0.9, threshold=1.0, b_th: float = 0.2,
                  surrogate: str = "fast_sigmoid", slope: float = 100.0, reset: str = "subtract",
-                 backward: str = "sparse", batch_first: bool = False, return_mem: bool = False):
+                 backward: str = "sparse", batch_first: bool = False, return_mem: bool = False,
+                 alpha_syn=None, learn_alpha: bool = False, learn_threshold: bool = False,
+                 learn_alpha_syn: bool = False):
         super().__init__()
-        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
-        self.alpha = float(alpha)
-        self.threshold = float(threshold)
+        F_sg.check_lif_args(0.5, 1.0, b_th, slope, backward, surrogate, reset)
+        _neuron_parameter(self, "alpha", alpha, learn_alpha, 0.0, 1.0, False)
+        _neuron_parameter(self, "threshold", threshold, learn_threshold, 0.0, math.inf, True)
+        if alpha_syn is None:
+            if learn_alpha_syn:
+                raise ValueError("learn_alpha_syn=True needs alpha_syn (a float or a tensor), "
+                                 "got None")
+            self.alpha_syn = None
+        else:
+            _neuron_parameter(self, "alpha_syn", alpha_syn, learn_alpha_syn, 0.0, 1.0, False)
         self.b_th = float(b_th)
         self.surrogate = surrogate
         self.slope = float(slope)
@@ -245,6 +297,10 @@ class LIFNeuron(nn.Module):
         self.return_mem = bool(return_mem)
         self.last_stats: Optional[F_sg.LIFStats] = None
 
+    @staticmethod
+    def _clamped(value):
+        return value.clamp(0.0, 1.0) if isinstance(value, torch.Tensor) else value
+
     def forward(self, x: torch.Tensor, state=None, return_state: bool = False):
         if not isinstance(x, torch.Tensor) or x.dim() < 3:
             layout = "[B, T, ...]" if self.batch_first else "[T, B, ...]"
@@ -252,9 +308,9 @@ class LIFNeuron(nn.Module):
                              f"dimension, got {getattr(x, 'shape', type(x).__name__)}")
         x_tm = x.transpose(0, 1) if self.batch_first else x
         spikes, mem, state_out, stats, _ = F_sg.lif_with_stats(
-            x_tm, alpha=self.alpha, threshold=self.threshold, b_th=self.b_th,
+            x_tm, alpha=self._clamped(self.alpha), threshold=self.threshold, b_th=self.b_th,
             surrogate=self.surrogate, slope=self.slope, reset=self.reset, backward=self.backward,
-            state=state, return_mem=self.return_mem)
+            state=state, return_mem=self.return_mem, alpha_syn=self._clamped(self.alpha_syn))
         self.last_stats = stats
         if self.batch_first:
             time_major = spikes
@@ -268,13 +324,19 @@ class LIFNeuron(nn.Module):
             out += (state_out,)
         return out[0] if len(out) == 1 else out
 
+    def __setstate__(self, state):
+        state.setdefault("alpha_syn", None)  # pickled before the synaptic current existed
+        super().__setstate__(state)
+
     def __getstate__(self):
         state = super().__getstate__().copy()
         state["last_stats"] = None
         return state
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, threshold={self.threshold}, b_th={self.b_th}, "
+        syn = "" if self.alpha_syn is None else f", alpha_syn={_param_repr(self.alpha_syn)}"
+        return (f"alpha={_param_repr(self.alpha)}, threshold={_param_repr(self.threshold)}"
+                f"{syn}, b_th={self.b_th}, "
                 f"surrogate={self.surrogate!r}, slope={self.slope}, reset={self.reset!r}, "
                 f"backward={self.backward!r}, batch_first={self.batch_first}"
                 + (", return_mem=True" if self.return_mem else ""))
