@@ -211,20 +211,137 @@ def attach_active_set(spikes: torch.Tensor, cnt, idx, time_major: bool = True):
         setattr(spikes, _ACTIVE_SET_ATTR, (cnt, idx, tuple(spikes.shape), time_major))
 
 
+class _LinearParamLIF(torch.autograd.Function):
+    """Linear + LIF with tensor (per-neuron, learnable) alpha / threshold or a synaptic current:
+    the current x W^T + b, then the tensor-parameter neuron op (lif_neuron_param_forward).
+
+    Saved for the backward: x as the flat indices of its nonzero entries (and their values unless
+    x is binary), the neuron op's active set with its surrogate and traces (sparse mode), the
+    weight and the parameters: no dense [T, B, N] float tensor in sparse mode. The backward
+    gets G_I = dL/dI from the neuron op, then dW = G_I^T x (x rebuilt from its events) and
+    dx = G_I W as matrix products (not yet the fused layer's work-proportional routes)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, v_init, s_init, syn_init, a_row, th_row, as_row, b_th,
+                slope, sparse, surrogate, reset, need):
+        T, B, n_in = x.shape
+        current = torch.nn.functional.linear(x, weight, bias)
+        (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+         rst_bits, _mem, stats) = ops.lif_neuron_param_forward(
+            current, v_init, s_init, syn_init, a_row, th_row, as_row, b_th, slope, sparse,
+            surrogate, reset, False, *need)
+        flat = x.reshape(-1)
+        events = flat.nonzero().squeeze(1)
+        binary = bool(((flat == 0) | (flat == 1)).all())
+        values = flat[events] if not binary else flat.new_empty(0)
+        events = events.to(torch.int32) if flat.numel() < 2 ** 31 else events
+        # sparse: the active set and its traces; dense: the surrogate and traces everywhere
+        saved = [act_cnt, act_idx, act_sg, act_p, act_q, act_u]
+        ctx.save_for_backward(weight, events, values, tan_last, rst_bits, a_row,
+                              as_row if as_row is not None else a_row.new_empty(0), *saved)
+        ctx.cfg = (T, B, n_in, sparse, reset == "zero", as_row is not None, bias is not None,
+                   v_init is not None, syn_init is not None, binary, tuple(need), x.dtype)
+        ctx.mark_non_differentiable(act_cnt, act_idx, stats)
+        ctx.set_materialize_grads(False)
+        return spikes, v_final, syn_final, act_cnt, act_idx, stats
+
+    @staticmethod
+    def backward(ctx, g_spikes, g_v, g_syn, *_):
+        (T, B, n_in, sparse, has_rst, has_syn, has_bias, has_v, has_syn0, binary, traced,
+         dtype) = ctx.cfg
+        (weight, events, values, tan_last, rst_bits, a_row, as_row, act_cnt, act_idx, act_sg,
+         act_p, act_q, act_u) = ctx.saved_tensors
+        n_out = weight.shape[0]
+        none = (None,) * 15
+        if not has_syn:
+            g_syn = None
+        if g_spikes is None and g_v is None and g_syn is None:
+            return none
+        if g_spikes is None:
+            g_spikes = weight.new_zeros(T, B, n_out)
+        need = ctx.needs_input_grad
+        need_dv, need_dsyn = has_v and need[3], has_syn0 and need[5]
+        n_da, n_dth, n_das = traced[0] and need[6], traced[1] and need[7], traced[2] and need[8]
+        gc, dv, dsyn, da, dth, das = ops._ops.lif_neuron_param_backward.default(
+            g_spikes, g_v, g_syn, None, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+            rst_bits if has_rst else None, a_row, as_row if has_syn else None, sparse,
+            not sparse, need_dv, need_dsyn, n_da, n_dth, n_das)
+        g2 = gc.reshape(T * B, n_out)
+        dx = dw = db = None
+        if need[0]:
+            dx = (g2 @ weight).reshape(T, B, n_in)
+        if need[1]:
+            x = weight.new_zeros(T * B * n_in)
+            x[events.long()] = 1 if binary else values
+            dw = g2.t() @ x.reshape(T * B, n_in)
+        if has_bias and need[2]:
+            db = g2.sum(0)
+        return (dx, dw, db, dv if need_dv else None, None, dsyn if need_dsyn else None,
+                da.sum(0) if n_da else None, dth.sum(0) if n_dth else None,
+                das.sum(0) if n_das else None) + (None,) * 6
+
+
+def _layer_params(alpha, threshold, alpha_syn, x, n_out):
+    """Checked layer parameters (float, or a tensor of shape [] or [N_out])."""
+    out = []
+    for name, value, low, high, low_open in (("alpha", alpha, 0.0, 1.0, False),
+                                             ("threshold", threshold, 0.0, math.inf, True),
+                                             ("alpha_syn", alpha_syn, 0.0, 1.0, False)):
+        if isinstance(value, torch.Tensor) and tuple(value.shape) not in ((), (n_out,)):
+            raise ValueError(f"{name} must be a float or a tensor of shape [] or [N_out] = "
+                             f"[{n_out}], got shape {list(value.shape)}")
+        out.append(_neuron_param(name, value, (n_out,), x, low, high, low_open,
+                                 allow_none=name == "alpha_syn"))
+    return out
+
+
+def _param_layer(x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surrogate, reset,
+                 sparse, v_init, s_init, syn_init):
+    """Linear + LIF with tensor parameters / a synaptic current; returns (spikes, v_final,
+    syn_final or None, act_cnt, act_idx, stats) in x's dtype."""
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    kd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+    def k(t):
+        return None if t is None else t.to(kd)
+
+    rows = [_neuron_row(p, (n_out,), n_out, kd, x.device) if p is not None else None
+            for p in (alpha, threshold, alpha_syn)]
+    grad_on = torch.is_grad_enabled()
+    need = tuple(bool(grad_on and r is not None and r.requires_grad) for r in rows)
+    spikes, v_final, syn_final, act_cnt, act_idx, stats = _LinearParamLIF.apply(
+        k(x), k(weight), k(bias), k(v_init), k(s_init), k(syn_init), rows[0], rows[1], rows[2],
+        b_th, slope, sparse, surrogate, reset, need)
+    if kd != x.dtype:
+        spikes, v_final, syn_final = (t.to(x.dtype) for t in (spikes, v_final, syn_final))
+    return spikes, v_final, syn_final if alpha_syn is not None else None, act_cnt, act_idx, stats
+
+
+def _split_state(state, alpha_syn):
+    """state as (v, s) for check_state and the syn part (None without one)."""
+    if state is None:
+        return None, None
+    if alpha_syn is not None and isinstance(state, (tuple, list)) and len(state) == 3:
+        return tuple(state[:2]), state[2]
+    return state, None
+
+
 def lif_layer_with_stats(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    alpha: float,
-    threshold: float = 1.0,
+    alpha,
+    threshold=1.0,
     b_th: float = 0.2,
     surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
     reset: str = "subtract",
     backward: str = "sparse",
-    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    state=None,
     producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    alpha_syn=None,
 ):
     """lif_layer returning (spikes, LIFState, LIFStats, (act_cnt, act_idx)).
 
@@ -232,23 +349,42 @@ def lif_layer_with_stats(
     """
     if producer is None:  # before any autocast copy of x, which would not carry it
         producer = producer_active_set(x)
-    x, weight, bias, state = autocast_inputs(x, weight, bias, state)
+    state, syn_init = _split_state(state, alpha_syn)
+    x, weight, bias, state, syn_init = autocast_inputs(x, weight, bias, state, syn_init)
     _check_linear(x, weight, bias)
-    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
-                                                   surrogate, reset)
     T, B, _ = x.shape
     n_out = weight.shape[0]
+    alpha, threshold, alpha_syn = _layer_params(alpha, threshold, alpha_syn, x, n_out)
+    tensor_params = alpha_syn is not None or any(isinstance(p, torch.Tensor)
+                                                  for p in (alpha, threshold))
+    _, _, b_th, slope = check_lif_args(
+        0.5 if isinstance(alpha, torch.Tensor) else alpha,
+        1.0 if isinstance(threshold, torch.Tensor) else threshold, b_th, slope, backward,
+        surrogate, reset)
     v_init, s_init = check_state(state, x, B, n_out, reset)
+    if syn_init is not None:
+        _check_tensor("state.syn", syn_init, 2, x.dtype, x.device)
+        if tuple(syn_init.shape) != (B, n_out):
+            raise ValueError(f"state.syn must have shape [{B}, {n_out}], got "
+                             f"{tuple(syn_init.shape)}")
     x_cnt, x_idx = producer
     sparse = backward == "sparse"
-    (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _rst, stats) = ops.lif_forward(
-        x, weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope, sparse,
-        surrogate, reset)
-    if sparse:
-        # the set as the layer saved it (ops.SAVED_SET_ATTR), so that the next layer saves the
-        # same tensors
-        attach_active_set(spikes, *getattr(spikes, ops.SAVED_SET_ATTR, (act_cnt, act_idx)))
-    state_out = LIFState(v_final, spikes[-1])
+    syn_final = None
+    if tensor_params:
+        spikes, v_final, syn_final, act_cnt, act_idx, stats = _param_layer(
+            x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surrogate, reset, sparse,
+            v_init, s_init, syn_init)
+        if sparse:
+            attach_active_set(spikes, act_cnt, act_idx)
+    else:
+        (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _rst, stats) = ops.lif_forward(
+            x, weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope, sparse,
+            surrogate, reset)
+        if sparse:
+            # the set as the layer saved it (ops.SAVED_SET_ATTR), so that the next layer saves
+            # the same tensors
+            attach_active_set(spikes, *getattr(spikes, ops.SAVED_SET_ATTR, (act_cnt, act_idx)))
+    state_out = LIFState(v_final, spikes[-1], syn_final)
     stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n_out)
     return spikes, state_out, stats_out, (act_cnt, act_idx)
 
@@ -258,15 +394,16 @@ def lif_layer(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    alpha: float,
-    threshold: float = 1.0,
+    alpha,
+    threshold=1.0,
     b_th: float = 0.2,
     surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
     reset: str = "subtract",
     backward: str = "sparse",
-    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    state=None,
     return_state: bool = False,
+    alpha_syn=None,
 ):
     """Fused linear + leaky integrate-and-fire layer over a whole sequence.
 
@@ -284,10 +421,18 @@ def lif_layer(
     |u| < b_th, doing work proportional to those entries; backward="dense" uses it everywhere
     (standard surrogate BPTT). state=(V, S) continues a sequence; with return_state=True the
     result is (spikes, LIFState(V[T-1], S[T-1])).
+
+    alpha and threshold may also be tensors of shape [] or [N_out] (per-neuron), learnable
+    (requires_grad) in both backward modes; alpha_syn (float or tensor like alpha, default None)
+    adds the synaptic current syn[t] = alpha_syn*syn[t-1] + I[t] that V integrates in place of
+    I[t], and state / LIFState carry syn. Those run the current x W^T + b and then the
+    tensor-parameter neuron op (sparsegrad.lif's kernels); the backward saves x by its nonzero
+    entries and the neuron's active set with its traces (no dense float tensor), but computes
+    dW and dx as matrix products (docs/design.md §3c). Float parameters run the fused kernels.
     """
     spikes, state_out, _, _ = lif_layer_with_stats(
         x, weight, bias, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate,
-        slope=slope, reset=reset, backward=backward, state=state)
+        slope=slope, reset=reset, backward=backward, state=state, alpha_syn=alpha_syn)
     if return_state:
         return spikes, state_out
     return spikes

@@ -57,16 +57,24 @@ class LIF(_LinearParams):
     state_dict-compatible with nn.Linear (``weight`` [out, in], ``bias`` [out]). Input [T, B, in]
     (or [B, T, in] with batch_first=True) -> spikes of the same layout with ``out`` features.
     After each forward, ``last_stats`` holds that call's spike count and active fraction.
+
+    ``alpha``, ``threshold`` and ``alpha_syn`` (default None: no synaptic current) are floats or
+    tensors of shape [] or [out] (per neuron); ``learn_alpha`` / ``learn_threshold`` /
+    ``learn_alpha_syn`` make them nn.Parameters (state_dict keys ``alpha``, ``threshold``,
+    ``alpha_syn``), as LIFNeuron's; a tensor alpha / alpha_syn is clamped to [0, 1] in the
+    forward. forward(x, state=(V, S[, syn]), return_state=True) continues a sequence.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 alpha: float = 0.9, threshold: float = 1.0, b_th: float = 0.2,
+                 alpha=0.9, threshold=1.0, b_th: float = 0.2,
                  surrogate: str = "fast_sigmoid", slope: float = 100.0, reset: str = "subtract",
-                 backward: str = "sparse", batch_first: bool = False, device=None, dtype=None):
+                 backward: str = "sparse", batch_first: bool = False, device=None, dtype=None,
+                 alpha_syn=None, learn_alpha: bool = False, learn_threshold: bool = False,
+                 learn_alpha_syn: bool = False):
         super().__init__(in_features, out_features, bias, device, dtype)
-        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
-        self.alpha = float(alpha)
-        self.threshold = float(threshold)
+        F_sg.check_lif_args(0.5, 1.0, b_th, slope, backward, surrogate, reset)
+        _layer_neuron_parameters(self, out_features, alpha, threshold, alpha_syn, learn_alpha,
+                                 learn_threshold, learn_alpha_syn, device)
         self.b_th = float(b_th)
         self.surrogate = surrogate
         self.slope = float(slope)
@@ -88,9 +96,10 @@ class LIF(_LinearParams):
         if state is None:
             state = self._initial_state(x_tm)
         spikes, state_out, stats, (cnt, idx) = F_sg.lif_layer_with_stats(
-            x_tm, self.weight, self._input_bias(), alpha=self.alpha, threshold=self.threshold,
-            b_th=self.b_th, surrogate=self.surrogate, slope=self.slope, reset=self.reset,
-            backward=self.backward, state=state, producer=self._producer(x))
+            x_tm, self.weight, self._input_bias(), alpha=LIFNeuron._clamped(self.alpha),
+            threshold=self.threshold, b_th=self.b_th, surrogate=self.surrogate, slope=self.slope,
+            reset=self.reset, backward=self.backward, state=state, producer=self._producer(x),
+            alpha_syn=LIFNeuron._clamped(getattr(self, "alpha_syn", None)))
         self.last_stats = stats
         if self.batch_first:
             spikes = spikes.transpose(0, 1)
@@ -102,6 +111,7 @@ class LIF(_LinearParams):
         # Models pickled before surrogates and resets were options used the defaults.
         state.setdefault("surrogate", "fast_sigmoid")
         state.setdefault("reset", "subtract")
+        state.setdefault("alpha_syn", None)
         super().__setstate__(state)
 
     def __getstate__(self):
@@ -112,8 +122,11 @@ class LIF(_LinearParams):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, alpha={self.alpha}, threshold={self.threshold}, "
-                f"b_th={self.b_th}, surrogate={self.surrogate!r}, slope={self.slope}, "
+                f"bias={self.bias is not None}, alpha={_param_repr(self.alpha)}, "
+                f"threshold={_param_repr(self.threshold)}"
+                + ("" if getattr(self, "alpha_syn", None) is None
+                   else f", alpha_syn={_param_repr(self.alpha_syn)}")
+                + f", b_th={self.b_th}, surrogate={self.surrogate!r}, slope={self.slope}, "
                 f"reset={self.reset!r}, backward={self.backward!r}, "
                 f"batch_first={self.batch_first}")
 
@@ -243,6 +256,28 @@ def _neuron_parameter(module: nn.Module, name: str, value, learn: bool, low: flo
         setattr(module, name, nn.Parameter(t))
     else:
         module.register_buffer(name, t)
+
+
+def _layer_neuron_parameters(module, n_out, alpha, threshold, alpha_syn, learn_alpha,
+                             learn_threshold, learn_alpha_syn, device=None):
+    """alpha / threshold / alpha_syn of a layer with n_out neurons: floats or [] / [n_out]."""
+    for name, value in (("alpha", alpha), ("threshold", threshold), ("alpha_syn", alpha_syn)):
+        if isinstance(value, torch.Tensor) and tuple(value.shape) not in ((), (n_out,)):
+            raise ValueError(f"{name} must be a float or a tensor of shape [] or [out_features] "
+                             f"= [{n_out}], got shape {list(value.shape)}")
+    _neuron_parameter(module, "alpha", alpha, learn_alpha, 0.0, 1.0, False)
+    _neuron_parameter(module, "threshold", threshold, learn_threshold, 0.0, math.inf, True)
+    if alpha_syn is None:
+        if learn_alpha_syn:
+            raise ValueError("learn_alpha_syn=True needs alpha_syn (a float or a tensor), got None")
+        module.alpha_syn = None
+    else:
+        _neuron_parameter(module, "alpha_syn", alpha_syn, learn_alpha_syn, 0.0, 1.0, False)
+    if device is not None:
+        for name in ("alpha", "threshold", "alpha_syn"):
+            value = getattr(module, name)
+            if isinstance(value, torch.Tensor):
+                value.data = value.data.to(device)
 
 
 def _param_repr(value) -> str:

@@ -89,6 +89,7 @@ def lif_layer(
     backward: str = "sparse",
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     return_state: bool = False,
+    alpha_syn=None,
 ):
     """Reference LIF layer, time-major x [T, B, N_in] -> spikes [T, B, N_out].
 
@@ -96,28 +97,16 @@ def lif_layer(
     alpha*(1 - S[t-1])*V[t-1] + I[t]; "none": alpha*V[t-1] + I[t]; S[t-1] detached),
     S[t] = H(V[t] - threshold). backward="dense" uses the unmasked surrogate, "sparse" masks it to
     |V - threshold| < b_th. state = (V, S) of shape [B, N_out] each; the returned state is
-    (V[T-1], S[T-1]).
+    (V[T-1], S[T-1]). alpha / threshold / alpha_syn may be tensors of shape [] or [N_out];
+    with alpha_syn the membrane integrates syn[t] = alpha_syn*syn[t-1] + I[t] and the state is
+    (V, S, syn).
     """
     if backward not in ("sparse", "dense"):
         raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
-    mask_width = b_th if backward == "sparse" else math.inf
     current = F.linear(x, weight, bias)
-    _, B, N = current.shape
-    if state is None:
-        v = current.new_zeros(B, N)
-        s = current.new_zeros(B, N)
-    else:
-        v, s = state
-    spikes = []
-    # unbind, not current[t]: indexing inside the loop would make autograd's backward O(T^2)
-    for current_t in current.unbind(0):
-        v = lif_step(v, current_t, s, alpha, threshold, reset)
-        s = spike(v - threshold, slope, mask_width, surrogate)
-        spikes.append(s)
-    out = torch.stack(spikes)
-    if return_state:
-        return out, (v, s)
-    return out
+    return lif_neuron(current, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate,
+                      slope=slope, reset=reset, backward=backward, state=state,
+                      return_state=return_state, alpha_syn=alpha_syn)
 
 
 def rlif_layer(

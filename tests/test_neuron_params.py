@@ -406,3 +406,80 @@ def test_emulated_float_op_unchanged(emul):
             got = emul.lif_neuron_forward(*args)
             for a, b in zip(got, want):
                 assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer: lif_layer / nn.LIF with tensor parameters and a synaptic current
+# ---------------------------------------------------------------------------------------------
+from conftest import random_problem  # noqa: E402
+
+
+def _layer_run(fn, x, w, b, params, state, **kw):
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    p = {k: (v.clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
+         for k, v in params.items()}
+    st = tuple(t.clone().requires_grad_(t.is_floating_point() and i != 1)
+               for i, t in enumerate(state)) if state is not None else None
+    out, fin = fn(*leaves, state=st, return_state=True, **p, **kw)
+    g = _gen(3)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum()
+    loss = loss + (fin[0] * torch.randn(fin[0].shape, generator=g, dtype=torch.float64)).sum()
+    if len(fin) > 2:
+        loss = loss + fin[2].sum()
+    inputs = leaves + [v for v in p.values() if isinstance(v, torch.Tensor)] + \
+        ([st[0]] + ([st[2]] if len(st) > 2 else []) if st is not None else [])
+    return out, torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("syn", [False, True])
+@pytest.mark.parametrize("kind", ["neuron", "scalar0d"])
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+@pytest.mark.parametrize("reset", RESETS)
+def test_layer_matches_reference(reset, backward, kind, syn):
+    T, B, n_in, n_out = 12, 3, 25, 14
+    x, w, b = random_problem(T, B, n_in, n_out, dtype=torch.float64, seed=4,
+                             binary=reset != "none")
+    params = dict(alpha=_param(kind, (n_out,), 0.8, 0.15, 1), threshold=_param(kind, (n_out,), 1.0,
+                                                                                 0.3, 2))
+    if syn:
+        params["alpha_syn"] = _param(kind, (n_out,), 0.5, 0.3, 3)
+    state = [_current((B, n_out), 5, scale=0.5), (torch.rand(B, n_out, generator=_gen(6)) < 0.3)
+             .double()] + ([_current((B, n_out), 7, scale=0.3)] if syn else [])
+    kw = dict(b_th=0.3, slope=5.0, reset=reset, backward=backward)
+    out_k, g_k = _layer_run(sparsegrad.lif_layer, x, w, b, params, state, **kw)
+    out_r, g_r = _layer_run(ref.lif_layer, x, w, b, params, state, **kw)
+    assert torch.equal(out_k, out_r) and out_k.sum() > 0
+    for a, r in zip(g_k, g_r):
+        torch.testing.assert_close(a, r, **F64)
+
+
+def test_layer_module_learnable():
+    layer = sparsegrad.nn.LIF(20, 8, alpha=torch.full((8,), 0.9), learn_alpha=True,
+                              learn_threshold=True, alpha_syn=0.5, learn_alpha_syn=True)
+    assert set(layer.state_dict()) == {"weight", "bias", "alpha", "threshold", "alpha_syn"}
+    x, _, _ = random_problem(10, 4, 20, 8, dtype=torch.float32, seed=1)
+    out = layer(x)
+    (out.sum() + layer(x, return_state=True)[1].syn.sum()).backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    with pytest.raises(ValueError, match="shape \\[\\] or \\[out_features\\]"):
+        sparsegrad.nn.LIF(20, 8, alpha=torch.full((4,), 0.9))
+    with pytest.raises(ValueError, match="shape \\[\\] or \\[N_out\\]"):
+        sparsegrad.lif_layer(x, layer.weight, alpha=torch.full((2, 8), 0.9))
+
+
+def test_layer_saved_bytes_at_most_8_percent_of_dense_bptt():
+    # the SHD layer (tests/test_memory.py) with learnable per-neuron alpha and threshold
+    from test_memory import nbytes, saved_tensors, shd_like
+    x, w, b = shd_like()
+    alpha = torch.full((w.shape[0],), 0.95, requires_grad=True)
+    threshold = torch.full((w.shape[0],), 1.0, requires_grad=True)
+    out, saved = saved_tensors(lambda: sparsegrad.lif_layer(x, w, b, alpha=alpha,
+                                                            threshold=threshold))
+    assert 0.002 < out.mean() < 0.05
+    _, saved_ref = saved_tensors(lambda: ref.lif_layer(x, w, b, alpha=alpha, threshold=threshold))
+    keep = (w, alpha, threshold)
+    sparse_bytes = nbytes([t for t in saved if not any(t is k for k in keep)])
+    ref_bytes = nbytes([t for t in saved_ref if not any(t is k for k in keep)])
+    assert sparse_bytes <= 0.08 * ref_bytes, (sparse_bytes, ref_bytes)
+    out.sum().backward()
+    assert alpha.grad.abs().sum() > 0 and threshold.grad.abs().sum() > 0
