@@ -223,13 +223,13 @@ class _LinearParamLIF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, v_init, s_init, syn_init, a_row, th_row, as_row, b_th,
-                slope, sparse, surrogate, reset, need):
+                slope, sparse, surrogate, reset, need, return_mem=False):
         T, B, n_in = x.shape
         current = torch.nn.functional.linear(x, weight, bias)
         (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
-         rst_bits, _mem, stats) = ops.lif_neuron_param_forward(
+         rst_bits, mem, stats) = ops.lif_neuron_param_forward(
             current, v_init, s_init, syn_init, a_row, th_row, as_row, b_th, slope, sparse,
-            surrogate, reset, False, *need)
+            surrogate, reset, return_mem, *need)
         flat = x.reshape(-1)
         events = flat.nonzero().squeeze(1)
         binary = bool(((flat == 0) | (flat == 1)).all())
@@ -240,22 +240,24 @@ class _LinearParamLIF(torch.autograd.Function):
         ctx.save_for_backward(weight, events, values, tan_last, rst_bits, a_row,
                               as_row if as_row is not None else a_row.new_empty(0), *saved)
         ctx.cfg = (T, B, n_in, sparse, reset == "zero", as_row is not None, bias is not None,
-                   v_init is not None, syn_init is not None, binary, tuple(need), x.dtype)
+                   v_init is not None, syn_init is not None, binary, tuple(need), return_mem)
         ctx.mark_non_differentiable(act_cnt, act_idx, stats)
         ctx.set_materialize_grads(False)
-        return spikes, v_final, syn_final, act_cnt, act_idx, stats
+        return spikes, v_final, syn_final, mem, act_cnt, act_idx, stats
 
     @staticmethod
-    def backward(ctx, g_spikes, g_v, g_syn, *_):
+    def backward(ctx, g_spikes, g_v, g_syn, g_mem, *_):
         (T, B, n_in, sparse, has_rst, has_syn, has_bias, has_v, has_syn0, binary, traced,
-         dtype) = ctx.cfg
+         return_mem) = ctx.cfg
         (weight, events, values, tan_last, rst_bits, a_row, as_row, act_cnt, act_idx, act_sg,
          act_p, act_q, act_u) = ctx.saved_tensors
         n_out = weight.shape[0]
-        none = (None,) * 15
+        none = (None,) * 16
         if not has_syn:
             g_syn = None
-        if g_spikes is None and g_v is None and g_syn is None:
+        if not return_mem:
+            g_mem = None
+        if g_spikes is None and g_v is None and g_syn is None and g_mem is None:
             return none
         if g_spikes is None:
             g_spikes = weight.new_zeros(T, B, n_out)
@@ -263,9 +265,9 @@ class _LinearParamLIF(torch.autograd.Function):
         need_dv, need_dsyn = has_v and need[3], has_syn0 and need[5]
         n_da, n_dth, n_das = traced[0] and need[6], traced[1] and need[7], traced[2] and need[8]
         gc, dv, dsyn, da, dth, das = ops._ops.lif_neuron_param_backward.default(
-            g_spikes, g_v, g_syn, None, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+            g_spikes, g_v, g_syn, g_mem, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
             rst_bits if has_rst else None, a_row, as_row if has_syn else None, sparse,
-            not sparse, need_dv, need_dsyn, n_da, n_dth, n_das)
+            not sparse or return_mem, need_dv, need_dsyn, n_da, n_dth, n_das)
         g2 = gc.reshape(T * B, n_out)
         dx = dw = db = None
         if need[0]:
@@ -278,7 +280,7 @@ class _LinearParamLIF(torch.autograd.Function):
             db = g2.sum(0)
         return (dx, dw, db, dv if need_dv else None, None, dsyn if need_dsyn else None,
                 da.sum(0) if n_da else None, dth.sum(0) if n_dth else None,
-                das.sum(0) if n_das else None) + (None,) * 6
+                das.sum(0) if n_das else None) + (None,) * 7
 
 
 def _layer_params(alpha, threshold, alpha_syn, x, n_out):
@@ -310,7 +312,7 @@ def _param_layer(x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surr
             for p in (alpha, threshold, alpha_syn)]
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and r is not None and r.requires_grad) for r in rows)
-    spikes, v_final, syn_final, act_cnt, act_idx, stats = _LinearParamLIF.apply(
+    spikes, v_final, syn_final, _mem, act_cnt, act_idx, stats = _LinearParamLIF.apply(
         k(x), k(weight), k(bias), k(v_init), k(s_init), k(syn_init), rows[0], rows[1], rows[2],
         b_th, slope, sparse, surrogate, reset, need)
     if kd != x.dtype:
@@ -527,23 +529,55 @@ def li_readout(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    alpha: float,
+    alpha,
     reduce: str = "max",
     producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ):
     """Leaky-integrator readout U[t] = alpha*U[t-1] + (1-alpha)*(x[t] @ weight.T + bias).
 
     reduce = "max" | "sum" | "mean" over time -> [B, N_out]; "none" -> [T, B, N_out].
+    alpha: a float, or a tensor of shape [] or [N_out] (per output, learnable if it requires
+    grad; its values are used as given).
     """
     if producer is None:
         producer = producer_active_set(x)
     x, weight, bias = autocast_inputs(x, weight, bias)
     _check_linear(x, weight, bias)
-    alpha = _check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
     if reduce not in ops.REDUCTIONS:
         raise ValueError(f"reduce must be one of {ops.REDUCTIONS}, got {reduce!r}")
+    if isinstance(alpha, torch.Tensor):
+        return _readout_tensor_alpha(x, weight, bias, alpha, reduce)
+    alpha = _check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
     out, *_ = ops.li_readout_forward(x, weight, bias, producer[0], producer[1], alpha, reduce)
     return out
+
+
+def _readout_tensor_alpha(x, weight, bias, alpha, reduce):
+    """The readout with a tensor alpha ([] or [N_out], learnable): U is the membrane of the
+    tensor-parameter neuron (reset "none", no threshold) driven by (1 - alpha)*(x W^T + b),
+    the factor folded into the weight and bias so that autograd carries dL/dalpha through it
+    too; x is saved by its nonzero entries, as in lif_layer's tensor path."""
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    (alpha,) = [p for p in _layer_params(alpha, 1.0, None, x, n_out)[:1]]
+    kd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    a_row = _neuron_row(alpha, (n_out,), n_out, kd, x.device)
+    keep = 1.0 - a_row
+    w = weight.to(kd) * keep[:, None]
+    b = bias.to(kd) * keep if bias is not None else None
+    never = torch.full((n_out,), math.inf, dtype=kd, device=x.device)  # never fires, never active
+    need = (bool(torch.is_grad_enabled() and a_row.requires_grad), False, False)
+    _s, _v, _syn, mem, _c, _i, _st = _LinearParamLIF.apply(
+        x.to(kd), w, b, None, None, None, a_row, never, None, 1.0, 1.0, True, "fast_sigmoid",
+        "none", need, True)
+    mem = mem.to(x.dtype)
+    if reduce == "max":
+        return mem.max(dim=0).values
+    if reduce == "sum":
+        return mem.sum(dim=0)
+    if reduce == "mean":
+        return mem.mean(dim=0)
+    return mem
 
 
 # --------------------------------------------------------------------------------------------

@@ -208,26 +208,33 @@ class LIReadout(_LinearParams):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 alpha: float = 0.9, reduce: str = "max", batch_first: bool = False,
-                 device=None, dtype=None):
+                 alpha=0.9, reduce: str = "max", batch_first: bool = False,
+                 device=None, dtype=None, learn_alpha: bool = False):
         super().__init__(in_features, out_features, bias, device, dtype)
-        F_sg._check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
+        if isinstance(alpha, torch.Tensor) and tuple(alpha.shape) not in ((), (out_features,)):
+            raise ValueError(f"alpha must be a float or a tensor of shape [] or [out_features] = "
+                             f"[{out_features}], got shape {list(alpha.shape)}")
         if reduce not in ops.REDUCTIONS:
             raise ValueError(f"reduce must be one of {ops.REDUCTIONS}, got {reduce!r}")
-        self.alpha = float(alpha)
+        # a float, a buffer, or with learn_alpha an nn.Parameter (clamped to [0, 1] in forward)
+        _neuron_parameter(self, "alpha", alpha, learn_alpha, 0.0, 1.0, False)
+        if device is not None and isinstance(self.alpha, torch.Tensor):
+            self.alpha.data = self.alpha.data.to(device)
         self.reduce = reduce
         self.batch_first = bool(batch_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F_sg.li_readout(self._time_major(x), self.weight, self.bias, alpha=self.alpha,
-                              reduce=self.reduce, producer=self._producer(x))
+        out = F_sg.li_readout(self._time_major(x), self.weight, self.bias,
+                              alpha=LIFNeuron._clamped(self.alpha), reduce=self.reduce,
+                              producer=self._producer(x))
         if self.reduce == "none" and self.batch_first:
             out = out.transpose(0, 1)
         return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, alpha={self.alpha}, reduce={self.reduce!r}, "
+                f"bias={self.bias is not None}, alpha={_param_repr(self.alpha)}, "
+                f"reduce={self.reduce!r}, "
                 f"batch_first={self.batch_first}")
 
 

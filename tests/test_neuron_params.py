@@ -483,3 +483,32 @@ def test_layer_saved_bytes_at_most_8_percent_of_dense_bptt():
     assert sparse_bytes <= 0.08 * ref_bytes, (sparse_bytes, ref_bytes)
     out.sum().backward()
     assert alpha.grad.abs().sum() > 0 and threshold.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("reduce", ["max", "sum", "mean", "none"])
+@pytest.mark.parametrize("kind", ["neuron", "scalar0d"])
+def test_readout_tensor_alpha_matches_reference(kind, reduce):
+    x, w, b = random_problem(11, 3, 16, 5, dtype=torch.float64, seed=8)
+    alpha = _param(kind, (5,), 0.8, 0.15, 9)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, b, alpha)]
+        out = fn(*leaves[:3], alpha=leaves[3], reduce=reduce)
+        g = torch.randn(out.shape, generator=_gen(2), dtype=torch.float64)
+        return out, torch.autograd.grad((out * g).sum(), leaves)
+
+    out_k, g_k = run(sparsegrad.li_readout)
+    out_r, g_r = run(ref.li_readout)
+    torch.testing.assert_close(out_k, out_r, **F64)
+    for a, r in zip(g_k, g_r):
+        torch.testing.assert_close(a, r, **F64)
+
+
+def test_readout_module_learn_alpha():
+    m = sparsegrad.nn.LIReadout(16, 5, alpha=torch.full((5,), 0.9), learn_alpha=True)
+    assert set(m.state_dict()) == {"weight", "bias", "alpha"}
+    x, _, _ = random_problem(8, 2, 16, 5, dtype=torch.float32, seed=3)
+    m(x).sum().backward()
+    assert m.alpha.grad is not None and m.alpha.grad.abs().sum() > 0
+    fixed = sparsegrad.nn.LIReadout(16, 5, alpha=0.9)
+    assert isinstance(fixed.alpha, float)  # the float kernels, as before
