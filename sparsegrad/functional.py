@@ -458,8 +458,14 @@ def rlif_layer_with_stats(
     backward: str = "sparse",
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    alpha_syn=None,
 ):
     """rlif_layer returning (spikes, LIFState, LIFStats, (act_cnt, act_idx))."""
+    if alpha_syn is not None or isinstance(alpha, torch.Tensor) or \
+            isinstance(threshold, torch.Tensor):
+        raise NotImplementedError("rlif_layer takes float alpha and threshold only so far: "
+                                  "tensor / learnable parameters and alpha_syn exist for "
+                                  "lif_layer, lif and li_readout")
     if producer is None:  # before any autocast copy of x, which would not carry it
         producer = producer_active_set(x)
     x, weight, rec_weight, bias, state = autocast_inputs(x, weight, rec_weight, bias, state)
@@ -499,6 +505,7 @@ def rlif_layer(
     backward: str = "sparse",
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     return_state: bool = False,
+    alpha_syn=None,
 ):
     """Fused linear + recurrent leaky integrate-and-fire layer over a whole sequence.
 
@@ -518,7 +525,8 @@ def rlif_layer(
     """
     spikes, state_out, _, _ = rlif_layer_with_stats(
         x, weight, rec_weight, bias, alpha=alpha, threshold=threshold, b_th=b_th,
-        surrogate=surrogate, slope=slope, reset=reset, backward=backward, state=state)
+        surrogate=surrogate, slope=slope, reset=reset, backward=backward, state=state,
+        alpha_syn=alpha_syn)
     if return_state:
         return spikes, state_out
     return spikes

@@ -150,8 +150,14 @@ class RLIF(_LinearParams):
                  alpha: float = 0.9, threshold: float = 1.0, b_th: float = 0.2,
                  surrogate: str = "fast_sigmoid", slope: float = 100.0, reset: str = "subtract",
                  backward: str = "sparse", batch_first: bool = False, rec_bias: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, alpha_syn=None, learn_alpha: bool = False,
+                 learn_threshold: bool = False, learn_alpha_syn: bool = False):
         super().__init__(in_features, out_features, bias, device, dtype)
+        if (alpha_syn is not None or learn_alpha or learn_threshold or learn_alpha_syn
+                or isinstance(alpha, torch.Tensor) or isinstance(threshold, torch.Tensor)):
+            raise NotImplementedError(
+                "RLIF takes float alpha and threshold only so far: per-neuron / learnable "
+                "parameters and alpha_syn exist for nn.LIF, nn.LIFNeuron and nn.LIReadout")
         F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
         self.rec_weight = nn.Parameter(torch.empty(out_features, out_features, device=device,
                                                    dtype=dtype))

@@ -512,3 +512,11 @@ def test_readout_module_learn_alpha():
     assert m.alpha.grad is not None and m.alpha.grad.abs().sum() > 0
     fixed = sparsegrad.nn.LIReadout(16, 5, alpha=0.9)
     assert isinstance(fixed.alpha, float)  # the float kernels, as before
+
+
+def test_recurrent_layer_refuses_tensor_parameters_clearly():
+    with pytest.raises(NotImplementedError, match="RLIF takes float alpha"):
+        sparsegrad.nn.RLIF(4, 3, learn_alpha=True)
+    x, w, _ = random_problem(5, 2, 4, 3, dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="rlif_layer takes float alpha"):
+        sparsegrad.rlif_layer(x, w, torch.zeros(3, 3), alpha=0.9, alpha_syn=0.5)
