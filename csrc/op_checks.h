@@ -303,6 +303,22 @@ inline NeuronOpKinds check_lif_neuron_forward_args(const at::Tensor& current,
   return kinds;
 }
 
+// The neuron ops' saved active set: per-row counts [B*T], indices and one surrogate per entry.
+inline void check_neuron_active_set(const at::Tensor& act_cnt, const at::Tensor& act_idx,
+                                    const at::Tensor& act_sg, const at::Tensor& grad_spikes,
+                                    const char* op) {
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1);
+  SG_CHECK(act_cnt.dim() == 1 && act_cnt.scalar_type() == at::kInt && act_cnt.numel() == B * T, op,
+           "act_cnt", "must be int32 [B*T] = [", B * T, "], got ", act_cnt.scalar_type(), " ",
+           act_cnt.sizes());
+  SG_CHECK(act_idx.dim() == 1 && act_idx.scalar_type() == at::kInt, op, "act_idx",
+           "must be a 1-D int32 index tensor, got ", act_idx.scalar_type(), " ", act_idx.sizes());
+  check_device(act_cnt, grad_spikes, op, "act_cnt");
+  check_device(act_idx, grad_spikes, op, "act_idx");
+  SG_CHECK(act_sg.dim() == 1 && act_sg.numel() == act_idx.numel(), op, "act_sg",
+           "must have one value per active entry (", act_idx.numel(), "), got ", act_sg.sizes());
+}
+
 // The tensor-parameter neuron op: alpha, threshold (and alpha_syn) [N] like current.
 inline void check_neuron_param(const at::Tensor& p, const at::Tensor& like, int64_t n,
                                const char* op, const char* name) {
@@ -335,6 +351,22 @@ inline NeuronKinds check_lif_neuron_param_forward_args(
              B, ", ", N, "], got ", syn_init->sizes());
   }
   return k;
+}
+
+// Which traces the tensor-parameter forward keeps, and where (the same on every device).
+struct TraceNeeds {
+  bool keep[3];       // P (alpha), Q (threshold: subtract reset only, else Q = 0), U (alpha_syn)
+  bool any;           // some parameter needs a gradient: the last values [4, B, N] are kept
+  bool dense_traces;  // at every entry [T, B, N] (dense backward, return_mem), not per active one
+};
+
+inline TraceNeeds trace_needs(bool need_dalpha, bool need_dthreshold, bool need_dalpha_syn,
+                              bool has_syn, int reset, bool sparse, bool return_mem) {
+  TraceNeeds n{{need_dalpha, need_dthreshold && reset == kResetSubtract,
+                need_dalpha_syn && has_syn},
+               false, !sparse || return_mem};
+  n.any = need_dalpha || need_dthreshold || n.keep[2];
+  return n;
 }
 
 inline void check_trace(const at::Tensor& t, const at::Tensor& like, bool needed, int64_t n,
@@ -380,15 +412,7 @@ inline bool check_lif_neuron_param_backward_args(
   check_like(act_sg, grad_spikes, op, "act_sg");
   int64_t entries = T * B * N;
   if (sparse) {
-    SG_CHECK(act_cnt.dim() == 1 && act_cnt.scalar_type() == at::kInt && act_cnt.numel() == B * T, op,
-             "act_cnt", "must be int32 [B*T] = [", B * T, "], got ", act_cnt.scalar_type(), " ",
-             act_cnt.sizes());
-    SG_CHECK(act_idx.dim() == 1 && act_idx.scalar_type() == at::kInt, op, "act_idx",
-             "must be a 1-D int32 index tensor, got ", act_idx.scalar_type(), " ", act_idx.sizes());
-    check_device(act_cnt, grad_spikes, op, "act_cnt");
-    check_device(act_idx, grad_spikes, op, "act_idx");
-    SG_CHECK(act_sg.dim() == 1 && act_sg.numel() == act_idx.numel(), op, "act_sg",
-             "must have one value per active entry (", act_idx.numel(), "), got ", act_sg.sizes());
+    check_neuron_active_set(act_cnt, act_idx, act_sg, grad_spikes, op);
     if (!dense_traces) entries = act_idx.numel();
   } else {
     SG_CHECK(dense_traces, op, "dense_traces", "must be true with the dense backward");
@@ -442,15 +466,7 @@ inline bool check_lif_neuron_backward_args(const at::Tensor& grad_spikes,
   }
   check_like(act_sg, grad_spikes, op, "act_sg");
   if (sparse) {
-    SG_CHECK(act_cnt.dim() == 1 && act_cnt.scalar_type() == at::kInt && act_cnt.numel() == B * T, op,
-             "act_cnt", "must be int32 [B*T] = [", B * T, "], got ", act_cnt.scalar_type(), " ",
-             act_cnt.sizes());
-    SG_CHECK(act_idx.dim() == 1 && act_idx.scalar_type() == at::kInt, op, "act_idx",
-             "must be a 1-D int32 index tensor, got ", act_idx.scalar_type(), " ", act_idx.sizes());
-    check_device(act_cnt, grad_spikes, op, "act_cnt");
-    check_device(act_idx, grad_spikes, op, "act_idx");
-    SG_CHECK(act_sg.dim() == 1 && act_sg.numel() == act_idx.numel(), op, "act_sg",
-             "must have one value per active entry (", act_idx.numel(), "), got ", act_sg.sizes());
+    check_neuron_active_set(act_cnt, act_idx, act_sg, grad_spikes, op);
   } else {
     SG_CHECK(act_sg.sizes() == grad_spikes.sizes(), op, "act_sg",
              "must be the dense surrogate of shape ", grad_spikes.sizes(), ", got ", act_sg.sizes());

@@ -621,14 +621,16 @@ ParamNeuronOutputs lif_neuron_param_forward_cpu(
     const NeuronParams<ParamView<acc_t>> prm{
         param_view<acc_t>(alpha), param_view<acc_t>(threshold),
         alpha_syn.has_value() ? param_view<acc_t>(*alpha_syn) : ParamView<acc_t>{acc_t(0), nullptr}};
+    const TraceNeeds needs = trace_needs(need_dalpha, need_dthreshold, need_dalpha_syn,
+                                         alpha_syn.has_value(), kinds.reset, sparse, return_mem);
     ForwardExtras<scalar_t> ex;
     ex.syn = alpha_syn.has_value();
     ex.syn_init = ptr_or_null<scalar_t>(syn0);
-    ex.need_p = need_dalpha;
-    ex.need_q = need_dthreshold && kinds.reset == kResetSubtract;  // Q = 0 for the other resets
-    ex.need_u = need_dalpha_syn && ex.syn;
-    ex.dense_traces = !sparse || return_mem;
-    const bool any = need_dalpha || need_dthreshold || ex.need_u;
+    ex.need_p = needs.keep[0];
+    ex.need_q = needs.keep[1];
+    ex.need_u = needs.keep[2];
+    ex.dense_traces = needs.dense_traces;
+    const bool any = needs.any;
     ForwardResult r = forward_impl<scalar_t>(current, contiguous(v_init), contiguous(s_init), prm,
                                              ex, b_th, slope, sparse, kinds.surrogate, kinds.reset,
                                              return_mem, SJParams{});

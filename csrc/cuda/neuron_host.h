@@ -340,11 +340,11 @@ ParamNeuronOutputs lif_neuron_param_forward(
   ex.threshold = &threshold;
   ex.alpha_syn = alpha_syn.has_value() ? &*alpha_syn : nullptr;
   ex.syn_init = contiguous(syn_init);
-  ex.need[0] = need_dalpha;
-  ex.need[1] = need_dthreshold && kinds.reset == kResetSubtract;  // Q = 0 for the other resets
-  ex.need[2] = need_dalpha_syn && alpha_syn.has_value();
-  ex.dense_traces = !sparse || return_mem;
-  const bool any = need_dalpha || need_dthreshold || ex.need[2];
+  const TraceNeeds needs = trace_needs(need_dalpha, need_dthreshold, need_dalpha_syn,
+                                       alpha_syn.has_value(), kinds.reset, sparse, return_mem);
+  for (int q = 0; q < 3; ++q) ex.need[q] = needs.keep[q];
+  ex.dense_traces = needs.dense_traces;
+  const bool any = needs.any;
   ParamNeuronOutputs out;
   AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "lif_neuron_param_forward_cuda", [&] {
     auto r = neuron_detail::forward_impl<L, scalar_t>(
