@@ -520,3 +520,22 @@ def test_recurrent_layer_refuses_tensor_parameters_clearly():
     x, w, _ = random_problem(5, 2, 4, 3, dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="rlif_layer takes float alpha"):
         sparsegrad.rlif_layer(x, w, torch.zeros(3, 3), alpha=0.9, alpha_syn=0.5)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+def test_opcheck_param_ops(reset, sparse):
+    cur, alpha, thr, a_syn, v0, s0, syn0 = _raw_inputs(6, 3, 7, True, torch.float64, seed=1)
+    ops = torch.ops.sparsegrad
+    for grad in (False, True):
+        leaves = [t.clone().requires_grad_(grad) for t in (cur, alpha, thr, a_syn)]
+        args = (leaves[0], v0, s0, syn0, leaves[1], leaves[2], leaves[3], 0.5, 4.0, sparse,
+                "fast_sigmoid", reset, False, True, True, True)
+        torch.library.opcheck(ops.lif_neuron_param_forward.default, args)
+    out = ops.lif_neuron_param_forward(cur, v0, s0, syn0, alpha, thr, a_syn, 0.5, 4.0, sparse,
+                                       "fast_sigmoid", reset, False, True, True, True)
+    g = torch.randn_like(out[0])
+    torch.library.opcheck(ops.lif_neuron_param_backward.default, (
+        g, torch.randn_like(out[1]), torch.randn_like(out[2]), None, *out[3:10],
+        out[10] if reset == "zero" else None, alpha, a_syn, sparse, not sparse, True, True,
+        True, True, True))
