@@ -539,3 +539,14 @@ def test_opcheck_param_ops(reset, sparse):
         g, torch.randn_like(out[1]), torch.randn_like(out[2]), None, *out[3:10],
         out[10] if reset == "zero" else None, alpha, a_syn, sparse, not sparse, True, True,
         True, True, True))
+
+
+def test_benchmark_smoke():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import bench_neuron_params
+    rec = bench_neuron_params.main(["--steps-t", "8", "--batch", "2", "--repeats", "1",
+                                    "--warmup", "0"])
+    assert set(rec["ratios"]) == {"learn_speedup_vs_snntorch", "learn_vs_fixed",
+                                  "syn_speedup_vs_snntorch", "syn_vs_fixed"}
