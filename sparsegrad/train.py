@@ -77,9 +77,12 @@ class SpikingMLP(nn.Module):
         from .nn import LIF, RLIF, LIReadout
 
         sizes = [num_inputs] + list(hidden)
+        if recurrent and _learned(neuron):
+            raise ValueError("learnable / per-neuron parameters and the synaptic current are not "
+                             "available for the recurrent layer yet (use --arch mlp or conv)")
         self.hidden = nn.ModuleList(
-            (RLIF if recurrent else LIF)(a, b, alpha=alpha, b_th=b_th, slope=slope,
-                                         backward=backward, **neuron)
+            (RLIF if recurrent else LIF)(a, b, b_th=b_th, slope=slope, backward=backward,
+                                         **_per_neuron(neuron, alpha, (b,)))
             for a, b in zip(sizes[:-1], sizes[1:]))
         self.readout = LIReadout(sizes[-1], num_classes, alpha=alpha_out, reduce="max")
         with torch.no_grad():
@@ -111,6 +114,24 @@ class SpikingMLP(nn.Module):
         return self.readout(h), spikes
 
 
+def _learned(neuron: dict) -> bool:
+    return bool(neuron.get("learn_alpha") or neuron.get("learn_threshold")
+                or neuron.get("alpha_syn") is not None)
+
+
+def _per_neuron(neuron: dict, alpha: float, shape) -> dict:
+    """The neuron keywords of one layer: with learn_alpha / learn_threshold, alpha / threshold
+    become tensors of `shape` (one learnable value per neuron, or per channel: [C, 1, 1])."""
+    kw = dict(neuron, alpha=alpha)
+    for name in ("alpha", "threshold"):
+        if kw.pop(f"learn_{name}", False):
+            kw[name] = torch.full(shape, float(kw.get(name, 1.0)))
+            kw[f"learn_{name}"] = True
+    if kw.get("alpha_syn") is None:
+        kw.pop("alpha_syn", None)
+    return kw
+
+
 class SpikingConvNet(nn.Module):
     """LeNet-style spiking network on [T, B, C*H*W] image sequences (Allred et al.'s setting).
 
@@ -123,24 +144,25 @@ class SpikingConvNet(nn.Module):
     def __init__(self, image_shape, channels: List[int], fc: int, num_classes: int, *,
                  alpha: float = 0.9, alpha_out: float = 0.9, b_th: float = 0.2,
                  surrogate: str = "fast_sigmoid", slope: float = 100.0,
-                 reset: str = "subtract", backward: str = "sparse", weight_scale: float = 3.0):
+                 reset: str = "subtract", backward: str = "sparse", weight_scale: float = 3.0,
+                 **learn):
         super().__init__()
         from .nn import LIF, LIFNeuron, LIReadout, TimeDistributed
 
         c_in, height, width = image_shape
         c1, c2 = channels
         self.image_shape = tuple(image_shape)
-        neuron = dict(alpha=alpha, b_th=b_th, surrogate=surrogate, slope=slope, reset=reset,
-                      backward=backward)
+        neuron = dict(b_th=b_th, surrogate=surrogate, slope=slope, reset=reset,
+                      backward=backward, **learn)
         self.conv1 = TimeDistributed(nn.Conv2d(c_in, c1, 3, padding=1))
-        self.lif1 = LIFNeuron(**neuron)
+        self.lif1 = LIFNeuron(**_per_neuron(neuron, alpha, (c1, 1, 1)))  # per channel
         self.pool1 = TimeDistributed(nn.MaxPool2d(2))
         self.conv2 = TimeDistributed(nn.Conv2d(c1, c2, 3, padding=1))
-        self.lif2 = LIFNeuron(**neuron)
+        self.lif2 = LIFNeuron(**_per_neuron(neuron, alpha, (c2, 1, 1)))
         self.pool2 = TimeDistributed(nn.MaxPool2d(2))
         self.flatten = TimeDistributed(nn.Flatten())
         fc_in = c2 * (height // 4) * (width // 4)
-        self.fc = LIF(fc_in, fc, **neuron)
+        self.fc = LIF(fc_in, fc, **_per_neuron(neuron, alpha, (fc,)))
         self.readout = LIReadout(fc, num_classes, alpha=alpha_out, reduce="max")
         with torch.no_grad():
             for layer in (self.conv1.module, self.conv2.module, self.fc, self.readout):
@@ -199,7 +221,16 @@ def _neuron_kwargs(args, arch="mlp"):
     """surrogate / slope / reset of every spiking layer."""
     slopes = DEFAULT_SLOPE_CONV if arch == "conv" else DEFAULT_SLOPE
     slope = args.slope if args.slope is not None else slopes[args.surrogate]
-    return {"slope": slope, "surrogate": args.surrogate, "reset": args.reset}
+    kw = {"slope": slope, "surrogate": args.surrogate, "reset": args.reset}
+    # issue 18: per-neuron learnable alpha / threshold, synaptic current (only when asked, so
+    # that the default networks stay the float-parameter ones)
+    if getattr(args, "learn_alpha", False):
+        kw["learn_alpha"] = True
+    if getattr(args, "learn_threshold", False):
+        kw["learn_threshold"] = True
+    if getattr(args, "synaptic", None) is not None:
+        kw["alpha_syn"] = args.synaptic
+    return kw
 
 
 # --arch NAME -> builder(args, num_inputs, num_classes); add an architecture by adding an entry.
@@ -262,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate at the start (cosine decay to 2%% of it)")
     p.add_argument("--alpha", type=float, default=0.9, help="membrane decay of the LIF layers")
     p.add_argument("--alpha-out", type=float, default=0.9, help="decay of the readout")
+    p.add_argument("--learn-alpha", action="store_true",
+                   help="learn one membrane decay per neuron (per channel for conv neurons), "
+                        "starting at --alpha, clamped to [0, 1]")
+    p.add_argument("--learn-threshold", action="store_true",
+                   help="learn one threshold per neuron (per channel for conv neurons), "
+                        "starting at 1")
+    p.add_argument("--synaptic", type=float, default=None, metavar="ALPHA_SYN",
+                   help="add a synaptic current with decay ALPHA_SYN to every spiking layer "
+                        "(snnTorch's Synaptic; --arch mlp / conv)")
     p.add_argument("--weight-scale", type=float, default=3.0,
                    help="init std = weight_scale / sqrt(fan_in)")
     p.add_argument("--train-limit", type=int, default=None,
@@ -294,6 +334,12 @@ def _check_args(args) -> None:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.lr > 0:
         raise SystemExit(f"--lr must be > 0, got {args.lr}")
+    if args.synaptic is not None and not 0.0 <= args.synaptic <= 1.0:
+        raise SystemExit(f"--synaptic must be in [0, 1], got {args.synaptic}")
+    if args.arch == "recurrent" and (args.learn_alpha or args.learn_threshold
+                                     or args.synaptic is not None):
+        raise SystemExit("--learn-alpha, --learn-threshold and --synaptic are not available "
+                         "with --arch recurrent yet (use --arch mlp or conv)")
     for name in ("train_limit", "test_limit"):
         v = getattr(args, name)
         if v is not None and v < 1:

@@ -96,3 +96,22 @@ def test_model_replicas_are_independent():
         assert torch.equal(a, b)
     logits, spikes = restored(x)
     assert logits.shape == (3, 10) and len(spikes) == 2
+
+
+def test_learnable_parameters_and_synaptic_current(tmp_path):
+    # issue 18: per-neuron learnable alpha / threshold and the synaptic current train end to end
+    out = tmp_path / "learn"
+    main(QUICK + ["--epochs", "2", "--train-limit", "512", "--no-plots", "--learn-alpha",
+                  "--learn-threshold", "--synaptic", "0.5", "--compare-dense", "--out", str(out)])
+    r = json.loads((out / "metrics.json").read_text())[-1]
+    assert r["test_acc"] >= 0.3 and r["spikes_per_sample"] > 0  # chance is 0.1
+    assert -1 <= r["grad_cosine"] <= 1
+    args = build_parser().parse_args(QUICK + ["--learn-alpha", "--learn-threshold",
+                                              "--synaptic", "0.5"])
+    from sparsegrad.train import ARCHS
+    model = ARCHS["mlp"](args, 64, 10)
+    names = dict(model.named_parameters())
+    assert names["hidden.0.alpha"].shape == (64,) and names["hidden.1.threshold"].shape == (64,)
+    assert "hidden.0.alpha_syn" not in names and model.hidden[0].alpha_syn == 0.5
+    with pytest.raises(SystemExit):
+        main(["--arch", "recurrent", "--learn-alpha", "--no-progress"])

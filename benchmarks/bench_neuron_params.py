@@ -1,0 +1,207 @@
+"""The SHD network step with learnable per-neuron alpha and threshold, and with a synaptic
+current (issue 18), against snnTorch's tutorial loop with the same neurons.
+
+700 -> LIF(200) -> LIF(200) -> leaky readout(20), cross-entropy on the readout's maximum over
+time, Adam; one timed step = forward + backward + optimizer step. Networks:
+
+  sparsegrad_fixed      nn.LIF with float alpha, threshold (the fused kernels)
+  sparsegrad_learn      nn.LIF(alpha=[200] tensor, learn_alpha=True, learn_threshold=True)
+  snntorch_learn        nn.Linear + snn.Leaky(beta=[200], learn_beta=True, threshold=[200],
+                        learn_threshold=True), one call per step (snnTorch's tutorial loop)
+  sparsegrad_syn        nn.LIF(alpha=0.95, alpha_syn=0.8)
+  snntorch_syn          nn.Linear + snn.Synaptic(alpha=0.8, beta=0.95)
+
+All start from the same weights (hidden layers calibrated to ~2 % spikes); before timing, the
+sparsegrad networks' logits are checked against snnTorch's. The readout is the same plain
+PyTorch leaky integrator in the snnTorch networks (snnTorch has no such readout layer).
+
+    python benchmarks/bench_neuron_params.py --json benchmarks/results/neuron_params.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+HIDDEN = 200
+CLASSES = 20
+READOUT_ALPHA = 0.9
+ALPHA_SYN = 0.8
+
+
+class Readout(nn.Module):
+    """U[t] = a U[t-1] + (1 - a)(W x[t] + b), max over time (plain PyTorch, for snnTorch)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.fc = nn.Linear(n_in, n_out)
+
+    def forward(self, h):
+        cur = self.fc(h)
+        u = torch.zeros_like(cur[0])
+        best = None
+        for c in cur.unbind(0):
+            u = READOUT_ALPHA * u + (1 - READOUT_ALPHA) * c
+            best = u if best is None else torch.maximum(best, u)
+        return best
+
+
+def sparsegrad_net(weights, *, learn=False, syn=False):
+    from sparsegrad.nn import LIF, LIReadout
+
+    layers = []
+    for w, b in weights[:2]:
+        kw = dict(alpha=common.ALPHA, threshold=common.THRESHOLD, b_th=common.B_TH,
+                  slope=common.SLOPE)
+        if learn:
+            kw.update(alpha=torch.full((HIDDEN,), common.ALPHA), learn_alpha=True,
+                      threshold=torch.full((HIDDEN,), common.THRESHOLD), learn_threshold=True)
+        if syn:
+            kw.update(alpha_syn=ALPHA_SYN)
+        layer = LIF(w.shape[1], w.shape[0], **kw)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        layers.append(layer)
+    readout = LIReadout(HIDDEN, CLASSES, alpha=READOUT_ALPHA)
+    with torch.no_grad():
+        readout.weight.copy_(weights[2][0])
+        readout.bias.copy_(weights[2][1])
+    return nn.Sequential(*layers, readout)
+
+
+class SnnTorchNet(nn.Module):
+    def __init__(self, weights, *, syn=False):
+        super().__init__()
+        import snntorch as snn
+        from snntorch import surrogate
+
+        grad = surrogate.fast_sigmoid(slope=common.SLOPE)
+        self.fcs = nn.ModuleList()
+        self.neurons = nn.ModuleList()
+        for w, b in weights[:2]:
+            fc = nn.Linear(w.shape[1], w.shape[0])
+            with torch.no_grad():
+                fc.weight.copy_(w)
+                fc.bias.copy_(b)
+            self.fcs.append(fc)
+            if syn:
+                self.neurons.append(snn.Synaptic(alpha=ALPHA_SYN, beta=common.ALPHA,
+                                                 threshold=common.THRESHOLD, spike_grad=grad,
+                                                 reset_mechanism="subtract"))
+            else:
+                self.neurons.append(snn.Leaky(beta=torch.full((HIDDEN,), common.ALPHA),
+                                              learn_beta=True,
+                                              threshold=torch.full((HIDDEN,), common.THRESHOLD),
+                                              learn_threshold=True, spike_grad=grad,
+                                              reset_mechanism="subtract"))
+        self.syn = syn
+        self.readout = Readout(HIDDEN, CLASSES)
+        with torch.no_grad():
+            self.readout.fc.weight.copy_(weights[2][0])
+            self.readout.fc.bias.copy_(weights[2][1])
+
+    def forward(self, x):
+        h = x
+        for fc, neuron in zip(self.fcs, self.neurons):
+            cur = fc(h)  # the tutorial applies fc per step; one call over T is the same and faster
+            if self.syn:
+                syn, mem = neuron.init_synaptic()
+            else:
+                mem = neuron.init_leaky()
+            out = []
+            for c in cur.unbind(0):
+                if self.syn:
+                    spk, syn, mem = neuron(c, syn, mem)
+                else:
+                    spk, mem = neuron(c, mem)
+                out.append(spk)
+            h = torch.stack(out)
+        return self.readout(h)
+
+
+def time_steps(model, x, y, steps, warmup):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return common.summarize(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps-t", type=int, default=500, help="time steps (SHD: 500)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    x = common.dataset_input("shd", args.batch, generator=g, steps=args.steps_t)
+    y = torch.randint(0, CLASSES, (args.batch,), generator=g)
+    w1, b1, r1 = common.calibrate_layer(x, HIDDEN, generator=g)
+    import sparsegrad
+    with torch.no_grad():
+        h1 = sparsegrad.lif_layer(x, w1, b1, alpha=common.ALPHA)
+    w2, b2, r2 = common.calibrate_layer(h1, HIDDEN, generator=g)
+    w3 = torch.randn(CLASSES, HIDDEN, generator=g) / HIDDEN ** 0.5
+    weights = [(w1, b1), (w2, b2), (w3, torch.zeros(CLASSES))]
+    nets = {
+        "sparsegrad_fixed": lambda: sparsegrad_net(weights),
+        "sparsegrad_learn": lambda: sparsegrad_net(weights, learn=True),
+        "snntorch_learn": lambda: SnnTorchNet(weights),
+        "sparsegrad_syn": lambda: sparsegrad_net(weights, syn=True),
+        "snntorch_syn": lambda: SnnTorchNet(weights, syn=True),
+    }
+    # same model: logits agree with snnTorch's before timing
+    with torch.no_grad():
+        for ours, theirs in (("sparsegrad_learn", "snntorch_learn"),
+                             ("sparsegrad_syn", "snntorch_syn")):
+            a, b = nets[ours]()(x), nets[theirs]()(x)
+            err = float((a - b).abs().max())
+            print(f"check {ours} vs {theirs}: max |logit difference| {err:.2e}")
+            if err > 1e-3:
+                raise SystemExit(f"{ours} and {theirs} disagree (max difference {err})")
+    results = {}
+    for name, make in nets.items():
+        results[name] = time_steps(make(), x, y, args.repeats, args.warmup)
+        print(f"{name:18s} step median {results[name]['median']:9.1f} ms "
+              f"(IQR {results[name]['iqr']:.1f})")
+    med = {k: v["median"] for k, v in results.items()}
+    ratios = {
+        "learn_speedup_vs_snntorch": med["snntorch_learn"] / med["sparsegrad_learn"],
+        "learn_vs_fixed": med["sparsegrad_learn"] / med["sparsegrad_fixed"],
+        "syn_speedup_vs_snntorch": med["snntorch_syn"] / med["sparsegrad_syn"],
+        "syn_vs_fixed": med["sparsegrad_syn"] / med["sparsegrad_fixed"],
+    }
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    record = dict(config=vars(args), hidden_rates=[r1, r2], results=results, ratios=ratios,
+                  machine=dict(platform=platform.platform(), loadavg=os.getloadavg(),
+                               torch=torch.__version__))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return record
+
+
+if __name__ == "__main__":
+    main()
