@@ -227,10 +227,10 @@ def test_max_pool1d_and_flatten():
 class StatePassing(nn.Module):
     """snnTorch's docstring style: the state is a forward input and output (init_hidden=False)."""
 
-    def __init__(self):
+    def __init__(self, **lif1):
         super().__init__()
         self.fc1 = nn.Linear(20, 16)
-        self.lif1 = snn.Leaky(beta=0.9)
+        self.lif1 = snn.Leaky(**{"beta": 0.9, **lif1})
         self.fc2 = nn.Linear(16, 5)
         self.lif2 = snn.Leaky(beta=0.8)
 
@@ -270,6 +270,37 @@ def test_state_passed_in_and_out_is_the_initial_state():
     assert torch.equal(got0[0], torch.stack(ref0))
 
 
+def test_state_passed_in_with_a_learnable_per_neuron_threshold():
+    """The state at t = 0 is an input: its spike S[-1] = 1[mem0 > threshold] is read with the
+    converted neuron's own (tensor, learnable) threshold."""
+    torch.manual_seed(5)
+    thr = torch.linspace(0.2, 0.5, 16)
+    net = _boost(StatePassing(threshold=thr, learn_threshold=True, learn_beta=True), fc1=3.0,
+                 fc2=3.0)
+    x = _spikes(1, (T * 4, B, 20))
+    mem1, mem2 = torch.full((B, 16), 0.3), torch.zeros(B, 5)
+    m1, m2 = mem1, mem2
+    outs = []
+    for t in range(x.shape[0]):
+        spk2, m2, m1 = net(x[t], m1, m2)
+        outs.append((spk2, m2, m1))
+    ref = [torch.stack(o) for o in zip(*outs)]
+    conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    assert report.exact and len(report.converted) == 2
+    assert isinstance(conv.lif1.threshold, nn.Parameter) and conv.lif1.threshold.shape == (16,)
+    got = conv(x, mem1, mem2)
+    assert ref[0].sum() > 0 and torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+    gs = [torch.randn_like(r) for r in ref]
+    sum((r * g).sum() for r, g in zip(ref, gs)).backward()
+    sum((o * g).sum() for o, g in zip(got, gs)).backward()
+    for a, b in (("lif1.threshold", "lif1.threshold"), ("lif1.alpha", "lif1.beta"),
+                 ("fc1.weight", "fc1.weight")):
+        r = net.get_parameter(b).grad
+        d = conv.get_parameter(a).grad
+        assert float((d - r).abs().max()) <= 1e-4 * float(r.abs().max()), a
+
+
 class WithSynaptic(nn.Module):
     """A Synaptic with reset "zero" (snnTorch zeroes the whole new membrane after a spike: not
     sparsegrad's zero reset) before a Leaky."""
@@ -305,10 +336,10 @@ def test_unsupported_neurons_are_stepped_with_their_state(kw, word):
 
 
 class OwnTimeLoop(nn.Module):
-    def __init__(self):
+    def __init__(self, **lif1):
         super().__init__()
         self.fc1 = nn.Linear(20, 16)
-        self.lif1 = snn.Leaky(beta=0.9)
+        self.lif1 = snn.Leaky(**{"beta": 0.9, **lif1})
 
     def forward(self, x):
         mem = self.lif1.init_leaky()
