@@ -218,13 +218,57 @@ class NeuronSpec:
     # (e.g. a recurrent layer); None: the fused LIF
     fused_factory: Optional[Callable[[nn.Linear, float, str], nn.Module]] = None
     needs_linear: bool = False
-    # Parameters sparsegrad's modules do not take yet (the neuron-models issue: per-neuron and
-    # learnable alpha / threshold, a synaptic current), read by the rule now; while `pending`
-    # says why, the neuron is kept and stepped. Mapping them is a change here, in neuron().
+    # Per-neuron / learnable parameters and the synaptic current (the tensor API of
+    # sparsegrad.lif / nn.LIFNeuron / nn.LIF): tensor_params holds the original's tensors under
+    # sparsegrad's names (alpha = snnTorch's beta, alpha_syn = snnTorch's alpha, threshold); those
+    # in `learnable` become nn.Parameters of the converted neuron holding the original's values
+    # (clamped to [0, 1] in the forward, as snnTorch does), the others buffers. `pending` (a
+    # reason) keeps the neuron in place and stepped.
     tensor_params: Dict[str, torch.Tensor] = field(default_factory=dict)   # e.g. per-neuron beta
     learnable: List[str] = field(default_factory=list)                     # e.g. ["alpha"]
     alpha_syn: Optional[float] = None                                      # synaptic decay
     pending: str = ""
+    # the tuple an init_hidden=False call returns carries the synaptic current too (snnTorch
+    # Synaptic: (spk, syn, mem)); sparsegrad's neuron returns no syn sequence
+    syn_output: bool = False
+    parameters: List[str] = field(default_factory=list)  # what the report says of tensor_params
+
+    def _param_kwargs(self, shapes: Optional[Tuple[Tuple[int, ...], ...]] = None):
+        """alpha / threshold / alpha_syn and learn_* keyword arguments for LIFNeuron / LIF, and
+        the learnable originals to copy in; None when a tensor's shape is not in `shapes`."""
+        kwargs, raw = {}, {}
+        for name, value in (("alpha", self.alpha), ("threshold", self.threshold),
+                            ("alpha_syn", self.alpha_syn)):
+            t = self.tensor_params.get(name)
+            if t is None:
+                kwargs[name] = value
+                continue
+            t = t.detach()
+            # leading size-1 dimensions broadcast against the batch in snnTorch; sparsegrad's
+            # parameters broadcast against one sample
+            shape = list(t.shape)
+            while shape and shape[0] == 1 and len(shape) > 1:
+                shape.pop(0)
+            if len(shape) == 1 and shape[0] == 1:
+                shape = []
+            if shapes is not None and tuple(shape) not in shapes:
+                return None, None
+            t = t.reshape(shape)
+            learn = name in self.learnable
+            kwargs[f"learn_{name}"] = learn
+            # the constructor checks the range; the clamp in the forward makes values outside
+            # [0, 1] act as snnTorch's clamp(0, 1) does, so a learnable value is copied in after
+            kwargs[name] = t.clamp(0.0, 1.0) if name != "threshold" else t
+            if learn:
+                raw[name] = t
+        return kwargs, raw
+
+    @staticmethod
+    def _copy_learnable(module: nn.Module, raw: Dict[str, torch.Tensor]) -> nn.Module:
+        with torch.no_grad():
+            for name, t in raw.items():
+                getattr(module, name).copy_(t)
+        return module
 
     def neuron(self, b_th: float, backward: str) -> nn.Module:
         """The neuron alone, after any layer."""
@@ -232,9 +276,14 @@ class NeuronSpec:
             raise Unsupported(self.pending)
         if self.factory is not None:
             return self.factory(b_th, backward)
-        return LIFNeuron(alpha=self.alpha, threshold=self.threshold, b_th=b_th,
-                         surrogate=self.surrogate, slope=self.slope, reset=self.reset,
-                         backward=backward, return_mem=self.return_mem)
+        if self.syn_output and self.return_mem:
+            raise Unsupported("its (spk, syn, mem) output is used; sparsegrad's neuron returns "
+                              "the membrane but not the synaptic current's sequence")
+        kwargs, raw = self._param_kwargs()
+        module = LIFNeuron(b_th=b_th, surrogate=self.surrogate, slope=self.slope,
+                           reset=self.reset, backward=backward, return_mem=self.return_mem,
+                           **kwargs)
+        return self._copy_learnable(module, raw)
 
     def last_layer(self) -> "NeuronSpec":
         """The spec for the model's last layer, whose whole output is returned."""
@@ -251,9 +300,11 @@ class NeuronSpec:
         if self.fused_factory is not None:
             return self.fused_factory(linear, b_th, backward)
         w = linear.weight
-        kwargs = dict(alpha=self.alpha, threshold=self.threshold, b_th=b_th, slope=self.slope,
-                      surrogate=self.surrogate, reset=self.reset, backward=backward,
-                      device=w.device, dtype=w.dtype)
+        params, raw = self._param_kwargs(((), (linear.out_features,)))
+        if params is None:  # e.g. one value per channel: LIF takes [] or [out] only
+            return None
+        kwargs = dict(b_th=b_th, slope=self.slope, surrogate=self.surrogate, reset=self.reset,
+                      backward=backward, device=w.device, dtype=w.dtype, **params)
         lif = LIF(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
         with torch.no_grad():
             lif.weight.copy_(w)
@@ -262,7 +313,7 @@ class NeuronSpec:
         lif.weight.requires_grad_(w.requires_grad)
         if linear.bias is not None:
             lif.bias.requires_grad_(linear.bias.requires_grad)
-        return lif
+        return self._copy_learnable(lif, raw)
 
 
 def _scalar(t) -> Optional[float]:
@@ -275,30 +326,35 @@ def _scalar(t) -> Optional[float]:
 
 
 def _snntorch_params(m, names=("beta", "threshold")):
-    """(floats, tensor_params, learnable, pending reason) of an snnTorch neuron's beta / threshold.
+    """(floats, tensor_params, learnable, notes) of an snnTorch neuron's beta / threshold (/ alpha).
 
-    A learnable or per-neuron beta / threshold is read now (as sparsegrad's alpha / threshold)
-    and marked pending: sparsegrad's modules take one fixed float until per-neuron and learnable
-    parameters land (the neuron-models issue); until then the neuron is kept and stepped."""
+    snnTorch keeps each as a tensor (a buffer, or an nn.Parameter with learn_*=True) and clamps
+    beta and alpha to [0, 1] in every forward (not at init): a float is read where the value is
+    one number and not learnable; a learnable or per-neuron value goes to tensor_params under
+    sparsegrad's name (beta -> alpha, alpha -> alpha_syn), learnable ones listed."""
     sg_name = {"beta": "alpha", "alpha": "alpha_syn", "threshold": "threshold"}
-    floats, tensors, learnable, why = {}, {}, [], []
-    for name in names:
+    floats, tensors, learnable, notes = {}, {}, [], []
+    for name, sg in ((n, sg_name[n]) for n in names):
         value = getattr(m, name, None)
-        if isinstance(value, nn.Parameter) and value.requires_grad:
-            learnable.append(sg_name[name])
-            tensors[sg_name[name]] = value
-            why.append(f"{name} is learnable (sparsegrad's {sg_name[name]} is a fixed float)")
+        learn = isinstance(value, nn.Parameter) and value.requires_grad
         f = _scalar(value)
-        if f is None:
-            tensors[sg_name[name]] = value
-            why.append(f"{name} has one value per neuron (sparsegrad's {sg_name[name]} is one "
-                       f"float per layer)")
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            value = value.to(torch.get_default_dtype())
+        if isinstance(value, torch.Tensor) and value.numel() and \
+                not bool(torch.isfinite(value.detach()).all()):
+            raise Unsupported(f"{name} has values that are not finite")
+        if name == "threshold" and isinstance(value, torch.Tensor) and value.numel() and \
+                not bool((value.detach() > 0).all()):
+            raise Unsupported(f"threshold has values <= 0 (sparsegrad's threshold is > 0)")
+        if learn or f is None:
+            tensors[sg] = value
+            what = "learnable" if learn else "fixed"
+            per = f"per neuron, shape {list(value.shape)}" if f is None else "one value"
+            notes.append(f"{name} -> sparsegrad's {sg}: {what}, {per}")
+            if learn:
+                learnable.append(sg)
         floats[name] = f
-    pending = ""
-    if why:
-        pending = ("; ".join(why) + ": kept until per-neuron / learnable parameters land in "
-                   "sparsegrad's neurons (the neuron-models issue)")
-    return floats, tensors, learnable, pending
+    return floats, tensors, learnable, notes
 
 
 def _snntorch_common(m) -> None:
@@ -324,7 +380,7 @@ def _snntorch_leaky(m) -> NeuronSpec:
     reset = getattr(m, "reset_mechanism", "subtract")
     if reset not in ("subtract", "zero", "none"):
         raise Unsupported(f"reset_mechanism={reset!r}")
-    floats, tensors, learnable, pending = _snntorch_params(m)
+    floats, tensors, learnable, notes = _snntorch_params(m)
     beta, threshold = floats["beta"], floats["threshold"]
     if threshold is not None and (not threshold > 0.0 or not math.isfinite(threshold)):
         raise Unsupported(f"threshold={threshold} is not a positive finite number")
@@ -334,32 +390,47 @@ def _snntorch_leaky(m) -> NeuronSpec:
     # snnTorch returns (spk, mem) when output=True, or with init_hidden=False (the time loop
     # then usually passes spk on and keeps mem for the next call).
     init_hidden = bool(getattr(m, "init_hidden", False))
-    # beta is clamped to [0, 1] in snnTorch's forward; its float32 value is kept bit for bit.
-    return NeuronSpec("snntorch.Leaky", min(max(beta if beta is not None else 0.0, 0.0), 1.0),
-                      threshold if threshold is not None else 1.0, surrogate, slope,
+    # beta is clamped to [0, 1] in snnTorch's forward; its float32 value is kept bit for bit
+    # (a tensor beta: clamped in sparsegrad's forward too).
+    # (NaN in the report where the value is per neuron: the tensor is in tensor_params)
+    return NeuronSpec("snntorch.Leaky", math.nan if beta is None else min(max(beta, 0.0), 1.0),
+                      math.nan if threshold is None else threshold, surrogate, slope,
                       reset, return_mem=init_hidden and bool(getattr(m, "output", False)),
                       tuple_output=not init_hidden, tensor_params=tensors, learnable=learnable,
-                      pending=pending)
+                      parameters=notes)
 
 
 def _snntorch_synaptic(m) -> NeuronSpec:
-    """snnTorch Synaptic: syn = clamp(alpha)syn + I; mem = clamp(beta)mem + syn - reset*threshold.
-
-    That is DESIGN 3c's synaptic current (alpha_syn = clamp(alpha), sparsegrad's alpha =
-    clamp(beta)); read now, pending until sparsegrad's neurons take alpha_syn."""
+    """snnTorch Synaptic (reset_delay=True): per step, with reset = H(mem[t-1] - threshold)
+    detached, syn = clamp(alpha)syn + I; mem = clamp(beta)mem + syn - reset*threshold
+    (subtract) or without the reset term (none): DESIGN 3c's synaptic current, sparsegrad's
+    alpha = clamp(beta), alpha_syn = clamp(alpha). reset_mechanism="zero" is another model:
+    snnTorch sets the whole new membrane (input included) to 0 after a spike and keeps syn
+    (mem[t] = (1 - reset)(beta mem[t-1] + syn[t])), where sparsegrad's zero reset keeps the new
+    input (alpha (1 - S) V + syn)."""
     _snntorch_common(m)
-    floats, tensors, learnable, pending = _snntorch_params(m, ("alpha", "beta", "threshold"))
+    reset = getattr(m, "reset_mechanism", "subtract")
+    if reset == "zero":
+        raise Unsupported("reset_mechanism='zero': snnTorch's Synaptic zeroes the whole new "
+                          "membrane (input included) after a spike, sparsegrad's zero reset "
+                          "keeps the step's input")
+    if reset not in ("subtract", "none"):
+        raise Unsupported(f"reset_mechanism={reset!r}")
+    floats, tensors, learnable, notes = _snntorch_params(m, ("alpha", "beta", "threshold"))
+    threshold = floats["threshold"]
+    if threshold is not None and (not threshold > 0.0 or not math.isfinite(threshold)):
+        raise Unsupported(f"threshold={threshold} is not a positive finite number")
+    for name in ("alpha", "beta"):
+        if floats[name] is not None and math.isnan(floats[name]):
+            raise Unsupported(f"{name} is NaN")
     surrogate, slope = surrogate_of(m.spike_grad)
-    clamp = (lambda v: None if v is None else min(max(v, 0.0), 1.0))
-    why = ("it has a synaptic current (syn); sparsegrad's neurons take alpha_syn once the "
-           "neuron-models issue lands")
-    return NeuronSpec("snntorch.Synaptic", clamp(floats["beta"]) or 0.0,
-                      floats["threshold"] or 1.0, surrogate, slope,
-                      getattr(m, "reset_mechanism", "subtract"),
-                      tuple_output=not getattr(m, "init_hidden", False), fusable=False,
-                      tensor_params=tensors, learnable=learnable,
-                      alpha_syn=clamp(floats["alpha"]),
-                      pending="; ".join(x for x in (pending, why) if x))
+    clamp = (lambda v: math.nan if v is None else min(max(v, 0.0), 1.0))
+    init_hidden = bool(getattr(m, "init_hidden", False))
+    return NeuronSpec("snntorch.Synaptic", clamp(floats["beta"]),
+                      math.nan if threshold is None else threshold, surrogate, slope, reset,
+                      return_mem=init_hidden and bool(getattr(m, "output", False)),
+                      tuple_output=not init_hidden, tensor_params=tensors, learnable=learnable,
+                      alpha_syn=clamp(floats["alpha"]), parameters=notes, syn_output=True)
 
 
 class SpikingJellyNeuron(nn.Module):
@@ -469,8 +540,14 @@ def _spikingjelly_node(m) -> NeuronSpec:
 
 
 def _spikingjelly_plif(m) -> NeuronSpec:
-    """SpikingJelly ParametricLIFNode: a LIFNode whose 1/tau = sigmoid(w) is learnable; read now,
-    pending until sparsegrad's neurons take a learnable alpha."""
+    """SpikingJelly ParametricLIFNode: a LIFNode whose 1/tau = k = sigmoid(w) is learnable.
+
+    Its parameters are read, but it stays stepped: SpikingJelly charges H = V + (X - (V -
+    V_reset)) k (decay_input=True; V - (V - V_reset) k + X without) and resets in the same step,
+    which sparsegrad computes only with a fixed float tau (SpikingJellyNeuron); sparsegrad's
+    learnable alpha (sparsegrad.lif) integrates alpha V + I and resets at the next step. Writing
+    PLIF that way needs the input scaled by k (learnable) and another rounding of the charge, so
+    neither the spikes nor w's gradient would be SpikingJelly's exactly."""
     w = getattr(m, "w", None)
     if not isinstance(w, torch.Tensor) or w.numel() != 1:
         raise Unsupported("w (the learnable 1/tau) is not one value")
@@ -481,9 +558,11 @@ def _spikingjelly_plif(m) -> NeuronSpec:
     return NeuronSpec("spikingjelly.ParametricLIFNode", 1.0 - inv_tau, theta, surrogate, slope,
                       "subtract" if v_reset is None else "zero", fusable=False,
                       tensor_params={"alpha": w}, learnable=["alpha"],
-                      pending=("its 1/tau = sigmoid(w) is learnable; sparsegrad's alpha is a "
-                               "fixed float until learnable alpha lands (the neuron-models "
-                               "issue)"))
+                      pending=("its 1/tau = sigmoid(w) is learnable and SpikingJelly charges "
+                               "H = V + (X - (V - V_reset))*sigmoid(w) with the reset in the same "
+                               "step: sparsegrad's kernel in SpikingJelly's order takes a fixed "
+                               "tau, its learnable alpha integrates alpha*V + X with the reset at "
+                               "the next step (not the same spikes and gradient of w exactly)"))
 
 
 def _snntorch_rleaky(m) -> NeuronSpec:
@@ -668,6 +747,9 @@ class ConvertedPair:
     reset: str = "subtract"
     to: str = "LIF"
     notes: List[str] = field(default_factory=list)
+    # tensor / learnable parameters, e.g. "beta -> sparsegrad's alpha: learnable, one value"
+    # (exact conversions: not notes)
+    parameters: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -706,6 +788,7 @@ class ConversionReport:
             lines.append(f"  converted {src} ({p.kind}) -> {p.to}(alpha={p.alpha!r}, "
                          f"threshold={p.threshold!r}, surrogate={p.surrogate!r}, "
                          f"slope={p.slope!r}, reset={p.reset!r})")
+            lines.extend(f"    parameter: {n}" for n in p.parameters)
             lines.extend(f"    note: {n}" for n in p.notes)
         for name, reason in self.skipped:
             lines.append(f"  left unchanged {name}: {reason}")
@@ -764,7 +847,8 @@ class _Walk:
             if fused is not None:
                 self.report.converted.append(ConvertedPair(
                     linear[0], name, spec.kind, spec.alpha, spec.threshold, spec.slope,
-                    spec.surrogate, spec.reset, type(fused).__name__, list(spec.notes)))
+                    spec.surrogate, spec.reset, type(fused).__name__, list(spec.notes),
+                    list(spec.parameters)))
                 return fused, True
         if spec.needs_linear:
             reason = (f"{spec.kind} converts only directly after an nn.Linear (its weights "
@@ -778,7 +862,8 @@ class _Walk:
             return (m if _multi_step(m) else StepByStep(m, str(exc))), False
         self.report.converted.append(ConvertedPair(
             None, name, spec.kind, spec.alpha, spec.threshold, spec.slope, spec.surrogate,
-            spec.reset, type(module).__name__, list(spec.notes)))
+            spec.reset, type(module).__name__, list(spec.notes),
+            list(spec.parameters)))
         return module, False
 
     def layer(self, name: str, m: nn.Module) -> nn.Module:

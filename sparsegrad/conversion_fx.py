@@ -291,7 +291,8 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
                 plan.actions[n.name] = ("fused", linear.target, src_in.name, tuple_out)
                 report.converted.append(ConvertedPair(
                     linear.target, n.target, spec.kind, spec.alpha, spec.threshold, spec.slope,
-                    spec.surrogate, spec.reset, type(fused).__name__, list(spec.notes)))
+                    spec.surrogate, spec.reset, type(fused).__name__, list(spec.notes),
+                    list(spec.parameters)))
                 continue
         if spec.needs_linear:
             reason = (f"{spec.kind} converts only directly after an nn.Linear that feeds nothing "
@@ -303,7 +304,14 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
             report.skipped.append((n.target, f"{spec.kind} with its state passed in is stepped"))
             plan.actions[n.name] = ("step", n.target, kind, (positions, keys))
             continue
-        if tuple_out or kind == "input":
+        if spec.syn_output and kind == "input":
+            report.skipped.append((n.target, f"{spec.kind} with its state (syn, mem) passed in "
+                                             f"is stepped"))
+            plan.actions[n.name] = ("step", n.target, kind, (positions, keys))
+            continue
+        # a neuron whose tuple carries syn (snnTorch Synaptic: (spk, syn, mem)) converts where
+        # only its spikes are used; where mem or syn is used, neuron() refuses it (stepped)
+        if (tuple_out and (mem_used or not spec.syn_output)) or kind == "input":
             spec = spec.last_layer()
             spec.return_mem = True
         try:
@@ -316,7 +324,8 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
         from .conversion import ConvertedPair
         report.converted.append(ConvertedPair(
             None, n.target, spec.kind, spec.alpha, spec.threshold, spec.slope, spec.surrogate,
-            spec.reset, type(module).__name__, list(spec.notes)))
+            spec.reset, type(module).__name__, list(spec.notes),
+            list(spec.parameters)))
         plan.actions[n.name] = ("seq", n.target, kind, tuple_out, spec.threshold)
     for n in nodes:
         if n.op == "call_module" and n.name not in plan.actions:
@@ -614,6 +623,9 @@ class SequenceForward(nn.Module):
                 mem0 = (list(args[1:]) + list(kwargs.values()))[0]
                 if isinstance(mem0, torch.Tensor) and tuple(mem0.shape) == tuple(x.t.shape[1:]):
                     mem0 = mem0.to(x.t.dtype)
+                    # the converted neuron's own threshold (a float, or a tensor that may be
+                    # learnable): the state S at t = -1 that snnTorch's first reset reads
+                    threshold = getattr(m, "threshold", threshold)
                     state = (mem0, (mem0 > threshold).to(x.t.dtype).detach())
             out = m(x.t, state=state) if state is not None else m(x.t)
             if isinstance(out, tuple):

@@ -17,10 +17,10 @@ Norse cells take one time step and an explicit state, ``z, s = cell(x, s)``; cal
   Norse's threshold function (``method="super"`` is 1/(|u| + 1)^2 whatever ``alpha``: Norse's
   SuperSpike backward does not use alpha, so it is fast_sigmoid with slope 1).
 * ``LIFCell`` (synaptic current i with tau_syn), ``LICell`` / ``LIBoxCell`` (non-spiking
-  readouts), ``LIFRecurrentCell`` (own input and recurrent weights, synaptic current) have no
-  sparsegrad op yet: they are kept and stepped with their state. The rule for LIFCell reads its
-  parameters now (alpha = 1 - a, alpha_syn = 1 - dt * tau_syn_inv) so that mapping it to the
-  synaptic-current neuron is a change in one place (``NeuronSpec.pending``).
+  readouts), ``LIFRecurrentCell`` (own input and recurrent weights, synaptic current) are kept
+  and stepped with their state. LIFCell is not sparsegrad's synaptic-current neuron (alpha_syn):
+  Norse's v integrates the current of the step before and resets in the same step (see
+  ``_norse_lif``).
 * ``SequentialState`` -> ``NorseSequence``: the same children under the same names, run over the
   whole sequence [T, B, ...]: neurons converted where they can be, other stateful cells stepped
   with their state, stateless layers folded over time. Returns (output [T, B, ...], state list)
@@ -59,7 +59,7 @@ def _float(p, name) -> float:
     v = _scalar(getattr(p, name, None))
     if v is None or not math.isfinite(v):
         raise Unsupported(f"{name}={getattr(p, name, None)!r} is not one finite number "
-                          f"(per-neuron parameters: the neuron-models issue)")
+                          f"(sparsegrad runs Norse's order of operations with fixed floats)")
     return v
 
 
@@ -68,7 +68,8 @@ def _norse_lif_box(m):
     p, dt = m.p, float(getattr(m, "dt", 0.001))
     if any(isinstance(getattr(p, k, None), nn.Parameter) and getattr(p, k).requires_grad
            for k in ("tau_mem_inv", "v_th", "v_leak", "v_reset")):
-        raise Unsupported("a learnable parameter (learnable parameters: the neuron-models issue)")
+        raise Unsupported("a learnable parameter: sparsegrad runs Norse's order of operations "
+                          "(SpikingJellyNeuron) with fixed floats only")
     a = dt * _float(p, "tau_mem_inv")
     v_th, v_leak, v_reset = _float(p, "v_th"), _float(p, "v_leak"), _float(p, "v_reset")
     if v_leak != 0.0:
@@ -97,7 +98,12 @@ def _norse_lif_box(m):
 
 
 def _norse_lif(m):
-    """LIFCell: the parameters are read; the sparsegrad neuron with a synaptic current is pending."""
+    """LIFCell: read, but stepped. Norse computes per step v_dec = v + a(v_leak - v + i) with the
+    current i of the step before, i = (1 - b) i + x after it, z = H(v_dec - v_th) and the reset
+    in the same step (gradient not detached). sparsegrad's synaptic current (alpha_syn) adds x[t]
+    to syn before V integrates it, and resets at the next step with S detached: the input would
+    have to be delayed by one step and scaled by a, the reset moved, and the charge rounded
+    otherwise, so neither spikes nor gradients would be Norse's exactly."""
     from .conversion import NeuronSpec
     p, dt = m.p, float(getattr(m, "dt", 0.001))
     a = dt * _float(p, "tau_mem_inv")
@@ -105,8 +111,11 @@ def _norse_lif(m):
     surrogate, slope = _norse_threshold_surrogate(p)
     return NeuronSpec("norse.LIFCell", 1.0 - a, _float(p, "v_th"), surrogate, slope, "zero",
                       fusable=False, alpha_syn=1.0 - b,
-                      pending=("it has a synaptic current i (tau_syn): sparsegrad's neuron has "
-                               "no synaptic state yet (alpha_syn, the neuron-models issue)"))
+                      pending=("its synaptic current i enters v one step late (v_dec = v + "
+                               "a*(v_leak - v + i[t-1])) and it resets in the same step with the "
+                               "reset's gradient; sparsegrad's alpha_syn neuron integrates "
+                               "syn[t] = alpha_syn*syn[t-1] + x[t] at once and resets at the "
+                               "next step (not the same spikes exactly)"))
 
 
 def _norse_readout(m):

@@ -296,11 +296,9 @@ def test_snntorch_tutorial_csnn_same_spikes_and_dense_gradients(surrogate):
 
 
 @pytest.mark.parametrize("option,reason_word", [
-    (dict(learn_beta=True), "learnable"),
-    (dict(learn_threshold=True), "learnable"),
     (dict(graded_spikes_factor=2.0), "graded_spikes_factor"),
     (dict(reset_delay=False), "reset_delay"),
-    (dict(beta=torch.full((N_H1,), 0.9)), "per neuron"),
+    (dict(threshold=torch.linspace(-0.5, 1.0, N_H1)), "<= 0"),
     (dict(surrogate_disable=True), "surrogate_disable"),
     (dict(spike_grad="triangular"), "not a triangle"),
 ])
@@ -644,3 +642,121 @@ def test_rule_table_takes_a_neuron_that_needs_its_linear():
         assert isinstance(conv[1], StepByStep)
     finally:
         del conversion.NEURON_RULES[(MyNeuron.__module__, "MyNeuron")]
+
+
+# ------------------------------------------- snnTorch learnable / per-neuron beta and threshold
+
+_PARAM_OPTIONS = {
+    "learn_beta": dict(beta=0.9, learn_beta=True),
+    "learn_threshold": dict(beta=0.9, threshold=0.8, learn_threshold=True),
+    "per_neuron_beta": dict(beta="per_neuron"),
+    "per_neuron_learn_both": dict(beta="per_neuron", threshold="per_neuron", learn_beta=True,
+                                  learn_threshold=True),
+    # a trained beta may leave [0, 1]: snnTorch clamps it in every forward, so does sparsegrad
+    "learn_beta_outside_01": dict(beta="outside", learn_beta=True),
+}
+
+
+def _param_kwargs(option, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(_PARAM_OPTIONS[option])
+    if kw.get("beta") == "per_neuron":
+        kw["beta"] = 0.5 + 0.45 * torch.rand(n, generator=g)
+    elif kw.get("beta") == "outside":
+        kw["beta"] = torch.cat([torch.full((n // 2,), 1.2), torch.full((n - n // 2,), -0.1)])
+        kw["beta"][0] = 0.7
+    if kw.get("threshold") == "per_neuron":
+        kw["threshold"] = 0.6 + 0.8 * torch.rand(n, generator=g)
+    return kw
+
+
+def _scale_layers(model, factor):
+    """_scale_up for the layers' weights only (the neurons' beta / threshold stay as given)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.mul_(factor)
+                m.bias.mul_(factor)
+    return model
+
+
+def _learn_net(snn, option, reset):
+    torch.manual_seed(8)
+    sg = snn.surrogate.fast_sigmoid(slope=5.0)
+    return _scale_layers(nn.Sequential(
+        nn.Linear(N_IN, N_H1),
+        snn.Leaky(spike_grad=sg, init_hidden=True, reset_mechanism=reset,
+                  **_param_kwargs(option, N_H1, 1)),
+        nn.Linear(N_H1, N_H2),
+        snn.Leaky(spike_grad=sg, init_hidden=True, reset_mechanism=reset, output=True,
+                  **_param_kwargs(option, N_H2, 2))), 2.0)
+
+
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+@pytest.mark.parametrize("option", sorted(_PARAM_OPTIONS))
+def test_snntorch_learnable_and_per_neuron_parameters_convert(option, reset):
+    """Learnable / per-neuron beta and threshold -> sparsegrad's tensor parameters: the same
+    spikes, and the gradients of alpha / threshold are snnTorch's of beta / threshold."""
+    snn = _snntorch()
+    net = _learn_net(snn, option, reset)
+    x = _inputs(9, torch.float32)
+    spk, mem = _snn_run(net, x)
+    assert 0.01 < spk.mean() < 0.7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    assert report.exact and not report.skipped and len(report.converted) == 2
+    # the first neuron fuses with its Linear, the second (its membrane is returned) runs alone
+    assert isinstance(conv[0], LIF) and isinstance(conv[3], LIFNeuron) and conv[3].return_mem
+    pairs = {"0": net[1], "3": net[3]}
+    for at, orig in pairs.items():
+        for sg_name, sn_name in (("alpha", "beta"), ("threshold", "threshold")):
+            new, old = getattr(conv.get_submodule(at), sg_name), getattr(orig, sn_name)
+            # learnable iff the original is; values as the original's (unclamped)
+            assert isinstance(new, nn.Parameter) == isinstance(old, nn.Parameter), (at, sg_name)
+            if isinstance(old, nn.Parameter) or old.numel() > 1:
+                assert torch.equal(torch.as_tensor(new).detach().reshape(old.shape), old.detach())
+    spk2, mem2 = conv(x)
+    thr = net[3].threshold.detach()
+    assert_spikes_match(spk2, spk, mem.detach(), threshold=thr)
+    assert (spk2 != spk).float().mean() < 0.002
+    torch.testing.assert_close(mem2, mem, rtol=1e-5, atol=1e-5 * float(mem.detach().abs().max()))
+    g = torch.Generator().manual_seed(3)
+    g1, g2 = torch.randn(spk.shape, generator=g), torch.randn(mem.shape, generator=g)
+    ((spk * g1).sum() + (mem * g2).sum()).backward()
+    ((spk2 * g1).sum() + (mem2 * g2).sum()).backward()
+    names = {"0.weight": "0.weight", "0.bias": "0.bias", "0.alpha": "1.beta",
+             "0.threshold": "1.threshold", "2.module.weight": "2.weight",
+             "2.module.bias": "2.bias", "3.alpha": "3.beta", "3.threshold": "3.threshold"}
+    ref = dict(net.named_parameters())
+    got = dict(conv.named_parameters())
+    assert {names[k] for k in got} == set(ref)
+    for k, p in got.items():
+        r = ref[names[k]].grad
+        assert r is not None and p.grad is not None, k
+        if "beta" in names[k] or "threshold" in names[k]:
+            assert r.abs().max() > 0, k
+        torch.testing.assert_close(p.grad.reshape(r.shape), r, rtol=1e-4,
+                                   atol=1e-4 * float(r.abs().max()) + 1e-12, msg=k)
+
+
+def test_snntorch_per_channel_beta_after_a_convolution():
+    """A per-channel beta [C, 1, 1] after Conv2d: LIFNeuron with that tensor, learnable."""
+    snn = _snntorch()
+    torch.manual_seed(4)
+    beta = torch.tensor([0.5, 0.7, 0.9, 0.95]).view(4, 1, 1)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), snn.Leaky(beta=beta, learn_beta=True,
+                                                      init_hidden=True, output=True))
+    _scale_layers(net, 4.0)
+    x = _inputs(11, torch.float32, (8, 2, 1, 6, 6))
+    spk, mem = _snn_run(net, x)
+    assert spk.sum() > 0
+    conv = sparsegrad.convert(net, backward="dense")
+    assert isinstance(conv[1], LIFNeuron) and isinstance(conv[1].alpha, nn.Parameter)
+    assert conv[1].alpha.shape == (4, 1, 1)
+    spk2, mem2 = conv(x)
+    assert_spikes_match(spk2, spk, mem.detach())
+    (mem.sum() + spk.sum()).backward()
+    (mem2.sum() + spk2.sum()).backward()
+    r = net[1].beta.grad
+    torch.testing.assert_close(conv[1].alpha.grad, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))

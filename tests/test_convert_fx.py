@@ -227,10 +227,10 @@ def test_max_pool1d_and_flatten():
 class StatePassing(nn.Module):
     """snnTorch's docstring style: the state is a forward input and output (init_hidden=False)."""
 
-    def __init__(self):
+    def __init__(self, **lif1):
         super().__init__()
         self.fc1 = nn.Linear(20, 16)
-        self.lif1 = snn.Leaky(beta=0.9)
+        self.lif1 = snn.Leaky(**{"beta": 0.9, **lif1})
         self.fc2 = nn.Linear(16, 5)
         self.lif2 = snn.Leaky(beta=0.8)
 
@@ -270,11 +270,46 @@ def test_state_passed_in_and_out_is_the_initial_state():
     assert torch.equal(got0[0], torch.stack(ref0))
 
 
+def test_state_passed_in_with_a_learnable_per_neuron_threshold():
+    """The state at t = 0 is an input: its spike S[-1] = 1[mem0 > threshold] is read with the
+    converted neuron's own (tensor, learnable) threshold."""
+    torch.manual_seed(5)
+    thr = torch.linspace(0.2, 0.5, 16)
+    net = _boost(StatePassing(threshold=thr, learn_threshold=True, learn_beta=True), fc1=3.0,
+                 fc2=3.0)
+    x = _spikes(1, (T * 4, B, 20))
+    mem1, mem2 = torch.full((B, 16), 0.3), torch.zeros(B, 5)
+    m1, m2 = mem1, mem2
+    outs = []
+    for t in range(x.shape[0]):
+        spk2, m2, m1 = net(x[t], m1, m2)
+        outs.append((spk2, m2, m1))
+    ref = [torch.stack(o) for o in zip(*outs)]
+    conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    assert report.exact and len(report.converted) == 2
+    assert isinstance(conv.lif1.threshold, nn.Parameter) and conv.lif1.threshold.shape == (16,)
+    got = conv(x, mem1, mem2)
+    assert ref[0].sum() > 0 and torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+    gs = [torch.randn_like(r) for r in ref]
+    sum((r * g).sum() for r, g in zip(ref, gs)).backward()
+    sum((o * g).sum() for o, g in zip(got, gs)).backward()
+    for a, b in (("lif1.threshold", "lif1.threshold"), ("lif1.alpha", "lif1.beta"),
+                 ("fc1.weight", "fc1.weight")):
+        r = net.get_parameter(b).grad
+        d = conv.get_parameter(a).grad
+        assert float((d - r).abs().max()) <= 1e-4 * float(r.abs().max()), a
+
+
 class WithSynaptic(nn.Module):
-    def __init__(self, **kw):
+    """A Synaptic with reset "zero" (snnTorch zeroes the whole new membrane after a spike: not
+    sparsegrad's zero reset) before a Leaky."""
+
+    def __init__(self, syn_reset="zero", **kw):
         super().__init__()
         self.fc1 = nn.Linear(20, 16)
-        self.syn = snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True)
+        self.syn = snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True,
+                                reset_mechanism=syn_reset)
         self.fc2 = nn.Linear(16, 5)
         self.lif = snn.Leaky(beta=0.7, init_hidden=True, **kw)
 
@@ -282,7 +317,7 @@ class WithSynaptic(nn.Module):
         return self.lif(self.fc2(self.syn(self.fc1(x))))
 
 
-@pytest.mark.parametrize("kw,word", [({}, None), ({"learn_beta": True}, "learnable")])
+@pytest.mark.parametrize("kw,word", [({}, None), ({"reset_delay": False}, "reset_delay")])
 def test_unsupported_neurons_are_stepped_with_their_state(kw, word):
     torch.manual_seed(7)
     net = _boost(WithSynaptic(**kw), fc1=3.0, fc2=3.0)
@@ -301,10 +336,10 @@ def test_unsupported_neurons_are_stepped_with_their_state(kw, word):
 
 
 class OwnTimeLoop(nn.Module):
-    def __init__(self):
+    def __init__(self, **lif1):
         super().__init__()
         self.fc1 = nn.Linear(20, 16)
-        self.lif1 = snn.Leaky(beta=0.9)
+        self.lif1 = snn.Leaky(**{"beta": 0.9, **lif1})
 
     def forward(self, x):
         mem = self.lif1.init_leaky()
@@ -453,21 +488,117 @@ def test_example_input_is_validated():
         sparsegrad.convert(StatePassing(), example_input=torch.zeros(T, B, 20))
 
 
-def test_pending_neurons_have_their_parameters_read():
-    """Neurons waiting for per-neuron / learnable parameters or alpha_syn: the rule reads them now
-    (sparsegrad's names: alpha, threshold, alpha_syn) and refuses only where the module is built."""
-    from sparsegrad.conversion import NEURON_RULES, Unsupported, _rule_for
+def test_neuron_parameters_are_read_under_sparsegrads_names():
+    """The rule reads per-neuron / learnable parameters and alpha_syn under sparsegrad's names
+    (alpha = beta, alpha_syn = snnTorch's alpha, threshold) and builds them as tensors."""
+    from sparsegrad.conversion import NEURON_RULES, _rule_for
     leaky = snn.Leaky(beta=torch.full((8,), 0.9), learn_threshold=True)
     spec = _rule_for(leaky)(leaky)
-    assert spec.pending and "alpha" in spec.tensor_params and spec.learnable == ["threshold"]
-    assert "sparsegrad's alpha" in spec.pending and "beta is learnable" not in spec.pending
-    with pytest.raises(Unsupported, match="neuron-models issue"):
-        spec.neuron(0.2, "sparse")
+    assert not spec.pending and "alpha" in spec.tensor_params and spec.learnable == ["threshold"]
+    assert any("sparsegrad's alpha" in n for n in spec.parameters) and not spec.notes
+    m = spec.neuron(0.2, "sparse")
+    assert isinstance(m.threshold, nn.Parameter) and not isinstance(m.alpha, nn.Parameter)
+    assert torch.equal(m.alpha, torch.full((8,), 0.9))
     syn = snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True)
     spec = _rule_for(syn)(syn)
     assert spec.alpha_syn == pytest.approx(0.8) and spec.alpha == pytest.approx(0.9)
-    assert "synaptic current" in spec.pending
+    assert not spec.pending and spec.neuron(0.2, "sparse").alpha_syn == pytest.approx(0.8)
     assert ("snntorch", "Synaptic") in NEURON_RULES
+
+
+class SynapticNet(nn.Module):
+    """Linear -> Synaptic -> Linear -> Synaptic, with the neurons' state internal (init_hidden)
+    or returned as (spk, syn, mem) tuples of which the forward passes the spikes on."""
+
+    def __init__(self, init_hidden=True, reset="subtract", learn=False, per_neuron=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.fc1 = nn.Linear(20, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.conv_like = nn.ReLU()
+        kw = dict(init_hidden=init_hidden, reset_mechanism=reset,
+                  spike_grad=snn.surrogate.fast_sigmoid(slope=4.0))
+        if learn:
+            kw.update(learn_alpha=True, learn_beta=True, learn_threshold=True)
+
+        def params(n):
+            if not per_neuron:
+                return dict(alpha=0.8, beta=0.9, threshold=1.0)
+            return dict(alpha=0.5 + 0.4 * torch.rand(n, generator=g),
+                        beta=0.6 + 0.35 * torch.rand(n, generator=g),
+                        threshold=0.7 + 0.6 * torch.rand(n, generator=g))
+
+        self.syn1 = snn.Synaptic(**params(16), **kw)
+        self.syn2 = snn.Synaptic(**params(8), **kw)
+        self.init_hidden = init_hidden
+
+    def forward(self, x):
+        # the ReLU keeps fc1 apart from syn1 (an LIFNeuron); fc2 + syn2 fuse into one LIF
+        if self.init_hidden:
+            return self.syn2(self.fc2(self.syn1(self.conv_like(self.fc1(x)))))
+        s1 = self.syn1(self.conv_like(self.fc1(x)))[0]
+        return self.syn2(self.fc2(s1))[0]
+
+
+@pytest.mark.parametrize("init_hidden", [True, False])
+@pytest.mark.parametrize("reset", ["subtract", "none"])
+@pytest.mark.parametrize("learn,per_neuron", [(False, False), (True, False), (True, True)])
+def test_snntorch_synaptic_converts_exactly(init_hidden, reset, learn, per_neuron):
+    """Synaptic -> sparsegrad's synaptic current (alpha_syn): the same spikes, the gradients of
+    alpha / beta / threshold mapped onto alpha_syn / alpha / threshold."""
+    torch.manual_seed(7)
+    net = _boost(SynapticNet(init_hidden, reset, learn, per_neuron), fc1=2.0, fc2=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    assert report.exact and not report.skipped and len(report.converted) == 2
+    assert all(p.kind == "snntorch.Synaptic" for p in report.converted)
+    # fc2 feeds only syn2: one fused LIF with the synaptic current; syn1 runs after the ReLU
+    assert isinstance(conv.fc2, LIF) and conv.fc2.alpha_syn is not None
+    assert isinstance(conv.syn1, LIFNeuron) and conv.syn1.alpha_syn is not None
+    for p in conv.parameters():
+        p.grad = None
+    x = _spikes(2, (T * 5, B, 20))
+    ref = _run_steps(net, x)
+    got = conv(x)
+    assert ref.sum() > 0 and torch.equal(got, ref)
+    g = torch.randn_like(ref)
+    (ref * g).sum().backward()
+    (got * g).sum().backward()
+    names = {"fc2.weight": "fc2.weight", "fc2.bias": "fc2.bias", "fc1.module.weight": "fc1.weight",
+             "fc1.module.bias": "fc1.bias", "fc1.weight": "fc1.weight", "fc1.bias": "fc1.bias",
+             "fc2.alpha": "syn2.beta", "fc2.alpha_syn": "syn2.alpha",
+             "fc2.threshold": "syn2.threshold", "syn1.alpha": "syn1.beta",
+             "syn1.alpha_syn": "syn1.alpha", "syn1.threshold": "syn1.threshold"}
+    ref_p = dict(net.named_parameters())
+    got_p = dict(conv.named_parameters())
+    assert {names[k] for k in got_p} == set(ref_p)  # learnable iff the original's are
+    for k, p in got_p.items():
+        r = ref_p[names[k]].grad
+        assert r is not None and p.grad is not None and r.abs().max() > 0, k
+        assert float((p.grad.reshape(r.shape) - r).abs().max()) <= 1e-4 * float(r.abs().max()), k
+
+
+def test_snntorch_synaptic_that_cannot_convert_is_stepped_and_listed():
+    """reset "zero" (another model), output=True (its syn sequence is returned), the state
+    passed in: left in place, stepped, with the reason."""
+    torch.manual_seed(7)
+    cases = [(SynapticNet(reset="zero"), "zeroes the whole new membrane")]
+    out_net = SynapticNet()
+    out_net.syn2 = snn.Synaptic(alpha=0.8, beta=0.9, init_hidden=True, output=True)
+    cases.append((out_net, "synaptic current's sequence"))
+    for net, word in cases:
+        _boost(net, fc1=2.0, fc2=3.0)
+        with pytest.warns(UserWarning, match="left unchanged"):
+            conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+        reasons = dict(report.skipped)
+        assert "syn2" in reasons and word in reasons["syn2"], reasons
+        x = _spikes(4, (T * 3, B, 20))
+        ref = _run_steps(net, x)
+        got = conv(x)
+        ref, got = (ref if isinstance(ref, tuple) else (ref,)), (got if isinstance(got, tuple)
+                                                                 else (got,))
+        assert ref[0].sum() > 0 and all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
 def test_converted_class_model_deepcopies_and_pickles():

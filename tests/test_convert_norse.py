@@ -73,6 +73,7 @@ def test_sequential_state_lif_box_converts_and_the_rest_is_stepped(reset):
     assert isinstance(conv, NorseSequence) and isinstance(conv[1], SpikingJellyNeuron)
     assert [n for n, _ in report.skipped] == ["3", "5"]
     assert "synaptic current" in dict(report.skipped)["3"]
+    assert "one step late" in dict(report.skipped)["3"]  # not alpha_syn's model
     assert report.converted[0].surrogate == "fast_sigmoid" and report.converted[0].slope == 1.0
     # the converted layer's spikes (away from the threshold by more than rounding: checked)
     hidden_ref, s = [], None
