@@ -37,6 +37,24 @@ enum ChargeKind : int {
   kChargeSJIF = 3,          // IFNode:                     H = V + X
 };
 
+// A neuron parameter (alpha, threshold, alpha_syn): one value for all neurons, or one per
+// neuron j of a row. Kernels are templates over the view, so the per-neuron and the scalar model
+// are one code path; ScalarParam is the compile-time scalar the float API instantiates (its
+// loops vectorise as before), ParamView the run-time choice (a per-neuron pointer, or a value
+// when the pointer is null) that the tensor-parameter ops use on the CPU and on the GPU.
+template <typename acc_t>
+struct ScalarParam {
+  acc_t value;
+  C10_HOST_DEVICE acc_t operator[](int64_t) const { return value; }
+};
+
+template <typename acc_t>
+struct ParamView {
+  acc_t value;
+  const acc_t* ptr;  // [N] or null
+  C10_HOST_DEVICE acc_t operator[](int64_t j) const { return ptr != nullptr ? ptr[j] : value; }
+};
+
 namespace math {
 
 // The membrane update for a given reset.
@@ -122,6 +140,60 @@ C10_HOST_DEVICE inline acc_t decay_add(acc_t trace, acc_t delta, acc_t alpha) {
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t trace_decay(acc_t alpha, bool spiked, int reset) {
   return (reset == kResetZero && spiked) ? acc_t(0) : alpha;
+}
+
+// Synaptic current (snnTorch's Synaptic, NIR's CubaLIF): syn[t] = alpha_syn*syn[t-1] + I[t]; the
+// membrane then integrates syn[t] in place of I[t].
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t synaptic(acc_t syn_prev, acc_t current, acc_t alpha_syn) {
+  return alpha_syn * syn_prev + current;
+}
+
+// Forward-mode derivatives of the state with respect to the parameters (the traces P, Q of
+// DESIGN.md §3c; the reset detached). They start at 0 before step 0 and are updated from the
+// previous step's state before the membrane step:
+//   P[t] = dV[t]/dalpha       = keep*(alpha*P[t-1] + V[t-1])      keep = 1 - S[t-1] (zero reset), else 1
+//   Q[t] = -dV[t]/dthreshold  = alpha*Q[t-1] + S[t-1]            (subtract reset; 0 otherwise)
+//   R[t] = dsyn[t]/dalpha_syn = alpha_syn*R[t-1] + syn[t-1]
+//   U[t] = dV[t]/dalpha_syn   = keep*(alpha*U[t-1]) + R[t]
+// so that a gradient g arriving at V[t] contributes g*P[t] to dL/dalpha, -g*Q[t] to dL/dthreshold
+// and g*U[t] to dL/dalpha_syn (param_grads below): the backward needs them only where g is nonzero.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t reset_keep(acc_t s_prev, int reset) {
+  return reset == kResetZero ? acc_t(1) - s_prev : acc_t(1);
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t tangent_alpha(acc_t p, acc_t v_prev, acc_t s_prev, acc_t alpha,
+                                           int reset) {
+  return reset_keep(s_prev, reset) * (alpha * p + v_prev);
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t tangent_threshold(acc_t q, acc_t s_prev, acc_t alpha, int reset) {
+  return reset == kResetSubtract ? alpha * q + s_prev : acc_t(0);
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t tangent_syn(acc_t r, acc_t syn_prev, acc_t alpha_syn) {
+  return alpha_syn * r + syn_prev;
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t tangent_alpha_syn(acc_t u, acc_t r_new, acc_t s_prev, acc_t alpha,
+                                               int reset) {
+  return reset_keep(s_prev, reset) * (alpha * u) + r_new;
+}
+
+// The parameter gradients of one entry: g = dL/dV[t] arriving there (grad_mem, grad_v_final, or
+// delta = dL/dS * surrogate, which also reaches threshold through S = H(V - threshold), fires =
+// true). Every kernel accumulates with this one function, in the order t = T-1 .. 0.
+template <typename acc_t>
+C10_HOST_DEVICE inline void param_grads(acc_t& d_alpha, acc_t& d_threshold, acc_t& d_alpha_syn,
+                                        acc_t g, acc_t p, acc_t q, acc_t u, bool fires) {
+  d_alpha += g * p;
+  d_threshold -= fires ? g * (q + acc_t(1)) : g * q;
+  d_alpha_syn += g * u;
 }
 
 // SpikingJelly charge, fire and reset (ChargeKind above).

@@ -303,6 +303,119 @@ inline NeuronOpKinds check_lif_neuron_forward_args(const at::Tensor& current,
   return kinds;
 }
 
+// The tensor-parameter neuron op: alpha, threshold (and alpha_syn) [N] like current.
+inline void check_neuron_param(const at::Tensor& p, const at::Tensor& like, int64_t n,
+                               const char* op, const char* name) {
+  check_float_tensor(p, op, name, 1);
+  check_like(p, like, op, name);
+  SG_CHECK(p.size(0) == n, op, name, "must have one value per neuron [", n, "], got ", p.sizes());
+}
+
+inline NeuronKinds check_lif_neuron_param_forward_args(
+    const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
+    const c10::optional<at::Tensor>& s_init, const c10::optional<at::Tensor>& syn_init,
+    const at::Tensor& alpha, const at::Tensor& threshold, const c10::optional<at::Tensor>& alpha_syn,
+    double b_th, double slope, c10::string_view surrogate, c10::string_view reset) {
+  const char* op = "lif_neuron_param_forward";
+  check_float_tensor(current, op, "current", 3);
+  SG_CHECK(current.size(2) < (int64_t(1) << 31), op, "current",
+           "must have fewer than 2^31 neurons per step, got ", current.sizes());
+  // alpha and threshold are checked per value by the Python layer (no host sync here)
+  const NeuronKinds k = check_neuron_args(0.5, 1.0, b_th, slope, surrogate, reset, op);
+  const int64_t B = current.size(1), N = current.size(2);
+  check_neuron_param(alpha, current, N, op, "alpha");
+  check_neuron_param(threshold, current, N, op, "threshold");
+  if (alpha_syn.has_value()) check_neuron_param(*alpha_syn, current, N, op, "alpha_syn");
+  check_state(v_init, s_init, current, B, N, op);
+  if (syn_init.has_value()) {
+    SG_CHECK(alpha_syn.has_value(), op, "syn_init", "is given but alpha_syn is None (no synaptic current)");
+    check_float_tensor(*syn_init, op, "syn_init", 2);
+    check_like(*syn_init, current, op, "syn_init");
+    SG_CHECK(syn_init->size(0) == B && syn_init->size(1) == N, op, "syn_init", "must have shape [",
+             B, ", ", N, "], got ", syn_init->sizes());
+  }
+  return k;
+}
+
+inline void check_trace(const at::Tensor& t, const at::Tensor& like, bool needed, int64_t n,
+                        const char* op, const char* name) {
+  check_like(t, like, op, name);
+  SG_CHECK(!needed || t.numel() == n, op, name,
+           "must have one value per saved entry (", n, "), got ", t.sizes());
+}
+
+// Returns whether rst_bits was given.
+inline bool check_lif_neuron_param_backward_args(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_syn_final, const c10::optional<at::Tensor>& grad_mem,
+    const at::Tensor& act_cnt, const at::Tensor& act_idx, const at::Tensor& act_sg,
+    const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& act_u,
+    const at::Tensor& tan_last, const c10::optional<at::Tensor>& rst_bits, const at::Tensor& alpha,
+    const c10::optional<at::Tensor>& alpha_syn, bool sparse, bool dense_traces, bool need_dsyn,
+    bool need_dalpha, bool need_dthreshold, bool need_dalpha_syn) {
+  const char* op = "lif_neuron_param_backward";
+  check_float_tensor(grad_spikes, op, "grad_spikes", 3);
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), N = grad_spikes.size(2);
+  check_neuron_param(alpha, grad_spikes, N, op, "alpha");
+  if (alpha_syn.has_value()) check_neuron_param(*alpha_syn, grad_spikes, N, op, "alpha_syn");
+  SG_CHECK(!need_dsyn || alpha_syn.has_value(), op, "need_dsyn", "needs alpha_syn");
+  SG_CHECK(!need_dalpha_syn || alpha_syn.has_value(), op, "need_dalpha_syn", "needs alpha_syn");
+  for (const auto& [t, name] : {std::pair{&grad_v_final, "grad_v_final"},
+                                std::pair{&grad_syn_final, "grad_syn_final"}}) {
+    if (t->has_value()) {
+      check_like(**t, grad_spikes, op, name);
+      SG_CHECK((*t)->dim() == 2 && (*t)->size(0) == B && (*t)->size(1) == N, op, name, "must be [",
+               B, ", ", N, "], got ", (*t)->sizes());
+    }
+  }
+  SG_CHECK(!grad_syn_final.has_value() || alpha_syn.has_value(), op, "grad_syn_final",
+           "is given but alpha_syn is None");
+  if (grad_mem.has_value()) {
+    check_like(*grad_mem, grad_spikes, op, "grad_mem");
+    SG_CHECK(grad_mem->sizes() == grad_spikes.sizes(), op, "grad_mem", "must match grad_spikes ",
+             grad_spikes.sizes(), ", got ", grad_mem->sizes());
+    SG_CHECK(dense_traces || !(need_dalpha || need_dthreshold || need_dalpha_syn), op, "grad_mem",
+             "needs the traces of every entry (dense_traces) for the parameter gradients");
+  }
+  check_like(act_sg, grad_spikes, op, "act_sg");
+  int64_t entries = T * B * N;
+  if (sparse) {
+    SG_CHECK(act_cnt.dim() == 1 && act_cnt.scalar_type() == at::kInt && act_cnt.numel() == B * T, op,
+             "act_cnt", "must be int32 [B*T] = [", B * T, "], got ", act_cnt.scalar_type(), " ",
+             act_cnt.sizes());
+    SG_CHECK(act_idx.dim() == 1 && act_idx.scalar_type() == at::kInt, op, "act_idx",
+             "must be a 1-D int32 index tensor, got ", act_idx.scalar_type(), " ", act_idx.sizes());
+    check_device(act_cnt, grad_spikes, op, "act_cnt");
+    check_device(act_idx, grad_spikes, op, "act_idx");
+    SG_CHECK(act_sg.dim() == 1 && act_sg.numel() == act_idx.numel(), op, "act_sg",
+             "must have one value per active entry (", act_idx.numel(), "), got ", act_sg.sizes());
+    if (!dense_traces) entries = act_idx.numel();
+  } else {
+    SG_CHECK(dense_traces, op, "dense_traces", "must be true with the dense backward");
+    SG_CHECK(act_sg.sizes() == grad_spikes.sizes(), op, "act_sg", "must be [T, B, N] ",
+             grad_spikes.sizes(), " in dense mode, got ", act_sg.sizes());
+  }
+  check_trace(act_p, grad_spikes, need_dalpha, entries, op, "act_p");
+  // act_q may be empty: Q = 0 under the zero and none resets
+  check_trace(act_q, grad_spikes, need_dthreshold && act_q.numel() > 0, entries, op, "act_q");
+  check_trace(act_u, grad_spikes, need_dalpha_syn, entries, op, "act_u");
+  if (need_dalpha || need_dthreshold || need_dalpha_syn) {
+    check_like(tan_last, grad_spikes, op, "tan_last");
+    SG_CHECK(tan_last.dim() == 3 && tan_last.size(0) == 4 && tan_last.size(1) == B &&
+             tan_last.size(2) == N, op, "tan_last", "must be [4, ", B, ", ", N, "], got ",
+             tan_last.sizes());
+  }
+  const bool has_rst = rst_bits.has_value() && rst_bits->numel() > 0;
+  if (has_rst) {
+    SG_CHECK(rst_bits->scalar_type() == at::kInt && rst_bits->dim() == 3 && rst_bits->size(0) == T &&
+             rst_bits->size(1) == B && rst_bits->size(2) == bit_words(N), op, "rst_bits",
+             "must be int32 [T, B, ceil(N/32)] = [", T, ", ", B, ", ", bit_words(N), "], got ",
+             rst_bits->scalar_type(), " ", rst_bits->sizes());
+    check_device(*rst_bits, grad_spikes, op, "rst_bits");
+  }
+  return has_rst;
+}
+
 // Returns whether rst_bits was given (reset="zero" in the forward).
 inline bool check_lif_neuron_backward_args(const at::Tensor& grad_spikes,
                                            const c10::optional<at::Tensor>& grad_v_final,

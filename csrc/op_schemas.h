@@ -83,6 +83,34 @@ inline void define_ops(torch::Library& m) {
       "Tensor act_cnt, Tensor act_idx, Tensor act_sg, Tensor? act_rg, Tensor? rst_bits, "
       "float alpha, bool sparse, bool need_dv, str dynamics=\"leaky\", float input_scale=1.0) -> "
       "(Tensor grad_current, Tensor dv_init)");
+  // The neuron op with tensor parameters and a synaptic current (DESIGN.md §3c), leaky dynamics:
+  // alpha, threshold [N] per neuron (the Python layer broadcasts them), alpha_syn [N] or None (no
+  // synaptic current): syn[t] = alpha_syn*syn[t-1] + current[t], and the membrane integrates syn[t].
+  // syn_init [B, N] or None (0); syn_final [B, N] (empty without alpha_syn). With need_d*, the
+  // forward-mode traces P = dV/dalpha, Q = -dV/dthreshold, U = dV/dalpha_syn (lif_math.h) are
+  // kept: act_p, act_q, act_u one value per active entry (in act_idx's order), or [T, B, N] when
+  // dense_traces (backward "dense", or return_mem); each empty when its parameter needs none.
+  // tan_last [4, B, N] holds P, Q, R = dsyn/dalpha_syn, U after the last step (empty when no
+  // parameter needs a gradient). The other outputs are lif_neuron_forward's.
+  m.def(
+      "lif_neuron_param_forward(Tensor current, Tensor? v_init, Tensor? s_init, Tensor? syn_init, "
+      "Tensor alpha, Tensor threshold, Tensor? alpha_syn, float b_th, float slope, bool sparse, "
+      "str surrogate, str reset, bool return_mem, bool need_dalpha, bool need_dthreshold, "
+      "bool need_dalpha_syn) -> (Tensor spikes, Tensor v_final, Tensor syn_final, Tensor act_cnt, "
+      "Tensor act_idx, Tensor act_sg, Tensor act_p, Tensor act_q, Tensor act_u, Tensor tan_last, "
+      "Tensor rst_bits, Tensor mem, Tensor stats)");
+  // Its backward: grad_current = G_I (G_I[t] = G_V[t] + alpha_syn*G_I[t+1]; G_I = G_V without a
+  // synaptic current), dv_init, dsyn_init [B, N] (or empty), and per batch element the parameter
+  // gradients d_alpha, d_threshold, d_alpha_syn [B, N] (or empty): the sum over the entries where
+  // a gradient reaches V of g*P, -g*Q (and -delta through the spike), g*U, plus
+  // grad_syn_final*R at the last step.
+  m.def(
+      "lif_neuron_param_backward(Tensor grad_spikes, Tensor? grad_v_final, "
+      "Tensor? grad_syn_final, Tensor? grad_mem, Tensor act_cnt, Tensor act_idx, Tensor act_sg, "
+      "Tensor act_p, Tensor act_q, Tensor act_u, Tensor tan_last, Tensor? rst_bits, Tensor alpha, "
+      "Tensor? alpha_syn, bool sparse, bool dense_traces, bool need_dv, bool need_dsyn, "
+      "bool need_dalpha, bool need_dthreshold, bool need_dalpha_syn) -> (Tensor grad_current, "
+      "Tensor dv_init, Tensor dsyn_init, Tensor d_alpha, Tensor d_threshold, Tensor d_alpha_syn)");
   // Recurrent LIF layer (issue 12): V[t] = alpha*V[t-1] + x[t] W^T + S[t-1] R^T + b, with the
   // surrogate's and reset's names as lif_forward's. Compact tensors as lif_forward's (CSRs over
   // rows b*T + t with int32 per-row counts), plus spk_bits [T, B, ceil(N/32)] int32: bit j % 32

@@ -310,6 +310,11 @@ class SpikingJellyNeuron(nn.Module):
                  surrogate: str = "sigmoid", slope: float = 4.0, b_th: float = 0.2,
                  backward: str = "sparse"):
         super().__init__()
+        for name, value in (("v_threshold", v_threshold), ("tau", tau)):
+            if isinstance(value, torch.Tensor):
+                raise TypeError(f"SpikingJellyNeuron takes a float {name}, got a tensor: "
+                                f"per-neuron and learnable parameters exist for the leaky "
+                                f"neuron only (sparsegrad.lif, nn.LIFNeuron)")
         F_sg.check_lif_args(0.5, v_threshold, b_th, slope, backward, surrogate)
         if tau is not None and not tau > 1.0:
             raise ValueError(f"tau must be > 1 (or None for IFNode), got {tau}")

@@ -21,11 +21,37 @@ RESETS = ("subtract", "zero", "none")
 _ACTIVE_SET_ATTR = "_sparsegrad_active_set"
 
 
-class LIFState(NamedTuple):
-    """Membrane potential and last spikes, each [B, N_out]."""
+class LIFState(tuple):
+    """Membrane potential, last spikes and (with a synaptic current) the synaptic current, each
+    [B, N_out] (or [B, *] for sparsegrad.lif).
 
-    v: torch.Tensor
-    s: torch.Tensor
+    ``LIFState(v, s)`` or ``LIFState(v, s, syn)``; fields ``v``, ``s``, ``syn`` (None without a
+    synaptic current). It unpacks as ``v, s = state`` when ``syn`` is None and as
+    ``v, s, syn = state`` otherwise, so code written for the two-field state keeps working.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, v, s, syn=None):
+        return tuple.__new__(cls, (v, s) if syn is None else (v, s, syn))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def s(self) -> torch.Tensor:
+        return self[1]
+
+    @property
+    def syn(self) -> Optional[torch.Tensor]:
+        return self[2] if len(self) > 2 else None
+
+    def __repr__(self):
+        return f"LIFState(v={self.v!r}, s={self.s!r}, syn={self.syn!r})"
 
 
 class LIFStats(NamedTuple):
@@ -148,8 +174,11 @@ def check_state(state, x, B, n, reset, what="N_out"):
     """
     if state is None:
         return None, None
+    if isinstance(state, (tuple, list)) and len(state) == 3 and state[2] is None:
+        state = state[:2]  # a LIFState(v, s, syn=None) given as a plain triple
     if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise TypeError(f"state must be a (v, s) pair of [B, {what}] tensors or None")
+        raise TypeError(f"state must be a (v, s) pair of [B, {what}] tensors or None (this layer "
+                        f"has no synaptic current, so no syn)")
     v_init, s_init = state
     for name, t in (("state.v", v_init), ("state.s", s_init)):
         _check_tensor(name, t, 2, x.dtype, x.device)
@@ -182,20 +211,139 @@ def attach_active_set(spikes: torch.Tensor, cnt, idx, time_major: bool = True):
         setattr(spikes, _ACTIVE_SET_ATTR, (cnt, idx, tuple(spikes.shape), time_major))
 
 
+class _LinearParamLIF(torch.autograd.Function):
+    """Linear + LIF with tensor (per-neuron, learnable) alpha / threshold or a synaptic current:
+    the current x W^T + b, then the tensor-parameter neuron op (lif_neuron_param_forward).
+
+    Saved for the backward: x as the flat indices of its nonzero entries (and their values unless
+    x is binary), the neuron op's active set with its surrogate and traces (sparse mode), the
+    weight and the parameters: no dense [T, B, N] float tensor in sparse mode. The backward
+    gets G_I = dL/dI from the neuron op, then dW = G_I^T x (x rebuilt from its events) and
+    dx = G_I W as matrix products (not yet the fused layer's work-proportional routes)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, v_init, s_init, syn_init, a_row, th_row, as_row, b_th,
+                slope, sparse, surrogate, reset, need, return_mem=False):
+        T, B, n_in = x.shape
+        current = torch.nn.functional.linear(x, weight, bias)
+        (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+         rst_bits, mem, stats) = ops.lif_neuron_param_forward(
+            current, v_init, s_init, syn_init, a_row, th_row, as_row, b_th, slope, sparse,
+            surrogate, reset, return_mem, *need)
+        flat = x.reshape(-1)
+        events = flat.nonzero().squeeze(1)
+        binary = bool(((flat == 0) | (flat == 1)).all())
+        values = flat[events] if not binary else flat.new_empty(0)
+        events = events.to(torch.int32) if flat.numel() < 2 ** 31 else events
+        # sparse: the active set and its traces; dense: the surrogate and traces everywhere
+        saved = [act_cnt, act_idx, act_sg, act_p, act_q, act_u]
+        ctx.save_for_backward(weight, events, values, tan_last, rst_bits, a_row,
+                              as_row if as_row is not None else a_row.new_empty(0), *saved)
+        ctx.cfg = (T, B, n_in, sparse, reset == "zero", as_row is not None, bias is not None,
+                   v_init is not None, syn_init is not None, binary, tuple(need), return_mem)
+        ctx.mark_non_differentiable(act_cnt, act_idx, stats)
+        ctx.set_materialize_grads(False)
+        return spikes, v_final, syn_final, mem, act_cnt, act_idx, stats
+
+    @staticmethod
+    def backward(ctx, g_spikes, g_v, g_syn, g_mem, *_):
+        (T, B, n_in, sparse, has_rst, has_syn, has_bias, has_v, has_syn0, binary, traced,
+         return_mem) = ctx.cfg
+        (weight, events, values, tan_last, rst_bits, a_row, as_row, act_cnt, act_idx, act_sg,
+         act_p, act_q, act_u) = ctx.saved_tensors
+        n_out = weight.shape[0]
+        none = (None,) * 16
+        if not has_syn:
+            g_syn = None
+        if not return_mem:
+            g_mem = None
+        if g_spikes is None and g_v is None and g_syn is None and g_mem is None:
+            return none
+        if g_spikes is None:
+            g_spikes = weight.new_zeros(T, B, n_out)
+        need = ctx.needs_input_grad
+        need_dv, need_dsyn = has_v and need[3], has_syn0 and need[5]
+        n_da, n_dth, n_das = traced[0] and need[6], traced[1] and need[7], traced[2] and need[8]
+        gc, dv, dsyn, da, dth, das = ops._ops.lif_neuron_param_backward.default(
+            g_spikes, g_v, g_syn, g_mem, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+            rst_bits if has_rst else None, a_row, as_row if has_syn else None, sparse,
+            not sparse or return_mem, need_dv, need_dsyn, n_da, n_dth, n_das)
+        g2 = gc.reshape(T * B, n_out)
+        dx = dw = db = None
+        if need[0]:
+            dx = (g2 @ weight).reshape(T, B, n_in)
+        if need[1]:
+            x = weight.new_zeros(T * B * n_in)
+            x[events.long()] = 1 if binary else values
+            dw = g2.t() @ x.reshape(T * B, n_in)
+        if has_bias and need[2]:
+            db = g2.sum(0)
+        return (dx, dw, db, dv if need_dv else None, None, dsyn if need_dsyn else None,
+                da.sum(0) if n_da else None, dth.sum(0) if n_dth else None,
+                das.sum(0) if n_das else None) + (None,) * 7
+
+
+def _layer_params(alpha, threshold, alpha_syn, x, n_out):
+    """Checked layer parameters (float, or a tensor of shape [] or [N_out])."""
+    out = []
+    for name, value, low, high, low_open in (("alpha", alpha, 0.0, 1.0, False),
+                                             ("threshold", threshold, 0.0, math.inf, True),
+                                             ("alpha_syn", alpha_syn, 0.0, 1.0, False)):
+        if isinstance(value, torch.Tensor) and tuple(value.shape) not in ((), (n_out,)):
+            raise ValueError(f"{name} must be a float or a tensor of shape [] or [N_out] = "
+                             f"[{n_out}], got shape {list(value.shape)}")
+        out.append(_neuron_param(name, value, (n_out,), x, low, high, low_open,
+                                 allow_none=name == "alpha_syn"))
+    return out
+
+
+def _param_layer(x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surrogate, reset,
+                 sparse, v_init, s_init, syn_init):
+    """Linear + LIF with tensor parameters / a synaptic current; returns (spikes, v_final,
+    syn_final or None, act_cnt, act_idx, stats) in x's dtype."""
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    kd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+    def k(t):
+        return None if t is None else t.to(kd)
+
+    rows = [_neuron_row(p, (n_out,), n_out, kd, x.device) if p is not None else None
+            for p in (alpha, threshold, alpha_syn)]
+    grad_on = torch.is_grad_enabled()
+    need = tuple(bool(grad_on and r is not None and r.requires_grad) for r in rows)
+    spikes, v_final, syn_final, _mem, act_cnt, act_idx, stats = _LinearParamLIF.apply(
+        k(x), k(weight), k(bias), k(v_init), k(s_init), k(syn_init), rows[0], rows[1], rows[2],
+        b_th, slope, sparse, surrogate, reset, need)
+    if kd != x.dtype:
+        spikes, v_final, syn_final = (t.to(x.dtype) for t in (spikes, v_final, syn_final))
+    return spikes, v_final, syn_final if alpha_syn is not None else None, act_cnt, act_idx, stats
+
+
+def _split_state(state, alpha_syn):
+    """state as (v, s) for check_state and the syn part (None without one)."""
+    if state is None:
+        return None, None
+    if alpha_syn is not None and isinstance(state, (tuple, list)) and len(state) == 3:
+        return tuple(state[:2]), state[2]
+    return state, None
+
+
 def lif_layer_with_stats(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    alpha: float,
-    threshold: float = 1.0,
+    alpha,
+    threshold=1.0,
     b_th: float = 0.2,
     surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
     reset: str = "subtract",
     backward: str = "sparse",
-    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    state=None,
     producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    alpha_syn=None,
 ):
     """lif_layer returning (spikes, LIFState, LIFStats, (act_cnt, act_idx)).
 
@@ -203,23 +351,42 @@ def lif_layer_with_stats(
     """
     if producer is None:  # before any autocast copy of x, which would not carry it
         producer = producer_active_set(x)
-    x, weight, bias, state = autocast_inputs(x, weight, bias, state)
+    state, syn_init = _split_state(state, alpha_syn)
+    x, weight, bias, state, syn_init = autocast_inputs(x, weight, bias, state, syn_init)
     _check_linear(x, weight, bias)
-    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
-                                                   surrogate, reset)
     T, B, _ = x.shape
     n_out = weight.shape[0]
+    alpha, threshold, alpha_syn = _layer_params(alpha, threshold, alpha_syn, x, n_out)
+    tensor_params = alpha_syn is not None or any(isinstance(p, torch.Tensor)
+                                                  for p in (alpha, threshold))
+    _, _, b_th, slope = check_lif_args(
+        0.5 if isinstance(alpha, torch.Tensor) else alpha,
+        1.0 if isinstance(threshold, torch.Tensor) else threshold, b_th, slope, backward,
+        surrogate, reset)
     v_init, s_init = check_state(state, x, B, n_out, reset)
+    if syn_init is not None:
+        _check_tensor("state.syn", syn_init, 2, x.dtype, x.device)
+        if tuple(syn_init.shape) != (B, n_out):
+            raise ValueError(f"state.syn must have shape [{B}, {n_out}], got "
+                             f"{tuple(syn_init.shape)}")
     x_cnt, x_idx = producer
     sparse = backward == "sparse"
-    (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _rst, stats) = ops.lif_forward(
-        x, weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope, sparse,
-        surrogate, reset)
-    if sparse:
-        # the set as the layer saved it (ops.SAVED_SET_ATTR), so that the next layer saves the
-        # same tensors
-        attach_active_set(spikes, *getattr(spikes, ops.SAVED_SET_ATTR, (act_cnt, act_idx)))
-    state_out = LIFState(v_final, spikes[-1])
+    syn_final = None
+    if tensor_params:
+        spikes, v_final, syn_final, act_cnt, act_idx, stats = _param_layer(
+            x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surrogate, reset, sparse,
+            v_init, s_init, syn_init)
+        if sparse:
+            attach_active_set(spikes, act_cnt, act_idx)
+    else:
+        (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _rst, stats) = ops.lif_forward(
+            x, weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope, sparse,
+            surrogate, reset)
+        if sparse:
+            # the set as the layer saved it (ops.SAVED_SET_ATTR), so that the next layer saves
+            # the same tensors
+            attach_active_set(spikes, *getattr(spikes, ops.SAVED_SET_ATTR, (act_cnt, act_idx)))
+    state_out = LIFState(v_final, spikes[-1], syn_final)
     stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n_out)
     return spikes, state_out, stats_out, (act_cnt, act_idx)
 
@@ -229,15 +396,16 @@ def lif_layer(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    alpha: float,
-    threshold: float = 1.0,
+    alpha,
+    threshold=1.0,
     b_th: float = 0.2,
     surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
     reset: str = "subtract",
     backward: str = "sparse",
-    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    state=None,
     return_state: bool = False,
+    alpha_syn=None,
 ):
     """Fused linear + leaky integrate-and-fire layer over a whole sequence.
 
@@ -255,10 +423,18 @@ def lif_layer(
     |u| < b_th, doing work proportional to those entries; backward="dense" uses it everywhere
     (standard surrogate BPTT). state=(V, S) continues a sequence; with return_state=True the
     result is (spikes, LIFState(V[T-1], S[T-1])).
+
+    alpha and threshold may also be tensors of shape [] or [N_out] (per-neuron), learnable
+    (requires_grad) in both backward modes; alpha_syn (float or tensor like alpha, default None)
+    adds the synaptic current syn[t] = alpha_syn*syn[t-1] + I[t] that V integrates in place of
+    I[t], and state / LIFState carry syn. Those run the current x W^T + b and then the
+    tensor-parameter neuron op (sparsegrad.lif's kernels); the backward saves x by its nonzero
+    entries and the neuron's active set with its traces (no dense float tensor), but computes
+    dW and dx as matrix products (docs/design.md §3c). Float parameters run the fused kernels.
     """
     spikes, state_out, _, _ = lif_layer_with_stats(
         x, weight, bias, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate,
-        slope=slope, reset=reset, backward=backward, state=state)
+        slope=slope, reset=reset, backward=backward, state=state, alpha_syn=alpha_syn)
     if return_state:
         return spikes, state_out
     return spikes
@@ -353,40 +529,106 @@ def li_readout(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    alpha: float,
+    alpha,
     reduce: str = "max",
     producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ):
     """Leaky-integrator readout U[t] = alpha*U[t-1] + (1-alpha)*(x[t] @ weight.T + bias).
 
     reduce = "max" | "sum" | "mean" over time -> [B, N_out]; "none" -> [T, B, N_out].
+    alpha: a float, or a tensor of shape [] or [N_out] (per output, learnable if it requires
+    grad; its values are used as given).
     """
     if producer is None:
         producer = producer_active_set(x)
     x, weight, bias = autocast_inputs(x, weight, bias)
     _check_linear(x, weight, bias)
-    alpha = _check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
     if reduce not in ops.REDUCTIONS:
         raise ValueError(f"reduce must be one of {ops.REDUCTIONS}, got {reduce!r}")
+    if isinstance(alpha, torch.Tensor):
+        return _readout_tensor_alpha(x, weight, bias, alpha, reduce)
+    alpha = _check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
     out, *_ = ops.li_readout_forward(x, weight, bias, producer[0], producer[1], alpha, reduce)
     return out
+
+
+def _readout_tensor_alpha(x, weight, bias, alpha, reduce):
+    """The readout with a tensor alpha ([] or [N_out], learnable): U is the membrane of the
+    tensor-parameter neuron (reset "none", no threshold) driven by (1 - alpha)*(x W^T + b),
+    the factor folded into the weight and bias so that autograd carries dL/dalpha through it
+    too; x is saved by its nonzero entries, as in lif_layer's tensor path."""
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    (alpha,) = [p for p in _layer_params(alpha, 1.0, None, x, n_out)[:1]]
+    kd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    a_row = _neuron_row(alpha, (n_out,), n_out, kd, x.device)
+    keep = 1.0 - a_row
+    w = weight.to(kd) * keep[:, None]
+    b = bias.to(kd) * keep if bias is not None else None
+    never = torch.full((n_out,), math.inf, dtype=kd, device=x.device)  # never fires, never active
+    need = (bool(torch.is_grad_enabled() and a_row.requires_grad), False, False)
+    _s, _v, _syn, mem, _c, _i, _st = _LinearParamLIF.apply(
+        x.to(kd), w, b, None, None, None, a_row, never, None, 1.0, 1.0, True, "fast_sigmoid",
+        "none", need, True)
+    mem = mem.to(x.dtype)
+    if reduce == "max":
+        return mem.max(dim=0).values
+    if reduce == "sum":
+        return mem.sum(dim=0)
+    if reduce == "mean":
+        return mem.mean(dim=0)
+    return mem
 
 
 # --------------------------------------------------------------------------------------------
 # The LIF neuron alone (after any per-step layer)
 # --------------------------------------------------------------------------------------------
+def _neuron_param(name, value, features, current, low, high, low_open, allow_none=False):
+    """A neuron parameter: a float (checked against its range) or a floating tensor that broadcasts
+    to one step's per-sample shape `features` (its values are not checked: that would synchronise
+    a GPU; see docs/design.md §3c for what values outside the range do)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got a tensor of "
+                            f"dtype {value.dtype}")
+        if value.device != current.device:
+            raise ValueError(f"{name} is on {value.device} but current is on {current.device}; "
+                             f"put them on one device")
+        try:
+            shape = tuple(torch.broadcast_shapes(tuple(value.shape), features))
+        except RuntimeError:
+            shape = None
+        if shape != features:
+            raise ValueError(f"{name} of shape {list(value.shape)} does not broadcast to one time "
+                             f"step's per-sample shape {list(features)} (current.shape[2:]); use "
+                             f"e.g. [] for one value, {list(features)} per neuron, or "
+                             f"[C, 1, 1] per channel of a [T, B, C, H, W] current")
+        return value
+    return _check_scalar(name, value, low, high, low_open)
+
+
+def _neuron_row(value, features, n, dtype, device):
+    """The parameter as the kernels take it: one value per neuron, [n] (differentiable)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype).expand(features).reshape(n)
+    return torch.full((n,), value, dtype=dtype, device=device)
+
+
 def lif_with_stats(
     current: torch.Tensor,
     *,
-    alpha: float,
-    threshold: float = 1.0,
+    alpha,
+    threshold=1.0,
     b_th: float = 0.2,
     surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
     reset: str = "subtract",
     backward: str = "sparse",
-    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    state=None,
     return_mem: bool = False,
+    alpha_syn=None,
 ):
     """lif returning (spikes, mem or None, LIFState, LIFStats, (act_cnt, act_idx))."""
     if not isinstance(current, torch.Tensor):
@@ -399,18 +641,32 @@ def lif_with_stats(
     if current.shape[0] == 0:
         raise ValueError(f"current must have at least one time step, got shape "
                          f"{tuple(current.shape)}")
-    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
-                                                   surrogate, reset)
     T, B = current.shape[:2]
     features = tuple(current.shape[2:])
     n = math.prod(features)
-    v_init = s_init = None
+    alpha = _neuron_param("alpha", alpha, features, current, 0.0, 1.0, False)
+    threshold = _neuron_param("threshold", threshold, features, current, 0.0, math.inf, True)
+    alpha_syn = _neuron_param("alpha_syn", alpha_syn, features, current, 0.0, 1.0, False,
+                              allow_none=True)
+    _, _, b_th, slope = check_lif_args(
+        0.5 if isinstance(alpha, torch.Tensor) else alpha,
+        1.0 if isinstance(threshold, torch.Tensor) else threshold, b_th, slope, backward,
+        surrogate, reset)
+    syn_model = alpha_syn is not None
+    v_init = s_init = syn_init = None
     if state is not None:
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise TypeError(f"state must be a (v, s) pair of [B, ...] tensors of shape "
-                            f"{(B,) + features} or None")
-        v_init, s_init = state
-        for name, t in (("state.v", v_init), ("state.s", s_init)):
+        pair = f"a (v, s{', syn' if syn_model else ''}) tuple"
+        if not isinstance(state, (tuple, list)) or len(state) not in (2, 3):
+            raise TypeError(f"state must be {pair} of [B, ...] tensors of shape {(B,) + features} "
+                            f"or None")
+        v_init, s_init = state[0], state[1]
+        syn_init = state[2] if len(state) == 3 else None
+        if syn_init is not None and not syn_model:
+            raise ValueError("state.syn is given but alpha_syn is None (no synaptic current)")
+        named = [("state.v", v_init), ("state.s", s_init)]
+        if syn_init is not None:
+            named.append(("state.syn", syn_init))
+        for name, t in named:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if tuple(t.shape) != (B,) + features:
@@ -419,16 +675,45 @@ def lif_with_stats(
         if reset == "zero" and not bool(((s_init == 0) | (s_init == 1)).all()):
             raise ValueError("state.s must hold only spikes (0 or 1) with reset='zero'")
         v_init, s_init = v_init.reshape(B, n), s_init.reshape(B, n)
+        if syn_init is not None:
+            syn_init = syn_init.reshape(B, n)
     sparse = backward == "sparse"
-    spikes, v_final, act_cnt, act_idx, _sg, _rg, _rst, mem, stats = ops.lif_neuron_forward(
-        current.reshape(T, B, n), v_init, s_init, alpha, threshold, b_th, slope, sparse,
-        surrogate, reset, return_mem)
+    syn_final = None
+    if not syn_model and not any(isinstance(p, torch.Tensor) for p in (alpha, threshold)):
+        # float parameters: the scalar kernels, exactly as before tensor parameters existed
+        spikes, v_final, act_cnt, act_idx, _sg, _rg, _rst, mem, stats = ops.lif_neuron_forward(
+            current.reshape(T, B, n), v_init, s_init, alpha, threshold, b_th, slope, sparse,
+            surrogate, reset, return_mem)
+    else:
+        # per-neuron / learnable parameters, synaptic current: one value per neuron, in the
+        # kernel's dtype (float32 for half types, so that alpha is not rounded to 8 bits)
+        kd = torch.float32 if current.dtype in (torch.float16, torch.bfloat16) else current.dtype
+
+        def k(t):
+            return None if t is None else t.to(kd)
+
+        rows = [_neuron_row(p, features, n, kd, current.device) if p is not None else None
+                for p in (alpha, threshold, alpha_syn)]
+        grad_on = torch.is_grad_enabled()
+        need = [bool(grad_on and r is not None and r.requires_grad) for r in rows]
+        (spikes, v_final, syn_final, act_cnt, act_idx, _sg, _p, _q, _u, _tl, _rst, mem,
+         stats) = ops.lif_neuron_param_forward(
+            k(current.reshape(T, B, n)), k(v_init), k(s_init), k(syn_init), rows[0], rows[1],
+            rows[2], b_th, slope, sparse, surrogate, reset, return_mem, need[0], need[1], need[2])
+        if kd != current.dtype:
+            spikes, v_final, mem = (t.to(current.dtype) for t in (spikes, v_final, mem))
+            if syn_model:
+                syn_final = syn_final.to(current.dtype)
+        if not syn_model:
+            syn_final = None
     if sparse and current.dim() == 3:
         # a fused LIF right after this neuron then computes dx only at these entries
         attach_active_set(spikes, act_cnt, act_idx)
     spikes = spikes.view(current.shape) if current.dim() != 3 else spikes
     v_final = v_final.view((B,) + features)
-    state_out = LIFState(v_final, spikes[-1])
+    if syn_final is not None:
+        syn_final = syn_final.view((B,) + features)
+    state_out = LIFState(v_final, spikes[-1], syn_final)
     stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n)
     return (spikes, mem.view(current.shape) if return_mem else None, state_out, stats_out,
             (act_cnt, act_idx))
@@ -437,8 +722,8 @@ def lif_with_stats(
 def lif(
     current: torch.Tensor,
     *,
-    alpha: float,
-    threshold: float = 1.0,
+    alpha,
+    threshold=1.0,
     b_th: float = 0.2,
     surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
@@ -447,6 +732,7 @@ def lif(
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     return_state: bool = False,
     return_mem: bool = False,
+    alpha_syn=None,
 ):
     """Leaky integrate-and-fire neurons driven by a given input current, over a whole sequence.
 
@@ -466,10 +752,22 @@ def lif(
     state=(V, S), each [B, *], continues a sequence (default: V = S = 0). return_mem=True also
     returns the membrane V [T, B, *] (it carries gradient). Returns spikes, then mem if
     return_mem, then the LIFState(V[T-1], S[T-1]) if return_state.
+
+    alpha and threshold are floats, or tensors that broadcast to current.shape[2:] (e.g. [] for
+    one value, [C, 1, 1] for one per channel of a [T, B, C, H, W] current, the full per-sample
+    shape for one per neuron); a tensor that requires grad gets its gradient in both backward
+    modes (the sparse one from the traces P = dV/dalpha and Q = -dV/dthreshold kept at the
+    active entries only; docs/design.md §3c). Tensor values are used as given, without a range
+    check (it would synchronise a GPU): alpha outside [0, 1] makes the membrane grow or
+    oscillate, a threshold <= 0 fires at rest; nn.LIFNeuron clamps its alpha to [0, 1].
+    alpha_syn (float or tensor like alpha; default None: no synaptic current) adds the
+    synaptic current of snnTorch's Synaptic / NIR's CubaLIF: syn[t] = alpha_syn*syn[t-1] +
+    current[t], and V integrates syn[t] in place of current[t]; state and the returned
+    LIFState then carry syn too (state=(V, S, syn)).
     """
     spikes, mem, state_out, _, _ = lif_with_stats(
         current, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate, slope=slope,
-        reset=reset, backward=backward, state=state, return_mem=return_mem)
+        reset=reset, backward=backward, state=state, return_mem=return_mem, alpha_syn=alpha_syn)
     out = (spikes,)
     if return_mem:
         out += (mem,)

@@ -57,16 +57,24 @@ class LIF(_LinearParams):
     state_dict-compatible with nn.Linear (``weight`` [out, in], ``bias`` [out]). Input [T, B, in]
     (or [B, T, in] with batch_first=True) -> spikes of the same layout with ``out`` features.
     After each forward, ``last_stats`` holds that call's spike count and active fraction.
+
+    ``alpha``, ``threshold`` and ``alpha_syn`` (default None: no synaptic current) are floats or
+    tensors of shape [] or [out] (per neuron); ``learn_alpha`` / ``learn_threshold`` /
+    ``learn_alpha_syn`` make them nn.Parameters (state_dict keys ``alpha``, ``threshold``,
+    ``alpha_syn``), as LIFNeuron's; a tensor alpha / alpha_syn is clamped to [0, 1] in the
+    forward. forward(x, state=(V, S[, syn]), return_state=True) continues a sequence.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 alpha: float = 0.9, threshold: float = 1.0, b_th: float = 0.2,
+                 alpha=0.9, threshold=1.0, b_th: float = 0.2,
                  surrogate: str = "fast_sigmoid", slope: float = 100.0, reset: str = "subtract",
-                 backward: str = "sparse", batch_first: bool = False, device=None, dtype=None):
+                 backward: str = "sparse", batch_first: bool = False, device=None, dtype=None,
+                 alpha_syn=None, learn_alpha: bool = False, learn_threshold: bool = False,
+                 learn_alpha_syn: bool = False):
         super().__init__(in_features, out_features, bias, device, dtype)
-        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
-        self.alpha = float(alpha)
-        self.threshold = float(threshold)
+        F_sg.check_lif_args(0.5, 1.0, b_th, slope, backward, surrogate, reset)
+        _layer_neuron_parameters(self, out_features, alpha, threshold, alpha_syn, learn_alpha,
+                                 learn_threshold, learn_alpha_syn, device)
         self.b_th = float(b_th)
         self.surrogate = surrogate
         self.slope = float(slope)
@@ -88,9 +96,10 @@ class LIF(_LinearParams):
         if state is None:
             state = self._initial_state(x_tm)
         spikes, state_out, stats, (cnt, idx) = F_sg.lif_layer_with_stats(
-            x_tm, self.weight, self._input_bias(), alpha=self.alpha, threshold=self.threshold,
-            b_th=self.b_th, surrogate=self.surrogate, slope=self.slope, reset=self.reset,
-            backward=self.backward, state=state, producer=self._producer(x))
+            x_tm, self.weight, self._input_bias(), alpha=LIFNeuron._clamped(self.alpha),
+            threshold=self.threshold, b_th=self.b_th, surrogate=self.surrogate, slope=self.slope,
+            reset=self.reset, backward=self.backward, state=state, producer=self._producer(x),
+            alpha_syn=LIFNeuron._clamped(getattr(self, "alpha_syn", None)))
         self.last_stats = stats
         if self.batch_first:
             spikes = spikes.transpose(0, 1)
@@ -102,6 +111,7 @@ class LIF(_LinearParams):
         # Models pickled before surrogates and resets were options used the defaults.
         state.setdefault("surrogate", "fast_sigmoid")
         state.setdefault("reset", "subtract")
+        state.setdefault("alpha_syn", None)
         super().__setstate__(state)
 
     def __getstate__(self):
@@ -112,8 +122,11 @@ class LIF(_LinearParams):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, alpha={self.alpha}, threshold={self.threshold}, "
-                f"b_th={self.b_th}, surrogate={self.surrogate!r}, slope={self.slope}, "
+                f"bias={self.bias is not None}, alpha={_param_repr(self.alpha)}, "
+                f"threshold={_param_repr(self.threshold)}"
+                + ("" if getattr(self, "alpha_syn", None) is None
+                   else f", alpha_syn={_param_repr(self.alpha_syn)}")
+                + f", b_th={self.b_th}, surrogate={self.surrogate!r}, slope={self.slope}, "
                 f"reset={self.reset!r}, backward={self.backward!r}, "
                 f"batch_first={self.batch_first}")
 
@@ -195,47 +208,128 @@ class LIReadout(_LinearParams):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 alpha: float = 0.9, reduce: str = "max", batch_first: bool = False,
-                 device=None, dtype=None):
+                 alpha=0.9, reduce: str = "max", batch_first: bool = False,
+                 device=None, dtype=None, learn_alpha: bool = False):
         super().__init__(in_features, out_features, bias, device, dtype)
-        F_sg._check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
+        if isinstance(alpha, torch.Tensor) and tuple(alpha.shape) not in ((), (out_features,)):
+            raise ValueError(f"alpha must be a float or a tensor of shape [] or [out_features] = "
+                             f"[{out_features}], got shape {list(alpha.shape)}")
         if reduce not in ops.REDUCTIONS:
             raise ValueError(f"reduce must be one of {ops.REDUCTIONS}, got {reduce!r}")
-        self.alpha = float(alpha)
+        # a float, a buffer, or with learn_alpha an nn.Parameter (clamped to [0, 1] in forward)
+        _neuron_parameter(self, "alpha", alpha, learn_alpha, 0.0, 1.0, False)
+        if device is not None and isinstance(self.alpha, torch.Tensor):
+            self.alpha.data = self.alpha.data.to(device)
         self.reduce = reduce
         self.batch_first = bool(batch_first)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F_sg.li_readout(self._time_major(x), self.weight, self.bias, alpha=self.alpha,
-                              reduce=self.reduce, producer=self._producer(x))
+        out = F_sg.li_readout(self._time_major(x), self.weight, self.bias,
+                              alpha=LIFNeuron._clamped(self.alpha), reduce=self.reduce,
+                              producer=self._producer(x))
         if self.reduce == "none" and self.batch_first:
             out = out.transpose(0, 1)
         return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, alpha={self.alpha}, reduce={self.reduce!r}, "
+                f"bias={self.bias is not None}, alpha={_param_repr(self.alpha)}, "
+                f"reduce={self.reduce!r}, "
                 f"batch_first={self.batch_first}")
+
+
+def _neuron_parameter(module: nn.Module, name: str, value, learn: bool, low: float, high: float,
+                      low_open: bool) -> None:
+    """Store a neuron parameter on `module` under `name`: a float stays a float attribute (the
+    float kernels, exactly as before); a tensor becomes a buffer, or with learn=True (a float
+    too) an nn.Parameter, so that the state_dict key is `name`. Tensor values are checked here,
+    once, so that the forward never synchronises a GPU to check them."""
+    if not isinstance(value, torch.Tensor) and not learn:
+        setattr(module, name, F_sg._check_scalar(name, value, low, high, low_open))
+        return
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got {value.dtype}")
+        t = value.detach().clone()
+    else:
+        t = torch.tensor(F_sg._check_scalar(name, value, -math.inf, math.inf, False))
+    if t.numel():
+        lo, hi = float(t.min()), float(t.max())
+        if math.isnan(lo) or math.isnan(hi) or (lo <= low if low_open else lo < low) or hi > high:
+            bracket = "(" if low_open else "["
+            raise ValueError(f"{name} must be in {bracket}{low}, {high}], got values in "
+                             f"[{lo}, {hi}]")
+    if learn:
+        setattr(module, name, nn.Parameter(t))
+    else:
+        module.register_buffer(name, t)
+
+
+def _layer_neuron_parameters(module, n_out, alpha, threshold, alpha_syn, learn_alpha,
+                             learn_threshold, learn_alpha_syn, device=None):
+    """alpha / threshold / alpha_syn of a layer with n_out neurons: floats or [] / [n_out]."""
+    for name, value in (("alpha", alpha), ("threshold", threshold), ("alpha_syn", alpha_syn)):
+        if isinstance(value, torch.Tensor) and tuple(value.shape) not in ((), (n_out,)):
+            raise ValueError(f"{name} must be a float or a tensor of shape [] or [out_features] "
+                             f"= [{n_out}], got shape {list(value.shape)}")
+    _neuron_parameter(module, "alpha", alpha, learn_alpha, 0.0, 1.0, False)
+    _neuron_parameter(module, "threshold", threshold, learn_threshold, 0.0, math.inf, True)
+    if alpha_syn is None:
+        if learn_alpha_syn:
+            raise ValueError("learn_alpha_syn=True needs alpha_syn (a float or a tensor), got None")
+        module.alpha_syn = None
+    else:
+        _neuron_parameter(module, "alpha_syn", alpha_syn, learn_alpha_syn, 0.0, 1.0, False)
+    if device is not None:
+        for name in ("alpha", "threshold", "alpha_syn"):
+            value = getattr(module, name)
+            if isinstance(value, torch.Tensor):
+                value.data = value.data.to(device)
+
+
+def _param_repr(value) -> str:
+    if isinstance(value, torch.Tensor):
+        kind = "Parameter" if isinstance(value, nn.Parameter) else "tensor"
+        return f"{kind}{list(value.shape)}"
+    return repr(value)
 
 
 class LIFNeuron(nn.Module):
     """Leaky integrate-and-fire neurons driven by the output of any layer (sparsegrad.lif).
 
     Input: the current [T, B, *] (or [B, T, *] with batch_first=True), e.g. a convolution's output
-    for every time step (see TimeDistributed) -> spikes of the same shape and layout. No
-    parameters. ``reset`` ("subtract", "zero", "none") and ``surrogate`` ("fast_sigmoid", "atan",
-    "sigmoid", "triangle", with ``slope``) as in sparsegrad.lif; return_mem=True makes forward
-    return (spikes, membrane). After each forward, ``last_stats`` holds that call's spike count
-    and active fraction.
+    for every time step (see TimeDistributed) -> spikes of the same shape and layout. ``reset``
+    ("subtract", "zero", "none") and ``surrogate`` ("fast_sigmoid", "atan", "sigmoid",
+    "triangle", with ``slope``) as in sparsegrad.lif; return_mem=True makes forward return
+    (spikes, membrane). After each forward, ``last_stats`` holds that call's spike count and
+    active fraction.
+
+    ``alpha``, ``threshold`` and ``alpha_syn`` (default None: no synaptic current; a float gives
+    snnTorch's Synaptic with alpha = beta and alpha_syn = its alpha) are floats or tensors that
+    broadcast to the per-sample shape (e.g. [C, 1, 1] per channel, [N] per neuron). A float
+    stays a plain attribute; a tensor is a buffer; ``learn_alpha`` / ``learn_threshold`` /
+    ``learn_alpha_syn`` make the value (a float becomes a 0-d tensor) an nn.Parameter. Either
+    way the state_dict keys are ``alpha``, ``threshold``, ``alpha_syn``. In the forward a
+    tensor alpha and alpha_syn are clamped to [0, 1], as snnTorch clamps a learnable beta (the
+    gradient is zero outside); the threshold is used as it is (it should stay > 0).
     """
 
-    def __init__(self, *, alpha: float = 0.9, threshold: float = 1.0, b_th: float = 0.2,
+    def __init__(self, *, alpha=0.9, threshold=1.0, b_th: float = 0.2,
                  surrogate: str = "fast_sigmoid", slope: float = 100.0, reset: str = "subtract",
-                 backward: str = "sparse", batch_first: bool = False, return_mem: bool = False):
+                 backward: str = "sparse", batch_first: bool = False, return_mem: bool = False,
+                 alpha_syn=None, learn_alpha: bool = False, learn_threshold: bool = False,
+                 learn_alpha_syn: bool = False):
         super().__init__()
-        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
-        self.alpha = float(alpha)
-        self.threshold = float(threshold)
+        F_sg.check_lif_args(0.5, 1.0, b_th, slope, backward, surrogate, reset)
+        _neuron_parameter(self, "alpha", alpha, learn_alpha, 0.0, 1.0, False)
+        _neuron_parameter(self, "threshold", threshold, learn_threshold, 0.0, math.inf, True)
+        if alpha_syn is None:
+            if learn_alpha_syn:
+                raise ValueError("learn_alpha_syn=True needs alpha_syn (a float or a tensor), "
+                                 "got None")
+            self.alpha_syn = None
+        else:
+            _neuron_parameter(self, "alpha_syn", alpha_syn, learn_alpha_syn, 0.0, 1.0, False)
         self.b_th = float(b_th)
         self.surrogate = surrogate
         self.slope = float(slope)
@@ -245,6 +339,10 @@ class LIFNeuron(nn.Module):
         self.return_mem = bool(return_mem)
         self.last_stats: Optional[F_sg.LIFStats] = None
 
+    @staticmethod
+    def _clamped(value):
+        return value.clamp(0.0, 1.0) if isinstance(value, torch.Tensor) else value
+
     def forward(self, x: torch.Tensor, state=None, return_state: bool = False):
         if not isinstance(x, torch.Tensor) or x.dim() < 3:
             layout = "[B, T, ...]" if self.batch_first else "[T, B, ...]"
@@ -252,9 +350,9 @@ class LIFNeuron(nn.Module):
                              f"dimension, got {getattr(x, 'shape', type(x).__name__)}")
         x_tm = x.transpose(0, 1) if self.batch_first else x
         spikes, mem, state_out, stats, _ = F_sg.lif_with_stats(
-            x_tm, alpha=self.alpha, threshold=self.threshold, b_th=self.b_th,
+            x_tm, alpha=self._clamped(self.alpha), threshold=self.threshold, b_th=self.b_th,
             surrogate=self.surrogate, slope=self.slope, reset=self.reset, backward=self.backward,
-            state=state, return_mem=self.return_mem)
+            state=state, return_mem=self.return_mem, alpha_syn=self._clamped(self.alpha_syn))
         self.last_stats = stats
         if self.batch_first:
             time_major = spikes
@@ -268,13 +366,19 @@ class LIFNeuron(nn.Module):
             out += (state_out,)
         return out[0] if len(out) == 1 else out
 
+    def __setstate__(self, state):
+        state.setdefault("alpha_syn", None)  # pickled before the synaptic current existed
+        super().__setstate__(state)
+
     def __getstate__(self):
         state = super().__getstate__().copy()
         state["last_stats"] = None
         return state
 
     def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, threshold={self.threshold}, b_th={self.b_th}, "
+        syn = "" if self.alpha_syn is None else f", alpha_syn={_param_repr(self.alpha_syn)}"
+        return (f"alpha={_param_repr(self.alpha)}, threshold={_param_repr(self.threshold)}"
+                f"{syn}, b_th={self.b_th}, "
                 f"surrogate={self.surrogate!r}, slope={self.slope}, reset={self.reset!r}, "
                 f"backward={self.backward!r}, batch_first={self.batch_first}"
                 + (", return_mem=True" if self.return_mem else ""))

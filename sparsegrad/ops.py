@@ -142,6 +142,48 @@ def _lif_neuron_backward_fake(grad_spikes, grad_v_final, grad_mem, act_cnt, act_
     return grad_spikes.new_empty(T, B, N), dv
 
 
+@torch.library.register_fake("sparsegrad::lif_neuron_param_forward")
+def _lif_neuron_param_forward_fake(current, v_init, s_init, syn_init, alpha, threshold, alpha_syn,
+                                   b_th, slope, sparse, surrogate, reset, return_mem, need_dalpha,
+                                   need_dthreshold, need_dalpha_syn):
+    T, B, N = current.shape
+    ctx = torch.library.get_ctx()
+    new = current.new_empty
+    spikes, v_final = new(T, B, N), new(B, N)
+    syn_final = new(B, N) if alpha_syn is not None else new(0)
+    if sparse:
+        n_active = _dynamic(ctx)
+        act_cnt = new(B * T, dtype=torch.int32)
+        act_idx = new(n_active, dtype=torch.int32)
+        act_sg = new(n_active)
+    else:
+        act_cnt = new(0, dtype=torch.int32)
+        act_idx = new(0, dtype=torch.int32)
+        act_sg = new(T, B, N)
+    entries = T * B * N if (not sparse or return_mem) else act_idx.shape[0]
+    need_u = need_dalpha_syn and alpha_syn is not None
+    act_p = new(entries) if need_dalpha else new(0)
+    act_q = new(entries) if need_dthreshold and reset == "subtract" else new(0)
+    act_u = new(entries) if need_u else new(0)
+    tan_last = new(4, B, N) if (need_dalpha or need_dthreshold or need_u) else new(0)
+    rst_bits = rst_bits_fake(current, T, B, N, reset)
+    mem = new(T, B, N) if return_mem else new(0)
+    stats = new(3, dtype=torch.int64)
+    return (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+            rst_bits, mem, stats)
+
+
+@torch.library.register_fake("sparsegrad::lif_neuron_param_backward")
+def _lif_neuron_param_backward_fake(grad_spikes, grad_v_final, grad_syn_final, grad_mem, act_cnt,
+                                    act_idx, act_sg, act_p, act_q, act_u, tan_last, rst_bits,
+                                    alpha, alpha_syn, sparse, dense_traces, need_dv, need_dsyn,
+                                    need_dalpha, need_dthreshold, need_dalpha_syn):
+    T, B, N = grad_spikes.shape
+    new = grad_spikes.new_empty
+    return (new(T, B, N),) + tuple(new(B, N) if f else new(0) for f in (
+        need_dv, need_dsyn, need_dalpha, need_dthreshold, need_dalpha_syn))
+
+
 @torch.library.register_fake("sparsegrad::rlif_forward")
 def _rlif_forward_fake(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha,
                        threshold, b_th, slope, sparse, surrogate="fast_sigmoid", reset="subtract"):
@@ -376,6 +418,66 @@ torch.library.register_autograd("sparsegrad::lif_neuron_forward", _lif_neuron_ba
                                 setup_context=_lif_neuron_setup_context)
 
 
+_PARAM_NEURON_INPUTS = 16
+
+
+def _lif_neuron_param_setup_context(ctx, inputs, output):
+    (current, v_init, s_init, syn_init, alpha, threshold, alpha_syn, b_th, slope, sparse,
+     surrogate, reset, return_mem, need_dalpha, need_dthreshold, need_dalpha_syn) = inputs
+    (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+     rst_bits, mem, stats) = output
+    ctx.sparse = sparse
+    ctx.dense_traces = (not sparse) or return_mem
+    ctx.has_rst = reset == "zero"
+    ctx.has_syn = alpha_syn is not None
+    ctx.has_v_init = v_init is not None
+    ctx.has_syn_init = syn_init is not None
+    ctx.traced = (need_dalpha, need_dthreshold, need_dalpha_syn and alpha_syn is not None)
+    ctx.spikes_shape = spikes.shape
+    ctx.mark_non_differentiable(act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last, rst_bits,
+                                stats)
+    ctx.set_materialize_grads(False)
+    # Sparse mode: the active set with its surrogate and the traces P, Q, U there (plus their
+    # last values [B, N]); no dense float [T, B, N] tensor unless return_mem (the membrane
+    # returned is dense anyway) or the dense backward.
+    ctx.save_for_backward(act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last, rst_bits, alpha,
+                          alpha_syn if alpha_syn is not None else alpha.new_empty(0))
+
+
+def _lif_neuron_param_backward(ctx, grad_spikes, grad_v_final, grad_syn_final, *rest):
+    grad_mem = rest[8]  # after act_cnt .. rst_bits
+    if grad_mem is not None and grad_mem.numel() == 0:
+        grad_mem = None
+    if not ctx.has_syn:
+        grad_syn_final = None
+    if grad_spikes is None and grad_v_final is None and grad_mem is None and grad_syn_final is None:
+        return (None,) * _PARAM_NEURON_INPUTS
+    (act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last, rst_bits, alpha,
+     alpha_syn) = ctx.saved_tensors
+    if grad_spikes is None:
+        like = next(g for g in (grad_v_final, grad_mem, grad_syn_final) if g is not None)
+        grad_spikes = like.new_zeros(ctx.spikes_shape)
+    need = ctx.needs_input_grad
+    need_dv = ctx.has_v_init and need[1]
+    need_dsyn = ctx.has_syn_init and need[3]
+    need_da, need_dth, need_das = (ctx.traced[0] and need[4], ctx.traced[1] and need[5],
+                                   ctx.traced[2] and need[6])
+    gc, dv, dsyn, da, dth, das = _ops.lif_neuron_param_backward.default(
+        grad_spikes, grad_v_final, grad_syn_final, grad_mem, act_cnt, act_idx, act_sg, act_p,
+        act_q, act_u, tan_last, rst_bits if ctx.has_rst else None, alpha,
+        alpha_syn if ctx.has_syn else None, ctx.sparse, ctx.dense_traces, need_dv, need_dsyn,
+        need_da, need_dth, need_das)
+    # the kernel returns one row per batch element (no reduction across its tasks)
+    return ((gc if need[0] else None), (dv if need_dv else None), None,
+            (dsyn if need_dsyn else None), (da.sum(0) if need_da else None),
+            (dth.sum(0) if need_dth else None), (das.sum(0) if need_das else None)) + \
+        (None,) * (_PARAM_NEURON_INPUTS - 7)
+
+
+torch.library.register_autograd("sparsegrad::lif_neuron_param_forward", _lif_neuron_param_backward,
+                                setup_context=_lif_neuron_param_setup_context)
+
+
 def _rlif_setup_context(ctx, inputs, output):
     (x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha, threshold, b_th,
      slope, sparse, *kinds) = inputs
@@ -470,10 +572,23 @@ def lif_neuron_forward(current, v_init, s_init, alpha: float, threshold: float, 
                                            float(v_reset), bool(detach_reset))
 
 
+def lif_neuron_param_forward(current, v_init, s_init, syn_init, alpha, threshold, alpha_syn,
+                             b_th: float, slope: float, sparse: bool, surrogate: str = "fast_sigmoid",
+                             reset: str = "subtract", return_mem: bool = False,
+                             need_dalpha: bool = False, need_dthreshold: bool = False,
+                             need_dalpha_syn: bool = False):
+    """The neuron op with per-neuron alpha, threshold ([N] tensors) and optional alpha_syn."""
+    return _ops.lif_neuron_param_forward.default(
+        current, v_init, s_init, syn_init, alpha, threshold, alpha_syn, float(b_th), float(slope),
+        bool(sparse), surrogate, reset, bool(return_mem), bool(need_dalpha), bool(need_dthreshold),
+        bool(need_dalpha_syn))
+
+
 def registered_kernels(dispatch_key: str = "CPU") -> dict:
     """Which sparsegrad ops have a kernel for `dispatch_key` ("CPU", "CUDA")."""
     names = ["lif_forward", "lif_backward_sparse", "lif_backward_dense", "li_readout_forward",
-             "li_readout_backward", "lif_neuron_forward", "lif_neuron_backward", "rlif_forward",
+             "li_readout_backward", "lif_neuron_forward", "lif_neuron_backward", "lif_neuron_param_forward",
+             "lif_neuron_param_backward", "rlif_forward",
              "rlif_backward_sparse", "rlif_backward_dense"]
     return {n: torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegrad::{n}", dispatch_key)
             for n in names}

@@ -89,6 +89,7 @@ def lif_layer(
     backward: str = "sparse",
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     return_state: bool = False,
+    alpha_syn=None,
 ):
     """Reference LIF layer, time-major x [T, B, N_in] -> spikes [T, B, N_out].
 
@@ -96,28 +97,16 @@ def lif_layer(
     alpha*(1 - S[t-1])*V[t-1] + I[t]; "none": alpha*V[t-1] + I[t]; S[t-1] detached),
     S[t] = H(V[t] - threshold). backward="dense" uses the unmasked surrogate, "sparse" masks it to
     |V - threshold| < b_th. state = (V, S) of shape [B, N_out] each; the returned state is
-    (V[T-1], S[T-1]).
+    (V[T-1], S[T-1]). alpha / threshold / alpha_syn may be tensors of shape [] or [N_out];
+    with alpha_syn the membrane integrates syn[t] = alpha_syn*syn[t-1] + I[t] and the state is
+    (V, S, syn).
     """
     if backward not in ("sparse", "dense"):
         raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
-    mask_width = b_th if backward == "sparse" else math.inf
     current = F.linear(x, weight, bias)
-    _, B, N = current.shape
-    if state is None:
-        v = current.new_zeros(B, N)
-        s = current.new_zeros(B, N)
-    else:
-        v, s = state
-    spikes = []
-    # unbind, not current[t]: indexing inside the loop would make autograd's backward O(T^2)
-    for current_t in current.unbind(0):
-        v = lif_step(v, current_t, s, alpha, threshold, reset)
-        s = spike(v - threshold, slope, mask_width, surrogate)
-        spikes.append(s)
-    out = torch.stack(spikes)
-    if return_state:
-        return out, (v, s)
-    return out
+    return lif_neuron(current, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate,
+                      slope=slope, reset=reset, backward=backward, state=state,
+                      return_state=return_state, alpha_syn=alpha_syn)
 
 
 def rlif_layer(
@@ -234,6 +223,7 @@ def lif_neuron(
     state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     return_state: bool = False,
     return_mem: bool = False,
+    alpha_syn=None,
 ):
     """Reference of sparsegrad.lif: current [T, B, *] -> spikes [T, B, *], step by step.
 
@@ -241,19 +231,31 @@ def lif_neuron(
     zero:     V[t] = alpha*((1 - S[t-1])*V[t-1]) + I[t]      (as snnTorch's reset_mechanism="zero")
     none:     V[t] = alpha*V[t-1] + I[t]
     S[t] = H(V[t] - threshold); S[t-1] is detached in every reset.
+
+    alpha, threshold and alpha_syn may be floats or tensors broadcasting to current.shape[2:]
+    (ordinary autograd gives their gradients). With alpha_syn (a synaptic current),
+    I[t] above is syn[t] = alpha_syn*syn[t-1] + current[t], syn[-1] = state's syn or 0, and the
+    returned state is (V, S, syn).
     """
     if backward not in ("sparse", "dense"):
         raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
     if reset not in ("subtract", "zero", "none"):
         raise ValueError(f"reset must be 'subtract', 'zero' or 'none', got {reset!r}")
     mask_width = b_th if backward == "sparse" else math.inf
+    syn = None
     if state is None:
         v = current.new_zeros(current.shape[1:])
         s = current.new_zeros(current.shape[1:])
     else:
-        v, s = state
+        v, s = state[0], state[1]
+        syn = state[2] if len(state) > 2 else None
+    if alpha_syn is not None and syn is None:
+        syn = current.new_zeros(current.shape[1:])
     spikes, mems = [], []
     for current_t in current.unbind(0):
+        if alpha_syn is not None:
+            syn = alpha_syn * syn + current_t
+            current_t = syn
         v = lif_step(v, current_t, s, alpha, threshold, reset)
         s = spike(v - threshold, slope, mask_width, surrogate)
         spikes.append(s)
@@ -262,7 +264,7 @@ def lif_neuron(
     if return_mem:
         out += (torch.stack(mems),)
     if return_state:
-        out += ((v, s),)
+        out += ((v, s) if alpha_syn is None else (v, s, syn),)
     return out[0] if len(out) == 1 else out
 
 

@@ -9,6 +9,8 @@
 // so results do not depend on the number of threads.
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "low_precision.h"
 
 #include "cpu/cpu_common.h"
@@ -43,41 +45,72 @@ inline bool bit_set(const int32_t* words, int64_t j) { return test_bit(words, j)
 // Row helpers of the forward: each is one loop over a row of N neurons with restrict pointers
 // and the reset / surrogate fixed at compile time, so that the compiler vectorises it (a loop
 // over math:: calls with a run-time kind and possibly aliasing rows stays scalar and branchy).
+// Param is ScalarParam (the float API: one value, vectorises as before) or ParamView (per-neuron
+// values); kSyn adds the synaptic current. Both ops instantiate these same loops.
 
-// One step of the leaky membrane for a row: V = integrate(V, I, S), S = fire(V), spikes out.
-template <int kReset, typename scalar_t, typename acc_t>
+// Compile-time dispatch of the reset kind.
+template <class F>
+inline void with_reset(int reset, F&& f) {
+  switch (reset) {
+    case kResetZero: return f(std::integral_constant<int, kResetZero>{});
+    case kResetNone: return f(std::integral_constant<int, kResetNone>{});
+    default: return f(std::integral_constant<int, kResetSubtract>{});
+  }
+}
+
+// The neuron's parameters (alpha, threshold, alpha_syn) as views of one kind.
+template <class Param>
+struct NeuronParams {
+  Param alpha, threshold, alpha_syn;
+};
+
+// One step of the leaky membrane for a row: (syn = synaptic(syn, I)), V = integrate(V, I or syn,
+// S), S = fire(V), spikes out.
+template <int kReset, bool kSyn, class Param, typename scalar_t, typename acc_t>
 inline void leaky_step_row(int64_t n, const scalar_t* __restrict__ cur, acc_t* __restrict__ v,
-                           acc_t* __restrict__ s, scalar_t* __restrict__ spk, acc_t alpha,
-                           acc_t threshold) {
+                           acc_t* __restrict__ s, acc_t* __restrict__ syn,
+                           scalar_t* __restrict__ spk, const NeuronParams<Param>& p) {
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t vj = math::integrate(v[j], static_cast<acc_t>(cur[j]), s[j], alpha, threshold, kReset);
-    const acc_t sj = math::fire(vj, threshold);
+    acc_t in = static_cast<acc_t>(cur[j]);
+    if constexpr (kSyn) {
+      in = math::synaptic(syn[j], in, p.alpha_syn[j]);
+      syn[j] = in;
+    }
+    const acc_t vj = math::integrate(v[j], in, s[j], p.alpha[j], p.threshold[j], kReset);
+    const acc_t sj = math::fire(vj, p.threshold[j]);
     v[j] = vj;
     s[j] = sj;
     spk[j] = static_cast<scalar_t>(sj);
   }
 }
 
-template <typename scalar_t, typename acc_t>
-inline void leaky_step_row(int reset, int64_t n, const scalar_t* cur, acc_t* v, acc_t* s,
-                           scalar_t* spk, acc_t alpha, acc_t threshold) {
-  switch (reset) {
-    case kResetZero: return leaky_step_row<kResetZero>(n, cur, v, s, spk, alpha, threshold);
-    case kResetNone: return leaky_step_row<kResetNone>(n, cur, v, s, spk, alpha, threshold);
-    default: return leaky_step_row<kResetSubtract>(n, cur, v, s, spk, alpha, threshold);
+// The forward-mode traces of a row (math::tangent_*), from the state of the previous step.
+template <int kReset, bool kSyn, class Param, typename acc_t>
+inline void tangent_row(int64_t n, const acc_t* __restrict__ v, const acc_t* __restrict__ s,
+                        const acc_t* __restrict__ syn, acc_t* __restrict__ tp,
+                        acc_t* __restrict__ tq, acc_t* __restrict__ tr, acc_t* __restrict__ tu,
+                        const NeuronParams<Param>& p) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t a = p.alpha[j];
+    tp[j] = math::tangent_alpha(tp[j], v[j], s[j], a, kReset);
+    tq[j] = math::tangent_threshold(tq[j], s[j], a, kReset);
+    if constexpr (kSyn) {
+      tr[j] = math::tangent_syn(tr[j], syn[j], p.alpha_syn[j]);
+      tu[j] = math::tangent_alpha_syn(tu[j], tr[j], s[j], a, kReset);
+    }
   }
 }
 
 // The surrogate of every neuron of a row (dense mode).
-template <int kKind, typename scalar_t, typename acc_t>
+template <int kKind, class Param, typename scalar_t, typename acc_t>
 inline void surrogate_row(int64_t n, const acc_t* __restrict__ h, scalar_t* __restrict__ out,
-                          acc_t threshold, acc_t slope) {
+                          Param threshold, acc_t slope) {
   for (int64_t j = 0; j < n; ++j)
-    out[j] = static_cast<scalar_t>(math::surrogate(h[j], threshold, slope, kKind));
+    out[j] = static_cast<scalar_t>(math::surrogate(h[j], threshold[j], slope, kKind));
 }
 
-template <typename scalar_t, typename acc_t>
-inline void surrogate_row(int kind, int64_t n, const acc_t* h, scalar_t* out, acc_t threshold,
+template <class Param, typename scalar_t, typename acc_t>
+inline void surrogate_row(int kind, int64_t n, const acc_t* h, scalar_t* out, Param threshold,
                           acc_t slope) {
   switch (kind) {
     case kAtan: return surrogate_row<kAtan>(n, h, out, threshold, slope);
@@ -89,43 +122,68 @@ inline void surrogate_row(int kind, int64_t n, const acc_t* h, scalar_t* out, ac
 
 // The active neurons of a row (|h - threshold| < b_th), ascending, into idx; returns how many.
 // Branch-free: every index is written, the position advances only on active ones.
-template <typename acc_t>
+template <class Param, typename acc_t>
 inline int64_t active_row(int64_t n, const acc_t* __restrict__ h, int32_t* __restrict__ idx,
-                          acc_t threshold, acc_t b_th) {
+                          Param threshold, acc_t b_th) {
   int64_t k = 0;
   for (int64_t j = 0; j < n; ++j) {
     idx[k] = static_cast<int32_t>(j);
-    k += math::is_active(h[j], threshold, b_th) ? 1 : 0;
+    k += math::is_active(h[j], threshold[j], b_th) ? 1 : 0;
   }
   return k;
 }
 
+// What the tensor-parameter op adds to the forward (all absent for the float op).
 template <typename scalar_t>
-NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
-                           const c10::optional<at::Tensor>& s_init, double alpha_d,
-                           double threshold_d, double b_th_d, double slope_d, bool sparse,
-                           int surrogate, int reset, bool return_mem, const SJParams& sj) {
+struct ForwardExtras {
+  bool syn = false;                   // synaptic current (alpha_syn given)
+  const scalar_t* syn_init = nullptr;
+  bool need_p = false, need_q = false, need_u = false;  // traces to keep
+  bool dense_traces = false;          // keep them at every entry ([T, B, N]), not per active one
+  bool track() const { return need_p || need_q || need_u; }
+};
+
+struct ForwardResult {
+  at::Tensor spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_rg, act_p, act_q, act_u,
+      tan_last, rst_bits, mem, stats;
+};
+
+template <typename scalar_t, class Param>
+ForwardResult forward_impl(const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
+                           const c10::optional<at::Tensor>& s_init,
+                           const NeuronParams<Param>& prm, const ForwardExtras<scalar_t>& ex,
+                           double b_th_d, double slope_d, bool sparse, int surrogate, int reset,
+                           bool return_mem, const SJParams& sj) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = current.size(0), B = current.size(1), N = current.size(2), W = bit_words(N);
-  const acc_t alpha = alpha_d, threshold = threshold_d, b_th = b_th_d, slope = slope_d;
+  const acc_t b_th = b_th_d, slope = slope_d;
+  const Param& threshold = prm.threshold;
   const bool keep_bits = reset == kResetZero;
   const bool leaky = sj.dynamics == kChargeLeaky;
   const bool keep_rg = !leaky && !sj.detach_reset;
+  const bool track = ex.track(), dense_tr = ex.dense_traces;
   const acc_t tau = sj.tau, v_reset = sj.v_reset;
+  const auto opts = current.options();
 
-  auto spikes = at::empty({T, B, N}, current.options());
-  auto v_final = at::empty({B, N}, current.options());
-  auto sg_dense = at::empty({sparse ? 0 : T * B * N}, current.options());
-  auto mem = at::empty({return_mem ? T : 0, B, N}, current.options());
-  auto rst_bits = at::empty({keep_bits ? T : 0, B, W}, current.options().dtype(at::kInt));
+  auto spikes = at::empty({T, B, N}, opts);
+  auto v_final = at::empty({B, N}, opts);
+  auto syn_final = ex.syn ? at::empty({B, N}, opts) : at::empty({0}, opts);
+  auto sg_dense = at::empty({sparse ? 0 : T * B * N}, opts);
+  auto mem = at::empty({return_mem ? T : 0, B, N}, opts);
+  auto rst_bits = at::empty({keep_bits ? T : 0, B, W}, opts.dtype(at::kInt));
   if (!keep_bits) rst_bits = rst_bits.reshape({0});
   if (!return_mem) mem = mem.reshape({0});
-  auto act_cnt = at::empty({sparse ? B * T : 0}, current.options().dtype(at::kInt));
-  auto rg_dense = at::empty({keep_rg && !sparse ? T * B * N : 0}, current.options());
+  auto act_cnt = at::empty({sparse ? B * T : 0}, opts.dtype(at::kInt));
+  auto rg_dense = at::empty({keep_rg && !sparse ? T * B * N : 0}, opts);
+  auto dense_trace = [&](bool need) { return at::empty({need && dense_tr ? T * B * N : 0}, opts); };
+  at::Tensor tp_dense = dense_trace(ex.need_p), tq_dense = dense_trace(ex.need_q),
+             tu_dense = dense_trace(ex.need_u);
+  auto tan_last = track ? at::empty({4, B, N}, opts) : at::empty({0}, opts);
 
   const scalar_t* in = current.data_ptr<scalar_t>();
   scalar_t* spk = spikes.data_ptr<scalar_t>();
   scalar_t* vfin = v_final.data_ptr<scalar_t>();
+  scalar_t* synfin = syn_final.numel() ? syn_final.template data_ptr<scalar_t>() : nullptr;
   scalar_t* sgd = sparse ? nullptr : sg_dense.data_ptr<scalar_t>();
   scalar_t* rgd = keep_rg && !sparse ? rg_dense.data_ptr<scalar_t>() : nullptr;
   scalar_t* memp = return_mem ? mem.data_ptr<scalar_t>() : nullptr;
@@ -133,18 +191,32 @@ NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Te
   int32_t* cnt = sparse ? act_cnt.data_ptr<int32_t>() : nullptr;
   const scalar_t* v0 = v_init.has_value() ? v_init->data_ptr<scalar_t>() : nullptr;
   const scalar_t* s0 = s_init.has_value() ? s_init->data_ptr<scalar_t>() : nullptr;
+  scalar_t* dtr[3] = {tp_dense.numel() ? tp_dense.data_ptr<scalar_t>() : nullptr,
+                      tq_dense.numel() ? tq_dense.data_ptr<scalar_t>() : nullptr,
+                      tu_dense.numel() ? tu_dense.data_ptr<scalar_t>() : nullptr};
+  const bool need_tr[3] = {ex.need_p, ex.need_q, ex.need_u};
+  scalar_t* tlast = track ? tan_last.data_ptr<scalar_t>() : nullptr;
 
   std::vector<std::vector<int32_t>> act_idx(sparse ? B : 0);
   std::vector<std::vector<scalar_t>> act_sg(sparse ? B : 0);
   std::vector<std::vector<scalar_t>> act_rg(sparse && keep_rg ? B : 0);
+  // the traces P, Q, U at the active entries (sparse mode, compact traces)
+  std::vector<std::vector<scalar_t>> act_tr[3];
+  for (int k = 0; k < 3; ++k) act_tr[k].resize(sparse && !dense_tr && need_tr[k] ? B : 0);
   // The reset's own gradient term at an entry (detach_reset=False): dV_post/dH beyond (1 - S).
-  auto reset_term = [&](acc_t h, acc_t sg) -> acc_t {
-    return reset == kResetZero ? (v_reset - h) * sg : -threshold * sg;
+  auto reset_term = [&](acc_t h, acc_t sg, int64_t j) -> acc_t {
+    return reset == kResetZero ? (v_reset - h) * sg : -threshold[j] * sg;
   };
   std::vector<int64_t> spike_count(B, 0), nonzero_count(B, 0);
 
   at::parallel_for(0, B, grain_for(T * N), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> v(N), s(N), h_buf(leaky ? 0 : N);
+    std::vector<acc_t> v(N), s(N), h_buf(leaky ? 0 : N), syn(ex.syn ? N : 0);
+    // forward-mode traces P, Q, R, U (track only)
+    std::vector<acc_t> tg(track ? 4 * N : 0);
+    acc_t* tgp[4] = {nullptr, nullptr, nullptr, nullptr};
+    if (track)
+      for (int k = 0; k < 4; ++k) tgp[k] = tg.data() + k * N;
+    acc_t* tr_of[3] = {tgp[0], tgp[1], tgp[3]};  // P, Q, U: what the backward reads
     std::vector<int32_t> row_idx(sparse ? N + 1 : 0);  // active_row writes one past the count
     // The membrane the spike is read from: V itself (leaky), or the charge H (SpikingJelly).
     acc_t* h = leaky ? v.data() : h_buf.data();
@@ -153,6 +225,10 @@ NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Te
         v[j] = v0 ? static_cast<acc_t>(v0[b * N + j]) : acc_t(0);
         s[j] = s0 ? static_cast<acc_t>(s0[b * N + j]) : acc_t(0);
       }
+      if (ex.syn)
+        for (int64_t j = 0; j < N; ++j)
+          syn[j] = ex.syn_init ? static_cast<acc_t>(ex.syn_init[b * N + j]) : acc_t(0);
+      std::fill(tg.begin(), tg.end(), acc_t(0));
       int64_t fired = 0, nonzero = 0;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t row = (t * B + b) * N;
@@ -160,14 +236,27 @@ NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Te
         // Separate simple loops so that each one vectorises.
         if (leaky) {
           if (bits) pack_bits(s.data(), N, bits + (t * B + b) * W);  // R[t] = S[t-1]
-          leaky_step_row(reset, N, cur, v.data(), s.data(), spk + row, alpha, threshold);
+          with_reset(reset, [&](auto kind) {
+            constexpr int kReset = decltype(kind)::value;
+            if (ex.syn) {
+              if (track)
+                tangent_row<kReset, true>(N, v.data(), s.data(), syn.data(), tgp[0], tgp[1],
+                                            tgp[2], tgp[3], prm);
+              leaky_step_row<kReset, true>(N, cur, v.data(), s.data(), syn.data(), spk + row, prm);
+            } else {
+              if (track)
+                tangent_row<kReset, false>(N, v.data(), s.data(), syn.data(), tgp[0], tgp[1],
+                                             tgp[2], tgp[3], prm);
+              leaky_step_row<kReset, false>(N, cur, v.data(), s.data(), syn.data(), spk + row, prm);
+            }
+          });
         } else {
           const bool hard = reset == kResetZero;
           for (int64_t j = 0; j < N; ++j) {
             h[j] = math::sj_charge(v[j], static_cast<acc_t>(cur[j]), tau, v_reset, sj.dynamics);
-            s[j] = math::sj_fire(h[j], threshold);
+            s[j] = math::sj_fire(h[j], threshold[j]);
             spk[row + j] = static_cast<scalar_t>(s[j]);
-            v[j] = math::sj_reset(h[j], s[j], threshold, v_reset, hard);
+            v[j] = math::sj_reset(h[j], s[j], threshold[j], v_reset, hard);
           }
           if (bits) pack_bits(s.data(), N, bits + (t * B + b) * W);  // S[t], resets after step t
         }
@@ -177,6 +266,10 @@ NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Te
         }
         if (memp)
           for (int64_t j = 0; j < N; ++j) memp[row + j] = static_cast<scalar_t>(h[j]);
+        if (dense_tr)
+          for (int k = 0; k < 3; ++k)
+            if (dtr[k])
+              for (int64_t j = 0; j < N; ++j) dtr[k][row + j] = static_cast<scalar_t>(tr_of[k][j]);
         if (sparse) {
           const int64_t active = active_row(N, h, row_idx.data(), threshold, b_th);
           cnt[b * T + t] = static_cast<int32_t>(active);
@@ -187,42 +280,69 @@ NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Te
           scalar_t* sg_b = act_sg[b].data() + at;
           for (int64_t e = 0; e < active; ++e) {
             const int32_t j = row_idx[e];
-            const acc_t g = math::surrogate(h[j], threshold, slope, surrogate);
+            const acc_t g = math::surrogate(h[j], threshold[j], slope, surrogate);
             sg_b[e] = static_cast<scalar_t>(g);
-            if (keep_rg) act_rg[b][at + e] = static_cast<scalar_t>(reset_term(h[j], g));
+            if (keep_rg) act_rg[b][at + e] = static_cast<scalar_t>(reset_term(h[j], g, j));
+          }
+          for (int k = 0; k < 3; ++k) {
+            if (act_tr[k].empty()) continue;
+            act_tr[k][b].resize(at + active);
+            for (int64_t e = 0; e < active; ++e)
+              act_tr[k][b][at + e] = static_cast<scalar_t>(tr_of[k][row_idx[e]]);
           }
         } else {
           surrogate_row(surrogate, N, h, sgd + row, threshold, slope);
           if (rgd)
             for (int64_t j = 0; j < N; ++j)
-              rgd[row + j] = static_cast<scalar_t>(reset_term(h[j], static_cast<acc_t>(sgd[row + j])));
+              rgd[row + j] = static_cast<scalar_t>(reset_term(h[j], static_cast<acc_t>(sgd[row + j]), j));
         }
       }
       for (int64_t j = 0; j < N; ++j) vfin[b * N + j] = static_cast<scalar_t>(v[j]);
+      if (synfin)
+        for (int64_t j = 0; j < N; ++j) synfin[b * N + j] = static_cast<scalar_t>(syn[j]);
+      if (tlast)
+        for (int k = 0; k < 4; ++k)
+          for (int64_t j = 0; j < N; ++j)
+            tlast[(k * B + b) * N + j] = static_cast<scalar_t>(tgp[k][j]);
       spike_count[b] = fired;
       nonzero_count[b] = nonzero;
     }
   });
 
-  auto stats = at::empty({3}, current.options().dtype(at::kLong));
+  auto stats = at::empty({3}, opts.dtype(at::kLong));
   int64_t* st = stats.data_ptr<int64_t>();
   st[0] = st[2] = 0;
   for (int64_t b = 0; b < B; ++b) {
     st[0] += spike_count[b];
     st[2] += nonzero_count[b];
   }
+  ForwardResult r;
+  r.spikes = spikes;
+  r.v_final = v_final;
+  r.syn_final = syn_final;
+  r.rst_bits = rst_bits;
+  r.mem = mem;
+  r.stats = stats;
+  r.tan_last = tan_last;
+  r.act_cnt = act_cnt;
   if (!sparse) {
     st[1] = T * B * N;
-    return {spikes, v_final, act_cnt, at::empty({0}, current.options().dtype(at::kInt)),
-            sg_dense.view({T, B, N}), keep_rg ? rg_dense.view({T, B, N}) : rg_dense, rst_bits, mem,
-            stats};
+    r.act_idx = at::empty({0}, opts.dtype(at::kInt));
+    r.act_sg = sg_dense.view({T, B, N});
+    r.act_rg = keep_rg ? rg_dense.view({T, B, N}) : rg_dense;
+    r.act_p = tp_dense;
+    r.act_q = tq_dense;
+    r.act_u = tu_dense;
+    return r;
   }
   std::vector<int64_t> base(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) base[b + 1] = base[b] + static_cast<int64_t>(act_idx[b].size());
   st[1] = base[B];
-  auto idx_out = at::empty({base[B]}, current.options().dtype(at::kInt));
-  auto sg_out = at::empty({base[B]}, current.options());
-  auto rg_out = at::empty({keep_rg ? base[B] : 0}, current.options());
+  auto idx_out = at::empty({base[B]}, opts.dtype(at::kInt));
+  auto sg_out = at::empty({base[B]}, opts);
+  auto rg_out = at::empty({keep_rg ? base[B] : 0}, opts);
+  at::Tensor tr_out[3];
+  for (int k = 0; k < 3; ++k) tr_out[k] = at::empty({act_tr[k].empty() ? 0 : base[B]}, opts);
   int32_t* ip = idx_out.data_ptr<int32_t>();
   scalar_t* sp = sg_out.data_ptr<scalar_t>();
   scalar_t* rp = keep_rg ? rg_out.data_ptr<scalar_t>() : nullptr;
@@ -231,26 +351,51 @@ NeuronOutputs forward_impl(const at::Tensor& current, const c10::optional<at::Te
       std::copy(act_idx[b].begin(), act_idx[b].end(), ip + base[b]);
       std::copy(act_sg[b].begin(), act_sg[b].end(), sp + base[b]);
       if (rp) std::copy(act_rg[b].begin(), act_rg[b].end(), rp + base[b]);
+      for (int k = 0; k < 3; ++k)
+        if (!act_tr[k].empty())
+          std::copy(act_tr[k][b].begin(), act_tr[k][b].end(), tr_out[k].data_ptr<scalar_t>() + base[b]);
     }
   });
-  return {spikes, v_final, act_cnt, idx_out, sg_out, rg_out, rst_bits, mem, stats};
+  r.act_idx = idx_out;
+  r.act_sg = sg_out;
+  r.act_rg = rg_out;
+  r.act_p = dense_tr ? tp_dense : tr_out[0];
+  r.act_q = dense_tr ? tq_dense : tr_out[1];
+  r.act_u = dense_tr ? tu_dense : tr_out[2];
+  return r;
 }
 
 // Neurons per backward task: G for a block stays in L1.
 constexpr int64_t kNeuronBlock = 512;
 
+// What the tensor-parameter op adds to the backward (all absent for the float op).
 template <typename scalar_t>
+struct BackwardExtras {
+  bool syn = false;
+  const scalar_t* grad_syn_final = nullptr;     // [B, N]
+  scalar_t* dsyn = nullptr;                     // [B, N] out, or null
+  // parameter gradients: the traces (compact or [T, B, N]) and the outputs [B, N]
+  const scalar_t* tr[3] = {nullptr, nullptr, nullptr};  // P, Q, U
+  const scalar_t* tan_last = nullptr;                   // [4, B, N]: P, Q, R, U
+  bool dense_traces = false;
+  scalar_t* dparam[3] = {nullptr, nullptr, nullptr};   // d_alpha, d_threshold, d_alpha_syn
+  bool track() const { return dparam[0] || dparam[1] || dparam[2]; }
+};
+
+template <typename scalar_t, class Param>
 std::tuple<at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
     const c10::optional<at::Tensor>& grad_mem, const at::Tensor& act_cnt, const at::Tensor& act_idx,
     const at::Tensor& act_sg, const c10::optional<at::Tensor>& act_rg,
-    const c10::optional<at::Tensor>& rst_bits, double alpha_d, bool sparse, bool need_dv,
-    bool leaky, double input_scale_d) {
+    const c10::optional<at::Tensor>& rst_bits, const NeuronParams<Param>& prm, bool sparse,
+    bool need_dv, bool leaky, double input_scale_d, const BackwardExtras<scalar_t>& ex) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), N = grad_spikes.size(2);
   const int64_t W = bit_words(N);
-  const acc_t alpha = alpha_d, input_scale = input_scale_d;
+  const acc_t input_scale = input_scale_d;
+  const Param& alpha = prm.alpha;
   const int reset = rst_bits.has_value() ? kResetZero : kResetSubtract;
+  const bool track = ex.track();
 
   auto grad_current = at::empty({T, B, N}, grad_spikes.options());
   auto dv = at::empty({need_dv ? B : 0, N}, grad_spikes.options());
@@ -270,53 +415,103 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
                                     : at::empty({0}, act_cnt.options().dtype(at::kLong));
   const int64_t* offs = sparse ? offsets.data_ptr<int64_t>() : nullptr;
   const int32_t* idx = sparse ? act_idx.data_ptr<int32_t>() : nullptr;
+  // the trace k of an entry (global index e of the active set, or position at in [T, B, N])
+  auto trace = [&](int k, int64_t e, int64_t at) -> acc_t {
+    const scalar_t* p = ex.tr[k];
+    return p == nullptr ? acc_t(0) : static_cast<acc_t>(p[ex.dense_traces ? at : e]);
+  };
 
   const int64_t blocks = (N + kNeuronBlock - 1) / kNeuronBlock;
   at::parallel_for(0, B * blocks, grain_for(T * std::min(N, kNeuronBlock)), [&](int64_t k0, int64_t k1) {
     // g: G[t] = dL/dV[t] (leaky) or dL/dH[t] (SpikingJelly); carry: dL/dV_post[t] (SpikingJelly).
-    std::vector<acc_t> g(std::min(N, kNeuronBlock)), carry(leaky ? 0 : g.size());
+    const int64_t nb = std::min(N, kNeuronBlock);
+    std::vector<acc_t> g(nb), carry(leaky ? 0 : nb), gi(ex.syn ? nb : 0);
+    std::vector<acc_t> dpar(track ? 3 * nb : 0);  // d_alpha, d_threshold, d_alpha_syn
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b = k / blocks, j0 = (k % blocks) * kNeuronBlock;
       const int64_t n = std::min(N - j0, kNeuronBlock);
+      acc_t* da = dpar.data();
+      acc_t* dth = da + nb;
+      acc_t* das = dth + nb;
       for (int64_t j = 0; j < n; ++j) g[j] = gvf ? static_cast<acc_t>(gvf[b * N + j0 + j]) : acc_t(0);
+      if (ex.syn)
+        for (int64_t j = 0; j < n; ++j)
+          gi[j] = ex.grad_syn_final ? static_cast<acc_t>(ex.grad_syn_final[b * N + j0 + j]) : acc_t(0);
+      if (track) {
+        std::fill(dpar.begin(), dpar.end(), acc_t(0));
+        const scalar_t* tl = ex.tan_last;
+        auto last = [&](int q, int64_t j) { return static_cast<acc_t>(tl[(q * B + b) * N + j0 + j]); };
+        if (gvf)
+          for (int64_t j = 0; j < n; ++j)
+            math::param_grads(da[j], dth[j], das[j], g[j], last(0, j), last(1, j), last(3, j), false);
+        if (ex.grad_syn_final)
+          for (int64_t j = 0; j < n; ++j) das[j] += gi[j] * last(2, j);
+      }
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t row = (t * B + b) * N + j0;
         if (leaky) {
           if (t < T - 1) {  // G[t] = trace_decay(alpha, R[t+1]) * G[t+1] + ...
             if (bits) {
               const int32_t* r = bits + ((t + 1) * B + b) * W;
-              for (int64_t j = 0; j < n; ++j) g[j] *= math::trace_decay(alpha, bit_set(r, j0 + j), reset);
+              for (int64_t j = 0; j < n; ++j)
+                g[j] *= math::trace_decay(alpha[j0 + j], bit_set(r, j0 + j), reset);
             } else {
-              scale_inplace(n, alpha, g.data());
+              for (int64_t j = 0; j < n; ++j) g[j] *= alpha[j0 + j];
             }
           }
         } else {
           // carry = dL/dV_post[t]: grad_v_final at the last step, else alpha * G[t+1]; the reset
           // after step t passes it on times (1 - S[t]) (hard) or 1 (soft).
-          if (t < T - 1) scale_inplace(n, alpha, g.data());
+          if (t < T - 1)
+            for (int64_t j = 0; j < n; ++j) g[j] *= alpha[j0 + j];
           for (int64_t j = 0; j < n; ++j) carry[j] = g[j];
           if (bits) {
             const int32_t* r = bits + (t * B + b) * W;
             for (int64_t j = 0; j < n; ++j) g[j] = bit_set(r, j0 + j) ? acc_t(0) : g[j];
           }
         }
-        if (gm)
+        if (gm) {
           for (int64_t j = 0; j < n; ++j) g[j] += static_cast<acc_t>(gm[row + j]);
+          if (track)
+            for (int64_t j = 0; j < n; ++j)
+              math::param_grads(da[j], dth[j], das[j], static_cast<acc_t>(gm[row + j]),
+                                trace(0, 0, row + j), trace(1, 0, row + j), trace(2, 0, row + j), false);
+        }
         if (sparse) {
           const int64_t r = b * T + t;
           const int32_t* lo = std::lower_bound(idx + offs[r], idx + offs[r + 1], static_cast<int32_t>(j0));
           for (int64_t e = lo - idx; e < offs[r + 1] && idx[e] < j0 + n; ++e) {
             const int64_t j = idx[e] - j0;
             if (rg) g[j] += carry[j] * static_cast<acc_t>(rg[e]);
-            g[j] += static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[e]);
+            const acc_t delta = static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[e]);
+            g[j] += delta;
+            if (track && delta != acc_t(0))
+              math::param_grads(da[j], dth[j], das[j], delta, trace(0, e, row + j),
+                                trace(1, e, row + j), trace(2, e, row + j), true);
           }
         } else {
           if (rg)
             for (int64_t j = 0; j < n; ++j) g[j] += carry[j] * static_cast<acc_t>(rg[row + j]);
-          for (int64_t j = 0; j < n; ++j)
-            g[j] += static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[row + j]);
+          if (track) {
+            for (int64_t j = 0; j < n; ++j) {
+              const acc_t delta = static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[row + j]);
+              g[j] += delta;
+              if (delta != acc_t(0))
+                math::param_grads(da[j], dth[j], das[j], delta, trace(0, 0, row + j),
+                                  trace(1, 0, row + j), trace(2, 0, row + j), true);
+            }
+          } else {
+            for (int64_t j = 0; j < n; ++j)
+              g[j] += static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[row + j]);
+          }
         }
-        if (leaky) {
+        if (ex.syn) {  // G_I[t] = G_V[t] + alpha_syn * G_I[t+1]: the current reaches V through syn
+          for (int64_t j = 0; j < n; ++j) {
+            if (t < T - 1) gi[j] *= prm.alpha_syn[j0 + j];
+            gi[j] += g[j];
+            gc[row + j] = static_cast<scalar_t>(gi[j]);
+          }
+        } else if (leaky) {
           for (int64_t j = 0; j < n; ++j) gc[row + j] = static_cast<scalar_t>(g[j]);
         } else {
           for (int64_t j = 0; j < n; ++j) gc[row + j] = static_cast<scalar_t>(g[j] * input_scale);
@@ -326,8 +521,16 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
         const int32_t* r = bits && leaky ? bits + b * W : nullptr;
         for (int64_t j = 0; j < n; ++j)
           dvp[b * N + j0 + j] = static_cast<scalar_t>(  // T = 0: V_final is V_init, g = grad_v_final
-              T > 0 ? math::trace_decay(alpha, r != nullptr && bit_set(r, j0 + j), reset) * g[j] : g[j]);
+              T > 0 ? math::trace_decay(alpha[j0 + j], r != nullptr && bit_set(r, j0 + j), reset) * g[j]
+                    : g[j]);
       }
+      if (ex.dsyn)  // syn[0] = alpha_syn * syn_init + I[0]; T = 0: syn_final is syn_init
+        for (int64_t j = 0; j < n; ++j)
+          ex.dsyn[b * N + j0 + j] = static_cast<scalar_t>(T > 0 ? prm.alpha_syn[j0 + j] * gi[j] : gi[j]);
+      for (int q = 0; q < 3; ++q)
+        if (ex.dparam[q])
+          for (int64_t j = 0; j < n; ++j)
+            ex.dparam[q][b * N + j0 + j] = static_cast<scalar_t>(dpar[q * nb + j]);
     }
   });
   return {grad_current, dv};
@@ -347,8 +550,15 @@ NeuronOutputs lif_neuron_forward_cpu(const at::Tensor& current_in,
   const at::Tensor current = current_in.contiguous();
   NeuronOutputs out;
   AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "lif_neuron_forward_cpu", [&] {
-    out = forward_impl<scalar_t>(current, contiguous(v_init), contiguous(s_init), alpha, threshold,
-                                 b_th, slope, sparse, kinds.surrogate, kinds.reset, return_mem, sj);
+    using acc_t = at::opmath_type<scalar_t>;
+    using P = ScalarParam<acc_t>;
+    const NeuronParams<P> prm{P{static_cast<acc_t>(alpha)}, P{static_cast<acc_t>(threshold)},
+                              P{acc_t(0)}};
+    const ForwardResult r = forward_impl<scalar_t>(current, contiguous(v_init), contiguous(s_init),
+                                                   prm, ForwardExtras<scalar_t>{}, b_th, slope,
+                                                   sparse, kinds.surrogate, kinds.reset,
+                                                   return_mem, sj);
+    out = {r.spikes, r.v_final, r.act_cnt, r.act_idx, r.act_sg, r.act_rg, r.rst_bits, r.mem, r.stats};
   });
   return out;
 }
@@ -367,13 +577,117 @@ std::tuple<at::Tensor, at::Tensor> lif_neuron_backward_cpu(
   const at::Tensor grad_spikes = grad_spikes_in.contiguous();
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "lif_neuron_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using P = ScalarParam<acc_t>;
+    const NeuronParams<P> prm{P{static_cast<acc_t>(alpha)}, P{acc_t(1)}, P{acc_t(0)}};
     out = backward_impl<scalar_t>(grad_spikes, contiguous(grad_v_final), contiguous(grad_mem),
                                   act_cnt.contiguous(), act_idx.contiguous(), act_sg.contiguous(),
                                   has_rg && !leaky ? contiguous(act_rg) : c10::nullopt,
-                                  has_rst ? contiguous(rst_bits) : c10::nullopt, alpha, sparse,
-                                  need_dv, leaky, input_scale);
+                                  has_rst ? contiguous(rst_bits) : c10::nullopt, prm, sparse,
+                                  need_dv, leaky, input_scale, BackwardExtras<scalar_t>{});
   });
   return out;
+}
+
+// The tensor-parameter op (per-neuron alpha / threshold / alpha_syn, learnable; leaky dynamics).
+using ParamNeuronOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ParamNeuronGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+template <typename acc_t>
+ParamView<acc_t> param_view(const at::Tensor& t) {
+  return {acc_t(0), t.data_ptr<acc_t>()};
+}
+
+ParamNeuronOutputs lif_neuron_param_forward_cpu(
+    const at::Tensor& current_in, const c10::optional<at::Tensor>& v_init,
+    const c10::optional<at::Tensor>& s_init, const c10::optional<at::Tensor>& syn_init,
+    const at::Tensor& alpha_in, const at::Tensor& threshold_in,
+    const c10::optional<at::Tensor>& alpha_syn_in, double b_th, double slope, bool sparse,
+    c10::string_view surrogate, c10::string_view reset, bool return_mem, bool need_dalpha,
+    bool need_dthreshold, bool need_dalpha_syn) {
+  const NeuronKinds kinds = check_lif_neuron_param_forward_args(
+      current_in, v_init, s_init, syn_init, alpha_in, threshold_in, alpha_syn_in, b_th, slope,
+      surrogate, reset);
+  const at::Tensor current = current_in.contiguous();
+  const at::Tensor alpha = alpha_in.contiguous(), threshold = threshold_in.contiguous();
+  const auto alpha_syn = contiguous(alpha_syn_in);
+  const auto syn0 = contiguous(syn_init);
+  ParamNeuronOutputs out;
+  AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "lif_neuron_param_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // = scalar_t (half types run as float32)
+    const NeuronParams<ParamView<acc_t>> prm{
+        param_view<acc_t>(alpha), param_view<acc_t>(threshold),
+        alpha_syn.has_value() ? param_view<acc_t>(*alpha_syn) : ParamView<acc_t>{acc_t(0), nullptr}};
+    ForwardExtras<scalar_t> ex;
+    ex.syn = alpha_syn.has_value();
+    ex.syn_init = ptr_or_null<scalar_t>(syn0);
+    ex.need_p = need_dalpha;
+    ex.need_q = need_dthreshold && kinds.reset == kResetSubtract;  // Q = 0 for the other resets
+    ex.need_u = need_dalpha_syn && ex.syn;
+    ex.dense_traces = !sparse || return_mem;
+    const bool any = need_dalpha || need_dthreshold || ex.need_u;
+    ForwardResult r = forward_impl<scalar_t>(current, contiguous(v_init), contiguous(s_init), prm,
+                                             ex, b_th, slope, sparse, kinds.surrogate, kinds.reset,
+                                             return_mem, SJParams{});
+    if (any && !r.tan_last.numel())  // threshold only, reset without Q: the last traces are zero
+      r.tan_last = at::zeros({4, current.size(1), current.size(2)}, current.options());
+    out = {r.spikes, r.v_final, r.syn_final, r.act_cnt, r.act_idx, r.act_sg, r.act_p, r.act_q,
+           r.act_u, r.tan_last, r.rst_bits, r.mem, r.stats};
+  });
+  return out;
+}
+
+ParamNeuronGrads lif_neuron_param_backward_cpu(
+    const at::Tensor& grad_spikes_in, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_syn_final, const c10::optional<at::Tensor>& grad_mem,
+    const at::Tensor& act_cnt, const at::Tensor& act_idx, const at::Tensor& act_sg,
+    const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& act_u,
+    const at::Tensor& tan_last, const c10::optional<at::Tensor>& rst_bits,
+    const at::Tensor& alpha_in, const c10::optional<at::Tensor>& alpha_syn_in, bool sparse,
+    bool dense_traces, bool need_dv, bool need_dsyn, bool need_dalpha, bool need_dthreshold,
+    bool need_dalpha_syn) {
+  const bool has_rst = check_lif_neuron_param_backward_args(
+      grad_spikes_in, grad_v_final, grad_syn_final, grad_mem, act_cnt, act_idx, act_sg, act_p,
+      act_q, act_u, tan_last, rst_bits, alpha_in, alpha_syn_in, sparse, dense_traces, need_dsyn,
+      need_dalpha, need_dthreshold, need_dalpha_syn);
+  const at::Tensor grad_spikes = grad_spikes_in.contiguous();
+  const int64_t B = grad_spikes.size(1), N = grad_spikes.size(2);
+  const auto opts = grad_spikes.options();
+  const at::Tensor alpha = alpha_in.contiguous();
+  const auto alpha_syn = contiguous(alpha_syn_in);
+  auto dsyn = need_dsyn ? at::empty({B, N}, opts) : at::empty({0}, opts);
+  at::Tensor dparam[3];
+  const bool need[3] = {need_dalpha, need_dthreshold, need_dalpha_syn};
+  for (int q = 0; q < 3; ++q) dparam[q] = need[q] ? at::empty({B, N}, opts) : at::empty({0}, opts);
+  const at::Tensor tr[3] = {act_p.contiguous(), act_q.contiguous(), act_u.contiguous()};
+  const at::Tensor tl = tan_last.contiguous();
+  std::tuple<at::Tensor, at::Tensor> gd;
+  AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "lif_neuron_param_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const NeuronParams<ParamView<acc_t>> prm{
+        param_view<acc_t>(alpha), ParamView<acc_t>{acc_t(1), nullptr},
+        alpha_syn.has_value() ? param_view<acc_t>(*alpha_syn) : ParamView<acc_t>{acc_t(0), nullptr}};
+    BackwardExtras<scalar_t> ex;
+    ex.syn = alpha_syn.has_value();
+    const auto gsf = contiguous(grad_syn_final);
+    ex.grad_syn_final = ptr_or_null<scalar_t>(gsf);
+    ex.dsyn = need_dsyn ? dsyn.data_ptr<scalar_t>() : nullptr;
+    const bool track = need_dalpha || need_dthreshold || need_dalpha_syn;
+    for (int q = 0; q < 3; ++q) {
+      ex.tr[q] = track && tr[q].numel() ? tr[q].data_ptr<scalar_t>() : nullptr;
+      ex.dparam[q] = need[q] ? dparam[q].data_ptr<scalar_t>() : nullptr;
+    }
+    ex.tan_last = track ? tl.data_ptr<scalar_t>() : nullptr;
+    ex.dense_traces = dense_traces;
+    gd = backward_impl<scalar_t>(grad_spikes, contiguous(grad_v_final), contiguous(grad_mem),
+                                 act_cnt.contiguous(), act_idx.contiguous(), act_sg.contiguous(),
+                                 c10::nullopt, has_rst ? contiguous(rst_bits) : c10::nullopt, prm,
+                                 sparse, need_dv, true, 1.0, ex);
+  });
+  return {std::get<0>(gd), std::get<1>(gd), dsyn, dparam[0], dparam[1], dparam[2]};
 }
 
 }  // namespace
@@ -381,6 +695,8 @@ std::tuple<at::Tensor, at::Tensor> lif_neuron_backward_cpu(
 TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
   m.impl("lif_neuron_forward", SG_FLOAT32_MATH(lif_neuron_forward_cpu));
   m.impl("lif_neuron_backward", SG_FLOAT32_MATH(lif_neuron_backward_cpu));
+  m.impl("lif_neuron_param_forward", SG_FLOAT32_MATH(lif_neuron_param_forward_cpu));
+  m.impl("lif_neuron_param_backward", SG_FLOAT32_MATH(lif_neuron_param_backward_cpu));
 }
 
 }  // namespace cpu

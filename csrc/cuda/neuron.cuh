@@ -16,7 +16,15 @@ struct NeuronForwardArgs {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* current = nullptr;  // [T, B, N]
   int64_t T = 0, B = 0, N = 0;
-  acc_t alpha = 0, threshold = 1, slope = 1;
+  ParamView<acc_t> alpha{0, nullptr}, threshold{1, nullptr};  // one value, or one per neuron
+  acc_t slope = 1;
+  bool syn = false;                   // synaptic current syn = alpha_syn*syn + current
+  ParamView<acc_t> alpha_syn{0, nullptr};
+  const scalar_t* syn_init = nullptr; // [B, N] or null
+  scalar_t* syn_final = nullptr;      // [B, N] (syn)
+  bool track = false;                 // compute the forward-mode traces P, Q, R, U
+  scalar_t* trace[3] = {nullptr, nullptr, nullptr};  // P, Q, U at every entry [T, B, N], or null
+  scalar_t* tan_last = nullptr;       // [4, B, N]: P, Q, R, U after the last step (track)
   int surrogate = kFastSigmoid, reset = kResetSubtract;
   int dynamics = kChargeLeaky;        // SpikingJelly: charge kind, with tau and v_reset
   acc_t tau = 2, v_reset = 0;
@@ -45,8 +53,11 @@ __global__ void neuron_forward_kernel(NeuronForwardArgs<scalar_t> a) {
   const bool leaky = a.dynamics == kChargeLeaky, hard = a.reset == kResetZero;
   SG_KERNEL_LOOP(k, a.B * a.N) {
     const int64_t b = k / a.N, j = k % a.N;
+    const acc_t alpha = a.alpha[j], threshold = a.threshold[j], alpha_syn = a.alpha_syn[j];
     acc_t v = a.v_init ? static_cast<acc_t>(a.v_init[k]) : acc_t(0);
     acc_t s = a.s_init ? static_cast<acc_t>(a.s_init[k]) : acc_t(0);
+    acc_t syn = a.syn_init ? static_cast<acc_t>(a.syn_init[k]) : acc_t(0);
+    acc_t tp = 0, tq = 0, tr = 0, tu = 0;  // math::tangent_* (track)
     int64_t fired = 0, nonzero = 0;
     for (int64_t t = 0; t < a.T; ++t) {
       const int64_t at = (t * a.B + b) * a.N + j;
@@ -54,26 +65,50 @@ __global__ void neuron_forward_kernel(NeuronForwardArgs<scalar_t> a) {
       nonzero += cur != scalar_t(0);
       acc_t h;  // the membrane the spike is read from
       if (leaky) {
-        v = math::integrate(v, static_cast<acc_t>(cur), s, a.alpha, a.threshold, a.reset);
-        s = math::fire(v, a.threshold);
+        if (a.track) {  // from the previous step's state, as the CPU's tangent_row
+          tp = math::tangent_alpha(tp, v, s, alpha, a.reset);
+          tq = math::tangent_threshold(tq, s, alpha, a.reset);
+          if (a.syn) {
+            tr = math::tangent_syn(tr, syn, alpha_syn);
+            tu = math::tangent_alpha_syn(tu, tr, s, alpha, a.reset);
+          }
+        }
+        acc_t in = static_cast<acc_t>(cur);
+        if (a.syn) {
+          in = math::synaptic(syn, in, alpha_syn);
+          syn = in;
+        }
+        v = math::integrate(v, in, s, alpha, threshold, a.reset);
+        s = math::fire(v, threshold);
         h = v;
       } else {
         h = math::sj_charge(v, static_cast<acc_t>(cur), a.tau, a.v_reset, a.dynamics);
-        s = math::sj_fire(h, a.threshold);
-        v = math::sj_reset(h, s, a.threshold, a.v_reset, hard);
+        s = math::sj_fire(h, threshold);
+        v = math::sj_reset(h, s, threshold, a.v_reset, hard);
       }
       a.spikes[at] = static_cast<scalar_t>(s);
       fired += s > acc_t(0);
       if (a.mem) a.mem[at] = static_cast<scalar_t>(h);
       if (a.v_trace) a.v_trace[at] = h;
+      if (a.trace[0]) a.trace[0][at] = static_cast<scalar_t>(tp);
+      if (a.trace[1]) a.trace[1][at] = static_cast<scalar_t>(tq);
+      if (a.trace[2]) a.trace[2][at] = static_cast<scalar_t>(tu);
       if (a.sg_dense) {
-        const acc_t g = math::surrogate(h, a.threshold, a.slope, a.surrogate);
+        const acc_t g = math::surrogate(h, threshold, a.slope, a.surrogate);
         a.sg_dense[at] = static_cast<scalar_t>(g);
         if (a.rg_dense)
-          a.rg_dense[at] = static_cast<scalar_t>(sj_reset_term(h, g, a.threshold, a.v_reset, a.reset));
+          a.rg_dense[at] = static_cast<scalar_t>(sj_reset_term(h, g, threshold, a.v_reset, a.reset));
       }
     }
     a.v_final[k] = static_cast<scalar_t>(v);
+    if (a.syn_final) a.syn_final[k] = static_cast<scalar_t>(syn);
+    if (a.tan_last) {
+      const int64_t bn = a.B * a.N;
+      a.tan_last[k] = static_cast<scalar_t>(tp);
+      a.tan_last[bn + k] = static_cast<scalar_t>(tq);
+      a.tan_last[2 * bn + k] = static_cast<scalar_t>(tr);
+      a.tan_last[3 * bn + k] = static_cast<scalar_t>(tu);
+    }
     if (fired) atomic_add_count(a.counts, fired);
     if (nonzero) atomic_add_count(a.counts + 2, nonzero);
   }
@@ -103,34 +138,47 @@ __global__ void neuron_pack_bits_kernel(const scalar_t* __restrict__ spikes,
 // scan between the launches), fill (one thread per row writes its own entries).
 template <typename acc_t>
 __global__ void neuron_active_count_kernel(const acc_t* __restrict__ v, int64_t T, int64_t B,
-                                           int64_t N, acc_t threshold, acc_t b_th,
+                                           int64_t N, ParamView<acc_t> threshold, acc_t b_th,
                                            int32_t* __restrict__ cnt) {
   SG_KERNEL_LOOP(r, B * T) {
     const int64_t b = r / T, t = r % T;
     const acc_t* row = v + (t * B + b) * N;
     int32_t count = 0;
-    for (int64_t j = 0; j < N; ++j) count += math::is_active(row[j], threshold, b_th);
+    for (int64_t j = 0; j < N; ++j) count += math::is_active(row[j], threshold[j], b_th);
     cnt[r] = count;
   }
 }
 
+// Copies between the [T, B, N] layout and the active entries of the traces P, Q, U (each pair
+// null when that trace is not kept).
+template <typename scalar_t>
+struct TraceCopy {
+  const scalar_t* src[3] = {nullptr, nullptr, nullptr};
+  scalar_t* dst[3] = {nullptr, nullptr, nullptr};
+};
+
 template <typename scalar_t, typename acc_t>
 __global__ void neuron_active_fill_kernel(const acc_t* __restrict__ v, int64_t T, int64_t B,
-                                          int64_t N, acc_t threshold, acc_t b_th, acc_t slope,
-                                          int surrogate, const int64_t* __restrict__ offsets,
+                                          int64_t N, ParamView<acc_t> threshold, acc_t b_th,
+                                          acc_t slope, int surrogate,
+                                          const int64_t* __restrict__ offsets,
                                           int32_t* __restrict__ idx, scalar_t* __restrict__ sg,
                                           scalar_t* __restrict__ rg /* or null */, acc_t v_reset,
-                                          int reset) {
+                                          int reset, TraceCopy<scalar_t> traces /* gather */) {
   SG_KERNEL_LOOP(r, B * T) {
     const int64_t b = r / T, t = r % T;
-    const acc_t* row = v + (t * B + b) * N;
+    const int64_t base = (t * B + b) * N;
+    const acc_t* row = v + base;
     int64_t e = offsets[r];
     for (int64_t j = 0; j < N; ++j) {
-      if (math::is_active(row[j], threshold, b_th)) {
-        const acc_t g = math::surrogate(row[j], threshold, slope, surrogate);
+      const acc_t th = threshold[j];
+      if (math::is_active(row[j], th, b_th)) {
+        const acc_t g = math::surrogate(row[j], th, slope, surrogate);
         idx[e] = static_cast<int32_t>(j);
         sg[e] = static_cast<scalar_t>(g);
-        if (rg) rg[e] = static_cast<scalar_t>(sj_reset_term(row[j], g, threshold, v_reset, reset));
+        if (rg) rg[e] = static_cast<scalar_t>(sj_reset_term(row[j], g, th, v_reset, reset));
+        for (int q = 0; q < 3; ++q)
+          if (traces.dst[q]) traces.dst[q][e] = traces.src[q][base + j];
         ++e;
       }
     }
@@ -147,7 +195,8 @@ __global__ void neuron_scatter_delta_kernel(const scalar_t* __restrict__ grad_sp
                                             const scalar_t* __restrict__ sg,
                                             const scalar_t* __restrict__ rg, int64_t T, int64_t B,
                                             int64_t N, scalar_t* __restrict__ out,
-                                            scalar_t* __restrict__ rg_out) {
+                                            scalar_t* __restrict__ rg_out,
+                                            TraceCopy<scalar_t> traces /* scatter */) {
   using acc_t = at::opmath_type<scalar_t>;
   SG_KERNEL_LOOP(r, B * T) {
     const int64_t b = r / T, t = r % T;
@@ -156,6 +205,8 @@ __global__ void neuron_scatter_delta_kernel(const scalar_t* __restrict__ grad_sp
       const int64_t at = base + idx[e];
       out[at] = static_cast<scalar_t>(static_cast<acc_t>(grad_spikes[at]) * static_cast<acc_t>(sg[e]));
       if (rg) rg_out[at] = rg[e];
+      for (int q = 0; q < 3; ++q)
+        if (traces.dst[q]) traces.dst[q][at] = traces.src[q][e];
     }
   }
 }
@@ -164,7 +215,17 @@ template <typename scalar_t>
 struct NeuronTraceArgs {
   using acc_t = at::opmath_type<scalar_t>;
   int64_t T = 0, B = 0, N = 0, W = 0;
-  acc_t alpha = 0;
+  ParamView<acc_t> alpha{0, nullptr};
+  bool syn = false;                        // synaptic current: grad_current = G_I
+  ParamView<acc_t> alpha_syn{0, nullptr};
+  const scalar_t* grad_syn_final = nullptr;  // [B, N] or null
+  scalar_t* dsyn_init = nullptr;           // [B, N] or null
+  // parameter gradients: the traces P, Q, U [T, B, N] (null: zero), their last values
+  // [4, B, N] (P, Q, R, U) and the outputs [B, N] (d_alpha, d_threshold, d_alpha_syn)
+  bool track = false;
+  const scalar_t* trace[3] = {nullptr, nullptr, nullptr};
+  const scalar_t* tan_last = nullptr;
+  scalar_t* dparam[3] = {nullptr, nullptr, nullptr};
   int reset = kResetSubtract;
   bool leaky = true;                       // false: SpikingJelly dynamics (reset in the step)
   acc_t input_scale = 1;                   // SpikingJelly decay_input: 1/tau
@@ -187,7 +248,21 @@ __global__ void neuron_trace_kernel(NeuronTraceArgs<scalar_t> a) {
     const int64_t b = k / a.N, j = k % a.N;
     const int64_t word = j >> 5;
     const uint32_t mask = uint32_t(1) << (j & 31);
+    const acc_t alpha = a.alpha[j], alpha_syn = a.alpha_syn[j];
     acc_t g = a.grad_v_final ? static_cast<acc_t>(a.grad_v_final[k]) : acc_t(0);
+    acc_t gi = a.grad_syn_final ? static_cast<acc_t>(a.grad_syn_final[k]) : acc_t(0);  // G_I (syn)
+    acc_t da = 0, dth = 0, das = 0;
+    auto trace = [&](int q, int64_t at) -> acc_t {
+      return a.trace[q] ? static_cast<acc_t>(a.trace[q][at]) : acc_t(0);
+    };
+    if (a.track) {  // the last step's gradients, as the CPU kernel adds them first
+      const int64_t bn = a.B * a.N;
+      if (a.grad_v_final)
+        math::param_grads(da, dth, das, g, static_cast<acc_t>(a.tan_last[k]),
+                          static_cast<acc_t>(a.tan_last[bn + k]),
+                          static_cast<acc_t>(a.tan_last[3 * bn + k]), false);
+      if (a.grad_syn_final) das += gi * static_cast<acc_t>(a.tan_last[2 * bn + k]);
+    }
     for (int64_t t = a.T - 1; t >= 0; --t) {
       const int64_t at = (t * a.B + b) * a.N + j;
       acc_t carry = 0;
@@ -195,28 +270,44 @@ __global__ void neuron_trace_kernel(NeuronTraceArgs<scalar_t> a) {
         if (t < a.T - 1) {
           const bool spiked =
               a.bits != nullptr && (static_cast<uint32_t>(a.bits[((t + 1) * a.B + b) * a.W + word]) & mask);
-          g *= math::trace_decay(a.alpha, spiked, a.reset);
+          g *= math::trace_decay(alpha, spiked, a.reset);
         }
       } else {
-        if (t < a.T - 1) g *= a.alpha;
+        if (t < a.T - 1) g *= alpha;
         carry = g;
         if (a.bits != nullptr && (static_cast<uint32_t>(a.bits[(t * a.B + b) * a.W + word]) & mask))
           g = acc_t(0);
       }
-      if (a.grad_mem) g += static_cast<acc_t>(a.grad_mem[at]);
+      if (a.grad_mem) {
+        const acc_t gm = static_cast<acc_t>(a.grad_mem[at]);
+        g += gm;
+        if (a.track) math::param_grads(da, dth, das, gm, trace(0, at), trace(1, at), trace(2, at), false);
+      }
       if (a.rg) g += carry * static_cast<acc_t>(a.rg[at]);
-      if (a.sg_dense)
-        g += static_cast<acc_t>(a.grad_spikes[at]) * static_cast<acc_t>(a.sg_dense[at]);
-      else
-        g += static_cast<acc_t>(a.grad_current[at]);
-      a.grad_current[at] = static_cast<scalar_t>(a.leaky ? g : g * a.input_scale);
+      const acc_t delta = a.sg_dense
+                              ? static_cast<acc_t>(a.grad_spikes[at]) * static_cast<acc_t>(a.sg_dense[at])
+                              : static_cast<acc_t>(a.grad_current[at]);
+      g += delta;
+      if (a.track && delta != acc_t(0))
+        math::param_grads(da, dth, das, delta, trace(0, at), trace(1, at), trace(2, at), true);
+      if (a.syn) {  // G_I[t] = G_V[t] + alpha_syn * G_I[t+1]
+        if (t < a.T - 1) gi *= alpha_syn;
+        gi += g;
+        a.grad_current[at] = static_cast<scalar_t>(gi);
+      } else {
+        a.grad_current[at] = static_cast<scalar_t>(a.leaky ? g : g * a.input_scale);
+      }
     }
     if (a.dv_init) {
       const bool spiked = a.leaky && a.bits != nullptr &&
                           (static_cast<uint32_t>(a.bits[b * a.W + word]) & mask);
       // with no time step V_final is V_init itself: dL/dV_init = grad_v_final
-      a.dv_init[k] = static_cast<scalar_t>(a.T > 0 ? math::trace_decay(a.alpha, spiked, a.reset) * g : g);
+      a.dv_init[k] = static_cast<scalar_t>(a.T > 0 ? math::trace_decay(alpha, spiked, a.reset) * g : g);
     }
+    if (a.dsyn_init) a.dsyn_init[k] = static_cast<scalar_t>(a.T > 0 ? alpha_syn * gi : gi);
+    if (a.dparam[0]) a.dparam[0][k] = static_cast<scalar_t>(da);
+    if (a.dparam[1]) a.dparam[1][k] = static_cast<scalar_t>(dth);
+    if (a.dparam[2]) a.dparam[2][k] = static_cast<scalar_t>(das);
   }
 }
 

@@ -120,6 +120,39 @@ host::NeuronForwardOutputs lif_neuron_forward_cuda(
                                      detach_reset);
 }
 
+host::ParamNeuronOutputs lif_neuron_param_forward_cuda(
+    const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
+    const c10::optional<at::Tensor>& s_init, const c10::optional<at::Tensor>& syn_init,
+    const at::Tensor& alpha, const at::Tensor& threshold,
+    const c10::optional<at::Tensor>& alpha_syn, double b_th, double slope, bool sparse,
+    c10::string_view surrogate, c10::string_view reset, bool return_mem, bool need_dalpha,
+    bool need_dthreshold, bool need_dalpha_syn) {
+  check_cuda(current, "lif_neuron_param_forward", "current");
+  const c10::cuda::CUDAGuard guard(current.device());
+  return host::lif_neuron_param_forward<L>(current, v_init, s_init, syn_init, alpha, threshold,
+                                           alpha_syn, b_th, slope, sparse, surrogate, reset,
+                                           return_mem, need_dalpha, need_dthreshold,
+                                           need_dalpha_syn);
+}
+
+host::ParamNeuronGrads lif_neuron_param_backward_cuda(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_syn_final, const c10::optional<at::Tensor>& grad_mem,
+    const at::Tensor& act_cnt, const at::Tensor& act_idx, const at::Tensor& act_sg,
+    const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& act_u,
+    const at::Tensor& tan_last, const c10::optional<at::Tensor>& rst_bits,
+    const at::Tensor& alpha, const c10::optional<at::Tensor>& alpha_syn, bool sparse,
+    bool dense_traces, bool need_dv, bool need_dsyn, bool need_dalpha, bool need_dthreshold,
+    bool need_dalpha_syn) {
+  check_cuda(grad_spikes, "lif_neuron_param_backward", "grad_spikes");
+  const c10::cuda::CUDAGuard guard(grad_spikes.device());
+  return host::lif_neuron_param_backward<L>(grad_spikes, grad_v_final, grad_syn_final, grad_mem,
+                                            act_cnt, act_idx, act_sg, act_p, act_q, act_u,
+                                            tan_last, rst_bits, alpha, alpha_syn, sparse,
+                                            dense_traces, need_dv, need_dsyn, need_dalpha,
+                                            need_dthreshold, need_dalpha_syn);
+}
+
 host::NeuronGrads lif_neuron_backward_cuda(
     const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
     const c10::optional<at::Tensor>& grad_mem, const at::Tensor& act_cnt, const at::Tensor& act_idx,
@@ -189,6 +222,8 @@ TORCH_LIBRARY_IMPL(sparsegrad, CUDA, m) {
   m.impl("li_readout_backward", SG_FLOAT32_MATH(li_readout_backward_cuda));
   m.impl("lif_neuron_forward", SG_FLOAT32_MATH(lif_neuron_forward_cuda));
   m.impl("lif_neuron_backward", SG_FLOAT32_MATH(lif_neuron_backward_cuda));
+  m.impl("lif_neuron_param_forward", SG_FLOAT32_MATH(lif_neuron_param_forward_cuda));
+  m.impl("lif_neuron_param_backward", SG_FLOAT32_MATH(lif_neuron_param_backward_cuda));
   m.impl("rlif_forward", SG_FLOAT32_MATH(rlif_forward_cuda));
   m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(rlif_backward_sparse_cuda));
   m.impl("rlif_backward_dense", SG_FLOAT32_MATH(rlif_backward_dense_cuda));

@@ -104,6 +104,8 @@ TORCH_LIBRARY_IMPL(sparsegrad_emul, CPU, m) {
   m.impl("li_readout_backward", SG_FLOAT32_MATH(cuda::host::li_readout_backward<L>));
   m.impl("lif_neuron_forward", SG_FLOAT32_MATH(cuda::host::lif_neuron_forward<L>));
   m.impl("lif_neuron_backward", SG_FLOAT32_MATH(cuda::host::lif_neuron_backward<L>));
+  m.impl("lif_neuron_param_forward", SG_FLOAT32_MATH(cuda::host::lif_neuron_param_forward<L>));
+  m.impl("lif_neuron_param_backward", SG_FLOAT32_MATH(cuda::host::lif_neuron_param_backward<L>));
   m.impl("rlif_forward", SG_FLOAT32_MATH(cuda::host::rlif_forward<L>));
   m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(cuda::host::rlif_backward_sparse<L>));
   m.impl("rlif_backward_dense", SG_FLOAT32_MATH(cuda::host::rlif_backward_dense<L>));
