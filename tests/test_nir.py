@@ -623,6 +623,16 @@ def test_round_trip_tensor_parameters_and_synaptic_current(tmp_path):
     assert isinstance(back[0].alpha, torch.Tensor) and back[0].alpha.shape == (8,)
     assert isinstance(back[1].alpha, float) and back[1].alpha_syn.shape == (7,)
     assert isinstance(back[2].alpha_syn, float)
+    # a uniform tensor alpha without synaptic current comes back a float: the float kernels give
+    # the tensor kernels' bits
+    torch.manual_seed(13)
+    uni = sgnn.TimeSequential(sgnn.LIF(6, 8, alpha=torch.full((8,), 0.8), learn_alpha=True,
+                                       threshold=torch.tensor(0.4), reset="zero"))
+    x = _spikes(30, 4, 6, p=0.5) * 2
+    back = from_nir(to_nir(uni, x))
+    assert isinstance(back[0].alpha, float) and isinstance(back[0].threshold, float)
+    y = uni(x)
+    assert torch.equal(back(x), y) and y.sum() > 20
 
 
 def test_to_nir_clamps_tensor_alpha_as_the_layer_runs_it():
