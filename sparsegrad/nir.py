@@ -6,6 +6,9 @@ NIR is continuous-time; sparsegrad steps in discrete time. One discretisation is
     LIF     v[t] = a*v[t-1] + g*I[t] + c,     a = 1 - dt/tau,  g = r*dt/tau,  c = v_leak*dt/tau
     IF      v[t] = v[t-1] + r*I[t]            (the step folded into r, as Norse runs it)
     LI      v[t] = a*v[t-1] + (1-a)*(r*I[t] + v_leak)
+    CubaLIF i[t] = a_syn*i[t-1] + w_in*(dt/tau_syn)*I[t],  a_syn = 1 - dt/tau_syn  (first)
+            v[t] = a*v[t-1] + r*(dt/tau_mem)*i[t],         a = 1 - dt/tau_mem       (snnTorch's
+            Synaptic; v_leak = 0 only)
 
 with the reset to v_reset (= 0) at the step after the spike, S[t] = H(v[t] - v_threshold).
 A node's input current I is the sum of everything its incoming edges deliver.
@@ -62,95 +65,168 @@ def _check_dt(dt) -> None:
         raise ValueError(f"dt must be a positive finite float, got {dt!r}")
 
 
-def _uniform(node_name: str, node, field: str) -> float:
-    value = getattr(node, field)
-    arr = np.asarray(value, dtype=np.float64)
+def _neuron_shape(node_name: str, node) -> Tuple[int, ...]:
+    """The per-sample shape of a neuron node: its parameters' shapes broadcast together."""
+    shapes = [np.shape(getattr(node, f)) for f in _NEURON_FIELDS
+              if getattr(node, f, None) is not None]
+    try:
+        return tuple(int(s) for s in np.broadcast_shapes(*shapes)) if shapes else ()
+    except ValueError:
+        raise NIRConversionError(
+            f"NIR node {node_name!r} ({type(node).__name__}): its parameters' shapes {shapes} do "
+            f"not broadcast together") from None
+
+
+_NEURON_FIELDS = ("v_threshold", "tau", "tau_mem", "tau_syn", "r", "v_leak", "v_reset", "w_in")
+
+
+def _field(node_name: str, node, field: str, shape):
+    """One parameter of a neuron node: a float when every neuron has the same value (bitwise),
+    else a float64 array of the node's shape."""
+    arr = np.asarray(getattr(node, field), dtype=np.float64)
     if arr.size == 0:
         raise NIRConversionError(
             f"NIR node {node_name!r} ({type(node).__name__}): {field} is empty")
-    first = arr.reshape(-1)[0]
-    if not np.all(arr == first):
+    if not np.all(np.isfinite(arr)):
         raise NIRConversionError(
-            f"NIR node {node_name!r} ({type(node).__name__}): {field} differs across neurons "
-            f"(min {arr.min():g}, max {arr.max():g}); per-neuron parameters need sparsegrad's "
-            f"tensor-parameter support, which this version's modules do not have yet")
-    if not math.isfinite(first):
-        raise NIRConversionError(
-            f"NIR node {node_name!r} ({type(node).__name__}): {field} = {first} is not finite")
-    return float(first)
+            f"NIR node {node_name!r} ({type(node).__name__}): {field} is not finite everywhere "
+            f"(min {arr.min():g}, max {arr.max():g})")
+    return _collapse(np.broadcast_to(arr, shape))
 
 
-def _neuron_shape(node) -> Tuple[int, ...]:
-    for field in ("v_threshold", "tau", "tau_mem", "r"):
-        if getattr(node, field, None) is not None:
-            return tuple(np.shape(getattr(node, field)))
-    return ()
+def _collapse(value):
+    """A float for a value that is the same for every neuron, else the float64 array."""
+    if isinstance(value, np.ndarray):
+        flat = value.reshape(-1)
+        if flat.size == 0 or np.all(flat == flat[0]):
+            return float(flat[0]) if flat.size else 0.0
+        return value.copy()
+    return float(value)
+
+
+def _range(value) -> str:
+    arr = np.asarray(value)
+    return f"{arr.min():g}" if arr.size == 1 or np.all(arr == arr.flat[0]) else \
+        f"values in [{arr.min():g}, {arr.max():g}]"
+
+
+def _step(node_name: str, kind: str, field: str, tau, dt: float):
+    """dt / tau, refused unless 0 < dt / tau <= 1 for every neuron (alpha = 1 - dt/tau >= 0)."""
+    if not np.all(np.asarray(tau) > 0.0):
+        raise NIRConversionError(
+            f"NIR node {node_name!r} ({kind}): {field} must be > 0, got {_range(tau)}")
+    step = dt / np.asarray(tau) if isinstance(tau, np.ndarray) else dt / tau
+    if np.any(np.asarray(step) > 1.0):
+        raise NIRConversionError(
+            f"NIR node {node_name!r} ({kind}): {field} = {_range(tau)} is shorter than dt = "
+            f"{dt:g} (alpha = 1 - dt/{field} < 0); pass the dt the graph was made for")
+    return step
+
+
+def _snap_one(gain):
+    """A gain within _GAIN_RTOL of 1 is exactly 1 (per neuron)."""
+    if isinstance(gain, np.ndarray):
+        return _collapse(np.where(np.abs(gain - 1.0) <= _GAIN_RTOL, 1.0, gain))
+    return 1.0 if abs(gain - 1.0) <= _GAIN_RTOL else float(gain)
+
+
+def _torch_param(value):
+    """float -> float; a per-neuron float64 array -> a float32 tensor of the node's shape."""
+    if isinstance(value, np.ndarray):
+        return torch.as_tensor(value, dtype=torch.float32)
+    return value
 
 
 def neuron_params(node_name: str, node, dt: float) -> dict:
     """sparsegrad's parameters for one NIR neuron node (LIF, IF, LI, CubaLIF) at step ``dt``.
 
-    Returns {"kind": "lif" | "li", "alpha", "threshold" (lif), "gain", "shift", "shape"}: the
-    neuron runs V[t] = alpha*V[t-1] + gain*I[t] + shift (LI: U[t] = alpha*U[t-1] +
-    (1-alpha)*(gain*I[t] + shift)) with the zero reset. Every value is a float: a parameter
-    that differs across neurons, v_reset != 0 and CubaLIF's synaptic current are refused with
-    an error naming the node.
+    Returns {"kind": "lif" | "li", "alpha", "threshold" (lif), "alpha_syn" (lif; None but for
+    CubaLIF), "gain", "shift", "shape"}: the neuron runs V[t] = alpha*V'[t-1] + gain*I[t] + shift
+    with the zero reset (V' = 0 after a spike), CubaLIF with syn[t] = alpha_syn*syn[t-1] +
+    gain*I[t] in place of gain*I[t] (and shift = 0); LI runs U[t] = alpha*U[t-1] +
+    (1-alpha)*(gain*I[t] + shift). A value that is the same for every neuron is a float; one
+    that differs is a float32 tensor of the node's ``shape`` (computed in float64, rounded
+    once). v_reset != 0, a CubaLIF's v_leak != 0, a threshold <= 0 and a tau shorter than dt are
+    refused with an error naming the node.
     """
     kind = type(node).__name__
-    shape = _neuron_shape(node)
-    if isinstance(node, nir.CubaLIF):
-        raise NIRConversionError(
-            f"NIR node {node_name!r} (CubaLIF): its synaptic current needs sparsegrad's "
-            f"synaptic-current support (alpha_syn), which this version's modules do not have yet")
-    if isinstance(node, (nir.LIF, nir.IF)):
-        threshold = _uniform(node_name, node, "v_threshold")
-        if node.v_reset is not None and _uniform(node_name, node, "v_reset") != 0.0:
+    if not isinstance(node, _NEURONS):
+        raise NIRConversionError(f"NIR node {node_name!r}: {kind} is not a neuron node")
+    shape = _neuron_shape(node_name, node)
+    get = lambda field: _field(node_name, node, field, shape)  # noqa: E731
+    out = {"shape": shape}
+    if isinstance(node, (nir.LIF, nir.IF, nir.CubaLIF)):
+        threshold = get("v_threshold")
+        if not np.all(np.asarray(threshold) > 0.0):
+            raise NIRConversionError(
+                f"NIR node {node_name!r} ({kind}): v_threshold must be > 0, got "
+                f"{_range(threshold)}")
+        if node.v_reset is not None and not np.all(np.asarray(get("v_reset")) == 0.0):
             raise NIRConversionError(
                 f"NIR node {node_name!r} ({kind}): v_reset != 0 is refused: it is exact only as a "
                 f"threshold shift with the membrane starting at -v_reset, and sparsegrad's layers "
                 f"start from V = 0")
-        if threshold <= 0.0:
-            raise NIRConversionError(
-                f"NIR node {node_name!r} ({kind}): v_threshold must be > 0, got {threshold:g}")
+        out.update(kind="lif", threshold=threshold, alpha_syn=None)
     if isinstance(node, nir.IF):
-        return {"kind": "lif", "alpha": 1.0, "threshold": threshold,
-                "gain": _uniform(node_name, node, "r"), "shift": 0.0, "shape": shape}
-    if isinstance(node, (nir.LIF, nir.LI)):
-        tau = _uniform(node_name, node, "tau")
-        r = _uniform(node_name, node, "r")
-        v_leak = _uniform(node_name, node, "v_leak")
-        if not tau > 0.0:
-            raise NIRConversionError(
-                f"NIR node {node_name!r} ({kind}): tau must be > 0, got {tau:g}")
-        step = dt / tau
-        if step > 1.0:
-            raise NIRConversionError(
-                f"NIR node {node_name!r} ({kind}): tau = {tau:g} is shorter than dt = {dt:g} "
-                f"(alpha = 1 - dt/tau = {1.0 - step:g} < 0); pass the dt the graph was made for")
-        alpha = 1.0 - step
+        out.update(alpha=1.0, gain=get("r"), shift=0.0)
+    elif isinstance(node, (nir.LIF, nir.LI)):
+        step = _step(node_name, kind, "tau", get("tau"), dt)
+        r, v_leak = get("r"), get("v_leak")
         if isinstance(node, nir.LI):
             # U[t] = a U + (dt/tau)(r I + v_leak) = a U + (1 - a)(r I + v_leak)
-            return {"kind": "li", "alpha": alpha, "gain": r, "shift": v_leak, "shape": shape}
-        gain = r * step
-        if abs(gain - 1.0) <= _GAIN_RTOL:
-            gain = 1.0
-        return {"kind": "lif", "alpha": alpha, "threshold": threshold, "gain": gain,
-                "shift": v_leak * step, "shape": shape}
-    raise NIRConversionError(f"NIR node {node_name!r}: {kind} is not a neuron node")
+            out.update(kind="li", alpha=1.0 - step, gain=r, shift=v_leak)
+        else:
+            out.update(alpha=1.0 - step, gain=_snap_one(r * step), shift=v_leak * step)
+    else:  # CubaLIF
+        # snnTorch's Synaptic: syn[t] = a_syn syn[t-1] + w_in (dt/tau_syn) x[t], then
+        # V[t] = a V'[t-1] + r (dt/tau_mem) syn[t]. With both gains on the input (syn scaled by
+        # r dt/tau_mem, which only rescales syn) that is sparsegrad's alpha_syn current.
+        step_syn = _step(node_name, kind, "tau_syn", get("tau_syn"), dt)
+        step_mem = _step(node_name, kind, "tau_mem", get("tau_mem"), dt)
+        v_leak = get("v_leak")
+        if not np.all(np.asarray(v_leak) == 0.0):
+            raise NIRConversionError(
+                f"NIR node {node_name!r} (CubaLIF): v_leak != 0 is refused ({_range(v_leak)}): "
+                f"its constant current enters the membrane, not the synaptic current, and "
+                f"sparsegrad's synaptic layers take their input only through the synapse")
+        gain = _snap_one(_snap_one(get("w_in") * step_syn) * _snap_one(get("r") * step_mem))
+        out.update(alpha=1.0 - step_mem, alpha_syn=_collapse(1.0 - step_syn), gain=gain,
+                   shift=0.0)
+    for k in ("alpha", "threshold", "alpha_syn", "gain", "shift"):
+        if k in out:
+            out[k] = _torch_param(_collapse(out[k]) if out[k] is not None else None)
+    return out
 
 
-def _per_neuron(value, shape) -> np.ndarray:
-    """A float (or, with tensor parameters, a per-neuron tensor) as a float64 array of `shape`."""
+def _per_neuron(value, shape, what: str = "a parameter") -> np.ndarray:
+    """A float or a tensor (per neuron, per channel, 0-d) as a float64 array of `shape`."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().double().numpy()
-    return np.broadcast_to(np.asarray(value, dtype=np.float64), shape).copy()
+    try:
+        return np.broadcast_to(np.asarray(value, dtype=np.float64), shape).copy()
+    except ValueError:
+        raise NIRConversionError(f"{what} of shape {list(np.shape(value))} does not broadcast "
+                                 f"to the layer's shape {list(shape)}") from None
 
 
-def _lif_node(name, alpha, threshold, shape, dt: float, metadata: dict):
-    """The NIR node for a sparsegrad neuron (zero reset): LIF, or IF when alpha = 1."""
-    a = _per_neuron(alpha, shape)
-    thr = _per_neuron(threshold, shape)
+def _lif_node(name, alpha, threshold, shape, dt: float, metadata: dict, alpha_syn=None):
+    """The NIR node for a sparsegrad neuron (zero reset): LIF, IF when alpha = 1, CubaLIF with
+    a synaptic current (alpha_syn). alpha / threshold / alpha_syn: floats or tensors."""
+    a = _per_neuron(alpha, shape, f"layer {name!r}: alpha")
+    thr = _per_neuron(threshold, shape, f"layer {name!r}: threshold")
     zeros = np.zeros(shape, dtype=np.float64)
+    if alpha_syn is not None:
+        a_syn = _per_neuron(alpha_syn, shape, f"layer {name!r}: alpha_syn")
+        if np.any(a == 1.0) or np.any(a_syn == 1.0):
+            raise NIRConversionError(
+                f"layer {name!r}: alpha = 1 or alpha_syn = 1 (a membrane or synaptic current "
+                f"without leak) has no NIR CubaLIF equivalent (tau = dt/(1 - alpha) would be "
+                f"infinite)")
+        tau_mem, tau_syn = dt / (1.0 - a), dt / (1.0 - a_syn)
+        # w_in = tau_syn/dt and r = tau_mem/dt make both input gains one (snnTorch's Synaptic)
+        return nir.CubaLIF(tau_syn=tau_syn, tau_mem=tau_mem, r=tau_mem / dt, v_leak=zeros,
+                           v_threshold=thr, v_reset=zeros.copy(), w_in=tau_syn / dt,
+                           metadata=metadata)
     if np.all(a == 1.0):
         return nir.IF(r=np.ones(shape), v_threshold=thr, v_reset=zeros, metadata=metadata)
     if np.any(a == 1.0):
@@ -164,7 +240,7 @@ def _lif_node(name, alpha, threshold, shape, dt: float, metadata: dict):
 
 
 def _li_node(name, alpha, shape, dt: float, metadata: dict):
-    a = _per_neuron(alpha, shape)
+    a = _per_neuron(alpha, shape, f"layer {name!r}: alpha")
     if not np.all(a < 1.0):
         raise NIRConversionError(f"layer {name!r} (LIReadout): alpha = 1 never integrates its "
                                  f"input ((1 - alpha) = 0) and has no NIR LI equivalent")
@@ -391,7 +467,10 @@ def from_nir(graph_or_path, dt: float = 1e-4, *, surrogate: str = NIR_DEFAULTS["
 
     A chain of nodes becomes a sparsegrad.nn.TimeSequential; an Affine / Linear feeding one
     neuron node alone is fused into it (nn.LIF, or nn.LIReadout(reduce="none") for LI), a LIF
-    whose output returns into itself through an Affine / Linear becomes nn.RLIF. Other graphs
+    whose output returns into itself through an Affine / Linear becomes nn.RLIF. A CubaLIF is an
+    nn.LIF / nn.LIFNeuron with alpha_syn. A parameter that differs across a node's neurons
+    becomes a float32 tensor buffer of the layer (not learnable: NIR does not say), one that is
+    the same for all a float. Other graphs
     (fan-out, skip connections) become a NIRGraphModule that sums each node's inputs.
     Raises NIRConversionError naming the node for anything it cannot run exactly.
     """
@@ -501,9 +580,23 @@ def _neuron_module(name, node, nodes, fused, rec, dt, props, meta) -> nn.Module:
     p = neuron_params(name, node, dt)
     gain, shift = p["gain"], p["shift"]
     size = int(np.prod(p["shape"])) if p["shape"] else None
+    kind = type(node).__name__
+
+    def dense(d):
+        """The fused dense node's (W, b), its outputs checked against the neuron's size."""
+        w, b = _dense_params(d, nodes[d])
+        if size is not None and w.shape[0] != size:
+            raise NIRConversionError(f"NIR node {d!r} has {w.shape[0]} outputs but the neuron "
+                                     f"node {name!r} ({kind}) it feeds has shape {p['shape']}")
+        return w, b
+
+    def row(value):
+        """A fused layer's parameter: a float, or a per-neuron tensor as [N_out]."""
+        return value.reshape(-1) if isinstance(value, torch.Tensor) else value
+
     if p["kind"] == "li":
         if fused is not None:
-            w, b = _dense_params(fused, nodes[fused])
+            w, b = dense(fused)
         else:
             if size is None:
                 raise NIRConversionError(f"NIR node {name!r} (LI): cannot tell its size")
@@ -513,7 +606,7 @@ def _neuron_module(name, node, nodes, fused, rec, dt, props, meta) -> nn.Module:
                                      f"nn.LIReadout, got shape {p['shape']}")
         w, b = _gain_shift(w, b, gain, shift)
         reduce = meta.get("reduce", "none")
-        mod = sg_nn.LIReadout(w.shape[1], w.shape[0], bias=b is not None, alpha=p["alpha"],
+        mod = sg_nn.LIReadout(w.shape[1], w.shape[0], bias=b is not None, alpha=row(p["alpha"]),
                               reduce=reduce)
         _set_linear(mod, w, b)
         return mod
@@ -523,9 +616,21 @@ def _neuron_module(name, node, nodes, fused, rec, dt, props, meta) -> nn.Module:
             kw[k] = meta[k]
     kw.setdefault("reset", "zero")
     args = dict(alpha=p["alpha"], threshold=p["threshold"], **kw)
+    if p["alpha_syn"] is not None:
+        args["alpha_syn"] = p["alpha_syn"]
     if rec is not None:
+        if p["alpha_syn"] is not None:
+            raise NIRConversionError(
+                f"NIR node {name!r} (CubaLIF) with a recurrent connection through {rec!r} is not "
+                f"supported: nn.RLIF has no synaptic current (alpha_syn)")
+        for k in ("alpha", "threshold"):
+            if isinstance(p[k], torch.Tensor):
+                raise NIRConversionError(
+                    f"NIR node {name!r} ({kind}) with a recurrent connection through {rec!r}: "
+                    f"its {k} differs across neurons ({_range(p[k].double().numpy())}), and "
+                    f"nn.RLIF takes one float alpha and threshold")
         if fused is not None:
-            w, b = _dense_params(fused, nodes[fused])
+            w, b = dense(fused)
         else:
             if size is None or len(p["shape"]) != 1:
                 raise NIRConversionError(f"NIR node {name!r}: a recurrent neuron layer must be "
@@ -546,7 +651,10 @@ def _neuron_module(name, node, nodes, fused, rec, dt, props, meta) -> nn.Module:
                 mod.rec_bias.copy_(rb)
         return mod
     if fused is not None:
-        w, b = _gain_shift(*_dense_params(fused, nodes[fused]), gain, shift)
+        w, b = _gain_shift(*dense(fused), gain, shift)
+        for k in ("alpha", "threshold", "alpha_syn"):
+            if k in args:
+                args[k] = row(args[k])
         mod = sg_nn.LIF(w.shape[1], w.shape[0], bias=b is not None, **args)
         _set_linear(mod, w, b)
         return mod
@@ -564,7 +672,7 @@ def _equals(value, const) -> bool:
 def _gain_shift(w, b, gain, shift):
     """gain*(W x + b) + shift as a new (W, b); untouched when gain = 1 and shift = 0 (exact).
 
-    gain and shift are floats, or per-output-neuron tensors once neuron_params returns them."""
+    gain and shift are floats or per-output-neuron tensors (neuron_params')."""
     if not _equals(gain, 1.0):
         g = torch.as_tensor(gain, dtype=w.dtype).reshape(-1)
         w = w * g.reshape(-1, 1)
@@ -588,6 +696,17 @@ def _set_linear(mod, w, b):
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().copy()
+
+
+def _clamped(value):
+    # the value the module runs: its forward clamps a tensor alpha / alpha_syn to [0, 1]
+    return sg_nn.LIFNeuron._clamped(value)
+
+
+def _neuron_node(name, module, shape, dt, meta):
+    """LIF / IF / CubaLIF for an nn.LIF or nn.LIFNeuron (float or tensor parameters)."""
+    return _lif_node(name, _clamped(module.alpha), module.threshold, shape, dt, meta,
+                     alpha_syn=_clamped(getattr(module, "alpha_syn", None)))
 
 
 class _Exporter:
@@ -661,8 +780,8 @@ class _Exporter:
             meta = self._spiking_props(name, module)
             aff = self.dense(f"{name}.affine", module.weight, module.bias)
             self.edges += [(s, aff) for s in srcs]
-            key = self.add(f"{name}.lif", _lif_node(name, module.alpha, module.threshold,
-                                                    (module.out_features,), self.dt, meta))
+            key = self.add(f"{name}.lif", _neuron_node(name, module, (module.out_features,),
+                                                       self.dt, meta))
             self.edges.append((aff, key))
             return [key]
         elif isinstance(module, sg_nn.RLIF):
@@ -682,8 +801,7 @@ class _Exporter:
             shape = self.shapes.get(module)
             if shape is None:
                 raise NIRConversionError(f"layer {name!r} (LIFNeuron) did not run on the sample")
-            key = self.add(name, _lif_node(name, module.alpha, module.threshold, shape, self.dt,
-                                           meta))
+            key = self.add(name, _neuron_node(name, module, shape, self.dt, meta))
         elif isinstance(module, sg_nn.LIReadout):
             if module.batch_first:
                 raise NIRConversionError(f"layer {name!r} (LIReadout): batch_first=True is not "
@@ -691,8 +809,8 @@ class _Exporter:
             meta = self._unexpressible(name, module, {"reduce": module.reduce})
             aff = self.dense(f"{name}.affine", module.weight, module.bias)
             self.edges += [(s, aff) for s in srcs]
-            key = self.add(f"{name}.li", _li_node(name, module.alpha, (module.out_features,),
-                                                  self.dt, meta))
+            key = self.add(f"{name}.li", _li_node(name, _clamped(module.alpha),
+                                                  (module.out_features,), self.dt, meta))
             self.edges.append((aff, key))
             return [key]
         else:
@@ -764,7 +882,10 @@ def to_nir(model: nn.Module, sample_input: torch.Tensor, dt: float = 1e-4, *,
     sum pooling), nn.Identity / Dropout (skipped), and the NIRGraphModule from_nir builds.
     ``sample_input`` [T, B, ...] runs once to record the shapes; ``dt`` is the step of the
     discretisation (docs/nir.md): alpha -> tau = dt / (1 - alpha), r = tau / dt, v_leak = v_reset
-    = 0; alpha = 1 is written as an IF node.
+    = 0; alpha = 1 is written as an IF node, a layer with a synaptic current (alpha_syn) as a
+    CubaLIF (tau_syn = dt / (1 - alpha_syn), w_in = tau_syn / dt). Tensor parameters (per
+    neuron, per channel, 0-d, learnable) are written per neuron, a tensor alpha / alpha_syn as
+    the layer runs it (clamped to [0, 1]); NIR does not say which are learnable.
 
     NIR cannot express the subtract and none resets, the surrogate, its slope, b_th, the
     backward mode or a readout's reduction over time: a layer whose value differs from what

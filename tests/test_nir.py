@@ -65,24 +65,74 @@ def test_neuron_params_discretisation():
     assert neuron_params("n", _lif((1,), tau=1e-2), 1e-3)["alpha"] == pytest.approx(0.9)
 
 
+def _cuba(shape, tau_syn, tau_mem, thr=1.0, r=None, w_in=None, v_leak=0.0, dt=1e-4):
+    f = lambda v: np.broadcast_to(np.asarray(v, np.float32), shape).copy()  # noqa: E731
+    return nir.CubaLIF(tau_syn=f(tau_syn), tau_mem=f(tau_mem),
+                       r=f(np.asarray(tau_mem) / dt if r is None else r),
+                       w_in=f(np.asarray(tau_syn) / dt if w_in is None else w_in),
+                       v_leak=f(v_leak), v_threshold=f(thr), v_reset=f(0.0))
+
+
+def test_neuron_params_per_neuron_and_cubalif():
+    dt = 1e-4
+    tau = np.array([1e-3, 2e-3, 5e-4], np.float32)
+    node = _lif((3,), tau=1e-3, thr=0.5)
+    node.tau, node.r = tau, tau / dt
+    node.v_threshold = np.array([0.5, 1.0, 0.75], np.float32)
+    p = neuron_params("n", node, dt)
+    # per-neuron values are float32 tensors (float64 arithmetic rounded once); uniform ones floats
+    assert isinstance(p["alpha"], torch.Tensor) and p["alpha"].dtype == torch.float32
+    assert torch.equal(p["alpha"], torch.tensor(1 - dt / tau.astype(np.float64)).float())
+    assert torch.equal(p["threshold"], torch.tensor([0.5, 1.0, 0.75]))
+    assert p["gain"] == 1.0 and p["shift"] == 0.0 and p["alpha_syn"] is None
+    # a per-neuron gain and v_leak current
+    node.r = np.array([20.0, 10.0, 5.0], np.float32)
+    node.v_leak = np.array([0.0, 1.0, 2.0], np.float32)
+    p = neuron_params("n", node, dt)
+    assert torch.allclose(p["gain"], torch.tensor([2.0, 0.5, 1.0]))
+    assert torch.allclose(p["shift"], torch.tensor([0.0, 0.05, 0.4]))
+    # CubaLIF: alpha_syn = 1 - dt/tau_syn, gain w_in*dt/tau_syn * r*dt/tau_mem (1 as snnTorch
+    # writes it, within its float32 rounding)
+    p = neuron_params("c", _cuba((4,), 5e-4, 1e-3, thr=0.5), dt)
+    assert p["kind"] == "lif" and p["alpha_syn"] == pytest.approx(0.8)
+    assert p["alpha"] == pytest.approx(0.9) and p["gain"] == 1.0 and p["threshold"] == 0.5
+    p = neuron_params("c", _cuba((2,), [5e-4, 1e-3], 2e-3, r=[4.0, 12.0], w_in=2.0), dt)
+    assert torch.allclose(p["alpha_syn"], torch.tensor([0.8, 0.9]))
+    assert p["alpha"] == pytest.approx(0.95) and p["shift"] == 0.0
+    assert torch.allclose(p["gain"], torch.tensor([2 * 0.2 * 4 * 0.05, 2 * 0.1 * 12 * 0.05]))
+    # a 0-d parameter broadcasts over the node's shape
+    p = neuron_params("i", nir.IF(r=_full(3, 2.0), v_threshold=np.float32(1.5) * np.ones(3)), dt)
+    assert (p["alpha"], p["gain"], p["threshold"], p["shape"]) == (1.0, 2.0, 1.5, (3,))
+
+
 def test_neuron_params_refusals():
-    per_neuron = _lif((3,), tau=1e-3)
-    per_neuron.tau = np.array([1e-3, 2e-3, 1e-3], dtype=np.float32)
+    short = _lif((3,), tau=1e-3)
+    short.tau = np.array([1e-3, 5e-5, 1e-3], dtype=np.float32)
     with pytest.raises(NIRConversionError,
-                       match=r"'layer1'.*tau differs.*per-neuron.*tensor-param"):
-        neuron_params("layer1", per_neuron, 1e-4)
+                       match=r"'layer1' \(LIF\): tau = values in \[5e-05, 0.001\] is shorter"):
+        neuron_params("layer1", short, 1e-4)
     thr = _lif((2,), tau=1e-3)
-    thr.v_threshold = np.array([1.0, 1.5], dtype=np.float32)
-    with pytest.raises(NIRConversionError, match="v_threshold differs"):
+    thr.v_threshold = np.array([1.0, -0.5], dtype=np.float32)
+    with pytest.raises(NIRConversionError, match=r"v_threshold must be > 0, got values in"):
         neuron_params("x", thr, 1e-4)
-    cuba = nir.CubaLIF(tau_syn=_full(2, 5e-4), tau_mem=_full(2, 1e-3), r=_full(2, 10.0),
-                       v_leak=_full(2, 0.0), v_threshold=_full(2, 1.0), w_in=_full(2, 5.0))
-    with pytest.raises(NIRConversionError, match=r"'syn' \(CubaLIF\).*synaptic current"):
-        neuron_params("syn", cuba, 1e-4)
+    with pytest.raises(NIRConversionError, match=r"'syn' \(CubaLIF\): v_leak != 0"):
+        neuron_params("syn", _cuba((2,), 5e-4, 1e-3, v_leak=0.1), 1e-4)
+    with pytest.raises(NIRConversionError, match=r"'syn' \(CubaLIF\): tau_syn .* shorter"):
+        neuron_params("syn", _cuba((2,), 5e-5, 1e-3), 1e-4)
     with pytest.raises(NIRConversionError, match="v_reset != 0"):
         neuron_params("x", _lif((2,), tau=1e-3, v_reset=0.1), 1e-4)
+    reset = _lif((2,), tau=1e-3)
+    reset.v_reset = np.array([0.0, 0.1], dtype=np.float32)
+    with pytest.raises(NIRConversionError, match="v_reset != 0"):
+        neuron_params("x", reset, 1e-4)
     with pytest.raises(NIRConversionError, match="shorter than dt"):
         neuron_params("x", _lif((2,), tau=1e-5), 1e-4)
+    nan = _lif((2,), tau=1e-3)
+    nan.r = np.array([1.0, np.nan], dtype=np.float32)
+    with pytest.raises(NIRConversionError, match="'x' \\(LIF\\): r is not finite"):
+        neuron_params("x", nan, 1e-4)
+    with pytest.raises(NIRConversionError, match="Affine is not a neuron node"):
+        neuron_params("x", nir.Affine(weight=np.eye(2), bias=np.zeros(2)), 1e-4)
 
 
 def test_alpha_round_trip_through_tau_is_exact_in_float32():
@@ -400,3 +450,210 @@ def test_partial_flatten_and_valid_padding_round_trip():
             isinstance(c.module, nn.Flatten)] == [2, 1]
     y = m(x)
     assert torch.equal(m2(x), y) and y.sum() > 0
+
+
+# ----------------------------------------------------------------------------- per-neuron, CubaLIF
+
+def _cuba_euler64(cur, tau_syn, tau_mem, r, w_in, dt, theta):
+    """NIR's CubaLIF by forward Euler in float64, the current first (docs/nir.md): spikes and
+    min |v - theta| over all pre-reset v."""
+    cur = cur.double()
+    i = torch.zeros_like(cur[0])
+    v = torch.zeros_like(i)
+    s = torch.zeros_like(i)
+    out, margin = [], float("inf")
+    for t in range(cur.shape[0]):
+        i = i + dt / tau_syn * (-i + w_in * cur[t])
+        v = v * (1 - s)
+        v = v + dt / tau_mem * (-v + r * i)
+        margin = min(margin, float((v - theta).abs().min()))
+        s = (v > theta).double()
+        out.append(s)
+    return torch.stack(out), margin
+
+
+def _rand(n, lo, hi, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)).float()
+
+
+@pytest.mark.parametrize("dt", [1e-4, 1e-3])
+def test_per_neuron_lif_cubalif_li_follow_nirs_odes(dt):
+    torch.manual_seed(11)
+    n1, n2, n3 = 7, 6, 3
+    w1, b1 = torch.randn(n1, 5), torch.randn(n1) * 0.1
+    w2, w3 = torch.randn(n2, n1) * 0.8, torch.randn(n3, n2)
+    tau1, r1 = _rand(n1, 5 * dt, 30 * dt, 1), _rand(n1, 2.0, 6.0, 2)
+    leak1, thr1 = _rand(n1, -0.2, 0.4, 3), _rand(n1, 0.3, 0.8, 4)
+    ts, tm = _rand(n2, 2 * dt, 8 * dt, 5), _rand(n2, 5 * dt, 20 * dt, 6)
+    r2, w_in, thr2 = _rand(n2, 1.0, 4.0, 7), _rand(n2, 0.5, 2.0, 8), _rand(n2, 0.2, 0.6, 9)
+    tau3, r3, leak3 = _rand(n3, 3 * dt, 9 * dt, 10), _rand(n3, 1.0, 3.0, 11), _rand(n3, 0, 0.2, 12)
+    np_ = lambda t: t.numpy()  # noqa: E731
+    nodes = {"in": nir.Input(input_type=np.array([5])),
+             "a": nir.Affine(weight=np_(w1), bias=np_(b1)),
+             "l": nir.LIF(tau=np_(tau1), r=np_(r1), v_leak=np_(leak1), v_threshold=np_(thr1),
+                          v_reset=np.zeros(n1, np.float32)),
+             "a2": nir.Linear(weight=np_(w2)),
+             "c": nir.CubaLIF(tau_syn=np_(ts), tau_mem=np_(tm), r=np_(r2), w_in=np_(w_in),
+                              v_leak=np.zeros(n2, np.float32), v_threshold=np_(thr2),
+                              v_reset=np.zeros(n2, np.float32)),
+             "a3": nir.Linear(weight=np_(w3)),
+             "li": nir.LI(tau=np_(tau3), r=np_(r3), v_leak=np_(leak3)),
+             "out": nir.Output(output_type=np.array([n3]))}
+    chain = ["in", "a", "l", "a2", "c", "a3", "li", "out"]
+    m = from_nir(nir.NIRGraph(nodes=nodes, edges=list(zip(chain, chain[1:]))), dt=dt)
+    assert [type(c) for c in m] == [sgnn.LIF, sgnn.LIF, sgnn.LIReadout]
+    assert isinstance(m[0].alpha, torch.Tensor) and m[0].alpha.shape == (n1,)
+    assert m[1].alpha_syn.shape == (n2,) and m[2].alpha.shape == (n3,)
+    x = _spikes(80, 4, 5, p=0.5)
+    d = lambda t: t.double()  # noqa: E731
+    s1, margin1 = _euler64(x.double() @ d(w1).T + d(b1), d(tau1), d(r1), d(leak1), dt, d(thr1))
+    s2, margin2 = _cuba_euler64(s1 @ d(w2).T, d(ts), d(tm), d(r2), d(w_in), dt, d(thr2))
+    assert min(margin1, margin2) > 1e-5 and s1.sum() > 20 and s2.sum() > 20
+    assert torch.equal(m[0](x), s1.float())
+    assert torch.equal(m[1](s1.float()), s2.float())
+    ref_li, _ = _euler64(s2 @ d(w3).T, d(tau3), d(r3), d(leak3), dt)
+    assert torch.allclose(m(x).double(), ref_li, atol=1e-5)
+
+
+def test_per_neuron_if_and_cubalif_after_a_layer_that_is_not_dense():
+    dt = 1e-4
+    n = 8
+    scale = _rand(n, 0.5, 1.5, 20)
+    ts, tm = _rand(n, 2e-4, 6e-4, 21), _rand(n, 5e-4, 2e-3, 22)
+    r, w_in, thr = _rand(n, 2.0, 5.0, 23), _rand(n, 1.0, 3.0, 24), _rand(n, 0.3, 0.9, 25)
+    r_if, thr_if = _rand(n, 0.5, 1.0, 26), _rand(n, 0.8, 1.6, 27)
+    zeros = np.zeros(n, np.float32)
+    nodes = {"in": nir.Input(input_type=np.array([n])),
+             "s": nir.Scale(scale=scale.numpy()),
+             "c": nir.CubaLIF(tau_syn=ts.numpy(), tau_mem=tm.numpy(), r=r.numpy(),
+                              w_in=w_in.numpy(), v_leak=zeros, v_threshold=thr.numpy(),
+                              v_reset=zeros),
+             "i": nir.IF(r=r_if.numpy(), v_threshold=thr_if.numpy()),
+             "out": nir.Output(output_type=np.array([n]))}
+    chain = ["in", "s", "c", "i", "out"]
+    m = from_nir(nir.NIRGraph(nodes=nodes, edges=list(zip(chain, chain[1:]))))
+    # the gains before the neurons alone: GainShift, then LIFNeuron (with alpha_syn for CubaLIF)
+    neurons = [c.neuron for c in m[1:]]
+    assert neurons[0].alpha_syn.shape == (n,) and neurons[1].alpha_syn is None
+    x = _spikes(60, 3, n, p=0.5, seed=3) * 2
+    d = lambda t: t.double()  # noqa: E731
+    s1, margin1 = _cuba_euler64(x.double() * d(scale), d(ts), d(tm), d(r), d(w_in), dt, d(thr))
+    # IF: v[t] = v'[t-1] + r I[t]
+    v = torch.zeros(3, n, dtype=torch.float64)
+    s = torch.zeros_like(v)
+    ref, margin2 = [], float("inf")
+    for t in range(60):
+        v = v * (1 - s) + d(r_if) * s1[t]
+        margin2 = min(margin2, float((v - d(thr_if)).abs().min()))
+        s = (v > d(thr_if)).double()
+        ref.append(s)
+    ref = torch.stack(ref).float()
+    assert min(margin1, margin2) > 1e-5 and s1.sum() > 20 and ref.sum() > 20
+    assert torch.equal(m(x), ref)
+
+
+def test_recurrent_cubalif_and_per_neuron_recurrent_lif_refused_naming_the_node():
+    w, r = np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32) * 0.5
+    for neuron, what in ((_cuba((3,), 5e-4, 1e-3), r"'l' \(CubaLIF\) with a recurrent "
+                          r"connection through 'rec'.*no synaptic current"),
+                         (_lif((3,), tau=1e-3), r"'l' \(LIF\) with a recurrent connection "
+                          r"through 'rec': its tau|alpha differs")):
+        if isinstance(neuron, nir.LIF):
+            neuron.tau = np.array([1e-3, 2e-3, 1e-3], np.float32)
+            neuron.r = neuron.tau / 1e-4
+        g = nir.NIRGraph(nodes={"in": nir.Input(input_type=np.array([3])),
+                                "a": nir.Linear(weight=w), "l": neuron,
+                                "rec": nir.Linear(weight=r),
+                                "out": nir.Output(output_type=np.array([3]))},
+                         edges=[("in", "a"), ("a", "l"), ("l", "rec"), ("rec", "l"),
+                                ("l", "out")])
+        with pytest.raises(NIRConversionError, match=what):
+            from_nir(g)
+
+
+def _param_models():
+    torch.manual_seed(12)
+    TD = sgnn.TimeDistributed
+    mlp = sgnn.TimeSequential(
+        sgnn.LIF(6, 8, alpha=_rand(8, 0.7, 0.95, 30), threshold=_rand(8, 0.3, 0.8, 31),
+                 reset="zero", learn_alpha=True, learn_threshold=True),
+        sgnn.LIF(8, 7, alpha=torch.tensor(0.85), threshold=0.6, reset="zero",
+                 alpha_syn=_rand(7, 0.3, 0.8, 32)),
+        sgnn.LIF(7, 5, alpha=0.9, alpha_syn=0.6, reset="zero", bias=False, learn_alpha_syn=True),
+        sgnn.LIReadout(5, 3, alpha=_rand(3, 0.5, 0.9, 33), reduce="none"))
+    conv = sgnn.TimeSequential(
+        TD(nn.Conv2d(2, 4, 3, padding=1)),
+        sgnn.LIFNeuron(alpha=_rand(4, 0.7, 0.95, 34).reshape(4, 1, 1), threshold=0.5,
+                       reset="zero"),
+        TD(nn.AvgPool2d(2)),
+        sgnn.LIFNeuron(alpha=0.8, threshold=_rand(4 * 4 * 4, 0.2, 0.6, 35).reshape(4, 4, 4),
+                       alpha_syn=torch.tensor(0.5), reset="zero", learn_threshold=True),
+        TD(nn.Flatten()), sgnn.LIF(64, 3, alpha=0.9, reset="zero"))
+    with torch.no_grad():
+        for mod in mlp.modules():
+            if isinstance(mod, sgnn.LIF):
+                mod.weight.mul_(3.0)
+    return mlp, conv
+
+
+def test_round_trip_tensor_parameters_and_synaptic_current(tmp_path):
+    mlp, conv = _param_models()
+    for model, x in ((mlp, _spikes(30, 4, 6, p=0.5) * 2), (conv, _spikes(8, 3, 2, 8, 8) * 2)):
+        g = to_nir(model, x)
+        kinds = [type(n).__name__ for n in g.nodes.values()]
+        assert "CubaLIF" in kinds
+        nir.write(tmp_path / "p.nir", g)
+        back = from_nir(tmp_path / "p.nir")
+        y = model(x)
+        assert torch.equal(back(x), y) and y.abs().sum() > 0
+        for a, b in zip(model.modules(), back.modules()):
+            assert type(a) is type(b)
+            for k in ("alpha", "threshold", "alpha_syn"):
+                va, vb = getattr(a, k, None), getattr(b, k, None)
+                if va is None:
+                    assert vb is None
+                    continue
+                # the same float32 values (per neuron where they differ, else one float)
+                va, vb = (torch.as_tensor(v).detach().float() for v in (va, vb))
+                shape = torch.broadcast_shapes(va.shape, vb.shape)
+                assert torch.equal(va.expand(shape), vb.expand(shape)), (k, a)
+    # a uniform tensor is a float after the round trip; per-neuron values stay tensors
+    back = from_nir(to_nir(mlp, torch.zeros(2, 1, 6)))
+    assert isinstance(back[0].alpha, torch.Tensor) and back[0].alpha.shape == (8,)
+    assert isinstance(back[1].alpha, float) and back[1].alpha_syn.shape == (7,)
+    assert isinstance(back[2].alpha_syn, float)
+    # a uniform tensor alpha without synaptic current comes back a float: the float kernels give
+    # the tensor kernels' bits
+    torch.manual_seed(13)
+    uni = sgnn.TimeSequential(sgnn.LIF(6, 8, alpha=torch.full((8,), 0.8), learn_alpha=True,
+                                       threshold=torch.tensor(0.4), reset="zero"))
+    x = _spikes(30, 4, 6, p=0.5) * 2
+    back = from_nir(to_nir(uni, x))
+    assert isinstance(back[0].alpha, float) and isinstance(back[0].threshold, float)
+    y = uni(x)
+    assert torch.equal(back(x), y) and y.sum() > 20
+
+
+def test_to_nir_clamps_tensor_alpha_as_the_layer_runs_it():
+    lif = sgnn.LIF(3, 3, alpha=torch.tensor([0.5, 0.9, 0.8]), reset="zero", learn_alpha=True)
+    with torch.no_grad():
+        lif.alpha[1] = 1.3  # a learned alpha past 1: the forward clamps it to 1
+    with pytest.raises(NIRConversionError, match=r"layer '0': alpha = 1 for some neurons"):
+        to_nir(sgnn.TimeSequential(lif), torch.zeros(2, 1, 3))
+    with torch.no_grad():
+        lif.alpha[1] = -0.5  # clamped to 0: tau = dt
+    g = to_nir(sgnn.TimeSequential(lif), torch.zeros(2, 1, 3))
+    assert np.allclose(g.nodes["0.lif"].tau, [2e-4, 1e-4, 5e-4])
+
+
+def test_to_nir_refuses_synaptic_current_without_leak():
+    for kw in (dict(alpha=1.0, alpha_syn=0.5), dict(alpha=0.9, alpha_syn=1.0)):
+        m = sgnn.TimeSequential(sgnn.LIF(3, 2, reset="zero", **kw))
+        with pytest.raises(NIRConversionError, match=r"layer '0': alpha = 1 or alpha_syn = 1"):
+            to_nir(m, torch.zeros(2, 1, 3))
+    # alpha_syn = 0 is a CubaLIF with tau_syn = dt: syn[t] = I[t]
+    m = sgnn.TimeSequential(sgnn.LIF(3, 2, reset="zero", alpha_syn=0.0))
+    g = to_nir(m, torch.zeros(2, 1, 3))
+    assert np.allclose(g.nodes["0.lif"].tau_syn, 1e-4)
+    assert from_nir(g)[0].alpha_syn == 0.0
