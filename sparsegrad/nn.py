@@ -406,3 +406,7 @@ def _time_distributed_load_hook(module, state_dict, prefix, *args):
     inner = prefix + "module."
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
         state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+# Convolutional spiking layers (issue 20) live in sparsegrad/conv.py.
+from .conv import ConvLIF, SpikePool2d  # noqa: E402,F401

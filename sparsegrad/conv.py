@@ -1,0 +1,327 @@
+"""Convolutional spiking layers over whole sequences (issue 20): conv -> (pool) -> LIF and
+conv -> LIF -> pool with a sparse backward and compact saved state.
+
+``conv_pool(x, weight, bias, ...)`` is a Conv2d applied to every step of x [T, B, C, H, W]
+followed by an optional max / avg pooling (kernel = stride, as ``nn.MaxPool2d(k)``), as one
+autograd node that keeps for the backward only
+
+* the input as bits (one bit per entry) when it is binary (spikes), else the input itself
+  (data: a reference to the caller's tensor; one frame when the frame repeats at every step);
+* max pooling's winner offsets as uint8 (``pool_k**2 <= 256``);
+* the producer's active set when x came from a sparsegrad neuron (``ConvLIF``, ``LIFNeuron`` on
+  [T, B, N]): dx is then computed only there.
+
+Forward: by events (csrc/cpu/conv_cpu.cpp) when x is binary and sparse enough for the cost model
+(``EVENT_COST``), else ATen's convolution (oneDNN) and sparsegrad's pooling. Input frames that are
+the same at every step (direct coding, snnTorch's tutorials) are convolved once (checked exactly,
+``torch.equal``): the output of every step is then that frame's, and the weight gradient is taken
+once from the gradient summed over time.
+
+Backward: dW and db by the input's events from the unpooled gradient (max pooling: one position
+per window; positions whose neuron is never active again carry zero and add nothing), dx at the
+producer's active set; without a producer set, or for non-binary inputs, dense dx / dW by ATen.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as F_sg
+from . import _C  # noqa: F401  (registers the ops)
+
+__all__ = ["conv_pool", "ConvLIF", "SpikePool2d", "EVENT_COST", "ROUTES"]
+
+_ops = torch.ops.sparsegrad
+ROUTES = ("auto", "events", "dense")
+POOLS = (None, "max", "avg")
+#: The events route costs about EVENT_COST dense multiply-adds per (event, tap, output channel)
+#: add (measured on the tutorial CSNN's second convolution, 2 threads: benchmarks/bench_conv.py);
+#: "auto" takes events when nnz * taps * C_out/groups * EVENT_COST < the dense MACs.
+EVENT_COST = 4.0
+_SAVED_SET_ATTR = "_sparsegrad_conv_saved_set"
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(e, int) for e in v):
+        return tuple(v)
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def _narrow_index(t: torch.Tensor, bound: int) -> torch.Tensor:
+    # Indices in [0, bound] kept in the narrowest integer type between forward and backward.
+    if bound <= 255:
+        return t.to(torch.uint8)
+    if bound <= 32767:
+        return t.to(torch.int16)
+    return t
+
+
+def _constant_over_time(x: torch.Tensor) -> bool:
+    """True when every step of x [T, B, ...] equals the first (exactly), e.g. direct coding."""
+    if x.shape[0] < 2:
+        return False
+    first = x[0]
+    # A cheap rejection on one step before the full comparison.
+    if not torch.equal(x[-1], first):
+        return False
+    return bool(torch.equal(x, first.unsqueeze(0).expand_as(x)))
+
+
+class _ConvPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, pool, pool_k, route,
+                prev_cnt, prev_idx):
+        T, B = x.shape[:2]
+        in_shape = list(x.shape[2:])
+        pool_s = pool or "none"
+        n_in = in_shape[0] * in_shape[1] * in_shape[2]
+        const = not ctx.needs_input_grad[0] and _constant_over_time(x)
+        frames = x[0] if const else x.reshape(T * B, *in_shape)
+        n = frames.shape[0]
+        bits = None
+        binary = False
+        if route != "dense":
+            bits, info = _ops.spike_pack.default(frames.reshape(n, n_in))
+            nnz, odd = (int(v) for v in info.tolist())
+            binary = odd == 0
+            if route == "events" and not binary:
+                raise ValueError("route='events' needs a binary input (0/1 spikes); got "
+                                 f"{odd} other values")
+        cout, cin_g, kh, kw = weight.shape
+        use_events = False
+        if binary:
+            if route == "events":
+                use_events = True
+            else:
+                ho = (in_shape[1] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+                wo = (in_shape[2] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+                dense_macs = n * cout * ho * wo * cin_g * kh * kw
+                use_events = nnz * kh * kw * (cout // groups) * EVENT_COST < dense_macs
+        if use_events:
+            out, idx = _ops.spike_conv2d_forward.default(
+                bits, weight, bias, in_shape, list(stride), list(padding), list(dilation), groups,
+                pool_s, pool_k)
+        else:
+            y = F.conv2d(frames, weight, bias, stride, padding, dilation, groups)
+            if pool is None:
+                out, idx = y, y.new_empty(0, dtype=torch.uint8)
+            else:
+                out, idx = _ops.conv_pool2d.default(y, pool_s, pool_k)
+        ctx.geom = (in_shape, list(stride), list(padding), list(dilation), groups, pool_s, pool_k)
+        ctx.T, ctx.B, ctx.const, ctx.binary = T, B, const, binary
+        ctx.has_bias = bias is not None
+        ctx.has_prev = prev_cnt is not None
+        saved = [weight, idx, bits if binary else frames]
+        if ctx.has_prev:
+            saved += [_narrow_index(prev_cnt, n_in), _narrow_index(prev_idx, n_in)]
+        ctx.save_for_backward(*saved)
+        out = out.unflatten(0, (1, B)).expand(T, *out.shape) if const else out.unflatten(0, (T, B))
+        return out.contiguous() if const else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, idx, data, *prev = ctx.saved_tensors
+        in_shape, stride, padding, dilation, groups, pool_s, pool_k = ctx.geom
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = ctx.has_bias and ctx.needs_input_grad[2]
+        T, B = ctx.T, ctx.B
+        g = grad.sum(0) if ctx.const else grad.reshape(T * B, *grad.shape[2:])
+        restricted = need_dx and ctx.binary and ctx.has_prev
+        dense_dx = need_dx and not restricted
+        dense_dw = need_dw and not ctx.binary
+        dx, dw, db, gc = _ops.spike_conv2d_backward.default(
+            g, idx, data if ctx.binary else None, weight, in_shape, stride, padding, dilation,
+            groups, pool_s, pool_k, prev[0].to(torch.int32) if restricted else None,
+            prev[1].to(torch.int32) if restricted else None, T, restricted,
+            need_dw and ctx.binary, need_db, dense_dx or dense_dw)
+        if dense_dw:
+            dw = torch.nn.grad.conv2d_weight(data, weight.shape, gc, stride, padding, dilation,
+                                             groups)
+        if dense_dx:
+            dx = torch.nn.grad.conv2d_input((T * B, *in_shape), weight, gc, stride, padding,
+                                            dilation, groups)
+        if need_dx:
+            dx = dx.unflatten(0, (T, B))
+        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+                None, None, None, None, None, None, None, None, None)
+
+
+def conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+              stride=1, padding=0, dilation=1, groups: int = 1, pool: Optional[str] = None,
+              pool_kernel: int = 2, route: str = "auto") -> torch.Tensor:
+    """Conv2d on every step of x [T, B, C_in, H, W], then optional pooling: [T, B, C_out, H', W'].
+
+    pool: None, "max" or "avg" with kernel = stride = pool_kernel (``nn.MaxPool2d(k)``,
+    ``nn.AvgPool2d(k)``). route: "auto" (cost model), "events" (x must be binary) or "dense".
+    Gradients as ``F.conv2d`` + pooling; dx only at the producer's active set when x carries one
+    (the spikes of a sparsegrad neuron), where the producer reads it.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        raise ValueError(f"x must be a [T, B, C, H, W] tensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 or float64, got {x.dtype}")
+    F_sg._check_tensor("weight", weight, 4, x.dtype, x.device)
+    if bias is not None:
+        F_sg._check_tensor("bias", bias, 1, x.dtype, x.device)
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be None, 'max' or 'avg', got {pool!r}")
+    if not isinstance(pool_kernel, int) or not 1 <= pool_kernel <= 16:
+        raise ValueError(f"pool_kernel must be an int in [1, 16], got {pool_kernel!r}")
+    if x.shape[2] != weight.shape[1] * groups:
+        raise ValueError(f"x has {x.shape[2]} channels but weight expects "
+                         f"{weight.shape[1] * groups} (C_in/groups = {weight.shape[1]}, groups = "
+                         f"{groups})")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x must have at least one step and one sample, got {tuple(x.shape)}")
+    x = x.contiguous() if not x.is_contiguous() else x
+    prev_cnt, prev_idx = F_sg.producer_active_set(x)
+    return _ConvPool.apply(x, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
+                           _pair(dilation, "dilation"), int(groups), pool, pool_kernel, route,
+                           prev_cnt, prev_idx)
+
+
+class _SpikePool(torch.autograd.Function):
+    """Max / avg pooling of spikes [T, B, C, H, W] with the winner offsets saved as uint8."""
+
+    @staticmethod
+    def forward(ctx, s, pool, k):
+        T, B, C, H, W = s.shape
+        out, idx = _ops.conv_pool2d.default(s.reshape(T * B, C, H, W), pool, k)
+        ctx.pool, ctx.k, ctx.shape = pool, k, s.shape
+        ctx.save_for_backward(idx)
+        return out.unflatten(0, (T, B))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        T, B, C, H, W = ctx.shape
+        k = ctx.k
+        g = grad.reshape(T * B, C, grad.shape[3], grad.shape[4])
+        hp, wp = g.shape[2], g.shape[3]
+        out = g.new_zeros(T * B, C, H, W)
+        if ctx.pool == "max":
+            i = idx.to(torch.int64)
+            rows = torch.arange(hp, device=g.device).view(1, 1, hp, 1) * k + i // k
+            cols = torch.arange(wp, device=g.device).view(1, 1, 1, wp) * k + i % k
+            out.view(T * B, C, H * W).scatter_(2, (rows * W + cols).flatten(2), g.flatten(2))
+        else:
+            up = g.repeat_interleave(k, 2).repeat_interleave(k, 3) / (k * k)
+            out[:, :, :hp * k, :wp * k] = up
+        return out.view(T, B, C, H, W), None, None
+
+
+class SpikePool2d(nn.Module):
+    """Max ("max") or average ("avg") pooling of a spike sequence [T, B, C, H, W] over every step,
+    kernel = stride = ``kernel_size``; keeps only uint8 winner offsets for the backward."""
+
+    def __init__(self, kernel_size: int = 2, pool: str = "max"):
+        super().__init__()
+        if pool not in ("max", "avg"):
+            raise ValueError(f"pool must be 'max' or 'avg', got {pool!r}")
+        if not isinstance(kernel_size, int) or not 1 <= kernel_size <= 16:
+            raise ValueError(f"kernel_size must be an int in [1, 16], got {kernel_size!r}")
+        self.kernel_size, self.pool = kernel_size, pool
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        if not isinstance(s, torch.Tensor) or s.dim() != 5:
+            raise ValueError(f"input must be [T, B, C, H, W], got {getattr(s, 'shape', s)}")
+        return _SpikePool.apply(s.contiguous(), self.pool, self.kernel_size)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, pool={self.pool!r}"
+
+
+class ConvLIF(nn.Module):
+    """Conv2d -> [pool] -> LIF neurons (or Conv2d -> LIF -> pool) over a whole sequence.
+
+    Input [T, B, C_in, H, W] (time-major) -> spikes [T, B, C_out, H', W']. The convolution's
+    parameters are an nn.Conv2d's (``weight`` [C_out, C_in/groups, KH, KW], ``bias``; state_dict
+    keys ``weight``, ``bias``); stride / padding / dilation / groups as nn.Conv2d's (zero padding).
+    pool: None, "max" or "avg" with kernel = stride = pool_kernel; pool_position "before" the
+    neuron (snnTorch's tutorial CSNN: conv -> MaxPool2d -> Leaky) or "after" it (SpikingJelly's
+    conv -> LIF -> MaxPool2d). The neuron's arguments are sparsegrad.lif's. route: the
+    convolution's forward route ("auto", "events", "dense"; see sparsegrad.conv).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, *, pool: Optional[str] = None,
+                 pool_kernel: int = 2, pool_position: str = "before", alpha: float = 0.9,
+                 threshold: float = 1.0, b_th: float = 0.2, surrogate: str = "fast_sigmoid",
+                 slope: float = 100.0, reset: str = "subtract", backward: str = "sparse",
+                 route: str = "auto", device=None, dtype=None):
+        super().__init__()
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, device=device, dtype=dtype)
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        if isinstance(self.padding, str):
+            raise ValueError("padding must be ints (string padding is not supported)")
+        self.groups = groups
+        if pool not in POOLS:
+            raise ValueError(f"pool must be None, 'max' or 'avg', got {pool!r}")
+        if pool_position not in ("before", "after"):
+            raise ValueError(f"pool_position must be 'before' or 'after', got {pool_position!r}")
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
+        self.pool, self.pool_kernel, self.pool_position = pool, int(pool_kernel), pool_position
+        self.alpha, self.threshold, self.b_th = float(alpha), float(threshold), float(b_th)
+        self.surrogate, self.slope, self.reset = surrogate, float(slope), reset
+        self.backward, self.route = backward, route
+        self.last_stats: Optional[F_sg.LIFStats] = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> "ConvLIF":
+        """A ConvLIF sharing ``conv``'s weight and bias Parameters."""
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("only zero padding given as ints is supported, got "
+                             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, device=conv.weight.device,
+                dtype=conv.weight.dtype, **kwargs)
+        m.weight = conv.weight
+        m.bias = conv.bias
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before = self.pool if self.pool_position == "before" else None
+        cur = conv_pool(x, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                        dilation=self.dilation, groups=self.groups, pool=before,
+                        pool_kernel=self.pool_kernel, route=self.route)
+        T, B = cur.shape[:2]
+        spikes3, _, _, stats, act = F_sg.lif_with_stats(
+            cur.reshape(T, B, -1), alpha=self.alpha, threshold=self.threshold, b_th=self.b_th,
+            surrogate=self.surrogate, slope=self.slope, reset=self.reset, backward=self.backward)
+        self.last_stats = stats
+        spikes = spikes3.view(cur.shape)
+        if self.pool is not None and self.pool_position == "after":
+            return _SpikePool.apply(spikes, self.pool, self.pool_kernel)
+        cnt, idx = F_sg.producer_active_set(spikes3)
+        if cnt is not None:
+            F_sg.attach_active_set(spikes, cnt, idx)
+        return spikes
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.pool is not None:
+            s += f", pool={self.pool!r}, pool_kernel={self.pool_kernel}, " \
+                 f"pool_position={self.pool_position!r}"
+        return s + (f", alpha={self.alpha}, threshold={self.threshold}, b_th={self.b_th}, "
+                    f"surrogate={self.surrogate!r}, slope={self.slope}, reset={self.reset!r}, "
+                    f"backward={self.backward!r}")
