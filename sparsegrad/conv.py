@@ -32,7 +32,7 @@ from torch import nn
 from . import functional as F_sg
 from . import _C  # noqa: F401  (registers the ops)
 
-__all__ = ["conv_pool", "ConvLIF", "SpikePool2d", "EVENT_COST", "ROUTES"]
+__all__ = ["conv_pool", "ConvLIF", "SpikePool2d", "fuse_conv_layers", "EVENT_COST", "ROUTES"]
 
 _ops = torch.ops.sparsegrad
 ROUTES = ("auto", "events", "dense")
@@ -247,8 +247,11 @@ class ConvLIF(nn.Module):
     keys ``weight``, ``bias``); stride / padding / dilation / groups as nn.Conv2d's (zero padding).
     pool: None, "max" or "avg" with kernel = stride = pool_kernel; pool_position "before" the
     neuron (snnTorch's tutorial CSNN: conv -> MaxPool2d -> Leaky) or "after" it (SpikingJelly's
-    conv -> LIF -> MaxPool2d). The neuron's arguments are sparsegrad.lif's. route: the
+    conv -> LIF -> MaxPool2d). The neuron: ``neuron`` (a time-major sparsegrad.nn.LIFNeuron or
+    conversion.SpikingJellyNeuron taking [T, B, N]) or, by default, LIFNeuron(alpha, threshold,
+    b_th, surrogate, slope, reset, backward) (sparsegrad.lif's arguments). route: the
     convolution's forward route ("auto", "events", "dense"; see sparsegrad.conv).
+    ``last_stats``: the neuron's statistics of the last call.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -256,8 +259,13 @@ class ConvLIF(nn.Module):
                  pool_kernel: int = 2, pool_position: str = "before", alpha: float = 0.9,
                  threshold: float = 1.0, b_th: float = 0.2, surrogate: str = "fast_sigmoid",
                  slope: float = 100.0, reset: str = "subtract", backward: str = "sparse",
-                 route: str = "auto", device=None, dtype=None):
+                 route: str = "auto", neuron: Optional[nn.Module] = None, device=None,
+                 dtype=None):
         super().__init__()
+        from .nn import LIFNeuron
+
+        if isinstance(padding, str):
+            raise ValueError("padding must be ints (string padding is not supported)")
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, device=device, dtype=dtype)
         self.weight = conv.weight
@@ -265,21 +273,27 @@ class ConvLIF(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = conv.kernel_size
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        if isinstance(self.padding, str):
-            raise ValueError("padding must be ints (string padding is not supported)")
         self.groups = groups
         if pool not in POOLS:
             raise ValueError(f"pool must be None, 'max' or 'avg', got {pool!r}")
         if pool_position not in ("before", "after"):
             raise ValueError(f"pool_position must be 'before' or 'after', got {pool_position!r}")
+        if not isinstance(pool_kernel, int) or not 1 <= pool_kernel <= 16:
+            raise ValueError(f"pool_kernel must be an int in [1, 16], got {pool_kernel!r}")
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
         self.pool, self.pool_kernel, self.pool_position = pool, int(pool_kernel), pool_position
-        self.alpha, self.threshold, self.b_th = float(alpha), float(threshold), float(b_th)
-        self.surrogate, self.slope, self.reset = surrogate, float(slope), reset
-        self.backward, self.route = backward, route
-        self.last_stats: Optional[F_sg.LIFStats] = None
+        self.route = route
+        if neuron is None:
+            neuron = LIFNeuron(alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate,
+                               slope=slope, reset=reset, backward=backward)
+        elif getattr(neuron, "batch_first", False) or getattr(neuron, "return_mem", False):
+            raise ValueError("neuron must be time-major and return spikes only")
+        self.neuron = neuron
+
+    @property
+    def last_stats(self):
+        return getattr(self.neuron, "last_stats", None)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **kwargs) -> "ConvLIF":
@@ -300,15 +314,12 @@ class ConvLIF(nn.Module):
                         dilation=self.dilation, groups=self.groups, pool=before,
                         pool_kernel=self.pool_kernel, route=self.route)
         T, B = cur.shape[:2]
-        spikes3, _, _, stats, act = F_sg.lif_with_stats(
-            cur.reshape(T, B, -1), alpha=self.alpha, threshold=self.threshold, b_th=self.b_th,
-            surrogate=self.surrogate, slope=self.slope, reset=self.reset, backward=self.backward)
-        self.last_stats = stats
+        spikes3 = self.neuron(cur.reshape(T, B, -1))
         spikes = spikes3.view(cur.shape)
         if self.pool is not None and self.pool_position == "after":
             return _SpikePool.apply(spikes, self.pool, self.pool_kernel)
         cnt, idx = F_sg.producer_active_set(spikes3)
-        if cnt is not None:
+        if cnt is not None:  # the next ConvLIF computes dx only at these entries
             F_sg.attach_active_set(spikes, cnt, idx)
         return spikes
 
@@ -322,6 +333,111 @@ class ConvLIF(nn.Module):
         if self.pool is not None:
             s += f", pool={self.pool!r}, pool_kernel={self.pool_kernel}, " \
                  f"pool_position={self.pool_position!r}"
-        return s + (f", alpha={self.alpha}, threshold={self.threshold}, b_th={self.b_th}, "
-                    f"surrogate={self.surrogate!r}, slope={self.slope}, reset={self.reset!r}, "
-                    f"backward={self.backward!r}")
+        return s + (f", route={self.route!r}" if self.route != "auto" else "")
+
+
+# ------------------------------------------------------------------------------ conversion
+
+def _fusable_neuron(n) -> bool:
+    """A time-major neuron module that takes [T, B, N] and returns spikes only: a plain
+    LIFNeuron or a SpikingJellyNeuron (conversion's exact SpikingJelly neuron)."""
+    from .nn import LIFNeuron
+
+    if type(n) is LIFNeuron:
+        return not n.batch_first and not n.return_mem
+    return type(n).__name__ == "SpikingJellyNeuron" and type(n).__module__ == "sparsegrad.conversion"
+
+
+def _conv_of(layer) -> Optional[nn.Conv2d]:
+    from .nn import TimeDistributed
+
+    if isinstance(layer, TimeDistributed) and not layer.batch_first and \
+            _plain(layer.module, nn.Conv2d) and layer.module.padding_mode == "zeros" and \
+            not isinstance(layer.module.padding, str):
+        return layer.module
+    return None
+
+
+def _plain(m, cls) -> bool:
+    """m is a cls itself or SpikingJelly's single-step subclass of it (layer.Conv2d, ...)."""
+    return type(m) is cls or (isinstance(m, cls) and
+                              (type(m).__module__ or "").startswith("spikingjelly"))
+
+
+def _pool_of(layer) -> Optional[Tuple[str, int]]:
+    """("max" | "avg", k) for TimeDistributed(MaxPool2d(k) / AvgPool2d(k)) with stride k, no
+    padding, dilation 1, floor mode (and for avg: no divisor override); else None."""
+    from .nn import TimeDistributed
+
+    if not isinstance(layer, TimeDistributed) or layer.batch_first:
+        return None
+    p = layer.module
+    if not (_plain(p, nn.MaxPool2d) or _plain(p, nn.AvgPool2d)):
+        return None
+    k = p.kernel_size
+    stride = p.stride if p.stride is not None else k
+    if not isinstance(k, int):
+        if len(set(k)) != 1:
+            return None
+        k = k[0]
+    if isinstance(stride, (tuple, list)):
+        if len(set(stride)) != 1:
+            return None
+        stride = stride[0]
+    pad = p.padding if isinstance(p.padding, int) else (p.padding[0] if len(set(p.padding)) == 1 else -1)
+    if stride != k or pad != 0 or p.ceil_mode or not 1 <= k <= 16:
+        return None
+    if isinstance(p, nn.MaxPool2d):
+        if p.dilation not in (1, (1, 1)) or p.return_indices:
+            return None
+        return "max", k
+    if p.divisor_override is not None:
+        return None
+    return "avg", k
+
+
+def fuse_conv_layers(model: nn.Module) -> int:
+    """Replace, in place, every TimeDistributed(Conv2d) -> [TimeDistributed(Max/AvgPool2d)] ->
+    LIFNeuron and TimeDistributed(Conv2d) -> LIFNeuron -> TimeDistributed(Max/AvgPool2d) run of
+    an nn.Sequential (e.g. what sparsegrad.convert returns) by one ConvLIF sharing the conv's
+    Parameters; the replaced positions become nn.Identity, so indices and state_dict keys stay.
+    Nested nn.Sequential children are fused too. Returns the number of ConvLIF made."""
+    from .nn import LIFNeuron  # noqa: F401
+
+    made = 0
+    if not isinstance(model, nn.Sequential):
+        return 0
+    layers = list(model)
+    i = 0
+    while i < len(layers):
+        if isinstance(layers[i], nn.Sequential):
+            made += fuse_conv_layers(layers[i])
+            i += 1
+            continue
+        conv = _conv_of(layers[i])
+        if conv is None:
+            i += 1
+            continue
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        nxt2 = layers[i + 2] if i + 2 < len(layers) else None
+        span, kwargs = 0, None
+        pool = _pool_of(nxt) if nxt is not None else None
+        if pool is not None and nxt2 is not None and _fusable_neuron(nxt2):
+            span, kwargs = 3, dict(neuron=nxt2, pool=pool[0], pool_kernel=pool[1])
+        elif nxt is not None and _fusable_neuron(nxt):
+            pool = _pool_of(nxt2) if nxt2 is not None else None
+            if pool is not None:
+                span, kwargs = 3, dict(neuron=nxt, pool=pool[0], pool_kernel=pool[1],
+                                       pool_position="after")
+            else:
+                span, kwargs = 2, dict(neuron=nxt)
+        if not span:
+            i += 1
+            continue
+        model[i] = ConvLIF.from_conv(conv, **kwargs)
+        for k in range(i + 1, i + span):
+            model[k] = nn.Identity()
+        made += 1
+        layers = list(model)
+        i += span
+    return made

@@ -42,6 +42,7 @@ from . import ops
 from .conversion_recurrent import rleaky_rule
 from .nn import (LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed, TimeSequential,
                  _PER_SAMPLE_LAYERS)
+from .conv import ConvLIF, SpikePool2d, fuse_conv_layers  # sequence modules of issue 20
 
 __all__ = ["convert", "ConversionReport", "ConvertedPair", "NeuronSpec", "Unsupported",
            "NEURON_RULES", "register_neuron_rule", "SequenceModel", "StepByStep",
@@ -644,7 +645,7 @@ class _Walk:
     def layer(self, name: str, m: nn.Module) -> nn.Module:
         """A non-neuron child: folded, recursed into, kept, or stepped."""
         if isinstance(m, (LIF, RLIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
-                          SpikingJellyNeuron)):
+                          SpikingJellyNeuron, ConvLIF, SpikePool2d)):
             return m
         mod = type(m).__module__ or ""
         if mod.startswith("spikingjelly"):
@@ -769,6 +770,8 @@ def convert(model: nn.Module, *, b_th: float = 0.2, backward: str = "sparse",
         walk.children(model, "", root=True)
         if type(model) is nn.Sequential:  # same object, children and keys; runs per-step layers together
             model.__class__ = TimeSequential
+        if backward == "sparse":  # conv -> (pool) -> LIF as one ConvLIF (issue 20)
+            fuse_conv_layers(model)
     else:
         model = walk.layer("(root)", model)
     if not report.exact:
@@ -827,7 +830,7 @@ class SequenceModel(nn.Module):
 
 def _run_layer(layer: nn.Module, x: torch.Tensor):
     if isinstance(layer, (LIF, RLIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
-                          SpikingJellyNeuron)):
+                          SpikingJellyNeuron, ConvLIF, SpikePool2d)):
         return layer(x)
     if _multi_step(layer):
         _reset_state(layer)

@@ -30,6 +30,12 @@
 #include <limits>
 #include <vector>
 
+#if defined(__GNUC__)
+#define SG_CONV_UNROLL _Pragma("GCC unroll 16")
+#else
+#define SG_CONV_UNROLL
+#endif
+
 namespace sparsegrad {
 namespace cpu {
 namespace {
@@ -115,22 +121,73 @@ std::vector<scalar_t> transpose_weight(const at::Tensor& weight, const ConvGeom&
   return wt;
 }
 
+constexpr int64_t kLanes = 16;
+
+template <typename scalar_t>
+inline scalar_t lane_sum(const scalar_t* v) {
+  scalar_t h[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) h[l] = v[l];
+  for (int64_t n = kLanes / 2; n >= 1; n /= 2)
+    for (int64_t l = 0; l < n; ++l) h[l] += h[l + n];
+  return h[0];
+}
+
 // Calls f(k, p) for every tap k = ky*kw + kx of input position (iy, ix) that lands on an output
-// position p = oy*wo + ox.
+// position p = oy*wo + ox (no division when the stride is 1, the common case).
 template <typename F>
 inline void for_each_tap(const ConvGeom& g, int64_t iy, int64_t ix, F&& f) {
   for (int64_t ky = 0; ky < g.kh; ++ky) {
-    const int64_t ny = iy + g.ph - ky * g.dh;
-    if (ny < 0 || ny % g.sh) continue;
-    const int64_t oy = ny / g.sh;
+    int64_t oy = iy + g.ph - ky * g.dh;
+    if (oy < 0) break;  // oy only decreases with ky
+    if (g.sh != 1) {
+      if (oy % g.sh) continue;
+      oy /= g.sh;
+    }
     if (oy >= g.ho) continue;
     for (int64_t kx = 0; kx < g.kw; ++kx) {
-      const int64_t nx = ix + g.pw - kx * g.dw;
-      if (nx < 0 || nx % g.sw) continue;
-      const int64_t ox = nx / g.sw;
+      int64_t ox = ix + g.pw - kx * g.dw;
+      if (ox < 0) break;
+      if (g.sw != 1) {
+        if (ox % g.sw) continue;
+        ox /= g.sw;
+      }
       if (ox >= g.wo) continue;
       f(ky * g.kw + kx, oy * g.wo + ox);
     }
+  }
+}
+
+// dst[0..n) += src[0..n): fixed-length bodies for the usual channel counts (no runtime checks,
+// fully unrolled vector adds), a plain loop otherwise.
+template <int64_t n, typename scalar_t>
+inline void add_fixed(scalar_t* __restrict__ dst, const scalar_t* __restrict__ src) {
+  typedef scalar_t vec_t __attribute__((vector_size(64)));
+  constexpr int64_t L = 64 / sizeof(scalar_t);
+  if constexpr (n % L == 0) {
+    SG_CONV_UNROLL
+    for (int64_t c = 0; c < n; c += L) {
+      vec_t a, b;
+      __builtin_memcpy(&a, dst + c, sizeof(vec_t));
+      __builtin_memcpy(&b, src + c, sizeof(vec_t));
+      a += b;
+      __builtin_memcpy(dst + c, &a, sizeof(vec_t));
+    }
+  } else {
+    SG_CONV_UNROLL
+    for (int64_t c = 0; c < n; ++c) dst[c] += src[c];
+  }
+}
+
+template <typename scalar_t>
+inline void add_row(int64_t n, scalar_t* __restrict__ dst, const scalar_t* __restrict__ src) {
+  switch (n) {
+    case 8: return add_fixed<8>(dst, src);
+    case 16: return add_fixed<16>(dst, src);
+    case 32: return add_fixed<32>(dst, src);
+    case 64: return add_fixed<64>(dst, src);
+    case 128: return add_fixed<128>(dst, src);
+    default:
+      for (int64_t c = 0; c < n; ++c) dst[c] += src[c];
   }
 }
 
@@ -148,38 +205,98 @@ inline void for_each_event(const int32_t* bits, int64_t words, F&& f) {
 
 // Bias and pooling from a channels-last conv output buf[p][co] into out[co][py][px] (NCHW),
 // with max pooling's winner offset (ky*pk + kx in the window, first maximum as ATen) in idx.
+// Channels innermost, so each window's comparisons run over contiguous rows of buf.
 template <typename scalar_t>
 void pool_from_cl(const scalar_t* buf, const scalar_t* bias, const ConvGeom& g, scalar_t* out,
-                  uint8_t* idx) {
-  const int64_t pk = g.pk;
-  for (int64_t co = 0; co < g.cout; ++co) {
-    const scalar_t b = bias ? bias[co] : scalar_t(0);
-    for (int64_t py = 0; py < g.hp; ++py)
-      for (int64_t px = 0; px < g.wp; ++px) {
-        const int64_t o = (co * g.hp + py) * g.wp + px;
-        if (g.pool == kPoolNone) {
-          out[o] = buf[(py * g.wo + px) * g.cout + co] + b;
-        } else if (g.pool == kPoolMax) {
-          scalar_t best = -std::numeric_limits<scalar_t>::infinity();
-          int64_t arg = 0;
-          for (int64_t a = 0; a < pk; ++a)
-            for (int64_t c = 0; c < pk; ++c) {
-              const scalar_t v = buf[((py * pk + a) * g.wo + px * pk + c) * g.cout + co] + b;
-              if (v > best || std::isnan(v)) {
-                best = v;
-                arg = a * pk + c;
-              }
+                  uint8_t* idx, scalar_t* __restrict__ best, uint8_t* __restrict__ arg) {
+  const int64_t pk = g.pk, cout = g.cout, plane = g.hp * g.wp;
+  const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(pk * pk);
+  for (int64_t py = 0; py < g.hp; ++py)
+    for (int64_t px = 0; px < g.wp; ++px) {
+      const int64_t o = py * g.wp + px;
+      if (g.pool == kPoolNone) {
+        const scalar_t* __restrict__ row = buf + (py * g.wo + px) * cout;
+        for (int64_t co = 0; co < cout; ++co) out[co * plane + o] = row[co] + (bias ? bias[co] : 0);
+        continue;
+      }
+      for (int64_t co = 0; co < cout; ++co) {
+        best[co] = g.pool == kPoolMax ? -std::numeric_limits<scalar_t>::infinity() : scalar_t(0);
+        arg[co] = 0;
+      }
+      for (int64_t a = 0; a < pk; ++a)
+        for (int64_t c = 0; c < pk; ++c) {
+          const scalar_t* __restrict__ row = buf + ((py * pk + a) * g.wo + px * pk + c) * cout;
+          const uint8_t slot = static_cast<uint8_t>(a * pk + c);
+          if (g.pool == kPoolMax) {
+            for (int64_t co = 0; co < cout; ++co) {
+              const scalar_t v = row[co] + (bias ? bias[co] : scalar_t(0));
+              const bool take = v > best[co] || v != v;
+              best[co] = take ? v : best[co];
+              arg[co] = take ? slot : arg[co];
             }
-          out[o] = best;
-          idx[o] = static_cast<uint8_t>(arg);
-        } else {
-          scalar_t s = 0;
-          for (int64_t a = 0; a < pk; ++a)
-            for (int64_t c = 0; c < pk; ++c)
-              s += buf[((py * pk + a) * g.wo + px * pk + c) * g.cout + co] + b;
-          out[o] = s / static_cast<scalar_t>(pk * pk);
+          } else {
+            for (int64_t co = 0; co < cout; ++co) best[co] += row[co] + (bias ? bias[co] : scalar_t(0));
+          }
+        }
+      for (int64_t co = 0; co < cout; ++co) {
+        out[co * plane + o] = g.pool == kPoolMax ? best[co] : best[co] * inv;
+        if (g.pool == kPoolMax) idx[co * plane + o] = arg[co];
+      }
+    }
+}
+
+// One sample's conv output by gathering (groups == 1, C_in <= 64, C_out = NV whole vectors):
+// mask[pos] holds the channels that spiked at input position pos; each output position sums the
+// weight rows of the spikes under its taps in NV vector registers and stores them once (no
+// read-modify-write of the output per event). Order: taps ascending, channels ascending.
+template <typename scalar_t, int NV>
+void gather_sample(const ConvGeom& g, const uint64_t* mask, const scalar_t* wt, scalar_t* buf) {
+  typedef scalar_t vec_t __attribute__((vector_size(64)));
+  constexpr int64_t L = 64 / sizeof(scalar_t);
+  for (int64_t oy = 0; oy < g.ho; ++oy)
+    for (int64_t ox = 0; ox < g.wo; ++ox) {
+      vec_t acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = vec_t{} ;
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+        if (iy < 0 || iy >= g.h) continue;
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
+          if (ix < 0 || ix >= g.w) continue;
+          uint64_t m = mask[iy * g.w + ix];
+          const scalar_t* wk = wt + (ky * g.kw + kx) * g.cout;
+          while (m) {
+            const int64_t ci = __builtin_ctzll(m);
+            m &= m - 1;
+            const scalar_t* wr = wk + ci * g.taps() * g.cout;
+            for (int v = 0; v < NV; ++v) {
+              vec_t w;
+              __builtin_memcpy(&w, wr + v * L, sizeof(vec_t));
+              acc[v] += w;
+            }
+          }
         }
       }
+      scalar_t* dst = buf + (oy * g.wo + ox) * g.cout;
+      for (int v = 0; v < NV; ++v) __builtin_memcpy(dst + v * L, &acc[v], sizeof(vec_t));
+    }
+}
+
+template <typename scalar_t>
+using GatherFn = void (*)(const ConvGeom&, const uint64_t*, const scalar_t*, scalar_t*);
+
+template <typename scalar_t>
+GatherFn<scalar_t> pick_gather(const ConvGeom& g) {
+  constexpr int64_t L = 64 / sizeof(scalar_t);
+  if (g.groups != 1 || g.cin > 64 || g.cout % L) return nullptr;
+  switch (g.cout / L) {
+    case 1: return &gather_sample<scalar_t, 1>;
+    case 2: return &gather_sample<scalar_t, 2>;
+    case 3: return &gather_sample<scalar_t, 3>;
+    case 4: return &gather_sample<scalar_t, 4>;
+    case 6: return &gather_sample<scalar_t, 6>;
+    case 8: return &gather_sample<scalar_t, 8>;
+    default: return nullptr;
   }
 }
 
@@ -253,22 +370,35 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cpu(
     scalar_t* op = out.data_ptr<scalar_t>();
     uint8_t* ip = g.pool == kPoolMax ? idx.data_ptr<uint8_t>() : nullptr;
     const int64_t plane = g.cout * g.hp * g.wp;
+    const GatherFn<scalar_t> gather = pick_gather<scalar_t>(g);
     at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
       std::vector<scalar_t> buf(static_cast<size_t>(g.ho * g.wo * g.cout));
+      std::vector<scalar_t> best(static_cast<size_t>(g.cout));
+      std::vector<uint8_t> arg(static_cast<size_t>(g.cout));
+      std::vector<uint64_t> mask(static_cast<size_t>(gather ? g.h * g.w : 0));
       for (int64_t s = n0; s < n1; ++s) {
-        std::fill(buf.begin(), buf.end(), scalar_t(0));
         scalar_t* __restrict__ b = buf.data();
+        if (gather) {
+          std::fill(mask.begin(), mask.end(), uint64_t(0));
+          for_each_event(bp + s * g.words(), g.words(), [&](int64_t j) {
+            mask[j % (g.h * g.w)] |= uint64_t(1) << (j / (g.h * g.w));
+          });
+          gather(g, mask.data(), wt.data(), b);
+          pool_from_cl(b, bias_p, g, op + s * plane, ip ? ip + s * plane : nullptr, best.data(),
+                       arg.data());
+          continue;
+        }
+        std::fill(buf.begin(), buf.end(), scalar_t(0));
         for_each_event(bp + s * g.words(), g.words(), [&](int64_t j) {
           const int64_t ci = j / (g.h * g.w), rem = j % (g.h * g.w);
           const int64_t c0 = (ci / g.cin_g) * g.cout_g;
           const scalar_t* wrow = wt.data() + ci * g.taps() * g.cout_g;
           for_each_tap(g, rem / g.w, rem % g.w, [&](int64_t k, int64_t p) {
-            scalar_t* __restrict__ o = b + p * g.cout + c0;
-            const scalar_t* __restrict__ wv = wrow + k * g.cout_g;
-            for (int64_t c = 0; c < g.cout_g; ++c) o[c] += wv[c];
+            add_row(g.cout_g, b + p * g.cout + c0, wrow + k * g.cout_g);
           });
         });
-        pool_from_cl(b, bias_p, g, op + s * plane, ip ? ip + s * plane : nullptr);
+        pool_from_cl(b, bias_p, g, op + s * plane, ip ? ip + s * plane : nullptr, best.data(),
+                     arg.data());
       }
     });
   });
@@ -300,6 +430,29 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, const
     at::parallel_for(0, n * c, 16, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const scalar_t* src = yp + q * ho * wo;
+        if (kind == kPoolMax && pool_k == 2) {
+          // The common 2x2 case with the window unrolled (same first-maximum rule).
+          for (int64_t py = 0; py < hp; ++py) {
+            const scalar_t* r0 = src + 2 * py * wo;
+            const scalar_t* r1 = r0 + wo;
+            scalar_t* o = op + (q * hp + py) * wp;
+            uint8_t* oi = ip + (q * hp + py) * wp;
+            for (int64_t px = 0; px < wp; ++px) {
+              const scalar_t v[4] = {r0[2 * px], r0[2 * px + 1], r1[2 * px], r1[2 * px + 1]};
+              scalar_t best = v[0];
+              uint8_t arg = 0;
+              if (std::isnan(best)) {
+                o[px] = best, oi[px] = 0;
+                continue;
+              }
+              for (uint8_t k = 1; k < 4; ++k)
+                if (v[k] > best || std::isnan(v[k])) best = v[k], arg = k;
+              o[px] = best;
+              oi[px] = arg;
+            }
+          }
+          continue;
+        }
         for (int64_t py = 0; py < hp; ++py)
           for (int64_t px = 0; px < wp; ++px) {
             const int64_t o = (q * hp + py) * wp + px;
@@ -348,6 +501,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward
     TORCH_CHECK(pool_idx_in.scalar_type() == at::kByte && pool_idx_in.sizes() == grad.sizes(),
                 "pool_idx must be uint8 of grad_out's shape ", grad.sizes());
     pool_idx = pool_idx_in.contiguous();
+    TORCH_CHECK(pool_idx.numel() == 0 || pool_idx.max().item<int64_t>() < g.pk * g.pk,
+                "pool_idx entries must lie in [0, pool_k**2 = ", g.pk * g.pk, ")");
   }
   at::Tensor bits;
   if (need_dw) {
@@ -403,6 +558,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward
     scalar_t* gcp = need_grad_conv ? gc.data_ptr<scalar_t>() : nullptr;
     const int64_t plane = g.cout * g.hp * g.wp, npos = g.ho * g.wo;
     const scalar_t avg_scale = scalar_t(1) / static_cast<scalar_t>(g.pk * g.pk);
+    // Window slot a*pk + c -> offset a*wo + c of the conv output position.
+    std::vector<int64_t> win_off(static_cast<size_t>(g.pk * g.pk));
+    for (int64_t a = 0; a < g.pk; ++a)
+      for (int64_t c = 0; c < g.pk; ++c) win_off[a * g.pk + c] = a * g.wo + c;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<scalar_t> buf(static_cast<size_t>(npos * g.cout));
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
@@ -425,8 +584,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward
                 if (g.pool == kPoolNone) {
                   b[(py * g.wo + px) * g.cout + co] = v;
                 } else if (g.pool == kPoolMax) {
-                  const int64_t a = ip[s * plane + o] / g.pk, c = ip[s * plane + o] % g.pk;
-                  b[((py * g.pk + a) * g.wo + px * g.pk + c) * g.cout + co] = v;
+                  b[((py * g.pk) * g.wo + px * g.pk + win_off[ip[s * plane + o]]) * g.cout + co] = v;
                 } else {
                   for (int64_t a = 0; a < g.pk; ++a)
                     for (int64_t c = 0; c < g.pk; ++c)
@@ -449,9 +607,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward
               const int64_t c0 = (ci / g.cin_g) * g.cout_g;
               scalar_t* drow = dwc + ci * g.taps() * g.cout_g;
               for_each_tap(g, rem / g.w, rem % g.w, [&](int64_t k, int64_t p) {
-                scalar_t* __restrict__ d = drow + k * g.cout_g;
-                const scalar_t* __restrict__ gv = b + p * g.cout + c0;
-                for (int64_t c = 0; c < g.cout_g; ++c) d[c] += gv[c];
+                add_row(g.cout_g, drow + k * g.cout_g, b + p * g.cout + c0);
               });
             });
           }
@@ -464,15 +620,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward
               const int64_t ci = j / (g.h * g.w), rem = j % (g.h * g.w);
               const int64_t c0 = (ci / g.cin_g) * g.cout_g;
               const scalar_t* wrow = wt.data() + ci * g.taps() * g.cout_g;
-              scalar_t acc = 0;
+              // Lane l sums the channels c with c % kLanes == l over all taps, then the lanes
+              // are added in a fixed tree: vectorises without reassociating, same bits anywhere.
+              scalar_t acc[kLanes] = {};
+              scalar_t tail = 0;
+              const int64_t full = g.cout_g - g.cout_g % kLanes;
               for_each_tap(g, rem / g.w, rem % g.w, [&](int64_t k, int64_t p) {
                 const scalar_t* __restrict__ wv = wrow + k * g.cout_g;
                 const scalar_t* __restrict__ gv = b + p * g.cout + c0;
-                scalar_t part = 0;
-                for (int64_t c = 0; c < g.cout_g; ++c) part += wv[c] * gv[c];
-                acc += part;
+                for (int64_t c = 0; c < full; c += kLanes)
+                  for (int64_t l = 0; l < kLanes; ++l) acc[l] += wv[c + l] * gv[c + l];
+                for (int64_t c = full; c < g.cout_g; ++c) tail += wv[c] * gv[c];
               });
-              dxs[j] = acc;
+              dxs[j] = lane_sum(acc) + tail;
             }
           }
         }
