@@ -182,10 +182,17 @@ def conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"x must have at least one step and one sample, got {tuple(x.shape)}")
     x = x.contiguous() if not x.is_contiguous() else x
+    stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
+                                 _pair(dilation, "dilation"))
+    if x.device.type != "cpu":
+        # No CUDA kernels for these ops yet: ATen's convolution and pooling, folded over time.
+        y = F.conv2d(x.flatten(0, 1), weight, bias, stride, padding, dilation, groups)
+        if pool is not None:
+            y = (F.max_pool2d if pool == "max" else F.avg_pool2d)(y, pool_kernel)
+        return y.unflatten(0, x.shape[:2])
     prev_cnt, prev_idx = F_sg.producer_active_set(x)
-    return _ConvPool.apply(x, weight, bias, _pair(stride, "stride"), _pair(padding, "padding"),
-                           _pair(dilation, "dilation"), int(groups), pool, pool_kernel, route,
-                           prev_cnt, prev_idx)
+    return _ConvPool.apply(x, weight, bias, stride, padding, dilation, int(groups), pool,
+                           pool_kernel, route, prev_cnt, prev_idx)
 
 
 class _SpikePool(torch.autograd.Function):
@@ -194,6 +201,14 @@ class _SpikePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, pool, k):
         T, B, C, H, W = s.shape
+        if s.device.type != "cpu":  # ATen's pooling (no CUDA kernel for conv_pool2d yet)
+            fn = F.max_pool2d if pool == "max" else F.avg_pool2d
+            with torch.enable_grad():
+                s_ = s.detach().requires_grad_(True)
+                out = fn(s_.flatten(0, 1), k).unflatten(0, (T, B))
+            ctx.aten = (s_, out)
+            return out.detach()
+        ctx.aten = None
         out, idx = _ops.conv_pool2d.default(s.reshape(T * B, C, H, W), pool, k)
         ctx.pool, ctx.k, ctx.shape = pool, k, s.shape
         ctx.save_for_backward(idx)
@@ -201,6 +216,9 @@ class _SpikePool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.aten is not None:
+            s_, out = ctx.aten
+            return torch.autograd.grad(out, s_, grad)[0], None, None
         (idx,) = ctx.saved_tensors
         T, B, C, H, W = ctx.shape
         k = ctx.k
