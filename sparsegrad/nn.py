@@ -392,8 +392,9 @@ class TimeSequential(nn.Sequential):
         steps, batch = x.shape[tdim], x.shape[1 - tdim]
         per_chunk = max(1, -(-int(self.chunk_samples) // max(batch, 1)))
         parts = []
-        for t0 in range(0, steps, per_chunk) if per_chunk < steps else [None]:
-            h = x if t0 is None else x.narrow(tdim, t0, min(per_chunk, steps - t0))
+        # split, not narrow: its backward concatenates the chunks' gradients once instead of
+        # zero-filling a whole-sequence gradient per chunk and adding them up
+        for h in x.split(per_chunk, dim=tdim) if per_chunk < steps else [x]:
             for layer in run:
                 h = layer(h)
             parts.append(h)
