@@ -302,3 +302,26 @@ def test_convert_fuses_a_spikingjelly_dvs_block_net():
     for mine, i in ((model[0], 0), (model[3], 3), (model[7].module, 7)):
         assert _rel(mine.weight.grad, net[i].weight.grad) < 1e-8
     functional.reset_net(net)
+
+
+def test_conv_ops_pass_opcheck():
+    """Schemas, fake (shape) kernels and the CPU kernels agree (torch.library.opcheck)."""
+    ops = torch.ops.sparsegrad
+    x = _spikes((4, 3 * 8 * 8), 0.2).float()
+    w = torch.randn(16, 3, 3, 3)
+    bits, _ = ops.spike_pack(x)
+    geom = ([3, 8, 8], [1, 1], [1, 1], [1, 1], 1)
+    out, idx = ops.spike_conv2d_forward(bits, w, None, *geom, "max", 2)
+    cnt = torch.full((4,), 2, dtype=torch.int32)
+    pidx = torch.tensor([0, 5] * 4, dtype=torch.int32)
+    cases = [
+        (ops.spike_pack.default, (x,)),
+        (ops.spike_conv2d_forward.default, (bits, w, torch.randn(16), *geom, "max", 2)),
+        (ops.spike_conv2d_forward.default, (bits, w, None, *geom, "none", 1)),
+        (ops.conv_pool2d.default, (torch.randn(4, 16, 8, 8), "avg", 2)),
+        (ops.spike_conv2d_backward.default,
+         (torch.randn_like(out), idx, bits, w, *geom, "max", 2, cnt, pidx, 2, True, True, True,
+          True)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
