@@ -527,3 +527,8 @@ def _spike_conv2d_backward_fake(grad_out, pool_idx, bits, weight, in_shape, stri
             weight.new_empty(weight.shape) if need_dw else empty,
             weight.new_empty((weight.shape[0],)) if need_db else empty,
             weight.new_empty((n, weight.shape[0], ho, wo)) if need_grad_conv else empty)
+
+
+#: Ops with a CPU kernel and, so far, no CUDA kernel (sparsegrad/conv.py runs ATen's convolution
+#: and pooling on other devices instead); tests/test_cuda_registration.py exempts exactly these.
+CPU_ONLY_OPS = ("spike_pack", "spike_conv2d_forward", "conv_pool2d", "spike_conv2d_backward")
