@@ -128,6 +128,8 @@ inline void define_ops(torch::Library& m) {
       "(Tensor out, Tensor pool_idx)");
   // The pooling alone, of a dense conv output y [N, C, H, W] (the dense route), same outputs.
   m.def("conv_pool2d(Tensor y, str pool, int pool_k) -> (Tensor out, Tensor pool_idx)");
+  // Its backward: grad [N, C, Hp, Wp] -> [N, C, h, w] (max: to the winners; avg: 1/k^2 each).
+  m.def("conv_unpool2d(Tensor grad, Tensor pool_idx, str pool, int pool_k, int h, int w) -> Tensor");
   // Backward of conv -> pool from the pooled gradient: dW, db by the input's events (bits), dx
   // only at the producer's active set (prev_cnt [B*T] / prev_idx over rows b*T + t, num_steps =
   // T), grad_conv = the unpooled gradient [N, C_out, Ho, Wo] (for a dense dx or dense-input dW).

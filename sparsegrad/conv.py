@@ -221,18 +221,8 @@ class _SpikePool(torch.autograd.Function):
             return torch.autograd.grad(out, s_, grad)[0], None, None
         (idx,) = ctx.saved_tensors
         T, B, C, H, W = ctx.shape
-        k = ctx.k
         g = grad.reshape(T * B, C, grad.shape[3], grad.shape[4])
-        hp, wp = g.shape[2], g.shape[3]
-        out = g.new_zeros(T * B, C, H, W)
-        if ctx.pool == "max":
-            i = idx.to(torch.int64)
-            rows = torch.arange(hp, device=g.device).view(1, 1, hp, 1) * k + i // k
-            cols = torch.arange(wp, device=g.device).view(1, 1, 1, wp) * k + i % k
-            out.view(T * B, C, H * W).scatter_(2, (rows * W + cols).flatten(2), g.flatten(2))
-        else:
-            up = g.repeat_interleave(k, 2).repeat_interleave(k, 3) / (k * k)
-            out[:, :, :hp * k, :wp * k] = up
+        out = _ops.conv_unpool2d.default(g, idx, ctx.pool, ctx.k, H, W)
         return out.view(T, B, C, H, W), None, None
 
 

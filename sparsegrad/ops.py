@@ -531,4 +531,10 @@ def _spike_conv2d_backward_fake(grad_out, pool_idx, bits, weight, in_shape, stri
 
 #: Ops with a CPU kernel and, so far, no CUDA kernel (sparsegrad/conv.py runs ATen's convolution
 #: and pooling on other devices instead); tests/test_cuda_registration.py exempts exactly these.
-CPU_ONLY_OPS = ("spike_pack", "spike_conv2d_forward", "conv_pool2d", "spike_conv2d_backward")
+CPU_ONLY_OPS = ("spike_pack", "spike_conv2d_forward", "conv_pool2d", "conv_unpool2d",
+                "spike_conv2d_backward")
+
+
+@torch.library.register_fake("sparsegrad::conv_unpool2d")
+def _conv_unpool2d_fake(grad, pool_idx, pool, pool_k, h, w):
+    return grad.new_empty((grad.shape[0], grad.shape[1], h, w))

@@ -482,6 +482,57 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, const
   return {out, idx};
 }
 
+// The backward of conv_pool2d: grad [N, C, Hp, Wp] -> [N, C, H, W] (max: to each window's
+// winner, pool_idx as conv_pool2d returned it; avg: 1/k^2 to every position of the window;
+// positions outside every window get zero). Each output plane is written once, in order.
+at::Tensor conv_unpool2d_cpu(const at::Tensor& grad_in, const at::Tensor& pool_idx_in,
+                             const std::string& pool, int64_t pool_k, int64_t h, int64_t w) {
+  const int kind = parse_pool(pool);
+  TORCH_CHECK(kind != kPoolNone, "conv_unpool2d needs pool \"max\" or \"avg\"");
+  TORCH_CHECK(pool_k >= 1 && pool_k <= 16, "pool_k must be in [1, 16], got ", pool_k);
+  TORCH_CHECK(grad_in.dim() == 4 && (grad_in.scalar_type() == at::kFloat ||
+                                     grad_in.scalar_type() == at::kDouble),
+              "grad must be a float32 / float64 [N, C, Hp, Wp] tensor, got ", grad_in.sizes());
+  const at::Tensor grad = grad_in.contiguous();
+  const int64_t n = grad.size(0), c = grad.size(1), hp = grad.size(2), wp = grad.size(3);
+  TORCH_CHECK(h / pool_k == hp && w / pool_k == wp, "grad's map ", hp, "x", wp,
+              " is not the ", pool_k, "x", pool_k, " pooling of ", h, "x", w);
+  at::Tensor idx;
+  if (kind == kPoolMax) {
+    TORCH_CHECK(pool_idx_in.scalar_type() == at::kByte && pool_idx_in.sizes() == grad.sizes(),
+                "pool_idx must be uint8 of grad's shape ", grad.sizes());
+    idx = pool_idx_in.contiguous();
+    TORCH_CHECK(idx.numel() == 0 || idx.max().item<int64_t>() < pool_k * pool_k,
+                "pool_idx entries must lie in [0, pool_k**2 = ", pool_k * pool_k, ")");
+  }
+  at::Tensor out = at::empty({n, c, h, w}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "conv_unpool2d", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const uint8_t* ip = kind == kPoolMax ? idx.data_ptr<uint8_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(pool_k * pool_k);
+    at::parallel_for(0, n * c, 16, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        scalar_t* dst = op + q * h * w;
+        std::fill(dst, dst + h * w, scalar_t(0));
+        const scalar_t* src = gp + q * hp * wp;
+        for (int64_t py = 0; py < hp; ++py)
+          for (int64_t px = 0; px < wp; ++px) {
+            const scalar_t v = src[py * wp + px];
+            if (kind == kPoolMax) {
+              const int64_t slot = ip[q * hp * wp + py * wp + px];
+              dst[(py * pool_k + slot / pool_k) * w + px * pool_k + slot % pool_k] = v;
+            } else {
+              for (int64_t a = 0; a < pool_k; ++a)
+                for (int64_t b = 0; b < pool_k; ++b) dst[(py * pool_k + a) * w + px * pool_k + b] = v * inv;
+            }
+          }
+      }
+    });
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& pool_idx_in, const c10::optional<at::Tensor>& bits_opt,
     const at::Tensor& weight_in, at::IntArrayRef in_shape, at::IntArrayRef stride,
@@ -667,6 +718,7 @@ TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
   m.impl("spike_pack", &spike_pack_cpu);
   m.impl("spike_conv2d_forward", &spike_conv2d_forward_cpu);
   m.impl("conv_pool2d", &conv_pool2d_cpu);
+  m.impl("conv_unpool2d", &conv_unpool2d_cpu);
   m.impl("spike_conv2d_backward", &spike_conv2d_backward_cpu);
 }
 
