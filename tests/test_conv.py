@@ -325,3 +325,16 @@ def test_conv_ops_pass_opcheck():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_non_contiguous_input_and_zero_sizes():
+    m, w, b = _pair(3, 8, 3, pool="max", padding=1, **NEURON)
+    base = _spikes((2, 4, 3, 8, 8))  # [B, T, ...]
+    x = base.transpose(0, 1)  # [T, B, ...], not contiguous
+    assert not x.is_contiguous()
+    assert torch.equal(m(x), m(x.contiguous()))
+    assert torch.equal(m(x), R.conv_lif(x, w, b, pool="max", padding=1, **NEURON))
+    with pytest.raises(ValueError, match="at least one step"):
+        m(x[:0])
+    with pytest.raises(ValueError, match="at least one step"):
+        m(x[:, :0])
