@@ -1,4 +1,5 @@
-"""A convolutional SNN's training step: snnTorch's tutorial CSNN, as written, vs sparsegrad.convert.
+"""Convolutional SNNs' training steps: snnTorch's tutorial CSNN and a SpikingJelly-style DVS net, each
+as its library runs it, vs sparsegrad.convert of the same model.
 
 The network is snnTorch tutorial 6's (Conv2d(1,12,5) -> MaxPool2d(2) -> Leaky -> Conv2d(12,64,5)
 -> MaxPool2d(2) -> Leaky -> Flatten -> Linear(1024,10) -> Leaky(output=True), beta = 0.5,
@@ -6,10 +7,12 @@ spike_grad = fast_sigmoid(slope=25)) on 28x28 inputs, T = 25 steps, batch 128. O
 is forward, snnTorch's ce_rate_loss on the output spikes, backward and an Adam update:
 
 * snntorch: the model as the tutorial runs it, one call per time step (utils.reset first);
-* sparsegrad sparse / dense: the same model after sparsegrad.convert(model, backward=...), one
-  call on the whole [T, B, 1, 28, 28] sequence (TimeDistributed convolutions and pooling,
-  LIFNeuron after them, the last Linear + Leaky as TimeDistributed(Linear) + LIFNeuron because
-  output=True needs the membrane).
+* sparsegrad sparse: the same model after sparsegrad.convert(model), one call on the whole
+  [T, B, 1, 28, 28] sequence: each conv -> MaxPool2d -> Leaky is one sparsegrad.nn.ConvLIF
+  (sparsegrad/conv.py: bits / uint8 pool offsets / the active set saved, sparse backward), the
+  last Linear + Leaky TimeDistributed(Linear) + LIFNeuron (output=True needs the membrane);
+* sparsegrad dense: convert(model, backward="dense"): TimeDistributed convolutions and pooling
+  (ATen) and LIFNeuron with the dense surrogate (no fusion: the dense BPTT baseline).
 
 Inputs are direct-coded as in the tutorial (the same image at every step); the images are
 synthetic (uniform noise in [0, 1], no download). The weights are PyTorch's default init with
@@ -18,6 +21,15 @@ spikes at the rates of a trained network (about 6 %, 12 % and 5 % of the entries
 Before timing, the converted model's spikes and membrane are compared with snnTorch's on the
 benchmark batch, and the effect of folding time into the batch on each layer's rounding is
 measured (``folding``: per-step calls vs one call on T*B samples, for several batch sizes).
+
+The DVS net (``dvs_net_bench``, skipped with --no-dvs): three blocks Conv2d(3x3, padding 1) ->
+LIFNode -> MaxPool2d(2), 2 -> 16 -> 32 -> 64 channels, then Flatten -> Linear(2304, 10) -> LIFNode,
+T = 10, B = 16, 2x48x48 inputs with 5 % events, no BatchNorm; SpikingJelly 2.0.0's multi-step
+mode (its pure-torch backend) vs convert(net) (three ConvLIF(pool_position="after") around the
+exact SpikingJellyNeuron); loss cross-entropy of the output spike rates, Adam. Weights scaled by
+DVS_WEIGHT_SCALE so that every layer spikes (rates printed). For both networks, saved-for-backward
+bytes are counted with saved_tensors_hooks (each storage once; the parameters and the input,
+alive anyway, not counted).
 
     python benchmarks/bench_conv.py --json benchmarks/results/conv.json
 """
@@ -109,10 +121,106 @@ def folding_check(snn, surrogate, steps, batches, generator, dtype):
     return rows
 
 
+DVS = dict(steps=10, batch=16, size=48, rate=0.05, classes=10)
+DVS_QUICK = dict(steps=3, batch=2, size=16, rate=0.05, classes=10)
+DVS_WEIGHT_SCALE = {0: 8.0, 3: 6.0, 6: 7.0, 10: 30.0}  # layer index -> factor (spiking rates printed)
+
+
+def spikingjelly_dvs_net(dtype=torch.float32, size=48, classes=10):
+    """A SpikingJelly-style DVS net, multi-step torch backend: three blocks
+    Conv2d(3x3, padding 1) -> LIFNode -> MaxPool2d(2) (2 -> 16 -> 32 -> 64 channels), then
+    Flatten -> Linear -> LIFNode; no BatchNorm, LIFNode's defaults (tau 2, hard reset to 0,
+    sigmoid surrogate)."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    blocks = []
+    for cin, cout in ((2, 16), (16, 32), (32, 64)):
+        blocks += [layer.Conv2d(cin, cout, 3, padding=1), neuron.LIFNode(),
+                   layer.MaxPool2d(2)]
+    side = size // 8
+    net = nn.Sequential(*blocks, layer.Flatten(), layer.Linear(64 * side * side, classes),
+                        neuron.LIFNode()).to(dtype)
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():
+        for i, factor in DVS_WEIGHT_SCALE.items():
+            net[i].weight.mul_(factor)
+    return net
+
+
+def dvs_net_bench(args, device, dtype):
+    """Training step and saved bytes of the DVS net: SpikingJelly (multi-step, torch backend) vs
+    sparsegrad.convert of the same model (ConvLIF blocks)."""
+    try:
+        from spikingjelly.activation_based import functional
+    except ImportError as exc:
+        print(f"DVS net skipped: needs spikingjelly ({exc})")
+        return None
+    import sparsegrad
+
+    cfg = DVS_QUICK if args.quick else DVS
+    g = torch.Generator().manual_seed(args.seed + 1)
+    shape = (cfg["steps"], cfg["batch"], 2, cfg["size"], cfg["size"])
+    x = (torch.rand(shape, generator=g) < cfg["rate"]).to(dtype).to(device)
+    y = torch.randint(0, cfg["classes"], (cfg["batch"],), generator=g).to(device)
+    torch.manual_seed(args.seed)
+    net = spikingjelly_dvs_net(dtype, cfg["size"], cfg["classes"]).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = sparsegrad.convert(net)
+
+    def loss_fn(out):  # spike counts as logits, as SpikingJelly's examples' rate readout
+        return nn.functional.cross_entropy(out.mean(0) * 10.0, y)
+
+    def sj_forward():
+        functional.reset_net(net)
+        return net(x)
+
+    with torch.no_grad():
+        ref = sj_forward()
+        out = model(x)
+        check = dict(spike_mismatches=int((out != ref).sum()), output_rate=float(ref.mean()))
+        h, rates = x, {}
+        for i, layer in enumerate(model):
+            h = layer(h)
+            if getattr(layer, "last_stats", None) is not None:
+                rates[f"layer{i}_spike_rate"] = layer.last_stats.spike_rate
+                rates[f"layer{i}_active_fraction"] = layer.last_stats.active_fraction
+    results = {}
+    for name, fwd, params in (("spikingjelly", sj_forward, list(net.parameters())),
+                              ("sparsegrad sparse", lambda: model(x), list(model.parameters()))):
+        opt = torch.optim.Adam(params, lr=1e-3)
+
+        def back(o, opt=opt):
+            loss = loss_fn(o)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        times = common.measure(fwd, back, device=device, repeats=args.repeats, warmup=args.warmup)
+        mem = common.guarded_peak_memory(lambda f=fwd, b=back: b(f()), device)
+        _, nbytes, ntensors = common.saved_bytes(fwd, exclude=params + [x])
+        results[name] = dict(time=times, peak_memory=mem, saved_bytes=nbytes,
+                             saved_tensors=ntensors)
+    base = results["spikingjelly"]
+    rows = [[name, common.fmt_ms(r["time"]["forward"]), common.fmt_ms(r["time"]["backward"]),
+             common.fmt_ms(r["time"]["total"]),
+             f"{common.ratio(base['time']['total']['median'], r['time']['total']['median']):.2f}x",
+             common.fmt_mb(r["saved_bytes"]),
+             f"{common.ratio(r['saved_bytes'], base['saved_bytes']):.3f}"]
+            for name, r in results.items()]
+    print(f"SpikingJelly-style DVS net training step, T={cfg['steps']}, batch {cfg['batch']}, "
+          f"2x{cfg['size']}x{cfg['size']} at {cfg['rate']:.0%} events; rates {rates}")
+    common.print_table(["method", "forward ms", "backward ms", "step ms", "speed-up", "saved MB",
+                        "saved / spikingjelly"], rows)
+    print(f"spikes vs SpikingJelly: {check}")
+    return dict(config=cfg, rates=rates, check=check, results=results)
+
+
 def main(argv=None):
     p = common.make_parser(__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--no-dvs", action="store_true", help="skip the SpikingJelly-style DVS net")
     args = p.parse_args(argv)
     device, dtype = common.setup(args)
     try:
@@ -154,8 +262,9 @@ def main(argv=None):
         h2 = hidden[5](hidden[4](hidden[3](h1)))
         rates = dict(hidden1=float(h1.mean()), hidden2=float(h2.mean()),
                      output=float(spk_ref.mean()))
-        for i in (2, 5, 8):
-            rates[f"active_fraction_{i}"] = hidden[i].last_stats.active_fraction
+        for i, j in ((2, 0), (5, 3), (8, 8)):  # the neuron, or the ConvLIF that holds it
+            layer = hidden[i] if getattr(hidden[i], "last_stats", None) is not None else hidden[j]
+            rates[f"active_fraction_{i}"] = layer.last_stats.active_fraction
 
     results = {}
     runners = {
@@ -164,10 +273,12 @@ def main(argv=None):
         "sparsegrad dense": (lambda: converted["dense"](x), converted["dense"].parameters()),
     }
     for name, (fwd, params) in runners.items():
-        run, back, step = make_step(fwd, list(params), loss_fn, y)
+        params = list(params)
+        run, back, step = make_step(fwd, params, loss_fn, y)
         times = common.measure(run, back, device=device, repeats=args.repeats, warmup=args.warmup)
         mem = common.guarded_peak_memory(step, device)
-        results[name] = dict(time=times, peak_memory=mem)
+        _, nbytes, ntensors = common.saved_bytes(fwd, exclude=params + [x])
+        results[name] = dict(time=times, peak_memory=mem, saved_bytes=nbytes, saved_tensors=ntensors)
 
     folding = folding_check(snn, surrogate, steps, (2, 8) if args.quick else FOLD_BATCHES, g, dtype)
 
@@ -178,11 +289,13 @@ def main(argv=None):
                      common.fmt_ms(r["time"]["total"]),
                      f"{common.ratio(base['time']['total']['median'], r['time']['total']['median']):.2f}x",
                      common.fmt_mb(r["peak_memory"]["peak_bytes"]),
-                     f"{common.ratio(r['peak_memory']['peak_bytes'], base['peak_memory']['peak_bytes']):.2f}"])
+                     f"{common.ratio(r['peak_memory']['peak_bytes'], base['peak_memory']['peak_bytes']):.2f}",
+                     common.fmt_mb(r["saved_bytes"]),
+                     f"{common.ratio(r['saved_bytes'], base['saved_bytes']):.3f}"])
     print(f"tutorial CSNN training step, T={steps}, batch {batch}, 28x28, {dtype}, "
           f"{torch.get_num_threads()} threads; rates {rates}")
     common.print_table(["method", "forward ms", "backward ms", "step ms", "speed-up",
-                        "peak MB", "mem / snntorch"], rows)
+                        "peak MB", "mem / snntorch", "saved MB", "saved / snntorch"], rows)
     print(f"spikes vs snnTorch: {check}")
     diff_rows = [r for r in folding if r["differing"]]
     print(f"time folding: {len(diff_rows)} of {len(folding)} layer/batch cases round differently"
@@ -190,10 +303,11 @@ def main(argv=None):
                     f"{r['elements']} elements, max |diff| {r['max_abs_diff']:.2e}"
                     for r in diff_rows))
     payload = common.result_header("bench_conv.py", args, device)
+    dvs = None if args.no_dvs else dvs_net_bench(args, device, dtype)
     payload.update(config=dict(steps=steps, batch=batch, beta=BETA, slope=SLOPE,
                                surrogate="fast_sigmoid", image="28x28 uniform noise, direct-coded",
                                loss="snntorch.functional.ce_rate_loss", optimizer="Adam(1e-3)"),
-                   rates=rates, check=check, results=results, folding=folding)
+                   rates=rates, check=check, results=results, folding=folding, dvs=dvs)
     common.write_json(args.json, payload)
     return payload
 

@@ -143,6 +143,30 @@ inline void define_ops(torch::Library& m) {
       "bool need_dx, bool need_dw, bool need_drec, bool need_db, bool need_dv, bool need_ds) -> "
       "(Tensor dx, Tensor dweight, Tensor drec_weight, Tensor dbias, Tensor dv_init, "
       "Tensor ds_init)");
+  // Convolutions of spike sequences (issue 20; csrc/cpu/conv_cpu.cpp). Time is folded into the
+  // batch: N = T*B samples, sample n = t*B + b. spike_pack: x [N, M] -> bits [N, ceil(M/32)] int32
+  // (bit j%32 of word j/32 = x[n, j] != 0) and info int64 [2] = (nonzeros, entries not 0 or 1).
+  m.def("spike_pack(Tensor x) -> (Tensor bits, Tensor info)");
+  // conv2d of binary input given as bits (in_shape = [C_in, H, W]) by events, then the bias and
+  // pool ("none" | "max" | "avg", kernel = stride = pool_k, no padding): out [N, C_out, Hp, Wp],
+  // pool_idx uint8 of out's shape (max: winner offset ky*pool_k + kx in its window), else empty.
+  m.def(
+      "spike_conv2d_forward(Tensor bits, Tensor weight, Tensor? bias, int[] in_shape, "
+      "int[] stride, int[] padding, int[] dilation, int groups, str pool, int pool_k) -> "
+      "(Tensor out, Tensor pool_idx)");
+  // The pooling alone, of a dense conv output y [N, C, H, W] (the dense route), same outputs.
+  m.def("conv_pool2d(Tensor y, str pool, int pool_k) -> (Tensor out, Tensor pool_idx)");
+  // Its backward: grad [N, C, Hp, Wp] -> [N, C, h, w] (max: to the winners; avg: 1/k^2 each).
+  m.def("conv_unpool2d(Tensor grad, Tensor pool_idx, str pool, int pool_k, int h, int w) -> Tensor");
+  // Backward of conv -> pool from the pooled gradient: dW, db by the input's events (bits), dx
+  // only at the producer's active set (prev_cnt [B*T] / prev_idx over rows b*T + t, num_steps =
+  // T), grad_conv = the unpooled gradient [N, C_out, Ho, Wo] (for a dense dx or dense-input dW).
+  m.def(
+      "spike_conv2d_backward(Tensor grad_out, Tensor pool_idx, Tensor? bits, Tensor weight, "
+      "int[] in_shape, int[] stride, int[] padding, int[] dilation, int groups, str pool, "
+      "int pool_k, Tensor? prev_cnt, Tensor? prev_idx, int num_steps, bool need_dx, "
+      "bool need_dw, bool need_db, bool need_grad_conv) -> (Tensor dx, Tensor dweight, "
+      "Tensor dbias, Tensor grad_conv)");
 }
 
 }  // namespace sparsegrad

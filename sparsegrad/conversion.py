@@ -51,6 +51,7 @@ from .conversion_norse import (NORSE_RULES, is_norse_cell, is_norse_sequence_mod
 from .conversion_recurrent import rleaky_rule
 from .nn import (LIF, RLIF, LIFNeuron, LIReadout, TimeDistributed, TimeSequential,
                  _PER_SAMPLE_LAYERS)
+from .conv import ConvLIF, SpikePool2d, fuse_conv_layers  # sequence modules of issue 20
 
 __all__ = ["convert", "ConversionError", "ConversionReport", "ConvertedPair", "NeuronSpec", "Unsupported",
            "NEURON_RULES", "register_neuron_rule", "SequenceModel", "StepByStep",
@@ -869,7 +870,7 @@ class _Walk:
     def layer(self, name: str, m: nn.Module) -> nn.Module:
         """A non-neuron child: folded, recursed into, kept, or stepped."""
         if isinstance(m, (LIF, RLIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
-                          SpikingJellyNeuron)):
+                          SpikingJellyNeuron, ConvLIF, SpikePool2d)):
             return m
         mod = type(m).__module__ or ""
         if mod.startswith("spikingjelly"):
@@ -1062,6 +1063,8 @@ def convert(model: nn.Module, *, b_th="auto", backward: str = "sparse",
         walk.children(model, "", root=True)
         if type(model) is nn.Sequential:  # same object, children and keys; runs per-step layers together
             model.__class__ = TimeSequential
+        if backward == "sparse":  # conv -> (pool) -> LIF as one ConvLIF (issue 20)
+            fuse_conv_layers(model)
     elif _spikingjelly_multi_step(model):
         _convert_in_place(model, walk, "")
         report.notes.append(f"{type(model).__name__}: a multi-step model, its own forward takes "
@@ -1239,7 +1242,7 @@ def _run_layer(layer: nn.Module, x: torch.Tensor):
     if isinstance(layer, SequenceForward):
         return layer(x)
     if isinstance(layer, (LIF, RLIF, LIReadout, LIFNeuron, TimeDistributed, StepByStep,
-                          SpikingJellyNeuron)):
+                          SpikingJellyNeuron, ConvLIF, SpikePool2d)):
         return layer(x)
     if _multi_step(layer):
         _reset_state(layer)

@@ -502,8 +502,9 @@ class TimeSequential(nn.Sequential):
         steps, batch = x.shape[tdim], x.shape[1 - tdim]
         per_chunk = max(1, -(-int(self.chunk_samples) // max(batch, 1)))
         parts = []
-        for t0 in range(0, steps, per_chunk) if per_chunk < steps else [None]:
-            h = x if t0 is None else x.narrow(tdim, t0, min(per_chunk, steps - t0))
+        # split, not narrow: its backward concatenates the chunks' gradients once instead of
+        # zero-filling a whole-sequence gradient per chunk and adding them up
+        for h in x.split(per_chunk, dim=tdim) if per_chunk < steps else [x]:
             for layer in run:
                 h = layer(h)
             parts.append(h)
@@ -516,3 +517,7 @@ def _time_distributed_load_hook(module, state_dict, prefix, *args):
     inner = prefix + "module."
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
         state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+# Convolutional spiking layers (issue 20) live in sparsegrad/conv.py.
+from .conv import ConvLIF, SpikePool2d  # noqa: E402,F401

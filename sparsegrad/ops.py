@@ -593,3 +593,63 @@ def registered_kernels(dispatch_key: str = "CPU") -> dict:
     return {n: torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegrad::{n}", dispatch_key)
             for n in names}
 
+
+
+# --------------------------------------------------------------------------------------------
+# Convolutions of spike sequences (issue 20, csrc/cpu/conv_cpu.cpp): shapes only, for tracing.
+# Autograd is sparsegrad/conv.py's _ConvPool (CPU only; CUDA has no kernels for these yet).
+# --------------------------------------------------------------------------------------------
+def _conv_out_hw(in_shape, weight, stride, padding, dilation):
+    kh, kw = weight.shape[2], weight.shape[3]
+    ho = (in_shape[1] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (in_shape[2] + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+@torch.library.register_fake("sparsegrad::spike_pack")
+def _spike_pack_fake(x):
+    n, m = x.shape
+    return x.new_empty((n, (m + 31) // 32), dtype=torch.int32), x.new_empty((2,), dtype=torch.int64)
+
+
+def _pooled_fake(like, n, c, ho, wo, pool, k):
+    hp, wp = (ho, wo) if pool == "none" else (ho // k, wo // k)
+    out = like.new_empty((n, c, hp, wp))
+    idx = like.new_empty((n, c, hp, wp) if pool == "max" else (0,), dtype=torch.uint8)
+    return out, idx
+
+
+@torch.library.register_fake("sparsegrad::spike_conv2d_forward")
+def _spike_conv2d_forward_fake(bits, weight, bias, in_shape, stride, padding, dilation, groups,
+                               pool, pool_k):
+    ho, wo = _conv_out_hw(in_shape, weight, stride, padding, dilation)
+    return _pooled_fake(weight, bits.shape[0], weight.shape[0], ho, wo, pool, pool_k)
+
+
+@torch.library.register_fake("sparsegrad::conv_pool2d")
+def _conv_pool2d_fake(y, pool, pool_k):
+    return _pooled_fake(y, y.shape[0], y.shape[1], y.shape[2], y.shape[3], pool, pool_k)
+
+
+@torch.library.register_fake("sparsegrad::spike_conv2d_backward")
+def _spike_conv2d_backward_fake(grad_out, pool_idx, bits, weight, in_shape, stride, padding,
+                                dilation, groups, pool, pool_k, prev_cnt, prev_idx, num_steps,
+                                need_dx, need_dw, need_db, need_grad_conv):
+    n = grad_out.shape[0]
+    ho, wo = _conv_out_hw(in_shape, weight, stride, padding, dilation)
+    empty = weight.new_empty((0,))
+    return (weight.new_empty((n, *in_shape)) if need_dx else empty,
+            weight.new_empty(weight.shape) if need_dw else empty,
+            weight.new_empty((weight.shape[0],)) if need_db else empty,
+            weight.new_empty((n, weight.shape[0], ho, wo)) if need_grad_conv else empty)
+
+
+#: Ops with a CPU kernel and, so far, no CUDA kernel (sparsegrad/conv.py runs ATen's convolution
+#: and pooling on other devices instead); tests/test_cuda_registration.py exempts exactly these.
+CPU_ONLY_OPS = ("spike_pack", "spike_conv2d_forward", "conv_pool2d", "conv_unpool2d",
+                "spike_conv2d_backward")
+
+
+@torch.library.register_fake("sparsegrad::conv_unpool2d")
+def _conv_unpool2d_fake(grad, pool_idx, pool, pool_k, h, w):
+    return grad.new_empty((grad.shape[0], grad.shape[1], h, w))

@@ -307,3 +307,35 @@ def spikingjelly_neuron(
         v = h - r * threshold if v_reset is None else r * v_reset + (1.0 - r) * h
         spikes.append(s)
     return torch.stack(spikes), v
+
+
+def conv_lif(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    pool: Optional[str] = None,
+    pool_kernel: int = 2,
+    pool_position: str = "before",
+    **neuron,
+) -> torch.Tensor:
+    """Reference of sparsegrad.nn.ConvLIF: F.conv2d on every step of x [T, B, C, H, W], then
+    max / avg pooling (kernel = stride = pool_kernel) before or after the neuron, the neuron being
+    lif_neuron (its keyword arguments: alpha, threshold, b_th, surrogate, slope, reset, backward)
+    stepped in plain PyTorch."""
+    def pooled(h):
+        if pool is None:
+            return h
+        fn = F.max_pool2d if pool == "max" else F.avg_pool2d
+        return torch.stack([fn(h_t, pool_kernel) for h_t in h.unbind(0)])
+
+    cur = torch.stack([F.conv2d(x_t, weight, bias, stride, padding, dilation, groups)
+                       for x_t in x.unbind(0)])
+    if pool_position == "before":
+        cur = pooled(cur)
+    spikes = lif_neuron(cur, **neuron)
+    return pooled(spikes) if pool_position == "after" else spikes

@@ -136,8 +136,8 @@ class SpikingConvNet(nn.Module):
     """LeNet-style spiking network on [T, B, C*H*W] image sequences (Allred et al.'s setting).
 
     conv(3x3) -> LIF -> maxpool(2) -> conv(3x3) -> LIF -> maxpool(2) -> fc -> LIF -> LIReadout,
-    the convolutions and pooling applied to every step by TimeDistributed, their neurons
-    sparsegrad.nn.LIFNeuron, the fc layer a fused sparsegrad.nn.LIF. forward returns
+    each conv -> LIF a sparsegrad.nn.ConvLIF over the whole sequence, the pooling SpikePool2d,
+    the fc layer a fused sparsegrad.nn.LIF. forward returns
     (logits, [spikes of each spiking layer]).
     """
 
@@ -147,25 +147,30 @@ class SpikingConvNet(nn.Module):
                  reset: str = "subtract", backward: str = "sparse", weight_scale: float = 3.0,
                  **learn):
         super().__init__()
-        from .nn import LIF, LIFNeuron, LIReadout, TimeDistributed
+        from .nn import LIF, ConvLIF, LIFNeuron, LIReadout, SpikePool2d, TimeDistributed
 
         c_in, height, width = image_shape
         c1, c2 = channels
         self.image_shape = tuple(image_shape)
         neuron = dict(b_th=b_th, surrogate=surrogate, slope=slope, reset=reset,
                       backward=backward, **learn)
-        self.conv1 = TimeDistributed(nn.Conv2d(c_in, c1, 3, padding=1))
-        self.lif1 = LIFNeuron(**_per_neuron(neuron, alpha, (c1, 1, 1)))  # per channel
-        self.pool1 = TimeDistributed(nn.MaxPool2d(2))
-        self.conv2 = TimeDistributed(nn.Conv2d(c1, c2, 3, padding=1))
-        self.lif2 = LIFNeuron(**_per_neuron(neuron, alpha, (c2, 1, 1)))
-        self.pool2 = TimeDistributed(nn.MaxPool2d(2))
+        # conv -> LIF as one ConvLIF (issue 20: sparse conv backward, compact saved state); its
+        # neuron (per channel with learnable parameters) is also lif1 / lif2 (the spiking
+        # layers' stats and backward mode)
+        self.conv1 = ConvLIF(c_in, c1, 3, padding=1,
+                             neuron=LIFNeuron(**_per_neuron(neuron, alpha, (c1, 1, 1))))
+        self.lif1 = self.conv1.neuron
+        self.pool1 = SpikePool2d(2)
+        self.conv2 = ConvLIF(c1, c2, 3, padding=1,
+                             neuron=LIFNeuron(**_per_neuron(neuron, alpha, (c2, 1, 1))))
+        self.lif2 = self.conv2.neuron
+        self.pool2 = SpikePool2d(2)
         self.flatten = TimeDistributed(nn.Flatten())
         fc_in = c2 * (height // 4) * (width // 4)
         self.fc = LIF(fc_in, fc, **_per_neuron(neuron, alpha, (fc,)))
         self.readout = LIReadout(fc, num_classes, alpha=alpha_out, reduce="max")
         with torch.no_grad():
-            for layer in (self.conv1.module, self.conv2.module, self.fc, self.readout):
+            for layer in (self.conv1, self.conv2, self.fc, self.readout):
                 fan_in = layer.weight[0].numel()
                 layer.weight.normal_(0.0, weight_scale / math.sqrt(fan_in))
                 layer.bias.zero_()
@@ -175,7 +180,7 @@ class SpikingConvNet(nn.Module):
         return [self.lif1, self.lif2, self.fc]
 
     def hidden_weights(self) -> List[torch.Tensor]:
-        return [self.conv1.module.weight, self.conv2.module.weight, self.fc.weight]
+        return [self.conv1.weight, self.conv2.weight, self.fc.weight]
 
     def set_backward(self, mode: str) -> None:
         for layer in self.spiking_layers:
@@ -184,8 +189,8 @@ class SpikingConvNet(nn.Module):
     def forward(self, x):
         T, B = x.shape[:2]
         h = x.reshape(T, B, *self.image_shape)
-        s1 = self.lif1(self.conv1(h))
-        s2 = self.lif2(self.conv2(self.pool1(s1)))
+        s1 = self.conv1(h)
+        s2 = self.conv2(self.pool1(s1))
         s3 = self.fc(self.flatten(self.pool2(s2)))
         return self.readout(s3), [s1, s2, s3]
 

@@ -35,3 +35,10 @@ def test_bench_conv_quick(tmp_path):
         assert float(r["time"]["total"]["median"]) > 0
     assert payload["folding"] and all(f["elements"] > 0 for f in payload["folding"])
     assert payload["rates"]["hidden1"] > 0
+    # saved-for-backward bytes: the sparse (ConvLIF) model keeps a fraction of snnTorch's
+    res = payload["results"]
+    assert 0 < res["sparsegrad sparse"]["saved_bytes"] < res["snntorch"]["saved_bytes"]
+    if payload["dvs"] is not None:  # SpikingJelly installed: the DVS net gives its spikes
+        assert payload["dvs"]["check"]["spike_mismatches"] == 0
+        dvs = payload["dvs"]["results"]
+        assert 0 < dvs["sparsegrad sparse"]["saved_bytes"] < dvs["spikingjelly"]["saved_bytes"]

@@ -79,7 +79,8 @@ def test_convert_returns_a_time_sequential_with_the_original_keys():
     weights = [k for k in net.state_dict() if k.endswith((".weight", ".bias"))]  # not the neurons' buffers
     assert list(converted.state_dict()) == weights
     converted.load_state_dict({k: net.state_dict()[k] for k in weights})
-    assert isinstance(converted[0], TimeDistributed) and isinstance(converted[2], LIFNeuron)
+    # conv -> pool -> Leaky becomes one ConvLIF (issue 20); the other positions keep their keys
+    assert isinstance(converted[0], sparsegrad.nn.ConvLIF) and isinstance(converted[2], nn.Identity)
     same = sparsegrad.convert(net, inplace=True)
     assert same is net and type(net) is TimeSequential
     x = torch.rand(4, 2, 1, 8, 8)
