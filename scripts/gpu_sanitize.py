@@ -44,6 +44,7 @@ from sparsegrad import functional as sgf  # noqa: E402
 NAMESPACE = "sparsegrad"
 CANDIDATE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 DW_ROUTES = {"auto": 0, "events": 1, "active": 2}
+CONV_DTYPES = (torch.float32, torch.float64)  # sparsegrad.conv takes these (see conv_pool)
 SIZES = {  # (T, B, N_in, N_out); N_out not a multiple of 32, "wide" spans several blocks
     "small": dict(base=(16, 3, 48, 70), wide=(6, 2, 20, 300)),
     "tiny": dict(base=(5, 2, 9, 37), wide=(3, 1, 5, 260)),
@@ -242,6 +243,75 @@ class Runner:
             return (s,) + tuple(torch.autograd.grad((s * g).sum(), [w, r, b]))
         return fn
 
+    def neuron_param_case(self, dtype, mode, *, syn=False, reset=None):
+        """The tensor-parameter neuron op (lif_neuron_param_*): per-channel learnable alpha and
+        threshold over a [T, B, 4, 9] current, optionally a learnable synaptic current."""
+        T, B, _, _ = self.base
+
+        def fn():
+            cur = self.rand(T, B, 4, 9, dtype=dtype, scale=0.8, requires_grad=True)
+            alpha = torch.linspace(0.7, 0.95, 4).view(4, 1).to(self.device, dtype).requires_grad_(True)
+            theta = torch.linspace(0.8, 1.2, 4).view(4, 1).to(self.device, dtype).requires_grad_(True)
+            leaves = [cur, alpha, theta]
+            extra = {"reset": reset} if reset else {}
+            if syn:
+                a_syn = torch.full((), 0.6, dtype=dtype, device=self.device, requires_grad=True)
+                extra["alpha_syn"] = a_syn
+                leaves.append(a_syn)
+            s = sparsegrad.lif(cur, alpha=alpha, threshold=theta, b_th=0.4,
+                               slope=self.slope(dtype), backward=mode, **extra)
+            g = torch.randn(s.shape, generator=self.gen).to(self.device, dtype)
+            return (s,) + tuple(torch.autograd.grad((s * g).sum(), leaves))
+        return fn
+
+    def layer_param_case(self, dtype, mode, *, syn=False):
+        """Two fused layers with per-neuron learnable alpha / threshold (and a synaptic
+        current): the tensor-parameter layer path, the second layer on the first's spikes."""
+        T, B, n_in, n_out = self.base
+
+        def fn():
+            x = self.spikes_in(T, B, n_in, dtype)
+            w1, w2 = self.weight(n_out, n_in, dtype), self.weight(n_out, n_out, dtype, 0.05)
+            alpha = torch.linspace(0.8, 0.95, n_out).to(self.device, dtype).requires_grad_(True)
+            theta = torch.linspace(0.9, 1.1, n_out).to(self.device, dtype).requires_grad_(True)
+            leaves = [w1, w2, alpha, theta]
+            kw = dict(alpha=alpha, threshold=theta, b_th=0.4, slope=self.slope(dtype), backward=mode)
+            if syn:
+                kw["alpha_syn"] = torch.full((n_out,), 0.5, dtype=dtype, device=self.device,
+                                             requires_grad=True)
+                leaves.append(kw["alpha_syn"])
+            h = sparsegrad.lif_layer(sparsegrad.lif_layer(x, w1, **kw), w2, **kw)
+            g = torch.randn(h.shape, generator=self.gen).to(self.device, dtype)
+            return (h,) + tuple(torch.autograd.grad((h * g).sum(), leaves))
+        return fn
+
+    def conv_case(self, dtype, mode, *, pool="max", position="before", data_input=False):
+        """ConvLIF (sparsegrad.conv): conv -> [pool] -> LIF or conv -> LIF -> pool, on spikes
+        (the events route and the bit-packed saved input) or on real-valued data."""
+        from sparsegrad.nn import ConvLIF
+        T, B = self.base[0] // 2, self.base[1]
+
+        def fn():
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self.gen)))
+            layer1 = ConvLIF(2, 16, 3, padding=1, pool=pool, pool_position=position, alpha=0.9,
+                             b_th=0.4, slope=self.slope(dtype), backward=mode).to(self.device, dtype)
+            layer2 = ConvLIF(16, 16, 3, stride=2, padding=1, pool=None, alpha=0.9, b_th=0.4,
+                             slope=self.slope(dtype), backward=mode).to(self.device, dtype)
+            with torch.no_grad():
+                for layer in (layer1, layer2):
+                    layer.weight.mul_(3.0)
+            shape = (T, B, 2, 12, 12)
+            if data_input:
+                x = self.rand(*shape, dtype=dtype, requires_grad=True)
+            else:
+                x = (torch.rand(*shape, generator=self.gen) < 0.2).to(self.device, dtype)
+            h = layer2(layer1(x))
+            g = torch.randn(h.shape, generator=self.gen).to(self.device, dtype)
+            leaves = [layer1.weight, layer1.bias, layer2.weight, layer2.bias] + (
+                [x] if data_input else [])
+            return (h,) + tuple(torch.autograd.grad((h * g).sum(), leaves))
+        return fn
+
 
     def spikingjelly_case(self, dtype, mode, dynamics, v_reset, detach):
         """The neuron op's SpikingJelly dynamics (sj_* kernels, the reset-gradient paths)."""
@@ -355,6 +425,20 @@ def main(argv=None) -> int:
                         for reset in resets:
                             r.run(f"rlif_layer {dn} {mode} {surrogate}/{reset}",
                                   r.recurrent_case(dtype, mode, surrogate, reset))
+                for reset in resets:
+                    r.run(f"lif (neuron, tensor params) {dn} {mode} reset={reset}",
+                          r.neuron_param_case(dtype, mode, reset=reset))
+                r.run(f"lif (neuron, tensor params + alpha_syn) {dn} {mode}",
+                      r.neuron_param_case(dtype, mode, syn=True))
+                r.run(f"lif_layer x2 (tensor params) {dn} {mode}", r.layer_param_case(dtype, mode))
+                r.run(f"lif_layer x2 (tensor params + alpha_syn) {dn} {mode}",
+                      r.layer_param_case(dtype, mode, syn=True))
+                if dtype in CONV_DTYPES:
+                    for pool, position in (("max", "before"), ("avg", "before"), ("max", "after")):
+                        r.run(f"ConvLIF x2 {dn} {mode} pool={pool} {position}",
+                              r.conv_case(dtype, mode, pool=pool, position=position))
+                    r.run(f"ConvLIF x2 {dn} {mode} data input",
+                          r.conv_case(dtype, mode, data_input=True))
                 for dynamics, v_reset, detach in SJ_CASES:
                     r.run(f"spikingjelly neuron {dn} {mode} {dynamics} v_reset={v_reset} "
                           f"detach={detach}", r.spikingjelly_case(dtype, mode, dynamics, v_reset, detach))
@@ -362,11 +446,15 @@ def main(argv=None) -> int:
                 r.run(f"li_readout {dn} {reduce} real input", r.readout_case(dtype, reduce))
 
     registered = registered_ops()
-    missing = [op for op in registered if op not in rec.calls]
+    # ops with a CPU kernel only (sparsegrad.ops.CPU_ONLY_OPS) run ATen on other devices
+    cpu_only = ([f"{NAMESPACE}::{n}" for n in getattr(sparsegrad.ops, "CPU_ONLY_OPS", ())]
+                if device.type != "cpu" else [])
+    missing = [op for op in registered if op not in rec.calls and op not in cpu_only]
     failed = [c for c in r.results if not c["ok"]]
     report = dict(device=str(device), size=args.size, trim=args.trim, dtypes=[str(d) for d in dtypes],
                   dtypes_refused=refused, surrogates=list(surrogates), resets=list(resets),
                   ops_registered=registered, ops_called=rec.calls, ops_not_called=missing,
+                  ops_cpu_only=cpu_only,
                   cases=len(r.results), cases_failed=len(failed), results=r.results)
     if args.json:
         with open(args.json, "w") as f:
@@ -396,6 +484,12 @@ def trimmed_cases(r, dtype, dn, resets, reductions):
         r.run(f"lif (neuron) {dn} {mode}", r.neuron_case(dtype, mode))
         r.run(f"rlif_layer {dn} {mode}", r.recurrent_case(dtype, mode))
         r.run(f"spikingjelly neuron {dn} {mode}", r.spikingjelly_case(dtype, mode, *SJ_CASES[0]))
+        r.run(f"lif (neuron, tensor params + alpha_syn) {dn} {mode}",
+              r.neuron_param_case(dtype, mode, syn=True))
+        r.run(f"lif_layer x2 (tensor params + alpha_syn) {dn} {mode}",
+              r.layer_param_case(dtype, mode, syn=True))
+        if dtype in CONV_DTYPES:
+            r.run(f"ConvLIF x2 {dn} {mode}", r.conv_case(dtype, mode))
     if dtype == torch.float64:
         for reset in resets[1:]:
             r.run(f"lif_layer {dn} sparse reset={reset} real input + initial state",
