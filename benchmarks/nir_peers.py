@@ -120,7 +120,11 @@ def snn_synaptic():
     back = _step_imported(import_from_nir(copy.deepcopy(g)), x)
     ours, err = _sg(g, x)
     return {"original_spikes": int(ref.sum()), "snntorch_reimport_spikes": int(back.sum()),
-            "snntorch_reimport_differing": _diff(back, ref), "sparsegrad": err}
+            "snntorch_reimport_differing": _diff(back, ref),
+            "sparsegrad_from_nir_differing_from_original": _diff(ours, ref),
+            "sparsegrad_vs_snntorch_reimport_differing": _diff(ours, back), "sparsegrad": err,
+            "note": "the original's zero reset is delayed (reset_delay=True); the file's CubaLIF "
+                    "and snnTorch's re-import are not"}
 
 
 def snn_recurrent():
