@@ -543,6 +543,19 @@ def test_stacked_sparse_with_infinite_band_equals_dense(reset, syn):
         torch.testing.assert_close(a, r, **F64)
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf])
+def test_layer_non_finite_input_like_the_reference(bad):
+    # the current by events (alpha-0 readout kernel): a non-finite row stays in its step
+    x, w, b = random_problem(9, 2, 12, 6, dtype=torch.float64, seed=9)
+    x[3, 0, 5] = bad
+    w[:, 5] = 1.0
+    kw = dict(alpha=torch.full((6,), 0.9), threshold=torch.full((6,), 0.8), alpha_syn=None)
+    s = sparsegrad.lif_layer(x, w, b, **kw)
+    s_ref = ref.lif_layer(x, w, b, **kw)
+    assert torch.equal(s, s_ref)
+    assert (s[3:, 0] == (1.0 if bad > 0 else 0.0)).all() and s[:, 1].sum() > 0
+
+
 def test_layer_module_learnable():
     layer = sparsegrad.nn.LIF(20, 8, alpha=torch.full((8,), 0.9), learn_alpha=True,
                               learn_threshold=True, alpha_syn=0.5, learn_alpha_syn=True)
