@@ -482,10 +482,11 @@ def lif_layer(
     alpha and threshold may also be tensors of shape [] or [N_out] (per-neuron), learnable
     (requires_grad) in both backward modes; alpha_syn (float or tensor like alpha, default None)
     adds the synaptic current syn[t] = alpha_syn*syn[t-1] + I[t] that V integrates in place of
-    I[t], and state / LIFState carry syn. Those run the current x W^T + b and then the
-    tensor-parameter neuron op (sparsegrad.lif's kernels); the backward saves x by its nonzero
-    entries and the neuron's active set with its traces (no dense float tensor), but computes
-    dW and dx as matrix products (docs/design.md §3c). Float parameters run the fused kernels.
+    I[t], and state / LIFState carry syn. Those compute the current x W^T + b from x's events
+    and then run the tensor-parameter neuron op (sparsegrad.lif's kernels); the backward saves
+    x's events and the neuron's active set with its traces (no dense float tensor) and takes dW
+    by x's events and dx at the producer's active set from dL/dI (docs/design.md, "Layers and
+    the readout with tensor parameters"). Float parameters run the fused kernels.
     """
     spikes, state_out, _, _ = lif_layer_with_stats(
         x, weight, bias, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate,
