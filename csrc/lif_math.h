@@ -123,10 +123,12 @@ C10_HOST_DEVICE inline bool is_active(acc_t v, acc_t threshold, acc_t b_th) {
   return abs_value(v - threshold) < b_th;
 }
 
-// Leaky readout: U[t] = alpha*U[t-1] + (1-alpha)*I[t]
+// Leaky readout: U[t] = alpha*U[t-1] + (1-alpha)*I[t]. alpha = 0 is U[t] = I[t] exactly (the
+// tensor-parameter layer's current, sparsegrad/functional.py): a non-finite U[t-1] must not
+// turn into 0 * inf = NaN there; for finite values the two forms agree bit for bit.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t leaky_integrate(acc_t u_prev, acc_t current, acc_t alpha) {
-  return alpha * u_prev + (acc_t(1) - alpha) * current;
+  return alpha == acc_t(0) ? current : alpha * u_prev + (acc_t(1) - alpha) * current;
 }
 
 // Reverse-time trace of a gradient: G[t] = alpha*G[t+1] + delta[t]

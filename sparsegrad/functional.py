@@ -248,46 +248,58 @@ def attach_active_set(spikes: torch.Tensor, cnt, idx, time_major: bool = True):
 
 class _LinearParamLIF(torch.autograd.Function):
     """Linear + LIF with tensor (per-neuron, learnable) alpha / threshold or a synaptic current:
-    the current x W^T + b, then the tensor-parameter neuron op (lif_neuron_param_forward).
+    the current x W^T + b by x's events, then the tensor-parameter neuron op
+    (lif_neuron_param_forward).
 
-    Saved for the backward: x as the flat indices of its nonzero entries (and their values unless
-    x is binary), the neuron op's active set with its surrogate and traces (sparse mode), the
-    weight and the parameters: no dense [T, B, N] float tensor in sparse mode. The backward
-    gets G_I = dL/dI from the neuron op, then dW = G_I^T x (x rebuilt from its events) and
-    dx = G_I W as matrix products (not yet the fused layer's work-proportional routes)."""
+    The current is li_readout_forward's with alpha = 0 and reduce "none" (U[t] = I[t]): x is
+    scanned into its events once, the current summed from them, and the events (the CSR the
+    fused layer saves) are what the backward keeps of x. Also saved: the neuron op's active set
+    with its surrogate and traces (sparse mode), the weight and the parameters, and the
+    producer's active set when x came from a sparse sparsegrad layer: no dense [T, B, N] float
+    tensor in sparse mode. The backward gets G_I = dL/dI from the neuron op and hands it to
+    li_readout_backward (alpha = 0: the walk's trace is G_I itself): dW by x's events
+    (nnz(x) * N_out), db, and dx only at the producer's active set (|A_prev| * N_out); without
+    a producer, dx = G_I W as one matrix product."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, v_init, s_init, syn_init, a_row, th_row, as_row, b_th,
-                slope, sparse, surrogate, reset, need, return_mem=False):
+                slope, sparse, surrogate, reset, need, return_mem=False, x_cnt=None, x_idx=None):
         T, B, n_in = x.shape
-        current = torch.nn.functional.linear(x, weight, bias)
+        n_out = weight.shape[0]
+        current, _argmax, ev_cnt, ev_idx, ev_val = ops._ops.li_readout_forward.default(
+            x, weight, bias, None, None, 0.0, "none")
         (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
          rst_bits, mem, stats) = ops.lif_neuron_param_forward(
             current, v_init, s_init, syn_init, a_row, th_row, as_row, b_th, slope, sparse,
             surrogate, reset, return_mem, *need)
-        flat = x.reshape(-1)
-        events = flat.nonzero().squeeze(1)
-        binary = bool(((flat == 0) | (flat == 1)).all())
-        values = flat[events] if not binary else flat.new_empty(0)
-        events = events.to(torch.int32) if flat.numel() < 2 ** 31 else events
-        # sparse: the active set and its traces; dense: the surrogate and traces everywhere
-        saved = [act_cnt, act_idx, act_sg, act_p, act_q, act_u]
-        ctx.save_for_backward(weight, events, values, tan_last, rst_bits, a_row,
-                              as_row if as_row is not None else a_row.new_empty(0), *saved)
+        del current
+        # sparse: the active set and its traces; dense: the surrogate and traces everywhere.
+        # Indices are kept as narrow as their bound allows (ops._saved_index); the spikes carry
+        # the same saved set to the next layer (ops.SAVED_SET_ATTR), one allocation for both.
+        act_set = (ops._saved_index(act_cnt, n_out), ops._saved_index(act_idx, n_out))
+        has_prev = x_cnt is not None
+        prev = ([ops._saved_index(x_cnt, n_in), ops._saved_index(x_idx, n_in)] if has_prev
+                else [])
+        ctx.save_for_backward(weight, ops._saved_index(ev_cnt, n_in),
+                              ops._saved_index(ev_idx, n_in), ev_val, tan_last, rst_bits, a_row,
+                              as_row if as_row is not None else a_row.new_empty(0), *act_set,
+                              act_sg, act_p, act_q, act_u, *prev)
+        if sparse and not torch.compiler.is_compiling():
+            setattr(spikes, ops.SAVED_SET_ATTR, act_set)
         ctx.cfg = (T, B, n_in, sparse, reset == "zero", as_row is not None, bias is not None,
-                   v_init is not None, syn_init is not None, binary, tuple(need), return_mem)
+                   v_init is not None, syn_init is not None, has_prev, tuple(need), return_mem)
         ctx.mark_non_differentiable(act_cnt, act_idx, stats)
         ctx.set_materialize_grads(False)
         return spikes, v_final, syn_final, mem, act_cnt, act_idx, stats
 
     @staticmethod
     def backward(ctx, g_spikes, g_v, g_syn, g_mem, *_):
-        (T, B, n_in, sparse, has_rst, has_syn, has_bias, has_v, has_syn0, binary, traced,
+        (T, B, n_in, sparse, has_rst, has_syn, has_bias, has_v, has_syn0, has_prev, traced,
          return_mem) = ctx.cfg
-        (weight, events, values, tan_last, rst_bits, a_row, as_row, act_cnt, act_idx, act_sg,
-         act_p, act_q, act_u) = ctx.saved_tensors
+        (weight, ev_cnt, ev_idx, ev_val, tan_last, rst_bits, a_row, as_row, act_cnt, act_idx,
+         act_sg, act_p, act_q, act_u, *prev) = ctx.saved_tensors
         n_out = weight.shape[0]
-        none = (None,) * 16
+        none = (None,) * 18
         if not has_syn:
             g_syn = None
         if not return_mem:
@@ -300,22 +312,30 @@ class _LinearParamLIF(torch.autograd.Function):
         need_dv, need_dsyn = has_v and need[3], has_syn0 and need[5]
         n_da, n_dth, n_das = traced[0] and need[6], traced[1] and need[7], traced[2] and need[8]
         gc, dv, dsyn, da, dth, das = ops._ops.lif_neuron_param_backward.default(
-            g_spikes, g_v, g_syn, g_mem, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
-            rst_bits if has_rst else None, a_row, as_row if has_syn else None, sparse,
-            not sparse or return_mem, need_dv, need_dsyn, n_da, n_dth, n_das)
-        g2 = gc.reshape(T * B, n_out)
+            g_spikes, g_v, g_syn, g_mem, ops._widen(act_cnt), ops._widen(act_idx), act_sg,
+            act_p, act_q, act_u, tan_last, rst_bits if has_rst else None, a_row,
+            as_row if has_syn else None, sparse, not sparse or return_mem, need_dv, need_dsyn,
+            n_da, n_dth, n_das)
+        need_dx, need_dw, need_db = need[0], need[1], has_bias and need[2]
         dx = dw = db = None
-        if need[0]:
-            dx = (g2 @ weight).reshape(T, B, n_in)
-        if need[1]:
-            x = weight.new_zeros(T * B * n_in)
-            x[events.long()] = 1 if binary else values
-            dw = g2.t() @ x.reshape(T * B, n_in)
-        if has_bias and need[2]:
-            db = g2.sum(0)
-        return (dx, dw, db, dv if need_dv else None, None, dsyn if need_dsyn else None,
+        dx_walk = need_dx and has_prev
+        if T == 0:
+            dx = gc.new_zeros(0, B, n_in) if need_dx else None
+            dw = weight.new_zeros(weight.shape) if need_dw else None
+            db = weight.new_zeros(n_out) if need_db else None
+        elif need_dw or need_db or dx_walk:
+            # alpha = 0: the readout's reverse walk has G_I itself as its trace
+            prev_cnt, prev_idx = (ops._widen(t) for t in prev) if has_prev else (None, None)
+            dx, dw, db = ops._ops.li_readout_backward.default(
+                gc, ev_cnt.new_empty(0, dtype=torch.long), weight, ops._widen(ev_cnt),
+                ops._widen(ev_idx), ev_val, prev_cnt, prev_idx, T, 0.0, "none", dx_walk, need_dw,
+                need_db)
+        if need_dx and not dx_walk and T > 0:  # no producer: dx read everywhere
+            dx = (gc.reshape(T * B, n_out) @ weight).reshape(T, B, n_in)
+        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+                dv if need_dv else None, None, dsyn if need_dsyn else None,
                 da.sum(0) if n_da else None, dth.sum(0) if n_dth else None,
-                das.sum(0) if n_das else None) + (None,) * 7
+                das.sum(0) if n_das else None) + (None,) * 9
 
 
 def _layer_params(alpha, threshold, alpha_syn, x, n_out):
@@ -333,7 +353,7 @@ def _layer_params(alpha, threshold, alpha_syn, x, n_out):
 
 
 def _param_layer(x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surrogate, reset,
-                 sparse, v_init, s_init, syn_init):
+                 sparse, v_init, s_init, syn_init, x_cnt=None, x_idx=None):
     """Linear + LIF with tensor parameters / a synaptic current; returns (spikes, v_final,
     syn_final or None, act_cnt, act_idx, stats) in x's dtype."""
     T, B, _ = x.shape
@@ -349,7 +369,7 @@ def _param_layer(x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surr
     need = tuple(bool(grad_on and r is not None and r.requires_grad) for r in rows)
     spikes, v_final, syn_final, _mem, act_cnt, act_idx, stats = _LinearParamLIF.apply(
         k(x), k(weight), k(bias), k(v_init), k(s_init), k(syn_init), rows[0], rows[1], rows[2],
-        b_th, slope, sparse, surrogate, reset, need)
+        b_th, slope, sparse, surrogate, reset, need, False, x_cnt, x_idx)
     if kd != x.dtype:
         spikes, v_final, syn_final = (t.to(x.dtype) for t in (spikes, v_final, syn_final))
     return spikes, v_final, syn_final if alpha_syn is not None else None, act_cnt, act_idx, stats
@@ -410,9 +430,9 @@ def lif_layer_with_stats(
     if tensor_params:
         spikes, v_final, syn_final, act_cnt, act_idx, stats = _param_layer(
             x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surrogate, reset, sparse,
-            v_init, s_init, syn_init)
+            v_init, s_init, syn_init, x_cnt, x_idx)
         if sparse:
-            attach_active_set(spikes, act_cnt, act_idx)
+            attach_active_set(spikes, *getattr(spikes, ops.SAVED_SET_ATTR, (act_cnt, act_idx)))
     else:
         (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _rst, stats) = ops.lif_forward(
             x, weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope, sparse,
@@ -462,10 +482,11 @@ def lif_layer(
     alpha and threshold may also be tensors of shape [] or [N_out] (per-neuron), learnable
     (requires_grad) in both backward modes; alpha_syn (float or tensor like alpha, default None)
     adds the synaptic current syn[t] = alpha_syn*syn[t-1] + I[t] that V integrates in place of
-    I[t], and state / LIFState carry syn. Those run the current x W^T + b and then the
-    tensor-parameter neuron op (sparsegrad.lif's kernels); the backward saves x by its nonzero
-    entries and the neuron's active set with its traces (no dense float tensor), but computes
-    dW and dx as matrix products (docs/design.md §3c). Float parameters run the fused kernels.
+    I[t], and state / LIFState carry syn. Those compute the current x W^T + b from x's events
+    and then run the tensor-parameter neuron op (sparsegrad.lif's kernels); the backward saves
+    x's events and the neuron's active set with its traces (no dense float tensor) and takes dW
+    by x's events and dx at the producer's active set from dL/dI (docs/design.md, "Layers and
+    the readout with tensor parameters"). Float parameters run the fused kernels.
     """
     spikes, state_out, _, _ = lif_layer_with_stats(
         x, weight, bias, alpha=alpha, threshold=threshold, b_th=b_th, surrogate=surrogate,
@@ -589,17 +610,18 @@ def li_readout(
     if reduce not in ops.REDUCTIONS:
         raise ValueError(f"reduce must be one of {ops.REDUCTIONS}, got {reduce!r}")
     if isinstance(alpha, torch.Tensor):
-        return _readout_tensor_alpha(x, weight, bias, alpha, reduce)
+        return _readout_tensor_alpha(x, weight, bias, alpha, reduce, producer)
     alpha = _check_scalar("alpha", alpha, 0.0, 1.0, low_open=False)
     out, *_ = ops.li_readout_forward(x, weight, bias, producer[0], producer[1], alpha, reduce)
     return out
 
 
-def _readout_tensor_alpha(x, weight, bias, alpha, reduce):
+def _readout_tensor_alpha(x, weight, bias, alpha, reduce, producer=(None, None)):
     """The readout with a tensor alpha ([] or [N_out], learnable): U is the membrane of the
     tensor-parameter neuron (reset "none", no threshold) driven by (1 - alpha)*(x W^T + b),
     the factor folded into the weight and bias so that autograd carries dL/dalpha through it
-    too; x is saved by its nonzero entries, as in lif_layer's tensor path."""
+    too; x is saved by its events and dx kept to the producer's set, as in lif_layer's tensor
+    path."""
     T, B, _ = x.shape
     n_out = weight.shape[0]
     (alpha,) = [p for p in _layer_params(alpha, 1.0, None, x, n_out)[:1]]
@@ -612,7 +634,7 @@ def _readout_tensor_alpha(x, weight, bias, alpha, reduce):
     need = (bool(torch.is_grad_enabled() and a_row.requires_grad), False, False)
     _s, _v, _syn, mem, _c, _i, _st = _LinearParamLIF.apply(
         x.to(kd), w, b, None, None, None, a_row, never, None, 1.0, 1.0, True, "fast_sigmoid",
-        "none", need, True)
+        "none", need, True, producer[0], producer[1])
     mem = mem.to(x.dtype)
     if reduce == "max":
         return mem.max(dim=0).values

@@ -453,6 +453,109 @@ def test_layer_matches_reference(reset, backward, kind, syn):
         torch.testing.assert_close(a, r, **F64)
 
 
+def _stack_run(mod, x, w1, b1, w2, b2, p1, p2, w3=None, readout_alpha=None, hook=None, **kw):
+    """Two stacked layers (and optionally a readout), each with its own parameters; the loss
+    reads both layers' spikes' effect only through the last output. Returns the output, the
+    gradients of every leaf and the first layer's spikes."""
+    leaves = [t.clone().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
+    ps = [{k: (v.clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
+           for k, v in p.items()} for p in (p1, p2)]
+    h1 = mod.lif_layer(leaves[0], leaves[1], leaves[2], **ps[0], **kw)
+    if hook is not None:
+        h1.register_hook(hook)
+    out = mod.lif_layer(h1, leaves[3], leaves[4], **ps[1], **kw)
+    if w3 is not None:
+        w3 = w3.clone().requires_grad_(True)
+        ra = readout_alpha.clone().requires_grad_(True)
+        leaves += [w3, ra]
+        out = mod.li_readout(out, w3, alpha=ra, reduce="sum")
+    g = torch.randn(out.shape, generator=_gen(11), dtype=torch.float64)
+    inputs = leaves + [v for p in ps for v in p.values() if isinstance(v, torch.Tensor)]
+    return out, torch.autograd.grad((out * g).sum(), inputs), h1
+
+
+def _stack_problem(kinds, syn, seed=20):
+    T, B, n_in, n_mid, n_out = 14, 3, 23, 17, 11
+    x, w1, b1 = random_problem(T, B, n_in, n_mid, dtype=torch.float64, seed=seed, rate=0.3)
+    h, w2, b2 = random_problem(T, B, n_mid, n_out, dtype=torch.float64, seed=seed + 1, rate=0.3)
+    params = []
+    for i, kind in enumerate(kinds):
+        n = (n_mid, n_out)[i]
+        p = dict(alpha=_param(kind, (n,), 0.8, 0.15, seed + 2 + 3 * i),
+                 threshold=_param(kind, (n,), 0.8, 0.2, seed + 3 + 3 * i))
+        if syn and kind != "float":
+            p["alpha_syn"] = _param(kind, (n,), 0.5, 0.3, seed + 4 + 3 * i)
+        params.append(p)
+    return x, w1, b1, w2, b2, params
+
+
+STACKS = [("neuron", "neuron"), ("float", "neuron"), ("neuron", "float"), ("scalar0d", "neuron")]
+
+
+@pytest.mark.parametrize("syn", [False, True], ids=["nosyn", "syn"])
+@pytest.mark.parametrize("kinds", STACKS, ids=["-".join(k) for k in STACKS])
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+def test_stacked_layers_match_reference(reset, backward, kinds, syn):
+    # the second layer gets the first one's spikes: in sparse mode it computes dx only at the
+    # first layer's active set (the tensor layer as a producer and as a consumer)
+    x, w1, b1, w2, b2, (p1, p2) = _stack_problem(kinds, syn)
+    kw = dict(b_th=0.3, slope=5.0, reset=reset, backward=backward)
+    dx_seen = []
+    out_k, g_k, h1 = _stack_run(sparsegrad, x, w1, b1, w2, b2, p1, p2, hook=dx_seen.append, **kw)
+    out_r, g_r, h1_r = _stack_run(ref, x, w1, b1, w2, b2, p1, p2, **kw)
+    assert torch.equal(out_k, out_r) and 0 < h1.mean() < 0.5 and out_k.sum() > 0
+    for a, r in zip(g_k, g_r):
+        torch.testing.assert_close(a, r, **F64)
+    assert all(t.abs().sum() > 0 for t in g_k[5:])  # the parameters get gradient
+    (dx,) = dx_seen
+    if backward == "sparse":  # dx only at the producer's active set
+        _, _, stats, _ = sparsegrad.functional.lif_layer_with_stats(
+            x, w1, b1, **p1, **kw)
+        assert 0 < int((dx != 0).sum()) <= int(stats.active_count) < dx.numel() // 2
+    else:
+        assert int((dx != 0).sum()) > dx.numel() // 2
+
+
+@pytest.mark.parametrize("syn", [False, True], ids=["nosyn", "syn"])
+def test_stacked_layers_and_tensor_readout_match_reference(syn):
+    x, w1, b1, w2, b2, (p1, p2) = _stack_problem(("neuron", "neuron"), syn, seed=40)
+    w3 = torch.randn(5, w2.shape[0], generator=_gen(41), dtype=torch.float64)
+    ra = _param("neuron", (5,), 0.8, 0.15, 42)
+    kw = dict(b_th=0.3, slope=5.0)
+    out_k, g_k, _ = _stack_run(sparsegrad, x, w1, b1, w2, b2, p1, p2, w3, ra, **kw)
+    out_r, g_r, _ = _stack_run(ref, x, w1, b1, w2, b2, p1, p2, w3, ra, **kw)
+    torch.testing.assert_close(out_k, out_r, **F64)
+    for a, r in zip(g_k, g_r):
+        torch.testing.assert_close(a, r, **F64)
+
+
+@pytest.mark.parametrize("syn", [False, True], ids=["nosyn", "syn"])
+@pytest.mark.parametrize("reset", RESETS)
+def test_stacked_sparse_with_infinite_band_equals_dense(reset, syn):
+    x, w1, b1, w2, b2, (p1, p2) = _stack_problem(("neuron", "scalar0d"), syn, seed=60)
+    kw = dict(slope=5.0, reset=reset)
+    out_s, g_s, _ = _stack_run(sparsegrad, x, w1, b1, w2, b2, p1, p2, b_th=math.inf,
+                               backward="sparse", **kw)
+    out_d, g_d, _ = _stack_run(sparsegrad, x, w1, b1, w2, b2, p1, p2, backward="dense", **kw)
+    assert torch.equal(out_s, out_d)
+    for a, r in zip(g_s, g_d):
+        torch.testing.assert_close(a, r, **F64)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf])
+def test_layer_non_finite_input_like_the_reference(bad):
+    # the current by events (alpha-0 readout kernel): a non-finite row stays in its step
+    x, w, b = random_problem(9, 2, 12, 6, dtype=torch.float64, seed=9)
+    x[3, 0, 5] = bad
+    w[:, 5] = 1.0
+    kw = dict(alpha=torch.full((6,), 0.9), threshold=torch.full((6,), 0.8), alpha_syn=None)
+    s = sparsegrad.lif_layer(x, w, b, **kw)
+    s_ref = ref.lif_layer(x, w, b, **kw)
+    assert torch.equal(s, s_ref)
+    assert (s[3:, 0] == (1.0 if bad > 0 else 0.0)).all() and s[:, 1].sum() > 0
+
+
 def test_layer_module_learnable():
     layer = sparsegrad.nn.LIF(20, 8, alpha=torch.full((8,), 0.9), learn_alpha=True,
                               learn_threshold=True, alpha_syn=0.5, learn_alpha_syn=True)
