@@ -1092,10 +1092,11 @@ def convert(model: nn.Module, *, b_th="auto", backward: str = "sparse",
     return (model, report) if return_report else model
 
 
-def _takes_sequence(model: nn.Module, report: "ConversionReport") -> bool:
+def _takes_sequence(model: nn.Module, report: "ConversionReport", converted=None) -> bool:
     """Whether the original's forward takes the whole sequence itself (else: one step per call)."""
+    lifted_loop = getattr(getattr(converted, "_plan", None), "loop", False)
     return (report.forward_followed is False or _spikingjelly_multi_step(model)
-            or uses_norse_sequence_modules(model))
+            or uses_norse_sequence_modules(model) or lifted_loop)
 
 
 def _check_against(original: nn.Module, converted: nn.Module, x: torch.Tensor,
@@ -1123,7 +1124,7 @@ def _run_both(original, converted, x, report):
                     outs.append(out_t)
                 ref, got = torch.stack(outs), converted(x)[0]
                 how = "the SequentialState stepped over time with its state"
-            elif _takes_sequence(original, report):
+            elif _takes_sequence(original, report, converted):
                 _reset_state(original)
                 ref = original(x)
                 got = converted(x) if report.forward_followed is not False else \
