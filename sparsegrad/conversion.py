@@ -1079,6 +1079,8 @@ def convert(model: nn.Module, *, b_th="auto", backward: str = "sparse",
                 raise
             walk.children(model, "", root=True)
             report.forward_followed = False
+            model._sparsegrad_not_followed = str(exc)
+            model.register_forward_pre_hook(_refuse_own_forward)
             report.notes.append(
                 f"(root): {type(model).__name__}.forward is not followed ({exc}); its layers were "
                 f"converted in place: run them with SequenceModel(converted)(x) (registration "
@@ -1092,10 +1094,25 @@ def convert(model: nn.Module, *, b_th="auto", backward: str = "sparse",
     return (model, report) if return_report else model
 
 
-def _takes_sequence(model: nn.Module, report: "ConversionReport") -> bool:
+def _refuse_own_forward(module, args):
+    """Forward pre-hook of a model class converted in place whose forward was not followed: its
+    own forward would feed one time step to layers that now take whole sequences."""
+    raise ConversionError(
+        f"{type(module).__name__}.forward was not followed by sparsegrad.convert "
+        f"({getattr(module, '_sparsegrad_not_followed', '')}), so it cannot run the converted "
+        f"layers. Run them in registration order with "
+        f"sparsegrad.conversion.SequenceModel(converted)(x) (x: [T, B, ...]; check it first with "
+        f"convert(model, example_input=x)), or write the forward so that each time step's "
+        f"values flow only through the neurons (record per-step values in a list and combine "
+        f"them after the loop, e.g. torch.stack(spk_rec).sum(0)), or write it with sparsegrad "
+        f"modules (docs/conversion.md)")
+
+
+def _takes_sequence(model: nn.Module, report: "ConversionReport", converted=None) -> bool:
     """Whether the original's forward takes the whole sequence itself (else: one step per call)."""
+    lifted_loop = getattr(getattr(converted, "_plan", None), "loop", False)
     return (report.forward_followed is False or _spikingjelly_multi_step(model)
-            or uses_norse_sequence_modules(model))
+            or uses_norse_sequence_modules(model) or lifted_loop)
 
 
 def _check_against(original: nn.Module, converted: nn.Module, x: torch.Tensor,
@@ -1123,7 +1140,7 @@ def _run_both(original, converted, x, report):
                     outs.append(out_t)
                 ref, got = torch.stack(outs), converted(x)[0]
                 how = "the SequentialState stepped over time with its state"
-            elif _takes_sequence(original, report):
+            elif _takes_sequence(original, report, converted):
                 _reset_state(original)
                 ref = original(x)
                 got = converted(x) if report.forward_followed is not False else \

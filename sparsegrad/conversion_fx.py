@@ -81,13 +81,67 @@ def _is_leaf(m: nn.Module) -> bool:
 
 
 class _StepTracer(fx.Tracer):
+    def __init__(self, probe_steps: Optional[int] = None):
+        super().__init__()
+        self.probe_steps = probe_steps
+        self._probed = None
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return _is_leaf(m) or super().is_leaf_module(m, qualname)
 
+    def proxy(self, node):
+        if self.probe_steps is None:
+            return super().proxy(node)
+        if node.op == "placeholder" and self._probed is None:
+            self._probed = node
+            return _ProbeProxy(node, self)
+        return super().proxy(node)
 
-def trace_step(model: nn.Module) -> Tuple[fx.Graph, Dict[int, str]]:
+
+class _ProbeProxy(fx.Proxy):
+    """A traced value whose first input's length (x.size(0), x.shape[0], len(x)) is a given
+    number: a forward looping over the input's length unrolls that many steps
+    (conversion_loop.py checks that two such traces lift to the same step)."""
+
+    def _is_probed(self) -> bool:
+        return True
+
+    def size(self, *args, **kwargs):
+        if self._is_probed() and (args == (0,) or kwargs == {"dim": 0}):
+            return self.tracer.probe_steps
+        return self.tracer.create_proxy("call_method", "size", (self,) + args, kwargs)
+
+    @property
+    def shape(self):
+        proxy = self.tracer.create_proxy("call_function", getattr, (self, "shape"), {})
+        return _ProbeShape(proxy, self.tracer.probe_steps) if self._is_probed() else proxy
+
+    def __len__(self):
+        if self._is_probed():
+            return self.tracer.probe_steps
+        return super().__len__()
+
+    def __iter__(self):  # for x_t in x: the probed input's steps
+        return iter([self[k] for k in range(self.tracer.probe_steps)])
+
+
+class _ProbeShape:
+    def __init__(self, proxy, steps):
+        self.proxy, self.steps = proxy, steps
+
+    def __getitem__(self, i):
+        return self.steps if i == 0 else self.proxy[i]
+
+    def __getattr__(self, name):
+        return getattr(self.proxy, name)
+
+
+def trace_step(model: nn.Module, probe_steps: Optional[int] = None
+               ) -> Tuple[fx.Graph, Dict[int, str]]:
     """(graph of model.forward for one step, {id of a state tensor re-created in forward: path}).
 
+    probe_steps: the first input's x.size(0) / x.shape[0] / len(x) read as this number (a
+    forward looping over its input's length then unrolls that many steps).
     Raises ConversionError when forward cannot be traced for one step (e.g. a time loop over the
     input's length, or control flow on tensor values)."""
     fresh: Dict[int, str] = {}
@@ -112,7 +166,7 @@ def trace_step(model: nn.Module) -> Tuple[fx.Graph, Dict[int, str]]:
                 setattr(m, name, wrapper)
                 patched.append((m, name))
     try:
-        graph = _StepTracer().trace(model)
+        graph = _StepTracer(probe_steps).trace(model)
     except Exception as exc:  # fx's TraceError, TypeError from range(Proxy), ...
         raise ConversionError(
             f"{type(model).__name__}.forward cannot be traced as one time step "
@@ -144,6 +198,10 @@ class _Plan:
     def __init__(self):
         self.actions: Dict[str, tuple] = {}
         self.state_inputs: set = set()      # placeholder names that are a neuron's initial state
+        # a forward with its own time loop (conversion_loop.py): its inputs are taken whole (not
+        # sequences); steps = the loop's number of steps, None: the first input's length
+        self.loop = False
+        self.steps: Optional[int] = None
 
 
 def _state_kind(arg, root, fresh, neuron_path, norse=False) -> str:
@@ -169,8 +227,17 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
     """The converted SequenceForward of a model class (walk: conversion._Walk)."""
     from .conversion import _foldable, _is_foreign_neuron, _is_stateful, _rule_for, Unsupported
 
-    graph, fresh = trace_step(model)
+    from .conversion_loop import lift_probed, lift_time_loop
+    try:
+        graph, fresh = trace_step(model)
+        lift = lift_time_loop(graph, model, fresh)
+    except ConversionError as exc:
+        # a loop over the input's length (range(x.size(0))) cannot be traced as it is
+        graph, fresh, lift = lift_probed(model, exc)
+    carried: Dict[str, str] = {}
     plan = _Plan()
+    if lift is not None:
+        graph, carried, plan.steps, plan.loop = lift.graph, lift.carried, lift.steps, True
     replacements: List[Tuple[str, nn.Module]] = []   # applied once the whole plan stands
     final_report = report
     report = type(final_report)()
@@ -227,8 +294,13 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
         state_args = list(n.args[1:]) + list(n.kwargs.values())
         from .conversion_norse import is_norse_cell
         norse = is_norse_cell(m)  # a Norse cell called without its state starts from rest
-        kinds = {_state_kind(a, model, fresh, n.target, norse) for a in state_args} or \
-            {"fresh" if norse else "internal"}
+        if n.name in carried:
+            # its state carried from step to step by the forward's own loop: from rest
+            # ("fresh": init_leaky() before the loop), or from a value given before the loop
+            kinds = {"internal" if carried[n.name] == "fresh" else "input"}
+        else:
+            kinds = {_state_kind(a, model, fresh, n.target, norse) for a in state_args} or \
+                {"fresh" if norse else "internal"}
         positions = list(range(1, len(n.args)))
         keys = list(n.kwargs)
         if len(kinds) > 1:
@@ -236,7 +308,8 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
                 f"neuron {n.target!r} gets state arguments of different kinds ({sorted(kinds)})")
         kind = kinds.pop()
         if kind == "input":
-            plan.state_inputs.update(a.name for a in state_args)
+            plan.state_inputs.update(a.name for a in state_args
+                                     if isinstance(a, fx.Node) and a.op == "placeholder")
         rule = _rule_for(m)
         users = list(n.users)
         returns_tuple_users = any(not (u.op == "call_function" and u.target is operator.getitem
@@ -330,6 +403,11 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
     for n in nodes:
         if n.op == "call_module" and n.name not in plan.actions:
             plan.actions[n.name] = ("module", n.target)
+        action = plan.actions.get(n.name)
+        if n.name in carried and action[0] == "step" and action[2] == "internal":
+            # stepped with the state the loop carries: fed back from step to step, starting
+            # from the value before the loop (init_leaky()'s empty tensor: snnTorch's rest)
+            plan.actions[n.name] = ("step", action[1], "input", action[3])
     # leaves that are not neurons: converted in place where they are themselves containers of
     # neurons (e.g. a SpikingJelly block used as a leaf) are refused rather than misread
     for n in nodes:
@@ -349,8 +427,18 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
                     report.stepped.append((n.target, why))
                 else:
                     report.folded.append(n.target)
-    report.notes.append(f"{type(model).__name__}.forward followed (torch.fx, {len(nodes)} nodes): "
-                        f"run once over the whole sequence")
+    if lift is not None:
+        report.notes.append(
+            f"{type(model).__name__}.forward runs its own time loop ("
+            + (f"{lift.steps} steps" if lift.steps else "over its input's length")
+            + f"): the steps were checked to be one body, lifted to one step (torch.fx, "
+            f"{len(nodes)} nodes) and run once over all steps; the converted model takes the "
+            f"original's arguments"
+            + (f" (the loop reads {', '.join(lift.time_inputs)} step by step)"
+               if lift.time_inputs else " (the same input at every step)"))
+    else:
+        report.notes.append(f"{type(model).__name__}.forward followed (torch.fx, {len(nodes)} "
+                            f"nodes): run once over the whole sequence")
     for path, new in replacements:
         _set_module(model, path, new)
     for name in ("converted", "folded", "skipped", "stepped", "notes"):
@@ -545,7 +633,11 @@ class SequenceForward(nn.Module):
                 v = n.args[0]
             else:
                 raise TypeError(f"missing argument {n.target!r}")
-            if n.name in self._plan.state_inputs or not isinstance(v, torch.Tensor):
+            if self._loop and isinstance(v, torch.Tensor) and "__steps__" not in env:
+                # the loop's number of steps: fixed when traced, or the first input's length
+                env["__steps__"] = self._plan.steps or (v.shape[0] if v.dim() else 0)
+            if n.name in self._plan.state_inputs or not isinstance(v, torch.Tensor) or \
+                    self._loop:  # a forward with its own loop takes its inputs whole
                 env[n.name] = v
                 continue
             if v.dim() < 2 or v.shape[0] == 0:
@@ -568,13 +660,41 @@ class SequenceForward(nn.Module):
             env[n.name] = self._run(n, args_, kwargs_, env)
         raise RuntimeError("graph without output")
 
+    @property
+    def _loop(self) -> bool:
+        return getattr(self._plan, "loop", False)
+
+    def _per_step(self, v, env):
+        """A neuron's input: a sequence; in a lifted loop, a value that is the same at every step
+        (computed from an input the loop reads whole) is that value at each of its steps."""
+        if isinstance(v, _Seq) or not self._loop or not isinstance(v, torch.Tensor):
+            return v
+        return _Seq(v.unsqueeze(0).expand((env["__steps__"],) + tuple(v.shape)))
+
     def _run(self, n: fx.Node, args, kwargs, env):
         if n.op == "get_attr":
             return self._attr(n.target)
         action = self._plan.actions.get(n.name)
         if n.op == "call_module":
+            if action is not None and action[0] != "module" and args:
+                args = (self._per_step(args[0], env),) + tuple(args[1:])
             return self._run_module(n, action, args, kwargs, env)
         fn = n.target
+        from .conversion_loop import LOOP_FUNCTIONS, last_step, step_values, time_steps
+        if fn in LOOP_FUNCTIONS:
+            v, *extra = args
+            steps = env["__steps__"]
+            if fn is time_steps:
+                dim = extra[0]
+                if not isinstance(v, torch.Tensor) or v.dim() <= dim or v.shape[dim] < steps:
+                    raise ValueError(
+                        f"{self.original_class}.forward's own time loop runs {steps} steps over "
+                        f"dimension {dim} of its input, which has shape "
+                        f"{tuple(getattr(v, 'shape', ()))}")
+                return _Seq(v.movedim(dim, 0)[:steps])
+            if fn is step_values:
+                return list(v.t.unbind(0)) if isinstance(v, _Seq) else [v] * steps
+            return v.t[-1] if isinstance(v, _Seq) else v
         if n.op == "call_method":
             if not _has_seq((args, kwargs)):
                 return getattr(args[0], fn)(*args[1:], **kwargs)
@@ -607,7 +727,7 @@ class SequenceForward(nn.Module):
         if kind == "fused":
             _, path, src, tuple_out = action
             # the fused layer takes the Linear's input (evaluated earlier in the graph)
-            x = env[src]
+            x = self._per_step(env[src], env)
             if not isinstance(x, _Seq):
                 raise ConversionError(f"layer {path!r} gets no per-step input")
             out = _Seq(self.get_submodule(path)(x.t))

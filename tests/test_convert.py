@@ -112,14 +112,16 @@ def test_snntorch_tutorial_net_same_spikes_and_dense_gradients(surrogate):
     out, spk1, spk2 = net(x)
     assert 0.02 < spk1.mean() < 0.5 and 0.02 < spk2.mean() < 0.5  # the test exercises spiking
 
-    # Net.forward runs its own time loop: it is not followed (a warning says so), the layers are
-    # converted in place and SequenceModel runs them in registration order
-    with pytest.warns(UserWarning, match="forward is not followed"):
+    # Net.forward runs its own time loop over range(x.shape[0]): lifted to one step
+    # (conversion_loop.py), and the converted model takes the original's argument
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
-    assert report.forward_followed is False and not report.exact
+    assert report.forward_followed is True and report.exact
+    assert any("its own time loop" in n for n in report.notes)
     assert len(report.converted) == 2 and not report.skipped
     assert isinstance(conv.fc1, LIF) and isinstance(conv.fc2, LIF)
-    assert isinstance(conv.lif1, nn.Identity) and isinstance(conv.fc3, TimeDistributed)
+    assert isinstance(conv.lif1, nn.Identity)
     assert conv.fc1.slope == slope and conv.fc2.threshold == float(net.lif2.threshold)
     assert conv.fc1.alpha == float(net.lif1.beta)
     assert report.converted[0].surrogate == surrogate
@@ -131,8 +133,9 @@ def test_snntorch_tutorial_net_same_spikes_and_dense_gradients(surrogate):
     assert_spikes_match(c1, spk1, layer_membrane(x, net.fc1.weight, net.fc1.bias, spk1, 0.9))
     assert_spikes_match(c2, spk2, layer_membrane(spk1, net.fc2.weight, net.fc2.bias, spk2, 0.8, 0.7),
                         0.7)
-    out2 = SequenceModel(conv)(x)
+    out2, s1, s2 = conv(x)
     torch.testing.assert_close(out2, out, rtol=1e-12, atol=1e-12)
+    assert torch.equal(s1, spk1) and torch.equal(s2, spk2)
 
     # Dense-mode gradients equal snnTorch's (to the float32 rounding snnTorch applies to the
     # gradient arriving at its float32 spikes).
@@ -149,11 +152,11 @@ def test_snntorch_sparse_mode_with_infinite_band_equals_dense():
     surrogate = _snntorch().surrogate
     net = _tutorial_net(surrogate.fast_sigmoid(slope=25))
     x = _inputs(1)
-    dense = SequenceModel(sparsegrad.convert(net, backward="dense"))
-    sparse = SequenceModel(sparsegrad.convert(net, backward="sparse", b_th=math.inf))
+    dense = sparsegrad.convert(net, backward="dense")
+    sparse = sparsegrad.convert(net, backward="sparse", b_th=math.inf)
     g = torch.randn(T, B, N_OUT, dtype=torch.float64)
-    (dense(x) * g).sum().backward()
-    (sparse(x) * g).sum().backward()
+    (dense(x)[0] * g).sum().backward()
+    (sparse(x)[0] * g).sum().backward()
     for (n, p), (_, q) in zip(dense.named_parameters(), sparse.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=n)
 

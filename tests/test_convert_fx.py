@@ -363,15 +363,36 @@ class UnrolledLoop(OwnTimeLoop):
         return torch.stack(out)
 
 
-@pytest.mark.parametrize("cls,word", [(OwnTimeLoop, "cannot be traced"),
-                                      (UnrolledLoop, "called 5 times")])
-def test_forward_with_its_own_time_loop_is_not_followed(cls, word):
-    from sparsegrad.conversion_fx import convert_traced, trace_step  # noqa: F401
-    net = cls()
-    conv, report = sparsegrad.convert(net, return_report=True)
-    assert report.forward_followed is False
-    assert any("is not followed" in n and word in n for n in report.notes)
-    assert not isinstance(conv, SequenceForward)
+@pytest.mark.parametrize("cls", [OwnTimeLoop, UnrolledLoop])
+def test_forward_with_its_own_time_loop_is_lifted(cls):
+    torch.manual_seed(3)
+    net = _boost(cls(), fc1=3.0)
+    x = _spikes(2, (NUM_STEPS, B, 20))
+    conv, report = sparsegrad.convert(net, return_report=True, backward="dense")
+    assert report.forward_followed is True and report.exact
+    assert any("its own time loop" in n for n in report.notes)
+    assert isinstance(conv, SequenceForward) and isinstance(conv.fc1, LIF)
+    ref = net(x)
+    assert ref.sum() > 0 and torch.equal(conv(x), ref)
+
+
+class Accumulating(OwnTimeLoop):
+    def forward(self, x):
+        mem = self.lif1.init_leaky()
+        total = 0
+        for t in range(NUM_STEPS):
+            spk, mem = self.lif1(self.fc1(x[t]), mem)
+            total = total + spk
+        return total
+
+
+def test_loop_with_data_flow_outside_the_neurons_is_refused_clearly():
+    conv, report = sparsegrad.convert(Accumulating(), return_report=True)
+    assert report.forward_followed is False and not isinstance(conv, SequenceForward)
+    assert any("outside the neurons" in n for n in report.notes)
+    # the converted model's own forward would feed one step to sequence layers: it refuses
+    with pytest.raises(ConversionError, match="SequenceModel"):
+        conv(torch.zeros(NUM_STEPS, B, 20))
 
 
 class DataDependent(nn.Module):
@@ -471,13 +492,29 @@ class OutOfOrder(nn.Module):
         return torch.stack(out)
 
 
+class OutOfOrderSum(OutOfOrder):
+    def forward(self, x):
+        utils.reset(self)
+        total = 0
+        for t in range(x.shape[0]):
+            total = total + self.lif2(self.fc2(self.lif1(self.fc1(x[t]))))
+        return total
+
+
 def test_example_input_catches_a_model_that_would_differ():
     torch.manual_seed(2)
     net = _boost(OutOfOrder(), fc1=3.0, fc2=3.0)
     x = _spikes(1, (T * 3, B, 16))
+    # the loop is lifted: the forward's own order is followed
+    conv, report = sparsegrad.convert(net, return_report=True, example_input=x)
+    assert report.forward_followed is True and report.checked
+    assert torch.equal(conv(x), net(x))
+    # not lifted (data flows from step to step outside the neurons): registration order, which
+    # example_input shows to differ
+    net = _boost(OutOfOrderSum(), fc1=3.0, fc2=3.0)
     conv, report = sparsegrad.convert(net, return_report=True)  # unchecked: only a note
     assert report.forward_followed is False
-    with pytest.raises(ConversionError, match="spikes differ"):
+    with pytest.raises(ConversionError, match="differ|does not match"):
         sparsegrad.convert(net, example_input=x)
 
 
