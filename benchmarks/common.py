@@ -340,10 +340,11 @@ def spike_rate(x: torch.Tensor) -> float:
 
 
 def calibrate_layer(x, n_out, *, generator, target_rate=TARGET_RATE, alpha=ALPHA,
-                    threshold=THRESHOLD, max_batch=16, iters=18):
+                    threshold=THRESHOLD, alpha_syn=None, max_batch=16, iters=18):
     """Weights [n_out, n_in] ~ N(0, 1) * scale with the scale searched (bisection in log space,
-    on the reference forward of up to max_batch samples of x) so that the layer fires at about
-    target_rate spikes per neuron per step. Returns (weight, bias, measured rate on the sample)."""
+    on the reference forward of up to max_batch samples of x) so that the layer (with the
+    synaptic current alpha_syn, if given) fires at about target_rate spikes per neuron per
+    step. Returns (weight, bias, measured rate on the sample)."""
     from sparsegrad import reference as ref
 
     n_in = x.shape[-1]
@@ -354,7 +355,7 @@ def calibrate_layer(x, n_out, *, generator, target_rate=TARGET_RATE, alpha=ALPHA
     def rate(scale):
         with torch.no_grad():
             return float(ref.lif_layer(sample, base * scale, bias, alpha=alpha,
-                                       threshold=threshold).mean())
+                                       threshold=threshold, alpha_syn=alpha_syn).mean())
 
     lo, hi = 1e-4, 1e-4
     while rate(hi) < target_rate and hi < 1e4:

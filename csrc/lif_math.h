@@ -55,6 +55,14 @@ struct ParamView {
   C10_HOST_DEVICE acc_t operator[](int64_t j) const { return ptr != nullptr ? ptr[j] : value; }
 };
 
+// A per-neuron parameter that is always given (the CPU tensor-parameter ops receive [N] rows):
+// no null test per read, so that the CPU's row loops vectorise as with ScalarParam.
+template <typename acc_t>
+struct RowParam {
+  const acc_t* ptr;  // [N]
+  C10_HOST_DEVICE acc_t operator[](int64_t j) const { return ptr[j]; }
+};
+
 namespace math {
 
 // The membrane update for a given reset.

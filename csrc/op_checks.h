@@ -330,6 +330,29 @@ inline void check_neuron_param(const at::Tensor& p, const at::Tensor& like, int6
   SG_CHECK(p.size(0) == n, op, name, "must have one value per neuron [", n, "], got ", p.sizes());
 }
 
+// The tensor-parameter neuron's arguments for rows of N neurons and B batch elements; `like`
+// (the current, or the fused layer's x) gives their dtype and device.
+inline NeuronKinds check_neuron_param_args(
+    const at::Tensor& like, int64_t B, int64_t N, const c10::optional<at::Tensor>& v_init,
+    const c10::optional<at::Tensor>& s_init, const c10::optional<at::Tensor>& syn_init,
+    const at::Tensor& alpha, const at::Tensor& threshold, const c10::optional<at::Tensor>& alpha_syn,
+    double b_th, double slope, c10::string_view surrogate, c10::string_view reset, const char* op) {
+  // alpha and threshold are checked per value by the Python layer (no host sync here)
+  const NeuronKinds k = check_neuron_args(0.5, 1.0, b_th, slope, surrogate, reset, op);
+  check_neuron_param(alpha, like, N, op, "alpha");
+  check_neuron_param(threshold, like, N, op, "threshold");
+  if (alpha_syn.has_value()) check_neuron_param(*alpha_syn, like, N, op, "alpha_syn");
+  check_state(v_init, s_init, like, B, N, op);
+  if (syn_init.has_value()) {
+    SG_CHECK(alpha_syn.has_value(), op, "syn_init", "is given but alpha_syn is None (no synaptic current)");
+    check_float_tensor(*syn_init, op, "syn_init", 2);
+    check_like(*syn_init, like, op, "syn_init");
+    SG_CHECK(syn_init->size(0) == B && syn_init->size(1) == N, op, "syn_init", "must have shape [",
+             B, ", ", N, "], got ", syn_init->sizes());
+  }
+  return k;
+}
+
 inline NeuronKinds check_lif_neuron_param_forward_args(
     const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
     const c10::optional<at::Tensor>& s_init, const c10::optional<at::Tensor>& syn_init,
@@ -339,21 +362,23 @@ inline NeuronKinds check_lif_neuron_param_forward_args(
   check_float_tensor(current, op, "current", 3);
   SG_CHECK(current.size(2) < (int64_t(1) << 31), op, "current",
            "must have fewer than 2^31 neurons per step, got ", current.sizes());
-  // alpha and threshold are checked per value by the Python layer (no host sync here)
-  const NeuronKinds k = check_neuron_args(0.5, 1.0, b_th, slope, surrogate, reset, op);
-  const int64_t B = current.size(1), N = current.size(2);
-  check_neuron_param(alpha, current, N, op, "alpha");
-  check_neuron_param(threshold, current, N, op, "threshold");
-  if (alpha_syn.has_value()) check_neuron_param(*alpha_syn, current, N, op, "alpha_syn");
-  check_state(v_init, s_init, current, B, N, op);
-  if (syn_init.has_value()) {
-    SG_CHECK(alpha_syn.has_value(), op, "syn_init", "is given but alpha_syn is None (no synaptic current)");
-    check_float_tensor(*syn_init, op, "syn_init", 2);
-    check_like(*syn_init, current, op, "syn_init");
-    SG_CHECK(syn_init->size(0) == B && syn_init->size(1) == N, op, "syn_init", "must have shape [",
-             B, ", ", N, "], got ", syn_init->sizes());
-  }
-  return k;
+  return check_neuron_param_args(current, current.size(1), current.size(2), v_init, s_init,
+                                 syn_init, alpha, threshold, alpha_syn, b_th, slope, surrogate,
+                                 reset, op);
+}
+
+// The fused tensor-parameter layer: x [T, B, N_in], weight [N_out, N_in], bias, and the
+// neuron's arguments for N_out neurons.
+inline NeuronKinds check_lif_param_forward_args(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& v_init, const c10::optional<at::Tensor>& s_init,
+    const c10::optional<at::Tensor>& syn_init, const at::Tensor& alpha, const at::Tensor& threshold,
+    const c10::optional<at::Tensor>& alpha_syn, double b_th, double slope,
+    c10::string_view surrogate, c10::string_view reset) {
+  const char* op = "lif_param_forward";
+  check_linear(x, weight, bias, op);
+  return check_neuron_param_args(x, x.size(1), weight.size(0), v_init, s_init, syn_init, alpha,
+                                 threshold, alpha_syn, b_th, slope, surrogate, reset, op);
 }
 
 // Which traces the tensor-parameter forward keeps, and where (the same on every device).

@@ -99,6 +99,19 @@ inline void define_ops(torch::Library& m) {
       "bool need_dalpha_syn) -> (Tensor spikes, Tensor v_final, Tensor syn_final, Tensor act_cnt, "
       "Tensor act_idx, Tensor act_sg, Tensor act_p, Tensor act_q, Tensor act_u, Tensor tan_last, "
       "Tensor rst_bits, Tensor mem, Tensor stats)");
+  // The same neuron fed by the current x W^T + b of a Linear layer, fused (the tensor-parameter
+  // lif_layer; CPU only): the current of each row is summed from x's events (or read from one
+  // GEMM when x is dense) as lif_forward does, never stored. Outputs: lif_neuron_param_forward's
+  // (stats[2] = nonzeros of x) and x's events ev_cnt, ev_idx, ev_val as lif_forward returns
+  // them (what the backward keeps of x).
+  m.def(
+      "lif_param_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? v_init, Tensor? s_init, "
+      "Tensor? syn_init, Tensor alpha, Tensor threshold, Tensor? alpha_syn, float b_th, "
+      "float slope, bool sparse, str surrogate, str reset, bool return_mem, bool need_dalpha, "
+      "bool need_dthreshold, bool need_dalpha_syn) -> (Tensor spikes, Tensor v_final, "
+      "Tensor syn_final, Tensor act_cnt, Tensor act_idx, Tensor act_sg, Tensor act_p, "
+      "Tensor act_q, Tensor act_u, Tensor tan_last, Tensor rst_bits, Tensor mem, Tensor stats, "
+      "Tensor ev_cnt, Tensor ev_idx, Tensor ev_val)");
   // Its backward: grad_current = G_I (G_I[t] = G_V[t] + alpha_syn*G_I[t+1]; G_I = G_V without a
   // synaptic current), dv_init, dsyn_init [B, N] (or empty), and per batch element the parameter
   // gradients d_alpha, d_threshold, d_alpha_syn [B, N] (or empty): the sum over the entries where

@@ -248,12 +248,13 @@ def attach_active_set(spikes: torch.Tensor, cnt, idx, time_major: bool = True):
 
 class _LinearParamLIF(torch.autograd.Function):
     """Linear + LIF with tensor (per-neuron, learnable) alpha / threshold or a synaptic current:
-    the current x W^T + b by x's events, then the tensor-parameter neuron op
-    (lif_neuron_param_forward).
+    the current x W^T + b by x's events, then the tensor-parameter neuron.
 
-    The current is li_readout_forward's with alpha = 0 and reduce "none" (U[t] = I[t]): x is
-    scanned into its events once, the current summed from them, and the events (the CSR the
-    fused layer saves) are what the backward keeps of x. Also saved: the neuron op's active set
+    On the CPU one op (lif_param_forward) scans x into its events once and sums each row's
+    current from them inside the neuron's walk, so no [T, B, N] current is stored; on CUDA
+    (no fused kernel yet) the current is li_readout_forward's with alpha = 0 and reduce
+    "none" (U[t] = I[t]), then lif_neuron_param_forward runs on it. Either way the events
+    (the CSR the fused layer saves) are what the backward keeps of x. Also saved: the neuron op's active set
     with its surrogate and traces (sparse mode), the weight and the parameters, and the
     producer's active set when x came from a sparse sparsegrad layer: no dense [T, B, N] float
     tensor in sparse mode. The backward gets G_I = dL/dI from the neuron op and hands it to
@@ -266,13 +267,19 @@ class _LinearParamLIF(torch.autograd.Function):
                 slope, sparse, surrogate, reset, need, return_mem=False, x_cnt=None, x_idx=None):
         T, B, n_in = x.shape
         n_out = weight.shape[0]
-        current, _argmax, ev_cnt, ev_idx, ev_val = ops._ops.li_readout_forward.default(
-            x, weight, bias, None, None, 0.0, "none")
-        (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
-         rst_bits, mem, stats) = ops.lif_neuron_param_forward(
-            current, v_init, s_init, syn_init, a_row, th_row, as_row, b_th, slope, sparse,
-            surrogate, reset, return_mem, *need)
-        del current
+        if x.device.type == "cpu":  # fused: the current is summed per row, never stored
+            (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+             rst_bits, mem, stats, ev_cnt, ev_idx, ev_val) = ops.lif_param_forward(
+                x, weight, bias, v_init, s_init, syn_init, a_row, th_row, as_row, b_th, slope,
+                sparse, surrogate, reset, return_mem, *need)
+        else:  # (no fused CUDA kernel yet: ops.CPU_ONLY_OPS) the current, then the neuron
+            current, _argmax, ev_cnt, ev_idx, ev_val = ops._ops.li_readout_forward.default(
+                x, weight, bias, None, None, 0.0, "none")
+            (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+             rst_bits, mem, stats) = ops.lif_neuron_param_forward(
+                current, v_init, s_init, syn_init, a_row, th_row, as_row, b_th, slope, sparse,
+                surrogate, reset, return_mem, *need)
+            del current
         # sparse: the active set and its traces; dense: the surrogate and traces everywhere.
         # Indices are kept as narrow as their bound allows (ops._saved_index); the spikes carry
         # the same saved set to the next layer (ops.SAVED_SET_ATTR), one allocation for both.

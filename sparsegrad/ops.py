@@ -173,6 +173,18 @@ def _lif_neuron_param_forward_fake(current, v_init, s_init, syn_init, alpha, thr
             rst_bits, mem, stats)
 
 
+@torch.library.register_fake("sparsegrad::lif_param_forward")
+def _lif_param_forward_fake(x, weight, bias, v_init, s_init, syn_init, alpha, threshold,
+                            alpha_syn, b_th, slope, sparse, surrogate, reset, return_mem,
+                            need_dalpha, need_dthreshold, need_dalpha_syn):
+    T, B, _ = x.shape
+    current = x.new_empty(T, B, weight.shape[0])
+    neuron = _lif_neuron_param_forward_fake(
+        current, v_init, s_init, syn_init, alpha, threshold, alpha_syn, b_th, slope, sparse,
+        surrogate, reset, return_mem, need_dalpha, need_dthreshold, need_dalpha_syn)
+    return neuron + _events_fake(x, torch.library.get_ctx())
+
+
 @torch.library.register_fake("sparsegrad::lif_neuron_param_backward")
 def _lif_neuron_param_backward_fake(grad_spikes, grad_v_final, grad_syn_final, grad_mem, act_cnt,
                                     act_idx, act_sg, act_p, act_q, act_u, tan_last, rst_bits,
@@ -584,6 +596,19 @@ def lif_neuron_param_forward(current, v_init, s_init, syn_init, alpha, threshold
         bool(need_dalpha_syn))
 
 
+def lif_param_forward(x, weight, bias, v_init, s_init, syn_init, alpha, threshold, alpha_syn,
+                      b_th: float, slope: float, sparse: bool, surrogate: str = "fast_sigmoid",
+                      reset: str = "subtract", return_mem: bool = False,
+                      need_dalpha: bool = False, need_dthreshold: bool = False,
+                      need_dalpha_syn: bool = False):
+    """Linear + the tensor-parameter neuron, fused (CPU): lif_neuron_param_forward's outputs
+    for the current x W^T + b (never stored), then x's events (ev_cnt, ev_idx, ev_val)."""
+    return _ops.lif_param_forward.default(
+        x, weight, bias, v_init, s_init, syn_init, alpha, threshold, alpha_syn, float(b_th),
+        float(slope), bool(sparse), surrogate, reset, bool(return_mem), bool(need_dalpha),
+        bool(need_dthreshold), bool(need_dalpha_syn))
+
+
 def registered_kernels(dispatch_key: str = "CPU") -> dict:
     """Which sparsegrad ops have a kernel for `dispatch_key` ("CPU", "CUDA")."""
     names = ["lif_forward", "lif_backward_sparse", "lif_backward_dense", "li_readout_forward",
@@ -645,9 +670,11 @@ def _spike_conv2d_backward_fake(grad_out, pool_idx, bits, weight, in_shape, stri
 
 
 #: Ops with a CPU kernel and, so far, no CUDA kernel (sparsegrad/conv.py runs ATen's convolution
-#: and pooling on other devices instead); tests/test_cuda_registration.py exempts exactly these.
-CPU_ONLY_OPS = ("spike_pack", "spike_conv2d_forward", "conv_pool2d", "conv_unpool2d",
-                "spike_conv2d_backward")
+#: and pooling on other devices instead; the tensor-parameter lif_layer runs li_readout_forward
+#: and lif_neuron_param_forward there in place of the fused lif_param_forward);
+#: tests/test_cuda_registration.py exempts exactly these.
+CPU_ONLY_OPS = ("lif_param_forward", "spike_pack", "spike_conv2d_forward", "conv_pool2d",
+                "conv_unpool2d", "spike_conv2d_backward")
 
 
 @torch.library.register_fake("sparsegrad::conv_unpool2d")

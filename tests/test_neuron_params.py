@@ -644,6 +644,80 @@ def test_opcheck_param_ops(reset, sparse):
         True, True, True))
 
 
+def _layer_inputs(T, B, n_in, n_out, x_kind, syn, dtype, seed=0):
+    """x (binary spikes, sparse real values, or dense real values: the GEMM route) and the
+    neuron's inputs for n_out neurons."""
+    g = _gen(seed)
+    mask = torch.rand(T, B, n_in, generator=g) < (0.9 if x_kind == "dense" else 0.1)
+    vals = torch.randn(T, B, n_in, generator=g, dtype=torch.float64)
+    x = (mask.double() if x_kind == "binary" else mask * vals).to(dtype)
+    w = (torch.randn(n_out, n_in, generator=g, dtype=torch.float64) * 0.8).to(dtype)
+    b = (torch.randn(n_out, generator=g, dtype=torch.float64) * 0.1).to(dtype)
+    _, alpha, thr, a_syn, v0, s0, syn0 = _raw_inputs(T, B, n_out, syn, dtype, seed=seed + 1)
+    return x, w, b, alpha, thr, a_syn, v0, s0, syn0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("x_kind", ["binary", "values", "dense"])
+@pytest.mark.parametrize("syn", [False, True])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("reset", RESETS)
+def test_fused_layer_op_equals_current_then_neuron(reset, sparse, syn, x_kind, dtype):
+    """lif_param_forward (the CPU's fused tensor-parameter layer) gives the bits of the two-op
+    path CUDA takes: li_readout_forward's current (alpha 0, the same event sums) and then
+    lif_neuron_param_forward; its stats count x's nonzeros."""
+    T, B, n_in, n_out = 7, 3, 37, 45
+    x, w, b, alpha, thr, a_syn, v0, s0, syn0 = _layer_inputs(T, B, n_in, n_out, x_kind, syn,
+                                                            dtype, seed=5)
+    ops = torch.ops.sparsegrad
+    fused = ops.lif_param_forward(x, w, b, v0, s0, syn0, alpha, thr, a_syn, 0.4, 4.0, sparse,
+                                  "atan", reset, True, True, True, syn)
+    current, _, ev_cnt, ev_idx, ev_val = ops.li_readout_forward(x, w, b, None, None, 0.0, "none")
+    two = ops.lif_neuron_param_forward(current, v0, s0, syn0, alpha, thr, a_syn, 0.4, 4.0,
+                                       sparse, "atan", reset, True, True, True, syn)
+    for k, (a, r) in enumerate(zip(fused[:12], two[:12])):
+        assert a.shape == r.shape and torch.equal(a, r), f"output {k}"
+    assert torch.equal(fused[12][:2], two[12][:2])
+    assert int(fused[12][2]) == int((x != 0).sum())
+    for a, r in zip(fused[13:], (ev_cnt, ev_idx, ev_val)):
+        assert torch.equal(a, r)
+    assert float(fused[0].mean()) > 0.01  # the comparison saw spikes
+
+
+def test_fused_layer_op_checks_its_arguments():
+    x, w, b, alpha, thr, a_syn, v0, s0, syn0 = _layer_inputs(4, 2, 6, 5, "binary", True,
+                                                            torch.float32)
+    op = torch.ops.sparsegrad.lif_param_forward
+
+    def call(**kw):
+        a = dict(x=x, weight=w, bias=b, v_init=v0, s_init=s0, syn_init=syn0, alpha=alpha,
+                 threshold=thr, alpha_syn=a_syn)
+        a.update(kw)
+        return op(*a.values(), 0.4, 4.0, True, "atan", "subtract", False, True, True, True)
+
+    call()
+    with pytest.raises(RuntimeError, match="lif_param_forward.*weight"):
+        call(weight=w[:, :5])
+    with pytest.raises(RuntimeError, match="lif_param_forward.*alpha"):
+        call(alpha=alpha[:4])
+    with pytest.raises(RuntimeError, match="lif_param_forward.*v_init"):
+        call(v_init=v0[:1])
+    with pytest.raises(RuntimeError, match="lif_param_forward.*syn_init"):
+        call(alpha_syn=None)
+    with pytest.raises(RuntimeError, match="lif_param_forward.*bias"):
+        call(bias=b.double())
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_opcheck_fused_layer_op(sparse):
+    x, w, b, alpha, thr, a_syn, v0, s0, syn0 = _layer_inputs(5, 2, 6, 7, "values", True,
+                                                            torch.float64, seed=3)
+    args = (x, w, b, v0, s0, syn0, alpha, thr, a_syn, 0.5, 4.0, sparse, "fast_sigmoid",
+            "subtract", False, True, True, True)
+    torch.library.opcheck(torch.ops.sparsegrad.lif_param_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_benchmark_smoke():
     import os
     import sys

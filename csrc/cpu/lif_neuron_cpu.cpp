@@ -14,6 +14,7 @@
 #include "low_precision.h"
 
 #include "cpu/cpu_common.h"
+#include "cpu/row_kernels.h"
 
 namespace sparsegrad {
 namespace cpu {
@@ -45,7 +46,7 @@ inline bool bit_set(const int32_t* words, int64_t j) { return test_bit(words, j)
 // Row helpers of the forward: each is one loop over a row of N neurons with restrict pointers
 // and the reset / surrogate fixed at compile time, so that the compiler vectorises it (a loop
 // over math:: calls with a run-time kind and possibly aliasing rows stays scalar and branchy).
-// Param is ScalarParam (the float API: one value, vectorises as before) or ParamView (per-neuron
+// Param is ScalarParam (the float API: one value, vectorises as before) or RowParam (per-neuron
 // values); kSyn adds the synaptic current. Both ops instantiate these same loops.
 
 // Compile-time dispatch of the reset kind.
@@ -133,6 +134,35 @@ inline int64_t active_row(int64_t n, const acc_t* __restrict__ h, int32_t* __res
   return k;
 }
 
+#if defined(__AVX512F__)
+// float32: 16 neurons at a time, the test as a mask and the active indices compressed in a
+// register, stored whole (idx needs 16 entries of room past the count). The same test as
+// math::is_active (|h - threshold| < b_th, false for NaN).
+inline __m512 param16(const ScalarParam<float>& p, int64_t, __mmask16) { return _mm512_set1_ps(p.value); }
+inline __m512 param16(const RowParam<float>& p, int64_t j, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p.ptr + j);
+}
+
+template <class Param>
+inline int64_t active_row(int64_t n, const float* __restrict__ h, int32_t* __restrict__ idx,
+                          Param threshold, float b_th) {
+  const __m512 bth = _mm512_set1_ps(b_th);
+  __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i step = _mm512_set1_epi32(16);
+  int64_t k = 0;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 valid = n - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 u = _mm512_abs_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, h + j),
+                                                 param16(threshold, j, valid)));
+    const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, u, bth, _CMP_LT_OQ);
+    _mm512_storeu_si512(idx + k, _mm512_maskz_compress_epi32(m, lane));
+    k += __builtin_popcount(m);
+    lane = _mm512_add_epi32(lane, step);
+  }
+  return k;
+}
+#endif
+
 // What the tensor-parameter op adds to the forward (all absent for the float op).
 template <typename scalar_t>
 struct ForwardExtras {
@@ -143,19 +173,41 @@ struct ForwardExtras {
   bool track() const { return need_p || need_q || need_u; }
 };
 
+// Where the rows' current comes from: the neuron op's current [T, B, N], or (the fused
+// tensor-parameter layer, lif_param_forward) x W^T + b summed from x's events into a padded row
+// buffer by RowCurrent, as lif_forward does, so that no [T, B, N] current is ever stored.
+template <typename scalar_t>
+struct GivenCurrent {
+  const scalar_t* in;
+  int64_t B, N;
+  int64_t buffer_width() const { return 0; }
+  const scalar_t* row(int64_t b, int64_t t, scalar_t* /*buffer*/) const { return in + (t * B + b) * N; }
+};
+
+template <typename scalar_t>
+struct EventCurrent {
+  const RowCurrent<scalar_t>* rows;
+  int64_t buffer_width() const { return rows->width; }
+  const scalar_t* row(int64_t b, int64_t t, scalar_t* buffer) const {
+    rows->fill(b, t, buffer);
+    return buffer;
+  }
+};
+
 struct ForwardResult {
   at::Tensor spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_rg, act_p, act_q, act_u,
       tan_last, rst_bits, mem, stats;
 };
 
-template <typename scalar_t, class Param>
-ForwardResult forward_impl(const at::Tensor& current, const c10::optional<at::Tensor>& v_init,
+template <typename scalar_t, class Param, class Source>
+ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N,
+                           const at::TensorOptions& opts, const c10::optional<at::Tensor>& v_init,
                            const c10::optional<at::Tensor>& s_init,
                            const NeuronParams<Param>& prm, const ForwardExtras<scalar_t>& ex,
                            double b_th_d, double slope_d, bool sparse, int surrogate, int reset,
                            bool return_mem, const SJParams& sj) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = current.size(0), B = current.size(1), N = current.size(2), W = bit_words(N);
+  const int64_t W = bit_words(N);
   const acc_t b_th = b_th_d, slope = slope_d;
   const Param& threshold = prm.threshold;
   const bool keep_bits = reset == kResetZero;
@@ -163,7 +215,6 @@ ForwardResult forward_impl(const at::Tensor& current, const c10::optional<at::Te
   const bool keep_rg = !leaky && !sj.detach_reset;
   const bool track = ex.track(), dense_tr = ex.dense_traces;
   const acc_t tau = sj.tau, v_reset = sj.v_reset;
-  const auto opts = current.options();
 
   auto spikes = at::empty({T, B, N}, opts);
   auto v_final = at::empty({B, N}, opts);
@@ -180,7 +231,6 @@ ForwardResult forward_impl(const at::Tensor& current, const c10::optional<at::Te
              tu_dense = dense_trace(ex.need_u);
   auto tan_last = track ? at::empty({4, B, N}, opts) : at::empty({0}, opts);
 
-  const scalar_t* in = current.data_ptr<scalar_t>();
   scalar_t* spk = spikes.data_ptr<scalar_t>();
   scalar_t* vfin = v_final.data_ptr<scalar_t>();
   scalar_t* synfin = syn_final.numel() ? syn_final.template data_ptr<scalar_t>() : nullptr;
@@ -211,13 +261,14 @@ ForwardResult forward_impl(const at::Tensor& current, const c10::optional<at::Te
 
   at::parallel_for(0, B, grain_for(T * N), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> v(N), s(N), h_buf(leaky ? 0 : N), syn(ex.syn ? N : 0);
+    std::vector<scalar_t> cur_buf(source.buffer_width()), spk_stage(N);
     // forward-mode traces P, Q, R, U (track only)
     std::vector<acc_t> tg(track ? 4 * N : 0);
     acc_t* tgp[4] = {nullptr, nullptr, nullptr, nullptr};
     if (track)
       for (int k = 0; k < 4; ++k) tgp[k] = tg.data() + k * N;
     acc_t* tr_of[3] = {tgp[0], tgp[1], tgp[3]};  // P, Q, U: what the backward reads
-    std::vector<int32_t> row_idx(sparse ? N + 1 : 0);  // active_row writes one past the count
+    std::vector<int32_t> row_idx(sparse ? N + 16 : 0);  // active_row writes past the count
     // The membrane the spike is read from: V itself (leaky), or the charge H (SpikingJelly).
     acc_t* h = leaky ? v.data() : h_buf.data();
     for (int64_t b = b0; b < b1; ++b) {
@@ -232,7 +283,10 @@ ForwardResult forward_impl(const at::Tensor& current, const c10::optional<at::Te
       int64_t fired = 0, nonzero = 0;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t row = (t * B + b) * N;
-        const scalar_t* cur = in + row;
+        const scalar_t* cur = source.row(b, t, cur_buf.data());
+        // The spikes go out with streaming stores (stream_copy): rows of one element lie
+        // B*N apart, and a plain store would read each line in before writing it.
+        scalar_t* spk_row = leaky ? spk_stage.data() : spk + row;
         // Separate simple loops so that each one vectorises.
         if (leaky) {
           if (bits) pack_bits(s.data(), N, bits + (t * B + b) * W);  // R[t] = S[t-1]
@@ -242,14 +296,15 @@ ForwardResult forward_impl(const at::Tensor& current, const c10::optional<at::Te
               if (track)
                 tangent_row<kReset, true>(N, v.data(), s.data(), syn.data(), tgp[0], tgp[1],
                                             tgp[2], tgp[3], prm);
-              leaky_step_row<kReset, true>(N, cur, v.data(), s.data(), syn.data(), spk + row, prm);
+              leaky_step_row<kReset, true>(N, cur, v.data(), s.data(), syn.data(), spk_row, prm);
             } else {
               if (track)
                 tangent_row<kReset, false>(N, v.data(), s.data(), syn.data(), tgp[0], tgp[1],
                                              tgp[2], tgp[3], prm);
-              leaky_step_row<kReset, false>(N, cur, v.data(), s.data(), syn.data(), spk + row, prm);
+              leaky_step_row<kReset, false>(N, cur, v.data(), s.data(), syn.data(), spk_row, prm);
             }
           });
+          stream_copy(spk + row, spk_row, N);
         } else {
           const bool hard = reset == kResetZero;
           for (int64_t j = 0; j < N; ++j) {
@@ -307,6 +362,7 @@ ForwardResult forward_impl(const at::Tensor& current, const c10::optional<at::Te
       spike_count[b] = fired;
       nonzero_count[b] = nonzero;
     }
+    stream_fence();
   });
 
   auto stats = at::empty({3}, opts.dtype(at::kLong));
@@ -555,8 +611,10 @@ NeuronOutputs lif_neuron_forward_cpu(const at::Tensor& current_in,
     using P = ScalarParam<acc_t>;
     const NeuronParams<P> prm{P{static_cast<acc_t>(alpha)}, P{static_cast<acc_t>(threshold)},
                               P{acc_t(0)}};
-    const ForwardResult r = forward_impl<scalar_t>(current, contiguous(v_init), contiguous(s_init),
-                                                   prm, ForwardExtras<scalar_t>{}, b_th, slope,
+    const GivenCurrent<scalar_t> given{current.data_ptr<scalar_t>(), current.size(1), current.size(2)};
+    const ForwardResult r = forward_impl<scalar_t>(given, current.size(0), current.size(1),
+                                                   current.size(2), current.options(),
+                                                   contiguous(v_init), contiguous(s_init), prm, ForwardExtras<scalar_t>{}, b_th, slope,
                                                    sparse, kinds.surrogate, kinds.reset,
                                                    return_mem, sj);
     out = {r.spikes, r.v_final, r.act_cnt, r.act_idx, r.act_sg, r.act_rg, r.rst_bits, r.mem, r.stats};
@@ -597,9 +655,43 @@ using ParamNeuronOutputs =
 using ParamNeuronGrads =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-template <typename acc_t>
-ParamView<acc_t> param_view(const at::Tensor& t) {
-  return {acc_t(0), t.data_ptr<acc_t>()};
+
+// The tensor-parameter forward of rows [T, B, N] whose current comes from `source`; `opts` gives
+// the outputs' dtype and device. Shared by the neuron op and the fused layer.
+template <typename scalar_t, class Source>
+ForwardResult param_forward(const Source& source, int64_t T, int64_t B, int64_t N,
+                            const at::TensorOptions& opts, const c10::optional<at::Tensor>& v_init,
+                            const c10::optional<at::Tensor>& s_init,
+                            const c10::optional<at::Tensor>& syn_init, const at::Tensor& alpha,
+                            const at::Tensor& threshold, const c10::optional<at::Tensor>& alpha_syn,
+                            double b_th, double slope, bool sparse, NeuronKinds kinds,
+                            bool return_mem, bool need_dalpha, bool need_dthreshold,
+                            bool need_dalpha_syn) {
+  using acc_t = at::opmath_type<scalar_t>;  // = scalar_t (half types run as float32)
+  // alpha_syn is read only with a synaptic current (kSyn), where it is given
+  const NeuronParams<RowParam<acc_t>> prm{
+      {alpha.data_ptr<acc_t>()}, {threshold.data_ptr<acc_t>()},
+      {alpha_syn.has_value() ? alpha_syn->data_ptr<acc_t>() : nullptr}};
+  const TraceNeeds needs = trace_needs(need_dalpha, need_dthreshold, need_dalpha_syn,
+                                       alpha_syn.has_value(), kinds.reset, sparse, return_mem);
+  ForwardExtras<scalar_t> ex;
+  ex.syn = alpha_syn.has_value();
+  ex.syn_init = ptr_or_null<scalar_t>(syn_init);
+  ex.need_p = needs.keep[0];
+  ex.need_q = needs.keep[1];
+  ex.need_u = needs.keep[2];
+  ex.dense_traces = needs.dense_traces;
+  ForwardResult r = forward_impl<scalar_t>(source, T, B, N, opts, v_init, s_init, prm, ex, b_th,
+                                           slope, sparse, kinds.surrogate, kinds.reset,
+                                           return_mem, SJParams{});
+  if (needs.any && !r.tan_last.numel())  // threshold only, reset without Q: the last traces are zero
+    r.tan_last = at::zeros({4, B, N}, opts);
+  return r;
+}
+
+ParamNeuronOutputs param_outputs(const ForwardResult& r) {
+  return {r.spikes, r.v_final, r.syn_final, r.act_cnt, r.act_idx, r.act_sg, r.act_p, r.act_q,
+          r.act_u, r.tan_last, r.rst_bits, r.mem, r.stats};
 }
 
 ParamNeuronOutputs lif_neuron_param_forward_cpu(
@@ -613,32 +705,49 @@ ParamNeuronOutputs lif_neuron_param_forward_cpu(
       current_in, v_init, s_init, syn_init, alpha_in, threshold_in, alpha_syn_in, b_th, slope,
       surrogate, reset);
   const at::Tensor current = current_in.contiguous();
-  const at::Tensor alpha = alpha_in.contiguous(), threshold = threshold_in.contiguous();
-  const auto alpha_syn = contiguous(alpha_syn_in);
-  const auto syn0 = contiguous(syn_init);
+  const int64_t T = current.size(0), B = current.size(1), N = current.size(2);
   ParamNeuronOutputs out;
   AT_DISPATCH_FLOATING_TYPES(current.scalar_type(), "lif_neuron_param_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;  // = scalar_t (half types run as float32)
-    const NeuronParams<ParamView<acc_t>> prm{
-        param_view<acc_t>(alpha), param_view<acc_t>(threshold),
-        alpha_syn.has_value() ? param_view<acc_t>(*alpha_syn) : ParamView<acc_t>{acc_t(0), nullptr}};
-    const TraceNeeds needs = trace_needs(need_dalpha, need_dthreshold, need_dalpha_syn,
-                                         alpha_syn.has_value(), kinds.reset, sparse, return_mem);
-    ForwardExtras<scalar_t> ex;
-    ex.syn = alpha_syn.has_value();
-    ex.syn_init = ptr_or_null<scalar_t>(syn0);
-    ex.need_p = needs.keep[0];
-    ex.need_q = needs.keep[1];
-    ex.need_u = needs.keep[2];
-    ex.dense_traces = needs.dense_traces;
-    const bool any = needs.any;
-    ForwardResult r = forward_impl<scalar_t>(current, contiguous(v_init), contiguous(s_init), prm,
-                                             ex, b_th, slope, sparse, kinds.surrogate, kinds.reset,
-                                             return_mem, SJParams{});
-    if (any && !r.tan_last.numel())  // threshold only, reset without Q: the last traces are zero
-      r.tan_last = at::zeros({4, current.size(1), current.size(2)}, current.options());
-    out = {r.spikes, r.v_final, r.syn_final, r.act_cnt, r.act_idx, r.act_sg, r.act_p, r.act_q,
-           r.act_u, r.tan_last, r.rst_bits, r.mem, r.stats};
+    const GivenCurrent<scalar_t> given{current.data_ptr<scalar_t>(), B, N};
+    out = param_outputs(param_forward<scalar_t>(
+        given, T, B, N, current.options(), contiguous(v_init), contiguous(s_init),
+        contiguous(syn_init), alpha_in.contiguous(), threshold_in.contiguous(),
+        contiguous(alpha_syn_in), b_th, slope, sparse, kinds, return_mem, need_dalpha,
+        need_dthreshold, need_dalpha_syn));
+  });
+  return out;
+}
+
+using ParamLayerOutputs = decltype(std::tuple_cat(ParamNeuronOutputs{},
+                                                  std::tuple<at::Tensor, at::Tensor, at::Tensor>{}));
+
+// The fused tensor-parameter layer (op_schemas.h, lif_param_forward): x scanned into its events
+// once, each row's current summed from them in the walk (RowCurrent, lif_forward's), the neuron
+// as the op above.
+ParamLayerOutputs lif_param_forward_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& v_init, const c10::optional<at::Tensor>& s_init,
+    const c10::optional<at::Tensor>& syn_init, const at::Tensor& alpha_in,
+    const at::Tensor& threshold_in, const c10::optional<at::Tensor>& alpha_syn_in, double b_th,
+    double slope, bool sparse, c10::string_view surrogate, c10::string_view reset,
+    bool return_mem, bool need_dalpha, bool need_dthreshold, bool need_dalpha_syn) {
+  const NeuronKinds kinds = check_lif_param_forward_args(
+      x_in, weight_in, bias, v_init, s_init, syn_init, alpha_in, threshold_in, alpha_syn_in, b_th,
+      slope, surrogate, reset);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const int64_t T = x.size(0), B = x.size(1), N = weight.size(0);
+  ParamLayerOutputs out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lif_param_forward_cpu", [&] {
+    const auto scan = scan_events<scalar_t>(x);
+    const RowCurrent<scalar_t> rows(x, weight, contiguous(bias), *scan);
+    ForwardResult r = param_forward<scalar_t>(
+        EventCurrent<scalar_t>{&rows}, T, B, N, x.options(), contiguous(v_init),
+        contiguous(s_init), contiguous(syn_init), alpha_in.contiguous(), threshold_in.contiguous(),
+        contiguous(alpha_syn_in), b_th, slope, sparse, kinds, return_mem, need_dalpha,
+        need_dthreshold, need_dalpha_syn);
+    r.stats.data_ptr<int64_t>()[2] = scan->ev.nnz;
+    const ScannedEvents& ev = scan->ev;
+    out = std::tuple_cat(param_outputs(r), std::make_tuple(ev.cnt, ev.idx, ev.val));
   });
   return out;
 }
@@ -670,9 +779,10 @@ ParamNeuronGrads lif_neuron_param_backward_cpu(
   std::tuple<at::Tensor, at::Tensor> gd;
   AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "lif_neuron_param_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const NeuronParams<ParamView<acc_t>> prm{
-        param_view<acc_t>(alpha), ParamView<acc_t>{acc_t(1), nullptr},
-        alpha_syn.has_value() ? param_view<acc_t>(*alpha_syn) : ParamView<acc_t>{acc_t(0), nullptr}};
+    // the backward reads alpha, and alpha_syn with a synaptic current only (never threshold)
+    const NeuronParams<RowParam<acc_t>> prm{
+        {alpha.data_ptr<acc_t>()}, {nullptr},
+        {alpha_syn.has_value() ? alpha_syn->data_ptr<acc_t>() : nullptr}};
     BackwardExtras<scalar_t> ex;
     ex.syn = alpha_syn.has_value();
     const auto gsf = contiguous(grad_syn_final);
@@ -700,6 +810,7 @@ TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
   m.impl("lif_neuron_backward", SG_FLOAT32_MATH(lif_neuron_backward_cpu));
   m.impl("lif_neuron_param_forward", SG_FLOAT32_MATH(lif_neuron_param_forward_cpu));
   m.impl("lif_neuron_param_backward", SG_FLOAT32_MATH(lif_neuron_param_backward_cpu));
+  m.impl("lif_param_forward", SG_FLOAT32_MATH(lif_param_forward_cpu));
 }
 
 }  // namespace cpu
