@@ -1,0 +1,142 @@
+"""Convolutional spiking layers (issue 20) on every device: ConvLIF and SpikePool2d on the device
+in float64 against sparsegrad.reference.conv_lif on the CPU, spikes exactly and every gradient
+to 1e-9 relative; the CUDA kernels' results also against the CPU kernels'. The "cpu" cases run
+everywhere (they check this file's set-up); the "cuda" cases are what scripts/gpu_check.sh runs
+on a GPU (`--gpu-select cuda` picks the device parameter).
+"""
+import pytest
+import torch
+
+import sparsegrad
+from sparsegrad import reference as ref
+from sparsegrad.conv import ConvLIF, SpikePool2d
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+D = torch.float64
+NEURON = dict(alpha=0.8, threshold=1.0, b_th=0.4, slope=5.0)
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+# (cin, cout, k, H, T, B, ConvLIF keyword arguments)
+CASES = [
+    (3, 8, 3, 10, 4, 2, dict(pool="max", padding=1)),
+    (3, 8, 3, 10, 3, 2, dict(pool="avg", pool_position="after")),
+    (4, 8, 3, 11, 3, 2, dict(pool="max", stride=2, padding=1, groups=2)),
+    (4, 8, 3, 12, 3, 2, dict(padding=2, dilation=2, groups=4)),
+    (2, 16, 5, 12, 1, 1, dict(pool="max")),  # T = 1, B = 1; the taps-major forward order
+    (3, 8, 3, 10, 3, 2, dict(pool="max", reset="zero")),
+    (3, 8, 3, 10, 3, 2, dict(pool="avg", backward="dense")),
+]
+
+
+def _spikes(shape, p=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(*shape, generator=g, dtype=D) < p).to(D)
+
+
+def _ref_kwargs(m):
+    n = m.neuron
+    return dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                pool=m.pool, pool_kernel=m.pool_kernel, pool_position=m.pool_position,
+                alpha=n.alpha, threshold=n.threshold, b_th=n.b_th, slope=n.slope,
+                surrogate=n.surrogate, reset=n.reset, backward=n.backward)
+
+
+def _layer(cin, cout, k, seed, scale=3.0, **kw):
+    torch.manual_seed(seed)
+    m = ConvLIF(cin, cout, k, dtype=D, **kw)
+    with torch.no_grad():
+        m.weight.mul_(scale)
+    return m
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("route", ["events", "dense"])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"c{i}" for i in range(len(CASES))])
+def test_conv_lif_on_device_matches_reference(case, route, device):
+    cin, cout, k, H, T, B, kw = CASES[case]
+    kw = {**NEURON, **kw}
+    m = _layer(cin, cout, k, case, route=route, **kw).to(device)
+    w = m.weight.detach().cpu().clone().requires_grad_(True)
+    b = m.bias.detach().cpu().clone().requires_grad_(True)
+    x = _spikes((T, B, cin, H, H), seed=case)
+    xd = x.clone().to(device).requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    s = m(xd)
+    assert s.device.type == device
+    sr = ref.conv_lif(xr, w, b, **_ref_kwargs(m))
+    assert torch.equal(s.cpu(), sr)
+    assert sr.sum() > 0
+    g = torch.randn(sr.shape, generator=torch.Generator().manual_seed(case), dtype=D)
+    (s * g.to(device)).sum().backward()
+    (sr * g).sum().backward()
+    torch.testing.assert_close(m.weight.grad.cpu(), w.grad, **TOL)
+    torch.testing.assert_close(m.bias.grad.cpu(), b.grad, **TOL)
+    torch.testing.assert_close(xd.grad.cpu(), xr.grad, **TOL)  # no producer: the dense dx
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pool", [None, "max", "avg"])
+def test_stacked_conv_lif_restricted_dx_on_device(pool, device):
+    """The second layer computes dx only at the first layer's active set (the CUDA dx kernel
+    on a GPU); every parameter's gradient must equal the reference's."""
+    T, B = 4, 3
+    l1 = _layer(2, 6, 3, 1, scale=4.0, padding=1, **NEURON).to(device)
+    l2 = _layer(6, 16, 3, 2, pool=pool, **NEURON).to(device)
+    x = _spikes((T, B, 2, 10, 10), 0.3, seed=2)
+    s1 = l1(x.to(device))
+    assert sparsegrad.functional.producer_active_set(s1)[0] is not None
+    s2 = l2(s1)
+    ps = [p.detach().cpu().clone().requires_grad_(True)
+          for p in (l1.weight, l1.bias, l2.weight, l2.bias)]
+    r2 = ref.conv_lif(ref.conv_lif(x, ps[0], ps[1], padding=1, **NEURON), ps[2], ps[3], pool=pool,
+                      **NEURON)
+    assert torch.equal(s2.cpu(), r2) and r2.sum() > 0
+    g = torch.randn(r2.shape, generator=torch.Generator().manual_seed(5), dtype=D)
+    (s2 * g.to(device)).sum().backward()
+    (r2 * g).sum().backward()
+    for mine, want in zip((l1.weight, l1.bias, l2.weight, l2.bias), ps):
+        torch.testing.assert_close(mine.grad.cpu(), want.grad, **TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_spike_pool_on_device_matches_aten(pool, device):
+    s = _spikes((3, 2, 4, 9, 8), 0.4, seed=3)
+    sd = s.clone().to(device).requires_grad_(True)
+    sr = s.clone().requires_grad_(True)
+    out = SpikePool2d(2, pool)(sd)
+    fn = torch.nn.functional.max_pool2d if pool == "max" else torch.nn.functional.avg_pool2d
+    want = fn(sr.flatten(0, 1), 2).unflatten(0, (3, 2))
+    assert torch.equal(out.cpu(), want)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(4), dtype=D)
+    (out * g.to(device)).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(sd.grad.cpu(), sr.grad, **TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_ops_on_device_match_cpu_kernels(device):
+    """The device's kernels give the CPU kernels' bits (csrc/conv_math.h: the same order of
+    every sum; nvcc builds with --fmad=false), float32 and float64."""
+    ops = torch.ops.sparsegrad
+    g = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.float64):
+        x = (torch.rand(6, 4 * 11 * 11, generator=g) < 0.3).to(dtype)
+        w = torch.randn(8, 2, 3, 3, generator=g, dtype=dtype)
+        b = torch.randn(8, generator=g, dtype=dtype)
+        geom = ([4, 11, 11], [2, 2], [1, 1], [1, 1], 2, "max", 2)
+        mask = torch.rand(6, x.shape[1], generator=g) < 0.3
+        cnt, idx = mask.sum(1).to(torch.int32), mask.nonzero()[:, 1].to(torch.int32)
+        results = []
+        for dev in ("cpu", device):
+            bits, info = ops.spike_pack(x.to(dev))
+            out, pidx = ops.spike_conv2d_forward(bits, w.to(dev), b.to(dev), *geom)
+            grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
+            back = ops.spike_conv2d_backward(grad.to(dev), pidx, bits, w.to(dev), *geom, cnt.to(dev),
+                                             idx.to(dev), 3, True, True, True, True)
+            pooled = ops.conv_pool2d(back[3], "max", 2)
+            unpooled = ops.conv_unpool2d(pooled[0], pooled[1], "max", 2, *back[3].shape[2:])
+            results.append([t.cpu() for t in (bits, info, out, pidx, *back, *pooled, unpooled)])
+        for k, (got, want) in enumerate(zip(results[1], results[0])):
+            assert got.dtype == want.dtype and torch.equal(got, want), f"output {k} ({dtype})"
