@@ -237,3 +237,36 @@ def test_conv_ops_emul_flag_bad_compact_tensors(emul):
         emul.spike_conv2d_forward(bits[:, :-1], weight, b, *args)
     with pytest.raises(RuntimeError, match="weight must be float32 or float64"):
         emul.spike_conv2d_forward(bits, weight.half(), None, *args)
+
+
+CONV_OPS = ("spike_pack", "spike_conv2d_forward", "conv_pool2d", "conv_unpool2d",
+            "spike_conv2d_backward")
+
+
+def test_conv_emul_schemas_sources_and_launches(emul):
+    """The emulated ops have the CPU ops' schemas, the GPU and the emulation include the same
+    host code, and every op really launches kernels."""
+    from test_cuda_emul import CSRC, EMUL_SOURCE
+
+    for name in CONV_OPS:
+        mine = str(getattr(emul, name).default._schema).replace("sparsegrad_emul::", "")
+        assert mine == str(getattr(cpu_ops, name).default._schema).replace("sparsegrad::", "")
+    include = '#include "cuda/conv_host.h"'
+    assert include in EMUL_SOURCE.read_text()
+    assert include in (CSRC / "cuda" / "sparsegrad_cuda.cu").read_text()
+    cu = (CSRC / "cuda" / "sparsegrad_cuda.cu").read_text()
+    assert all(f'm.impl("{name}"' in cu for name in CONV_OPS)
+    x, weight, b, args, g = _problem(GEOMS[1], 4, torch.float32, 0.3, 0)
+    counts = []
+    bits, info, out, idx = _forward(cpu_ops, x, weight, b, args)
+    cnt, pidx = _producer_set(4, x.shape[1], g)
+    grad = _grad_out(out, g)
+    for call in (lambda: emul.spike_pack(x), lambda: emul.spike_conv2d_forward(bits, weight, b, *args),
+                 lambda: emul.conv_pool2d(grad, "avg", 2),
+                 lambda: emul.conv_unpool2d(grad, idx, "max", 2, 10, 10),
+                 lambda: _backward(emul, grad, idx, bits, weight, args, cnt, pidx, 2)):
+        before = emul.launch_counters()[0]
+        call()
+        counts.append(emul.launch_counters()[0] - before)
+    # backward: 2 CSR checks, gc + channels-last unpool, db 2, dW 2, dx 1, poison 1
+    assert counts == [1, 1, 1, 2, 10], counts

@@ -10,6 +10,7 @@ import torch
 import sparsegrad
 from sparsegrad import reference as ref
 from sparsegrad.conv import ConvLIF, SpikePool2d
+from test_conv import _ref_kwargs, _spikes
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -27,19 +28,6 @@ CASES = [
     (3, 8, 3, 10, 3, 2, dict(pool="max", reset="zero")),
     (3, 8, 3, 10, 3, 2, dict(pool="avg", backward="dense")),
 ]
-
-
-def _spikes(shape, p=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(*shape, generator=g, dtype=D) < p).to(D)
-
-
-def _ref_kwargs(m):
-    n = m.neuron
-    return dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
-                pool=m.pool, pool_kernel=m.pool_kernel, pool_position=m.pool_position,
-                alpha=n.alpha, threshold=n.threshold, b_th=n.b_th, slope=n.slope,
-                surrogate=n.surrogate, reset=n.reset, backward=n.backward)
 
 
 def _layer(cin, cout, k, seed, scale=3.0, **kw):
