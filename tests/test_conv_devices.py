@@ -128,3 +128,25 @@ def test_conv_ops_on_device_match_cpu_kernels(device):
             results.append([t.cpu() for t in (bits, info, out, pidx, *back, *pooled, unpooled)])
         for k, (got, want) in enumerate(zip(results[1], results[0])):
             assert got.dtype == want.dtype and torch.equal(got, want), f"output {k} ({dtype})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_lif_float32_events_route_same_spikes_as_cpu(device):
+    """float32 by events: the device's conv currents are the CPU's bits, so the spikes of two
+    stacked layers equal the CPU module's exactly; gradients to float32 round-off (the neuron
+    backwards may sum in other orders)."""
+    x = _spikes((5, 2, 3, 12, 12), 0.25, seed=8).float()
+    mods = []
+    for dev in ("cpu", device):
+        l1 = _layer(3, 16, 3, 3, padding=1, pool="max", route="events", **NEURON).float().to(dev)
+        l2 = _layer(16, 16, 3, 4, stride=2, route="events", **NEURON).float().to(dev)
+        mods.append((l1, l2))
+    outs = []
+    for (l1, l2), dev in zip(mods, ("cpu", device)):
+        s = l2(l1(x.to(dev)))
+        g = torch.randn(s.shape, generator=torch.Generator().manual_seed(9)).to(dev)
+        (s * g).sum().backward()
+        outs.append((s.cpu(), [p.grad.cpu() for p in (l1.weight, l1.bias, l2.weight, l2.bias)]))
+    assert torch.equal(outs[1][0], outs[0][0]) and outs[0][0].sum() > 0
+    for got, want in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
