@@ -149,26 +149,20 @@ void gather_sample(const ConvGeom& g, const uint64_t* mask, const scalar_t* wt, 
     for (int64_t ox = 0; ox < g.wo; ++ox) {
       vec_t acc[NV];
       for (int v = 0; v < NV; ++v) acc[v] = vec_t{} ;
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-        if (iy < 0 || iy >= g.h) continue;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
-          if (ix < 0 || ix >= g.w) continue;
-          uint64_t m = mask[iy * g.w + ix];
-          const scalar_t* wk = wt + (ky * g.kw + kx) * g.cout;
-          while (m) {
-            const int64_t ci = __builtin_ctzll(m);
-            m &= m - 1;
-            const scalar_t* wr = wk + ci * g.taps() * g.cout;
-            for (int v = 0; v < NV; ++v) {
-              vec_t w;
-              __builtin_memcpy(&w, wr + v * L, sizeof(vec_t));
-              acc[v] += w;
-            }
+      for_each_input_tap(g, oy, ox, [&](int64_t k, int64_t iy, int64_t ix) {
+        uint64_t m = mask[iy * g.w + ix];
+        const scalar_t* wk = wt + k * g.cout;
+        while (m) {
+          const int64_t ci = __builtin_ctzll(m);
+          m &= m - 1;
+          const scalar_t* wr = wk + ci * g.taps() * g.cout;
+          for (int v = 0; v < NV; ++v) {
+            vec_t w;
+            __builtin_memcpy(&w, wr + v * L, sizeof(vec_t));
+            acc[v] += w;
           }
         }
-      }
+      });
       scalar_t* dst = buf + (oy * g.wo + ox) * g.cout;
       for (int v = 0; v < NV; ++v) __builtin_memcpy(dst + v * L, &acc[v], sizeof(vec_t));
     }
@@ -228,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> spike_pack_cpu(const at::Tensor& x_in) {
 std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cpu(
     const at::Tensor& bits_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
     at::IntArrayRef in_shape, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, const std::string& pool, int64_t pool_k) {
+    at::IntArrayRef dilation, int64_t groups, c10::string_view pool, int64_t pool_k) {
   const ConvGeom g = make_geom(weight_in, in_shape, stride, padding, dilation, groups, pool, pool_k);
   check_bits(bits_in, g, -1, weight_in);
   check_bias(bias_in, g, weight_in);
@@ -282,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cpu(
 
 // Pooling of a dense conv output y [N, C, Ho, Wo] (the dense route): out [N, C, Ho/k, Wo/k] and
 // max pooling's uint8 winner offsets.
-std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, const std::string& pool,
+std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, c10::string_view pool,
                                                    int64_t pool_k) {
   const int kind = check_pool_input(y_in, pool, pool_k, "conv_pool2d");
   const at::Tensor y = y_in.contiguous();
@@ -335,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, const
 // winner, pool_idx as conv_pool2d returned it; avg: 1/k^2 to every position of the window;
 // positions outside every window get zero). Each output plane is written once, in order.
 at::Tensor conv_unpool2d_cpu(const at::Tensor& grad_in, const at::Tensor& pool_idx_in,
-                             const std::string& pool, int64_t pool_k, int64_t h, int64_t w) {
+                             c10::string_view pool, int64_t pool_k, int64_t h, int64_t w) {
   const int kind = check_unpool_args(grad_in, pool_idx_in, pool, pool_k, h, w);
   const at::Tensor grad = grad_in.contiguous();
   const int64_t n = grad.size(0), c = grad.size(1), hp = grad.size(2), wp = grad.size(3);
@@ -376,7 +370,7 @@ at::Tensor conv_unpool2d_cpu(const at::Tensor& grad_in, const at::Tensor& pool_i
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& pool_idx_in, const c10::optional<at::Tensor>& bits_opt,
     const at::Tensor& weight_in, at::IntArrayRef in_shape, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::string& pool,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, c10::string_view pool,
     int64_t pool_k, const c10::optional<at::Tensor>& prev_cnt_opt,
     const c10::optional<at::Tensor>& prev_idx_opt, int64_t num_steps, bool need_dx, bool need_dw,
     bool need_db, bool need_grad_conv) {
