@@ -150,3 +150,51 @@ def test_conv_lif_float32_events_route_same_spikes_as_cpu(device):
     assert torch.equal(outs[1][0], outs[0][0]) and outs[0][0].sum() > 0
     for got, want in zip(outs[1][1], outs[0][1]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _op_samples(device, dtype=torch.float32):
+    """One call of every conv op on `device` (the arguments of tests/test_conv.py's opcheck)."""
+    ops = torch.ops.sparsegrad
+    g = torch.Generator().manual_seed(10)
+    x = (torch.rand(4, 3 * 8 * 8, generator=g) < 0.2).to(dtype).to(device)
+    w = torch.randn(16, 3, 3, 3, generator=g, dtype=dtype).to(device)
+    bits, _ = ops.spike_pack(x)
+    geom = ([3, 8, 8], [1, 1], [1, 1], [1, 1], 1)
+    out, idx = ops.spike_conv2d_forward(bits, w, None, *geom, "max", 2)
+    cnt = torch.full((4,), 2, dtype=torch.int32, device=device)
+    pidx = torch.tensor([0, 5] * 4, dtype=torch.int32, device=device)
+    grad = torch.randn(out.shape, generator=g, dtype=dtype).to(device)
+    y = torch.randn(4, 16, 8, 8, generator=g, dtype=dtype).to(device)
+    return [
+        (ops.spike_pack.default, (x,)),
+        (ops.spike_conv2d_forward.default, (bits, w, torch.randn(16, dtype=dtype, device=device),
+                                            *geom, "max", 2)),
+        (ops.spike_conv2d_forward.default, (bits, w, None, *geom, "none", 1)),
+        (ops.conv_pool2d.default, (y, "avg", 2)),
+        (ops.conv_unpool2d.default, (grad, idx, "max", 2, 8, 8)),
+        (ops.spike_conv2d_backward.default,
+         (grad, idx, bits, w, *geom, "max", 2, cnt, pidx, 2, True, True, True, True)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv_ops_pass_opcheck_on_device(device):
+    for op, args in _op_samples(device):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_conv_ops_do_not_synchronise_and_repeat_their_bits():
+    """No conv op copies to the host (docs/cuda.md, "Host synchronisation"), and two runs give
+    the same bits."""
+    samples = _op_samples("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first = [op(*args) for op, args in samples]
+        second = [op(*args) for op, args in samples]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(first, second):
+        for ta, tb in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(ta, tb)
