@@ -270,3 +270,19 @@ def test_conv_emul_schemas_sources_and_launches(emul):
         counts.append(emul.launch_counters()[0] - before)
     # backward: 2 CSR checks, gc + channels-last unpool, db 2, dW 2, dx 1, poison 1
     assert counts == [1, 1, 1, 2, 10], counts
+
+
+def test_conv_ops_emul_non_contiguous_weight_and_gradient(emul):
+    geom = GEOMS[3]
+    x, weight, b, args, g = _problem(geom, 4, torch.float64, 0.3, 12)
+    w_nc = weight.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not w_nc.is_contiguous() and torch.equal(w_nc, weight)
+    bits, _, out, idx = _forward(cpu_ops, x, weight, b, args)
+    assert_same_bits(emul.spike_conv2d_forward(bits, w_nc, b, *args), (out, idx), "forward")
+    cin, h, w = args[0]
+    cnt, pidx = _producer_set(4, cin * h * w, g)
+    grad = _grad_out(out, g)
+    g_nc = grad.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not g_nc.is_contiguous()
+    assert_same_bits(_backward(emul, g_nc, idx, bits, w_nc, args, cnt, pidx, 2),
+                     _backward(cpu_ops, grad, idx, bits, weight, args, cnt, pidx, 2), "backward")
