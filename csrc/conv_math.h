@@ -65,6 +65,20 @@ C10_HOST_DEVICE inline void for_each_tap(const ConvGeom& g, int64_t iy, int64_t 
   }
 }
 
+// Calls f(k, iy, ix) for every tap k = ky*kw + kx of output position (oy, ox) whose input position
+// (iy, ix) lies inside the input (not in the zero padding), taps ascending.
+template <typename F>
+C10_HOST_DEVICE inline void for_each_input_tap(const ConvGeom& g, int64_t oy, int64_t ox, F&& f) {
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+    if (iy < 0 || iy >= g.h) continue;
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
+      if (ix >= 0 && ix < g.w) f(ky * g.kw + kx, iy, ix);
+    }
+  }
+}
+
 // The output position that tap (ky, kx) of input position (iy, ix) lands on, or -1.
 C10_HOST_DEVICE inline int64_t tap_output(const ConvGeom& g, int64_t iy, int64_t ix, int64_t ky,
                                           int64_t kx) {

@@ -11,8 +11,9 @@ autograd node that keeps for the backward only
 * the producer's active set when x came from a sparsegrad neuron (``ConvLIF``, ``LIFNeuron`` on
   [T, B, N]): dx is then computed only there.
 
-Forward: by events (csrc/cpu/conv_cpu.cpp, csrc/cuda/conv.cuh) when x is binary and sparse enough for the cost model
-(``EVENT_COST``), else ATen's convolution (oneDNN) and sparsegrad's pooling. Input frames that are
+Forward: by events (csrc/cpu/conv_cpu.cpp; on CUDA tensors csrc/cuda/conv.cuh, the same bits)
+when x is binary and sparse enough for the cost model (``EVENT_COST``, measured on the CPU), else
+ATen's convolution (oneDNN / cuDNN) and sparsegrad's pooling. Input frames that are
 the same at every step (direct coding, snnTorch's tutorials) are convolved once (checked exactly,
 ``torch.equal``): the output of every step is then that frame's, and the weight gradient is taken
 once from the gradient summed over time.
@@ -38,7 +39,8 @@ _ops = torch.ops.sparsegrad
 ROUTES = ("auto", "events", "dense")
 POOLS = (None, "max", "avg")
 #: The events route costs about EVENT_COST dense multiply-adds per (event, tap, output channel)
-#: add (measured on the tutorial CSNN's second convolution, 2 threads: benchmarks/bench_conv.py);
+#: add (measured on the tutorial CSNN's second convolution, 2 threads: benchmarks/bench_conv.py;
+#: CUDA tensors use the same rule until a GPU measures its own);
 #: "auto" takes events when nnz * taps * C_out/groups * EVENT_COST < the dense MACs.
 EVENT_COST = 4.0
 _SAVED_SET_ATTR = "_sparsegrad_conv_saved_set"

@@ -62,29 +62,17 @@ __device__ __forceinline__ scalar_t conv_value(const ConvForwardArgs<scalar_t>& 
   const int64_t ci0 = (co / g.cout_g) * g.cin_g;
   const scalar_t* wc = a.weight + co * g.cin_g * g.taps();
   scalar_t acc = 0;
+  auto add = [&](int64_t cl, int64_t k, int64_t iy, int64_t ix) {
+    if (bit_set(bs, ((ci0 + cl) * g.h + iy) * g.w + ix)) acc += wc[cl * g.taps() + k];
+  };
   if (a.taps_major) {  // taps ascending, then channels (the CPU's gather in vector registers)
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-      if (iy < 0 || iy >= g.h) continue;
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
-        const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
-        if (ix < 0 || ix >= g.w) continue;
-        for (int64_t cl = 0; cl < g.cin_g; ++cl)
-          if (bit_set(bs, ((ci0 + cl) * g.h + iy) * g.w + ix)) acc += wc[cl * g.taps() + ky * g.kw + kx];
-      }
-    }
-    return acc;
+    conv::for_each_input_tap(g, oy, ox, [&](int64_t k, int64_t iy, int64_t ix) {
+      for (int64_t cl = 0; cl < g.cin_g; ++cl) add(cl, k, iy, ix);
+    });
+  } else {  // channels ascending, then taps (event by event)
+    for (int64_t cl = 0; cl < g.cin_g; ++cl)
+      conv::for_each_input_tap(g, oy, ox, [&](int64_t k, int64_t iy, int64_t ix) { add(cl, k, iy, ix); });
   }
-  for (int64_t cl = 0; cl < g.cin_g; ++cl)  // channels ascending, then taps (event by event)
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-      if (iy < 0 || iy >= g.h) continue;
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
-        const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
-        if (ix < 0 || ix >= g.w) continue;
-        if (bit_set(bs, ((ci0 + cl) * g.h + iy) * g.w + ix)) acc += wc[cl * g.taps() + ky * g.kw + kx];
-      }
-    }
   return acc;
 }
 
