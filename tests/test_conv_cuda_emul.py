@@ -286,3 +286,16 @@ def test_conv_ops_emul_non_contiguous_weight_and_gradient(emul):
     assert not g_nc.is_contiguous()
     assert_same_bits(_backward(emul, g_nc, idx, bits, w_nc, args, cnt, pidx, 2),
                      _backward(cpu_ops, grad, idx, bits, weight, args, cnt, pidx, 2), "backward")
+
+
+def test_conv_ops_emul_zero_samples(emul):
+    """N = 0: empty outputs, zero dW / db, as the CPU ops (the emulation launches nothing that
+    would read out of bounds)."""
+    x, weight, b, args, g = _problem(GEOMS[1], 0, torch.float32, 0.3, 13)
+    want = _forward(cpu_ops, x, weight, b, args)
+    assert_same_bits(_forward(emul, x, weight, b, args), want, "forward")
+    bits, _, out, idx = want
+    cnt, pidx = torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    got = _backward(emul, out, idx, bits, weight, args, cnt, pidx, 1)
+    assert_same_bits(got, _backward(cpu_ops, out, idx, bits, weight, args, cnt, pidx, 1), "backward")
+    assert not got[1].any() and got[1].shape == weight.shape
