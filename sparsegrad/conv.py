@@ -11,8 +11,9 @@ autograd node that keeps for the backward only
 * the producer's active set when x came from a sparsegrad neuron (``ConvLIF``, ``LIFNeuron`` on
   [T, B, N]): dx is then computed only there.
 
-Forward: by events (csrc/cpu/conv_cpu.cpp) when x is binary and sparse enough for the cost model
-(``EVENT_COST``), else ATen's convolution (oneDNN) and sparsegrad's pooling. Input frames that are
+Forward: by events (csrc/cpu/conv_cpu.cpp; on CUDA tensors csrc/cuda/conv.cuh, the same bits)
+when x is binary and sparse enough for the cost model (``EVENT_COST``, measured on the CPU), else
+ATen's convolution (oneDNN / cuDNN) and sparsegrad's pooling. Input frames that are
 the same at every step (direct coding, snnTorch's tutorials) are convolved once (checked exactly,
 ``torch.equal``): the output of every step is then that frame's, and the weight gradient is taken
 once from the gradient summed over time.
@@ -38,7 +39,8 @@ _ops = torch.ops.sparsegrad
 ROUTES = ("auto", "events", "dense")
 POOLS = (None, "max", "avg")
 #: The events route costs about EVENT_COST dense multiply-adds per (event, tap, output channel)
-#: add (measured on the tutorial CSNN's second convolution, 2 threads: benchmarks/bench_conv.py);
+#: add (measured on the tutorial CSNN's second convolution, 2 threads: benchmarks/bench_conv.py;
+#: CUDA tensors use the same rule until a GPU measures its own);
 #: "auto" takes events when nnz * taps * C_out/groups * EVENT_COST < the dense MACs.
 EVENT_COST = 4.0
 _SAVED_SET_ATTR = "_sparsegrad_conv_saved_set"
@@ -184,12 +186,6 @@ def conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     x = x.contiguous() if not x.is_contiguous() else x
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                  _pair(dilation, "dilation"))
-    if x.device.type != "cpu":
-        # No CUDA kernels for these ops yet: ATen's convolution and pooling, folded over time.
-        y = F.conv2d(x.flatten(0, 1), weight, bias, stride, padding, dilation, groups)
-        if pool is not None:
-            y = (F.max_pool2d if pool == "max" else F.avg_pool2d)(y, pool_kernel)
-        return y.unflatten(0, x.shape[:2])
     prev_cnt, prev_idx = F_sg.producer_active_set(x)
     return _ConvPool.apply(x, weight, bias, stride, padding, dilation, int(groups), pool,
                            pool_kernel, route, prev_cnt, prev_idx)
@@ -201,14 +197,6 @@ class _SpikePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, pool, k):
         T, B, C, H, W = s.shape
-        if s.device.type != "cpu":  # ATen's pooling (no CUDA kernel for conv_pool2d yet)
-            fn = F.max_pool2d if pool == "max" else F.avg_pool2d
-            with torch.enable_grad():
-                s_ = s.detach().requires_grad_(True)
-                out = fn(s_.flatten(0, 1), k).unflatten(0, (T, B))
-            ctx.aten = (s_, out)
-            return out.detach()
-        ctx.aten = None
         out, idx = _ops.conv_pool2d.default(s.reshape(T * B, C, H, W), pool, k)
         ctx.pool, ctx.k, ctx.shape = pool, k, s.shape
         ctx.save_for_backward(idx)
@@ -216,9 +204,6 @@ class _SpikePool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.aten is not None:
-            s_, out = ctx.aten
-            return torch.autograd.grad(out, s_, grad)[0], None, None
         (idx,) = ctx.saved_tensors
         T, B, C, H, W = ctx.shape
         g = grad.reshape(T * B, C, grad.shape[3], grad.shape[4])

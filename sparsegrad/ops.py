@@ -621,8 +621,8 @@ def registered_kernels(dispatch_key: str = "CPU") -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Convolutions of spike sequences (issue 20, csrc/cpu/conv_cpu.cpp): shapes only, for tracing.
-# Autograd is sparsegrad/conv.py's _ConvPool (CPU only; CUDA has no kernels for these yet).
+# Convolutions of spike sequences (issue 20; csrc/cpu/conv_cpu.cpp, csrc/cuda/conv.cuh): shapes
+# only, for tracing. Autograd is sparsegrad/conv.py's _ConvPool.
 # --------------------------------------------------------------------------------------------
 def _conv_out_hw(in_shape, weight, stride, padding, dilation):
     kh, kw = weight.shape[2], weight.shape[3]
@@ -669,12 +669,11 @@ def _spike_conv2d_backward_fake(grad_out, pool_idx, bits, weight, in_shape, stri
             weight.new_empty((n, weight.shape[0], ho, wo)) if need_grad_conv else empty)
 
 
-#: Ops with a CPU kernel and, so far, no CUDA kernel (sparsegrad/conv.py runs ATen's convolution
-#: and pooling on other devices instead; the tensor-parameter lif_layer runs li_readout_forward
-#: and lif_neuron_param_forward there in place of the fused lif_param_forward);
-#: tests/test_cuda_registration.py exempts exactly these.
-CPU_ONLY_OPS = ("lif_param_forward", "spike_pack", "spike_conv2d_forward", "conv_pool2d",
-                "conv_unpool2d", "spike_conv2d_backward")
+#: Ops with a CPU kernel and no CUDA kernel (tests/test_cuda_registration.py and
+#: scripts/gpu_sanitize.py exempt exactly these): the fused tensor-parameter layer forward (on
+#: CUDA the tensor-parameter lif_layer runs li_readout_forward and lif_neuron_param_forward in
+#: its place). The convolution ops have CUDA kernels (issue 20, csrc/cuda/conv.cuh).
+CPU_ONLY_OPS: tuple = ("lif_param_forward",)
 
 
 @torch.library.register_fake("sparsegrad::conv_unpool2d")

@@ -143,7 +143,7 @@ def test_emul_compiles_the_same_kernel_source_as_nvcc():
         assert "__global__" not in text, f"{f.name}: kernels belong in a .cuh header"
         assert '#include "cuda/host_ops.h"' in text
     assert '#include "cuda/host_ops.h"' in EMUL_SOURCE.read_text()
-    host = (CSRC / "cuda" / "host_ops.h").read_text() + (CSRC / "cuda" / "recurrent_host.h").read_text()
+    host = "".join((CSRC / "cuda" / f).read_text() for f in ("host_ops.h", "recurrent_host.h", "conv_host.h"))
     kernels = 0
     for h in headers:
         text = h.read_text()

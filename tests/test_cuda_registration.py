@@ -38,7 +38,7 @@ def test_cuda_kernels_registered_for_every_op():
     with_cpu = [n for n in _sparsegrad_ops() if torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU")]
     assert len(with_cpu) >= 5
     missing = [n for n in with_cpu if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")
-               and n.split("::")[1] not in sparsegrad.ops.CPU_ONLY_OPS]  # conv ops: docs/design.md
+               and n.split("::")[1] not in sparsegrad.ops.CPU_ONLY_OPS]  # the fused CPU layer op
     assert not missing, f"ops with a CPU kernel but no CUDA kernel: {missing}"
     assert all(sparsegrad.ops.registered_kernels("CUDA").values())
     assert sparsegrad.build_info()["cuda_kernels_registered"]

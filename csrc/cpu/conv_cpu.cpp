@@ -30,6 +30,9 @@
 #include <limits>
 #include <vector>
 
+#include "conv_geom.h"
+#include "conv_math.h"
+
 #if defined(__GNUC__)
 #define SG_CONV_UNROLL _Pragma("GCC unroll 16")
 #else
@@ -40,70 +43,7 @@ namespace sparsegrad {
 namespace cpu {
 namespace {
 
-enum PoolKind { kPoolNone = 0, kPoolMax = 1, kPoolAvg = 2 };
-
-int parse_pool(const std::string& pool) {
-  if (pool == "none") return kPoolNone;
-  if (pool == "max") return kPoolMax;
-  if (pool == "avg") return kPoolAvg;
-  TORCH_CHECK(false, "pool must be \"none\", \"max\" or \"avg\", got \"", pool, "\"");
-}
-
-struct ConvGeom {
-  int64_t cin = 0, h = 0, w = 0, cout = 0, kh = 0, kw = 0;
-  int64_t sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1, groups = 1;
-  int64_t cin_g = 0, cout_g = 0, ho = 0, wo = 0;
-  int pool = kPoolNone;
-  int64_t pk = 1, hp = 0, wp = 0;
-  int64_t in_size() const { return cin * h * w; }
-  int64_t words() const { return (in_size() + 31) / 32; }
-  int64_t taps() const { return kh * kw; }
-};
-
-ConvGeom make_geom(const at::Tensor& weight, at::IntArrayRef in_shape, at::IntArrayRef stride,
-                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                   const std::string& pool, int64_t pool_k) {
-  TORCH_CHECK(weight.dim() == 4, "weight must be [C_out, C_in/groups, KH, KW], got ",
-              weight.sizes());
-  TORCH_CHECK(in_shape.size() == 3, "in_shape must be [C_in, H, W], got ", in_shape);
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "stride, padding and dilation must have two entries each");
-  ConvGeom g;
-  g.cin = in_shape[0];
-  g.h = in_shape[1];
-  g.w = in_shape[2];
-  g.cout = weight.size(0);
-  g.kh = weight.size(2);
-  g.kw = weight.size(3);
-  g.sh = stride[0];
-  g.sw = stride[1];
-  g.ph = padding[0];
-  g.pw = padding[1];
-  g.dh = dilation[0];
-  g.dw = dilation[1];
-  g.groups = groups;
-  TORCH_CHECK(g.sh >= 1 && g.sw >= 1, "stride must be >= 1, got ", stride);
-  TORCH_CHECK(g.ph >= 0 && g.pw >= 0, "padding must be >= 0, got ", padding);
-  TORCH_CHECK(g.dh >= 1 && g.dw >= 1, "dilation must be >= 1, got ", dilation);
-  TORCH_CHECK(groups >= 1 && g.cin % groups == 0 && g.cout % groups == 0,
-              "groups must divide C_in (", g.cin, ") and C_out (", g.cout, "), got ", groups);
-  g.cin_g = g.cin / groups;
-  g.cout_g = g.cout / groups;
-  TORCH_CHECK(weight.size(1) == g.cin_g, "weight.shape[1] must be C_in/groups = ", g.cin_g,
-              ", got ", weight.size(1));
-  g.ho = (g.h + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
-  g.wo = (g.w + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
-  TORCH_CHECK(g.ho >= 1 && g.wo >= 1, "the convolution's output would be empty for input ",
-              in_shape, " and kernel ", weight.sizes());
-  g.pool = parse_pool(pool);
-  g.pk = g.pool == kPoolNone ? 1 : pool_k;
-  TORCH_CHECK(g.pk >= 1 && g.pk <= 16, "pool_k must be in [1, 16], got ", pool_k);
-  g.hp = g.ho / g.pk;
-  g.wp = g.wo / g.pk;
-  TORCH_CHECK(g.hp >= 1 && g.wp >= 1, "pooling ", g.pk, "x", g.pk, " of a ", g.ho, "x", g.wo,
-              " map would be empty");
-  return g;
-}
+using namespace conv;  // ConvGeom, the pool kinds, the shared per-element math
 
 // Wt[ci][ky][kx][c] = W[group(ci)*cout_g + c][ci % cin_g][ky][kx]: the output channels an input
 // event feeds, contiguous.
@@ -119,42 +59,6 @@ std::vector<scalar_t> transpose_weight(const at::Tensor& weight, const ConvGeom&
             w[((gi * g.cout_g + c) * g.cin_g + cl) * g.taps() + k];
   }
   return wt;
-}
-
-constexpr int64_t kLanes = 16;
-
-template <typename scalar_t>
-inline scalar_t lane_sum(const scalar_t* v) {
-  scalar_t h[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) h[l] = v[l];
-  for (int64_t n = kLanes / 2; n >= 1; n /= 2)
-    for (int64_t l = 0; l < n; ++l) h[l] += h[l + n];
-  return h[0];
-}
-
-// Calls f(k, p) for every tap k = ky*kw + kx of input position (iy, ix) that lands on an output
-// position p = oy*wo + ox (no division when the stride is 1, the common case).
-template <typename F>
-inline void for_each_tap(const ConvGeom& g, int64_t iy, int64_t ix, F&& f) {
-  for (int64_t ky = 0; ky < g.kh; ++ky) {
-    int64_t oy = iy + g.ph - ky * g.dh;
-    if (oy < 0) break;  // oy only decreases with ky
-    if (g.sh != 1) {
-      if (oy % g.sh) continue;
-      oy /= g.sh;
-    }
-    if (oy >= g.ho) continue;
-    for (int64_t kx = 0; kx < g.kw; ++kx) {
-      int64_t ox = ix + g.pw - kx * g.dw;
-      if (ox < 0) break;
-      if (g.sw != 1) {
-        if (ox % g.sw) continue;
-        ox /= g.sw;
-      }
-      if (ox >= g.wo) continue;
-      f(ky * g.kw + kx, oy * g.wo + ox);
-    }
-  }
 }
 
 // dst[0..n) += src[0..n): fixed-length bodies for the usual channel counts (no runtime checks,
@@ -191,18 +95,6 @@ inline void add_row(int64_t n, scalar_t* __restrict__ dst, const scalar_t* __res
   }
 }
 
-// Calls f(j) for every set bit j of a sample's bit row, ascending.
-template <typename F>
-inline void for_each_event(const int32_t* bits, int64_t words, F&& f) {
-  for (int64_t wd = 0; wd < words; ++wd) {
-    uint32_t word = static_cast<uint32_t>(bits[wd]);
-    while (word) {
-      f(wd * 32 + __builtin_ctz(word));
-      word &= word - 1;
-    }
-  }
-}
-
 // Bias and pooling from a channels-last conv output buf[p][co] into out[co][py][px] (NCHW),
 // with max pooling's winner offset (ky*pk + kx in the window, first maximum as ATen) in idx.
 // Channels innermost, so each window's comparisons run over contiguous rows of buf.
@@ -230,7 +122,7 @@ void pool_from_cl(const scalar_t* buf, const scalar_t* bias, const ConvGeom& g, 
           if (g.pool == kPoolMax) {
             for (int64_t co = 0; co < cout; ++co) {
               const scalar_t v = row[co] + (bias ? bias[co] : scalar_t(0));
-              const bool take = v > best[co] || v != v;
+              const bool take = pool_takes(v, best[co]);
               best[co] = take ? v : best[co];
               arg[co] = take ? slot : arg[co];
             }
@@ -257,26 +149,20 @@ void gather_sample(const ConvGeom& g, const uint64_t* mask, const scalar_t* wt, 
     for (int64_t ox = 0; ox < g.wo; ++ox) {
       vec_t acc[NV];
       for (int v = 0; v < NV; ++v) acc[v] = vec_t{} ;
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-        if (iy < 0 || iy >= g.h) continue;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
-          if (ix < 0 || ix >= g.w) continue;
-          uint64_t m = mask[iy * g.w + ix];
-          const scalar_t* wk = wt + (ky * g.kw + kx) * g.cout;
-          while (m) {
-            const int64_t ci = __builtin_ctzll(m);
-            m &= m - 1;
-            const scalar_t* wr = wk + ci * g.taps() * g.cout;
-            for (int v = 0; v < NV; ++v) {
-              vec_t w;
-              __builtin_memcpy(&w, wr + v * L, sizeof(vec_t));
-              acc[v] += w;
-            }
+      for_each_input_tap(g, oy, ox, [&](int64_t k, int64_t iy, int64_t ix) {
+        uint64_t m = mask[iy * g.w + ix];
+        const scalar_t* wk = wt + k * g.cout;
+        while (m) {
+          const int64_t ci = __builtin_ctzll(m);
+          m &= m - 1;
+          const scalar_t* wr = wk + ci * g.taps() * g.cout;
+          for (int v = 0; v < NV; ++v) {
+            vec_t w;
+            __builtin_memcpy(&w, wr + v * L, sizeof(vec_t));
+            acc[v] += w;
           }
         }
-      }
+      });
       scalar_t* dst = buf + (oy * g.wo + ox) * g.cout;
       for (int v = 0; v < NV; ++v) __builtin_memcpy(dst + v * L, &acc[v], sizeof(vec_t));
     }
@@ -288,7 +174,7 @@ using GatherFn = void (*)(const ConvGeom&, const uint64_t*, const scalar_t*, sca
 template <typename scalar_t>
 GatherFn<scalar_t> pick_gather(const ConvGeom& g) {
   constexpr int64_t L = 64 / sizeof(scalar_t);
-  if (g.groups != 1 || g.cin > 64 || g.cout % L) return nullptr;
+  if (!forward_taps_major(g.groups, g.cin, g.cout, sizeof(scalar_t))) return nullptr;
   switch (g.cout / L) {
     case 1: return &gather_sample<scalar_t, 1>;
     case 2: return &gather_sample<scalar_t, 2>;
@@ -303,9 +189,7 @@ GatherFn<scalar_t> pick_gather(const ConvGeom& g) {
 // x [N, M] (any float) -> bits [N, ceil(M/32)] int32 (bit j%32 of word j/32 = x[n, j] != 0),
 // info int64 [2] = (nonzeros, entries that are neither 0 nor 1).
 std::tuple<at::Tensor, at::Tensor> spike_pack_cpu(const at::Tensor& x_in) {
-  TORCH_CHECK(x_in.dim() == 2, "x must be [N, M], got ", x_in.sizes());
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "x must be a float tensor, got ",
-              x_in.scalar_type());
+  check_pack_input(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.size(0), m = x.size(1), words = (m + 31) / 32;
   at::Tensor bits = at::empty({n, words}, x.options().dtype(at::kInt));
@@ -318,14 +202,8 @@ std::tuple<at::Tensor, at::Tensor> spike_pack_cpu(const at::Tensor& x_in) {
         const scalar_t* row = xp + r * m;
         int64_t cnt = 0, bad = 0;
         for (int64_t wd = 0; wd < words; ++wd) {
-          const int64_t j0 = wd * 32, j1 = std::min(m, j0 + 32);
-          uint32_t word = 0;
-          for (int64_t j = j0; j < j1; ++j) {
-            const float v = static_cast<float>(row[j]);
-            word |= static_cast<uint32_t>(v != 0.f) << (j - j0);
-            bad += (v != 0.f) & (v != 1.f);
-          }
-          cnt += __builtin_popcount(word);
+          const uint32_t word = pack_word(row, m, wd, &bad);
+          cnt += popcount32(word);
           bp[r * words + wd] = static_cast<int32_t>(word);
         }
         nnz[r] = cnt;
@@ -344,21 +222,12 @@ std::tuple<at::Tensor, at::Tensor> spike_pack_cpu(const at::Tensor& x_in) {
 std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cpu(
     const at::Tensor& bits_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
     at::IntArrayRef in_shape, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, const std::string& pool, int64_t pool_k) {
-  TORCH_CHECK(weight_in.scalar_type() == at::kFloat || weight_in.scalar_type() == at::kDouble,
-              "weight must be float32 or float64, got ", weight_in.scalar_type());
+    at::IntArrayRef dilation, int64_t groups, c10::string_view pool, int64_t pool_k) {
   const ConvGeom g = make_geom(weight_in, in_shape, stride, padding, dilation, groups, pool, pool_k);
-  TORCH_CHECK(bits_in.dim() == 2 && bits_in.scalar_type() == at::kInt && bits_in.size(1) == g.words(),
-              "bits must be int32 [N, ", g.words(), "] (spike_pack of [N, C_in*H*W]), got ",
-              bits_in.scalar_type(), " ", bits_in.sizes());
+  check_bits(bits_in, g, -1, weight_in);
+  check_bias(bias_in, g, weight_in);
   const at::Tensor bits = bits_in.contiguous(), weight = weight_in.contiguous();
-  at::Tensor bias;
-  if (bias_in.has_value()) {
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == g.cout &&
-                    bias_in->scalar_type() == weight.scalar_type(),
-                "bias must be [C_out] of the weight's dtype");
-    bias = bias_in->contiguous();
-  }
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const int64_t n = bits.size(0);
   at::Tensor out = at::empty({n, g.cout, g.hp, g.wp}, weight.options());
   at::Tensor idx = g.pool == kPoolMax ? at::empty({n, g.cout, g.hp, g.wp}, weight.options().dtype(at::kByte))
@@ -380,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cpu(
         scalar_t* __restrict__ b = buf.data();
         if (gather) {
           std::fill(mask.begin(), mask.end(), uint64_t(0));
-          for_each_event(bp + s * g.words(), g.words(), [&](int64_t j) {
+          for_each_event(bp + s * g.words(), 0, g.in_size(), [&](int64_t j) {
             mask[j % (g.h * g.w)] |= uint64_t(1) << (j / (g.h * g.w));
           });
           gather(g, mask.data(), wt.data(), b);
@@ -389,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cpu(
           continue;
         }
         std::fill(buf.begin(), buf.end(), scalar_t(0));
-        for_each_event(bp + s * g.words(), g.words(), [&](int64_t j) {
+        for_each_event(bp + s * g.words(), 0, g.in_size(), [&](int64_t j) {
           const int64_t ci = j / (g.h * g.w), rem = j % (g.h * g.w);
           const int64_t c0 = (ci / g.cin_g) * g.cout_g;
           const scalar_t* wrow = wt.data() + ci * g.taps() * g.cout_g;
@@ -407,19 +276,12 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cpu(
 
 // Pooling of a dense conv output y [N, C, Ho, Wo] (the dense route): out [N, C, Ho/k, Wo/k] and
 // max pooling's uint8 winner offsets.
-std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, const std::string& pool,
+std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, c10::string_view pool,
                                                    int64_t pool_k) {
-  TORCH_CHECK(y_in.dim() == 4, "y must be [N, C, H, W], got ", y_in.sizes());
-  TORCH_CHECK(y_in.scalar_type() == at::kFloat || y_in.scalar_type() == at::kDouble,
-              "y must be float32 or float64, got ", y_in.scalar_type());
-  const int kind = parse_pool(pool);
-  TORCH_CHECK(kind != kPoolNone, "conv_pool2d needs pool \"max\" or \"avg\"");
-  TORCH_CHECK(pool_k >= 1 && pool_k <= 16, "pool_k must be in [1, 16], got ", pool_k);
+  const int kind = check_pool_input(y_in, pool, pool_k, "conv_pool2d");
   const at::Tensor y = y_in.contiguous();
   const int64_t n = y.size(0), c = y.size(1), ho = y.size(2), wo = y.size(3);
   const int64_t hp = ho / pool_k, wp = wo / pool_k;
-  TORCH_CHECK(hp >= 1 && wp >= 1, "pooling ", pool_k, "x", pool_k, " of a ", ho, "x", wo,
-              " map would be empty");
   at::Tensor out = at::empty({n, c, hp, wp}, y.options());
   at::Tensor idx = kind == kPoolMax ? at::empty({n, c, hp, wp}, y.options().dtype(at::kByte))
                                     : at::empty({0}, y.options().dtype(at::kByte));
@@ -431,7 +293,8 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, const
       for (int64_t q = q0; q < q1; ++q) {
         const scalar_t* src = yp + q * ho * wo;
         if (kind == kPoolMax && pool_k == 2) {
-          // The common 2x2 case with the window unrolled (same first-maximum rule).
+          // The common 2x2 case with the window unrolled (pool_window's rule: starting from the
+          // first value is the same as from -inf).
           for (int64_t py = 0; py < hp; ++py) {
             const scalar_t* r0 = src + 2 * py * wo;
             const scalar_t* r1 = r0 + wo;
@@ -441,12 +304,8 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, const
               const scalar_t v[4] = {r0[2 * px], r0[2 * px + 1], r1[2 * px], r1[2 * px + 1]};
               scalar_t best = v[0];
               uint8_t arg = 0;
-              if (std::isnan(best)) {
-                o[px] = best, oi[px] = 0;
-                continue;
-              }
               for (uint8_t k = 1; k < 4; ++k)
-                if (v[k] > best || std::isnan(v[k])) best = v[k], arg = k;
+                if (pool_takes(v[k], best)) best = v[k], arg = k;
               o[px] = best;
               oi[px] = arg;
             }
@@ -456,25 +315,9 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, const
         for (int64_t py = 0; py < hp; ++py)
           for (int64_t px = 0; px < wp; ++px) {
             const int64_t o = (q * hp + py) * wp + px;
-            if (kind == kPoolMax) {
-              scalar_t best = -std::numeric_limits<scalar_t>::infinity();
-              int64_t arg = 0;
-              for (int64_t a = 0; a < pool_k; ++a)
-                for (int64_t b = 0; b < pool_k; ++b) {
-                  const scalar_t v = src[(py * pool_k + a) * wo + px * pool_k + b];
-                  if (v > best || std::isnan(v)) {
-                    best = v;
-                    arg = a * pool_k + b;
-                  }
-                }
-              op[o] = best;
-              ip[o] = static_cast<uint8_t>(arg);
-            } else {
-              scalar_t s = 0;
-              for (int64_t a = 0; a < pool_k; ++a)
-                for (int64_t b = 0; b < pool_k; ++b) s += src[(py * pool_k + a) * wo + px * pool_k + b];
-              op[o] = s / static_cast<scalar_t>(pool_k * pool_k);
-            }
+            uint8_t arg = 0;
+            op[o] = pool_window(src, wo, py, px, pool_k, kind, &arg);
+            if (kind == kPoolMax) ip[o] = arg;
           }
       }
     });
@@ -486,21 +329,12 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, const
 // winner, pool_idx as conv_pool2d returned it; avg: 1/k^2 to every position of the window;
 // positions outside every window get zero). Each output plane is written once, in order.
 at::Tensor conv_unpool2d_cpu(const at::Tensor& grad_in, const at::Tensor& pool_idx_in,
-                             const std::string& pool, int64_t pool_k, int64_t h, int64_t w) {
-  const int kind = parse_pool(pool);
-  TORCH_CHECK(kind != kPoolNone, "conv_unpool2d needs pool \"max\" or \"avg\"");
-  TORCH_CHECK(pool_k >= 1 && pool_k <= 16, "pool_k must be in [1, 16], got ", pool_k);
-  TORCH_CHECK(grad_in.dim() == 4 && (grad_in.scalar_type() == at::kFloat ||
-                                     grad_in.scalar_type() == at::kDouble),
-              "grad must be a float32 / float64 [N, C, Hp, Wp] tensor, got ", grad_in.sizes());
+                             c10::string_view pool, int64_t pool_k, int64_t h, int64_t w) {
+  const int kind = check_unpool_args(grad_in, pool_idx_in, pool, pool_k, h, w);
   const at::Tensor grad = grad_in.contiguous();
   const int64_t n = grad.size(0), c = grad.size(1), hp = grad.size(2), wp = grad.size(3);
-  TORCH_CHECK(h / pool_k == hp && w / pool_k == wp, "grad's map ", hp, "x", wp,
-              " is not the ", pool_k, "x", pool_k, " pooling of ", h, "x", w);
   at::Tensor idx;
   if (kind == kPoolMax) {
-    TORCH_CHECK(pool_idx_in.scalar_type() == at::kByte && pool_idx_in.sizes() == grad.sizes(),
-                "pool_idx must be uint8 of grad's shape ", grad.sizes());
     idx = pool_idx_in.contiguous();
     TORCH_CHECK(idx.numel() == 0 || idx.max().item<int64_t>() < pool_k * pool_k,
                 "pool_idx entries must lie in [0, pool_k**2 = ", pool_k * pool_k, ")");
@@ -536,47 +370,29 @@ at::Tensor conv_unpool2d_cpu(const at::Tensor& grad_in, const at::Tensor& pool_i
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& pool_idx_in, const c10::optional<at::Tensor>& bits_opt,
     const at::Tensor& weight_in, at::IntArrayRef in_shape, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::string& pool,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, c10::string_view pool,
     int64_t pool_k, const c10::optional<at::Tensor>& prev_cnt_opt,
     const c10::optional<at::Tensor>& prev_idx_opt, int64_t num_steps, bool need_dx, bool need_dw,
     bool need_db, bool need_grad_conv) {
   const ConvGeom g = make_geom(weight_in, in_shape, stride, padding, dilation, groups, pool, pool_k);
+  check_backward_args(grad_in, pool_idx_in, bits_opt, weight_in, g, need_dw);
   const at::Tensor grad = grad_in.contiguous(), weight = weight_in.contiguous();
-  TORCH_CHECK(grad.dim() == 4 && grad.size(1) == g.cout && grad.size(2) == g.hp && grad.size(3) == g.wp,
-              "grad_out must be [N, ", g.cout, ", ", g.hp, ", ", g.wp, "], got ", grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == weight.scalar_type(), "grad_out must have the weight's dtype (",
-              weight.scalar_type(), "), got ", grad.scalar_type());
   const int64_t n = grad.size(0);
   at::Tensor pool_idx;
   if (g.pool == kPoolMax) {
-    TORCH_CHECK(pool_idx_in.scalar_type() == at::kByte && pool_idx_in.sizes() == grad.sizes(),
-                "pool_idx must be uint8 of grad_out's shape ", grad.sizes());
     pool_idx = pool_idx_in.contiguous();
     TORCH_CHECK(pool_idx.numel() == 0 || pool_idx.max().item<int64_t>() < g.pk * g.pk,
                 "pool_idx entries must lie in [0, pool_k**2 = ", g.pk * g.pk, ")");
   }
   at::Tensor bits;
-  if (need_dw) {
-    TORCH_CHECK(bits_opt.has_value(), "need_dw needs the input's bits");
-    TORCH_CHECK(bits_opt->scalar_type() == at::kInt && bits_opt->dim() == 2 &&
-                    bits_opt->size(0) == n && bits_opt->size(1) == g.words(),
-                "bits must be int32 [", n, ", ", g.words(), "], got ", bits_opt->sizes());
-    bits = bits_opt->contiguous();
-  }
+  if (need_dw) bits = bits_opt->contiguous();
   at::Tensor prev_cnt, prev_idx;
   std::vector<int64_t> prev_off;
   int64_t batch = 0;
   if (need_dx) {
-    TORCH_CHECK(prev_cnt_opt.has_value() && prev_idx_opt.has_value(),
-                "need_dx needs the producer's active set (prev_cnt, prev_idx); without one, ask "
-                "for grad_conv and take the dense dx");
-    TORCH_CHECK(num_steps >= 1 && n % num_steps == 0, "num_steps must divide N = ", n, ", got ",
-                num_steps);
-    batch = n / num_steps;
+    batch = check_producer_set(prev_cnt_opt, prev_idx_opt, n, num_steps, weight);
     prev_cnt = prev_cnt_opt->to(at::kInt).contiguous();
     prev_idx = prev_idx_opt->to(at::kInt).contiguous();
-    TORCH_CHECK(prev_cnt.dim() == 1 && prev_cnt.size(0) == n, "prev_cnt must be [B*T] = [", n,
-                "], got ", prev_cnt.sizes());
     prev_off.assign(n + 1, 0);
     const int32_t* cp = prev_cnt.data_ptr<int32_t>();
     for (int64_t r = 0; r < n; ++r) {
@@ -595,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward
   at::Tensor gc = need_grad_conv ? at::empty({n, g.cout, g.ho, g.wo}, opts) : at::empty({0}, opts);
   at::Tensor dw = need_dw ? at::empty_like(weight) : at::empty({0}, opts);
   at::Tensor db = need_db ? at::empty({g.cout}, opts) : at::empty({0}, opts);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8, n));
+  const int64_t chunks = grad_chunks(n);
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "spike_conv2d_backward", [&] {
     const std::vector<scalar_t> wt = transpose_weight<scalar_t>(weight, g);
     const int64_t wsize = g.cin * g.taps() * g.cout_g;
@@ -618,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward
       for (int64_t chunk = c0; chunk < c1; ++chunk) {
         scalar_t* __restrict__ dwc = need_dw ? dwt.data() + chunk * wsize : nullptr;
         scalar_t* dbc = need_db ? dbp.data() + chunk * g.cout : nullptr;
-        const int64_t s0 = chunk * n / chunks, s1 = (chunk + 1) * n / chunks;
+        const int64_t s0 = chunk_begin(chunk, n, chunks), s1 = chunk_begin(chunk + 1, n, chunks);
         for (int64_t s = s0; s < s1; ++s) {
           // Unpool the sample's gradient into buf[p][co].
           std::fill(buf.begin(), buf.end(), scalar_t(0));
@@ -653,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward
             for (int64_t p = 0; p < npos; ++p)
               for (int64_t co = 0; co < g.cout; ++co) dbc[co] += b[p * g.cout + co];
           if (dwc) {
-            for_each_event(bp + s * g.words(), g.words(), [&](int64_t j) {
+            for_each_event(bp + s * g.words(), 0, g.in_size(), [&](int64_t j) {
               const int64_t ci = j / (g.h * g.w), rem = j % (g.h * g.w);
               const int64_t c0 = (ci / g.cin_g) * g.cout_g;
               scalar_t* drow = dwc + ci * g.taps() * g.cout_g;
@@ -663,27 +479,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward
             });
           }
           if (dxp) {
-            // Sample s = t*B + b of the folded batch is row b*T + t of the producer's CSR.
-            const int64_t row = (s % batch) * num_steps + s / batch;
+            const int64_t row = csr_row_of_sample(s, batch, num_steps);
             scalar_t* dxs = dxp + s * g.in_size();
             for (int64_t e = prev_off[row]; e < prev_off[row + 1]; ++e) {
               const int64_t j = pix[e];
               const int64_t ci = j / (g.h * g.w), rem = j % (g.h * g.w);
-              const int64_t c0 = (ci / g.cin_g) * g.cout_g;
-              const scalar_t* wrow = wt.data() + ci * g.taps() * g.cout_g;
-              // Lane l sums the channels c with c % kLanes == l over all taps, then the lanes
-              // are added in a fixed tree: vectorises without reassociating, same bits anywhere.
-              scalar_t acc[kLanes] = {};
-              scalar_t tail = 0;
-              const int64_t full = g.cout_g - g.cout_g % kLanes;
-              for_each_tap(g, rem / g.w, rem % g.w, [&](int64_t k, int64_t p) {
-                const scalar_t* __restrict__ wv = wrow + k * g.cout_g;
-                const scalar_t* __restrict__ gv = b + p * g.cout + c0;
-                for (int64_t c = 0; c < full; c += kLanes)
-                  for (int64_t l = 0; l < kLanes; ++l) acc[l] += wv[c + l] * gv[c + l];
-                for (int64_t c = full; c < g.cout_g; ++c) tail += wv[c] * gv[c];
-              });
-              dxs[j] = lane_sum(acc) + tail;
+              dxs[j] = dx_dot(g, ci, rem / g.w, rem % g.w, wt.data() + ci * g.taps() * g.cout_g, b);
             }
           }
         }

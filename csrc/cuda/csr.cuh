@@ -19,6 +19,8 @@ namespace cuda {
 // bit 2c = the row counts do not add up to the index array, bit 2c + 1 = an index out of range
 // or not ascending within its row; kFlagArgmax = an argmax_t outside [0, T).
 constexpr int kFlagArgmax = 1 << 6;
+// kFlagPoolIdx = an entry of max pooling's winner offsets outside [0, pool_k**2) (conv.cuh).
+constexpr int kFlagPoolIdx = 1 << 7;
 
 __device__ __forceinline__ int csr_count_bit(int csr) { return 1 << (2 * csr); }
 __device__ __forceinline__ int csr_index_bit(int csr) { return 1 << (2 * csr + 1); }

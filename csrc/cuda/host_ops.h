@@ -421,6 +421,7 @@ inline std::string flag_message(int bits, const char* const csr_names[3]) {
       m += std::string(" ") + csr_names[c] + ": an index is out of range or not ascending within its row;";
   }
   if (bits & kFlagArgmax) m += " argmax_t: a time step outside [0, num_steps);";
+  if (bits & kFlagPoolIdx) m += " pool_idx: a winner offset outside [0, pool_k**2);";
   return m;
 }
 

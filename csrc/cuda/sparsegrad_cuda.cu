@@ -14,6 +14,7 @@
 
 #include "low_precision.h"
 
+#include "cuda/conv_host.h"
 #include "cuda/host_ops.h"
 #include "cuda/neuron_host.h"
 #include "cuda/recurrent_host.h"
@@ -269,6 +270,51 @@ host::RlifGrads rlif_backward_dense_cuda(const at::Tensor& grad_spikes,
                                       need_ds);
 }
 
+// The convolution ops (conv_host.h): dtypes as their CPU kernels (no float32-math wrapper).
+std::tuple<at::Tensor, at::Tensor> spike_pack_cuda(const at::Tensor& x) {
+  check_cuda(x, "spike_pack", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return host::spike_pack<L>(x);
+}
+
+std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cuda(
+    const at::Tensor& bits, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    at::IntArrayRef in_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view pool, int64_t pool_k) {
+  check_cuda(bits, "spike_conv2d_forward", "bits");
+  const c10::cuda::CUDAGuard guard(bits.device());
+  return host::spike_conv2d_forward<L>(bits, weight, bias, in_shape, stride, padding, dilation,
+                                       groups, pool, pool_k);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_pool2d_cuda(const at::Tensor& y, c10::string_view pool,
+                                                    int64_t pool_k) {
+  check_cuda(y, "conv_pool2d", "y");
+  const c10::cuda::CUDAGuard guard(y.device());
+  return host::conv_pool2d<L>(y, pool, pool_k);
+}
+
+at::Tensor conv_unpool2d_cuda(const at::Tensor& grad, const at::Tensor& pool_idx,
+                              c10::string_view pool, int64_t pool_k, int64_t h, int64_t w) {
+  check_cuda(grad, "conv_unpool2d", "grad");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  return host::conv_unpool2d<L>(grad, pool_idx, pool, pool_k, h, w);
+}
+
+host::ConvGrads spike_conv2d_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& pool_idx, const c10::optional<at::Tensor>& bits,
+    const at::Tensor& weight, at::IntArrayRef in_shape, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, c10::string_view pool,
+    int64_t pool_k, const c10::optional<at::Tensor>& prev_cnt,
+    const c10::optional<at::Tensor>& prev_idx, int64_t num_steps, bool need_dx, bool need_dw,
+    bool need_db, bool need_grad_conv) {
+  check_cuda(grad_out, "spike_conv2d_backward", "grad_out");
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  return host::spike_conv2d_backward<L>(grad_out, pool_idx, bits, weight, in_shape, stride, padding,
+                                        dilation, groups, pool, pool_k, prev_cnt, prev_idx,
+                                        num_steps, need_dx, need_dw, need_db, need_grad_conv);
+}
+
 }  // namespace
 
 // Route forcing for tests and route timing (not part of the sparsegrad op set: no CPU kernel).
@@ -290,6 +336,11 @@ TORCH_LIBRARY_IMPL(sparsegrad, CUDA, m) {
   m.impl("rlif_forward", SG_FLOAT32_MATH(rlif_forward_cuda));
   m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(rlif_backward_sparse_cuda));
   m.impl("rlif_backward_dense", SG_FLOAT32_MATH(rlif_backward_dense_cuda));
+  m.impl("spike_pack", &spike_pack_cuda);
+  m.impl("spike_conv2d_forward", &spike_conv2d_forward_cuda);
+  m.impl("conv_pool2d", &conv_pool2d_cuda);
+  m.impl("conv_unpool2d", &conv_unpool2d_cuda);
+  m.impl("spike_conv2d_backward", &spike_conv2d_backward_cuda);
 }
 
 }  // namespace cuda

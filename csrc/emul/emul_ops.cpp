@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "cuda/conv_host.h"
 #include "cuda/host_ops.h"
 #include "cuda/neuron_host.h"
 #include "cuda/recurrent_host.h"
@@ -163,6 +164,12 @@ TORCH_LIBRARY_IMPL(sparsegrad_emul, CPU, m) {
   m.impl("rlif_forward", SG_FLOAT32_MATH(cuda::host::rlif_forward<L>));
   m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(cuda::host::rlif_backward_sparse<L>));
   m.impl("rlif_backward_dense", SG_FLOAT32_MATH(cuda::host::rlif_backward_dense<L>));
+  // the convolution ops take float32 / float64 (spike_pack any float) as their CPU kernels do
+  m.impl("spike_pack", &cuda::host::spike_pack<L>);
+  m.impl("spike_conv2d_forward", &cuda::host::spike_conv2d_forward<L>);
+  m.impl("conv_pool2d", &cuda::host::conv_pool2d<L>);
+  m.impl("conv_unpool2d", &cuda::host::conv_unpool2d<L>);
+  m.impl("spike_conv2d_backward", &cuda::host::spike_conv2d_backward<L>);
 }
 
 }  // namespace sparsegrad
