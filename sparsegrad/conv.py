@@ -364,29 +364,60 @@ def _pool_of(layer) -> Optional[Tuple[str, int]]:
 
     if not isinstance(layer, TimeDistributed) or layer.batch_first:
         return None
-    p = layer.module
+    return pool_spec(layer.module)
+
+
+def pool_spec(p) -> Optional[Tuple[str, int]]:
+    """("max" | "avg", k) for an nn.MaxPool2d(k) / nn.AvgPool2d(k) that ConvLIF can compute
+    (stride k, no padding, dilation 1, floor mode, no divisor override), else None."""
     if not (_plain(p, nn.MaxPool2d) or _plain(p, nn.AvgPool2d)):
         return None
-    k = p.kernel_size
-    stride = p.stride if p.stride is not None else k
-    if not isinstance(k, int):
-        if len(set(k)) != 1:
-            return None
-        k = k[0]
-    if isinstance(stride, (tuple, list)):
-        if len(set(stride)) != 1:
-            return None
-        stride = stride[0]
-    pad = p.padding if isinstance(p.padding, int) else (p.padding[0] if len(set(p.padding)) == 1 else -1)
-    if stride != k or pad != 0 or p.ceil_mode or not 1 <= k <= 16:
+    return _pool_args("max" if isinstance(p, nn.MaxPool2d) else "avg", p.kernel_size, p.stride,
+                      p.padding, getattr(p, "dilation", 1), p.ceil_mode,
+                      getattr(p, "return_indices", False), getattr(p, "divisor_override", None))
+
+
+def pool_call_spec(fn, args, kwargs) -> Optional[Tuple[str, int]]:
+    """The same for a call F.max_pool2d(x, ...) / F.avg_pool2d(x, ...) with its arguments
+    after x (as a model's forward writes it), else None."""
+    import torch.nn.functional as F
+
+    names = {F.max_pool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                            "return_indices"),
+             F.avg_pool2d: ("kernel_size", "stride", "padding", "ceil_mode",
+                            "count_include_pad", "divisor_override")}.get(fn)
+    if names is None or len(args) > len(names):
         return None
-    if isinstance(p, nn.MaxPool2d):
-        if p.dilation not in (1, (1, 1)) or p.return_indices:
+    a = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names or k in a:
             return None
-        return "max", k
-    if p.divisor_override is not None:
+        a[k] = v
+    if "kernel_size" not in a:
         return None
-    return "avg", k
+    return _pool_args("max" if fn is F.max_pool2d else "avg", a["kernel_size"], a.get("stride"),
+                      a.get("padding", 0), a.get("dilation", 1), a.get("ceil_mode", False),
+                      a.get("return_indices", False), a.get("divisor_override"))
+
+
+def _pool_args(kind, k, stride, padding, dilation, ceil_mode, return_indices,
+               divisor_override) -> Optional[Tuple[str, int]]:
+    def one(v):  # an int, or a pair of equal ints
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, int):
+            return v
+        if isinstance(v, (tuple, list)) and v and len(set(v)) == 1 and isinstance(v[0], int):
+            return v[0]
+        return None
+
+    k = one(k)
+    stride = k if stride is None or (isinstance(stride, (tuple, list)) and not stride) else one(stride)
+    if k is None or stride != k or one(padding) != 0 or ceil_mode or not 1 <= k <= 16:
+        return None
+    if kind == "max":
+        return ("max", k) if one(dilation) == 1 and not return_indices else None
+    return ("avg", k) if divisor_override is None else None
 
 
 def fuse_conv_layers(model: nn.Module) -> int:

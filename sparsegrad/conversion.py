@@ -734,6 +734,12 @@ def _foldable(m: nn.Module) -> Tuple[bool, str]:
 
 # --------------------------------------------------------------------------- the report
 
+def _value(v) -> str:
+    """A converted neuron's alpha / threshold in the report: a tensor parameter is NaN in the
+    float fields (its own 'parameter:' line says what it became)."""
+    return "tensor" if isinstance(v, float) and math.isnan(v) else repr(v)
+
+
 @dataclass
 class ConvertedPair:
     """One neuron that became a sparsegrad layer (with the nn.Linear it was fused with, if any)."""
@@ -786,8 +792,8 @@ class ConversionReport:
                  f"{len(self.skipped)} module(s) left unchanged"]
         for p in self.converted:
             src = f"{p.linear} + {p.neuron}" if p.linear else p.neuron
-            lines.append(f"  converted {src} ({p.kind}) -> {p.to}(alpha={p.alpha!r}, "
-                         f"threshold={p.threshold!r}, surrogate={p.surrogate!r}, "
+            lines.append(f"  converted {src} ({p.kind}) -> {p.to}(alpha={_value(p.alpha)}, "
+                         f"threshold={_value(p.threshold)}, surrogate={p.surrogate!r}, "
                          f"slope={p.slope!r}, reset={p.reset!r})")
             lines.extend(f"    parameter: {n}" for n in p.parameters)
             lines.extend(f"    note: {n}" for n in p.notes)

@@ -223,6 +223,49 @@ def _state_kind(arg, root, fresh, neuron_path, norse=False) -> str:
         f"{neuron_path!r}: a state computed inside forward from other values is not lifted")
 
 
+def _conv_pool_run(neuron: fx.Node, model: nn.Module, calls: Dict[str, int]):
+    """(conv node, pool nodes, ("max" | "avg", k) or None) when the neuron's input is
+    conv(x) or pool(conv(x)) -- an nn.Conv2d called once whose output, like the pool's, feeds
+    nothing else; the pool an nn.MaxPool2d / nn.AvgPool2d module or F.max_pool2d / F.avg_pool2d
+    that ConvLIF computes exactly (conv.pool_spec) -- else None."""
+    from .conv import pool_call_spec, pool_spec
+
+    def single_use(node):
+        return isinstance(node, fx.Node) and len(node.users) == 1
+
+    src = neuron.args[0] if neuron.args else None
+    if not single_use(src):
+        return None
+    pool, pool_nodes = None, []
+    if src.op == "call_module" and not isinstance(model.get_submodule(src.target), nn.Conv2d):
+        pool = pool_spec(model.get_submodule(src.target))  # stateless: may be shared
+        if pool is None:
+            return None
+        pool_nodes, src = [src], src.args[0] if src.args else None
+    elif src.op == "call_function":
+        pool = pool_call_spec(src.target, src.args[1:], src.kwargs)
+        if pool is None:
+            return None
+        pool_nodes, src = [src], src.args[0] if src.args else None
+    if not single_use(src) or src.op != "call_module" or calls[src.target] != 1 or \
+            src.kwargs or len(src.args) != 1 or not isinstance(src.args[0], fx.Node):
+        return None
+    conv = model.get_submodule(src.target)
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or \
+            isinstance(conv.padding, str):
+        return None
+    return src, pool_nodes, pool
+
+
+def _fusable_conv_neuron(module) -> bool:
+    """The converted neuron can run inside ConvLIF: a time-major LIFNeuron returning spikes,
+    with float parameters (a per-neuron tensor would need the conv output's layout)."""
+    from .conv import _fusable_neuron
+
+    return _fusable_neuron(module) and not isinstance(getattr(module, "alpha", 0.0), torch.Tensor) \
+        and not isinstance(getattr(module, "threshold", 1.0), torch.Tensor)
+
+
 def convert_traced(model: nn.Module, walk, report) -> nn.Module:
     """The converted SequenceForward of a model class (walk: conversion._Walk)."""
     from .conversion import _foldable, _is_foreign_neuron, _is_stateful, _rule_for, Unsupported
@@ -382,6 +425,32 @@ def convert_traced(model: nn.Module, walk, report) -> nn.Module:
                                              f"is stepped"))
             plan.actions[n.name] = ("step", n.target, kind, (positions, keys))
             continue
+        conv_run = _conv_pool_run(n, model, calls) if kind == "internal" and not mem_used \
+            else None
+        if conv_run is not None:
+            # conv -> [pool] -> neuron, only the spikes used: one ConvLIF (sparse conv
+            # backward, the input saved as bits)
+            from .conv import ConvLIF
+            from .conversion import ConvertedPair
+            try:
+                module = spec.neuron(walk.b_th_for(spec), walk.backward)
+            except Unsupported:
+                module = None
+            if module is not None and _fusable_conv_neuron(module):
+                conv_node, pool_nodes, pool = conv_run
+                fused = ConvLIF.from_conv(model.get_submodule(conv_node.target), neuron=module,
+                                          **({} if pool is None else dict(pool=pool[0],
+                                                                         pool_kernel=pool[1])))
+                replacements += [(conv_node.target, fused), (n.target, nn.Identity())]
+                for skipped in [conv_node] + pool_nodes:
+                    plan.actions[skipped.name] = ("skip",)
+                plan.actions[n.name] = ("fused", conv_node.target, conv_node.args[0].name,
+                                        tuple_out)
+                report.converted.append(ConvertedPair(
+                    conv_node.target, n.target, spec.kind, spec.alpha, spec.threshold,
+                    spec.slope, spec.surrogate, spec.reset, "ConvLIF", list(spec.notes),
+                    list(spec.parameters)))
+                continue
         # a neuron whose tuple carries syn (snnTorch Synaptic: (spk, syn, mem)) converts where
         # only its spikes are used; where mem or syn is used, neuron() refuses it (stepped)
         if (tuple_out and (mem_used or not spec.syn_output)) or kind == "input":
@@ -675,6 +744,8 @@ class SequenceForward(nn.Module):
         if n.op == "get_attr":
             return self._attr(n.target)
         action = self._plan.actions.get(n.name)
+        if action is not None and action[0] == "skip":  # computed inside a fused layer
+            return None
         if n.op == "call_module":
             if action is not None and action[0] != "module" and args:
                 args = (self._per_step(args[0], env),) + tuple(args[1:])

@@ -17,6 +17,7 @@ from torch import nn
 import sparsegrad
 from sparsegrad.conversion import StepByStep
 from sparsegrad.conversion_fx import ConversionError, SequenceForward
+from sparsegrad.conv import ConvLIF
 from sparsegrad.nn import LIF, LIFNeuron
 
 snn = pytest.importorskip("snntorch")
@@ -148,7 +149,11 @@ def test_class_csnn_with_functional_ops_and_scaling(surrogate):
         warnings.simplefilter("error")
         conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
     assert report.exact and len(report.converted) == 3
-    assert all(isinstance(getattr(conv, n), LIFNeuron) for n in ("lif1", "lif2", "lif3"))
+    # conv1 -> F.max_pool2d -> lif1 is one ConvLIF; lif2's input is scaled (2.0 * pool), lif3
+    # returns its membrane: those stay neurons of their own
+    assert isinstance(conv.conv1, ConvLIF) and conv.conv1.pool == "max"
+    assert isinstance(conv.lif1, nn.Identity)
+    assert all(isinstance(getattr(conv, n), LIFNeuron) for n in ("lif2", "lif3"))
     assert report.converted[0].surrogate == surrogate
     x = _images(1)
     ref, got = _compare(net, conv, x)
@@ -666,3 +671,88 @@ def test_delta_leaky_is_stepped_with_its_nested_output():
     assert len(torch.utils._pytree.tree_leaves(got)) == len(torch.utils._pytree.tree_leaves(ref))
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(ref)):
         assert torch.equal(a, b)
+
+
+class LoopCSNN(nn.Module):
+    """snnTorch tutorial 6's CSNN with the tutorial's own time loop over the same image
+    (state carried by mem1..mem3); `pool` says how each conv is pooled before its neuron."""
+
+    def __init__(self, pool="F.max_pool2d", stride=1, padding=0):
+        super().__init__()
+        sg = snn.surrogate.fast_sigmoid(slope=25)
+        self.pool = pool
+        self.conv1 = nn.Conv2d(1, 6, 5, stride=stride, padding=padding)
+        self.lif1 = snn.Leaky(beta=0.5, spike_grad=sg)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.lif2 = snn.Leaky(beta=0.5, spike_grad=sg)
+        self.mp = nn.MaxPool2d(2)
+        self.ap = nn.AvgPool2d(2)
+        side = ((28 + 2 * padding - 5) // stride + 1) // 2 // 2  # after both poolings
+        self.fc1 = nn.Linear(8 * side * side, 10)
+        self.lif3 = snn.Leaky(beta=0.5, spike_grad=sg)
+
+    def _pool(self, y):
+        if self.pool == "F.max_pool2d":
+            return F.max_pool2d(y, 2)
+        if self.pool == "F.avg_pool2d":
+            return F.avg_pool2d(y, kernel_size=2, stride=2)
+        if self.pool == "nn.MaxPool2d":
+            return self.mp(y)
+        if self.pool == "nn.AvgPool2d":
+            return self.ap(y)
+        if self.pool == "overlapping":  # stride 1: not ConvLIF's pooling
+            return F.max_pool2d(y, 2, 1)
+        raise ValueError(self.pool)
+
+    def forward(self, x):
+        mem1, mem2, mem3 = self.lif1.init_leaky(), self.lif2.init_leaky(), self.lif3.init_leaky()
+        spk_rec = []
+        for _ in range(NUM_STEPS):
+            spk1, mem1 = self.lif1(self._pool(self.conv1(x)), mem1)
+            spk2, mem2 = self.lif2(self._pool(self.conv2(spk1)), mem2)
+            spk3, mem3 = self.lif3(self.fc1(spk2.view(x.size(0), -1)), mem3)
+            spk_rec.append(spk3)
+        return torch.stack(spk_rec)
+
+
+@pytest.mark.parametrize("pool,stride,padding", [
+    ("F.max_pool2d", 1, 0), ("F.avg_pool2d", 1, 0), ("nn.MaxPool2d", 1, 0),
+    ("nn.AvgPool2d", 2, 2)])
+@pytest.mark.parametrize("backward", ["dense", "sparse"])
+def test_class_csnn_conv_pool_neuron_becomes_conv_lif(pool, stride, padding, backward):
+    """conv -> pool -> Leaky in a class forward (functional or module pooling) is one ConvLIF:
+    the original's spikes; dense-mode gradients within 1e-4 of snnTorch's."""
+    torch.manual_seed(7)
+    net = _boost(LoopCSNN(pool, stride, padding), conv1=3.0, conv2=2.0, fc1=3.0)
+    x = torch.rand(B, 1, 28, 28, generator=torch.Generator().manual_seed(8)) * 2
+    conv, report = sparsegrad.convert(net, backward=backward, example_input=x,
+                                      return_report=True)
+    assert report.exact
+    fused = {p.linear: p.to for p in report.converted}
+    assert fused.get("conv1") == "ConvLIF" and fused.get("conv2") == "ConvLIF"
+    for name in ("conv1", "conv2"):
+        assert isinstance(getattr(conv, name), ConvLIF)
+        assert getattr(conv, name).pool == ("max" if "ax" in pool else "avg")
+    ref = net(x)
+    got = conv(x)
+    assert ref.sum() > 0 and torch.equal(got, ref)
+    if backward == "dense":
+        g = torch.randn_like(ref)
+        (ref * g).sum().backward()
+        (got * g).sum().backward()
+        _grads_close(conv, net)
+    # the original's parameter names: its weights load into the converted model
+    conv.load_state_dict(net.state_dict(), strict=False)
+
+
+def test_conv_runs_that_conv_lif_cannot_compute_stay_exact():
+    """Overlapping pooling (stride 1) is not ConvLIF's: not fused; the convolution and the
+    pooling run over all steps, the neuron is a LIFNeuron, the spikes are the same."""
+    torch.manual_seed(9)
+    net = _boost(LoopCSNN("overlapping"), conv1=3.0, conv2=2.0, fc1=3.0)
+    net.fc1 = nn.Linear(8 * 22 * 22, 10)  # 28 -> conv 24 -> pool 23 -> conv 23 -> pool 22
+    x = torch.rand(B, 1, 28, 28, generator=torch.Generator().manual_seed(10)) * 2
+    conv, report = sparsegrad.convert(net, example_input=x, return_report=True)
+    assert report.exact and not any(p.to == "ConvLIF" for p in report.converted)
+    assert isinstance(conv.lif1, LIFNeuron)
+    assert torch.equal(conv(x), net(x))
