@@ -508,8 +508,8 @@ inline NeuronKinds check_rlif_forward_args(const at::Tensor& x, const at::Tensor
                                            const c10::optional<at::Tensor>& v_init,
                                            const c10::optional<at::Tensor>& s_init, double alpha,
                                            double threshold, double b_th, double slope,
-                                           c10::string_view surrogate, c10::string_view reset) {
-  const char* op = "rlif_forward";
+                                           c10::string_view surrogate, c10::string_view reset,
+                                           const char* op = "rlif_forward") {
   check_linear(x, weight, bias, op);
   check_rec_weight(rec_weight, weight.size(0), x, op);
   const NeuronKinds kinds = check_neuron_args(alpha, threshold, b_th, slope, surrogate, reset, op);
@@ -552,8 +552,8 @@ inline ResetKind check_rlif_backward_sparse_args(
     const at::Tensor& ev_cnt, const at::Tensor& ev_idx, const at::Tensor& ev_val,
     const at::Tensor& spk_bits, const c10::optional<at::Tensor>& prev_cnt,
     const c10::optional<at::Tensor>& prev_idx, double alpha, c10::string_view reset,
-    at::Tensor* act_off, at::Tensor* ev_off, c10::optional<at::Tensor>* prev_off) {
-  const char* op = "rlif_backward_sparse";
+    at::Tensor* act_off, at::Tensor* ev_off, c10::optional<at::Tensor>* prev_off,
+    const char* op = "rlif_backward_sparse") {
   check_rlif_grad_inputs(grad_spikes, grad_v_final, weight, rec_weight, s_init, alpha, op);
   const int64_t rows = grad_spikes.size(0) * grad_spikes.size(1);
   check_csr(act_cnt, act_idx, rows, grad_spikes, op, "act_cnt", "act_idx");
@@ -583,8 +583,8 @@ inline ResetKind check_rlif_backward_dense_args(const at::Tensor& grad_spikes,
                                                 const at::Tensor& rec_weight,
                                                 const c10::optional<at::Tensor>& s_init,
                                                 const at::Tensor& spikes, const at::Tensor& sg,
-                                                double alpha, c10::string_view reset) {
-  const char* op = "rlif_backward_dense";
+                                                double alpha, c10::string_view reset,
+                                                const char* op = "rlif_backward_dense") {
   check_rlif_grad_inputs(grad_spikes, grad_v_final, weight, rec_weight, s_init, alpha, op);
   check_linear(x, weight, c10::nullopt, op);
   check_like(x, grad_spikes, op, "x");

@@ -496,34 +496,61 @@ def rlif_layer_with_stats(
     alpha_syn=None,
 ):
     """rlif_layer returning (spikes, LIFState, LIFStats, (act_cnt, act_idx))."""
-    if alpha_syn is not None or isinstance(alpha, torch.Tensor) or \
-            isinstance(threshold, torch.Tensor):
-        raise NotImplementedError("rlif_layer takes float alpha and threshold only so far: "
-                                  "tensor / learnable parameters and alpha_syn exist for "
-                                  "lif_layer, lif and li_readout")
     if producer is None:  # before any autocast copy of x, which would not carry it
         producer = producer_active_set(x)
+    state, syn_init = _split_state(state, alpha_syn)
     x, weight, rec_weight, bias, state = autocast_inputs(x, weight, rec_weight, bias, state)
     _check_linear(x, weight, bias)
-    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
-                                                   surrogate, reset)
     T, B, _ = x.shape
     n_out = weight.shape[0]
+    alpha, threshold, alpha_syn = _layer_params(alpha, threshold, alpha_syn, x, n_out)
+    tensor_params = alpha_syn is not None or any(isinstance(p, torch.Tensor)
+                                                  for p in (alpha, threshold))
+    _, _, b_th, slope = check_lif_args(
+        0.5 if isinstance(alpha, torch.Tensor) else alpha,
+        1.0 if isinstance(threshold, torch.Tensor) else threshold, b_th, slope, backward,
+        surrogate, reset)
     _check_tensor("rec_weight", rec_weight, 2, x.dtype, x.device)
     if tuple(rec_weight.shape) != (n_out, n_out):
         raise ValueError(f"rec_weight must be [N_out, N_out] = [{n_out}, {n_out}], got "
                          f"{tuple(rec_weight.shape)}")
     v_init, s_init = check_state(state, x, B, n_out, reset)
+    if alpha_syn is not None:
+        raise NotImplementedError("rlif_layer: alpha_syn (the synaptic current) is not "
+                                  "implemented yet; lif_layer and lif have it")
     x_cnt, x_idx = producer
     sparse = backward == "sparse"
-    (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _bits, stats) = ops.rlif_forward(
-        x, weight, rec_weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope,
-        sparse, surrogate, reset)
+    if tensor_params:
+        if x.device.type != "cpu":
+            raise NotImplementedError(
+                f"rlif_layer with tensor alpha / threshold (or alpha_syn) has CPU kernels only "
+                f"so far (ops {', '.join(ops.RLIF_PARAM_OPS)}), and x is on {x.device}: use "
+                f"float alpha and threshold there, or run the layer on the CPU")
+        # per-neuron rows in the kernel's dtype (float32 for half types)
+        kd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+        def k(t):
+            return None if t is None else t.to(kd)
+
+        a_row, th_row = (_neuron_row(p, (n_out,), n_out, kd, x.device)
+                         for p in (alpha, threshold))
+        need = bool(torch.is_grad_enabled() and (a_row.requires_grad or th_row.requires_grad))
+        (spikes, v_final, act_cnt, act_idx, _sg, _p, _q, _tl, _ec, _ei, _ev, _bits,
+         stats) = ops.rlif_param_forward(
+            k(x), k(weight), k(rec_weight), k(bias), k(v_init), k(s_init), x_cnt, x_idx, a_row,
+            th_row, b_th, slope, sparse, surrogate, reset, need)
+        if kd != x.dtype:
+            spikes, v_final = spikes.to(x.dtype), v_final.to(x.dtype)
+    else:
+        (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _bits, stats) = ops.rlif_forward(
+            x, weight, rec_weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th,
+            slope, sparse, surrogate, reset)
     if sparse:
         attach_active_set(spikes, act_cnt, act_idx)
     state_out = LIFState(v_final, spikes[-1])
     stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n_out)
     return spikes, state_out, stats_out, (act_cnt, act_idx)
+
 
 def rlif_layer(
     x: torch.Tensor,

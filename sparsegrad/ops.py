@@ -240,6 +240,51 @@ def _rlif_backward_dense_fake(grad_spikes, grad_v_final, x, weight, rec_weight, 
                             need_dv, need_ds)
 
 
+@torch.library.register_fake("sparsegrad::rlif_param_forward")
+def _rlif_param_forward_fake(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx,
+                             alpha, threshold, b_th, slope, sparse, surrogate="fast_sigmoid",
+                             reset="subtract", need_dparams=False):
+    (spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, spk_bits,
+     stats) = _rlif_forward_fake(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt,
+                                 x_act_idx, 0.5, 1.0, b_th, slope, sparse, surrogate, reset)
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    entries = act_idx.shape[0] if sparse else T * B * n_out
+    traces = (x.new_empty(entries), x.new_empty(entries), x.new_empty(2, B, n_out)) \
+        if need_dparams else (x.new_empty(0), x.new_empty(0), x.new_empty(0))
+    return (spikes, v_final, act_cnt, act_idx, act_sg) + traces + (ev_cnt, ev_idx, ev_val,
+                                                                    spk_bits, stats)
+
+
+def _param_grads_fake(B, like, weight, need_dparams):
+    n_out = weight.shape[0]
+    if need_dparams:
+        return like.new_empty(B, n_out), like.new_empty(B, n_out)
+    return like.new_empty(0), like.new_empty(0)
+
+
+@torch.library.register_fake("sparsegrad::rlif_param_backward_sparse")
+def _rlif_param_backward_sparse_fake(grad_spikes, grad_v_final, weight, rec_weight, s_init,
+                                     act_cnt, act_idx, act_sg, act_p, act_q, tan_last, ev_cnt,
+                                     ev_idx, ev_val, spk_bits, prev_cnt, prev_idx, alpha, reset,
+                                     need_dx, need_dw, need_drec, need_db, need_dv, need_ds,
+                                     need_dparams):
+    T, B, _ = grad_spikes.shape
+    return _rlif_grads_fake(T, B, grad_spikes, weight, need_dx, need_dw, need_drec, need_db,
+                            need_dv, need_ds) + _param_grads_fake(B, grad_spikes, weight,
+                                                                  need_dparams)
+
+
+@torch.library.register_fake("sparsegrad::rlif_param_backward_dense")
+def _rlif_param_backward_dense_fake(grad_spikes, grad_v_final, x, weight, rec_weight, s_init,
+                                    spikes, sg, act_p, act_q, tan_last, alpha, reset, need_dx,
+                                    need_dw, need_drec, need_db, need_dv, need_ds, need_dparams):
+    T, B, _ = grad_spikes.shape
+    return _rlif_grads_fake(T, B, grad_spikes, weight, need_dx, need_dw, need_drec, need_db,
+                            need_dv, need_ds) + _param_grads_fake(B, grad_spikes, weight,
+                                                                  need_dparams)
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
@@ -538,6 +583,74 @@ torch.library.register_autograd("sparsegrad::rlif_forward", _rlif_backward,
                                 setup_context=_rlif_setup_context)
 
 
+_RLIF_PARAM_INPUTS = 16
+
+
+def _rlif_param_setup_context(ctx, inputs, output):
+    (x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha, threshold, b_th,
+     slope, sparse, surrogate, reset, need_dparams) = inputs
+    (spikes, v_final, act_cnt, act_idx, act_sg, act_p, act_q, tan_last, ev_cnt, ev_idx, ev_val,
+     spk_bits, stats) = output
+    ctx.reset = reset
+    ctx.sparse = sparse
+    ctx.need_dparams = need_dparams
+    ctx.has_bias = bias is not None
+    ctx.has_v_init = v_init is not None
+    ctx.has_s_init = s_init is not None
+    ctx.has_prev = x_act_cnt is not None
+    ctx.spikes_shape = spikes.shape
+    ctx.mark_non_differentiable(act_cnt, act_idx, act_sg, act_p, act_q, tan_last, ev_cnt, ev_idx,
+                                ev_val, spk_bits, stats)
+    ctx.set_materialize_grads(False)
+    # Sparse mode: the active set with its surrogate and (learnable parameters) the traces P, Q
+    # there, the input events and the spike bits; no dense [T, B, N] float tensor.
+    traces = [act_p, act_q, tan_last]
+    state = [s_init] if s_init is not None else []
+    if sparse:
+        saved = [weight, rec_weight, act_cnt, act_idx, act_sg, *traces, ev_cnt, ev_idx, ev_val,
+                 spk_bits, alpha]
+        if ctx.has_prev:
+            saved += [x_act_cnt, x_act_idx]
+    else:
+        saved = [weight, rec_weight, x, spikes, act_sg, *traces, alpha]
+    ctx.save_for_backward(*(saved + state))
+
+
+def _rlif_param_backward(ctx, grad_spikes, grad_v_final, *unused):
+    if grad_spikes is None and grad_v_final is None:
+        return (None,) * _RLIF_PARAM_INPUTS
+    if grad_spikes is None:
+        grad_spikes = grad_v_final.new_zeros(ctx.spikes_shape)
+    need = ctx.needs_input_grad
+    flags = (need[0], need[1], need[2], ctx.has_bias and need[3], ctx.has_v_init and need[4],
+             ctx.has_s_init and need[5])
+    need_da = ctx.need_dparams and need[8]
+    need_dth = ctx.need_dparams and need[9]
+    saved = list(ctx.saved_tensors)
+    s_init = saved.pop() if ctx.has_s_init else None
+    if ctx.sparse:
+        (weight, rec_weight, act_cnt, act_idx, act_sg, act_p, act_q, tan_last, ev_cnt, ev_idx,
+         ev_val, spk_bits, alpha, *prev) = saved
+        prev_cnt, prev_idx = prev if prev else (None, None)
+        grads = _ops.rlif_param_backward_sparse.default(
+            grad_spikes, grad_v_final, weight, rec_weight, s_init, act_cnt, act_idx, act_sg,
+            act_p, act_q, tan_last, ev_cnt, ev_idx, ev_val, spk_bits, prev_cnt, prev_idx, alpha,
+            ctx.reset, *flags, need_da or need_dth)
+    else:
+        weight, rec_weight, x, spikes, sg, act_p, act_q, tan_last, alpha = saved
+        grads = _ops.rlif_param_backward_dense.default(
+            grad_spikes, grad_v_final, x, weight, rec_weight, s_init, spikes, sg, act_p, act_q,
+            tan_last, alpha, ctx.reset, *flags, need_da or need_dth)
+    out = tuple(g if f else None for g, f in zip(grads[:6], flags)) + (None, None)
+    # the kernels return one row per batch element (no reduction across their tasks)
+    out += (grads[6].sum(0) if need_da else None, grads[7].sum(0) if need_dth else None)
+    return out + (None,) * (_RLIF_PARAM_INPUTS - len(out))
+
+
+torch.library.register_autograd("sparsegrad::rlif_param_forward", _rlif_param_backward,
+                                setup_context=_rlif_param_setup_context)
+
+
 # --------------------------------------------------------------------------------------------
 # Direct entry points (no validation beyond the C++ checks; see sparsegrad.functional)
 # --------------------------------------------------------------------------------------------
@@ -560,6 +673,16 @@ def rlif_forward(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_i
                                      x_act_idx, float(alpha), float(threshold), float(b_th),
                                      float(slope), bool(sparse), surrogate, reset)
 
+
+
+def rlif_param_forward(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha,
+                       threshold, b_th: float, slope: float, sparse: bool,
+                       surrogate: str = "fast_sigmoid", reset: str = "subtract",
+                       need_dparams: bool = False):
+    """The recurrent layer with per-neuron alpha, threshold ([N] tensors; CPU only so far)."""
+    return _ops.rlif_param_forward.default(
+        x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha, threshold,
+        float(b_th), float(slope), bool(sparse), surrogate, reset, bool(need_dparams))
 
 
 def lif_neuron_forward(current, v_init, s_init, alpha: float, threshold: float, b_th: float,
@@ -644,10 +767,14 @@ def _spike_conv2d_backward_fake(grad_out, pool_idx, bits, weight, in_shape, stri
             weight.new_empty((n, weight.shape[0], ho, wo)) if need_grad_conv else empty)
 
 
+#: The recurrent layer with tensor parameters (issue 18): CPU kernels only so far;
+#: functional.rlif_layer refuses CUDA tensors with them, naming these ops.
+RLIF_PARAM_OPS = ("rlif_param_forward", "rlif_param_backward_sparse", "rlif_param_backward_dense")
+
 #: Ops with a CPU kernel and, so far, no CUDA kernel (sparsegrad/conv.py runs ATen's convolution
 #: and pooling on other devices instead); tests/test_cuda_registration.py exempts exactly these.
 CPU_ONLY_OPS = ("spike_pack", "spike_conv2d_forward", "conv_pool2d", "conv_unpool2d",
-                "spike_conv2d_backward")
+                "spike_conv2d_backward", *RLIF_PARAM_OPS)
 
 
 @torch.library.register_fake("sparsegrad::conv_unpool2d")

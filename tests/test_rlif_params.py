@@ -179,3 +179,144 @@ def test_derivation_of_the_parameter_gradients(surrogate, reset, backward, syn):
     for m, a in zip(mine, auto):
         assert a.abs().max() > 0
         torch.testing.assert_close(m, a, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels: sparsegrad.rlif_layer with tensor parameters against the reference
+# ---------------------------------------------------------------------------------------------
+import sparsegrad  # noqa: E402
+
+F64 = dict(rtol=1e-10, atol=1e-12)
+
+
+def _param(kind, base, spread, seed, n=N, dtype=torch.float64):
+    """A parameter of the given kind: "float", "neuron" ([N]) or "scalar0d" ([])."""
+    g = torch.Generator().manual_seed(seed + 200)
+    if kind == "float":
+        return base
+    if kind == "scalar0d":
+        return torch.tensor(base, dtype=dtype)
+    return (base - spread / 2 + spread * torch.rand(n, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def _state(seed, syn, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed + 300)
+    v = (torch.randn(B, N, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    s = (torch.rand(B, N, generator=g) < 0.3).to(dtype)
+    out = [v, s]
+    if syn:
+        out.append((torch.randn(B, N, generator=g, dtype=torch.float64) * 0.3).to(dtype))
+    return out
+
+
+def _run(fn, x, w, r, b, params, state, learn=True, **kw):
+    """Spikes, final state and the gradients of a random loss with respect to x, W, R, b, the
+    tensor parameters (when learn) and the state (V, S, syn: S feeds step 0 through R)."""
+    leaves = {k: t.clone().requires_grad_(True) for k, t in (("x", x), ("w", w), ("r", r),
+                                                              ("b", b))}
+    p = {k: (v.clone().requires_grad_(learn) if isinstance(v, torch.Tensor) else v)
+         for k, v in params.items()}
+    st = None
+    if state is not None:
+        st = [t.clone().requires_grad_(True) for t in state]
+    out, fin = fn(leaves["x"], leaves["w"], leaves["r"], leaves["b"], state=st,
+                  return_state=True, **p, **kw)
+    g = torch.Generator().manual_seed(11)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)).sum()
+    loss = loss + (fin[0] * torch.randn(fin[0].shape, generator=g, dtype=torch.float64)
+                   .to(out.dtype)).sum()
+    if len(fin) > 2:
+        loss = loss + (fin[2] * torch.randn(fin[2].shape, generator=g, dtype=torch.float64)
+                       .to(out.dtype)).sum()
+    named = dict(leaves)
+    if learn:
+        named.update({k: v for k, v in p.items() if isinstance(v, torch.Tensor)})
+    if st is not None:
+        named["v_init"] = st[0]
+        named["s_init"] = st[1]
+        if len(st) > 2:
+            named["syn_init"] = st[2]
+    grads = torch.autograd.grad(loss, list(named.values()))
+    return out, fin, dict(zip(named, grads))
+
+
+def _compare(got, want, tol=F64):
+    out_k, fin_k, g_k = got
+    out_r, fin_r, g_r = want
+    assert torch.equal(out_k, out_r)
+    assert len(fin_k) == len(fin_r)
+    for a, r in zip(fin_k, fin_r):
+        torch.testing.assert_close(a, r.detach(), **tol)
+    assert set(g_k) == set(g_r)
+    for name in g_r:
+        torch.testing.assert_close(g_k[name], g_r[name], **tol, msg=f"d/d{name}")
+
+
+def _problem(seed, kinds, syn_kind=None):
+    x, w, r, b = _inputs(seed)
+    params = dict(alpha=_param(kinds[0], 0.8, 0.3, seed), threshold=_param(kinds[1], 1.0, 0.6,
+                                                                          seed + 1))
+    if syn_kind is not None:
+        params["alpha_syn"] = _param(syn_kind, 0.5, 0.4, seed + 2)
+    return x, w, r, b, params
+
+
+KINDS = [("neuron", "neuron"), ("scalar0d", "neuron"), ("neuron", "float"), ("float", "scalar0d")]
+
+
+@pytest.mark.parametrize("surrogate,reset,backward",
+                         list(itertools.product(SURROGATES, RESETS, ["sparse", "dense"])))
+@pytest.mark.parametrize("with_state", [False, True])
+def test_kernels_match_reference(surrogate, reset, backward, with_state):
+    x, w, r, b, params = _problem(5, ("neuron", "neuron"))
+    state = _state(5, False) if with_state else None
+    kw = dict(b_th=0.3, slope=5.0, surrogate=surrogate, reset=reset, backward=backward)
+    got = _run(sparsegrad.rlif_layer, x, w, r, b, params, state, **kw)
+    want = _run(ref.rlif_layer, x, w, r, b, params, state, **kw)
+    assert want[0].sum() > 0
+    assert all(g.abs().max() > 0 for g in want[2].values())
+    _compare(got, want)
+
+
+@pytest.mark.parametrize("kinds", KINDS)
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+@pytest.mark.parametrize("learn", [False, True])
+@pytest.mark.parametrize("reset", RESETS)
+def test_kernels_parameter_kinds(kinds, backward, learn, reset):
+    x, w, r, b, params = _problem(6, kinds)
+    kw = dict(b_th=0.3, slope=5.0, reset=reset, backward=backward)
+    state = _state(6, False)
+    _compare(_run(sparsegrad.rlif_layer, x, w, r, b, params, state, learn=learn, **kw),
+             _run(ref.rlif_layer, x, w, r, b, params, state, learn=learn, **kw))
+
+
+@pytest.mark.parametrize("reset", RESETS)
+def test_kernels_sparse_with_infinite_band_equals_dense(reset):
+    x, w, r, b, params = _problem(7, ("neuron", "neuron"))
+    state = _state(7, False)
+    kw = dict(slope=5.0, reset=reset)
+    sparse = _run(sparsegrad.rlif_layer, x, w, r, b, params, state, b_th=math.inf,
+                  backward="sparse", **kw)
+    dense = _run(sparsegrad.rlif_layer, x, w, r, b, params, state, backward="dense", **kw)
+    _compare(sparse, dense)
+
+
+def test_kernels_sparse_mode_is_sparse_and_keeps_traces_at_active_entries_only():
+    x, w, r, b, params = _problem(8, ("neuron", "neuron"))
+    a, th = (params[k].clone().requires_grad_(True) for k in ("alpha", "threshold"))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _, stats, (cnt, idx) = sparsegrad.functional.rlif_layer_with_stats(
+            x, w, r, b, alpha=a, threshold=th, b_th=0.3, slope=5.0)
+    n_active = int(stats.active_count)
+    assert 0 < n_active < T * B * N // 2 and idx.numel() == n_active
+    assert saved
+    for t in saved:
+        assert not (t.is_floating_point() and t.numel() >= T * B * N), (t.dtype, t.shape)
+    # the traces P, Q: one value per active entry
+    assert sum(1 for t in saved if t.is_floating_point() and t.numel() == n_active) == 3

@@ -33,14 +33,26 @@ inline void for_each_bit(const int32_t* row, int64_t words, const Fn& fn) {
 }
 
 
+// Tensor parameters (issue 18): the kernels are templates over the parameter view (lif_math.h).
+// ScalarParam is the float API (the loops vectorise as before); with ParamView (per-neuron
+// alpha, threshold) the forward also runs the traces P = dV/dalpha, Q = -dV/dthreshold
+// (math::tangent_*) and keeps them per active entry (dense mode: everywhere) and after the last
+// step; the backwards add math::param_grads where they form delta (docs/design.md, "Tensor
+// parameters and the synaptic current of the recurrent layer").
+template <typename Param>
+constexpr bool is_param_view() {
+  return !std::is_same<Param, ScalarParam<decltype(Param{}.value)>>::value;
+}
+
 // ------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t>
+template <typename scalar_t, typename Param = ScalarParam<at::opmath_type<scalar_t>>>
 struct RlifForward {
   using acc_t = at::opmath_type<scalar_t>;
   int64_t T = 0, B = 0, n = 0, words = 0;
-  acc_t alpha = 0, threshold = 1, b_th = 1, slope = 1;
+  Param alpha{}, threshold{};
+  acc_t b_th = 1, slope = 1;
   int surrogate = kFastSigmoid, reset = kResetSubtract;
   const scalar_t* rec_t = nullptr;  // [N, N]: row i = R[:, i], the current spike i adds
   const scalar_t* v_init = nullptr;
@@ -49,20 +61,37 @@ struct RlifForward {
   scalar_t* v_final = nullptr;  // [B, N]
   int32_t* bits = nullptr;      // [T, B, words], zeroed
   scalar_t* sg_dense = nullptr; // dense mode: [T, B, N]
+  scalar_t* p_dense = nullptr;  // ParamView, dense mode: P, Q [T, B, N]
+  scalar_t* q_dense = nullptr;
+  scalar_t* tan_last = nullptr; // ParamView: P, Q after the last step [2, B, N]
   bool sparse = true;
+  bool keep_traces = false;     // ParamView: save P, Q (some parameter needs its gradient)
+};
+
+// ParamView: one element's traces P, Q and, in sparse mode, their values per active entry.
+template <typename scalar_t>
+struct RlifTraces {
+  std::vector<at::opmath_type<scalar_t>> p, q;  // [N]
+  std::vector<scalar_t> act_p, act_q;           // per active entry, in act_idx's order
 };
 
 // Runs element b; appends its active entries (t, j order) to act_idx / act_sg and writes the
 // per-row counts act_cnt[b*T + t]. Returns the number of spikes.
-template <typename scalar_t>
-int64_t rlif_forward_element(const RlifForward<scalar_t>& a, const InputCurrent<scalar_t>& current,
+// (ParamView: tr holds the element's traces, see RlifTraces.)
+template <typename scalar_t, typename Param>
+int64_t rlif_forward_element(const RlifForward<scalar_t, Param>& a, const InputCurrent<scalar_t>& current,
                              int64_t b, std::vector<int32_t>& act_idx, std::vector<scalar_t>& act_sg,
                              int32_t* act_cnt, std::vector<at::opmath_type<scalar_t>>& v,
                              std::vector<at::opmath_type<scalar_t>>& s,
                              std::vector<at::opmath_type<scalar_t>>& cur,
-                             std::vector<int32_t>& fired) {
+                             std::vector<int32_t>& fired, RlifTraces<scalar_t>* tr = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kTraces = is_param_view<Param>();
   const int64_t T = a.T, B = a.B, n = a.n;
+  if constexpr (kTraces) {
+    tr->p.assign(n, acc_t(0));
+    tr->q.assign(n, acc_t(0));
+  }
   for (int64_t j = 0; j < n; ++j) {
     v[j] = a.v_init ? static_cast<acc_t>(a.v_init[b * n + j]) : acc_t(0);
     s[j] = a.s_init ? static_cast<acc_t>(a.s_init[b * n + j]) : acc_t(0);
@@ -91,9 +120,14 @@ int64_t rlif_forward_element(const RlifForward<scalar_t>& a, const InputCurrent<
     const int64_t row = (t * B + b) * n;
     // one loop per reset kind, so that the kind is a constant and the loop vectorises
     auto update = [&](auto reset) {
+      constexpr int kReset = decltype(reset)::value;
       for (int64_t j = 0; j < n; ++j) {
-        v[j] = math::integrate(v[j], cur[j], s[j], a.alpha, a.threshold, decltype(reset)::value);
-        s[j] = math::fire(v[j], a.threshold);
+        if constexpr (kTraces) {  // from the previous step's state, before the membrane step
+          tr->p[j] = math::tangent_alpha(tr->p[j], v[j], s[j], a.alpha[j], kReset);
+          tr->q[j] = math::tangent_threshold(tr->q[j], s[j], a.alpha[j], kReset);
+        }
+        v[j] = math::integrate(v[j], cur[j], s[j], a.alpha[j], a.threshold[j], kReset);
+        s[j] = math::fire(v[j], a.threshold[j]);
         a.spikes[row + j] = static_cast<scalar_t>(s[j]);
       }
     };
@@ -112,7 +146,7 @@ int64_t rlif_forward_element(const RlifForward<scalar_t>& a, const InputCurrent<
       uint32_t spiked = 0, active = 0;
       for (int64_t k = 0; k < len; ++k) {
         spiked |= static_cast<uint32_t>(s[j0 + k] > acc_t(0)) << k;
-        active |= static_cast<uint32_t>(math::is_active(v[j0 + k], a.threshold, a.b_th)) << k;
+        active |= static_cast<uint32_t>(math::is_active(v[j0 + k], a.threshold[j0 + k], a.b_th)) << k;
       }
       word[w] = static_cast<int32_t>(spiked);
       for (uint32_t m = spiked; m != 0; m &= m - 1) fired.push_back(static_cast<int32_t>(j0 + __builtin_ctz(m)));
@@ -120,7 +154,11 @@ int64_t rlif_forward_element(const RlifForward<scalar_t>& a, const InputCurrent<
         for (uint32_t m = active; m != 0; m &= m - 1) {
           const int64_t j = j0 + __builtin_ctz(m);
           act_idx.push_back(static_cast<int32_t>(j));
-          act_sg.push_back(static_cast<scalar_t>(math::surrogate(v[j], a.threshold, a.slope, a.surrogate)));
+          act_sg.push_back(static_cast<scalar_t>(math::surrogate(v[j], a.threshold[j], a.slope, a.surrogate)));
+          if (kTraces && a.keep_traces) {
+            tr->act_p.push_back(static_cast<scalar_t>(tr->p[j]));
+            tr->act_q.push_back(static_cast<scalar_t>(tr->q[j]));
+          }
         }
       }
     }
@@ -129,21 +167,31 @@ int64_t rlif_forward_element(const RlifForward<scalar_t>& a, const InputCurrent<
       act_cnt[b * T + t] = static_cast<int32_t>(act_idx.size() - active_before);
     } else {
       for (int64_t j = 0; j < n; ++j)
-        a.sg_dense[row + j] = static_cast<scalar_t>(math::surrogate(v[j], a.threshold, a.slope, a.surrogate));
+        a.sg_dense[row + j] = static_cast<scalar_t>(math::surrogate(v[j], a.threshold[j], a.slope, a.surrogate));
+      if (kTraces && a.keep_traces)
+        for (int64_t j = 0; j < n; ++j) {
+          a.p_dense[row + j] = static_cast<scalar_t>(tr->p[j]);
+          a.q_dense[row + j] = static_cast<scalar_t>(tr->q[j]);
+        }
     }
   }
   for (int64_t j = 0; j < n; ++j) a.v_final[b * n + j] = static_cast<scalar_t>(v[j]);
+  if (kTraces && a.keep_traces)
+    for (int64_t j = 0; j < n; ++j) {
+      a.tan_last[b * n + j] = static_cast<scalar_t>(tr->p[j]);
+      a.tan_last[(B + b) * n + j] = static_cast<scalar_t>(tr->q[j]);
+    }
   return count;
 }
 
 // ------------------------------------------------------------------------------------------
 // Sparse backward
 // ------------------------------------------------------------------------------------------
-template <typename scalar_t>
+template <typename scalar_t, typename Param = ScalarParam<at::opmath_type<scalar_t>>>
 struct RlifBackward {
   using acc_t = at::opmath_type<scalar_t>;
   int64_t T = 0, B = 0, n_in = 0, n = 0, words = 0;
-  acc_t alpha = 0;
+  Param alpha{};
   int reset = kResetSubtract;
   const scalar_t* grad = nullptr;      // dL/dS [T, B, N]
   const scalar_t* g_init = nullptr;    // dL/dV_final [B, N] or null
@@ -167,6 +215,13 @@ struct RlifBackward {
   acc_t* dw_t_parts = nullptr;
   acc_t* drec_t_parts = nullptr;
   acc_t* db_parts = nullptr;      // [chunks, N], zeroed
+  // ParamView: the forward's traces P, Q per active entry and after the last step [2, B, N],
+  // and the parameter gradients per batch element d_alpha, d_threshold [B, N] (null: not wanted)
+  const scalar_t* act_p = nullptr;
+  const scalar_t* act_q = nullptr;
+  const scalar_t* tan_last = nullptr;
+  scalar_t* d_alpha = nullptr;
+  scalar_t* d_threshold = nullptr;
 };
 
 // Rows of the dW^T / dR^T partials: N rounded up to whole SIMD tiles (trace_backward.h).
@@ -222,14 +277,19 @@ void add_row_sums_all(const vec* G, int64_t tiles, const int64_t* ptr, const int
   }
 }
 
-template <typename scalar_t>
-void rlif_backward_walk(const RlifBackward<scalar_t>& p) {
+template <typename scalar_t, typename Param>
+void rlif_backward_walk(const RlifBackward<scalar_t, Param>& p) {
   using acc_t = at::opmath_type<scalar_t>;
+  // Per-neuron alpha: the input-space trace D = G W cannot decay by one factor; dx everywhere is
+  // then G[t] W, formed per live step from the neurons with G != 0.
+  constexpr bool kPerNeuron = is_param_view<Param>();
   using vec = typename TileVec<acc_t>::type;
   constexpr int64_t L = tile_lanes<acc_t>();
   const int64_t T = p.T, B = p.B, n = p.n, n_in = p.n_in;
   const int64_t tiles = padded_row<acc_t>(n) / L;
   const bool full_dx = p.dx && !p.prev_off;
+  const bool d_trace = full_dx && !kPerNeuron;
+  const bool params = kPerNeuron && p.d_alpha;
   const bool zero_reset = p.reset == kResetZero;
   constexpr int64_t kAhead = 8;  // dL/dS rows are a stride apart: prefetch them early
   // dW and dR are summed per element after its walk, from a buffer of G at every step (T * N
@@ -244,6 +304,8 @@ void rlif_backward_walk(const RlifBackward<scalar_t>& p) {
   const int64_t work_per_chunk = (B / chunks.count + 1) * T * (n + (full_dx ? n_in : 0));
   at::parallel_for(0, chunks.count, grain_for(work_per_chunk), [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> G(n), delta(n), D(full_dx ? n_in : 0);
+    std::vector<acc_t> d_alpha(params ? n : 0), d_threshold(params ? n : 0);
+    acc_t d_unused = 0;
     std::vector<vec> G_all(buffer ? T * tiles : 0, vec{});  // G[t] at row t; pad lanes stay 0
     std::vector<int64_t> spk_off(p.drec_t_parts ? n + 1 : 0);
     std::vector<int32_t> spk_times;
@@ -256,11 +318,17 @@ void rlif_backward_walk(const RlifBackward<scalar_t>& p) {
         int64_t t_live = -1;  // the last step with G != 0 (G[t] = 0 for t > t_live)
         std::fill(G.begin(), G.end(), acc_t(0));
         std::fill(D.begin(), D.end(), acc_t(0));
+        std::fill(d_alpha.begin(), d_alpha.end(), acc_t(0));
+        std::fill(d_threshold.begin(), d_threshold.end(), acc_t(0));
         if (p.g_init) {
           for (int64_t j = 0; j < n; ++j) {
             const acc_t g = static_cast<acc_t>(p.g_init[b * n + j]);
             G[j] = g;
-            if (full_dx && g != acc_t(0)) axpy<acc_t>(n_in, g, p.weight + j * n_in, D.data());
+            if (d_trace && g != acc_t(0)) axpy<acc_t>(n_in, g, p.weight + j * n_in, D.data());
+            if (params)
+              math::param_grads(d_alpha[j], d_threshold[j], d_unused, g,
+                                static_cast<acc_t>(p.tan_last[b * n + j]),
+                                static_cast<acc_t>(p.tan_last[(B + b) * n + j]), acc_t(0), false);
           }
           live = true;
         }
@@ -280,26 +348,32 @@ void rlif_backward_walk(const RlifBackward<scalar_t>& p) {
             const int64_t j = p.act_idx[e];
             const acc_t u = carry ? dot<acc_t>(n, G.data(), p.rec_t + j * n) : acc_t(0);
             delta[e - e0] = static_cast<acc_t>(p.act_sg[e]) * (static_cast<acc_t>(e_row[j]) + u);
+            if (params)
+              math::param_grads(d_alpha[j], d_threshold[j], d_unused, delta[e - e0],
+                                static_cast<acc_t>(p.act_p[e]), static_cast<acc_t>(p.act_q[e]),
+                                acc_t(0), true);
           }
           if (carry) {
             if (zero_reset) {
               // d[t] = alpha*(1 - S[t]): G[t+1] does not reach V[t] where the neuron spiked
-              if (full_dx) {
-                scale_inplace<acc_t>(n_in, p.alpha, D.data());
+              if (d_trace) {
+                scale_inplace<acc_t>(n_in, p.alpha.value, D.data());
                 for_each_bit(spk, p.words, [&](int64_t j) {
-                  axpy<acc_t>(n_in, -(p.alpha * G[j]), p.weight + j * n_in, D.data());
+                  axpy<acc_t>(n_in, -(p.alpha.value * G[j]), p.weight + j * n_in, D.data());
                 });
               }
-              for (int64_t j = 0; j < n; ++j) G[j] *= math::trace_decay(p.alpha, test_bit(spk, j), p.reset);
+              for (int64_t j = 0; j < n; ++j) G[j] *= math::trace_decay(p.alpha[j], test_bit(spk, j), p.reset);
+            } else if constexpr (kPerNeuron) {
+              for (int64_t j = 0; j < n; ++j) G[j] *= p.alpha[j];
             } else {
-              scale_inplace<acc_t>(n, p.alpha, G.data());
-              if (full_dx) scale_inplace<acc_t>(n_in, p.alpha, D.data());
+              scale_inplace<acc_t>(n, p.alpha.value, G.data());
+              if (full_dx) scale_inplace<acc_t>(n_in, p.alpha.value, D.data());
             }
           }
           for (int64_t e = e0; e < e1; ++e) {
             const int64_t j = p.act_idx[e];
             G[j] += delta[e - e0];
-            if (full_dx) axpy<acc_t>(n_in, delta[e - e0], p.weight + j * n_in, D.data());
+            if (d_trace) axpy<acc_t>(n_in, delta[e - e0], p.weight + j * n_in, D.data());
           }
           live = live || e1 > e0;
           if (!live) continue;
@@ -308,6 +382,11 @@ void rlif_backward_walk(const RlifBackward<scalar_t>& p) {
           if (buffer) __builtin_memcpy(G_all.data() + t * tiles, G.data(), n * sizeof(acc_t));
           if (p.dx) {
             scalar_t* dx_row = p.dx + (t * B + b) * n_in;
+            if (full_dx && kPerNeuron) {  // D = G[t] W
+              std::fill(D.begin(), D.end(), acc_t(0));
+              for (int64_t j = 0; j < n; ++j)
+                if (G[j] != acc_t(0)) axpy<acc_t>(n_in, G[j], p.weight + j * n_in, D.data());
+            }
             if (full_dx) {
               for (int64_t i = 0; i < n_in; ++i) dx_row[i] = static_cast<scalar_t>(D[i]);
             } else {
@@ -322,12 +401,17 @@ void rlif_backward_walk(const RlifBackward<scalar_t>& p) {
         const scalar_t* s0 = p.s_init ? p.s_init + b * n : nullptr;
         if (p.dv)
           for (int64_t j = 0; j < n; ++j) {
-            const acc_t keep = zero_reset && s0 ? p.alpha * (acc_t(1) - static_cast<acc_t>(s0[j])) : p.alpha;
+            const acc_t keep = zero_reset && s0 ? p.alpha[j] * (acc_t(1) - static_cast<acc_t>(s0[j])) : p.alpha[j];
             p.dv[b * n + j] = static_cast<scalar_t>(keep * G[j]);
           }
         if (p.ds)
           for (int64_t j = 0; j < n; ++j)
             p.ds[b * n + j] = static_cast<scalar_t>(live ? dot<acc_t>(n, G.data(), p.rec_t + j * n) : acc_t(0));
+        if (params)
+          for (int64_t j = 0; j < n; ++j) {
+            p.d_alpha[b * n + j] = static_cast<scalar_t>(d_alpha[j]);
+            p.d_threshold[b * n + j] = static_cast<scalar_t>(d_threshold[j]);
+          }
         if (!live) continue;
         // dW^T[i, :] += x * G[t] over the element's events (t, i)
         if (dw_t)
@@ -361,26 +445,57 @@ void rlif_backward_walk(const RlifBackward<scalar_t>& p) {
 // ------------------------------------------------------------------------------------------
 // Dense backward: G at every entry [T, B, N] (the GEMMs for dW, dR, dx follow in ATen).
 // ------------------------------------------------------------------------------------------
+// ParamView: the parameter gradients per element from the traces P, Q at every entry
+// ([T, B, N] each) and after the last step (tan_last [2, B, N]) into d_alpha, d_threshold
+// [B, N] (null: not wanted).
 template <typename scalar_t>
+struct RlifDenseParams {
+  const scalar_t* p_dense = nullptr;
+  const scalar_t* q_dense = nullptr;
+  const scalar_t* tan_last = nullptr;
+  scalar_t* d_alpha = nullptr;
+  scalar_t* d_threshold = nullptr;
+};
+
+template <typename scalar_t, typename Param>
 void rlif_dense_walk(const scalar_t* grad, const scalar_t* sg, const scalar_t* spikes,
                      const scalar_t* g_init, const scalar_t* rec_t, int64_t T, int64_t B, int64_t n,
-                     at::opmath_type<scalar_t> alpha, int reset, scalar_t* G_out) {
+                     Param alpha, int reset, scalar_t* G_out, RlifDenseParams<scalar_t> prm = {}) {
   using acc_t = at::opmath_type<scalar_t>;
+  const bool params = prm.d_alpha != nullptr;
   at::parallel_for(0, B, grain_for(T * n * n), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> G(n), next(n);
+    std::vector<acc_t> G(n), next(n), d_alpha(params ? n : 0), d_threshold(params ? n : 0);
+    acc_t d_unused = 0;
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t j = 0; j < n; ++j) next[j] = g_init ? static_cast<acc_t>(g_init[b * n + j]) : acc_t(0);
+      if (params)
+        for (int64_t j = 0; j < n; ++j) {
+          d_alpha[j] = d_threshold[j] = acc_t(0);
+          math::param_grads(d_alpha[j], d_threshold[j], d_unused, next[j],
+                            static_cast<acc_t>(prm.tan_last[b * n + j]),
+                            static_cast<acc_t>(prm.tan_last[(B + b) * n + j]), acc_t(0), false);
+        }
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t row = (t * B + b) * n;
         const bool carry = t < T - 1;
         for (int64_t j = 0; j < n; ++j) {
           const acc_t u = carry ? dot<acc_t>(n, next.data(), rec_t + j * n) : acc_t(0);
-          const acc_t d = carry ? math::trace_decay(alpha, spikes[row + j] > scalar_t(0), reset) : acc_t(1);
-          G[j] = d * next[j] + static_cast<acc_t>(sg[row + j]) * (static_cast<acc_t>(grad[row + j]) + u);
+          const acc_t d = carry ? math::trace_decay(alpha[j], spikes[row + j] > scalar_t(0), reset) : acc_t(1);
+          const acc_t delta = static_cast<acc_t>(sg[row + j]) * (static_cast<acc_t>(grad[row + j]) + u);
+          G[j] = d * next[j] + delta;
+          if (params)
+            math::param_grads(d_alpha[j], d_threshold[j], d_unused, delta,
+                              static_cast<acc_t>(prm.p_dense[row + j]),
+                              static_cast<acc_t>(prm.q_dense[row + j]), acc_t(0), true);
         }
         for (int64_t j = 0; j < n; ++j) G_out[row + j] = static_cast<scalar_t>(G[j]);
         std::swap(G, next);
       }
+      if (params)
+        for (int64_t j = 0; j < n; ++j) {
+          prm.d_alpha[b * n + j] = static_cast<scalar_t>(d_alpha[j]);
+          prm.d_threshold[b * n + j] = static_cast<scalar_t>(d_threshold[j]);
+        }
     }
   });
 }

@@ -13,13 +13,32 @@ namespace {
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                            at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ParamOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor>;
+using ParamGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                              at::Tensor, at::Tensor>;
 
-template <typename scalar_t>
+// The forward's traces (ParamView only): P, Q per active entry (dense mode: [T, B, N]) and after
+// the last step [2, B, N].
+struct TraceOut {
+  bool keep = false;  // some parameter needs its gradient; else the traces stay empty
+  at::Tensor act_p, act_q, tan_last;
+};
+
+template <typename acc_t>
+ParamView<acc_t> param_view(const at::Tensor& t) {
+  return ParamView<acc_t>{acc_t(0), t.data_ptr<acc_t>()};
+}
+
+template <typename scalar_t, typename Param>
 Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rec,
                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& v_init,
-                          const c10::optional<at::Tensor>& s_init, double alpha, double threshold,
-                          double b_th, double slope, bool sparse, NeuronKinds kinds) {
+                          const c10::optional<at::Tensor>& s_init, Param alpha, Param threshold,
+                          double b_th, double slope, bool sparse, NeuronKinds kinds,
+                          TraceOut* traces = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kTraces = is_param_view<Param>();
   const int64_t T = x.size(0), B = x.size(1), n = weight.size(0), words = bit_words(n);
   const auto int_opts = x.options().dtype(at::kInt);
 
@@ -27,7 +46,7 @@ Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const a
   CurrentPlan<scalar_t> plan(x, weight, bias, ev);
   const at::Tensor rec_t = rec.t().contiguous();
 
-  RlifForward<scalar_t> a;
+  RlifForward<scalar_t, Param> a;
   a.T = T; a.B = B; a.n = n; a.words = words;
   a.alpha = alpha; a.threshold = threshold; a.b_th = b_th; a.slope = slope;
   a.surrogate = kinds.surrogate; a.reset = kinds.reset;
@@ -43,6 +62,24 @@ Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const a
   a.v_final = v_final.data_ptr<scalar_t>();
   a.bits = bits.data_ptr<int32_t>();
   a.sg_dense = sparse ? nullptr : dense_sg.data_ptr<scalar_t>();
+  if constexpr (kTraces) {
+    a.keep_traces = traces->keep;
+    const auto empty = at::empty({0}, x.options());
+    traces->act_p = empty;
+    traces->act_q = empty.clone();
+    traces->tan_last = empty.clone();
+  }
+  if (kTraces && traces->keep) {
+    traces->tan_last = at::empty({2, B, n}, x.options());
+    a.tan_last = traces->tan_last.data_ptr<scalar_t>();
+    if (!sparse) {
+      traces->act_p = at::empty({T, B, n}, x.options());
+      traces->act_q = at::empty({T, B, n}, x.options());
+      a.p_dense = traces->act_p.data_ptr<scalar_t>();
+      a.q_dense = traces->act_q.data_ptr<scalar_t>();
+    }
+  }
+  std::vector<RlifTraces<scalar_t>> tr(kTraces ? B : 0);
 
   std::vector<std::vector<int32_t>> act_idx(sparse ? B : 0);
   std::vector<std::vector<scalar_t>> act_sg(sparse ? B : 0);
@@ -57,7 +94,8 @@ Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const a
     std::vector<scalar_t> no_sg;
     for (int64_t b = b0; b < b1; ++b)
       spike_count[b] = rlif_forward_element<scalar_t>(a, plan.current, b, sparse ? act_idx[b] : no_idx,
-                                                      sparse ? act_sg[b] : no_sg, cnt, v, s, cur, fired);
+                                                      sparse ? act_sg[b] : no_sg, cnt, v, s, cur, fired,
+                                                      kTraces ? &tr[b] : nullptr);
   });
 
   auto stats = at::empty({3}, x.options().dtype(at::kLong));
@@ -79,10 +117,21 @@ Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const a
   auto sg_out = at::empty({base[B]}, x.options());
   int32_t* ip = idx_out.data_ptr<int32_t>();
   scalar_t* sp = sg_out.data_ptr<scalar_t>();
+  scalar_t *pp = nullptr, *qp = nullptr;
+  if (kTraces && traces->keep) {
+    traces->act_p = at::empty({base[B]}, x.options());
+    traces->act_q = at::empty({base[B]}, x.options());
+    pp = traces->act_p.data_ptr<scalar_t>();
+    qp = traces->act_q.data_ptr<scalar_t>();
+  }
   at::parallel_for(0, B, grain_for(T + base[B] / std::max<int64_t>(B, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       std::copy(act_idx[b].begin(), act_idx[b].end(), ip + base[b]);
       std::copy(act_sg[b].begin(), act_sg[b].end(), sp + base[b]);
+      if (pp) {
+        std::copy(tr[b].act_p.begin(), tr[b].act_p.end(), pp + base[b]);
+        std::copy(tr[b].act_q.begin(), tr[b].act_q.end(), qp + base[b]);
+      }
     }
   });
   return {spikes, v_final, act_cnt, idx_out, sg_out, ev.cnt, ev.idx, ev.val, bits, stats};
@@ -100,10 +149,43 @@ Outputs rlif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, co
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), rec = rec_in.contiguous();
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rlif_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     out = rlif_forward_impl<scalar_t>(x, weight, rec, contiguous(bias), contiguous(v_init),
-                                      contiguous(s_init), alpha, threshold, b_th, slope, sparse, kinds);
+                                      contiguous(s_init), ScalarParam<acc_t>{acc_t(alpha)},
+                                      ScalarParam<acc_t>{acc_t(threshold)}, b_th, slope, sparse, kinds);
   });
   return out;
+}
+
+// The tensor-parameter forward: the outputs of rlif_forward with act_p, act_q, tan_last after
+// act_sg.
+ParamOutputs rlif_param_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                    const at::Tensor& rec_in, const c10::optional<at::Tensor>& bias,
+                                    const c10::optional<at::Tensor>& v_init,
+                                    const c10::optional<at::Tensor>& s_init,
+                                    const c10::optional<at::Tensor>& /*x_act_cnt*/,
+                                    const c10::optional<at::Tensor>& /*x_act_idx*/,
+                                    const at::Tensor& alpha, const at::Tensor& threshold, double b_th,
+                                    double slope, bool sparse, c10::string_view surrogate,
+                                    c10::string_view reset, bool need_dparams) {
+  const NeuronKinds kinds = check_rlif_forward_args(x_in, weight_in, rec_in, bias, v_init, s_init, 0.5,
+                                                  1.0, b_th, slope, surrogate, reset, "rlif_param_forward");
+  check_neuron_param(alpha, x_in, weight_in.size(0), "rlif_param_forward", "alpha");
+  check_neuron_param(threshold, x_in, weight_in.size(0), "rlif_param_forward", "threshold");
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), rec = rec_in.contiguous();
+  const at::Tensor a = alpha.contiguous(), th = threshold.contiguous();
+  Outputs out;
+  TraceOut tr;
+  tr.keep = need_dparams;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rlif_param_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    out = rlif_forward_impl<scalar_t>(x, weight, rec, contiguous(bias), contiguous(v_init),
+                                      contiguous(s_init), param_view<acc_t>(a), param_view<acc_t>(th),
+                                      b_th, slope, sparse, kinds, &tr);
+  });
+  auto& [spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, bits, stats] = out;
+  return {spikes, v_final, act_cnt, act_idx, act_sg, tr.act_p, tr.act_q, tr.tan_last,
+          ev_cnt, ev_idx, ev_val, bits, stats};
 }
 
 // dx on the producer's active set costs |A_prev| * N dot products; dx everywhere through the
@@ -113,7 +195,14 @@ bool restrict_dx(int64_t n_prev, int64_t n_inject, int64_t T, int64_t B, int64_t
   return double(n_prev) * double(n) <= (double(n_inject) + 0.25 * double(T) * double(B)) * double(n_in);
 }
 
-template <typename scalar_t>
+// The parameter-gradient inputs and outputs of the tensor-parameter backwards (null: float API).
+struct ParamGradIO {
+  at::Tensor act_p, act_q, tan_last;
+  bool need = false;
+  at::Tensor d_alpha, d_threshold;  // outputs [B, N]
+};
+
+template <typename scalar_t, typename Param>
 Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
                                 const at::Tensor& weight, const at::Tensor& rec,
                                 const c10::optional<at::Tensor>& s_init, const at::Tensor& act_off,
@@ -121,18 +210,28 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
                                 const at::Tensor& ev_off, const at::Tensor& ev_idx,
                                 const at::Tensor& ev_val, const at::Tensor& bits,
                                 const c10::optional<at::Tensor>& prev_off,
-                                const c10::optional<at::Tensor>& prev_idx, double alpha, ResetKind reset,
+                                const c10::optional<at::Tensor>& prev_idx, Param alpha, ResetKind reset,
                                 bool need_dx, bool need_dw, bool need_drec, bool need_db,
-                                bool need_dv, bool need_ds) {
+                                bool need_dv, bool need_ds, ParamGradIO* prm = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gS.size(0), B = gS.size(1), n = weight.size(0), n_in = weight.size(1);
   const auto opts = gS.options();
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
   const BatchChunks chunks(B);
 
-  RlifBackward<scalar_t> p;
+  RlifBackward<scalar_t, Param> p;
   p.T = T; p.B = B; p.n_in = n_in; p.n = n; p.words = bit_words(n);
-  p.alpha = static_cast<acc_t>(alpha);
+  p.alpha = alpha;
+  const bool need_dparams = prm && prm->need;
+  if (need_dparams) {
+    prm->d_alpha = at::empty({B, n}, opts);
+    prm->d_threshold = at::empty({B, n}, opts);
+    p.act_p = prm->act_p.data_ptr<scalar_t>();
+    p.act_q = prm->act_q.data_ptr<scalar_t>();
+    p.tan_last = prm->tan_last.data_ptr<scalar_t>();
+    p.d_alpha = prm->d_alpha.data_ptr<scalar_t>();
+    p.d_threshold = prm->d_threshold.data_ptr<scalar_t>();
+  }
   p.reset = reset;
   p.grad = gS.data_ptr<scalar_t>();
   p.g_init = ptr_or_null<scalar_t>(gV);
@@ -176,7 +275,8 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
     db_parts = at::zeros({chunks.count, n}, acc_opts);
     p.db_parts = db_parts.data_ptr<acc_t>();
   }
-  if (need_dx || need_dw || need_drec || need_db || need_dv || need_ds) rlif_backward_walk<scalar_t>(p);
+  if (need_dx || need_dw || need_drec || need_db || need_dv || need_ds || need_dparams)
+    rlif_backward_walk<scalar_t>(p);
 
   // [chunks, rows, n_pad] partials -> [n, rows]: out[j, i] = sum over chunks in order
   auto reduce = [&](const at::Tensor& parts, int64_t rows) {
@@ -225,34 +325,94 @@ Grads rlif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optiona
         grad_spikes.contiguous(), contiguous(grad_v_final), weight.contiguous(),
         rec_weight.contiguous(), contiguous(s_init), act_off, act_idx.contiguous(),
         act_sg.contiguous(), ev_off, ev_idx.contiguous(), ev_val.contiguous(),
-        spk_bits.contiguous(), prev_off, contiguous(prev_idx), alpha, reset, need_dx, need_dw,
-        need_drec, need_db, need_dv, need_ds);
+        spk_bits.contiguous(), prev_off, contiguous(prev_idx),
+        ScalarParam<at::opmath_type<scalar_t>>{static_cast<at::opmath_type<scalar_t>>(alpha)}, reset,
+        need_dx, need_dw, need_drec, need_db, need_dv, need_ds);
   });
   return out;
 }
 
-Grads rlif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
-                              const at::Tensor& x_in, const at::Tensor& weight_in,
-                              const at::Tensor& rec_in, const c10::optional<at::Tensor>& s_init_in,
-                              const at::Tensor& spikes_in, const at::Tensor& sg_in, double alpha,
-                              c10::string_view reset_name, bool need_dx, bool need_dw, bool need_drec,
-                              bool need_db, bool need_dv, bool need_ds) {
-  const ResetKind reset = check_rlif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in,
-                                                         rec_in, s_init_in, spikes_in, sg_in, alpha,
-                                                         reset_name);
+// The tensor-parameter sparse backward: rlif_backward_sparse's gradients and d_alpha,
+// d_threshold per batch element [B, N] (empty unless need_dparams).
+ParamGrads rlif_param_backward_sparse_cpu(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const at::Tensor& weight, const at::Tensor& rec_weight, const c10::optional<at::Tensor>& s_init,
+    const at::Tensor& act_cnt, const at::Tensor& act_idx, const at::Tensor& act_sg,
+    const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& tan_last,
+    const at::Tensor& ev_cnt, const at::Tensor& ev_idx, const at::Tensor& ev_val,
+    const at::Tensor& spk_bits, const c10::optional<at::Tensor>& prev_cnt,
+    const c10::optional<at::Tensor>& prev_idx, const at::Tensor& alpha, c10::string_view reset_name,
+    bool need_dx, bool need_dw, bool need_drec, bool need_db, bool need_dv, bool need_ds,
+    bool need_dparams) {
+  const char* op = "rlif_param_backward_sparse";
+  at::Tensor act_off, ev_off;
+  c10::optional<at::Tensor> prev_off;
+  const ResetKind reset = check_rlif_backward_sparse_args(
+      grad_spikes, grad_v_final, weight, rec_weight, s_init, act_cnt, act_idx, act_sg, ev_cnt,
+      ev_idx, ev_val, spk_bits, prev_cnt, prev_idx, 0.5, reset_name, &act_off, &ev_off, &prev_off, op);
+  const int64_t B = grad_spikes.size(1), n = weight.size(0);
+  check_neuron_param(alpha, grad_spikes, n, op, "alpha");
+  check_trace(act_p, grad_spikes, need_dparams, act_idx.numel(), op, "act_p");
+  check_trace(act_q, grad_spikes, need_dparams, act_idx.numel(), op, "act_q");
+  check_trace(tan_last, grad_spikes, need_dparams, 2 * B * n, op, "tan_last");
+  ParamGradIO prm{act_p.contiguous(), act_q.contiguous(), tan_last.contiguous(), need_dparams, {}, {}};
+  const at::Tensor a = alpha.contiguous();
+  Grads out;
+  AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "rlif_param_backward_sparse_cpu", [&] {
+    out = rlif_backward_sparse_impl<scalar_t>(
+        grad_spikes.contiguous(), contiguous(grad_v_final), weight.contiguous(),
+        rec_weight.contiguous(), contiguous(s_init), act_off, act_idx.contiguous(),
+        act_sg.contiguous(), ev_off, ev_idx.contiguous(), ev_val.contiguous(),
+        spk_bits.contiguous(), prev_off, contiguous(prev_idx),
+        param_view<at::opmath_type<scalar_t>>(a), reset, need_dx, need_dw, need_drec, need_db,
+        need_dv, need_ds, &prm);
+  });
+  const auto empty = at::empty({0}, grad_spikes.options());
+  auto& [dx, dw, drec, db, dv, ds] = out;
+  return {dx, dw, drec, db, dv, ds, need_dparams ? prm.d_alpha : empty,
+          need_dparams ? prm.d_threshold : empty.clone()};
+}
+
+// Both dense backwards: alpha_t (the per-neuron alpha) null for the float API.
+Grads rlif_backward_dense_common(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+                                 const at::Tensor& x_in, const at::Tensor& weight_in,
+                                 const at::Tensor& rec_in, const c10::optional<at::Tensor>& s_init_in,
+                                 const at::Tensor& spikes_in, const at::Tensor& sg_in, double alpha,
+                                 const at::Tensor* alpha_t, ResetKind reset, bool need_dx, bool need_dw,
+                                 bool need_drec, bool need_db, bool need_dv, bool need_ds,
+                                 ParamGradIO* prm = nullptr) {
   const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), n = weight_in.size(0),
                 n_in = weight_in.size(1);
   const auto opts = grad_spikes.options();
   const c10::optional<at::Tensor> gV = contiguous(grad_v_final), s_init = contiguous(s_init_in);
   const at::Tensor rec = rec_in.contiguous(), spikes = spikes_in.contiguous();
+  const at::Tensor a = alpha_t ? alpha_t->contiguous() : at::Tensor();
   at::Tensor G = at::empty({T, B, n}, opts);
+  const bool need_dparams = prm && prm->need;
+  if (need_dparams) {
+    prm->d_alpha = at::empty({B, n}, opts);
+    prm->d_threshold = at::empty({B, n}, opts);
+  }
   AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "rlif_backward_dense_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor rec_t = rec.t().contiguous();
-    rlif_dense_walk<scalar_t>(grad_spikes.contiguous().data_ptr<scalar_t>(),
-                              sg_in.contiguous().data_ptr<scalar_t>(), spikes.data_ptr<scalar_t>(),
-                              ptr_or_null<scalar_t>(gV), rec_t.data_ptr<scalar_t>(), T, B, n,
-                              static_cast<at::opmath_type<scalar_t>>(alpha), reset,
-                              G.data_ptr<scalar_t>());
+    auto walk = [&](auto param, RlifDenseParams<scalar_t> dp) {
+      rlif_dense_walk<scalar_t>(grad_spikes.contiguous().data_ptr<scalar_t>(),
+                                sg_in.contiguous().data_ptr<scalar_t>(), spikes.data_ptr<scalar_t>(),
+                                ptr_or_null<scalar_t>(gV), rec_t.data_ptr<scalar_t>(), T, B, n, param,
+                                reset, G.data_ptr<scalar_t>(), dp);
+    };
+    if (alpha_t == nullptr) {
+      walk(ScalarParam<acc_t>{static_cast<acc_t>(alpha)}, RlifDenseParams<scalar_t>{});
+    } else {
+      RlifDenseParams<scalar_t> dp;
+      if (need_dparams) {
+        dp = {prm->act_p.data_ptr<scalar_t>(), prm->act_q.data_ptr<scalar_t>(),
+              prm->tan_last.data_ptr<scalar_t>(), prm->d_alpha.data_ptr<scalar_t>(),
+              prm->d_threshold.data_ptr<scalar_t>()};
+      }
+      walk(param_view<acc_t>(a), dp);
+    }
   });
   auto empty = at::empty({0}, opts);
   auto G2 = G.view({T * B, n});
@@ -267,12 +427,52 @@ Grads rlif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional
   }
   at::Tensor dv = empty.clone(), ds = empty.clone();
   if (need_dv) {
-    dv = G[0] * alpha;
+    dv = alpha_t ? G[0] * a : G[0] * alpha;
     if (reset == kResetZero && s_init.has_value()) dv = dv * (1 - *s_init);
     dv = dv.contiguous();
   }
   if (need_ds) ds = at::mm(G[0], rec);
   return {dx, dw, drec, db, dv, ds};
+}
+
+Grads rlif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+                              const at::Tensor& x_in, const at::Tensor& weight_in,
+                              const at::Tensor& rec_in, const c10::optional<at::Tensor>& s_init_in,
+                              const at::Tensor& spikes_in, const at::Tensor& sg_in, double alpha,
+                              c10::string_view reset_name, bool need_dx, bool need_dw, bool need_drec,
+                              bool need_db, bool need_dv, bool need_ds) {
+  const ResetKind reset = check_rlif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in,
+                                                         rec_in, s_init_in, spikes_in, sg_in, alpha,
+                                                         reset_name);
+  return rlif_backward_dense_common(grad_spikes, grad_v_final, x_in, weight_in, rec_in, s_init_in,
+                                    spikes_in, sg_in, alpha, nullptr, reset, need_dx, need_dw,
+                                    need_drec, need_db, need_dv, need_ds);
+}
+
+// The tensor-parameter dense backward: act_p, act_q are the forward's traces at every entry.
+ParamGrads rlif_param_backward_dense_cpu(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rec,
+    const c10::optional<at::Tensor>& s_init, const at::Tensor& spikes, const at::Tensor& sg,
+    const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& tan_last,
+    const at::Tensor& alpha, c10::string_view reset_name, bool need_dx, bool need_dw,
+    bool need_drec, bool need_db, bool need_dv, bool need_ds, bool need_dparams) {
+  const char* op = "rlif_param_backward_dense";
+  const ResetKind reset = check_rlif_backward_dense_args(grad_spikes, grad_v_final, x, weight, rec,
+                                                         s_init, spikes, sg, 0.5, reset_name, op);
+  const int64_t B = grad_spikes.size(1), n = weight.size(0);
+  check_neuron_param(alpha, grad_spikes, n, op, "alpha");
+  check_trace(act_p, grad_spikes, need_dparams, grad_spikes.numel(), op, "act_p");
+  check_trace(act_q, grad_spikes, need_dparams, grad_spikes.numel(), op, "act_q");
+  check_trace(tan_last, grad_spikes, need_dparams, 2 * B * n, op, "tan_last");
+  ParamGradIO prm{act_p.contiguous(), act_q.contiguous(), tan_last.contiguous(), need_dparams, {}, {}};
+  Grads out = rlif_backward_dense_common(grad_spikes, grad_v_final, x, weight, rec, s_init, spikes,
+                                         sg, 0.5, &alpha, reset, need_dx, need_dw, need_drec,
+                                         need_db, need_dv, need_ds, &prm);
+  const auto empty = at::empty({0}, grad_spikes.options());
+  auto& [dx, dw, drec, db, dv, ds] = out;
+  return {dx, dw, drec, db, dv, ds, need_dparams ? prm.d_alpha : empty,
+          need_dparams ? prm.d_threshold : empty.clone()};
 }
 
 }  // namespace
@@ -281,6 +481,9 @@ TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
   m.impl("rlif_forward", SG_FLOAT32_MATH(rlif_forward_cpu));
   m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(rlif_backward_sparse_cpu));
   m.impl("rlif_backward_dense", SG_FLOAT32_MATH(rlif_backward_dense_cpu));
+  m.impl("rlif_param_forward", SG_FLOAT32_MATH(rlif_param_forward_cpu));
+  m.impl("rlif_param_backward_sparse", SG_FLOAT32_MATH(rlif_param_backward_sparse_cpu));
+  m.impl("rlif_param_backward_dense", SG_FLOAT32_MATH(rlif_param_backward_dense_cpu));
 }
 
 }  // namespace cpu
