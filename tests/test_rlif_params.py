@@ -267,9 +267,10 @@ KINDS = [("neuron", "neuron"), ("scalar0d", "neuron"), ("neuron", "float"), ("fl
 @pytest.mark.parametrize("surrogate,reset,backward",
                          list(itertools.product(SURROGATES, RESETS, ["sparse", "dense"])))
 @pytest.mark.parametrize("with_state", [False, True])
-def test_kernels_match_reference(surrogate, reset, backward, with_state):
-    x, w, r, b, params = _problem(5, ("neuron", "neuron"))
-    state = _state(5, False) if with_state else None
+@pytest.mark.parametrize("syn", [False, True])
+def test_kernels_match_reference(surrogate, reset, backward, with_state, syn):
+    x, w, r, b, params = _problem(5, ("neuron", "neuron"), "neuron" if syn else None)
+    state = _state(5, syn) if with_state else None
     kw = dict(b_th=0.3, slope=5.0, surrogate=surrogate, reset=reset, backward=backward)
     got = _run(sparsegrad.rlif_layer, x, w, r, b, params, state, **kw)
     want = _run(ref.rlif_layer, x, w, r, b, params, state, **kw)
@@ -282,18 +283,22 @@ def test_kernels_match_reference(surrogate, reset, backward, with_state):
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 @pytest.mark.parametrize("learn", [False, True])
 @pytest.mark.parametrize("reset", RESETS)
-def test_kernels_parameter_kinds(kinds, backward, learn, reset):
-    x, w, r, b, params = _problem(6, kinds)
+@pytest.mark.parametrize("syn_kind", [None, "float", "neuron", "scalar0d"])
+def test_kernels_parameter_kinds(kinds, backward, learn, reset, syn_kind):
+    x, w, r, b, params = _problem(6, kinds, syn_kind)
+    if not any(isinstance(v, torch.Tensor) for v in params.values()) and syn_kind is None:
+        pytest.skip("float parameters: the float kernels (tests/test_recurrent.py)")
     kw = dict(b_th=0.3, slope=5.0, reset=reset, backward=backward)
-    state = _state(6, False)
+    state = _state(6, syn_kind is not None)
     _compare(_run(sparsegrad.rlif_layer, x, w, r, b, params, state, learn=learn, **kw),
              _run(ref.rlif_layer, x, w, r, b, params, state, learn=learn, **kw))
 
 
 @pytest.mark.parametrize("reset", RESETS)
-def test_kernels_sparse_with_infinite_band_equals_dense(reset):
-    x, w, r, b, params = _problem(7, ("neuron", "neuron"))
-    state = _state(7, False)
+@pytest.mark.parametrize("syn", [False, True])
+def test_kernels_sparse_with_infinite_band_equals_dense(reset, syn):
+    x, w, r, b, params = _problem(7, ("neuron", "neuron"), "neuron" if syn else None)
+    state = _state(7, syn)
     kw = dict(slope=5.0, reset=reset)
     sparse = _run(sparsegrad.rlif_layer, x, w, r, b, params, state, b_th=math.inf,
                   backward="sparse", **kw)
@@ -320,3 +325,254 @@ def test_kernels_sparse_mode_is_sparse_and_keeps_traces_at_active_entries_only()
         assert not (t.is_floating_point() and t.numel() >= T * B * N), (t.dtype, t.shape)
     # the traces P, Q: one value per active entry
     assert sum(1 for t in saved if t.is_floating_point() and t.numel() == n_active) == 3
+    # fixed tensor parameters: no traces at all
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sparsegrad.rlif_layer(x, w.clone().requires_grad_(True), r, b, alpha=params["alpha"],
+                              threshold=params["threshold"], b_th=0.3, slope=5.0)
+    assert sum(1 for t in saved if t.is_floating_point() and t.numel() == n_active) == 1
+
+
+@pytest.mark.parametrize("reset", RESETS)
+@pytest.mark.parametrize("syn", [False, True])
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_kernels_chunked_equals_one_call(reset, syn, backward):
+    """Two chunks with the state carried (gradients flowing through it) equal one call."""
+    x, w, r, b, params = _problem(9, ("neuron", "neuron"), "neuron" if syn else None)
+    kw = dict(b_th=0.3, slope=5.0, reset=reset, backward=backward)
+
+    def chunked(x, w, r, b, state=None, return_state=True, **p):
+        first, st = sparsegrad.rlif_layer(x[:5], w, r, b, state=state, return_state=True, **p)
+        second, st2 = sparsegrad.rlif_layer(x[5:], w, r, b, state=st, return_state=True, **p)
+        return torch.cat([first, second]), st2
+
+    got = _run(chunked, x, w, r, b, params, None, **kw)
+    want = _run(sparsegrad.rlif_layer, x, w, r, b, params, None, **kw)
+    _compare(got, want)
+    assert len(got[1]) == (3 if syn else 2)
+
+
+@pytest.mark.parametrize("syn", [False, True])
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_kernels_float32(syn, backward):
+    x, w, r, b, params = _problem(10, ("neuron", "scalar0d"), "neuron" if syn else None)
+    f32 = lambda t: t.float() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    x, w, r, b = map(f32, (x, w, r, b))
+    params = {k: f32(v) for k, v in params.items()}
+    state = [t.float() for t in _state(10, syn)]
+    kw = dict(b_th=0.3, slope=5.0, backward=backward)
+    out_k, fin_k, g_k = _run(sparsegrad.rlif_layer, x, w, r, b, params, state, **kw)
+    out_r, fin_r, g_r = _run(ref.rlif_layer, x, w, r, b, params, state, **kw)
+    assert out_k.dtype == torch.float32 and out_k.sum() > 0
+    # float32 sums in another order may flip a spike right at the threshold: compare where the
+    # reference is clear of it, and the gradients loosely
+    assert (out_k != out_r).float().mean() < 0.02
+    if torch.equal(out_k, out_r):
+        for name in g_r:
+            torch.testing.assert_close(g_k[name], g_r[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_kernels_half_types_run_in_float32():
+    x, w, r, b, params = _problem(11, ("neuron", "neuron"), "neuron")
+    out = sparsegrad.rlif_layer(x.bfloat16(), w.bfloat16(), r.bfloat16(), b.bfloat16(),
+                                alpha=params["alpha"].float(), threshold=params["threshold"].float(),
+                                alpha_syn=params["alpha_syn"].float(), b_th=0.3, slope=5.0)
+    assert out.dtype == torch.bfloat16 and out.shape == (T, B, N)
+
+
+def test_kernels_equal_values_as_float_and_tensor_same_spikes():
+    x, w, r, b = _inputs(12)
+    kw = dict(b_th=0.3, slope=5.0)
+    out_f = sparsegrad.rlif_layer(x, w, r, b, alpha=0.85, threshold=0.9, **kw)
+    out_t = sparsegrad.rlif_layer(x, w, r, b, alpha=torch.full((N,), 0.85, dtype=torch.float64),
+                                  threshold=torch.tensor(0.9, dtype=torch.float64), **kw)
+    assert out_f.sum() > 0 and torch.equal(out_f, out_t)
+
+
+def test_kernels_zero_batch_and_zero_steps():
+    x, w, r, b, params = _problem(13, ("neuron", "neuron"), "neuron")
+    a = params["alpha"].clone().requires_grad_(True)
+    wl = w.clone().requires_grad_(True)
+    out, st = sparsegrad.rlif_layer(x[:, :0], wl, r, b, alpha=a, threshold=params["threshold"],
+                                    alpha_syn=params["alpha_syn"], return_state=True)
+    assert out.shape == (T, 0, N) and st.syn.shape == (0, N)
+    out.sum().backward()
+    assert torch.equal(a.grad, torch.zeros(N, dtype=torch.float64))
+    assert torch.equal(wl.grad, torch.zeros_like(w))
+    with pytest.raises(ValueError, match="at least one time step"):
+        sparsegrad.rlif_layer(x[:0], w, r, b, alpha=a, threshold=params["threshold"])
+
+
+def test_kernels_bad_arguments():
+    x, w, r, b, params = _problem(14, ("neuron", "neuron"))
+    a, th = params["alpha"], params["threshold"]
+    with pytest.raises(ValueError, match="alpha must be a float or a tensor of shape"):
+        sparsegrad.rlif_layer(x, w, r, b, alpha=torch.full((N + 1,), 0.9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="threshold must be a float or a tensor of shape"):
+        sparsegrad.rlif_layer(x, w, r, b, alpha=a, threshold=torch.ones(2, N, dtype=torch.float64))
+    with pytest.raises(ValueError, match="alpha_syn must be a float or a tensor of shape"):
+        sparsegrad.rlif_layer(x, w, r, b, alpha=a, alpha_syn=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="alpha_syn must be in"):
+        sparsegrad.rlif_layer(x, w, r, b, alpha=a, alpha_syn=1.5)
+    with pytest.raises(TypeError, match="alpha must be a float or a floating-point tensor"):
+        sparsegrad.rlif_layer(x, w, r, b, alpha=torch.ones(N, dtype=torch.int64))
+    with pytest.raises(ValueError, match="rec_weight must be"):
+        sparsegrad.rlif_layer(x, w, r[:3], b, alpha=a, threshold=th)
+    v, s, syn = _state(14, True)
+    with pytest.raises(TypeError, match="no synaptic current"):
+        sparsegrad.rlif_layer(x, w, r, b, alpha=a, state=(v, s, syn))
+    with pytest.raises(ValueError, match="state.syn must have shape"):
+        sparsegrad.rlif_layer(x, w, r, b, alpha=a, alpha_syn=0.5, state=(v, s, syn[:1]))
+    ops = torch.ops.sparsegrad
+    with pytest.raises(RuntimeError, match="alpha_syn"):
+        ops.rlif_param_forward(x, w, r, b, None, None, None, None, None, a, th,
+                               torch.ones(N + 2, dtype=torch.float64), 0.3, 5.0, True)
+    with pytest.raises(RuntimeError, match="syn_init"):
+        ops.rlif_param_forward(x, w, r, b, None, None, syn, None, None, a, th, None, 0.3, 5.0,
+                               True)
+    with pytest.raises(RuntimeError, match="threshold"):
+        ops.rlif_param_forward(x, w, r, b, None, None, None, None, None, a, th[:2], None, 0.3,
+                               5.0, True)
+
+
+def test_kernels_cuda_refused_clearly_and_listed_cpu_only():
+    from sparsegrad import ops
+    for name in ops.RLIF_PARAM_OPS:
+        assert name in ops.CPU_ONLY_OPS
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegrad::{name}", "CPU")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegrad::{name}", "CUDA")
+    with pytest.raises(NotImplementedError, match="rlif_param_forward.*cuda:0"):
+        sparsegrad.functional._require_rlif_param_kernels(torch.device("cuda", 0))
+    sparsegrad.functional._require_rlif_param_kernels(torch.device("cpu"))
+    if not torch.cuda.is_available():
+        return
+    x, w, r, b = (t.cuda() for t in _inputs(15))
+    with pytest.raises(NotImplementedError, match="rlif_param_forward"):
+        sparsegrad.rlif_layer(x, w, r, b, alpha=torch.full((N,), 0.9, device="cuda",
+                                                           dtype=torch.float64))
+    sparsegrad.rlif_layer(x, w, r, b, alpha=0.9)  # float parameters keep their CUDA kernels
+
+
+def test_kernels_stacked_dx_on_producer_active_set():
+    """x from a sparse sparsegrad layer: dx is formed only on its active set; the gradient that
+    reaches the first layer equals the reference chain's."""
+    g = torch.Generator().manual_seed(16)
+    x0 = (torch.rand(T, B, 11, generator=g) < 0.4).double()
+    w0 = torch.randn(N_IN, 11, generator=g, dtype=torch.float64) * 0.9
+    _, w, r, b, params = _problem(16, ("neuron", "neuron"), "neuron")
+
+    def chain(fn1, fn2):
+        w0l, wl, al = (t.clone().requires_grad_(True) for t in (w0, w, params["alpha"]))
+        h = fn1(x0, w0l, alpha=0.8, b_th=0.3, slope=5.0)
+        out = fn2(h, wl, r, b, alpha=al, threshold=params["threshold"],
+                  alpha_syn=params["alpha_syn"], b_th=0.3, slope=5.0)
+        gs = torch.randn(out.shape, generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64)
+        return h, out, torch.autograd.grad((out * gs).sum(), (w0l, wl, al))
+
+    h_k, out_k, g_k = chain(sparsegrad.lif_layer, sparsegrad.rlif_layer)
+    assert sparsegrad.functional.producer_active_set(h_k)[0] is not None
+    h_r, out_r, g_r = chain(ref.lif_layer, ref.rlif_layer)
+    assert torch.equal(h_k, h_r) and torch.equal(out_k, out_r) and h_k.sum() > 0
+    for a, r_ in zip(g_k, g_r):
+        assert r_.abs().max() > 0
+        torch.testing.assert_close(a, r_, **F64)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("syn", [False, True])
+def test_kernels_opcheck(sparse, syn):
+    x, w, r, b, params = _problem(17, ("neuron", "neuron"), "neuron")
+    v0, s0, syn0 = _state(17, True)
+    ops = torch.ops.sparsegrad
+    a_syn, syn0 = (params["alpha_syn"], syn0) if syn else (None, None)
+    for grad in (False, True):
+        leaves = [t.clone().requires_grad_(grad) for t in (x, w, r, b, params["alpha"],
+                                                            params["threshold"])]
+        args = (*leaves[:4], v0, s0, syn0, None, None, leaves[4], leaves[5], a_syn, 0.3, 5.0,
+                sparse, "fast_sigmoid", "subtract", True)
+        torch.library.opcheck(ops.rlif_param_forward.default, args)
+    out = ops.rlif_param_forward(x, w, r, b, v0, s0, syn0, None, None, params["alpha"],
+                                 params["threshold"], a_syn, 0.3, 5.0, sparse, "fast_sigmoid",
+                                 "subtract", True)
+    (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+     ev_cnt, ev_idx, ev_val, spk_bits, _stats) = out
+    gs, gv = torch.randn_like(spikes), torch.randn_like(v_final)
+    gsyn = torch.randn_like(v_final) if syn else None
+    flags = (True,) * 6 + (syn, True)
+    if sparse:
+        torch.library.opcheck(ops.rlif_param_backward_sparse.default, (
+            gs, gv, gsyn, w, r, s0, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+            ev_cnt, ev_idx, ev_val, spk_bits, None, None, params["alpha"], a_syn, "subtract",
+            *flags))
+    else:
+        torch.library.opcheck(ops.rlif_param_backward_dense.default, (
+            gs, gv, gsyn, x, w, r, s0, spikes, act_sg, act_p, act_q, act_u, tan_last,
+            params["alpha"], a_syn, "subtract", *flags))
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.RLIF with tensor / learnable parameters
+# ---------------------------------------------------------------------------------------------
+def test_module_learnable_parameters():
+    layer = sparsegrad.nn.RLIF(N_IN, N, alpha=torch.full((N,), 0.9), learn_alpha=True,
+                               learn_threshold=True, alpha_syn=0.5, learn_alpha_syn=True)
+    assert set(layer.state_dict()) == {"weight", "bias", "rec_weight", "alpha", "threshold",
+                                       "alpha_syn"}
+    assert all(isinstance(getattr(layer, k), torch.nn.Parameter)
+               for k in ("alpha", "threshold", "alpha_syn"))
+    assert tuple(layer.alpha.shape) == (N,) and layer.threshold.dim() == 0
+    x = _inputs(20)[0].float()
+    out, st = layer(x, return_state=True)
+    assert len(st) == 3 and st.syn.shape == (B, N)
+    (out.sum() + st.v.sum() + st.syn.sum()).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert "alpha_syn=Parameter[]" in repr(layer)
+
+
+def test_module_matches_functional_reference_and_clamps_alpha():
+    layer = sparsegrad.nn.RLIF(N_IN, N, alpha=torch.linspace(0.5, 0.95, N, dtype=torch.float64),
+                               learn_alpha=True, dtype=torch.float64, threshold=0.7,
+                               alpha_syn=torch.full((N,), 0.4, dtype=torch.float64))
+    with torch.no_grad():
+        layer.alpha[-1] = 1.3  # a learnt value above 1: used clamped, as snnTorch's beta
+    x = _inputs(21)[0]
+    out = layer(x)
+    want = ref.rlif_layer(x, layer.weight, layer.rec_weight, layer.bias,
+                          alpha=layer.alpha.clamp(0, 1), threshold=0.7,
+                          alpha_syn=layer.alpha_syn, b_th=0.2, slope=100.0)
+    assert torch.equal(out, want)
+    out.sum().backward()
+    assert layer.alpha.grad[-1] == 0  # outside [0, 1] the clamp passes no gradient
+
+
+def test_module_fixed_parameters_are_buffers_or_floats():
+    layer = sparsegrad.nn.RLIF(N_IN, N)
+    assert isinstance(layer.alpha, float) and isinstance(layer.threshold, float)
+    assert layer.alpha_syn is None
+    fixed = sparsegrad.nn.RLIF(N_IN, N, threshold=torch.full((N,), 1.1), alpha_syn=0.3)
+    assert "threshold" in dict(fixed.named_buffers())
+    assert isinstance(fixed.alpha_syn, float)
+    assert not any(n in ("alpha", "threshold", "alpha_syn") for n, _ in fixed.named_parameters())
+    with pytest.raises(ValueError, match="shape \\[\\] or \\[out_features\\]"):
+        sparsegrad.nn.RLIF(N_IN, N, alpha=torch.full((N + 1,), 0.9))
+    with pytest.raises(ValueError, match="learn_alpha_syn=True needs alpha_syn"):
+        sparsegrad.nn.RLIF(N_IN, N, learn_alpha_syn=True)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        sparsegrad.nn.RLIF(N_IN, N, alpha=torch.full((N,), 1.5))
+    import copy
+    import pickle
+    layer2 = copy.deepcopy(sparsegrad.nn.RLIF(N_IN, N, learn_alpha=True, alpha_syn=0.5))
+    pickle.loads(pickle.dumps(layer2))
+
+
+def test_module_state_with_syn_chunks():
+    layer = sparsegrad.nn.RLIF(N_IN, N, alpha_syn=0.6, learn_alpha=True, dtype=torch.float64)
+    x = _inputs(22)[0]
+    whole, st = layer(x, return_state=True)
+    first, st1 = layer(x[:4], return_state=True)
+    second, st2 = layer(x[4:], state=st1, return_state=True)
+    assert torch.equal(torch.cat([first, second]), whole)
+    for a, b_ in zip(st, st2):
+        torch.testing.assert_close(a, b_, **F64)

@@ -15,15 +15,18 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using ParamOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                 at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                at::Tensor>;
+                                at::Tensor, at::Tensor, at::Tensor>;
 using ParamGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                              at::Tensor, at::Tensor>;
+                              at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// The forward's traces (ParamView only): P, Q per active entry (dense mode: [T, B, N]) and after
-// the last step [2, B, N].
+// The tensor-parameter forward's extras (ParamView only): the synaptic current (syn_init in,
+// syn_final out) and the traces P, Q, U per active entry (dense mode: [T, B, N]; U only with
+// the synaptic current) and P, Q, R, U after the last step [4, B, N], kept when `keep`.
 struct TraceOut {
-  bool keep = false;  // some parameter needs its gradient; else the traces stay empty
-  at::Tensor act_p, act_q, tan_last;
+  bool keep = false;
+  bool syn = false;
+  c10::optional<at::Tensor> syn_init;
+  at::Tensor syn_final, act_p, act_q, act_u, tan_last;
 };
 
 template <typename acc_t>
@@ -31,12 +34,17 @@ ParamView<acc_t> param_view(const at::Tensor& t) {
   return ParamView<acc_t>{acc_t(0), t.data_ptr<acc_t>()};
 }
 
+template <typename acc_t>
+ParamView<acc_t> param_view(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? param_view<acc_t>(*t) : ParamView<acc_t>{acc_t(0), nullptr};
+}
+
 template <typename scalar_t, typename Param>
 Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rec,
                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& v_init,
                           const c10::optional<at::Tensor>& s_init, Param alpha, Param threshold,
                           double b_th, double slope, bool sparse, NeuronKinds kinds,
-                          TraceOut* traces = nullptr) {
+                          TraceOut* traces = nullptr, Param alpha_syn = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kTraces = is_param_view<Param>();
   const int64_t T = x.size(0), B = x.size(1), n = weight.size(0), words = bit_words(n);
@@ -63,20 +71,27 @@ Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const a
   a.bits = bits.data_ptr<int32_t>();
   a.sg_dense = sparse ? nullptr : dense_sg.data_ptr<scalar_t>();
   if constexpr (kTraces) {
-    a.keep_traces = traces->keep;
     const auto empty = at::empty({0}, x.options());
-    traces->act_p = empty;
+    a.keep_traces = traces->keep;
+    a.syn = traces->syn;
+    a.alpha_syn = alpha_syn;
+    a.syn_init = ptr_or_null<scalar_t>(traces->syn_init);
+    traces->syn_final = traces->syn ? at::empty({B, n}, x.options()) : empty;
+    a.syn_final = traces->syn ? traces->syn_final.data_ptr<scalar_t>() : nullptr;
+    traces->act_p = empty.clone();
     traces->act_q = empty.clone();
+    traces->act_u = empty.clone();
     traces->tan_last = empty.clone();
-  }
-  if (kTraces && traces->keep) {
-    traces->tan_last = at::empty({2, B, n}, x.options());
-    a.tan_last = traces->tan_last.data_ptr<scalar_t>();
-    if (!sparse) {
-      traces->act_p = at::empty({T, B, n}, x.options());
-      traces->act_q = at::empty({T, B, n}, x.options());
-      a.p_dense = traces->act_p.data_ptr<scalar_t>();
-      a.q_dense = traces->act_q.data_ptr<scalar_t>();
+    if (traces->keep) {
+      traces->tan_last = at::empty({4, B, n}, x.options());
+      a.tan_last = traces->tan_last.data_ptr<scalar_t>();
+      if (!sparse) {
+        at::Tensor* dense[3] = {&traces->act_p, &traces->act_q, &traces->act_u};
+        for (int k = 0; k < (traces->syn ? 3 : 2); ++k) {
+          *dense[k] = at::empty({T, B, n}, x.options());
+          a.trace_dense[k] = dense[k]->data_ptr<scalar_t>();
+        }
+      }
     }
   }
   std::vector<RlifTraces<scalar_t>> tr(kTraces ? B : 0);
@@ -117,21 +132,23 @@ Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const a
   auto sg_out = at::empty({base[B]}, x.options());
   int32_t* ip = idx_out.data_ptr<int32_t>();
   scalar_t* sp = sg_out.data_ptr<scalar_t>();
-  scalar_t *pp = nullptr, *qp = nullptr;
-  if (kTraces && traces->keep) {
-    traces->act_p = at::empty({base[B]}, x.options());
-    traces->act_q = at::empty({base[B]}, x.options());
-    pp = traces->act_p.data_ptr<scalar_t>();
-    qp = traces->act_q.data_ptr<scalar_t>();
+  scalar_t* trace_out[3] = {nullptr, nullptr, nullptr};  // P, Q, U per active entry
+  if constexpr (kTraces) {
+    if (traces->keep) {
+      at::Tensor* outs[3] = {&traces->act_p, &traces->act_q, &traces->act_u};
+      for (int k = 0; k < (traces->syn ? 3 : 2); ++k) {
+        *outs[k] = at::empty({base[B]}, x.options());
+        trace_out[k] = outs[k]->data_ptr<scalar_t>();
+      }
+    }
   }
   at::parallel_for(0, B, grain_for(T + base[B] / std::max<int64_t>(B, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       std::copy(act_idx[b].begin(), act_idx[b].end(), ip + base[b]);
       std::copy(act_sg[b].begin(), act_sg[b].end(), sp + base[b]);
-      if (pp) {
-        std::copy(tr[b].act_p.begin(), tr[b].act_p.end(), pp + base[b]);
-        std::copy(tr[b].act_q.begin(), tr[b].act_q.end(), qp + base[b]);
-      }
+      if constexpr (kTraces)
+        for (int k = 0; k < 3; ++k)
+          if (trace_out[k]) std::copy(tr[b].act[k].begin(), tr[b].act[k].end(), trace_out[k] + base[b]);
     }
   });
   return {spikes, v_final, act_cnt, idx_out, sg_out, ev.cnt, ev.idx, ev.val, bits, stats};
@@ -157,35 +174,40 @@ Outputs rlif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, co
   return out;
 }
 
-// The tensor-parameter forward: the outputs of rlif_forward with act_p, act_q, tan_last after
-// act_sg.
+// The tensor-parameter forward: the outputs of rlif_forward with syn_final after v_final and
+// act_p, act_q, act_u, tan_last after act_sg.
 ParamOutputs rlif_param_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                                     const at::Tensor& rec_in, const c10::optional<at::Tensor>& bias,
                                     const c10::optional<at::Tensor>& v_init,
                                     const c10::optional<at::Tensor>& s_init,
+                                    const c10::optional<at::Tensor>& syn_init,
                                     const c10::optional<at::Tensor>& /*x_act_cnt*/,
                                     const c10::optional<at::Tensor>& /*x_act_idx*/,
-                                    const at::Tensor& alpha, const at::Tensor& threshold, double b_th,
+                                    const at::Tensor& alpha, const at::Tensor& threshold,
+                                    const c10::optional<at::Tensor>& alpha_syn, double b_th,
                                     double slope, bool sparse, c10::string_view surrogate,
                                     c10::string_view reset, bool need_dparams) {
+  const char* op = "rlif_param_forward";
   const NeuronKinds kinds = check_rlif_forward_args(x_in, weight_in, rec_in, bias, v_init, s_init, 0.5,
-                                                  1.0, b_th, slope, surrogate, reset, "rlif_param_forward");
-  check_neuron_param(alpha, x_in, weight_in.size(0), "rlif_param_forward", "alpha");
-  check_neuron_param(threshold, x_in, weight_in.size(0), "rlif_param_forward", "threshold");
+                                                  1.0, b_th, slope, surrogate, reset, op);
+  check_rlif_params(alpha, threshold, alpha_syn, syn_init, x_in, weight_in.size(0), op);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), rec = rec_in.contiguous();
   const at::Tensor a = alpha.contiguous(), th = threshold.contiguous();
+  const c10::optional<at::Tensor> as = contiguous(alpha_syn);
   Outputs out;
   TraceOut tr;
   tr.keep = need_dparams;
+  tr.syn = alpha_syn.has_value();
+  tr.syn_init = contiguous(syn_init);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rlif_param_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     out = rlif_forward_impl<scalar_t>(x, weight, rec, contiguous(bias), contiguous(v_init),
                                       contiguous(s_init), param_view<acc_t>(a), param_view<acc_t>(th),
-                                      b_th, slope, sparse, kinds, &tr);
+                                      b_th, slope, sparse, kinds, &tr, param_view<acc_t>(as));
   });
   auto& [spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, bits, stats] = out;
-  return {spikes, v_final, act_cnt, act_idx, act_sg, tr.act_p, tr.act_q, tr.tan_last,
-          ev_cnt, ev_idx, ev_val, bits, stats};
+  return {spikes, v_final, tr.syn_final, act_cnt, act_idx, act_sg, tr.act_p, tr.act_q, tr.act_u,
+          tr.tan_last, ev_cnt, ev_idx, ev_val, bits, stats};
 }
 
 // dx on the producer's active set costs |A_prev| * N dot products; dx everywhere through the
@@ -195,11 +217,24 @@ bool restrict_dx(int64_t n_prev, int64_t n_inject, int64_t T, int64_t B, int64_t
   return double(n_prev) * double(n) <= (double(n_inject) + 0.25 * double(T) * double(B)) * double(n_in);
 }
 
-// The parameter-gradient inputs and outputs of the tensor-parameter backwards (null: float API).
+// The extra inputs and outputs of the tensor-parameter backwards (null: the float API): the
+// synaptic current (alpha_syn, dL/dsyn_final; dL/dsyn_init out when need_dsyn), the forward's
+// traces and the parameter gradients per batch element [B, N] (when need).
 struct ParamGradIO {
-  at::Tensor act_p, act_q, tan_last;
-  bool need = false;
-  at::Tensor d_alpha, d_threshold;  // outputs [B, N]
+  at::Tensor act_p, act_q, act_u, tan_last;
+  c10::optional<at::Tensor> alpha_syn, grad_syn_final;
+  bool need = false, need_dsyn = false;
+  at::Tensor dsyn, d_alpha, d_threshold, d_alpha_syn;  // outputs
+
+  // Allocates the outputs (empty where not wanted).
+  void allocate(int64_t B, int64_t n, const at::TensorOptions& opts) {
+    const bool syn = alpha_syn.has_value();
+    const auto empty = at::empty({0}, opts);
+    dsyn = syn && need_dsyn ? at::empty({B, n}, opts) : empty;
+    d_alpha = need ? at::empty({B, n}, opts) : empty.clone();
+    d_threshold = need ? at::empty({B, n}, opts) : empty.clone();
+    d_alpha_syn = need && syn ? at::empty({B, n}, opts) : empty.clone();
+  }
 };
 
 template <typename scalar_t, typename Param>
@@ -223,14 +258,22 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
   p.T = T; p.B = B; p.n_in = n_in; p.n = n; p.words = bit_words(n);
   p.alpha = alpha;
   const bool need_dparams = prm && prm->need;
-  if (need_dparams) {
-    prm->d_alpha = at::empty({B, n}, opts);
-    prm->d_threshold = at::empty({B, n}, opts);
-    p.act_p = prm->act_p.data_ptr<scalar_t>();
-    p.act_q = prm->act_q.data_ptr<scalar_t>();
-    p.tan_last = prm->tan_last.data_ptr<scalar_t>();
-    p.d_alpha = prm->d_alpha.data_ptr<scalar_t>();
-    p.d_threshold = prm->d_threshold.data_ptr<scalar_t>();
+  const bool need_dsyn = prm && prm->need_dsyn && prm->alpha_syn.has_value();
+  if constexpr (is_param_view<Param>()) {
+    prm->allocate(B, n, opts);
+    p.syn = prm->alpha_syn.has_value();
+    p.alpha_syn = param_view<acc_t>(prm->alpha_syn);
+    p.g_syn = ptr_or_null<scalar_t>(prm->grad_syn_final);
+    p.dsyn = prm->dsyn.numel() ? prm->dsyn.data_ptr<scalar_t>() : nullptr;
+    if (need_dparams) {
+      p.act_tr[0] = prm->act_p.data_ptr<scalar_t>();
+      p.act_tr[1] = prm->act_q.data_ptr<scalar_t>();
+      if (p.syn) p.act_tr[2] = prm->act_u.data_ptr<scalar_t>();
+      p.tan_last = prm->tan_last.data_ptr<scalar_t>();
+      p.d_param[0] = prm->d_alpha.data_ptr<scalar_t>();
+      p.d_param[1] = prm->d_threshold.data_ptr<scalar_t>();
+      if (p.syn) p.d_param[2] = prm->d_alpha_syn.data_ptr<scalar_t>();
+    }
   }
   p.reset = reset;
   p.grad = gS.data_ptr<scalar_t>();
@@ -275,7 +318,7 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
     db_parts = at::zeros({chunks.count, n}, acc_opts);
     p.db_parts = db_parts.data_ptr<acc_t>();
   }
-  if (need_dx || need_dw || need_drec || need_db || need_dv || need_ds || need_dparams)
+  if (need_dx || need_dw || need_drec || need_db || need_dv || need_ds || need_dparams || need_dsyn)
     rlif_backward_walk<scalar_t>(p);
 
   // [chunks, rows, n_pad] partials -> [n, rows]: out[j, i] = sum over chunks in order
@@ -332,17 +375,26 @@ Grads rlif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optiona
   return out;
 }
 
-// The tensor-parameter sparse backward: rlif_backward_sparse's gradients and d_alpha,
-// d_threshold per batch element [B, N] (empty unless need_dparams).
+// The tensor-parameter outputs: rlif_backward_*'s gradients, then dsyn_init, d_alpha,
+// d_threshold, d_alpha_syn (per batch element [B, N]; empty where not wanted).
+ParamGrads param_grads_out(Grads& g, const ParamGradIO& prm) {
+  auto& [dx, dw, drec, db, dv, ds] = g;
+  return {dx, dw, drec, db, dv, ds, prm.dsyn, prm.d_alpha, prm.d_threshold, prm.d_alpha_syn};
+}
+
+// The tensor-parameter sparse backward: act_p, act_q (act_u with alpha_syn) one value per
+// active entry.
 ParamGrads rlif_param_backward_sparse_cpu(
     const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
-    const at::Tensor& weight, const at::Tensor& rec_weight, const c10::optional<at::Tensor>& s_init,
+    const c10::optional<at::Tensor>& grad_syn_final, const at::Tensor& weight,
+    const at::Tensor& rec_weight, const c10::optional<at::Tensor>& s_init,
     const at::Tensor& act_cnt, const at::Tensor& act_idx, const at::Tensor& act_sg,
-    const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& tan_last,
-    const at::Tensor& ev_cnt, const at::Tensor& ev_idx, const at::Tensor& ev_val,
-    const at::Tensor& spk_bits, const c10::optional<at::Tensor>& prev_cnt,
-    const c10::optional<at::Tensor>& prev_idx, const at::Tensor& alpha, c10::string_view reset_name,
-    bool need_dx, bool need_dw, bool need_drec, bool need_db, bool need_dv, bool need_ds,
+    const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& act_u,
+    const at::Tensor& tan_last, const at::Tensor& ev_cnt, const at::Tensor& ev_idx,
+    const at::Tensor& ev_val, const at::Tensor& spk_bits, const c10::optional<at::Tensor>& prev_cnt,
+    const c10::optional<at::Tensor>& prev_idx, const at::Tensor& alpha,
+    const c10::optional<at::Tensor>& alpha_syn, c10::string_view reset_name, bool need_dx,
+    bool need_dw, bool need_drec, bool need_db, bool need_dv, bool need_ds, bool need_dsyn,
     bool need_dparams) {
   const char* op = "rlif_param_backward_sparse";
   at::Tensor act_off, ev_off;
@@ -350,12 +402,10 @@ ParamGrads rlif_param_backward_sparse_cpu(
   const ResetKind reset = check_rlif_backward_sparse_args(
       grad_spikes, grad_v_final, weight, rec_weight, s_init, act_cnt, act_idx, act_sg, ev_cnt,
       ev_idx, ev_val, spk_bits, prev_cnt, prev_idx, 0.5, reset_name, &act_off, &ev_off, &prev_off, op);
-  const int64_t B = grad_spikes.size(1), n = weight.size(0);
-  check_neuron_param(alpha, grad_spikes, n, op, "alpha");
-  check_trace(act_p, grad_spikes, need_dparams, act_idx.numel(), op, "act_p");
-  check_trace(act_q, grad_spikes, need_dparams, act_idx.numel(), op, "act_q");
-  check_trace(tan_last, grad_spikes, need_dparams, 2 * B * n, op, "tan_last");
-  ParamGradIO prm{act_p.contiguous(), act_q.contiguous(), tan_last.contiguous(), need_dparams, {}, {}};
+  check_rlif_param_grad_inputs(grad_spikes, grad_syn_final, alpha, alpha_syn, act_p, act_q, act_u,
+                               tan_last, need_dsyn, need_dparams, act_idx.numel(), weight.size(0), op);
+  ParamGradIO prm{act_p.contiguous(), act_q.contiguous(), act_u.contiguous(), tan_last.contiguous(),
+                  contiguous(alpha_syn), contiguous(grad_syn_final), need_dparams, need_dsyn};
   const at::Tensor a = alpha.contiguous();
   Grads out;
   AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "rlif_param_backward_sparse_cpu", [&] {
@@ -367,10 +417,7 @@ ParamGrads rlif_param_backward_sparse_cpu(
         param_view<at::opmath_type<scalar_t>>(a), reset, need_dx, need_dw, need_drec, need_db,
         need_dv, need_ds, &prm);
   });
-  const auto empty = at::empty({0}, grad_spikes.options());
-  auto& [dx, dw, drec, db, dv, ds] = out;
-  return {dx, dw, drec, db, dv, ds, need_dparams ? prm.d_alpha : empty,
-          need_dparams ? prm.d_threshold : empty.clone()};
+  return param_grads_out(out, prm);
 }
 
 // Both dense backwards: alpha_t (the per-neuron alpha) null for the float API.
@@ -387,29 +434,36 @@ Grads rlif_backward_dense_common(const at::Tensor& grad_spikes, const c10::optio
   const c10::optional<at::Tensor> gV = contiguous(grad_v_final), s_init = contiguous(s_init_in);
   const at::Tensor rec = rec_in.contiguous(), spikes = spikes_in.contiguous();
   const at::Tensor a = alpha_t ? alpha_t->contiguous() : at::Tensor();
+  // G_I at every entry (G_V without a synaptic current), and G_V[0] with one
   at::Tensor G = at::empty({T, B, n}, opts);
-  const bool need_dparams = prm && prm->need;
-  if (need_dparams) {
-    prm->d_alpha = at::empty({B, n}, opts);
-    prm->d_threshold = at::empty({B, n}, opts);
-  }
+  const bool syn = prm && prm->alpha_syn.has_value();
+  at::Tensor gv0 = syn ? at::empty({B, n}, opts) : at::Tensor();
+  if (prm) prm->allocate(B, n, opts);
   AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "rlif_backward_dense_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor rec_t = rec.t().contiguous();
-    auto walk = [&](auto param, RlifDenseParams<scalar_t> dp) {
+    auto walk = [&](auto param, auto dp) {
       rlif_dense_walk<scalar_t>(grad_spikes.contiguous().data_ptr<scalar_t>(),
                                 sg_in.contiguous().data_ptr<scalar_t>(), spikes.data_ptr<scalar_t>(),
                                 ptr_or_null<scalar_t>(gV), rec_t.data_ptr<scalar_t>(), T, B, n, param,
                                 reset, G.data_ptr<scalar_t>(), dp);
     };
     if (alpha_t == nullptr) {
-      walk(ScalarParam<acc_t>{static_cast<acc_t>(alpha)}, RlifDenseParams<scalar_t>{});
+      walk(ScalarParam<acc_t>{static_cast<acc_t>(alpha)}, RlifDenseParams<scalar_t, ScalarParam<acc_t>>{});
     } else {
-      RlifDenseParams<scalar_t> dp;
-      if (need_dparams) {
-        dp = {prm->act_p.data_ptr<scalar_t>(), prm->act_q.data_ptr<scalar_t>(),
-              prm->tan_last.data_ptr<scalar_t>(), prm->d_alpha.data_ptr<scalar_t>(),
-              prm->d_threshold.data_ptr<scalar_t>()};
+      RlifDenseParams<scalar_t, ParamView<acc_t>> dp;
+      dp.syn = syn;
+      dp.alpha_syn = param_view<acc_t>(prm->alpha_syn);
+      dp.g_syn = ptr_or_null<scalar_t>(prm->grad_syn_final);
+      dp.gv0 = syn ? gv0.data_ptr<scalar_t>() : nullptr;
+      if (prm->need) {
+        dp.trace[0] = prm->act_p.data_ptr<scalar_t>();
+        dp.trace[1] = prm->act_q.data_ptr<scalar_t>();
+        if (syn) dp.trace[2] = prm->act_u.data_ptr<scalar_t>();
+        dp.tan_last = prm->tan_last.data_ptr<scalar_t>();
+        dp.d_param[0] = prm->d_alpha.data_ptr<scalar_t>();
+        dp.d_param[1] = prm->d_threshold.data_ptr<scalar_t>();
+        if (syn) dp.d_param[2] = prm->d_alpha_syn.data_ptr<scalar_t>();
       }
       walk(param_view<acc_t>(a), dp);
     }
@@ -420,18 +474,20 @@ Grads rlif_backward_dense_common(const at::Tensor& grad_spikes, const c10::optio
   at::Tensor dw = need_dw ? at::mm(G2.t(), x_in.contiguous().view({T * B, n_in})) : empty.clone();
   at::Tensor db = need_db ? G2.sum(0) : empty.clone();
   at::Tensor drec = empty.clone();
-  if (need_drec) {  // dR = sum_t G[t+1]^T S[t] (+ G[0]^T s_init)
+  if (need_drec) {  // dR = sum_t G_I[t+1]^T S[t] (+ G_I[0]^T s_init)
     drec = at::mm(G.narrow(0, 1, T - 1).reshape({(T - 1) * B, n}).t(),
                   spikes.narrow(0, 0, T - 1).reshape({(T - 1) * B, n}));
     if (s_init.has_value()) drec = drec + at::mm(G[0].t(), *s_init);
   }
   at::Tensor dv = empty.clone(), ds = empty.clone();
   if (need_dv) {
-    dv = alpha_t ? G[0] * a : G[0] * alpha;
+    const at::Tensor gv_0 = syn ? gv0 : G[0];
+    dv = alpha_t ? gv_0 * a : gv_0 * alpha;
     if (reset == kResetZero && s_init.has_value()) dv = dv * (1 - *s_init);
     dv = dv.contiguous();
   }
   if (need_ds) ds = at::mm(G[0], rec);
+  if (syn && prm->dsyn.numel()) prm->dsyn.copy_(G[0] * *prm->alpha_syn);  // syn[0] = alpha_syn*syn_init + I[0]
   return {dx, dw, drec, db, dv, ds};
 }
 
@@ -449,30 +505,27 @@ Grads rlif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional
                                     need_drec, need_db, need_dv, need_ds);
 }
 
-// The tensor-parameter dense backward: act_p, act_q are the forward's traces at every entry.
+// The tensor-parameter dense backward: act_p, act_q (act_u) are the forward's traces at every
+// entry.
 ParamGrads rlif_param_backward_dense_cpu(
     const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rec,
-    const c10::optional<at::Tensor>& s_init, const at::Tensor& spikes, const at::Tensor& sg,
-    const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& tan_last,
-    const at::Tensor& alpha, c10::string_view reset_name, bool need_dx, bool need_dw,
-    bool need_drec, bool need_db, bool need_dv, bool need_ds, bool need_dparams) {
+    const c10::optional<at::Tensor>& grad_syn_final, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& rec, const c10::optional<at::Tensor>& s_init, const at::Tensor& spikes,
+    const at::Tensor& sg, const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& act_u,
+    const at::Tensor& tan_last, const at::Tensor& alpha, const c10::optional<at::Tensor>& alpha_syn,
+    c10::string_view reset_name, bool need_dx, bool need_dw, bool need_drec, bool need_db,
+    bool need_dv, bool need_ds, bool need_dsyn, bool need_dparams) {
   const char* op = "rlif_param_backward_dense";
   const ResetKind reset = check_rlif_backward_dense_args(grad_spikes, grad_v_final, x, weight, rec,
                                                          s_init, spikes, sg, 0.5, reset_name, op);
-  const int64_t B = grad_spikes.size(1), n = weight.size(0);
-  check_neuron_param(alpha, grad_spikes, n, op, "alpha");
-  check_trace(act_p, grad_spikes, need_dparams, grad_spikes.numel(), op, "act_p");
-  check_trace(act_q, grad_spikes, need_dparams, grad_spikes.numel(), op, "act_q");
-  check_trace(tan_last, grad_spikes, need_dparams, 2 * B * n, op, "tan_last");
-  ParamGradIO prm{act_p.contiguous(), act_q.contiguous(), tan_last.contiguous(), need_dparams, {}, {}};
+  check_rlif_param_grad_inputs(grad_spikes, grad_syn_final, alpha, alpha_syn, act_p, act_q, act_u,
+                               tan_last, need_dsyn, need_dparams, grad_spikes.numel(), weight.size(0), op);
+  ParamGradIO prm{act_p.contiguous(), act_q.contiguous(), act_u.contiguous(), tan_last.contiguous(),
+                  contiguous(alpha_syn), contiguous(grad_syn_final), need_dparams, need_dsyn};
   Grads out = rlif_backward_dense_common(grad_spikes, grad_v_final, x, weight, rec, s_init, spikes,
                                          sg, 0.5, &alpha, reset, need_dx, need_dw, need_drec,
                                          need_db, need_dv, need_ds, &prm);
-  const auto empty = at::empty({0}, grad_spikes.options());
-  auto& [dx, dw, drec, db, dv, ds] = out;
-  return {dx, dw, drec, db, dv, ds, need_dparams ? prm.d_alpha : empty,
-          need_dparams ? prm.d_threshold : empty.clone()};
+  return param_grads_out(out, prm);
 }
 
 }  // namespace
