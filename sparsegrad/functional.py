@@ -332,6 +332,18 @@ def _layer_params(alpha, threshold, alpha_syn, x, n_out):
     return out
 
 
+def _checked_layer_args(alpha, threshold, alpha_syn, b_th, slope, backward, surrogate, reset, x,
+                        n_out):
+    """A layer's neuron arguments checked: (alpha, threshold, alpha_syn, b_th, slope), the
+    parameters floats or tensors of shape [] or [N_out] (alpha_syn may be None)."""
+    alpha, threshold, alpha_syn = _layer_params(alpha, threshold, alpha_syn, x, n_out)
+    _, _, b_th, slope = check_lif_args(
+        0.5 if isinstance(alpha, torch.Tensor) else alpha,
+        1.0 if isinstance(threshold, torch.Tensor) else threshold, b_th, slope, backward,
+        surrogate, reset)
+    return alpha, threshold, alpha_syn, b_th, slope
+
+
 def _param_layer(x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surrogate, reset,
                  sparse, v_init, s_init, syn_init):
     """Linear + LIF with tensor parameters / a synaptic current; returns (spikes, v_final,
@@ -401,13 +413,10 @@ def lif_layer_with_stats(
     _check_linear(x, weight, bias)
     T, B, _ = x.shape
     n_out = weight.shape[0]
-    alpha, threshold, alpha_syn = _layer_params(alpha, threshold, alpha_syn, x, n_out)
+    alpha, threshold, alpha_syn, b_th, slope = _checked_layer_args(
+        alpha, threshold, alpha_syn, b_th, slope, backward, surrogate, reset, x, n_out)
     tensor_params = alpha_syn is not None or any(isinstance(p, torch.Tensor)
                                                   for p in (alpha, threshold))
-    _, _, b_th, slope = check_lif_args(
-        0.5 if isinstance(alpha, torch.Tensor) else alpha,
-        1.0 if isinstance(threshold, torch.Tensor) else threshold, b_th, slope, backward,
-        surrogate, reset)
     v_init, s_init = check_state(state, x, B, n_out, reset)
     syn_init = _check_syn_state(syn_init, x, B, n_out)
     x_cnt, x_idx = producer
@@ -520,13 +529,10 @@ def rlif_layer_with_stats(
     _check_linear(x, weight, bias)
     T, B, _ = x.shape
     n_out = weight.shape[0]
-    alpha, threshold, alpha_syn = _layer_params(alpha, threshold, alpha_syn, x, n_out)
+    alpha, threshold, alpha_syn, b_th, slope = _checked_layer_args(
+        alpha, threshold, alpha_syn, b_th, slope, backward, surrogate, reset, x, n_out)
     tensor_params = alpha_syn is not None or any(isinstance(p, torch.Tensor)
                                                   for p in (alpha, threshold))
-    _, _, b_th, slope = check_lif_args(
-        0.5 if isinstance(alpha, torch.Tensor) else alpha,
-        1.0 if isinstance(threshold, torch.Tensor) else threshold, b_th, slope, backward,
-        surrogate, reset)
     _check_tensor("rec_weight", rec_weight, 2, x.dtype, x.device)
     if tuple(rec_weight.shape) != (n_out, n_out):
         raise ValueError(f"rec_weight must be [N_out, N_out] = [{n_out}, {n_out}], got "

@@ -81,12 +81,15 @@ def test_reference_chunked_equals_one_call(syn):
         torch.testing.assert_close(u, v, rtol=1e-13, atol=1e-13)
 
 
-def test_reference_equal_per_neuron_values_equal_float():
+@pytest.mark.parametrize("kernels", [False, True])
+def test_reference_equal_per_neuron_values_equal_float(kernels):
+    """(kernels: the same for sparsegrad.rlif_layer, whose tensor path is other kernels)"""
+    fn = __import__("sparsegrad").rlif_layer if kernels else ref.rlif_layer
     x, w, r, b = _inputs(3)
     kw = dict(b_th=0.3, slope=5.0)
-    out_f = ref.rlif_layer(x, w, r, b, alpha=0.85, threshold=0.9, **kw)
-    out_t = ref.rlif_layer(x, w, r, b, alpha=torch.full((N,), 0.85, dtype=torch.float64),
-                           threshold=torch.tensor(0.9, dtype=torch.float64), **kw)
+    out_f = fn(x, w, r, b, alpha=0.85, threshold=0.9, **kw)
+    out_t = fn(x, w, r, b, alpha=torch.full((N,), 0.85, dtype=torch.float64),
+               threshold=torch.tensor(0.9, dtype=torch.float64), **kw)
     assert out_f.sum() > 0
     assert torch.equal(out_f, out_t)
 
@@ -378,15 +381,6 @@ def test_kernels_half_types_run_in_float32():
                                 alpha=params["alpha"].float(), threshold=params["threshold"].float(),
                                 alpha_syn=params["alpha_syn"].float(), b_th=0.3, slope=5.0)
     assert out.dtype == torch.bfloat16 and out.shape == (T, B, N)
-
-
-def test_kernels_equal_values_as_float_and_tensor_same_spikes():
-    x, w, r, b = _inputs(12)
-    kw = dict(b_th=0.3, slope=5.0)
-    out_f = sparsegrad.rlif_layer(x, w, r, b, alpha=0.85, threshold=0.9, **kw)
-    out_t = sparsegrad.rlif_layer(x, w, r, b, alpha=torch.full((N,), 0.85, dtype=torch.float64),
-                                  threshold=torch.tensor(0.9, dtype=torch.float64), **kw)
-    assert out_f.sum() > 0 and torch.equal(out_f, out_t)
 
 
 def test_kernels_zero_batch_and_zero_steps():

@@ -200,6 +200,24 @@ int64_t rlif_forward_element(const RlifForward<scalar_t, Param>& a, const InputC
 // ------------------------------------------------------------------------------------------
 // Sparse backward
 // ------------------------------------------------------------------------------------------
+// ParamView: what the backward walks add to the float API's: the synaptic current (syn:
+// alpha_syn, dL/dsyn_final [B, N] or null), the forward's traces P, Q, U (per active entry in the
+// sparse walk, at every entry [T, B, N] in the dense one; U only with syn) and P, Q, R, U after
+// the last step (tan_last [4, B, N]), and the outputs: the parameter gradients per batch element
+// d_param = d_alpha, d_threshold, d_alpha_syn [B, N] (d_param[0] null: none wanted; d_param[2]
+// null without syn), dL/dsyn_init (sparse walk) and G_V[0] (dense walk) [B, N] or null.
+template <typename scalar_t, typename Param>
+struct RlifParamIO {
+  Param alpha_syn{};
+  bool syn = false;
+  const scalar_t* g_syn = nullptr;
+  const scalar_t* trace[3] = {nullptr, nullptr, nullptr};
+  const scalar_t* tan_last = nullptr;
+  scalar_t* d_param[3] = {nullptr, nullptr, nullptr};
+  scalar_t* dsyn = nullptr;
+  scalar_t* gv0 = nullptr;
+};
+
 template <typename scalar_t, typename Param = ScalarParam<at::opmath_type<scalar_t>>>
 struct RlifBackward {
   using acc_t = at::opmath_type<scalar_t>;
@@ -228,17 +246,7 @@ struct RlifBackward {
   acc_t* dw_t_parts = nullptr;
   acc_t* drec_t_parts = nullptr;
   acc_t* db_parts = nullptr;      // [chunks, N], zeroed
-  // ParamView: the synaptic current (syn: alpha_syn, dL/dsyn_final [B, N] or null, dL/dsyn_init
-  // out), the forward's traces P, Q, U per active entry and P, Q, R, U after the last step
-  // [4, B, N], and the parameter gradients per batch element d_alpha, d_threshold, d_alpha_syn
-  // [B, N] (d_param[0] null: none wanted; d_param[2] null without syn).
-  Param alpha_syn{};
-  bool syn = false;
-  const scalar_t* g_syn = nullptr;
-  scalar_t* dsyn = nullptr;
-  const scalar_t* act_tr[3] = {nullptr, nullptr, nullptr};
-  const scalar_t* tan_last = nullptr;
-  scalar_t* d_param[3] = {nullptr, nullptr, nullptr};
+  RlifParamIO<scalar_t, Param> prm;  // ParamView: synaptic current, traces, parameter gradients
 };
 
 // Rows of the dW^T / dR^T partials: N rounded up to whole SIMD tiles (trace_backward.h).
@@ -309,8 +317,8 @@ void rlif_backward_walk(const RlifBackward<scalar_t, Param>& p) {
   const int64_t tiles = padded_row<acc_t>(n) / L;
   const bool full_dx = p.dx && !p.prev_off;
   const bool d_trace = full_dx && !kPerNeuron;
-  const bool params = kPerNeuron && p.d_param[0];
-  const bool syn = kPerNeuron && p.syn;
+  const bool params = kPerNeuron && p.prm.d_param[0];
+  const bool syn = kPerNeuron && p.prm.syn;
   const bool zero_reset = p.reset == kResetZero;
   constexpr int64_t kAhead = 8;  // dL/dS rows are a stride apart: prefetch them early
   // dW and dR are summed per element after its walk, from a buffer of G_I at every step (T * N
@@ -344,7 +352,7 @@ void rlif_backward_walk(const RlifBackward<scalar_t, Param>& p) {
         acc_t* d_alpha = params ? dpar.data() : nullptr;
         acc_t* d_threshold = params ? dpar.data() + n : nullptr;
         acc_t* d_alpha_syn = params ? dpar.data() + 2 * n : nullptr;
-        auto last = [&](int k, int64_t j) { return static_cast<acc_t>(p.tan_last[(k * B + b) * n + j]); };
+        auto last = [&](int k, int64_t j) { return static_cast<acc_t>(p.prm.tan_last[(k * B + b) * n + j]); };
         // dL/dV_final and dL/dsyn_final arrive at step T-1 (G_I[T-1] = G_V[T-1] + dL/dsyn_final)
         if (p.g_init) {
           for (int64_t j = 0; j < n; ++j) {
@@ -357,9 +365,9 @@ void rlif_backward_walk(const RlifBackward<scalar_t, Param>& p) {
           }
           live = true;
         }
-        if (syn && p.g_syn) {
+        if (syn && p.prm.g_syn) {
           for (int64_t j = 0; j < n; ++j) {
-            GI[j] = static_cast<acc_t>(p.g_syn[b * n + j]);
+            GI[j] = static_cast<acc_t>(p.prm.g_syn[b * n + j]);
             if (params) d_alpha_syn[j] += GI[j] * last(2, j);
           }
           live = true;
@@ -382,8 +390,8 @@ void rlif_backward_walk(const RlifBackward<scalar_t, Param>& p) {
             delta[e - e0] = static_cast<acc_t>(p.act_sg[e]) * (static_cast<acc_t>(e_row[j]) + u);
             if (params)
               math::param_grads(d_alpha[j], d_threshold[j], d_alpha_syn[j], delta[e - e0],
-                                static_cast<acc_t>(p.act_tr[0][e]), static_cast<acc_t>(p.act_tr[1][e]),
-                                syn ? static_cast<acc_t>(p.act_tr[2][e]) : acc_t(0), true);
+                                static_cast<acc_t>(p.prm.trace[0][e]), static_cast<acc_t>(p.prm.trace[1][e]),
+                                syn ? static_cast<acc_t>(p.prm.trace[2][e]) : acc_t(0), true);
           }
           if (carry) {
             if (zero_reset) {
@@ -402,7 +410,7 @@ void rlif_backward_walk(const RlifBackward<scalar_t, Param>& p) {
               if (full_dx) scale_inplace<acc_t>(n_in, p.alpha.value, D.data());
             }
             if (syn)
-              for (int64_t j = 0; j < n; ++j) GI[j] *= p.alpha_syn[j];
+              for (int64_t j = 0; j < n; ++j) GI[j] *= p.prm.alpha_syn[j];
           }
           for (int64_t e = e0; e < e1; ++e) {
             const int64_t j = p.act_idx[e];
@@ -443,12 +451,12 @@ void rlif_backward_walk(const RlifBackward<scalar_t, Param>& p) {
         if (p.ds)
           for (int64_t j = 0; j < n; ++j)
             p.ds[b * n + j] = static_cast<scalar_t>(live ? dot<acc_t>(n, gi, p.rec_t + j * n) : acc_t(0));
-        if (syn && p.dsyn)
-          for (int64_t j = 0; j < n; ++j) p.dsyn[b * n + j] = static_cast<scalar_t>(p.alpha_syn[j] * GI[j]);
+        if (syn && p.prm.dsyn)
+          for (int64_t j = 0; j < n; ++j) p.prm.dsyn[b * n + j] = static_cast<scalar_t>(p.prm.alpha_syn[j] * GI[j]);
         if (params)
           for (int k = 0; k < 3; ++k)
-            if (p.d_param[k])
-              for (int64_t j = 0; j < n; ++j) p.d_param[k][b * n + j] = static_cast<scalar_t>(dpar[k * n + j]);
+            if (p.prm.d_param[k])
+              for (int64_t j = 0; j < n; ++j) p.prm.d_param[k][b * n + j] = static_cast<scalar_t>(dpar[k * n + j]);
         if (!live) continue;
         // dW^T[i, :] += x * G_I[t] over the element's events (t, i)
         if (dw_t)
@@ -482,25 +490,12 @@ void rlif_backward_walk(const RlifBackward<scalar_t, Param>& p) {
 // ------------------------------------------------------------------------------------------
 // Dense backward: G at every entry [T, B, N] (the GEMMs for dW, dR, dx follow in ATen).
 // ------------------------------------------------------------------------------------------
-// ParamView: the synaptic current (alpha_syn, dL/dsyn_final [B, N] or null; G_out then holds
-// G_I and gv0 [B, N] receives G_V[0]) and the parameter gradients per element from the traces
-// P, Q, U at every entry ([T, B, N] each) and after the last step (tan_last [4, B, N]) into
-// d_param = d_alpha, d_threshold, d_alpha_syn [B, N] (d_param[0] null: not wanted).
-template <typename scalar_t, typename Param>
-struct RlifDenseParams {
-  Param alpha_syn{};
-  bool syn = false;
-  const scalar_t* g_syn = nullptr;
-  scalar_t* gv0 = nullptr;
-  const scalar_t* trace[3] = {nullptr, nullptr, nullptr};
-  const scalar_t* tan_last = nullptr;
-  scalar_t* d_param[3] = {nullptr, nullptr, nullptr};
-};
-
+// ParamView: prm as in the sparse walk, with the traces at every entry; with a synaptic current
+// G_out holds G_I and prm.gv0 receives G_V[0].
 template <typename scalar_t, typename Param>
 void rlif_dense_walk(const scalar_t* grad, const scalar_t* sg, const scalar_t* spikes,
                      const scalar_t* g_init, const scalar_t* rec_t, int64_t T, int64_t B, int64_t n,
-                     Param alpha, int reset, scalar_t* G_out, RlifDenseParams<scalar_t, Param> prm = {}) {
+                     Param alpha, int reset, scalar_t* G_out, RlifParamIO<scalar_t, Param> prm = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool params = prm.d_param[0] != nullptr;
   const bool syn = prm.syn;

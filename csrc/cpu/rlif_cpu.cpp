@@ -235,6 +235,28 @@ struct ParamGradIO {
     d_threshold = need ? at::empty({B, n}, opts) : empty.clone();
     d_alpha_syn = need && syn ? at::empty({B, n}, opts) : empty.clone();
   }
+
+  // The walks' view of it (after allocate).
+  template <typename scalar_t>
+  RlifParamIO<scalar_t, ParamView<at::opmath_type<scalar_t>>> view() const {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto ptr = [](const at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
+    RlifParamIO<scalar_t, ParamView<acc_t>> io;
+    io.syn = alpha_syn.has_value();
+    io.alpha_syn = param_view<acc_t>(alpha_syn);
+    io.g_syn = ptr_or_null<scalar_t>(grad_syn_final);
+    io.dsyn = ptr(dsyn);
+    if (need) {
+      io.trace[0] = ptr(act_p);
+      io.trace[1] = ptr(act_q);
+      io.trace[2] = io.syn ? ptr(act_u) : nullptr;
+      io.tan_last = ptr(tan_last);
+      io.d_param[0] = ptr(d_alpha);
+      io.d_param[1] = ptr(d_threshold);
+      io.d_param[2] = ptr(d_alpha_syn);
+    }
+    return io;
+  }
 };
 
 template <typename scalar_t, typename Param>
@@ -261,19 +283,7 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
   const bool need_dsyn = prm && prm->need_dsyn && prm->alpha_syn.has_value();
   if constexpr (is_param_view<Param>()) {
     prm->allocate(B, n, opts);
-    p.syn = prm->alpha_syn.has_value();
-    p.alpha_syn = param_view<acc_t>(prm->alpha_syn);
-    p.g_syn = ptr_or_null<scalar_t>(prm->grad_syn_final);
-    p.dsyn = prm->dsyn.numel() ? prm->dsyn.data_ptr<scalar_t>() : nullptr;
-    if (need_dparams) {
-      p.act_tr[0] = prm->act_p.data_ptr<scalar_t>();
-      p.act_tr[1] = prm->act_q.data_ptr<scalar_t>();
-      if (p.syn) p.act_tr[2] = prm->act_u.data_ptr<scalar_t>();
-      p.tan_last = prm->tan_last.data_ptr<scalar_t>();
-      p.d_param[0] = prm->d_alpha.data_ptr<scalar_t>();
-      p.d_param[1] = prm->d_threshold.data_ptr<scalar_t>();
-      if (p.syn) p.d_param[2] = prm->d_alpha_syn.data_ptr<scalar_t>();
-    }
+    p.prm = prm->view<scalar_t>();
   }
   p.reset = reset;
   p.grad = gS.data_ptr<scalar_t>();
@@ -347,6 +357,32 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
   return {dx, dw, drec, db, dv, ds};
 }
 
+// Both sparse backwards after their checks: alpha_t (the per-neuron alpha) and prm null for the
+// float API.
+Grads rlif_backward_sparse_dispatch(
+    const at::Tensor& gS, const c10::optional<at::Tensor>& gV, const at::Tensor& weight,
+    const at::Tensor& rec, const c10::optional<at::Tensor>& s_init, const at::Tensor& act_off,
+    const at::Tensor& act_idx, const at::Tensor& act_sg, const at::Tensor& ev_off,
+    const at::Tensor& ev_idx, const at::Tensor& ev_val, const at::Tensor& bits,
+    const c10::optional<at::Tensor>& prev_off, const c10::optional<at::Tensor>& prev_idx,
+    double alpha, const at::Tensor* alpha_t, ResetKind reset, bool need_dx, bool need_dw,
+    bool need_drec, bool need_db, bool need_dv, bool need_ds, ParamGradIO* prm) {
+  const at::Tensor a = alpha_t ? alpha_t->contiguous() : at::Tensor();
+  Grads out;
+  AT_DISPATCH_FLOATING_TYPES(gS.scalar_type(), "rlif_backward_sparse_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto param, ParamGradIO* io) {
+      return rlif_backward_sparse_impl<scalar_t>(
+          gS.contiguous(), contiguous(gV), weight.contiguous(), rec.contiguous(), contiguous(s_init),
+          act_off, act_idx.contiguous(), act_sg.contiguous(), ev_off, ev_idx.contiguous(),
+          ev_val.contiguous(), bits.contiguous(), prev_off, contiguous(prev_idx), param, reset,
+          need_dx, need_dw, need_drec, need_db, need_dv, need_ds, io);
+    };
+    out = alpha_t ? run(param_view<acc_t>(a), prm) : run(ScalarParam<acc_t>{static_cast<acc_t>(alpha)}, nullptr);
+  });
+  return out;
+}
+
 Grads rlif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
                                const at::Tensor& weight, const at::Tensor& rec_weight,
                                const c10::optional<at::Tensor>& s_init, const at::Tensor& act_cnt,
@@ -362,17 +398,10 @@ Grads rlif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optiona
   const ResetKind reset = check_rlif_backward_sparse_args(
       grad_spikes, grad_v_final, weight, rec_weight, s_init, act_cnt, act_idx, act_sg, ev_cnt,
       ev_idx, ev_val, spk_bits, prev_cnt, prev_idx, alpha, reset_name, &act_off, &ev_off, &prev_off);
-  Grads out;
-  AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "rlif_backward_sparse_cpu", [&] {
-    out = rlif_backward_sparse_impl<scalar_t>(
-        grad_spikes.contiguous(), contiguous(grad_v_final), weight.contiguous(),
-        rec_weight.contiguous(), contiguous(s_init), act_off, act_idx.contiguous(),
-        act_sg.contiguous(), ev_off, ev_idx.contiguous(), ev_val.contiguous(),
-        spk_bits.contiguous(), prev_off, contiguous(prev_idx),
-        ScalarParam<at::opmath_type<scalar_t>>{static_cast<at::opmath_type<scalar_t>>(alpha)}, reset,
-        need_dx, need_dw, need_drec, need_db, need_dv, need_ds);
-  });
-  return out;
+  return rlif_backward_sparse_dispatch(grad_spikes, grad_v_final, weight, rec_weight, s_init, act_off,
+                                       act_idx, act_sg, ev_off, ev_idx, ev_val, spk_bits, prev_off,
+                                       prev_idx, alpha, nullptr, reset, need_dx, need_dw, need_drec,
+                                       need_db, need_dv, need_ds, nullptr);
 }
 
 // The tensor-parameter outputs: rlif_backward_*'s gradients, then dsyn_init, d_alpha,
@@ -406,17 +435,10 @@ ParamGrads rlif_param_backward_sparse_cpu(
                                tan_last, need_dsyn, need_dparams, act_idx.numel(), weight.size(0), op);
   ParamGradIO prm{act_p.contiguous(), act_q.contiguous(), act_u.contiguous(), tan_last.contiguous(),
                   contiguous(alpha_syn), contiguous(grad_syn_final), need_dparams, need_dsyn};
-  const at::Tensor a = alpha.contiguous();
-  Grads out;
-  AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "rlif_param_backward_sparse_cpu", [&] {
-    out = rlif_backward_sparse_impl<scalar_t>(
-        grad_spikes.contiguous(), contiguous(grad_v_final), weight.contiguous(),
-        rec_weight.contiguous(), contiguous(s_init), act_off, act_idx.contiguous(),
-        act_sg.contiguous(), ev_off, ev_idx.contiguous(), ev_val.contiguous(),
-        spk_bits.contiguous(), prev_off, contiguous(prev_idx),
-        param_view<at::opmath_type<scalar_t>>(a), reset, need_dx, need_dw, need_drec, need_db,
-        need_dv, need_ds, &prm);
-  });
+  Grads out = rlif_backward_sparse_dispatch(grad_spikes, grad_v_final, weight, rec_weight, s_init,
+                                            act_off, act_idx, act_sg, ev_off, ev_idx, ev_val,
+                                            spk_bits, prev_off, prev_idx, 0.5, &alpha, reset, need_dx,
+                                            need_dw, need_drec, need_db, need_dv, need_ds, &prm);
   return param_grads_out(out, prm);
 }
 
@@ -449,22 +471,11 @@ Grads rlif_backward_dense_common(const at::Tensor& grad_spikes, const c10::optio
                                 reset, G.data_ptr<scalar_t>(), dp);
     };
     if (alpha_t == nullptr) {
-      walk(ScalarParam<acc_t>{static_cast<acc_t>(alpha)}, RlifDenseParams<scalar_t, ScalarParam<acc_t>>{});
+      walk(ScalarParam<acc_t>{static_cast<acc_t>(alpha)}, RlifParamIO<scalar_t, ScalarParam<acc_t>>{});
     } else {
-      RlifDenseParams<scalar_t, ParamView<acc_t>> dp;
-      dp.syn = syn;
-      dp.alpha_syn = param_view<acc_t>(prm->alpha_syn);
-      dp.g_syn = ptr_or_null<scalar_t>(prm->grad_syn_final);
+      auto dp = prm->view<scalar_t>();
+      dp.dsyn = nullptr;  // from G_I[0] below
       dp.gv0 = syn ? gv0.data_ptr<scalar_t>() : nullptr;
-      if (prm->need) {
-        dp.trace[0] = prm->act_p.data_ptr<scalar_t>();
-        dp.trace[1] = prm->act_q.data_ptr<scalar_t>();
-        if (syn) dp.trace[2] = prm->act_u.data_ptr<scalar_t>();
-        dp.tan_last = prm->tan_last.data_ptr<scalar_t>();
-        dp.d_param[0] = prm->d_alpha.data_ptr<scalar_t>();
-        dp.d_param[1] = prm->d_threshold.data_ptr<scalar_t>();
-        if (syn) dp.d_param[2] = prm->d_alpha_syn.data_ptr<scalar_t>();
-      }
       walk(param_view<acc_t>(a), dp);
     }
   });
