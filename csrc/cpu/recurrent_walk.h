@@ -441,18 +441,20 @@ void rlif_backward_walk(const RlifBackward<scalar_t, Param>& p) {
             }
           }
         }
-        // G holds G_V[0] = dL/dV[0], gi G_I[0] (zero if nothing reached this element)
+        // G holds G_V[0] = dL/dV[0], gi G_I[0] (zero if nothing reached this element); T = 0:
+        // the final state is the initial one, and S[-1] reaches nothing
         const scalar_t* s0 = p.s_init ? p.s_init + b * n : nullptr;
         if (p.dv)
           for (int64_t j = 0; j < n; ++j) {
             const acc_t keep = zero_reset && s0 ? p.alpha[j] * (acc_t(1) - static_cast<acc_t>(s0[j])) : p.alpha[j];
-            p.dv[b * n + j] = static_cast<scalar_t>(keep * G[j]);
+            p.dv[b * n + j] = static_cast<scalar_t>(T > 0 ? keep * G[j] : G[j]);
           }
         if (p.ds)
           for (int64_t j = 0; j < n; ++j)
-            p.ds[b * n + j] = static_cast<scalar_t>(live ? dot<acc_t>(n, gi, p.rec_t + j * n) : acc_t(0));
-        if (syn && p.prm.dsyn)
-          for (int64_t j = 0; j < n; ++j) p.prm.dsyn[b * n + j] = static_cast<scalar_t>(p.prm.alpha_syn[j] * GI[j]);
+            p.ds[b * n + j] = static_cast<scalar_t>(live && T > 0 ? dot<acc_t>(n, gi, p.rec_t + j * n) : acc_t(0));
+        if (syn && p.prm.dsyn)  // syn[0] = alpha_syn * syn_init + I[0]
+          for (int64_t j = 0; j < n; ++j)
+            p.prm.dsyn[b * n + j] = static_cast<scalar_t>(T > 0 ? p.prm.alpha_syn[j] * GI[j] : GI[j]);
         if (params)
           for (int k = 0; k < 3; ++k)
             if (p.prm.d_param[k])

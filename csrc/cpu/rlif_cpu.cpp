@@ -484,13 +484,22 @@ Grads rlif_backward_dense_common(const at::Tensor& grad_spikes, const c10::optio
   at::Tensor dx = need_dx ? at::mm(G2, weight_in.contiguous()).view({T, B, n_in}) : empty;
   at::Tensor dw = need_dw ? at::mm(G2.t(), x_in.contiguous().view({T * B, n_in})) : empty.clone();
   at::Tensor db = need_db ? G2.sum(0) : empty.clone();
-  at::Tensor drec = empty.clone();
+  at::Tensor drec = empty.clone(), dv = empty.clone(), ds = empty.clone();
+  if (T == 0) {  // the final state is the initial one; S[-1] reaches nothing
+    auto given = [&](const c10::optional<at::Tensor>& g) {
+      return g.has_value() ? g->clone() : at::zeros({B, n}, opts);
+    };
+    if (need_drec) drec = at::zeros({n, n}, opts);
+    if (need_dv) dv = given(gV);
+    if (need_ds) ds = at::zeros({B, n}, opts);
+    if (syn && prm->dsyn.numel()) prm->dsyn.copy_(given(prm->grad_syn_final));
+    return {dx, dw, drec, db, dv, ds};
+  }
   if (need_drec) {  // dR = sum_t G_I[t+1]^T S[t] (+ G_I[0]^T s_init)
     drec = at::mm(G.narrow(0, 1, T - 1).reshape({(T - 1) * B, n}).t(),
                   spikes.narrow(0, 0, T - 1).reshape({(T - 1) * B, n}));
     if (s_init.has_value()) drec = drec + at::mm(G[0].t(), *s_init);
   }
-  at::Tensor dv = empty.clone(), ds = empty.clone();
   if (need_dv) {
     const at::Tensor gv_0 = syn ? gv0 : G[0];
     dv = alpha_t ? gv_0 * a : gv_0 * alpha;
