@@ -570,3 +570,26 @@ def test_module_state_with_syn_chunks():
     assert torch.equal(torch.cat([first, second]), whole)
     for a, b_ in zip(st, st2):
         torch.testing.assert_close(a, b_, **F64)
+
+
+@pytest.mark.parametrize("syn", [False, True])
+def test_kernels_saved_bytes_at_most_10_percent_of_dense_bptt(syn):
+    """DESIGN.md §7's target for recurrent layers, with learnable per-neuron parameters."""
+    from test_memory import nbytes, saved_tensors, shd_like
+    x, w, b = shd_like()
+    n = w.shape[0]
+    g = torch.Generator().manual_seed(1)
+    r = (torch.randn(n, n, generator=g) * 0.02).requires_grad_(True)
+    alpha = torch.full((n,), 0.95, requires_grad=True)
+    threshold = torch.full((n,), 1.0, requires_grad=True)
+    a_syn = torch.full((n,), 0.5, requires_grad=True) if syn else None
+    kw = dict(alpha=alpha, threshold=threshold, alpha_syn=a_syn)
+    out, saved = saved_tensors(lambda: sparsegrad.rlif_layer(x, w, r, b, **kw))
+    assert 0.002 < out.mean() < 0.05
+    _, saved_ref = saved_tensors(lambda: ref.rlif_layer(x, w, r, b, **kw))
+    keep = (w, r, alpha, threshold, a_syn)
+    sparse_bytes = nbytes([t for t in saved if not any(t is k for k in keep)])
+    ref_bytes = nbytes([t for t in saved_ref if not any(t is k for k in keep)])
+    assert sparse_bytes <= 0.10 * ref_bytes, (sparse_bytes, ref_bytes)
+    out.sum().backward()
+    assert alpha.grad.abs().sum() > 0 and threshold.grad.abs().sum() > 0
