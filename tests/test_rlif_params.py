@@ -593,3 +593,57 @@ def test_kernels_saved_bytes_at_most_10_percent_of_dense_bptt(syn):
     assert sparse_bytes <= 0.10 * ref_bytes, (sparse_bytes, ref_bytes)
     out.sum().backward()
     assert alpha.grad.abs().sum() > 0 and threshold.grad.abs().sum() > 0
+
+
+class _LearnableRecurrentNet(torch.nn.Module):
+    def __init__(self, backward):
+        super().__init__()
+        self.l1 = sparsegrad.nn.LIF(20, 12, alpha=0.9, b_th=0.5, slope=5.0, backward=backward)
+        self.l2 = sparsegrad.nn.RLIF(12, 12, alpha=torch.full((12,), 0.9), learn_alpha=True,
+                                     learn_threshold=True, alpha_syn=0.6, learn_alpha_syn=True,
+                                     b_th=0.5, slope=5.0, backward=backward)
+        self.readout = sparsegrad.nn.LIReadout(12, 4, alpha=0.8)
+
+    def forward(self, x):
+        return self.readout(self.l2(self.l1(x)))
+
+
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_kernels_compile_fullgraph_matches_eager(backward):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x = (torch.rand(15, 5, 20) < 0.3).float()
+    labels = torch.randint(0, 4, (5,))
+    model = _LearnableRecurrentNet(backward)
+    with torch.no_grad():
+        model.l1.weight.mul_(3.0)
+        model.l2.weight.mul_(3.0)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for m in (model, compiled):
+        m.zero_grad()
+        out = m(x)
+        torch.nn.functional.cross_entropy(out, labels).backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    assert all(torch.count_nonzero(g) > 0 for g in results[0][1])
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_cpu_determinism_across_thread_counts():
+    x, w, r, b, params = _problem(23, ("neuron", "neuron"), "neuron")
+    state = _state(23, True)
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            runs.append(_run(sparsegrad.rlif_layer, x, w, r, b, params, state, b_th=0.3,
+                             slope=5.0))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        assert torch.equal(other[0], runs[0][0])
+        for name in runs[0][2]:
+            assert torch.equal(other[2][name], runs[0][2][name]), name
