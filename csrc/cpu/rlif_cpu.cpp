@@ -1,5 +1,6 @@
 // The recurrent LIF layer's ops on the CPU: rlif_forward, rlif_backward_sparse,
-// rlif_backward_dense (the walks are in cpu/recurrent_walk.h).
+// rlif_backward_dense, and their tensor-parameter versions rlif_param_* (per-neuron alpha,
+// threshold, the synaptic current; the same walks, cpu/recurrent_walk.h, over ParamView).
 #include <torch/library.h>
 
 #include "low_precision.h"
