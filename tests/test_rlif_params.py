@@ -367,12 +367,14 @@ def test_kernels_float32(syn, backward):
     out_k, fin_k, g_k = _run(sparsegrad.rlif_layer, x, w, r, b, params, state, **kw)
     out_r, fin_r, g_r = _run(ref.rlif_layer, x, w, r, b, params, state, **kw)
     assert out_k.dtype == torch.float32 and out_k.sum() > 0
-    # float32 sums in another order may flip a spike right at the threshold: compare where the
-    # reference is clear of it, and the gradients loosely
-    assert (out_k != out_r).float().mean() < 0.02
-    if torch.equal(out_k, out_r):
-        for name in g_r:
-            torch.testing.assert_close(g_k[name], g_r[name], rtol=1e-3, atol=1e-4, msg=name)
+    # (float32 sums in another order could flip a spike right at the threshold; none lies that
+    # close in this problem, so the spikes are equal and the gradients close)
+    assert torch.equal(out_k, out_r)
+    for a, r_ in zip(fin_k, fin_r):
+        torch.testing.assert_close(a, r_.detach(), rtol=1e-5, atol=1e-6)
+    for name in g_r:
+        torch.testing.assert_close(g_k[name], g_r[name], rtol=1e-4,
+                                   atol=1e-5 * float(g_r[name].abs().max()), msg=name)
 
 
 def test_kernels_half_types_run_in_float32():
