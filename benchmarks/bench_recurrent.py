@@ -13,6 +13,11 @@ gradients are checked against sparsegrad.reference in float64. Ratios come from 
 time (median) and in 1-thread CPU time (min; see cpu_times: robust to other jobs' load).
 
     python benchmarks/bench_recurrent.py --json benchmarks/results/recurrent.json
+
+--learn makes alpha and threshold learnable per-neuron parameters in every method (sparsegrad:
+nn.RLIF(learn_alpha, learn_threshold), the tensor-parameter kernels, CPU only; snnTorch:
+RLeaky(learn_beta, learn_threshold) with per-neuron values; plain PyTorch: leaf tensors), their
+gradients checked too (compare with the fixed-parameter run for the cost of learning them).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ BATCH = 64
 READOUT_ALPHA = 0.9
 METHODS = ("pytorch", "sparsegrad_dense", "sparsegrad_sparse", "snntorch")
 QUICK = dict(steps=20, hidden=24, batch=4)
+LEARN = False  # --learn: learnable per-neuron alpha and threshold in every method
 # issue 12's targets, on the SHD-like layer
 TARGETS = dict(bwd_vs_pytorch=15.0, step_vs_snntorch=10.0, saved_fraction=0.10)
 
@@ -75,24 +81,32 @@ class RecurrentLayer(nn.Module):
         super().__init__()
         self.kind = kind
         self.b_th = b_th
+        self.learn = LEARN
+        # per-neuron values with --learn (learnable), else floats
+        alpha = torch.full((n_out,), common.ALPHA, dtype=dtype) if self.learn else common.ALPHA
+        threshold = (torch.full((n_out,), common.THRESHOLD, dtype=dtype) if self.learn
+                     else common.THRESHOLD)
         if kind == "snntorch":
             import snntorch as snn
             from snntorch import surrogate
 
             self.fc = nn.Linear(n_in, n_out, dtype=dtype)
-            self.lif = snn.RLeaky(beta=common.ALPHA, threshold=common.THRESHOLD,
-                                  linear_features=n_out, all_to_all=True,
-                                  reset_mechanism="subtract",
+            self.lif = snn.RLeaky(beta=alpha, threshold=threshold, linear_features=n_out,
+                                  all_to_all=True, reset_mechanism="subtract",
+                                  learn_beta=self.learn, learn_threshold=self.learn,
                                   spike_grad=surrogate.fast_sigmoid(slope=common.SLOPE)).to(dtype)
         elif kind.startswith("sparsegrad"):
             import sparsegrad.nn as sgnn
 
-            self.layer = sgnn.RLIF(n_in, n_out, alpha=common.ALPHA, b_th=b_th,
-                                   backward=kind.split("_")[1], dtype=dtype)
+            self.layer = sgnn.RLIF(n_in, n_out, alpha=alpha, threshold=threshold, b_th=b_th,
+                                   backward=kind.split("_")[1], dtype=dtype,
+                                   learn_alpha=self.learn, learn_threshold=self.learn)
         else:  # pytorch / reference: plain autograd
             self.weight = nn.Parameter(torch.empty(n_out, n_in, dtype=dtype))
             self.rec_weight = nn.Parameter(torch.empty(n_out, n_out, dtype=dtype))
             self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype))
+            self.alpha = nn.Parameter(alpha) if self.learn else alpha
+            self.threshold = nn.Parameter(threshold) if self.learn else threshold
 
     def load(self, w, r, b):
         with torch.no_grad():
@@ -124,17 +138,21 @@ class RecurrentLayer(nn.Module):
             return self.layer(x)
         from sparsegrad import reference as ref
 
-        return ref.rlif_layer(x, self.weight, self.rec_weight, self.bias, alpha=common.ALPHA,
-                              b_th=self.b_th, backward="sparse" if self.kind == "reference_sparse"
-                              else "dense")
+        return ref.rlif_layer(x, self.weight, self.rec_weight, self.bias, alpha=self.alpha,
+                              threshold=self.threshold, b_th=self.b_th,
+                              backward="sparse" if self.kind == "reference_sparse" else "dense")
 
     def params(self):
-        """[W, R, b] (snnTorch's recurrent bias, zero here, is left out)."""
+        """[W, R, b] (snnTorch's recurrent bias, zero here, is left out), then [alpha, threshold]
+        with --learn."""
         if self.kind == "snntorch":
-            return [self.fc.weight, self.lif.recurrent.weight, self.fc.bias]
+            extra = [self.lif.beta, self.lif.threshold] if self.learn else []
+            return [self.fc.weight, self.lif.recurrent.weight, self.fc.bias] + extra
         if self.kind.startswith("sparsegrad"):
-            return [self.layer.weight, self.layer.rec_weight, self.layer.bias]
-        return [self.weight, self.rec_weight, self.bias]
+            extra = [self.layer.alpha, self.layer.threshold] if self.learn else []
+            return [self.layer.weight, self.layer.rec_weight, self.layer.bias] + extra
+        extra = [self.alpha, self.threshold] if self.learn else []
+        return [self.weight, self.rec_weight, self.bias] + extra
 
     def stats(self):
         return self.layer.last_stats if self.kind.startswith("sparsegrad") else None
@@ -449,7 +467,11 @@ def main(argv=None):
     parser.add_argument("--configs", nargs="+", default=["layer", "network"],
                         choices=["layer", "network"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--learn", action="store_true",
+                        help="learnable per-neuron alpha and threshold in every method")
     args = parser.parse_args(argv)
+    global LEARN
+    LEARN = bool(args.learn)
     device, dtype = common.setup(args)
     kinds = [k for k in args.methods if k != "snntorch" or peer_version("snntorch")[0]]
     size = dict(steps=QUICK["steps"], hidden=QUICK["hidden"], batch=QUICK["batch"]) if args.quick else {}
@@ -458,6 +480,7 @@ def main(argv=None):
         run = run_layer if config == "layer" else run_network
         res = run(args, device, dtype, kinds, **size)
         res["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        res["learn"] = LEARN
         print_result(res)
         results.append(res)
     checks = evaluate_checks(results)

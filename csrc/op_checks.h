@@ -533,13 +533,58 @@ inline NeuronKinds check_rlif_forward_args(const at::Tensor& x, const at::Tensor
                                            const c10::optional<at::Tensor>& v_init,
                                            const c10::optional<at::Tensor>& s_init, double alpha,
                                            double threshold, double b_th, double slope,
-                                           c10::string_view surrogate, c10::string_view reset) {
-  const char* op = "rlif_forward";
+                                           c10::string_view surrogate, c10::string_view reset,
+                                           const char* op = "rlif_forward") {
   check_linear(x, weight, bias, op);
   check_rec_weight(rec_weight, weight.size(0), x, op);
   const NeuronKinds kinds = check_neuron_args(alpha, threshold, b_th, slope, surrogate, reset, op);
   check_state(v_init, s_init, x, x.size(1), weight.size(0), op);
   return kinds;
+}
+
+// The tensor parameters of the recurrent layer: alpha, threshold (and alpha_syn) one value per
+// neuron; syn_init only with alpha_syn.
+inline void check_rlif_params(const at::Tensor& alpha, const at::Tensor& threshold,
+                              const c10::optional<at::Tensor>& alpha_syn,
+                              const c10::optional<at::Tensor>& syn_init, const at::Tensor& x,
+                              int64_t n, const char* op) {
+  check_neuron_param(alpha, x, n, op, "alpha");
+  check_neuron_param(threshold, x, n, op, "threshold");
+  if (alpha_syn.has_value()) check_neuron_param(*alpha_syn, x, n, op, "alpha_syn");
+  if (syn_init.has_value()) {
+    SG_CHECK(alpha_syn.has_value(), op, "syn_init", "is given but alpha_syn is None (no synaptic current)");
+    check_float_tensor(*syn_init, op, "syn_init", 2);
+    check_like(*syn_init, x, op, "syn_init");
+    SG_CHECK(syn_init->size(0) == x.size(1) && syn_init->size(1) == n, op, "syn_init",
+             "must have shape [", x.size(1), ", ", n, "], got ", syn_init->sizes());
+  }
+}
+
+// The tensor-parameter inputs of the recurrent backwards; `entries` is how many values each
+// trace holds (the active entries, or T*B*N in dense mode).
+inline void check_rlif_param_grad_inputs(const at::Tensor& grad_spikes,
+                                         const c10::optional<at::Tensor>& grad_syn_final,
+                                         const at::Tensor& alpha,
+                                         const c10::optional<at::Tensor>& alpha_syn,
+                                         const at::Tensor& act_p, const at::Tensor& act_q,
+                                         const at::Tensor& act_u, const at::Tensor& tan_last,
+                                         bool need_dsyn, bool need_dparams, int64_t entries,
+                                         int64_t n, const char* op) {
+  const int64_t B = grad_spikes.size(1);
+  check_neuron_param(alpha, grad_spikes, n, op, "alpha");
+  if (alpha_syn.has_value()) check_neuron_param(*alpha_syn, grad_spikes, n, op, "alpha_syn");
+  SG_CHECK(!need_dsyn || alpha_syn.has_value(), op, "need_dsyn", "needs alpha_syn");
+  if (grad_syn_final.has_value()) {
+    SG_CHECK(alpha_syn.has_value(), op, "grad_syn_final", "is given but alpha_syn is None");
+    check_like(*grad_syn_final, grad_spikes, op, "grad_syn_final");
+    SG_CHECK(grad_syn_final->dim() == 2 && grad_syn_final->size(0) == B &&
+             grad_syn_final->size(1) == n, op, "grad_syn_final", "must be [", B, ", ", n, "], got ",
+             grad_syn_final->sizes());
+  }
+  check_trace(act_p, grad_spikes, need_dparams, entries, op, "act_p");
+  check_trace(act_q, grad_spikes, need_dparams, entries, op, "act_q");
+  check_trace(act_u, grad_spikes, need_dparams && alpha_syn.has_value(), entries, op, "act_u");
+  check_trace(tan_last, grad_spikes, need_dparams, 4 * B * n, op, "tan_last");
 }
 
 inline void check_rlif_grad_inputs(const at::Tensor& grad_spikes,
@@ -577,8 +622,8 @@ inline ResetKind check_rlif_backward_sparse_args(
     const at::Tensor& ev_cnt, const at::Tensor& ev_idx, const at::Tensor& ev_val,
     const at::Tensor& spk_bits, const c10::optional<at::Tensor>& prev_cnt,
     const c10::optional<at::Tensor>& prev_idx, double alpha, c10::string_view reset,
-    at::Tensor* act_off, at::Tensor* ev_off, c10::optional<at::Tensor>* prev_off) {
-  const char* op = "rlif_backward_sparse";
+    at::Tensor* act_off, at::Tensor* ev_off, c10::optional<at::Tensor>* prev_off,
+    const char* op = "rlif_backward_sparse") {
   check_rlif_grad_inputs(grad_spikes, grad_v_final, weight, rec_weight, s_init, alpha, op);
   const int64_t rows = grad_spikes.size(0) * grad_spikes.size(1);
   check_csr(act_cnt, act_idx, rows, grad_spikes, op, "act_cnt", "act_idx");
@@ -608,8 +653,8 @@ inline ResetKind check_rlif_backward_dense_args(const at::Tensor& grad_spikes,
                                                 const at::Tensor& rec_weight,
                                                 const c10::optional<at::Tensor>& s_init,
                                                 const at::Tensor& spikes, const at::Tensor& sg,
-                                                double alpha, c10::string_view reset) {
-  const char* op = "rlif_backward_dense";
+                                                double alpha, c10::string_view reset,
+                                                const char* op = "rlif_backward_dense") {
   check_rlif_grad_inputs(grad_spikes, grad_v_final, weight, rec_weight, s_init, alpha, op);
   check_linear(x, weight, c10::nullopt, op);
   check_like(x, grad_spikes, op, "x");

@@ -156,6 +156,45 @@ inline void define_ops(torch::Library& m) {
       "bool need_dx, bool need_dw, bool need_drec, bool need_db, bool need_dv, bool need_ds) -> "
       "(Tensor dx, Tensor dweight, Tensor drec_weight, Tensor dbias, Tensor dv_init, "
       "Tensor ds_init)");
+  // The recurrent layer with per-neuron alpha, threshold [N] and the optional synaptic current
+  // (alpha_syn [N]; syn[t] = alpha_syn*syn[t-1] + I[t], which V integrates in place of I[t]):
+  // issue 18, CPU kernels only so far. The outputs of rlif_forward with syn_final [B, N] (empty
+  // without alpha_syn) after v_final and, when need_dparams, the forward-mode traces
+  // (lif_math.h) P = dV/dalpha, Q = -dV/dthreshold, U = dV/dalpha_syn after act_sg: one value
+  // per active entry (in act_idx's order; dense mode [T, B, N]; act_u empty without alpha_syn)
+  // and tan_last [4, B, N] = (P, Q, R = dsyn/dalpha_syn, U) after the last step.
+  m.def(
+      "rlif_param_forward(Tensor x, Tensor weight, Tensor rec_weight, Tensor? bias, "
+      "Tensor? v_init, Tensor? s_init, Tensor? syn_init, Tensor? x_act_cnt, Tensor? x_act_idx, "
+      "Tensor alpha, Tensor threshold, Tensor? alpha_syn, float b_th, float slope, bool sparse, "
+      "str surrogate=\"fast_sigmoid\", str reset=\"subtract\", bool need_dparams=False) -> "
+      "(Tensor spikes, Tensor v_final, Tensor syn_final, Tensor act_cnt, Tensor act_idx, "
+      "Tensor act_sg, Tensor act_p, Tensor act_q, Tensor act_u, Tensor tan_last, Tensor ev_cnt, "
+      "Tensor ev_idx, Tensor ev_val, Tensor spk_bits, Tensor stats)");
+  // Their backwards: rlif_backward_sparse's / rlif_backward_dense's gradients, dsyn_init [B, N]
+  // (need_dsyn) and, per batch element, d_alpha, d_threshold, d_alpha_syn [B, N] (need_dparams;
+  // d_alpha_syn only with alpha_syn; else empty): the sums of delta*P, -delta*(Q + 1),
+  // delta*U over the entries where delta is formed, plus grad_v_final*(P, -Q, U) and
+  // grad_syn_final*R after the last step (docs/design.md, "Tensor parameters and the synaptic
+  // current of the recurrent layer").
+  m.def(
+      "rlif_param_backward_sparse(Tensor grad_spikes, Tensor? grad_v_final, "
+      "Tensor? grad_syn_final, Tensor weight, Tensor rec_weight, Tensor? s_init, Tensor act_cnt, "
+      "Tensor act_idx, Tensor act_sg, Tensor act_p, Tensor act_q, Tensor act_u, Tensor tan_last, "
+      "Tensor ev_cnt, Tensor ev_idx, Tensor ev_val, Tensor spk_bits, Tensor? prev_cnt, "
+      "Tensor? prev_idx, Tensor alpha, Tensor? alpha_syn, str reset, bool need_dx, bool need_dw, "
+      "bool need_drec, bool need_db, bool need_dv, bool need_ds, bool need_dsyn, "
+      "bool need_dparams) -> (Tensor dx, Tensor dweight, Tensor drec_weight, Tensor dbias, "
+      "Tensor dv_init, Tensor ds_init, Tensor dsyn_init, Tensor d_alpha, Tensor d_threshold, "
+      "Tensor d_alpha_syn)");
+  m.def(
+      "rlif_param_backward_dense(Tensor grad_spikes, Tensor? grad_v_final, "
+      "Tensor? grad_syn_final, Tensor x, Tensor weight, Tensor rec_weight, Tensor? s_init, "
+      "Tensor spikes, Tensor sg, Tensor act_p, Tensor act_q, Tensor act_u, Tensor tan_last, "
+      "Tensor alpha, Tensor? alpha_syn, str reset, bool need_dx, bool need_dw, bool need_drec, "
+      "bool need_db, bool need_dv, bool need_ds, bool need_dsyn, bool need_dparams) -> "
+      "(Tensor dx, Tensor dweight, Tensor drec_weight, Tensor dbias, Tensor dv_init, "
+      "Tensor ds_init, Tensor dsyn_init, Tensor d_alpha, Tensor d_threshold, Tensor d_alpha_syn)");
   // Convolutions of spike sequences (issue 20; csrc/cpu/conv_cpu.cpp). Time is folded into the
   // batch: N = T*B samples, sample n = t*B + b. spike_pack: x [N, M] -> bits [N, ceil(M/32)] int32
   // (bit j%32 of word j/32 = x[n, j] != 0) and info int64 [2] = (nonzeros, entries not 0 or 1).

@@ -567,21 +567,30 @@ def _spikingjelly_plif(m) -> NeuronSpec:
 
 
 def _snntorch_rleaky(m) -> NeuronSpec:
-    """snnTorch RLeaky after an nn.Linear -> sparsegrad's recurrent RLIF (conversion_recurrent.py)."""
+    """snnTorch RLeaky after an nn.Linear -> sparsegrad's recurrent RLIF (conversion_recurrent.py).
+    A learnable or per-neuron beta / threshold becomes RLIF's tensor parameter, as for Leaky."""
     surrogate, slope = surrogate_of(m.spike_grad)
     notes: List[str] = []
+    floats, tensors, learnable, param_notes = _snntorch_params(m)
 
     def fused(linear: nn.Linear, b_th: float, backward: str) -> nn.Module:
-        layer, why = rleaky_rule(linear, m, b_th=b_th, backward=backward)
+        params, raw = spec._param_kwargs(((), (linear.out_features,)))
+        if params is None:
+            raise Unsupported("beta / threshold have a shape that is neither one value nor one "
+                              "per neuron; sparsegrad's RLIF takes [] or [N] tensors")
+        layer, why = rleaky_rule(linear, m, b_th=b_th, backward=backward, params=params)
         if layer is None:
             raise Unsupported(why)
         notes.extend(why)
-        return layer
+        return spec._copy_learnable(layer, raw)
 
-    beta, threshold = _scalar(m.beta), _scalar(m.threshold)
-    return NeuronSpec("snntorch.RLeaky", min(max(beta or 0.0, 0.0), 1.0), threshold or 1.0,
-                      surrogate, slope, getattr(m, "reset_mechanism", "subtract"),
-                      notes=notes, fused_factory=fused, needs_linear=True)
+    beta, threshold = floats["beta"], floats["threshold"]
+    spec = NeuronSpec("snntorch.RLeaky", math.nan if beta is None else min(max(beta, 0.0), 1.0),
+                      math.nan if threshold is None else threshold, surrogate, slope,
+                      getattr(m, "reset_mechanism", "subtract"), notes=notes, fused_factory=fused,
+                      needs_linear=True, tensor_params=tensors, learnable=learnable,
+                      parameters=param_notes)
+    return spec
 
 
 # (module prefix, class name) -> rule. A rule returns a NeuronSpec or raises Unsupported. A neuron

@@ -100,9 +100,11 @@ def exact_surrogate(fn) -> Tuple[Optional[str], Optional[float], Optional[str]]:
                         "triangle (exactly)")
 
 
-def rleaky_rule(linear: nn.Linear, neuron: nn.Module, *, b_th: float, backward: str):
+def rleaky_rule(linear: nn.Linear, neuron: nn.Module, *, b_th: float, backward: str,
+                params: Optional[dict] = None):
     """(RLIF, notes) for ``linear -> neuron`` when it is exactly a recurrent sparsegrad layer,
-    else (None, reason)."""
+    else (None, reason). params: RLIF's alpha / threshold (/ learn_*) keyword arguments for a
+    learnable or per-neuron beta / threshold (conversion.NeuronSpec); None: both must be floats."""
     from .nn import RLIF
 
     notes: List[str] = []
@@ -126,24 +128,31 @@ def rleaky_rule(linear: nn.Linear, neuron: nn.Module, *, b_th: float, backward: 
                       ("surrogate_disable", "surrogate_disable=True (no gradient)")):
         if getattr(neuron, flag, False):
             return None, f"{why} has no sparsegrad equivalent"
-    for name in ("beta", "threshold", "graded_spikes_factor"):
-        if isinstance(getattr(neuron, name, None), nn.Parameter):
-            return None, f"{name} is a learnable parameter; sparsegrad's {name} is a fixed float"
-    beta, threshold = _scalar(neuron.beta), _scalar(neuron.threshold)
+    if isinstance(getattr(neuron, "graded_spikes_factor", None), nn.Parameter):
+        return None, "graded_spikes_factor is a learnable parameter; sparsegrad's spikes are 0/1"
+    params = dict(params or {})
+    if "alpha" not in params or not isinstance(params["alpha"], torch.Tensor):
+        beta = _scalar(neuron.beta)
+        if beta is None or math.isnan(beta):
+            return None, "beta is NaN (or has an unsupported shape)"
+        params["alpha"] = min(max(beta, 0.0), 1.0)
+    if "threshold" not in params or not isinstance(params["threshold"], torch.Tensor):
+        threshold = _scalar(neuron.threshold)
+        if threshold is None or not (threshold > 0 and math.isfinite(threshold)):
+            return None, "threshold is not one positive finite float"
+        params["threshold"] = threshold
+    params.pop("alpha_syn", None)  # RLeaky has no synaptic current
+    params.pop("learn_alpha_syn", None)
     graded = _scalar(getattr(neuron, "graded_spikes_factor", 1.0))
-    if beta is None or math.isnan(beta):
-        return None, "beta has one value per neuron (or is NaN); sparsegrad's alpha is one float"
-    if threshold is None or not (threshold > 0 and math.isfinite(threshold)):
-        return None, "threshold is not one positive finite float"
     if graded != 1.0:
         return None, f"graded_spikes_factor={graded} scales spikes; sparsegrad's spikes are 0/1"
     surrogate, slope, why = exact_surrogate(neuron.spike_grad)
     if surrogate is None:
         return None, why
     w = linear.weight
-    layer = RLIF(linear.in_features, n, linear.bias is not None, alpha=min(max(beta, 0.0), 1.0),
-                 threshold=threshold, b_th=b_th, surrogate=surrogate, slope=slope, reset=reset,
-                 backward=backward, rec_bias=rec.bias is not None, device=w.device, dtype=w.dtype)
+    layer = RLIF(linear.in_features, n, linear.bias is not None, b_th=b_th, surrogate=surrogate,
+                 slope=slope, reset=reset, backward=backward, rec_bias=rec.bias is not None,
+                 device=w.device, dtype=w.dtype, **params)
     # Same parameters as the pair: an optimiser sees W, b, R and the recurrent bias as before.
     for mine, theirs in ((layer.weight, w), (layer.bias, linear.bias),
                          (layer.rec_weight, rec.weight), (layer.rec_bias, rec.bias)):

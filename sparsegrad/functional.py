@@ -359,6 +359,18 @@ def _layer_params(alpha, threshold, alpha_syn, x, n_out):
     return out
 
 
+def _checked_layer_args(alpha, threshold, alpha_syn, b_th, slope, backward, surrogate, reset, x,
+                        n_out):
+    """A layer's neuron arguments checked: (alpha, threshold, alpha_syn, b_th, slope), the
+    parameters floats or tensors of shape [] or [N_out] (alpha_syn may be None)."""
+    alpha, threshold, alpha_syn = _layer_params(alpha, threshold, alpha_syn, x, n_out)
+    _, _, b_th, slope = check_lif_args(
+        0.5 if isinstance(alpha, torch.Tensor) else alpha,
+        1.0 if isinstance(threshold, torch.Tensor) else threshold, b_th, slope, backward,
+        surrogate, reset)
+    return alpha, threshold, alpha_syn, b_th, slope
+
+
 def _param_layer(x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surrogate, reset,
                  sparse, v_init, s_init, syn_init, x_cnt=None, x_idx=None):
     """Linear + LIF with tensor parameters / a synaptic current; returns (spikes, v_final,
@@ -380,6 +392,16 @@ def _param_layer(x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surr
     if kd != x.dtype:
         spikes, v_final, syn_final = (t.to(x.dtype) for t in (spikes, v_final, syn_final))
     return spikes, v_final, syn_final if alpha_syn is not None else None, act_cnt, act_idx, stats
+
+
+def _check_syn_state(syn_init, x, B, n_out):
+    """The state's synaptic current (None without one): [B, N_out] like x."""
+    if syn_init is not None:
+        _check_tensor("state.syn", syn_init, 2, x.dtype, x.device)
+        if tuple(syn_init.shape) != (B, n_out):
+            raise ValueError(f"state.syn must have shape [{B}, {n_out}], got "
+                             f"{tuple(syn_init.shape)}")
+    return syn_init
 
 
 def _split_state(state, alpha_syn):
@@ -418,19 +440,12 @@ def lif_layer_with_stats(
     _check_linear(x, weight, bias)
     T, B, _ = x.shape
     n_out = weight.shape[0]
-    alpha, threshold, alpha_syn = _layer_params(alpha, threshold, alpha_syn, x, n_out)
+    alpha, threshold, alpha_syn, b_th, slope = _checked_layer_args(
+        alpha, threshold, alpha_syn, b_th, slope, backward, surrogate, reset, x, n_out)
     tensor_params = alpha_syn is not None or any(isinstance(p, torch.Tensor)
                                                   for p in (alpha, threshold))
-    _, _, b_th, slope = check_lif_args(
-        0.5 if isinstance(alpha, torch.Tensor) else alpha,
-        1.0 if isinstance(threshold, torch.Tensor) else threshold, b_th, slope, backward,
-        surrogate, reset)
     v_init, s_init = check_state(state, x, B, n_out, reset)
-    if syn_init is not None:
-        _check_tensor("state.syn", syn_init, 2, x.dtype, x.device)
-        if tuple(syn_init.shape) != (B, n_out):
-            raise ValueError(f"state.syn must have shape [{B}, {n_out}], got "
-                             f"{tuple(syn_init.shape)}")
+    syn_init = _check_syn_state(syn_init, x, B, n_out)
     x_cnt, x_idx = producer
     sparse = backward == "sparse"
     syn_final = None
@@ -506,52 +521,85 @@ def lif_layer(
 # ------------------------------------------------------------------------------------------
 # Recurrent LIF layer
 # ------------------------------------------------------------------------------------------
+def _require_rlif_param_kernels(device):
+    """The tensor-parameter recurrent ops have CPU kernels only (ops.RLIF_PARAM_OPS): refuse
+    other devices by name rather than let the dispatcher fail, or fall back silently."""
+    if torch.device(device).type != "cpu":
+        raise NotImplementedError(
+            f"rlif_layer with tensor alpha / threshold or alpha_syn has CPU kernels only so far "
+            f"(ops {', '.join(ops.RLIF_PARAM_OPS)}), and x is on {device}: use float alpha and "
+            f"threshold and no alpha_syn there (the CUDA kernels), or run the layer on the CPU")
+
+
 def rlif_layer_with_stats(
     x: torch.Tensor,
     weight: torch.Tensor,
     rec_weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    alpha: float,
-    threshold: float = 1.0,
+    alpha,
+    threshold=1.0,
     b_th: float = 0.2,
     surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
     reset: str = "subtract",
     backward: str = "sparse",
-    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    state=None,
     producer: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     alpha_syn=None,
 ):
     """rlif_layer returning (spikes, LIFState, LIFStats, (act_cnt, act_idx))."""
-    if alpha_syn is not None or isinstance(alpha, torch.Tensor) or \
-            isinstance(threshold, torch.Tensor):
-        raise NotImplementedError("rlif_layer takes float alpha and threshold only so far: "
-                                  "tensor / learnable parameters and alpha_syn exist for "
-                                  "lif_layer, lif and li_readout")
     if producer is None:  # before any autocast copy of x, which would not carry it
         producer = producer_active_set(x)
-    x, weight, rec_weight, bias, state = autocast_inputs(x, weight, rec_weight, bias, state)
+    state, syn_init = _split_state(state, alpha_syn)
+    x, weight, rec_weight, bias, state, syn_init = autocast_inputs(x, weight, rec_weight, bias,
+                                                                   state, syn_init)
     _check_linear(x, weight, bias)
-    alpha, threshold, b_th, slope = check_lif_args(alpha, threshold, b_th, slope, backward,
-                                                   surrogate, reset)
     T, B, _ = x.shape
     n_out = weight.shape[0]
+    alpha, threshold, alpha_syn, b_th, slope = _checked_layer_args(
+        alpha, threshold, alpha_syn, b_th, slope, backward, surrogate, reset, x, n_out)
+    tensor_params = alpha_syn is not None or any(isinstance(p, torch.Tensor)
+                                                  for p in (alpha, threshold))
     _check_tensor("rec_weight", rec_weight, 2, x.dtype, x.device)
     if tuple(rec_weight.shape) != (n_out, n_out):
         raise ValueError(f"rec_weight must be [N_out, N_out] = [{n_out}, {n_out}], got "
                          f"{tuple(rec_weight.shape)}")
     v_init, s_init = check_state(state, x, B, n_out, reset)
+    syn_init = _check_syn_state(syn_init, x, B, n_out)
     x_cnt, x_idx = producer
     sparse = backward == "sparse"
-    (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _bits, stats) = ops.rlif_forward(
-        x, weight, rec_weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th, slope,
-        sparse, surrogate, reset)
+    syn_final = None
+    if tensor_params:
+        _require_rlif_param_kernels(x.device)
+        # per-neuron rows in the kernel's dtype (float32 for half types)
+        kd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+        def k(t):
+            return None if t is None else t.to(kd)
+
+        rows = [_neuron_row(p, (n_out,), n_out, kd, x.device) if p is not None else None
+                for p in (alpha, threshold, alpha_syn)]
+        need = bool(torch.is_grad_enabled() and any(r is not None and r.requires_grad
+                                                    for r in rows))
+        (spikes, v_final, syn_final, act_cnt, act_idx, _sg, _p, _q, _u, _tl, _ec, _ei, _ev,
+         _bits, stats) = ops.rlif_param_forward(
+            k(x), k(weight), k(rec_weight), k(bias), k(v_init), k(s_init), k(syn_init), x_cnt,
+            x_idx, rows[0], rows[1], rows[2], b_th, slope, sparse, surrogate, reset, need)
+        if kd != x.dtype:
+            spikes, v_final, syn_final = (t.to(x.dtype) for t in (spikes, v_final, syn_final))
+        if alpha_syn is None:
+            syn_final = None
+    else:
+        (spikes, v_final, act_cnt, act_idx, _sg, _ec, _ei, _ev, _bits, stats) = ops.rlif_forward(
+            x, weight, rec_weight, bias, v_init, s_init, x_cnt, x_idx, alpha, threshold, b_th,
+            slope, sparse, surrogate, reset)
     if sparse:
         attach_active_set(spikes, act_cnt, act_idx)
-    state_out = LIFState(v_final, spikes[-1])
+    state_out = LIFState(v_final, spikes[-1], syn_final)
     stats_out = LIFStats(stats[0], stats[1], stats[2], T * B * n_out)
     return spikes, state_out, stats_out, (act_cnt, act_idx)
+
 
 def rlif_layer(
     x: torch.Tensor,
@@ -559,14 +607,14 @@ def rlif_layer(
     rec_weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     *,
-    alpha: float,
-    threshold: float = 1.0,
+    alpha,
+    threshold=1.0,
     b_th: float = 0.2,
     surrogate: str = "fast_sigmoid",
     slope: float = 100.0,
     reset: str = "subtract",
     backward: str = "sparse",
-    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    state=None,
     return_state: bool = False,
     alpha_syn=None,
 ):
@@ -585,6 +633,15 @@ def rlif_layer(
     events; backward="dense" is standard surrogate BPTT. state=(V, S) continues a sequence (S feeds
     the first step through rec_weight and carries gradient); return_state=True also returns
     LIFState(V[T-1], S[T-1]).
+
+    alpha and threshold may also be tensors of shape [] or [N_out] (per neuron), learnable
+    (requires_grad) in both backward modes; alpha_syn (float or tensor like alpha, default None)
+    adds the synaptic current syn[t] = alpha_syn*syn[t-1] + I[t], I[t] the whole input current
+    above (recurrent input included), which V integrates in place of I[t]; state and the
+    returned LIFState then carry syn (state=(V, S, syn)). Tensor values are used as given (no
+    range check, as in sparsegrad.lif). Those run the tensor-parameter kernels (CPU only so
+    far: a CUDA input raises NotImplementedError), which keep the traces P = dV/dalpha,
+    Q = -dV/dthreshold, U = dV/dalpha_syn at the active entries only (docs/design.md §3c).
     """
     spikes, state_out, _, _ = rlif_layer_with_stats(
         x, weight, rec_weight, bias, alpha=alpha, threshold=threshold, b_th=b_th,

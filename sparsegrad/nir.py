@@ -619,16 +619,11 @@ def _neuron_module(name, node, nodes, fused, rec, dt, props, meta) -> nn.Module:
     if p["alpha_syn"] is not None:
         args["alpha_syn"] = p["alpha_syn"]
     if rec is not None:
-        if p["alpha_syn"] is not None:
-            raise NIRConversionError(
-                f"NIR node {name!r} (CubaLIF) with a recurrent connection through {rec!r} is not "
-                f"supported: nn.RLIF has no synaptic current (alpha_syn)")
-        for k in ("alpha", "threshold"):
-            if isinstance(p[k], torch.Tensor):
-                raise NIRConversionError(
-                    f"NIR node {name!r} ({kind}) with a recurrent connection through {rec!r}: "
-                    f"its {k} differs across neurons ({_range(p[k].double().numpy())}), and "
-                    f"nn.RLIF takes one float alpha and threshold")
+        # nn.RLIF takes per-neuron alpha / threshold / alpha_syn ([N_out]); the recurrent input
+        # enters the synaptic current of a CubaLIF as its other inputs do
+        for k in ("alpha", "threshold", "alpha_syn"):
+            if k in args:
+                args[k] = row(args[k])
         if fused is not None:
             w, b = dense(fused)
         else:
@@ -788,8 +783,8 @@ class _Exporter:
             meta = self._spiking_props(name, module)
             aff = self.dense(f"{name}.affine", module.weight, module.bias)
             self.edges += [(s, aff) for s in srcs]
-            key = self.add(f"{name}.lif", _lif_node(name, module.alpha, module.threshold,
-                                                    (module.out_features,), self.dt, meta))
+            key = self.add(f"{name}.lif", _neuron_node(name, module, (module.out_features,),
+                                                       self.dt, meta))
             rec = self.dense(f"{name}.w_rec", module.rec_weight, module.rec_bias)
             self.edges += [(aff, key), (key, rec), (rec, key)]
             return [key]

@@ -144,21 +144,25 @@ class RLIF(_LinearParams):
     ``reset`` as sparsegrad.lif_layer's. forward(x, state=(V, S), return_state=True) continues a
     sequence chunk by chunk (gradients flow across chunks through V and S unless detached).
     After each forward, ``last_stats`` holds that call's spike count and active fraction.
+
+    ``alpha``, ``threshold`` and ``alpha_syn`` (default None: no synaptic current) are floats or
+    tensors of shape [] or [out] (per neuron), as nn.LIF's: ``learn_alpha`` /
+    ``learn_threshold`` / ``learn_alpha_syn`` make them nn.Parameters (state_dict keys
+    ``alpha``, ``threshold``, ``alpha_syn``); a tensor alpha / alpha_syn is clamped to [0, 1] in
+    the forward. With alpha_syn the state is (V, S, syn). Tensor parameters and alpha_syn run
+    on the CPU only so far (a CUDA input raises NotImplementedError).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 alpha: float = 0.9, threshold: float = 1.0, b_th: float = 0.2,
+                 alpha=0.9, threshold=1.0, b_th: float = 0.2,
                  surrogate: str = "fast_sigmoid", slope: float = 100.0, reset: str = "subtract",
                  backward: str = "sparse", batch_first: bool = False, rec_bias: bool = False,
                  device=None, dtype=None, alpha_syn=None, learn_alpha: bool = False,
                  learn_threshold: bool = False, learn_alpha_syn: bool = False):
         super().__init__(in_features, out_features, bias, device, dtype)
-        if (alpha_syn is not None or learn_alpha or learn_threshold or learn_alpha_syn
-                or isinstance(alpha, torch.Tensor) or isinstance(threshold, torch.Tensor)):
-            raise NotImplementedError(
-                "RLIF takes float alpha and threshold only so far: per-neuron / learnable "
-                "parameters and alpha_syn exist for nn.LIF, nn.LIFNeuron and nn.LIReadout")
-        F_sg.check_lif_args(alpha, threshold, b_th, slope, backward, surrogate, reset)
+        F_sg.check_lif_args(0.5, 1.0, b_th, slope, backward, surrogate, reset)
+        _layer_neuron_parameters(self, out_features, alpha, threshold, alpha_syn, learn_alpha,
+                                 learn_threshold, learn_alpha_syn, device)
         self.rec_weight = nn.Parameter(torch.empty(out_features, out_features, device=device,
                                                    dtype=dtype))
         nn.init.kaiming_uniform_(self.rec_weight, a=math.sqrt(5))
@@ -166,8 +170,6 @@ class RLIF(_LinearParams):
             self.rec_bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("rec_bias", None)
-        self.alpha = float(alpha)
-        self.threshold = float(threshold)
         self.b_th = float(b_th)
         self.surrogate = surrogate
         self.slope = float(slope)
@@ -182,9 +184,10 @@ class RLIF(_LinearParams):
         if self.rec_bias is not None:
             bias = self.rec_bias if bias is None else bias + self.rec_bias
         spikes, state_out, stats, (ptr, idx) = F_sg.rlif_layer_with_stats(
-            x_tm, self.weight, self.rec_weight, bias, alpha=self.alpha,
+            x_tm, self.weight, self.rec_weight, bias, alpha=LIFNeuron._clamped(self.alpha),
             threshold=self.threshold, b_th=self.b_th, surrogate=self.surrogate, slope=self.slope,
-            reset=self.reset, backward=self.backward, state=state, producer=self._producer(x))
+            reset=self.reset, backward=self.backward, state=state, producer=self._producer(x),
+            alpha_syn=LIFNeuron._clamped(getattr(self, "alpha_syn", None)))
         self.last_stats = stats
         if self.batch_first:
             spikes = spikes.transpose(0, 1)
@@ -197,11 +200,17 @@ class RLIF(_LinearParams):
         state["last_stats"] = None
         return state
 
+    def __setstate__(self, state):
+        state.setdefault("alpha_syn", None)  # models pickled before RLIF had a synaptic current
+        super().__setstate__(state)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, rec_bias={self.rec_bias is not None}, "
-                f"alpha={self.alpha}, threshold={self.threshold}, "
-                f"b_th={self.b_th}, surrogate={self.surrogate!r}, slope={self.slope}, "
+                f"alpha={_param_repr(self.alpha)}, threshold={_param_repr(self.threshold)}"
+                + ("" if getattr(self, "alpha_syn", None) is None
+                   else f", alpha_syn={_param_repr(self.alpha_syn)}")
+                + f", b_th={self.b_th}, surrogate={self.surrogate!r}, slope={self.slope}, "
                 f"reset={self.reset!r}, backward={self.backward!r}, "
                 f"batch_first={self.batch_first}")
 

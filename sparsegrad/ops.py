@@ -252,6 +252,60 @@ def _rlif_backward_dense_fake(grad_spikes, grad_v_final, x, weight, rec_weight, 
                             need_dv, need_ds)
 
 
+@torch.library.register_fake("sparsegrad::rlif_param_forward")
+def _rlif_param_forward_fake(x, weight, rec_weight, bias, v_init, s_init, syn_init, x_act_cnt,
+                             x_act_idx, alpha, threshold, alpha_syn, b_th, slope, sparse,
+                             surrogate="fast_sigmoid", reset="subtract", need_dparams=False):
+    (spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, spk_bits,
+     stats) = _rlif_forward_fake(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt,
+                                 x_act_idx, 0.5, 1.0, b_th, slope, sparse, surrogate, reset)
+    T, B, _ = x.shape
+    n_out = weight.shape[0]
+    new = x.new_empty
+    syn = alpha_syn is not None
+    syn_final = new(B, n_out) if syn else new(0)
+    entries = act_idx.shape[0] if sparse else T * B * n_out
+    shape = (entries,) if sparse else (T, B, n_out)
+    if need_dparams:
+        traces = (new(shape), new(shape), new(shape) if syn else new(0), new(4, B, n_out))
+    else:
+        traces = (new(0), new(0), new(0), new(0))
+    return (spikes, v_final, syn_final, act_cnt, act_idx, act_sg) + traces + \
+        (ev_cnt, ev_idx, ev_val, spk_bits, stats)
+
+
+def _rlif_param_grads_fake(grad_spikes, weight, alpha_syn, flags, need_dsyn, need_dparams):
+    T, B, _ = grad_spikes.shape
+    n_out = weight.shape[0]
+    new = grad_spikes.new_empty
+    syn = alpha_syn is not None
+    extra = (new(B, n_out) if syn and need_dsyn else new(0),
+             new(B, n_out) if need_dparams else new(0),
+             new(B, n_out) if need_dparams else new(0),
+             new(B, n_out) if need_dparams and syn else new(0))
+    return _rlif_grads_fake(T, B, grad_spikes, weight, *flags) + extra
+
+
+@torch.library.register_fake("sparsegrad::rlif_param_backward_sparse")
+def _rlif_param_backward_sparse_fake(grad_spikes, grad_v_final, grad_syn_final, weight,
+                                     rec_weight, s_init, act_cnt, act_idx, act_sg, act_p, act_q,
+                                     act_u, tan_last, ev_cnt, ev_idx, ev_val, spk_bits, prev_cnt,
+                                     prev_idx, alpha, alpha_syn, reset, need_dx, need_dw,
+                                     need_drec, need_db, need_dv, need_ds, need_dsyn,
+                                     need_dparams):
+    return _rlif_param_grads_fake(grad_spikes, weight, alpha_syn, (
+        need_dx, need_dw, need_drec, need_db, need_dv, need_ds), need_dsyn, need_dparams)
+
+
+@torch.library.register_fake("sparsegrad::rlif_param_backward_dense")
+def _rlif_param_backward_dense_fake(grad_spikes, grad_v_final, grad_syn_final, x, weight,
+                                    rec_weight, s_init, spikes, sg, act_p, act_q, act_u, tan_last,
+                                    alpha, alpha_syn, reset, need_dx, need_dw, need_drec, need_db,
+                                    need_dv, need_ds, need_dsyn, need_dparams):
+    return _rlif_param_grads_fake(grad_spikes, weight, alpha_syn, (
+        need_dx, need_dw, need_drec, need_db, need_dv, need_ds), need_dsyn, need_dparams)
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
@@ -550,6 +604,87 @@ torch.library.register_autograd("sparsegrad::rlif_forward", _rlif_backward,
                                 setup_context=_rlif_setup_context)
 
 
+_RLIF_PARAM_INPUTS = 18
+
+
+def _rlif_param_setup_context(ctx, inputs, output):
+    (x, weight, rec_weight, bias, v_init, s_init, syn_init, x_act_cnt, x_act_idx, alpha,
+     threshold, alpha_syn, b_th, slope, sparse, surrogate, reset, need_dparams) = inputs
+    (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last, ev_cnt,
+     ev_idx, ev_val, spk_bits, stats) = output
+    ctx.reset = reset
+    ctx.sparse = sparse
+    ctx.need_dparams = need_dparams
+    ctx.has_bias = bias is not None
+    ctx.has_v_init = v_init is not None
+    ctx.has_s_init = s_init is not None
+    ctx.has_syn = alpha_syn is not None
+    ctx.has_syn_init = syn_init is not None
+    ctx.has_prev = x_act_cnt is not None
+    ctx.spikes_shape = spikes.shape
+    ctx.mark_non_differentiable(act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last, ev_cnt,
+                                ev_idx, ev_val, spk_bits, stats)
+    ctx.set_materialize_grads(False)
+    # Sparse mode: the active set with its surrogate and (learnable parameters) the traces P, Q,
+    # U there, the input events and the spike bits; no dense [T, B, N] float tensor.
+    params = [alpha, alpha_syn if alpha_syn is not None else alpha.new_empty(0)]
+    traces = [act_p, act_q, act_u, tan_last]
+    state = [s_init] if s_init is not None else []
+    if sparse:
+        saved = [weight, rec_weight, act_cnt, act_idx, act_sg, *traces, ev_cnt, ev_idx, ev_val,
+                 spk_bits, *params]
+        if ctx.has_prev:
+            saved += [x_act_cnt, x_act_idx]
+    else:
+        saved = [weight, rec_weight, x, spikes, act_sg, *traces, *params]
+    ctx.save_for_backward(*(saved + state))
+
+
+def _rlif_param_backward(ctx, grad_spikes, grad_v_final, grad_syn_final, *unused):
+    if not ctx.has_syn:
+        grad_syn_final = None
+    if grad_spikes is None and grad_v_final is None and grad_syn_final is None:
+        return (None,) * _RLIF_PARAM_INPUTS
+    if grad_spikes is None:
+        like = grad_v_final if grad_v_final is not None else grad_syn_final
+        grad_spikes = like.new_zeros(ctx.spikes_shape)
+    need = ctx.needs_input_grad
+    flags = (need[0], need[1], need[2], ctx.has_bias and need[3], ctx.has_v_init and need[4],
+             ctx.has_s_init and need[5])
+    need_dsyn = ctx.has_syn_init and need[6]
+    need_da, need_dth = ctx.need_dparams and need[9], ctx.need_dparams and need[10]
+    need_das = ctx.need_dparams and ctx.has_syn and need[11]
+    need_dparams = need_da or need_dth or need_das
+    saved = list(ctx.saved_tensors)
+    s_init = saved.pop() if ctx.has_s_init else None
+    if ctx.sparse:
+        (weight, rec_weight, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last, ev_cnt,
+         ev_idx, ev_val, spk_bits, alpha, alpha_syn, *prev) = saved
+        prev_cnt, prev_idx = prev if prev else (None, None)
+        grads = _ops.rlif_param_backward_sparse.default(
+            grad_spikes, grad_v_final, grad_syn_final, weight, rec_weight, s_init, act_cnt,
+            act_idx, act_sg, act_p, act_q, act_u, tan_last, ev_cnt, ev_idx, ev_val, spk_bits,
+            _widen(prev_cnt), _widen(prev_idx), alpha, alpha_syn if ctx.has_syn else None, ctx.reset, *flags,
+            need_dsyn, need_dparams)
+    else:
+        (weight, rec_weight, x, spikes, sg, act_p, act_q, act_u, tan_last, alpha,
+         alpha_syn) = saved
+        grads = _ops.rlif_param_backward_dense.default(
+            grad_spikes, grad_v_final, grad_syn_final, x, weight, rec_weight, s_init, spikes, sg,
+            act_p, act_q, act_u, tan_last, alpha, alpha_syn if ctx.has_syn else None, ctx.reset,
+            *flags, need_dsyn, need_dparams)
+    dx, dw, drec, db, dv, ds, dsyn, da, dth, das = grads
+    out = tuple(g if f else None for g, f in zip((dx, dw, drec, db, dv, ds), flags))
+    # the kernels return the parameter gradients per batch element (no reduction across tasks)
+    out += (dsyn if need_dsyn else None, None, None, da.sum(0) if need_da else None,
+            dth.sum(0) if need_dth else None, das.sum(0) if need_das else None)
+    return out + (None,) * (_RLIF_PARAM_INPUTS - len(out))
+
+
+torch.library.register_autograd("sparsegrad::rlif_param_forward", _rlif_param_backward,
+                                setup_context=_rlif_param_setup_context)
+
+
 # --------------------------------------------------------------------------------------------
 # Direct entry points (no validation beyond the C++ checks; see sparsegrad.functional)
 # --------------------------------------------------------------------------------------------
@@ -572,6 +707,18 @@ def rlif_forward(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_i
                                      x_act_idx, float(alpha), float(threshold), float(b_th),
                                      float(slope), bool(sparse), surrogate, reset)
 
+
+
+def rlif_param_forward(x, weight, rec_weight, bias, v_init, s_init, syn_init, x_act_cnt,
+                       x_act_idx, alpha, threshold, alpha_syn, b_th: float, slope: float,
+                       sparse: bool, surrogate: str = "fast_sigmoid", reset: str = "subtract",
+                       need_dparams: bool = False):
+    """The recurrent layer with per-neuron alpha, threshold ([N] tensors) and optional alpha_syn
+    (CPU kernels only so far)."""
+    return _ops.rlif_param_forward.default(
+        x, weight, rec_weight, bias, v_init, s_init, syn_init, x_act_cnt, x_act_idx, alpha,
+        threshold, alpha_syn, float(b_th), float(slope), bool(sparse), surrogate, reset,
+        bool(need_dparams))
 
 
 def lif_neuron_forward(current, v_init, s_init, alpha: float, threshold: float, b_th: float,
@@ -669,11 +816,16 @@ def _spike_conv2d_backward_fake(grad_out, pool_idx, bits, weight, in_shape, stri
             weight.new_empty((n, weight.shape[0], ho, wo)) if need_grad_conv else empty)
 
 
+#: The recurrent layer with tensor parameters (issue 18): CPU kernels only so far;
+#: functional.rlif_layer refuses CUDA tensors with them, naming these ops.
+RLIF_PARAM_OPS = ("rlif_param_forward", "rlif_param_backward_sparse", "rlif_param_backward_dense")
+
 #: Ops with a CPU kernel and no CUDA kernel (tests/test_cuda_registration.py and
 #: scripts/gpu_sanitize.py exempt exactly these): the fused tensor-parameter layer forward (on
 #: CUDA the tensor-parameter lif_layer runs li_readout_forward and lif_neuron_param_forward in
-#: its place). The convolution ops have CUDA kernels (issue 20, csrc/cuda/conv.cuh).
-CPU_ONLY_OPS: tuple = ("lif_param_forward",)
+#: its place) and the recurrent layer's tensor-parameter ops. The convolution ops have CUDA
+#: kernels (issue 20, csrc/cuda/conv.cuh).
+CPU_ONLY_OPS: tuple = ("lif_param_forward", *RLIF_PARAM_OPS)
 
 
 @torch.library.register_fake("sparsegrad::conv_unpool2d")

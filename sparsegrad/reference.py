@@ -122,40 +122,53 @@ def rlif_layer(
     slope: float = 100.0,
     reset: str = "subtract",
     backward: str = "sparse",
-    state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    state: Optional[Tuple[torch.Tensor, ...]] = None,
     return_state: bool = False,
+    alpha_syn=None,
 ):
     """Reference recurrent LIF layer, time-major x [T, B, N_in] -> spikes [T, B, N_out].
 
-    I[t] = x[t] @ W.T + b and, with the previous step's spikes S[t-1] (S[-1] = state's S or 0):
-        subtract: V[t] = alpha*V[t-1]            + I[t] + S[t-1] @ R.T - threshold*S[t-1]
-        zero:     V[t] = alpha*(1-S[t-1])*V[t-1] + I[t] + S[t-1] @ R.T
-        none:     V[t] = alpha*V[t-1]            + I[t] + S[t-1] @ R.T
+    I[t] = x[t] @ W.T + b + S[t-1] @ R.T with the previous step's spikes S[t-1] (S[-1] = state's
+    S or 0), and without alpha_syn
+        subtract: V[t] = alpha*V[t-1]            + I[t] - threshold*S[t-1]
+        zero:     V[t] = alpha*(1-S[t-1])*V[t-1] + I[t]
+        none:     V[t] = alpha*V[t-1]            + I[t]
     S[t] = H(V[t] - threshold). The reset terms use S detached; the recurrent input S[t-1] @ R.T
     does not (as snnTorch's RLeaky). rec_weight R is [N_out, N_out]. backward="dense" uses the
-    unmasked surrogate, "sparse" masks it to |V - threshold| < b_th. Returns (spikes, (V, S)) of
-    the last step with return_state=True.
+    unmasked surrogate, "sparse" masks it to |V - threshold| < b_th. alpha / threshold /
+    alpha_syn may be floats or tensors of shape [] or [N_out] (ordinary autograd gives their
+    gradients). With alpha_syn the membrane integrates syn[t] = alpha_syn*syn[t-1] + I[t] in
+    place of I[t] (syn[-1] = state's syn or 0). Returns (spikes, (V, S)) of the last step with
+    return_state=True ((V, S, syn) with alpha_syn).
     """
     if backward not in ("sparse", "dense"):
         raise ValueError(f"backward must be 'sparse' or 'dense', got {backward!r}")
     mask_width = b_th if backward == "sparse" else math.inf
     current = F.linear(x, weight, bias)
     _, B, N = current.shape
+    syn = None
     if state is None:
         v = current.new_zeros(B, N)
         s = current.new_zeros(B, N)
     else:
-        v, s = state
+        v, s = state[0], state[1]
+        syn = state[2] if len(state) > 2 else None
+    if alpha_syn is not None and syn is None:
+        syn = current.new_zeros(B, N)
     spikes = []
     # unbind, not current[t]: indexing inside the loop would make autograd's backward O(T^2)
     for current_t in current.unbind(0):
         # the recurrent input keeps S's gradient; lif_step detaches S in the reset only
-        v = lif_step(v, current_t + F.linear(s, rec_weight), s, alpha, threshold, reset)
+        current_t = current_t + F.linear(s, rec_weight)
+        if alpha_syn is not None:
+            syn = alpha_syn * syn + current_t
+            current_t = syn
+        v = lif_step(v, current_t, s, alpha, threshold, reset)
         s = spike(v - threshold, slope, mask_width, surrogate)
         spikes.append(s)
     out = torch.stack(spikes)
     if return_state:
-        return out, (v, s)
+        return out, ((v, s) if alpha_syn is None else (v, s, syn))
     return out
 
 

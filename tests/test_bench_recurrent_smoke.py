@@ -47,3 +47,23 @@ def test_bench_recurrent_quick(tmp_path):
     for res in data["results"]:
         for row in res["methods"].values():
             assert row["cpu_ms"]["backward"] > 0
+
+
+def test_bench_recurrent_quick_learnable_parameters(tmp_path):
+    """--learn: every method with learnable per-neuron alpha and threshold, their gradients
+    checked against the reference before timing."""
+    import bench_recurrent
+
+    threads = torch.get_num_threads()
+    path = tmp_path / "recurrent_learn.json"
+    try:
+        bench_recurrent.main(QUICK + ["--configs", "layer", "--learn", "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+        bench_recurrent.LEARN = False
+    with open(path) as f:
+        data = json.load(f)
+    (res,) = data["results"]
+    assert res["learn"] is True and set(res["correctness"]) == set(res["methods"])
+    assert 0 < res["methods"]["sparsegrad_sparse"]["saved_bytes"] < \
+        0.5 * res["methods"]["pytorch"]["saved_bytes"]

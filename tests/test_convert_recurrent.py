@@ -115,7 +115,6 @@ def test_rleaky_none_reset_and_frozen_recurrence():
 
 @pytest.mark.parametrize("kwargs,reason", [
     (dict(reset_mechanism="zero"), "zeroes the whole new membrane"),
-    (dict(learn_beta=True), "beta is a learnable parameter"),
     (dict(reset_delay=False), "reset_delay=False"),
     (dict(spike_grad=surrogate.straight_through_estimator()), "none of sparsegrad's"),
 ])
@@ -129,6 +128,43 @@ def test_rleaky_refusals_are_reported(kwargs, reason):
     assert isinstance(conv.fc1, sparsegrad.nn.TimeDistributed)
     assert isinstance(conv.fc1.module, nn.Linear) and type(conv.lif1.module).__name__ == "RLeaky"
     assert any(issubclass(w.category, UserWarning) for w in caught)
+
+
+@pytest.mark.parametrize("per_neuron", [False, True])
+def test_rleaky_learnable_beta_and_threshold_convert_to_rlif_parameters(per_neuron):
+    net = _net(torch.float64, learn_beta=True, learn_threshold=True)
+    if per_neuron:
+        with torch.no_grad():
+            net.lif1.beta = nn.Parameter(torch.linspace(0.7, 0.95, N_H, dtype=torch.float64))
+            net.lif1.threshold = nn.Parameter(torch.linspace(0.8, 1.2, N_H, dtype=torch.float64))
+    x = _x(torch.float64, seed=2)
+    out, spikes = net(x)
+    assert 0.05 < spikes.mean() < 0.6
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape)
+    (out * weights).sum().backward()
+    want = {"alpha": net.lif1.beta.grad, "threshold": net.lif1.threshold.grad,
+            "weight": net.fc1.weight.grad, "rec_weight": net.lif1.recurrent.weight.grad}
+    with pytest.warns(UserWarning, match="not followed"):
+        conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    assert not report.skipped
+    layer = conv.fc1
+    assert isinstance(layer, RLIF)
+    assert isinstance(layer.alpha, nn.Parameter) and isinstance(layer.threshold, nn.Parameter)
+    assert torch.equal(layer.alpha.detach(), net.lif1.beta.detach().reshape(layer.alpha.shape))
+    got = SequenceModel(conv)(x)
+    hidden = layer(x)
+    lif = net.lif1
+    membrane = layer_membrane(x, net.fc1.weight, net.fc1.bias + lif.recurrent.bias, spikes,
+                              lif.beta.detach(), lif.threshold.detach(), "subtract",
+                              rec_weight=lif.recurrent.weight)
+    assert_spikes_match(hidden, spikes, membrane)
+    torch.testing.assert_close(got, out, rtol=0, atol=1e-12)
+    (got * weights).sum().backward()
+    grads = {"alpha": layer.alpha.grad, "threshold": layer.threshold.grad,
+             "weight": layer.weight.grad, "rec_weight": layer.rec_weight.grad}
+    for name, w in want.items():  # snnTorch's spike functions pass its gradients through float32
+        torch.testing.assert_close(grads[name].reshape(w.shape), w, rtol=1e-5,
+                                   atol=1e-5 * float(w.abs().max()), msg=name)
 
 
 def test_rleaky_one_to_one_is_refused():

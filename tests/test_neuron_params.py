@@ -617,12 +617,14 @@ def test_readout_module_learn_alpha():
     assert isinstance(fixed.alpha, float)  # the float kernels, as before
 
 
-def test_recurrent_layer_refuses_tensor_parameters_clearly():
-    with pytest.raises(NotImplementedError, match="RLIF takes float alpha"):
-        sparsegrad.nn.RLIF(4, 3, learn_alpha=True)
-    x, w, _ = random_problem(5, 2, 4, 3, dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="rlif_layer takes float alpha"):
-        sparsegrad.rlif_layer(x, w, torch.zeros(3, 3), alpha=0.9, alpha_syn=0.5)
+def test_recurrent_layer_takes_tensor_parameters():
+    # the recurrent layer's own tests: tests/test_rlif_params.py
+    layer = sparsegrad.nn.RLIF(4, 3, learn_alpha=True, alpha_syn=0.5)
+    x, _, _ = random_problem(5, 2, 4, 3, dtype=torch.float32)
+    out, st = layer(x, return_state=True)
+    assert st.syn is not None
+    out.sum().backward()
+    assert layer.alpha.grad is not None
 
 
 @pytest.mark.parametrize("sparse", [True, False])

@@ -553,23 +553,28 @@ def test_per_neuron_if_and_cubalif_after_a_layer_that_is_not_dense():
     assert torch.equal(m(x), ref)
 
 
-def test_recurrent_cubalif_and_per_neuron_recurrent_lif_refused_naming_the_node():
-    w, r = np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32) * 0.5
-    for neuron, what in ((_cuba((3,), 5e-4, 1e-3), r"'l' \(CubaLIF\) with a recurrent "
-                          r"connection through 'rec'.*no synaptic current"),
-                         (_lif((3,), tau=1e-3), r"'l' \(LIF\) with a recurrent connection "
-                          r"through 'rec': its tau|alpha differs")):
-        if isinstance(neuron, nir.LIF):
-            neuron.tau = np.array([1e-3, 2e-3, 1e-3], np.float32)
-            neuron.r = neuron.tau / 1e-4
-        g = nir.NIRGraph(nodes={"in": nir.Input(input_type=np.array([3])),
-                                "a": nir.Linear(weight=w), "l": neuron,
-                                "rec": nir.Linear(weight=r),
-                                "out": nir.Output(output_type=np.array([3]))},
-                         edges=[("in", "a"), ("a", "l"), ("l", "rec"), ("rec", "l"),
-                                ("l", "out")])
-        with pytest.raises(NIRConversionError, match=what):
-            from_nir(g)
+@pytest.mark.parametrize("syn", [False, True])
+def test_recurrent_per_neuron_lif_and_cubalif_import_as_rlif(syn):
+    """A recurrent LIF whose tau / threshold differ across neurons, and a recurrent CubaLIF,
+    become nn.RLIF with per-neuron alpha, threshold (alpha_syn); the round trip is exact."""
+    torch.manual_seed(3)
+    n = 5
+    layer = sgnn.RLIF(6, n, alpha=torch.linspace(0.7, 0.95, n), threshold=torch.linspace(0.4, 0.8, n),
+                      alpha_syn=torch.linspace(0.3, 0.6, n) if syn else None, reset="zero")
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    m = sgnn.TimeSequential(layer)
+    x = _spikes(30, 4, 6, p=0.5)
+    g = to_nir(m, x)
+    kinds = [type(v).__name__ for v in g.nodes.values()]
+    assert ("CubaLIF" if syn else "LIF") in kinds
+    m2 = from_nir(g)
+    assert [type(c) for c in m2] == [sgnn.RLIF]
+    for k in ("alpha", "threshold") + (("alpha_syn",) if syn else ()):
+        assert torch.equal(getattr(m2[0], k).float(), getattr(layer, k).float()), k
+    assert not syn or m2[0].alpha_syn is not None
+    out = m(x)
+    assert out.sum() > 0 and torch.equal(m2(x), out)
 
 
 def _param_models():

@@ -113,5 +113,7 @@ def test_learnable_parameters_and_synaptic_current(tmp_path):
     names = dict(model.named_parameters())
     assert names["hidden.0.alpha"].shape == (64,) and names["hidden.1.threshold"].shape == (64,)
     assert "hidden.0.alpha_syn" not in names and model.hidden[0].alpha_syn == 0.5
-    with pytest.raises(SystemExit):
-        main(["--arch", "recurrent", "--learn-alpha", "--no-progress"])
+    from sparsegrad.train import _check_args
+    with pytest.raises(SystemExit, match="CPU only so far"):
+        _check_args(build_parser().parse_args(["--arch", "recurrent", "--learn-alpha",
+                                               "--device", "cuda"]))

@@ -99,6 +99,11 @@ def lif_ops(T, B, I, O):
                 finite(dx, dw, db, dv)
         case(f"lif ops {(T, B, I, O)} sparse={sparse} reset={reset}", run)
 
+def has_kernel(name):
+    # the emulation declares every schema but has kernels for the CUDA ops only
+    op = getattr(ops, name, None)
+    return op is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CPU")
+
 def rlif_ops(T, B, I, O):
     if not hasattr(ops, "rlif_forward"):
         return
@@ -127,6 +132,42 @@ def rlif_ops(T, B, I, O):
                 assert tuple(grads[0].shape) == (T, B, I) and tuple(grads[1].shape) == (O, I)
                 finite(*[g for g in grads if g is not None])
         case(f"rlif ops {(T, B, I, O)} sparse={sparse} reset={reset}", run)
+    if not has_kernel("rlif_param_forward"):  # tensor parameters: CPU ops only so far
+        return
+    a = torch.full((O,), 0.9).to(device)
+    th = torch.full((O,), 1.0).to(device)
+    a_syn = torch.full((O,), 0.5).to(device)
+    v0, s0, syn0 = (torch.zeros(B, O).to(device) for _ in range(3))
+    for sparse, reset, syn in itertools.product((True, False), ("subtract", "zero"), (False, True)):
+        def run():
+            asyn, syn_init = (a_syn, syn0) if syn else (None, None)
+            out = ops.rlif_param_forward(x, w, r, b, v0, s0, syn_init, None, None, a, th, asyn, 0.5,
+                                         5.0, sparse, "fast_sigmoid", reset, True)
+            (spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+             ev_cnt, ev_idx, ev_val, spk_bits, stats) = out
+            assert tuple(spikes.shape) == (T, B, O) and tuple(v_final.shape) == (B, O)
+            assert tuple(syn_final.shape) == ((B, O) if syn else (0,))
+            finite(spikes, v_final, syn_final, act_sg, act_p, act_q, act_u, tan_last)
+            gS = torch.randn(T, B, O).to(device)
+            gV = torch.randn(B, O).to(device)
+            gsyn = torch.randn(B, O).to(device) if syn else None
+            flags = (True,) * 6 + (syn, True)
+            if sparse:
+                grads = ops.rlif_param_backward_sparse(
+                    gS, gV, gsyn, w, r, s0, act_cnt, act_idx, act_sg, act_p, act_q, act_u, tan_last,
+                    ev_cnt, ev_idx, ev_val, spk_bits, ev_cnt, ev_idx, a, asyn, reset, *flags)
+            else:
+                grads = ops.rlif_param_backward_dense(
+                    gS, gV, gsyn, x, w, r, s0, spikes, act_sg, act_p, act_q, act_u, tan_last, a,
+                    asyn, reset, *flags)
+            assert tuple(grads[0].shape) == (T, B, I) and tuple(grads[1].shape) == (O, I)
+            assert tuple(grads[2].shape) == (O, O) and tuple(grads[7].shape) == (B, O)
+            if syn:
+                assert tuple(grads[6].shape) == (B, O) and tuple(grads[9].shape) == (B, O)
+            finite(*grads)
+            if T == 0:  # the final state is the initial one
+                assert torch.equal(grads[4], gV) and (not syn or torch.equal(grads[6], gsyn))
+        case(f"rlif_param ops {(T, B, I, O)} sparse={sparse} reset={reset} syn={syn}", run)
 
 def neuron_ops(T, B, I, O):
     # the neuron op on currents [T, B, O] and [T, B, I] (the Python layer flattens trailing dims)
@@ -190,6 +231,17 @@ def layers(T, B, I, O):
                 assert xi.grad.shape == xi.shape and wi.grad.shape == wi.shape and ri.grad.shape == ri.shape
                 finite(xi.grad, wi.grad, ri.grad, bi.grad)
             case(f"rlif_layer {(T, B, I, O)} backward={backward}", run)
+            def run_params():
+                xi, wi, bi = (t.clone().requires_grad_(True) for t in (x, w, b))
+                ri = torch.randn(O, O).to(device).mul(0.3).requires_grad_(True)
+                ai = torch.full((O,), 0.9).to(device).requires_grad_(True)
+                s = F.rlif_layer(xi, wi, ri, bi, alpha=ai, threshold=torch.ones(O).to(device),
+                                 alpha_syn=0.5, slope=5.0, b_th=0.5, backward=backward)
+                assert tuple(s.shape) == (T, B, O)
+                s.sum().backward()
+                assert ai.grad.shape == ai.shape and ri.grad.shape == ri.shape
+                finite(xi.grad, wi.grad, ri.grad, bi.grad, ai.grad)
+            case(f"rlif_layer tensor parameters {(T, B, I, O)} backward={backward}", run_params)
     for reduce in ("max", "sum", "mean", "none"):
         def run():
             xi, wi, bi = (t.clone().requires_grad_(True) for t in (x, w, b))
@@ -311,6 +363,22 @@ def inconsistent():
     must_raise("rlif ev idx < 0", lambda: rb(ei=big(reidx, -5)))
     must_raise("rlif prev idx >= N_in", lambda: rb(pc=recnt, pi=big(reidx, I)))
     must_raise("rlif prev counts sum > idx", lambda: rb(pc=bump(recnt), pi=reidx))
+    if not has_kernel("rlif_param_forward"):
+        return
+    a, th = torch.full((O,), 0.9).to(device), torch.ones(O).to(device)
+    pf = ops.rlif_param_forward(x, w, r, b, None, None, None, None, None, a, th, None, 10.0, 5.0,
+                                True, "fast_sigmoid", "subtract", True)
+    pcnt, pidx, psg, pp, pq, pu, ptl, pecnt, peidx, peval, pbits = pf[3:14]
+    def pb(c=pcnt, i=pidx, p=pp, tl=ptl):
+        return ops.rlif_param_backward_sparse(gS, None, None, w, r, None, c, i, psg, p, pq, pu, tl,
+                                              pecnt, peidx, peval, pbits, None, None, a, None,
+                                              "subtract", True, True, True, True, False, False,
+                                              False, True)
+    pb()
+    must_raise("rlif_param act counts sum > idx", lambda: pb(c=bump(pcnt)))
+    must_raise("rlif_param act idx >= N_out", lambda: pb(i=big(pidx, O)))
+    must_raise("rlif_param act_p too short", lambda: pb(p=pp[:-1]))
+    must_raise("rlif_param tan_last wrong size", lambda: pb(tl=ptl[:1]))
 
 group = sys.argv[1]
 if group == "inconsistent":

@@ -1,5 +1,6 @@
 // The recurrent LIF layer's ops on the CPU: rlif_forward, rlif_backward_sparse,
-// rlif_backward_dense (the walks are in cpu/recurrent_walk.h).
+// rlif_backward_dense, and their tensor-parameter versions rlif_param_* (per-neuron alpha,
+// threshold, the synaptic current; the same walks, cpu/recurrent_walk.h, over ParamView).
 #include <torch/library.h>
 
 #include "low_precision.h"
@@ -13,13 +14,40 @@ namespace {
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                            at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ParamOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                at::Tensor, at::Tensor, at::Tensor>;
+using ParamGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                              at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-template <typename scalar_t>
+// The tensor-parameter forward's extras (ParamView only): the synaptic current (syn_init in,
+// syn_final out) and the traces P, Q, U per active entry (dense mode: [T, B, N]; U only with
+// the synaptic current) and P, Q, R, U after the last step [4, B, N], kept when `keep`.
+struct TraceOut {
+  bool keep = false;
+  bool syn = false;
+  c10::optional<at::Tensor> syn_init;
+  at::Tensor syn_final, act_p, act_q, act_u, tan_last;
+};
+
+template <typename acc_t>
+ParamView<acc_t> param_view(const at::Tensor& t) {
+  return ParamView<acc_t>{acc_t(0), t.data_ptr<acc_t>()};
+}
+
+template <typename acc_t>
+ParamView<acc_t> param_view(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? param_view<acc_t>(*t) : ParamView<acc_t>{acc_t(0), nullptr};
+}
+
+template <typename scalar_t, typename Param>
 Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rec,
                           const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& v_init,
-                          const c10::optional<at::Tensor>& s_init, double alpha, double threshold,
-                          double b_th, double slope, bool sparse, NeuronKinds kinds) {
+                          const c10::optional<at::Tensor>& s_init, Param alpha, Param threshold,
+                          double b_th, double slope, bool sparse, NeuronKinds kinds,
+                          TraceOut* traces = nullptr, Param alpha_syn = {}) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kTraces = is_param_view<Param>();
   const int64_t T = x.size(0), B = x.size(1), n = weight.size(0), words = bit_words(n);
   const auto int_opts = x.options().dtype(at::kInt);
 
@@ -27,7 +55,7 @@ Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const a
   CurrentPlan<scalar_t> plan(x, weight, bias, ev);
   const at::Tensor rec_t = rec.t().contiguous();
 
-  RlifForward<scalar_t> a;
+  RlifForward<scalar_t, Param> a;
   a.T = T; a.B = B; a.n = n; a.words = words;
   a.alpha = alpha; a.threshold = threshold; a.b_th = b_th; a.slope = slope;
   a.surrogate = kinds.surrogate; a.reset = kinds.reset;
@@ -43,6 +71,31 @@ Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const a
   a.v_final = v_final.data_ptr<scalar_t>();
   a.bits = bits.data_ptr<int32_t>();
   a.sg_dense = sparse ? nullptr : dense_sg.data_ptr<scalar_t>();
+  if constexpr (kTraces) {
+    const auto empty = at::empty({0}, x.options());
+    a.keep_traces = traces->keep;
+    a.syn = traces->syn;
+    a.alpha_syn = alpha_syn;
+    a.syn_init = ptr_or_null<scalar_t>(traces->syn_init);
+    traces->syn_final = traces->syn ? at::empty({B, n}, x.options()) : empty;
+    a.syn_final = traces->syn ? traces->syn_final.data_ptr<scalar_t>() : nullptr;
+    traces->act_p = empty.clone();
+    traces->act_q = empty.clone();
+    traces->act_u = empty.clone();
+    traces->tan_last = empty.clone();
+    if (traces->keep) {
+      traces->tan_last = at::empty({4, B, n}, x.options());
+      a.tan_last = traces->tan_last.data_ptr<scalar_t>();
+      if (!sparse) {
+        at::Tensor* dense[3] = {&traces->act_p, &traces->act_q, &traces->act_u};
+        for (int k = 0; k < (traces->syn ? 3 : 2); ++k) {
+          *dense[k] = at::empty({T, B, n}, x.options());
+          a.trace_dense[k] = dense[k]->data_ptr<scalar_t>();
+        }
+      }
+    }
+  }
+  std::vector<RlifTraces<scalar_t>> tr(kTraces ? B : 0);
 
   std::vector<std::vector<int32_t>> act_idx(sparse ? B : 0);
   std::vector<std::vector<scalar_t>> act_sg(sparse ? B : 0);
@@ -57,7 +110,8 @@ Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const a
     std::vector<scalar_t> no_sg;
     for (int64_t b = b0; b < b1; ++b)
       spike_count[b] = rlif_forward_element<scalar_t>(a, plan.current, b, sparse ? act_idx[b] : no_idx,
-                                                      sparse ? act_sg[b] : no_sg, cnt, v, s, cur, fired);
+                                                      sparse ? act_sg[b] : no_sg, cnt, v, s, cur, fired,
+                                                      kTraces ? &tr[b] : nullptr);
   });
 
   auto stats = at::empty({3}, x.options().dtype(at::kLong));
@@ -79,10 +133,23 @@ Outputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const a
   auto sg_out = at::empty({base[B]}, x.options());
   int32_t* ip = idx_out.data_ptr<int32_t>();
   scalar_t* sp = sg_out.data_ptr<scalar_t>();
+  scalar_t* trace_out[3] = {nullptr, nullptr, nullptr};  // P, Q, U per active entry
+  if constexpr (kTraces) {
+    if (traces->keep) {
+      at::Tensor* outs[3] = {&traces->act_p, &traces->act_q, &traces->act_u};
+      for (int k = 0; k < (traces->syn ? 3 : 2); ++k) {
+        *outs[k] = at::empty({base[B]}, x.options());
+        trace_out[k] = outs[k]->data_ptr<scalar_t>();
+      }
+    }
+  }
   at::parallel_for(0, B, grain_for(T + base[B] / std::max<int64_t>(B, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       std::copy(act_idx[b].begin(), act_idx[b].end(), ip + base[b]);
       std::copy(act_sg[b].begin(), act_sg[b].end(), sp + base[b]);
+      if constexpr (kTraces)
+        for (int k = 0; k < 3; ++k)
+          if (trace_out[k]) std::copy(tr[b].act[k].begin(), tr[b].act[k].end(), trace_out[k] + base[b]);
     }
   });
   return {spikes, v_final, act_cnt, idx_out, sg_out, ev.cnt, ev.idx, ev.val, bits, stats};
@@ -100,10 +167,48 @@ Outputs rlif_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, co
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), rec = rec_in.contiguous();
   Outputs out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rlif_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     out = rlif_forward_impl<scalar_t>(x, weight, rec, contiguous(bias), contiguous(v_init),
-                                      contiguous(s_init), alpha, threshold, b_th, slope, sparse, kinds);
+                                      contiguous(s_init), ScalarParam<acc_t>{acc_t(alpha)},
+                                      ScalarParam<acc_t>{acc_t(threshold)}, b_th, slope, sparse, kinds);
   });
   return out;
+}
+
+// The tensor-parameter forward: the outputs of rlif_forward with syn_final after v_final and
+// act_p, act_q, act_u, tan_last after act_sg.
+ParamOutputs rlif_param_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                    const at::Tensor& rec_in, const c10::optional<at::Tensor>& bias,
+                                    const c10::optional<at::Tensor>& v_init,
+                                    const c10::optional<at::Tensor>& s_init,
+                                    const c10::optional<at::Tensor>& syn_init,
+                                    const c10::optional<at::Tensor>& /*x_act_cnt*/,
+                                    const c10::optional<at::Tensor>& /*x_act_idx*/,
+                                    const at::Tensor& alpha, const at::Tensor& threshold,
+                                    const c10::optional<at::Tensor>& alpha_syn, double b_th,
+                                    double slope, bool sparse, c10::string_view surrogate,
+                                    c10::string_view reset, bool need_dparams) {
+  const char* op = "rlif_param_forward";
+  const NeuronKinds kinds = check_rlif_forward_args(x_in, weight_in, rec_in, bias, v_init, s_init, 0.5,
+                                                  1.0, b_th, slope, surrogate, reset, op);
+  check_rlif_params(alpha, threshold, alpha_syn, syn_init, x_in, weight_in.size(0), op);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), rec = rec_in.contiguous();
+  const at::Tensor a = alpha.contiguous(), th = threshold.contiguous();
+  const c10::optional<at::Tensor> as = contiguous(alpha_syn);
+  Outputs out;
+  TraceOut tr;
+  tr.keep = need_dparams;
+  tr.syn = alpha_syn.has_value();
+  tr.syn_init = contiguous(syn_init);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rlif_param_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    out = rlif_forward_impl<scalar_t>(x, weight, rec, contiguous(bias), contiguous(v_init),
+                                      contiguous(s_init), param_view<acc_t>(a), param_view<acc_t>(th),
+                                      b_th, slope, sparse, kinds, &tr, param_view<acc_t>(as));
+  });
+  auto& [spikes, v_final, act_cnt, act_idx, act_sg, ev_cnt, ev_idx, ev_val, bits, stats] = out;
+  return {spikes, v_final, tr.syn_final, act_cnt, act_idx, act_sg, tr.act_p, tr.act_q, tr.act_u,
+          tr.tan_last, ev_cnt, ev_idx, ev_val, bits, stats};
 }
 
 // dx on the producer's active set costs |A_prev| * N dot products; dx everywhere through the
@@ -113,7 +218,49 @@ bool restrict_dx(int64_t n_prev, int64_t n_inject, int64_t T, int64_t B, int64_t
   return double(n_prev) * double(n) <= (double(n_inject) + 0.25 * double(T) * double(B)) * double(n_in);
 }
 
-template <typename scalar_t>
+// The extra inputs and outputs of the tensor-parameter backwards (null: the float API): the
+// synaptic current (alpha_syn, dL/dsyn_final; dL/dsyn_init out when need_dsyn), the forward's
+// traces and the parameter gradients per batch element [B, N] (when need).
+struct ParamGradIO {
+  at::Tensor act_p, act_q, act_u, tan_last;
+  c10::optional<at::Tensor> alpha_syn, grad_syn_final;
+  bool need = false, need_dsyn = false;
+  at::Tensor dsyn, d_alpha, d_threshold, d_alpha_syn;  // outputs
+
+  // Allocates the outputs (empty where not wanted).
+  void allocate(int64_t B, int64_t n, const at::TensorOptions& opts) {
+    const bool syn = alpha_syn.has_value();
+    const auto empty = at::empty({0}, opts);
+    dsyn = syn && need_dsyn ? at::empty({B, n}, opts) : empty;
+    d_alpha = need ? at::empty({B, n}, opts) : empty.clone();
+    d_threshold = need ? at::empty({B, n}, opts) : empty.clone();
+    d_alpha_syn = need && syn ? at::empty({B, n}, opts) : empty.clone();
+  }
+
+  // The walks' view of it (after allocate).
+  template <typename scalar_t>
+  RlifParamIO<scalar_t, ParamView<at::opmath_type<scalar_t>>> view() const {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto ptr = [](const at::Tensor& t) { return t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
+    RlifParamIO<scalar_t, ParamView<acc_t>> io;
+    io.syn = alpha_syn.has_value();
+    io.alpha_syn = param_view<acc_t>(alpha_syn);
+    io.g_syn = ptr_or_null<scalar_t>(grad_syn_final);
+    io.dsyn = ptr(dsyn);
+    if (need) {
+      io.trace[0] = ptr(act_p);
+      io.trace[1] = ptr(act_q);
+      io.trace[2] = io.syn ? ptr(act_u) : nullptr;
+      io.tan_last = ptr(tan_last);
+      io.d_param[0] = ptr(d_alpha);
+      io.d_param[1] = ptr(d_threshold);
+      io.d_param[2] = ptr(d_alpha_syn);
+    }
+    return io;
+  }
+};
+
+template <typename scalar_t, typename Param>
 Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
                                 const at::Tensor& weight, const at::Tensor& rec,
                                 const c10::optional<at::Tensor>& s_init, const at::Tensor& act_off,
@@ -121,18 +268,24 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
                                 const at::Tensor& ev_off, const at::Tensor& ev_idx,
                                 const at::Tensor& ev_val, const at::Tensor& bits,
                                 const c10::optional<at::Tensor>& prev_off,
-                                const c10::optional<at::Tensor>& prev_idx, double alpha, ResetKind reset,
+                                const c10::optional<at::Tensor>& prev_idx, Param alpha, ResetKind reset,
                                 bool need_dx, bool need_dw, bool need_drec, bool need_db,
-                                bool need_dv, bool need_ds) {
+                                bool need_dv, bool need_ds, ParamGradIO* prm = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = gS.size(0), B = gS.size(1), n = weight.size(0), n_in = weight.size(1);
   const auto opts = gS.options();
   const auto acc_opts = opts.dtype(c10::CppTypeToScalarType<acc_t>::value);
   const BatchChunks chunks(B);
 
-  RlifBackward<scalar_t> p;
+  RlifBackward<scalar_t, Param> p;
   p.T = T; p.B = B; p.n_in = n_in; p.n = n; p.words = bit_words(n);
-  p.alpha = static_cast<acc_t>(alpha);
+  p.alpha = alpha;
+  const bool need_dparams = prm && prm->need;
+  const bool need_dsyn = prm && prm->need_dsyn && prm->alpha_syn.has_value();
+  if constexpr (is_param_view<Param>()) {
+    prm->allocate(B, n, opts);
+    p.prm = prm->view<scalar_t>();
+  }
   p.reset = reset;
   p.grad = gS.data_ptr<scalar_t>();
   p.g_init = ptr_or_null<scalar_t>(gV);
@@ -176,7 +329,8 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
     db_parts = at::zeros({chunks.count, n}, acc_opts);
     p.db_parts = db_parts.data_ptr<acc_t>();
   }
-  if (need_dx || need_dw || need_drec || need_db || need_dv || need_ds) rlif_backward_walk<scalar_t>(p);
+  if (need_dx || need_dw || need_drec || need_db || need_dv || need_ds || need_dparams || need_dsyn)
+    rlif_backward_walk<scalar_t>(p);
 
   // [chunks, rows, n_pad] partials -> [n, rows]: out[j, i] = sum over chunks in order
   auto reduce = [&](const at::Tensor& parts, int64_t rows) {
@@ -204,6 +358,32 @@ Grads rlif_backward_sparse_impl(const at::Tensor& gS, const c10::optional<at::Te
   return {dx, dw, drec, db, dv, ds};
 }
 
+// Both sparse backwards after their checks: alpha_t (the per-neuron alpha) and prm null for the
+// float API.
+Grads rlif_backward_sparse_dispatch(
+    const at::Tensor& gS, const c10::optional<at::Tensor>& gV, const at::Tensor& weight,
+    const at::Tensor& rec, const c10::optional<at::Tensor>& s_init, const at::Tensor& act_off,
+    const at::Tensor& act_idx, const at::Tensor& act_sg, const at::Tensor& ev_off,
+    const at::Tensor& ev_idx, const at::Tensor& ev_val, const at::Tensor& bits,
+    const c10::optional<at::Tensor>& prev_off, const c10::optional<at::Tensor>& prev_idx,
+    double alpha, const at::Tensor* alpha_t, ResetKind reset, bool need_dx, bool need_dw,
+    bool need_drec, bool need_db, bool need_dv, bool need_ds, ParamGradIO* prm) {
+  const at::Tensor a = alpha_t ? alpha_t->contiguous() : at::Tensor();
+  Grads out;
+  AT_DISPATCH_FLOATING_TYPES(gS.scalar_type(), "rlif_backward_sparse_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = [&](auto param, ParamGradIO* io) {
+      return rlif_backward_sparse_impl<scalar_t>(
+          gS.contiguous(), contiguous(gV), weight.contiguous(), rec.contiguous(), contiguous(s_init),
+          act_off, act_idx.contiguous(), act_sg.contiguous(), ev_off, ev_idx.contiguous(),
+          ev_val.contiguous(), bits.contiguous(), prev_off, contiguous(prev_idx), param, reset,
+          need_dx, need_dw, need_drec, need_db, need_dv, need_ds, io);
+    };
+    out = alpha_t ? run(param_view<acc_t>(a), prm) : run(ScalarParam<acc_t>{static_cast<acc_t>(alpha)}, nullptr);
+  });
+  return out;
+}
+
 Grads rlif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
                                const at::Tensor& weight, const at::Tensor& rec_weight,
                                const c10::optional<at::Tensor>& s_init, const at::Tensor& act_cnt,
@@ -219,16 +399,117 @@ Grads rlif_backward_sparse_cpu(const at::Tensor& grad_spikes, const c10::optiona
   const ResetKind reset = check_rlif_backward_sparse_args(
       grad_spikes, grad_v_final, weight, rec_weight, s_init, act_cnt, act_idx, act_sg, ev_cnt,
       ev_idx, ev_val, spk_bits, prev_cnt, prev_idx, alpha, reset_name, &act_off, &ev_off, &prev_off);
-  Grads out;
-  AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "rlif_backward_sparse_cpu", [&] {
-    out = rlif_backward_sparse_impl<scalar_t>(
-        grad_spikes.contiguous(), contiguous(grad_v_final), weight.contiguous(),
-        rec_weight.contiguous(), contiguous(s_init), act_off, act_idx.contiguous(),
-        act_sg.contiguous(), ev_off, ev_idx.contiguous(), ev_val.contiguous(),
-        spk_bits.contiguous(), prev_off, contiguous(prev_idx), alpha, reset, need_dx, need_dw,
-        need_drec, need_db, need_dv, need_ds);
+  return rlif_backward_sparse_dispatch(grad_spikes, grad_v_final, weight, rec_weight, s_init, act_off,
+                                       act_idx, act_sg, ev_off, ev_idx, ev_val, spk_bits, prev_off,
+                                       prev_idx, alpha, nullptr, reset, need_dx, need_dw, need_drec,
+                                       need_db, need_dv, need_ds, nullptr);
+}
+
+// The tensor-parameter outputs: rlif_backward_*'s gradients, then dsyn_init, d_alpha,
+// d_threshold, d_alpha_syn (per batch element [B, N]; empty where not wanted).
+ParamGrads param_grads_out(Grads& g, const ParamGradIO& prm) {
+  auto& [dx, dw, drec, db, dv, ds] = g;
+  return {dx, dw, drec, db, dv, ds, prm.dsyn, prm.d_alpha, prm.d_threshold, prm.d_alpha_syn};
+}
+
+// The tensor-parameter sparse backward: act_p, act_q (act_u with alpha_syn) one value per
+// active entry.
+ParamGrads rlif_param_backward_sparse_cpu(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_syn_final, const at::Tensor& weight,
+    const at::Tensor& rec_weight, const c10::optional<at::Tensor>& s_init,
+    const at::Tensor& act_cnt, const at::Tensor& act_idx, const at::Tensor& act_sg,
+    const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& act_u,
+    const at::Tensor& tan_last, const at::Tensor& ev_cnt, const at::Tensor& ev_idx,
+    const at::Tensor& ev_val, const at::Tensor& spk_bits, const c10::optional<at::Tensor>& prev_cnt,
+    const c10::optional<at::Tensor>& prev_idx, const at::Tensor& alpha,
+    const c10::optional<at::Tensor>& alpha_syn, c10::string_view reset_name, bool need_dx,
+    bool need_dw, bool need_drec, bool need_db, bool need_dv, bool need_ds, bool need_dsyn,
+    bool need_dparams) {
+  const char* op = "rlif_param_backward_sparse";
+  at::Tensor act_off, ev_off;
+  c10::optional<at::Tensor> prev_off;
+  const ResetKind reset = check_rlif_backward_sparse_args(
+      grad_spikes, grad_v_final, weight, rec_weight, s_init, act_cnt, act_idx, act_sg, ev_cnt,
+      ev_idx, ev_val, spk_bits, prev_cnt, prev_idx, 0.5, reset_name, &act_off, &ev_off, &prev_off, op);
+  check_rlif_param_grad_inputs(grad_spikes, grad_syn_final, alpha, alpha_syn, act_p, act_q, act_u,
+                               tan_last, need_dsyn, need_dparams, act_idx.numel(), weight.size(0), op);
+  ParamGradIO prm{act_p.contiguous(), act_q.contiguous(), act_u.contiguous(), tan_last.contiguous(),
+                  contiguous(alpha_syn), contiguous(grad_syn_final), need_dparams, need_dsyn};
+  Grads out = rlif_backward_sparse_dispatch(grad_spikes, grad_v_final, weight, rec_weight, s_init,
+                                            act_off, act_idx, act_sg, ev_off, ev_idx, ev_val,
+                                            spk_bits, prev_off, prev_idx, 0.5, &alpha, reset, need_dx,
+                                            need_dw, need_drec, need_db, need_dv, need_ds, &prm);
+  return param_grads_out(out, prm);
+}
+
+// Both dense backwards: alpha_t (the per-neuron alpha) null for the float API.
+Grads rlif_backward_dense_common(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+                                 const at::Tensor& x_in, const at::Tensor& weight_in,
+                                 const at::Tensor& rec_in, const c10::optional<at::Tensor>& s_init_in,
+                                 const at::Tensor& spikes_in, const at::Tensor& sg_in, double alpha,
+                                 const at::Tensor* alpha_t, ResetKind reset, bool need_dx, bool need_dw,
+                                 bool need_drec, bool need_db, bool need_dv, bool need_ds,
+                                 ParamGradIO* prm = nullptr) {
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), n = weight_in.size(0),
+                n_in = weight_in.size(1);
+  const auto opts = grad_spikes.options();
+  const c10::optional<at::Tensor> gV = contiguous(grad_v_final), s_init = contiguous(s_init_in);
+  const at::Tensor rec = rec_in.contiguous(), spikes = spikes_in.contiguous();
+  const at::Tensor a = alpha_t ? alpha_t->contiguous() : at::Tensor();
+  // G_I at every entry (G_V without a synaptic current), and G_V[0] with one
+  at::Tensor G = at::empty({T, B, n}, opts);
+  const bool syn = prm && prm->alpha_syn.has_value();
+  at::Tensor gv0 = syn ? at::empty({B, n}, opts) : at::Tensor();
+  if (prm) prm->allocate(B, n, opts);
+  AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "rlif_backward_dense_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor rec_t = rec.t().contiguous();
+    auto walk = [&](auto param, auto dp) {
+      rlif_dense_walk<scalar_t>(grad_spikes.contiguous().data_ptr<scalar_t>(),
+                                sg_in.contiguous().data_ptr<scalar_t>(), spikes.data_ptr<scalar_t>(),
+                                ptr_or_null<scalar_t>(gV), rec_t.data_ptr<scalar_t>(), T, B, n, param,
+                                reset, G.data_ptr<scalar_t>(), dp);
+    };
+    if (alpha_t == nullptr) {
+      walk(ScalarParam<acc_t>{static_cast<acc_t>(alpha)}, RlifParamIO<scalar_t, ScalarParam<acc_t>>{});
+    } else {
+      auto dp = prm->view<scalar_t>();
+      dp.dsyn = nullptr;  // from G_I[0] below
+      dp.gv0 = syn ? gv0.data_ptr<scalar_t>() : nullptr;
+      walk(param_view<acc_t>(a), dp);
+    }
   });
-  return out;
+  auto empty = at::empty({0}, opts);
+  auto G2 = G.view({T * B, n});
+  at::Tensor dx = need_dx ? at::mm(G2, weight_in.contiguous()).view({T, B, n_in}) : empty;
+  at::Tensor dw = need_dw ? at::mm(G2.t(), x_in.contiguous().view({T * B, n_in})) : empty.clone();
+  at::Tensor db = need_db ? G2.sum(0) : empty.clone();
+  at::Tensor drec = empty.clone(), dv = empty.clone(), ds = empty.clone();
+  if (T == 0) {  // the final state is the initial one; S[-1] reaches nothing
+    auto given = [&](const c10::optional<at::Tensor>& g) {
+      return g.has_value() ? g->clone() : at::zeros({B, n}, opts);
+    };
+    if (need_drec) drec = at::zeros({n, n}, opts);
+    if (need_dv) dv = given(gV);
+    if (need_ds) ds = at::zeros({B, n}, opts);
+    if (syn && prm->dsyn.numel()) prm->dsyn.copy_(given(prm->grad_syn_final));
+    return {dx, dw, drec, db, dv, ds};
+  }
+  if (need_drec) {  // dR = sum_t G_I[t+1]^T S[t] (+ G_I[0]^T s_init)
+    drec = at::mm(G.narrow(0, 1, T - 1).reshape({(T - 1) * B, n}).t(),
+                  spikes.narrow(0, 0, T - 1).reshape({(T - 1) * B, n}));
+    if (s_init.has_value()) drec = drec + at::mm(G[0].t(), *s_init);
+  }
+  if (need_dv) {
+    const at::Tensor gv_0 = syn ? gv0 : G[0];
+    dv = alpha_t ? gv_0 * a : gv_0 * alpha;
+    if (reset == kResetZero && s_init.has_value()) dv = dv * (1 - *s_init);
+    dv = dv.contiguous();
+  }
+  if (need_ds) ds = at::mm(G[0], rec);
+  if (syn && prm->dsyn.numel()) prm->dsyn.copy_(G[0] * *prm->alpha_syn);  // syn[0] = alpha_syn*syn_init + I[0]
+  return {dx, dw, drec, db, dv, ds};
 }
 
 Grads rlif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
@@ -240,39 +521,32 @@ Grads rlif_backward_dense_cpu(const at::Tensor& grad_spikes, const c10::optional
   const ResetKind reset = check_rlif_backward_dense_args(grad_spikes, grad_v_final, x_in, weight_in,
                                                          rec_in, s_init_in, spikes_in, sg_in, alpha,
                                                          reset_name);
-  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), n = weight_in.size(0),
-                n_in = weight_in.size(1);
-  const auto opts = grad_spikes.options();
-  const c10::optional<at::Tensor> gV = contiguous(grad_v_final), s_init = contiguous(s_init_in);
-  const at::Tensor rec = rec_in.contiguous(), spikes = spikes_in.contiguous();
-  at::Tensor G = at::empty({T, B, n}, opts);
-  AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "rlif_backward_dense_cpu", [&] {
-    const at::Tensor rec_t = rec.t().contiguous();
-    rlif_dense_walk<scalar_t>(grad_spikes.contiguous().data_ptr<scalar_t>(),
-                              sg_in.contiguous().data_ptr<scalar_t>(), spikes.data_ptr<scalar_t>(),
-                              ptr_or_null<scalar_t>(gV), rec_t.data_ptr<scalar_t>(), T, B, n,
-                              static_cast<at::opmath_type<scalar_t>>(alpha), reset,
-                              G.data_ptr<scalar_t>());
-  });
-  auto empty = at::empty({0}, opts);
-  auto G2 = G.view({T * B, n});
-  at::Tensor dx = need_dx ? at::mm(G2, weight_in.contiguous()).view({T, B, n_in}) : empty;
-  at::Tensor dw = need_dw ? at::mm(G2.t(), x_in.contiguous().view({T * B, n_in})) : empty.clone();
-  at::Tensor db = need_db ? G2.sum(0) : empty.clone();
-  at::Tensor drec = empty.clone();
-  if (need_drec) {  // dR = sum_t G[t+1]^T S[t] (+ G[0]^T s_init)
-    drec = at::mm(G.narrow(0, 1, T - 1).reshape({(T - 1) * B, n}).t(),
-                  spikes.narrow(0, 0, T - 1).reshape({(T - 1) * B, n}));
-    if (s_init.has_value()) drec = drec + at::mm(G[0].t(), *s_init);
-  }
-  at::Tensor dv = empty.clone(), ds = empty.clone();
-  if (need_dv) {
-    dv = G[0] * alpha;
-    if (reset == kResetZero && s_init.has_value()) dv = dv * (1 - *s_init);
-    dv = dv.contiguous();
-  }
-  if (need_ds) ds = at::mm(G[0], rec);
-  return {dx, dw, drec, db, dv, ds};
+  return rlif_backward_dense_common(grad_spikes, grad_v_final, x_in, weight_in, rec_in, s_init_in,
+                                    spikes_in, sg_in, alpha, nullptr, reset, need_dx, need_dw,
+                                    need_drec, need_db, need_dv, need_ds);
+}
+
+// The tensor-parameter dense backward: act_p, act_q (act_u) are the forward's traces at every
+// entry.
+ParamGrads rlif_param_backward_dense_cpu(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_syn_final, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& rec, const c10::optional<at::Tensor>& s_init, const at::Tensor& spikes,
+    const at::Tensor& sg, const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& act_u,
+    const at::Tensor& tan_last, const at::Tensor& alpha, const c10::optional<at::Tensor>& alpha_syn,
+    c10::string_view reset_name, bool need_dx, bool need_dw, bool need_drec, bool need_db,
+    bool need_dv, bool need_ds, bool need_dsyn, bool need_dparams) {
+  const char* op = "rlif_param_backward_dense";
+  const ResetKind reset = check_rlif_backward_dense_args(grad_spikes, grad_v_final, x, weight, rec,
+                                                         s_init, spikes, sg, 0.5, reset_name, op);
+  check_rlif_param_grad_inputs(grad_spikes, grad_syn_final, alpha, alpha_syn, act_p, act_q, act_u,
+                               tan_last, need_dsyn, need_dparams, grad_spikes.numel(), weight.size(0), op);
+  ParamGradIO prm{act_p.contiguous(), act_q.contiguous(), act_u.contiguous(), tan_last.contiguous(),
+                  contiguous(alpha_syn), contiguous(grad_syn_final), need_dparams, need_dsyn};
+  Grads out = rlif_backward_dense_common(grad_spikes, grad_v_final, x, weight, rec, s_init, spikes,
+                                         sg, 0.5, &alpha, reset, need_dx, need_dw, need_drec,
+                                         need_db, need_dv, need_ds, &prm);
+  return param_grads_out(out, prm);
 }
 
 }  // namespace
@@ -281,6 +555,9 @@ TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
   m.impl("rlif_forward", SG_FLOAT32_MATH(rlif_forward_cpu));
   m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(rlif_backward_sparse_cpu));
   m.impl("rlif_backward_dense", SG_FLOAT32_MATH(rlif_backward_dense_cpu));
+  m.impl("rlif_param_forward", SG_FLOAT32_MATH(rlif_param_forward_cpu));
+  m.impl("rlif_param_backward_sparse", SG_FLOAT32_MATH(rlif_param_backward_sparse_cpu));
+  m.impl("rlif_param_backward_dense", SG_FLOAT32_MATH(rlif_param_backward_dense_cpu));
 }
 
 }  // namespace cpu
