@@ -285,6 +285,35 @@ class Runner:
             return (h,) + tuple(torch.autograd.grad((h * g).sum(), leaves))
         return fn
 
+    def recurrent_param_case(self, dtype, mode, *, syn=False, reset=None):
+        """The recurrent layer with per-neuron learnable alpha / threshold (rlif_param_*), and
+        optionally a learnable synaptic current. Its kernels are CPU-only so far
+        (sparsegrad.ops.RLIF_PARAM_OPS): run only where the ops have a kernel."""
+        T, B, n_in, n_out = self.base
+
+        def fn():
+            x = self.spikes_in(T, B, n_in, dtype)
+            w = self.weight(n_out, n_in, dtype)
+            r = self.weight(n_out, n_out, dtype, 0.05)
+            alpha = torch.linspace(0.8, 0.95, n_out).to(self.device, dtype).requires_grad_(True)
+            theta = torch.linspace(0.9, 1.1, n_out).to(self.device, dtype).requires_grad_(True)
+            leaves = [w, r, alpha, theta]
+            kw = dict(alpha=alpha, threshold=theta, b_th=0.4, slope=self.slope(dtype), backward=mode)
+            if reset:
+                kw["reset"] = reset
+            if syn:
+                kw["alpha_syn"] = torch.full((n_out,), 0.5, dtype=dtype, device=self.device,
+                                             requires_grad=True)
+                leaves.append(kw["alpha_syn"])
+            s = sparsegrad.rlif_layer(x, w, r, **kw)
+            g = torch.randn(s.shape, generator=self.gen).to(self.device, dtype)
+            return (s,) + tuple(torch.autograd.grad((s * g).sum(), leaves))
+        return fn
+
+    def has_kernels(self, op: str) -> bool:
+        """The op has a kernel on this device (CPU_ONLY_OPS run on the CPU only)."""
+        return self.device.type == "cpu" or op not in getattr(sparsegrad.ops, "CPU_ONLY_OPS", ())
+
     def conv_case(self, dtype, mode, *, pool="max", position="before", data_input=False):
         """ConvLIF (sparsegrad.conv): conv -> [pool] -> LIF or conv -> LIF -> pool, on spikes
         (the events route and the bit-packed saved input) or on real-valued data."""
@@ -433,6 +462,12 @@ def main(argv=None) -> int:
                 r.run(f"lif_layer x2 (tensor params) {dn} {mode}", r.layer_param_case(dtype, mode))
                 r.run(f"lif_layer x2 (tensor params + alpha_syn) {dn} {mode}",
                       r.layer_param_case(dtype, mode, syn=True))
+                if r.has_kernels("rlif_param_forward"):
+                    for reset in resets:
+                        r.run(f"rlif_layer (tensor params) {dn} {mode} reset={reset}",
+                              r.recurrent_param_case(dtype, mode, reset=reset))
+                    r.run(f"rlif_layer (tensor params + alpha_syn) {dn} {mode}",
+                          r.recurrent_param_case(dtype, mode, syn=True))
                 if dtype in CONV_DTYPES:
                     for pool, position in (("max", "before"), ("avg", "before"), ("max", "after")):
                         r.run(f"ConvLIF x2 {dn} {mode} pool={pool} {position}",
@@ -488,6 +523,9 @@ def trimmed_cases(r, dtype, dn, resets, reductions):
               r.neuron_param_case(dtype, mode, syn=True))
         r.run(f"lif_layer x2 (tensor params + alpha_syn) {dn} {mode}",
               r.layer_param_case(dtype, mode, syn=True))
+        if r.has_kernels("rlif_param_forward"):
+            r.run(f"rlif_layer (tensor params + alpha_syn) {dn} {mode}",
+                  r.recurrent_param_case(dtype, mode, syn=True))
         if dtype in CONV_DTYPES:
             r.run(f"ConvLIF x2 {dn} {mode}", r.conv_case(dtype, mode))
     if dtype == torch.float64:

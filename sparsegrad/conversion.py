@@ -593,12 +593,49 @@ def _snntorch_rleaky(m) -> NeuronSpec:
     return spec
 
 
+def _snntorch_rsynaptic(m) -> NeuronSpec:
+    """snnTorch RSynaptic after an nn.Linear -> RLIF with a synaptic current: per step
+    syn = clamp(alpha)*syn + I + recurrent(spk[t-1]), mem = clamp(beta)*mem + syn -
+    reset*threshold, i.e. sparsegrad's recurrent layer with alpha_syn = clamp(alpha), alpha =
+    clamp(beta) (conversion_recurrent.rleaky_rule). reset_mechanism="zero" is refused: snnTorch
+    zeroes the synaptic current and the whole new membrane after a spike."""
+    if getattr(m, "reset_mechanism", "subtract") == "zero":
+        raise Unsupported("reset_mechanism='zero': snnTorch's RSynaptic zeroes the synaptic "
+                          "current and the whole new membrane after a spike; sparsegrad's zero "
+                          "reset keeps both")
+    surrogate, slope = surrogate_of(m.spike_grad)
+    notes: List[str] = []
+    floats, tensors, learnable, param_notes = _snntorch_params(m, ("alpha", "beta", "threshold"))
+
+    def fused(linear: nn.Linear, b_th: float, backward: str) -> nn.Module:
+        params, raw = spec._param_kwargs(((), (linear.out_features,)))
+        if params is None:
+            raise Unsupported("alpha / beta / threshold have a shape that is neither one value "
+                              "nor one per neuron; sparsegrad's RLIF takes [] or [N] tensors")
+        layer, why = rleaky_rule(linear, m, b_th=b_th, backward=backward, params=params,
+                                 synaptic=True)
+        if layer is None:
+            raise Unsupported(why)
+        notes.extend(why)
+        return spec._copy_learnable(layer, raw)
+
+    clamp = (lambda v: math.nan if v is None else min(max(v, 0.0), 1.0))
+    threshold = floats["threshold"]
+    spec = NeuronSpec("snntorch.RSynaptic", clamp(floats["beta"]),
+                      math.nan if threshold is None else threshold, surrogate, slope,
+                      getattr(m, "reset_mechanism", "subtract"), notes=notes, fused_factory=fused,
+                      needs_linear=True, tensor_params=tensors, learnable=learnable,
+                      alpha_syn=clamp(floats["alpha"]), parameters=param_notes)
+    return spec
+
+
 # (module prefix, class name) -> rule. A rule returns a NeuronSpec or raises Unsupported. A neuron
 # type that converts only together with the nn.Linear before it (a recurrent layer: Linear +
 # RLeaky -> nn.RLIF) returns NeuronSpec(..., fused_factory=build, needs_linear=True).
 NEURON_RULES: Dict[Tuple[str, str], Callable[[nn.Module], NeuronSpec]] = {
     ("snntorch", "Leaky"): _snntorch_leaky,
     ("snntorch", "RLeaky"): _snntorch_rleaky,
+    ("snntorch", "RSynaptic"): _snntorch_rsynaptic,
     ("snntorch", "Synaptic"): _snntorch_synaptic,
     ("spikingjelly.activation_based.neuron", "ParametricLIFNode"): _spikingjelly_plif,
     ("spikingjelly.activation_based.neuron", "LIFNode"): _spikingjelly_node,

@@ -11,11 +11,14 @@ with ``recurrent = nn.Linear(N, N)`` (weight R, bias b_R) applied to the previou
 reset[t] = spk[t-1], so this is sparsegrad's recurrent layer with alpha = clamp(beta, 0, 1),
 weight = fc.weight, bias = fc.bias, rec_weight = R and rec_bias = b_R. ``reset_mechanism="none"`` maps to
 reset="none". Its default surrogate is atan(alpha=2), i.e. sparsegrad's surrogate="atan",
-slope=2. What cannot be matched exactly is refused (the pair is left as it is and reported):
-reset "zero" (snnTorch zeroes the whole new membrane, input included), one-to-one or
-convolutional recurrence, reset_delay=False, learnable beta/threshold, per-neuron beta or
-threshold, graded spikes, inhibition, state quantisation, and surrogates that are not exactly
-one of sparsegrad's four.
+slope=2. A learnable or per-neuron beta / threshold becomes RLIF's tensor parameter.
+``RSynaptic`` (the same with a synaptic current, syn[t] = alpha*syn[t-1] + I[t] +
+recurrent(spk[t-1]), mem[t] = beta*mem[t-1] + syn[t] - reset[t]*threshold) becomes RLIF with
+alpha_syn = clamp(alpha, 0, 1). What cannot be matched exactly is refused (the pair is left as it
+is and reported): reset "zero" (snnTorch zeroes the whole new membrane, input included, and
+RSynaptic its synaptic current too), one-to-one or convolutional recurrence, reset_delay=False,
+graded spikes, inhibition, state quantisation, and surrogates that are not exactly one of
+sparsegrad's four.
 """
 from __future__ import annotations
 
@@ -101,10 +104,12 @@ def exact_surrogate(fn) -> Tuple[Optional[str], Optional[float], Optional[str]]:
 
 
 def rleaky_rule(linear: nn.Linear, neuron: nn.Module, *, b_th: float, backward: str,
-                params: Optional[dict] = None):
+                params: Optional[dict] = None, synaptic: bool = False):
     """(RLIF, notes) for ``linear -> neuron`` when it is exactly a recurrent sparsegrad layer,
-    else (None, reason). params: RLIF's alpha / threshold (/ learn_*) keyword arguments for a
-    learnable or per-neuron beta / threshold (conversion.NeuronSpec); None: both must be floats."""
+    else (None, reason). params: RLIF's alpha / threshold (/ alpha_syn, learn_*) keyword
+    arguments for a learnable or per-neuron beta / threshold / alpha (conversion.NeuronSpec);
+    None: they must be floats. synaptic: the neuron is an RSynaptic (its alpha is RLIF's
+    alpha_syn), else an RLeaky."""
     from .nn import RLIF
 
     notes: List[str] = []
@@ -117,7 +122,8 @@ def rleaky_rule(linear: nn.Linear, neuron: nn.Module, *, b_th: float, backward: 
         return None, f"linear_features={rec.in_features} does not match the Linear's {n} outputs"
     reset = getattr(neuron, "reset_mechanism", "subtract")
     if reset == "zero":
-        return None, ("reset_mechanism='zero': snnTorch's RLeaky zeroes the whole new membrane "
+        return None, (f"reset_mechanism='zero': snnTorch's {type(neuron).__name__} zeroes the "
+                      f"whole new membrane "
                       "(input and recurrent current included); sparsegrad's reset='zero' "
                       "zeroes the decayed membrane only")
     if reset not in ("subtract", "none"):
@@ -141,8 +147,14 @@ def rleaky_rule(linear: nn.Linear, neuron: nn.Module, *, b_th: float, backward: 
         if threshold is None or not (threshold > 0 and math.isfinite(threshold)):
             return None, "threshold is not one positive finite float"
         params["threshold"] = threshold
-    params.pop("alpha_syn", None)  # RLeaky has no synaptic current
-    params.pop("learn_alpha_syn", None)
+    if not synaptic:
+        params.pop("alpha_syn", None)  # RLeaky has no synaptic current
+        params.pop("learn_alpha_syn", None)
+    elif "alpha_syn" not in params or not isinstance(params["alpha_syn"], torch.Tensor):
+        alpha = _scalar(getattr(neuron, "alpha", None))
+        if alpha is None or math.isnan(alpha):
+            return None, "alpha (the synaptic decay) is NaN (or has an unsupported shape)"
+        params["alpha_syn"] = min(max(alpha, 0.0), 1.0)
     graded = _scalar(getattr(neuron, "graded_spikes_factor", 1.0))
     if graded != 1.0:
         return None, f"graded_spikes_factor={graded} scales spikes; sparsegrad's spikes are 0/1"

@@ -15,6 +15,7 @@ from sparsegrad.nn import RLIF
 from conftest import assert_spikes_match, layer_membrane
 
 snn = pytest.importorskip("snntorch")
+snn_utils = pytest.importorskip("snntorch.utils")
 surrogate = snn.surrogate
 
 T, B, N_IN, N_H, N_OUT = 30, 5, 12, 16, 4
@@ -185,3 +186,79 @@ def test_exact_surrogate_names_each_form():
     assert exact_surrogate(surrogate.fast_sigmoid(slope=100))[:2] == ("fast_sigmoid", 100.0)
     name, _, why = exact_surrogate(lambda u: torch.sigmoid(u))
     assert name is None and "step" in why
+
+
+def _rsynaptic_net(dtype, **kw):
+    torch.manual_seed(4)
+    net = nn.Sequential(
+        nn.Linear(N_IN, N_H),
+        snn.RSynaptic(**{"alpha": 0.7, "beta": 0.85, "linear_features": N_H, "init_hidden": True,
+                         **kw}),
+        nn.Linear(N_H, N_OUT)).to(dtype)
+    with torch.no_grad():
+        net[0].weight.mul_(1.5)
+        net[1].recurrent.weight.mul_(1.5)
+    return net
+
+
+def _stepped(net, x):
+    """snnTorch's way: reset, one call per step; the hidden spikes and membranes recorded."""
+    snn_utils.reset(net)
+    out, spikes, mems = [], [], []
+    for t in range(x.shape[0]):
+        h = net[1](net[0](x[t]))
+        spikes.append(h.to(x.dtype))
+        mems.append(net[1].mem.detach().clone())
+        out.append(net[2](h.to(x.dtype)))
+    return torch.stack(out), torch.stack(spikes), torch.stack(mems)
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_rsynaptic_converts_to_rlif_with_a_synaptic_current(learn):
+    """nn.Linear -> snn.RSynaptic (all_to_all) is one RLIF with alpha_syn: the original's spikes
+    (checked to lie off the threshold's rounding), dense-mode gradients of every parameter
+    within 1e-4 (float32: snnTorch's RSynaptic feeds its float32 spikes to its recurrent Linear,
+    so it does not run in float64)."""
+    kw = dict(learn_alpha=True, learn_beta=True, learn_threshold=True) if learn else {}
+    net = _rsynaptic_net(torch.float32, **kw)
+    if learn:  # per-neuron values
+        with torch.no_grad():
+            net[1].alpha = nn.Parameter(torch.linspace(0.5, 0.8, N_H, dtype=torch.float32))
+            net[1].beta = nn.Parameter(torch.linspace(0.75, 0.9, N_H, dtype=torch.float32))
+    x = _x(torch.float32, seed=5)
+    out, spikes, mems = _stepped(net, x)
+    spikes = spikes.detach()
+    assert 0.05 < float(spikes.mean()) < 0.6
+    assert float((mems - 1.0).abs().min()) > 1e-5  # no spike decided by rounding
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float32).view(out.shape)
+    (out * weights).sum().backward()
+    want = {n: p.grad.clone() for n, p in net.named_parameters()}
+    conv, report = sparsegrad.convert(net, backward="dense", return_report=True)
+    assert report.exact and not report.skipped and len(report.converted) == 1
+    layer = conv[0]
+    assert isinstance(layer, RLIF) and isinstance(conv[1], nn.Identity)
+    assert report.converted[0].kind == "snntorch.RSynaptic"
+    hidden = layer(x)
+    assert torch.equal(hidden, spikes)
+    got = conv(x)
+    torch.testing.assert_close(got, out, rtol=0, atol=1e-5)
+    (got * weights).sum().backward()
+    names = {"0.weight": layer.weight, "0.bias": layer.bias, "1.recurrent.weight": layer.rec_weight,
+             "1.recurrent.bias": layer.rec_bias, "2.weight": conv[2].module.weight}
+    if learn:
+        names.update({"1.alpha": layer.alpha_syn, "1.beta": layer.alpha, "1.threshold": layer.threshold})
+    for name, p in names.items():
+        w = want[name]
+        torch.testing.assert_close(p.grad.reshape(w.shape), w, rtol=1e-4,
+                                   atol=1e-4 * float(w.abs().max()), msg=name)
+
+
+def test_rsynaptic_zero_reset_is_refused_with_the_reason():
+    net = _rsynaptic_net(torch.float32, reset_mechanism="zero")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv, report = sparsegrad.convert(net, return_report=True)
+    assert not report.exact and any("synaptic current" in why for _, why in report.skipped)
+    x = _x(torch.float32, seed=6)
+    out, _, _ = _stepped(net, x)
+    torch.testing.assert_close(conv(x), out, rtol=0, atol=1e-5)  # stepped: still the original's
