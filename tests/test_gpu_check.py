@@ -337,7 +337,8 @@ def test_gpu_sanitize_trim_still_calls_every_op(tmp_path):
     assert gpu_sanitize.main(["--device", "cpu", "--size", "tiny", "--trim", "--json", str(report)]) == 0
     data = json.loads(report.read_text())
     assert data["trim"] is True and data["ops_not_called"] == [] and data["cases_failed"] == 0
-    assert len(data["dtypes"]) == 4 and data["cases"] < 120
+    # (on the CPU: 125 of the full 544; on CUDA the CPU-only ops' 12 cases drop out)
+    assert len(data["dtypes"]) == 4 and data["cases"] < 130
     names = [c["case"] for c in data["results"]]
     for word in ("spikingjelly neuron float32 sparse sj_lif", "sj_if", "float16", "bfloat16",
                  "dw_route=events", "dw_route=active", "reset=zero"):
