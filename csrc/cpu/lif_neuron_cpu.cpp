@@ -426,6 +426,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
     const int64_t nb = std::min(N, kNeuronBlock);
     std::vector<acc_t> g(nb), carry(leaky ? 0 : nb), gi(ex.syn ? nb : 0);
     std::vector<acc_t> dpar(track ? 3 * nb : 0);  // d_alpha, d_threshold, d_alpha_syn
+    std::vector<scalar_t> gc_stage(nb);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b = k / blocks, j0 = (k % blocks) * kNeuronBlock;
       const int64_t n = std::min(N - j0, kNeuronBlock);
@@ -504,17 +505,20 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
               g[j] += static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[row + j]);
           }
         }
+        // dL/dcurrent of the row, staged and streamed out (stream_copy): the rows of one task lie
+        // B*N apart, and a plain store would read each line in before writing it
         if (ex.syn) {  // G_I[t] = G_V[t] + alpha_syn * G_I[t+1]: the current reaches V through syn
           for (int64_t j = 0; j < n; ++j) {
             if (t < T - 1) gi[j] *= prm.alpha_syn[j0 + j];
             gi[j] += g[j];
-            gc[row + j] = static_cast<scalar_t>(gi[j]);
+            gc_stage[j] = static_cast<scalar_t>(gi[j]);
           }
         } else if (leaky) {
-          for (int64_t j = 0; j < n; ++j) gc[row + j] = static_cast<scalar_t>(g[j]);
+          for (int64_t j = 0; j < n; ++j) gc_stage[j] = static_cast<scalar_t>(g[j]);
         } else {
-          for (int64_t j = 0; j < n; ++j) gc[row + j] = static_cast<scalar_t>(g[j] * input_scale);
+          for (int64_t j = 0; j < n; ++j) gc_stage[j] = static_cast<scalar_t>(g[j] * input_scale);
         }
+        stream_copy(gc + row, gc_stage.data(), n);
       }
       if (dvp) {
         const int32_t* r = bits && leaky ? bits + b * W : nullptr;
@@ -531,6 +535,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
           for (int64_t j = 0; j < n; ++j)
             ex.dparam[q][b * N + j0 + j] = static_cast<scalar_t>(dpar[q * nb + j]);
     }
+    stream_fence();
   });
   return {grad_current, dv};
 }
