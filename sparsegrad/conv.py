@@ -195,6 +195,34 @@ def conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
                            pool_kernel, route, prev_cnt, prev_idx)
 
 
+def _pooled_set(cnt: torch.Tensor, idx: torch.Tensor, win: torch.Tensor, shape,
+                k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The active set of max-pooled spikes: the pooled entries whose window's winner is active.
+
+    cnt / idx: the neuron's active set over the unpooled map (rows b*T + t, entries
+    c*H*W + y*W + x); win: max pooling's winner offsets [T*B, C, Hp, Wp] (sample t*B + b). The
+    pooling's backward sends a pooled entry's gradient to its winner only, and the neuron reads
+    it only at its active entries: so dL/d(pooled) is needed only at the entries returned
+    (rows b*T + t, entries c*Hp*Wp + py*Wp + px, in the neuron's order within a row)."""
+    T, B, C, H, W = shape
+    Hp, Wp = win.shape[2], win.shape[3]
+    rows = torch.repeat_interleave(torch.arange(B * T, dtype=torch.int32, device=cnt.device),
+                                   cnt.to(torch.int64), output_size=idx.numel())
+    j = idx.to(torch.int32)
+    hw = H * W
+    c, rem = j // hw, j % hw
+    y, x = rem // W, rem % W
+    py, px = y // k, x // k
+    slot = (y - py * k) * k + (x - px * k)
+    inside = (py < Hp) & (px < Wp)
+    sample = (rows % T) * B + rows // T
+    pj = (c * Hp + py.clamp_max(Hp - 1)) * Wp + px.clamp_max(Wp - 1)
+    winner = win.reshape(B * T, C * Hp * Wp)[sample.to(torch.int64), pj.to(torch.int64)]
+    keep = inside & (winner.to(torch.int32) == slot)
+    new_cnt = torch.bincount(rows[keep], minlength=B * T).to(torch.int32)
+    return new_cnt, pj[keep]
+
+
 class _SpikePool(torch.autograd.Function):
     """Max / avg pooling of spikes [T, B, C, H, W] with the winner offsets saved as uint8."""
 
@@ -207,15 +235,19 @@ class _SpikePool(torch.autograd.Function):
                 s_ = s.detach().requires_grad_(True)
                 out = fn(s_.flatten(0, 1), k).unflatten(0, (T, B))
             ctx.aten = (s_, out)
-            return out.detach()
+            idx = s.new_empty(0, dtype=torch.uint8)
+            ctx.mark_non_differentiable(idx)
+            return out.detach(), idx
         ctx.aten = None
         out, idx = _ops.conv_pool2d.default(s.reshape(T * B, C, H, W), pool, k)
         ctx.pool, ctx.k, ctx.shape = pool, k, s.shape
         ctx.save_for_backward(idx)
-        return out.unflatten(0, (T, B))
+        # max pooling's winners also tell which pooled entries the neuron reads (_pooled_set)
+        ctx.mark_non_differentiable(idx)
+        return out.unflatten(0, (T, B)), idx
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_idx=None):
         if ctx.aten is not None:
             s_, out = ctx.aten
             return torch.autograd.grad(out, s_, grad)[0], None, None
@@ -241,7 +273,7 @@ class SpikePool2d(nn.Module):
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         if not isinstance(s, torch.Tensor) or s.dim() != 5:
             raise ValueError(f"input must be [T, B, C, H, W], got {getattr(s, 'shape', s)}")
-        return _SpikePool.apply(s.contiguous(), self.pool, self.kernel_size)
+        return _SpikePool.apply(s.contiguous(), self.pool, self.kernel_size)[0]
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, pool={self.pool!r}"
@@ -324,9 +356,14 @@ class ConvLIF(nn.Module):
         T, B = cur.shape[:2]
         spikes3 = self.neuron(cur.reshape(T, B, -1))
         spikes = spikes3.view(cur.shape)
-        if self.pool is not None and self.pool_position == "after":
-            return _SpikePool.apply(spikes, self.pool, self.pool_kernel)
         cnt, idx = F_sg.producer_active_set(spikes3)
+        if self.pool is not None and self.pool_position == "after":
+            pooled, win = _SpikePool.apply(spikes, self.pool, self.pool_kernel)
+            if cnt is not None and self.pool == "max" and win.numel():
+                # the next ConvLIF computes dx only where a pooled entry's winner is active
+                F_sg.attach_active_set(pooled, *_pooled_set(cnt, idx, win, spikes.shape,
+                                                            self.pool_kernel))
+            return pooled
         if cnt is not None:  # the next ConvLIF computes dx only at these entries
             F_sg.attach_active_set(spikes, cnt, idx)
         return spikes

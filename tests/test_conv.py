@@ -74,6 +74,16 @@ def test_conv_lif_matches_reference_float64(case, route):
     assert _rel(x.grad, xr.grad) < 1e-8  # no producer: the dense dx
 
 
+def _same_chain_gradients(s, r, mine, refs):
+    """Same spikes, and the same float64 parameter gradients for a random dL/ds."""
+    assert torch.equal(s, r)
+    g = torch.randn_like(s)
+    (s * g).sum().backward()
+    (r * g).sum().backward()
+    for m, ref in zip(mine, refs):
+        assert _rel(m.grad, ref.grad) < 1e-8
+
+
 @pytest.mark.parametrize("pool", [None, "max", "avg"])
 def test_chain_restricted_dx_matches_reference(pool):
     """dx of the second layer is computed only at the first layer's active set: the first
@@ -92,12 +102,67 @@ def test_chain_restricted_dx_matches_reference(pool):
     ps = [p.detach().clone().requires_grad_(True) for p in (l1.weight, l1.bias, l2.weight, l2.bias)]
     r1 = R.conv_lif(x, ps[0], ps[1], padding=1, **NEURON)
     r2 = R.conv_lif(r1, ps[2], ps[3], pool=pool, **NEURON)
-    assert torch.equal(s2, r2)
-    g = torch.randn_like(s2)
-    (s2 * g).sum().backward()
-    (r2 * g).sum().backward()
-    for mine, ref in zip((l1.weight, l1.bias, l2.weight, l2.bias), ps):
-        assert _rel(mine.grad, ref.grad) < 1e-8
+    _same_chain_gradients(s2, r2, (l1.weight, l1.bias, l2.weight, l2.bias), ps)
+
+
+@pytest.mark.parametrize("h, pool_kernel", [(10, 2), (10, 3)])
+def test_chain_pool_after_restricted_dx_matches_reference(h, pool_kernel):
+    """Conv -> LIF -> max pool feeding the next ConvLIF: the pooled spikes carry the pooled
+    entries whose winner is active, the next layer's dx is computed only there, and every
+    gradient still equals the reference's (3x3 pooling of a 10x10 map leaves a border that no
+    window covers)."""
+    T, B = 4, 3
+    torch.manual_seed(3)
+    kw = dict(pool="max", pool_position="after", pool_kernel=pool_kernel)
+    l1 = ConvLIF(2, 6, 3, padding=1, dtype=D, **kw, **NEURON)
+    l2 = ConvLIF(6, 16, 3, padding=1, dtype=D, **NEURON)
+    with torch.no_grad():
+        l1.weight.mul_(4)
+        l2.weight.mul_(3)
+    x = _spikes((T, B, 2, h, h), 0.3, seed=5)
+    s1 = l1(x)
+    cnt, idx = sparsegrad.functional.producer_active_set(s1)
+    assert cnt is not None and 0 < int(cnt.sum()) < s1.numel()
+    assert int(cnt.sum()) <= int(l1.last_stats.active_fraction * T * B * 6 * h * h + 0.5)
+    s2 = l2(s1)
+    ps = [p.detach().clone().requires_grad_(True) for p in (l1.weight, l1.bias, l2.weight, l2.bias)]
+    r1 = R.conv_lif(x, ps[0], ps[1], padding=1, **kw, **NEURON)
+    r2 = R.conv_lif(r1, ps[2], ps[3], padding=1, **NEURON)
+    _same_chain_gradients(s2, r2, (l1.weight, l1.bias, l2.weight, l2.bias), ps)
+
+
+def test_spikingjelly_pool_after_restricted_dx_equals_dense_dx():
+    """The converted SpikingJelly blocks at a finite b_th: dx at the pooled active set gives the
+    gradients of the full dense dx (the set stripped by a copy between the blocks)."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Conv2d(2, 8, 3, padding=1), neuron.LIFNode(), layer.MaxPool2d(2),
+        layer.Conv2d(8, 16, 3, padding=1), neuron.LIFNode(), layer.MaxPool2d(2)).to(D)
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():
+        net[0].weight.mul_(10.0)
+        net[3].weight.mul_(8.0)
+    x = _spikes((6, 3, 2, 16, 16), 0.2, seed=4)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # b_th=0.5 keeps less than 95 % of sigmoid(4)'s mass
+        model = sparsegrad.convert(net, b_th=0.5)
+    g = torch.randn(6, 3, 16, 4, 4, dtype=D)
+    grads = []
+    for strip in (False, True):
+        model.zero_grad(set_to_none=True)
+        h = model[0](x)
+        assert (sparsegrad.functional.producer_active_set(h)[0] is not None) is True
+        out = model[3](h.clone() if strip else h)
+        (out * g).sum().backward()
+        grads.append([p.grad.clone() for p in (model[0].weight, model[0].bias)])
+    assert 0 < model[0].last_stats.active_fraction < 0.5
+    for a, b in zip(*grads):
+        assert a.abs().max() > 0 and _rel(a, b) < 1e-8
+    functional.reset_net(net)
 
 
 def test_dense_input_and_constant_frames():
