@@ -403,3 +403,27 @@ def test_non_contiguous_input_and_zero_sizes():
         m(x[:0])
     with pytest.raises(ValueError, match="at least one step"):
         m(x[:, :0])
+
+
+@pytest.mark.parametrize("width", [48, 38, 7])
+def test_conv_pool2d_float_max_matches_scalar_rule_and_aten(width):
+    """conv_pool2d's 2x2 max pooling (16 windows at a time in float) gives the scalar loop's
+    (float64: the same rule) values and winner offsets, with ties, NaNs in any slot and
+    infinities; and ATen's first maximum wherever a window holds no NaN."""
+    g = torch.Generator().manual_seed(7)
+    y = torch.randint(-2, 3, (3, 4, 10, width), generator=g).float()
+    y[0, 0, 0, :8] = float("nan")
+    y[1, 1, 3, 1::5] = float("nan")
+    y[2, 2, 5, ::3] = float("inf")
+    y[2, 3, 6, 2::4] = float("-inf")
+    out, idx = torch.ops.sparsegrad.conv_pool2d(y, "max", 2)
+    out64, idx64 = torch.ops.sparsegrad.conv_pool2d(y.double(), "max", 2)
+    assert torch.equal(idx, idx64)
+    assert torch.equal(out.isnan(), out64.isnan())
+    assert torch.equal(out.nan_to_num(0.5), out64.float().nan_to_num(0.5))
+    ref, ref_idx = torch.nn.functional.max_pool2d(y, 2, return_indices=True)
+    row, col = ref_idx // width, ref_idx % width
+    slot = (row % 2) * 2 + col % 2
+    clean = ~torch.nn.functional.max_pool2d(y.isnan().float(), 2).bool()
+    assert clean.sum() > 0 and torch.equal(out[clean], ref[clean])
+    assert torch.equal(idx.long()[clean], slot[clean])

@@ -24,6 +24,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -416,6 +420,41 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cpu(
   return {out, idx};
 }
 
+// 2x2 max pooling of two input rows, 16 outputs at a time (float, AVX-512): the same first-
+// maximum rule as the scalar loop (a NaN first entry wins; else the first NaN or the first
+// strict maximum). Returns the number of outputs done.
+template <typename scalar_t>
+inline int64_t max_pool2x2_row(const scalar_t*, const scalar_t*, int64_t, scalar_t*, uint8_t*) {
+  return 0;  // double: the scalar loop
+}
+
+inline int64_t max_pool2x2_row(const float* r0, const float* r1, int64_t wp, float* o, uint8_t* oi) {
+  int64_t px = 0;
+#if defined(__AVX512F__)
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (; px + 16 <= wp; px += 16) {
+    const __m512 a0 = _mm512_loadu_ps(r0 + 2 * px), a1 = _mm512_loadu_ps(r0 + 2 * px + 16);
+    const __m512 b0 = _mm512_loadu_ps(r1 + 2 * px), b1 = _mm512_loadu_ps(r1 + 2 * px + 16);
+    const __m512 v[4] = {_mm512_permutex2var_ps(a0, even, a1), _mm512_permutex2var_ps(a0, odd, a1),
+                         _mm512_permutex2var_ps(b0, even, b1), _mm512_permutex2var_ps(b0, odd, b1)};
+    const __mmask16 first_nan = _mm512_cmp_ps_mask(v[0], v[0], _CMP_UNORD_Q);
+    __m512 best = v[0];
+    __m512i arg = _mm512_setzero_si512();
+    for (int k = 1; k < 4; ++k) {
+      const __mmask16 take = static_cast<__mmask16>(
+          (_mm512_cmp_ps_mask(v[k], best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v[k], v[k], _CMP_UNORD_Q)) &
+          ~first_nan);
+      best = _mm512_mask_mov_ps(best, take, v[k]);
+      arg = _mm512_mask_mov_epi32(arg, take, _mm512_set1_epi32(k));
+    }
+    _mm512_storeu_ps(o + px, best);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(oi + px), _mm512_cvtepi32_epi8(arg));
+  }
+#endif
+  return px;
+}
+
 // Pooling of a dense conv output y [N, C, Ho, Wo] (the dense route): out [N, C, Ho/k, Wo/k] and
 // max pooling's uint8 winner offsets.
 std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, const std::string& pool,
@@ -448,7 +487,9 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, const
             const scalar_t* r1 = r0 + wo;
             scalar_t* o = op + (q * hp + py) * wp;
             uint8_t* oi = ip + (q * hp + py) * wp;
-            for (int64_t px = 0; px < wp; ++px) {
+            int64_t px = 0;
+            px = max_pool2x2_row(r0, r1, wp, o, oi);  // float: 16 at a time
+            for (; px < wp; ++px) {
               const scalar_t v[4] = {r0[2 * px], r0[2 * px + 1], r1[2 * px], r1[2 * px + 1]};
               scalar_t best = v[0];
               uint8_t arg = 0;
@@ -655,27 +696,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward
             continue;
           }
           // Unpool the sample's gradient into buf[p][co].
-          std::fill(buf.begin(), buf.end(), scalar_t(0));
           scalar_t* __restrict__ b = buf.data();
-          const scalar_t* gs = gp + s * plane;
+          const scalar_t* __restrict__ gs = gp + s * plane;
           bool any = false;
-          for (int64_t co = 0; co < g.cout; ++co)
-            for (int64_t py = 0; py < g.hp; ++py)
-              for (int64_t px = 0; px < g.wp; ++px) {
-                const int64_t o = (co * g.hp + py) * g.wp + px;
-                const scalar_t v = gs[o];
-                if (v == scalar_t(0)) continue;
-                any = true;
-                if (g.pool == kPoolNone) {
-                  b[(py * g.wo + px) * g.cout + co] = v;
-                } else if (g.pool == kPoolMax) {
-                  b[((py * g.pk) * g.wo + px * g.pk + win_off[ip[s * plane + o]]) * g.cout + co] = v;
-                } else {
-                  for (int64_t a = 0; a < g.pk; ++a)
-                    for (int64_t c = 0; c < g.pk; ++c)
-                      b[((py * g.pk + a) * g.wo + px * g.pk + c) * g.cout + co] = v * avg_scale;
-                }
+          if (g.pool == kPoolNone) {
+            // A transposition (every entry written; zeros, -0 too, as +0 like the fill below).
+            const int64_t cout = g.cout;
+            scalar_t nz = 0;
+            for (int64_t p = 0; p < npos; ++p)
+              for (int64_t co = 0; co < cout; ++co) {
+                const scalar_t v = gs[co * npos + p];
+                const scalar_t w = v == scalar_t(0) ? scalar_t(0) : v;
+                b[p * cout + co] = w;
+                nz = w != scalar_t(0) ? scalar_t(1) : nz;
               }
+            any = nz != scalar_t(0);
+          } else {
+            std::fill(buf.begin(), buf.end(), scalar_t(0));
+            for (int64_t co = 0; co < g.cout; ++co)
+              for (int64_t py = 0; py < g.hp; ++py)
+                for (int64_t px = 0; px < g.wp; ++px) {
+                  const int64_t o = (co * g.hp + py) * g.wp + px;
+                  const scalar_t v = gs[o];
+                  if (v == scalar_t(0)) continue;
+                  any = true;
+                  if (g.pool == kPoolMax) {
+                    b[((py * g.pk) * g.wo + px * g.pk + win_off[ip[s * plane + o]]) * g.cout + co] = v;
+                  } else {
+                    for (int64_t a = 0; a < g.pk; ++a)
+                      for (int64_t c = 0; c < g.pk; ++c)
+                        b[((py * g.pk + a) * g.wo + px * g.pk + c) * g.cout + co] = v * avg_scale;
+                  }
+                }
+          }
           if (gcp) {
             scalar_t* dst = gcp + s * g.cout * npos;
             for (int64_t p = 0; p < npos; ++p)
