@@ -46,6 +46,9 @@ both libraries, to say what BatchNorm costs: training-mode BatchNorm couples all
 channel, so the gradient into the convolution is dense there and the conv + neuron pair cannot
 be fused into ConvLIF (docs/design.md, section 3d).
 
+``--profile`` adds each DVS step's per-op self CPU time (torch.profiler; the per-phase breakdown
+in docs/benchmarks.md comes from it).
+
 ``--device cuda`` runs both networks (and the peers: snnTorch, SpikingJelly) on the current CUDA
 device; without one the script stops with a message saying so. The time-folding check always
 runs on the CPU.
@@ -246,6 +249,8 @@ def dvs_net_bench(args, device, dtype, batchnorm=False):
         _, nbytes, ntensors = common.saved_bytes(fwd, exclude=params + [x])
         results[name] = dict(time=times, peak_memory=mem, saved_bytes=nbytes,
                              saved_tensors=ntensors)
+        if args.profile:
+            results[name]["profile"] = profile_step(lambda f=fwd, b=back: b(f()), name)
     base = results["spikingjelly"]
     rows = [[name, common.fmt_ms(r["time"]["forward"]), common.fmt_ms(r["time"]["backward"]),
              common.fmt_ms(r["time"]["total"]),
@@ -262,6 +267,25 @@ def dvs_net_bench(args, device, dtype, batchnorm=False):
     print(f"spikes vs SpikingJelly: {check}")
     return dict(config=dict(cfg, batchnorm=batchnorm, b_th=args.b_th), rates=rates, check=check,
                 results=results)
+
+
+def profile_step(step, name, steps=3, top=25):
+    """Self CPU time per op and input shapes (torch.profiler), ms per step, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    rows = sorted(((e.self_cpu_time_total / 1e3 / steps, e.count / steps, e.key,
+                    str(e.input_shapes)[:70])
+                   for e in prof.key_averages(group_by_input_shape=True)), reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"{name}: self CPU time per step {total:.1f} ms (torch.profiler, {steps} steps)")
+    for ms, calls, key, shapes in rows[:top]:
+        print(f"  {ms:7.2f} ms  {calls:4.1f} calls  {key[:48]:48s} {shapes}")
+    return dict(total_ms=total, ops=[dict(ms=r[0], calls=r[1], op=r[2], shapes=r[3])
+                                     for r in rows[:top]])
 
 
 def batchnorm_cost(plain, with_bn):
@@ -290,6 +314,8 @@ def main(argv=None):
     p.add_argument("--no-dvs", action="store_true", help="skip the SpikingJelly-style DVS net")
     p.add_argument("--batchnorm", action="store_true",
                    help="also the DVS net with BatchNorm2d between each conv and its neuron")
+    p.add_argument("--profile", action="store_true",
+                   help="also print (and save) each DVS step's per-op self CPU times")
     p.add_argument("--b-th", default="0.2", type=parse_b_th, dest="b_th",
                    help="b_th given to sparsegrad.convert (default 0.2, the published setup; "
                         "'auto' for convert's default)")

@@ -23,7 +23,7 @@ def test_bench_conv_quick(tmp_path):
     path = tmp_path / "conv.json"
     try:
         bench_conv.main(["--quick", "--repeats", "1", "--warmup", "0", "--threads", "1",
-                         "--batchnorm", "--json", str(path)])
+                         "--batchnorm", "--profile", "--json", str(path)])
     finally:
         torch.set_num_threads(threads)
     payload = json.loads(path.read_text())
@@ -43,6 +43,8 @@ def test_bench_conv_quick(tmp_path):
         assert payload["dvs"]["check"]["spike_mismatches"] == 0
         dvs = payload["dvs"]["results"]
         assert 0 < dvs["sparsegrad sparse"]["saved_bytes"] < dvs["spikingjelly"]["saved_bytes"]
+        prof = dvs["sparsegrad sparse"]["profile"]
+        assert prof["total_ms"] > 0 and any("spike_conv2d" in o["op"] for o in prof["ops"])
         # the BatchNorm variant: SpikingJelly's multi-step BatchNorm2d, converted exactly
         bn = payload["dvs_batchnorm"]
         assert bn["config"]["batchnorm"] and bn["check"]["spike_mismatches"] == 0
