@@ -206,21 +206,27 @@ def _pooled_set(cnt: torch.Tensor, idx: torch.Tensor, win: torch.Tensor, shape,
     (rows b*T + t, entries c*Hp*Wp + py*Wp + px, in the neuron's order within a row)."""
     T, B, C, H, W = shape
     Hp, Wp = win.shape[2], win.shape[3]
-    rows = torch.repeat_interleave(torch.arange(B * T, dtype=torch.int32, device=cnt.device),
-                                   cnt.to(torch.int64), output_size=idx.numel())
+    dev = idx.device
+    # Per position of an H x W plane: its pooled position (-1 outside every window), its slot.
+    y = torch.arange(H, dtype=torch.int32, device=dev).unsqueeze(1)
+    x = torch.arange(W, dtype=torch.int32, device=dev).unsqueeze(0)
+    inside = (y // k < Hp) & (x // k < Wp)
+    pos_of = torch.where(inside, (y // k) * Wp + x // k, -1).reshape(-1)
+    slot_of = ((y % k) * k + x % k).to(torch.uint8).reshape(-1)
+    # Where row r = b*T + t's sample t*B + b starts in win.
+    r = torch.arange(B * T, dtype=torch.int32, device=dev)
+    base = ((r % T) * B + r // T) * (C * Hp * Wp)
     j = idx.to(torch.int32)
-    hw = H * W
-    c, rem = j // hw, j % hw
-    y, x = rem // W, rem % W
-    py, px = y // k, x // k
-    slot = (y - py * k) * k + (x - px * k)
-    inside = (py < Hp) & (px < Wp)
-    sample = (rows % T) * B + rows // T
-    pj = (c * Hp + py.clamp_max(Hp - 1)) * Wp + px.clamp_max(Wp - 1)
-    winner = win.reshape(B * T, C * Hp * Wp)[sample.to(torch.int64), pj.to(torch.int64)]
-    keep = inside & (winner.to(torch.int32) == slot)
-    new_cnt = torch.bincount(rows[keep], minlength=B * T).to(torch.int32)
-    return new_cnt, pj[keep]
+    c = j // (H * W)
+    rem = j - c * (H * W)
+    pos = pos_of.index_select(0, rem)  # index_select: far faster than tensor[index] on the CPU
+    pj = c * (Hp * Wp) + pos.clamp_min(0)
+    rows = torch.repeat_interleave(r, cnt.to(torch.int64), output_size=idx.numel())
+    winner = win.reshape(-1).index_select(0, base.index_select(0, rows) + pj)
+    keep = (winner == slot_of.index_select(0, rem)) & (pos >= 0)
+    sel = keep.nonzero().squeeze(1)
+    new_cnt = torch.bincount(rows.index_select(0, sel), minlength=B * T).to(torch.int32)
+    return new_cnt, pj.index_select(0, sel)
 
 
 class _SpikePool(torch.autograd.Function):
