@@ -427,3 +427,32 @@ def test_conv_pool2d_float_max_matches_scalar_rule_and_aten(width):
     clean = ~torch.nn.functional.max_pool2d(y.isnan().float(), 2).bool()
     assert clean.sum() > 0 and torch.equal(out[clean], ref[clean])
     assert torch.equal(idx.long()[clean], slot[clean])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_and_scatter_forward_in_one_batch(dtype):
+    """Samples with >= 2 events per input position take the gather form, sparser ones the
+    scatter form (csrc/cpu/conv_cpu.cpp, dense_enough_to_gather): one batch holding both gives
+    the reference's spikes and gradients."""
+    T, B, cin, H = 3, 4, 8, 9
+    torch.manual_seed(5)
+    m = ConvLIF(cin, 32, 3, padding=1, pool="max", route="events", dtype=dtype, **NEURON)
+    w = m.weight.detach().clone().requires_grad_(True)
+    b = m.bias.detach().clone().requires_grad_(True)
+    g = torch.Generator().manual_seed(6)
+    rate = torch.tensor([0.05, 0.6, 0.3, 0.9], dtype=dtype).view(1, B, 1, 1, 1)
+    x = (torch.rand(T, B, cin, H, H, generator=g, dtype=dtype) < rate).to(dtype)
+    per_position = x.sum((2, 3, 4)) / (H * H)
+    assert bool((per_position >= 2).any()) and bool((per_position < 2).any())
+    s = m(x)
+    sr = R.conv_lif(x, w, b, **_ref_kwargs(m))
+    assert 0 < float(s.mean()) < 1
+    if dtype == torch.float64:
+        assert torch.equal(s, sr)
+    else:  # another summation order than ATen's: a spike may flip at a rounding tie
+        assert float((s != sr).to(dtype).mean()) < 1e-3
+    gw = torch.randn_like(s)
+    (s * gw).sum().backward()
+    (sr * gw).sum().backward()
+    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    assert _rel(m.weight.grad, w.grad) < tol and _rel(m.bias.grad, b.grad) < tol
