@@ -191,6 +191,40 @@ def conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
                            pool_kernel, route, prev_cnt, prev_idx)
 
 
+def _pooled_set(cnt: torch.Tensor, idx: torch.Tensor, win: torch.Tensor, shape,
+                k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The active set of max-pooled spikes: the pooled entries whose window's winner is active.
+
+    cnt / idx: the neuron's active set over the unpooled map (rows b*T + t, entries
+    c*H*W + y*W + x); win: max pooling's winner offsets [T*B, C, Hp, Wp] (sample t*B + b). The
+    pooling's backward sends a pooled entry's gradient to its winner only, and the neuron reads
+    it only at its active entries: so dL/d(pooled) is needed only at the entries returned
+    (rows b*T + t, entries c*Hp*Wp + py*Wp + px, in the neuron's order within a row)."""
+    T, B, C, H, W = shape
+    Hp, Wp = win.shape[2], win.shape[3]
+    dev = idx.device
+    # Per position of an H x W plane: its pooled position (-1 outside every window), its slot.
+    y = torch.arange(H, dtype=torch.int32, device=dev).unsqueeze(1)
+    x = torch.arange(W, dtype=torch.int32, device=dev).unsqueeze(0)
+    inside = (y // k < Hp) & (x // k < Wp)
+    pos_of = torch.where(inside, (y // k) * Wp + x // k, -1).reshape(-1)
+    slot_of = ((y % k) * k + x % k).to(torch.uint8).reshape(-1)
+    # Where row r = b*T + t's sample t*B + b starts in win.
+    r = torch.arange(B * T, dtype=torch.int32, device=dev)
+    base = ((r % T) * B + r // T) * (C * Hp * Wp)
+    j = idx.to(torch.int32)
+    c = j // (H * W)
+    rem = j - c * (H * W)
+    pos = pos_of.index_select(0, rem)  # index_select: far faster than tensor[index] on the CPU
+    pj = c * (Hp * Wp) + pos.clamp_min(0)
+    rows = torch.repeat_interleave(r, cnt.to(torch.int64), output_size=idx.numel())
+    winner = win.reshape(-1).index_select(0, base.index_select(0, rows) + pj)
+    keep = (winner == slot_of.index_select(0, rem)) & (pos >= 0)
+    sel = keep.nonzero().squeeze(1)
+    new_cnt = torch.bincount(rows.index_select(0, sel), minlength=B * T).to(torch.int32)
+    return new_cnt, pj.index_select(0, sel)
+
+
 class _SpikePool(torch.autograd.Function):
     """Max / avg pooling of spikes [T, B, C, H, W] with the winner offsets saved as uint8."""
 
@@ -200,10 +234,12 @@ class _SpikePool(torch.autograd.Function):
         out, idx = _ops.conv_pool2d.default(s.reshape(T * B, C, H, W), pool, k)
         ctx.pool, ctx.k, ctx.shape = pool, k, s.shape
         ctx.save_for_backward(idx)
-        return out.unflatten(0, (T, B))
+        # max pooling's winners also tell which pooled entries the neuron reads (_pooled_set)
+        ctx.mark_non_differentiable(idx)
+        return out.unflatten(0, (T, B)), idx
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_idx=None):
         (idx,) = ctx.saved_tensors
         T, B, C, H, W = ctx.shape
         g = grad.reshape(T * B, C, grad.shape[3], grad.shape[4])
@@ -226,7 +262,7 @@ class SpikePool2d(nn.Module):
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         if not isinstance(s, torch.Tensor) or s.dim() != 5:
             raise ValueError(f"input must be [T, B, C, H, W], got {getattr(s, 'shape', s)}")
-        return _SpikePool.apply(s.contiguous(), self.pool, self.kernel_size)
+        return _SpikePool.apply(s.contiguous(), self.pool, self.kernel_size)[0]
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, pool={self.pool!r}"
@@ -309,9 +345,14 @@ class ConvLIF(nn.Module):
         T, B = cur.shape[:2]
         spikes3 = self.neuron(cur.reshape(T, B, -1))
         spikes = spikes3.view(cur.shape)
-        if self.pool is not None and self.pool_position == "after":
-            return _SpikePool.apply(spikes, self.pool, self.pool_kernel)
         cnt, idx = F_sg.producer_active_set(spikes3)
+        if self.pool is not None and self.pool_position == "after":
+            pooled, win = _SpikePool.apply(spikes, self.pool, self.pool_kernel)
+            if cnt is not None and self.pool == "max" and win.numel():
+                # the next ConvLIF computes dx only where a pooled entry's winner is active
+                F_sg.attach_active_set(pooled, *_pooled_set(cnt, idx, win, spikes.shape,
+                                                            self.pool_kernel))
+            return pooled
         if cnt is not None:  # the next ConvLIF computes dx only at these entries
             F_sg.attach_active_set(spikes, cnt, idx)
         return spikes

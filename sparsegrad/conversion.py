@@ -493,7 +493,12 @@ class SpikingJellyNeuron(nn.Module):
             0.0 if self.v_reset is None else self.v_reset, self.detach_reset)
         stats = out[-1]
         self.last_stats = F_sg.LIFStats(stats[0], stats[1], stats[2], T * B * n)
-        return out[0].view(x.shape)
+        spikes = out[0].view(x.shape)
+        if self.backward == "sparse" and x.dim() == 3:
+            # the backward reads dL/dspikes only at these entries: a consumer (ConvLIF's pooling,
+            # a fused layer) may compute its dx only there
+            F_sg.attach_active_set(spikes, out[2], out[3])
+        return spikes
 
     def __getstate__(self):
         state = super().__getstate__().copy()

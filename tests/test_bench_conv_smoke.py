@@ -23,7 +23,7 @@ def test_bench_conv_quick(tmp_path):
     path = tmp_path / "conv.json"
     try:
         bench_conv.main(["--quick", "--repeats", "1", "--warmup", "0", "--threads", "1",
-                         "--json", str(path)])
+                         "--batchnorm", "--profile", "--json", str(path)])
     finally:
         torch.set_num_threads(threads)
     payload = json.loads(path.read_text())
@@ -35,6 +35,7 @@ def test_bench_conv_quick(tmp_path):
         assert float(r["time"]["total"]["median"]) > 0
     assert payload["folding"] and all(f["elements"] > 0 for f in payload["folding"])
     assert payload["rates"]["hidden1"] > 0
+    assert payload["config"]["b_th"] == 0.2  # the published setup, not convert's "auto"
     # saved-for-backward bytes: the sparse (ConvLIF) model keeps a fraction of snnTorch's
     res = payload["results"]
     assert 0 < res["sparsegrad sparse"]["saved_bytes"] < res["snntorch"]["saved_bytes"]
@@ -42,3 +43,29 @@ def test_bench_conv_quick(tmp_path):
         assert payload["dvs"]["check"]["spike_mismatches"] == 0
         dvs = payload["dvs"]["results"]
         assert 0 < dvs["sparsegrad sparse"]["saved_bytes"] < dvs["spikingjelly"]["saved_bytes"]
+        prof = dvs["sparsegrad sparse"]["profile"]
+        assert prof["total_ms"] > 0 and any("spike_conv2d" in o["op"] for o in prof["ops"])
+        # the BatchNorm variant: SpikingJelly's multi-step BatchNorm2d, converted exactly
+        bn = payload["dvs_batchnorm"]
+        assert bn["config"]["batchnorm"] and bn["check"]["spike_mismatches"] == 0
+        assert set(payload["batchnorm_cost"]) == {"spikingjelly", "sparsegrad sparse"}
+        for c in payload["batchnorm_cost"].values():
+            assert c["step_ms"] > 0 and c["step_ms_batchnorm"] > 0
+
+
+def test_bench_conv_b_th_flag():
+    import bench_conv
+
+    assert bench_conv.parse_b_th("auto") == "auto"
+    assert bench_conv.parse_b_th("0.5") == 0.5
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit, match="--b-th"):
+            bench_conv.parse_b_th(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bench_conv_cuda_without_gpu():
+    import bench_conv
+
+    with pytest.raises(SystemExit, match="--device cuda: torch.cuda.is_available"):
+        bench_conv.main(["--quick", "--device", "cuda"])

@@ -74,6 +74,16 @@ def test_conv_lif_matches_reference_float64(case, route):
     assert _rel(x.grad, xr.grad) < 1e-8  # no producer: the dense dx
 
 
+def _same_chain_gradients(s, r, mine, refs):
+    """Same spikes, and the same float64 parameter gradients for a random dL/ds."""
+    assert torch.equal(s, r)
+    g = torch.randn_like(s)
+    (s * g).sum().backward()
+    (r * g).sum().backward()
+    for m, ref in zip(mine, refs):
+        assert _rel(m.grad, ref.grad) < 1e-8
+
+
 @pytest.mark.parametrize("pool", [None, "max", "avg"])
 def test_chain_restricted_dx_matches_reference(pool):
     """dx of the second layer is computed only at the first layer's active set: the first
@@ -92,12 +102,67 @@ def test_chain_restricted_dx_matches_reference(pool):
     ps = [p.detach().clone().requires_grad_(True) for p in (l1.weight, l1.bias, l2.weight, l2.bias)]
     r1 = R.conv_lif(x, ps[0], ps[1], padding=1, **NEURON)
     r2 = R.conv_lif(r1, ps[2], ps[3], pool=pool, **NEURON)
-    assert torch.equal(s2, r2)
-    g = torch.randn_like(s2)
-    (s2 * g).sum().backward()
-    (r2 * g).sum().backward()
-    for mine, ref in zip((l1.weight, l1.bias, l2.weight, l2.bias), ps):
-        assert _rel(mine.grad, ref.grad) < 1e-8
+    _same_chain_gradients(s2, r2, (l1.weight, l1.bias, l2.weight, l2.bias), ps)
+
+
+@pytest.mark.parametrize("h, pool_kernel", [(10, 2), (10, 3)])
+def test_chain_pool_after_restricted_dx_matches_reference(h, pool_kernel):
+    """Conv -> LIF -> max pool feeding the next ConvLIF: the pooled spikes carry the pooled
+    entries whose winner is active, the next layer's dx is computed only there, and every
+    gradient still equals the reference's (3x3 pooling of a 10x10 map leaves a border that no
+    window covers)."""
+    T, B = 4, 3
+    torch.manual_seed(3)
+    kw = dict(pool="max", pool_position="after", pool_kernel=pool_kernel)
+    l1 = ConvLIF(2, 6, 3, padding=1, dtype=D, **kw, **NEURON)
+    l2 = ConvLIF(6, 16, 3, padding=1, dtype=D, **NEURON)
+    with torch.no_grad():
+        l1.weight.mul_(4)
+        l2.weight.mul_(3)
+    x = _spikes((T, B, 2, h, h), 0.3, seed=5)
+    s1 = l1(x)
+    cnt, idx = sparsegrad.functional.producer_active_set(s1)
+    assert cnt is not None and 0 < int(cnt.sum()) < s1.numel()
+    assert int(cnt.sum()) <= int(l1.last_stats.active_fraction * T * B * 6 * h * h + 0.5)
+    s2 = l2(s1)
+    ps = [p.detach().clone().requires_grad_(True) for p in (l1.weight, l1.bias, l2.weight, l2.bias)]
+    r1 = R.conv_lif(x, ps[0], ps[1], padding=1, **kw, **NEURON)
+    r2 = R.conv_lif(r1, ps[2], ps[3], padding=1, **NEURON)
+    _same_chain_gradients(s2, r2, (l1.weight, l1.bias, l2.weight, l2.bias), ps)
+
+
+def test_spikingjelly_pool_after_restricted_dx_equals_dense_dx():
+    """The converted SpikingJelly blocks at a finite b_th: dx at the pooled active set gives the
+    gradients of the full dense dx (the set stripped by a copy between the blocks)."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Conv2d(2, 8, 3, padding=1), neuron.LIFNode(), layer.MaxPool2d(2),
+        layer.Conv2d(8, 16, 3, padding=1), neuron.LIFNode(), layer.MaxPool2d(2)).to(D)
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():
+        net[0].weight.mul_(10.0)
+        net[3].weight.mul_(8.0)
+    x = _spikes((6, 3, 2, 16, 16), 0.2, seed=4)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # b_th=0.5 keeps less than 95 % of sigmoid(4)'s mass
+        model = sparsegrad.convert(net, b_th=0.5)
+    g = torch.randn(6, 3, 16, 4, 4, dtype=D)
+    grads = []
+    for strip in (False, True):
+        model.zero_grad(set_to_none=True)
+        h = model[0](x)
+        assert (sparsegrad.functional.producer_active_set(h)[0] is not None) is True
+        out = model[3](h.clone() if strip else h)
+        (out * g).sum().backward()
+        grads.append([p.grad.clone() for p in (model[0].weight, model[0].bias)])
+    assert 0 < model[0].last_stats.active_fraction < 0.5
+    for a, b in zip(*grads):
+        assert a.abs().max() > 0 and _rel(a, b) < 1e-8
+    functional.reset_net(net)
 
 
 def test_dense_input_and_constant_frames():
@@ -338,3 +403,56 @@ def test_non_contiguous_input_and_zero_sizes():
         m(x[:0])
     with pytest.raises(ValueError, match="at least one step"):
         m(x[:, :0])
+
+
+@pytest.mark.parametrize("width", [48, 38, 7])
+def test_conv_pool2d_float_max_matches_scalar_rule_and_aten(width):
+    """conv_pool2d's 2x2 max pooling (16 windows at a time in float) gives the scalar loop's
+    (float64: the same rule) values and winner offsets, with ties, NaNs in any slot and
+    infinities; and ATen's first maximum wherever a window holds no NaN."""
+    g = torch.Generator().manual_seed(7)
+    y = torch.randint(-2, 3, (3, 4, 10, width), generator=g).float()
+    y[0, 0, 0, :8] = float("nan")
+    y[1, 1, 3, 1::5] = float("nan")
+    y[2, 2, 5, ::3] = float("inf")
+    y[2, 3, 6, 2::4] = float("-inf")
+    out, idx = torch.ops.sparsegrad.conv_pool2d(y, "max", 2)
+    out64, idx64 = torch.ops.sparsegrad.conv_pool2d(y.double(), "max", 2)
+    assert torch.equal(idx, idx64)
+    assert torch.equal(out.isnan(), out64.isnan())
+    assert torch.equal(out.nan_to_num(0.5), out64.float().nan_to_num(0.5))
+    ref, ref_idx = torch.nn.functional.max_pool2d(y, 2, return_indices=True)
+    row, col = ref_idx // width, ref_idx % width
+    slot = (row % 2) * 2 + col % 2
+    clean = ~torch.nn.functional.max_pool2d(y.isnan().float(), 2).bool()
+    assert clean.sum() > 0 and torch.equal(out[clean], ref[clean])
+    assert torch.equal(idx.long()[clean], slot[clean])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gather_and_scatter_forward_in_one_batch(dtype):
+    """Samples with >= 2 events per input position take the gather form, sparser ones the
+    scatter form (csrc/cpu/conv_cpu.cpp, dense_enough_to_gather): one batch holding both gives
+    the reference's spikes and gradients."""
+    T, B, cin, H = 3, 4, 8, 9
+    torch.manual_seed(5)
+    m = ConvLIF(cin, 32, 3, padding=1, pool="max", route="events", dtype=dtype, **NEURON)
+    w = m.weight.detach().clone().requires_grad_(True)
+    b = m.bias.detach().clone().requires_grad_(True)
+    g = torch.Generator().manual_seed(6)
+    rate = torch.tensor([0.05, 0.6, 0.3, 0.9], dtype=dtype).view(1, B, 1, 1, 1)
+    x = (torch.rand(T, B, cin, H, H, generator=g, dtype=dtype) < rate).to(dtype)
+    per_position = x.sum((2, 3, 4)) / (H * H)
+    assert bool((per_position >= 2).any()) and bool((per_position < 2).any())
+    s = m(x)
+    sr = R.conv_lif(x, w, b, **_ref_kwargs(m))
+    assert 0 < float(s.mean()) < 1
+    if dtype == torch.float64:
+        assert torch.equal(s, sr)
+    else:  # another summation order than ATen's: a spike may flip at a rounding tie
+        assert float((s != sr).to(dtype).mean()) < 1e-3
+    gw = torch.randn_like(s)
+    (s * gw).sum().backward()
+    (sr * gw).sum().backward()
+    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    assert _rel(m.weight.grad, w.grad) < tol and _rel(m.bias.grad, b.grad) < tol

@@ -11,6 +11,10 @@
 
 #include <type_traits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "low_precision.h"
 
 #include "cpu/cpu_common.h"
@@ -41,6 +45,24 @@ inline void pack_bits(const acc_t* s, int64_t n, int32_t* words) {
     words[w] = static_cast<int32_t>(word);
   }
 }
+
+#if defined(__AVX512F__)
+// The same words from 16-lane compares (float rows: the SpikingJelly path packs every row).
+inline void pack_bits(const float* s, int64_t n, int32_t* words) {
+  const __m512 zero = _mm512_setzero_ps();
+  int64_t w = 0;
+  for (; (w + 1) * 32 <= n; ++w) {
+    const uint32_t lo = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + 32 * w), zero, _CMP_GT_OQ);
+    const uint32_t hi = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + 32 * w + 16), zero, _CMP_GT_OQ);
+    words[w] = static_cast<int32_t>(lo | (hi << 16));
+  }
+  if (w * 32 < n) {
+    uint32_t word = 0;
+    for (int64_t j = w * 32; j < n; ++j) word |= static_cast<uint32_t>(s[j] > 0.f) << (j - w * 32);
+    words[w] = static_cast<int32_t>(word);
+  }
+}
+#endif
 
 inline bool bit_set(const int32_t* words, int64_t j) { return test_bit(words, j); }
 
@@ -104,6 +126,37 @@ inline int64_t active_row(int64_t n, const float* __restrict__ h, int32_t* __res
   return k;
 }
 #endif
+
+// One SpikingJelly step of a row: H = charge(V, X), S = H >= threshold, V = reset(H, S); the
+// dynamics and the reset fixed at compile time so that the loop vectorises.
+template <int kDyn, bool kHard, class Param, typename scalar_t, typename acc_t>
+inline void sj_step_row(int64_t n, const scalar_t* __restrict__ cur, acc_t* __restrict__ v,
+                        acc_t* __restrict__ h, acc_t* __restrict__ s, scalar_t* __restrict__ spk,
+                        Param threshold, acc_t tau, acc_t v_reset) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t hj = math::sj_charge(v[j], static_cast<acc_t>(cur[j]), tau, v_reset, kDyn);
+    const acc_t sj = math::sj_fire(hj, threshold[j]);
+    h[j] = hj;
+    s[j] = sj;
+    spk[j] = static_cast<scalar_t>(sj);
+    v[j] = math::sj_reset(hj, sj, threshold[j], v_reset, kHard);
+  }
+}
+
+template <class Param, typename scalar_t, typename acc_t>
+inline void sj_step_row(int dyn, bool hard, int64_t n, const scalar_t* cur, acc_t* v, acc_t* h,
+                        acc_t* s, scalar_t* spk, Param threshold, acc_t tau, acc_t v_reset) {
+  auto run = [&](auto d) {
+    constexpr int kDyn = decltype(d)::value;
+    if (hard) return sj_step_row<kDyn, true>(n, cur, v, h, s, spk, threshold, tau, v_reset);
+    return sj_step_row<kDyn, false>(n, cur, v, h, s, spk, threshold, tau, v_reset);
+  };
+  switch (dyn) {
+    case kChargeSJDecayInput: return run(std::integral_constant<int, kChargeSJDecayInput>{});
+    case kChargeSJ: return run(std::integral_constant<int, kChargeSJ>{});
+    default: return run(std::integral_constant<int, kChargeSJIF>{});
+  }
+}
 
 // What the tensor-parameter op adds to the forward (all absent for the float op).
 template <typename scalar_t>
@@ -248,13 +301,8 @@ ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N
           });
           stream_copy(spk + row, spk_row, N);
         } else {
-          const bool hard = reset == kResetZero;
-          for (int64_t j = 0; j < N; ++j) {
-            h[j] = math::sj_charge(v[j], static_cast<acc_t>(cur[j]), tau, v_reset, sj.dynamics);
-            s[j] = math::sj_fire(h[j], threshold[j]);
-            spk[row + j] = static_cast<scalar_t>(s[j]);
-            v[j] = math::sj_reset(h[j], s[j], threshold[j], v_reset, hard);
-          }
+          sj_step_row(sj.dynamics, reset == kResetZero, N, cur, v.data(), h, s.data(), spk + row,
+                      threshold, tau, v_reset);
           if (bits) pack_bits(s.data(), N, bits + (t * B + b) * W);  // S[t], resets after step t
         }
         for (int64_t j = 0; j < N; ++j) {
@@ -363,6 +411,32 @@ ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N
   return r;
 }
 
+// g[j] = 0 where bit j0 + j of the row's words is set (the hard reset after the step), j < n.
+template <typename acc_t>
+inline void zero_where_set(acc_t* __restrict__ g, int64_t n, const int32_t* words, int64_t j0) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (j0 % 16 == 0)
+      for (; j + 16 <= n; j += 16) {
+        const int64_t q = j0 + j;
+        const __mmask16 set = static_cast<__mmask16>(static_cast<uint32_t>(words[q >> 5]) >> (q & 31));
+        _mm512_storeu_ps(g + j, _mm512_maskz_mov_ps(static_cast<__mmask16>(~set), _mm512_loadu_ps(g + j)));
+      }
+  }
+#endif
+  for (; j < n; ++j) g[j] = bit_set(words, j0 + j) ? acc_t(0) : g[j];
+}
+
+// Ask for a row's cache lines ahead of its sparse reads (the sparse walk touches them out of
+// order, which the hardware prefetcher does not follow).
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
+    __builtin_prefetch(c + off, 0, 3);
+}
+
 // Neurons per backward task: G for a block stays in L1.
 constexpr int64_t kNeuronBlock = 512;
 
@@ -449,6 +523,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
       }
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t row = (t * B + b) * N + j0;
+        if (sparse && t > 0) prefetch_row(gs + row - B * N, n);  // the next step's row
         if (leaky) {
           if (t < T - 1) {  // G[t] = trace_decay(alpha, R[t+1]) * G[t+1] + ...
             if (bits) {
@@ -465,10 +540,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(
           if (t < T - 1)
             for (int64_t j = 0; j < n; ++j) g[j] *= alpha[j0 + j];
           for (int64_t j = 0; j < n; ++j) carry[j] = g[j];
-          if (bits) {
-            const int32_t* r = bits + (t * B + b) * W;
-            for (int64_t j = 0; j < n; ++j) g[j] = bit_set(r, j0 + j) ? acc_t(0) : g[j];
-          }
+          if (bits) zero_where_set(g.data(), n, bits + (t * B + b) * W, j0);
         }
         if (gm) {
           for (int64_t j = 0; j < n; ++j) g[j] += static_cast<acc_t>(gm[row + j]);
