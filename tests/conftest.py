@@ -81,3 +81,22 @@ def layer_membrane(x, weight, bias, spikes, alpha, threshold=1.0, reset="subtrac
         prev = torch.cat([s0[None], spikes.detach().double()[:-1]])
         cur = cur + F.linear(prev, rec_weight.detach().double())
     return lif_membrane(cur, spikes, alpha, threshold, reset, state)
+
+
+def assert_compile_matches_eager(model, x, labels, *, every_grad_nonzero=True):
+    """torch.compile(model, fullgraph=True) gives the eager model's output and parameter
+    gradients (cross-entropy on `labels`); the gradients are checked to be nonzero (every one, or
+    at least one) so that the comparison is not empty."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    results = []
+    for m in (model, compiled):
+        m.zero_grad()
+        out = m(x)
+        torch.nn.functional.cross_entropy(out, labels).backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    nonzero = [torch.count_nonzero(g) > 0 for g in results[0][1]]
+    assert all(nonzero) if every_grad_nonzero else any(nonzero)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

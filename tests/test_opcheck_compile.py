@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparsegrad
-from conftest import random_problem
+from conftest import assert_compile_matches_eager, random_problem
 
 ops = torch.ops.sparsegrad
 
@@ -79,20 +79,9 @@ class TwoLayer(torch.nn.Module):
 
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 def test_compile_fullgraph_matches_eager(backward):
-    torch._dynamo.reset()
     x = (torch.rand(15, 5, 20) < 0.3).float()
     labels = torch.randint(0, 4, (5,))
     model = TwoLayer(backward)
     with torch.no_grad():
         model.hidden.weight.mul_(3.0)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    results = []
-    for m in (model, compiled):
-        m.zero_grad()
-        out = m(x)
-        torch.nn.functional.cross_entropy(out, labels).backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    assert any(torch.count_nonzero(g) > 0 for g in results[0][1])
-    for got, want in zip(results[1][1], results[0][1]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_compile_matches_eager(model, x, labels, every_grad_nonzero=False)

@@ -13,7 +13,7 @@ import torch
 import sparsegrad
 from sparsegrad import reference as ref
 from sparsegrad.nn import LIF, RLIF
-from conftest import DEVICES, TOL, assert_spikes_match, layer_membrane
+from conftest import DEVICES, TOL, assert_compile_matches_eager, assert_spikes_match, layer_membrane
 
 SURROGATES = ["fast_sigmoid", "atan", "sigmoid", "triangle"]
 RESETS = ["subtract", "zero", "none"]
@@ -330,7 +330,6 @@ class _RecurrentNet(torch.nn.Module):
 
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 def test_rlif_compile_fullgraph_matches_eager(backward):
-    torch._dynamo.reset()
     torch.manual_seed(0)
     x = (torch.rand(15, 5, 20) < 0.3).float()
     labels = torch.randint(0, 4, (5,))
@@ -338,17 +337,7 @@ def test_rlif_compile_fullgraph_matches_eager(backward):
     with torch.no_grad():
         model.l1.weight.mul_(3.0)
         model.l2.weight.mul_(3.0)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    results = []
-    for m in (model, compiled):
-        m.zero_grad()
-        out = m(x)
-        torch.nn.functional.cross_entropy(out, labels).backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    assert all(torch.count_nonzero(g) > 0 for g in results[0][1])
-    for got, want in zip(results[1][1], results[0][1]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_compile_matches_eager(model, x, labels)
 
 
 def test_rlif_argument_errors():

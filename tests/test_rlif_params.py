@@ -188,6 +188,7 @@ def test_derivation_of_the_parameter_gradients(surrogate, reset, backward, syn):
 # The kernels: sparsegrad.rlif_layer with tensor parameters against the reference
 # ---------------------------------------------------------------------------------------------
 import sparsegrad  # noqa: E402
+from conftest import assert_compile_matches_eager  # noqa: E402
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 
@@ -612,7 +613,6 @@ class _LearnableRecurrentNet(torch.nn.Module):
 
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 def test_kernels_compile_fullgraph_matches_eager(backward):
-    torch._dynamo.reset()
     torch.manual_seed(0)
     x = (torch.rand(15, 5, 20) < 0.3).float()
     labels = torch.randint(0, 4, (5,))
@@ -620,17 +620,7 @@ def test_kernels_compile_fullgraph_matches_eager(backward):
     with torch.no_grad():
         model.l1.weight.mul_(3.0)
         model.l2.weight.mul_(3.0)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    results = []
-    for m in (model, compiled):
-        m.zero_grad()
-        out = m(x)
-        torch.nn.functional.cross_entropy(out, labels).backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    torch.testing.assert_close(results[1][0], results[0][0])
-    assert all(torch.count_nonzero(g) > 0 for g in results[0][1])
-    for got, want in zip(results[1][1], results[0][1]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_compile_matches_eager(model, x, labels)
 
 
 def test_kernels_cpu_determinism_across_thread_counts():
