@@ -173,6 +173,7 @@ struct ForwardExtras {
 // buffer by RowCurrent, as lif_forward does, so that no [T, B, N] current is ever stored.
 template <typename scalar_t>
 struct GivenCurrent {
+  static constexpr bool kCountNonzeros = true;  // stats[2]: the current's nonzero entries
   const scalar_t* in;
   int64_t B, N;
   int64_t buffer_width() const { return 0; }
@@ -181,6 +182,7 @@ struct GivenCurrent {
 
 template <typename scalar_t>
 struct EventCurrent {
+  static constexpr bool kCountNonzeros = false;  // stats[2]: x's nonzeros, known from its scan
   const RowCurrent<scalar_t>* rows;
   int64_t buffer_width() const { return rows->width; }
   const scalar_t* row(int64_t b, int64_t t, scalar_t* buffer) const {
@@ -305,10 +307,9 @@ ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N
                       threshold, tau, v_reset);
           if (bits) pack_bits(s.data(), N, bits + (t * B + b) * W);  // S[t], resets after step t
         }
-        for (int64_t j = 0; j < N; ++j) {
-          fired += s[j] > acc_t(0);
-          nonzero += cur[j] != scalar_t(0);
-        }
+        for (int64_t j = 0; j < N; ++j) fired += s[j] > acc_t(0);
+        if constexpr (Source::kCountNonzeros)
+          for (int64_t j = 0; j < N; ++j) nonzero += cur[j] != scalar_t(0);
         if (memp)
           for (int64_t j = 0; j < N; ++j) memp[row + j] = static_cast<scalar_t>(h[j]);
         if (dense_tr)
