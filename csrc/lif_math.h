@@ -195,6 +195,23 @@ C10_HOST_DEVICE inline acc_t tangent_alpha_syn(acc_t u, acc_t r_new, acc_t s_pre
   return reset_keep(s_prev, reset) * (alpha * u) + r_new;
 }
 
+// The four traces of one neuron advanced by one step, from the previous step's state (v_prev,
+// s_prev, syn_prev) before the membrane step; R and U only with a synaptic current. The CUDA
+// kernels keep them per thread; the CPU's row loops (cpu/neuron_rows.h) call the same functions.
+template <typename acc_t>
+struct Tangents {
+  acc_t p = 0, q = 0, r = 0, u = 0;
+  C10_HOST_DEVICE void step(acc_t v_prev, acc_t s_prev, acc_t syn_prev, acc_t alpha,
+                            acc_t alpha_syn, int reset, bool syn) {
+    p = tangent_alpha(p, v_prev, s_prev, alpha, reset);
+    q = tangent_threshold(q, s_prev, alpha, reset);
+    if (syn) {
+      r = tangent_syn(r, syn_prev, alpha_syn);
+      u = tangent_alpha_syn(u, r, s_prev, alpha, reset);
+    }
+  }
+};
+
 // The parameter gradients of one entry: g = dL/dV[t] arriving there (grad_mem, grad_v_final, or
 // delta = dL/dS * surrogate, which also reaches threshold through S = H(V - threshold), fires =
 // true). Every kernel accumulates with this one function, in the order t = T-1 .. 0.

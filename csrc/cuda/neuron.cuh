@@ -57,7 +57,7 @@ __global__ void neuron_forward_kernel(NeuronForwardArgs<scalar_t> a) {
     acc_t v = a.v_init ? static_cast<acc_t>(a.v_init[k]) : acc_t(0);
     acc_t s = a.s_init ? static_cast<acc_t>(a.s_init[k]) : acc_t(0);
     acc_t syn = a.syn_init ? static_cast<acc_t>(a.syn_init[k]) : acc_t(0);
-    acc_t tp = 0, tq = 0, tr = 0, tu = 0;  // math::tangent_* (track)
+    math::Tangents<acc_t> tan;  // P, Q, R, U (track)
     int64_t fired = 0, nonzero = 0;
     for (int64_t t = 0; t < a.T; ++t) {
       const int64_t at = (t * a.B + b) * a.N + j;
@@ -65,14 +65,7 @@ __global__ void neuron_forward_kernel(NeuronForwardArgs<scalar_t> a) {
       nonzero += cur != scalar_t(0);
       acc_t h;  // the membrane the spike is read from
       if (leaky) {
-        if (a.track) {  // from the previous step's state, as the CPU's tangent_row
-          tp = math::tangent_alpha(tp, v, s, alpha, a.reset);
-          tq = math::tangent_threshold(tq, s, alpha, a.reset);
-          if (a.syn) {
-            tr = math::tangent_syn(tr, syn, alpha_syn);
-            tu = math::tangent_alpha_syn(tu, tr, s, alpha, a.reset);
-          }
-        }
+        if (a.track) tan.step(v, s, syn, alpha, alpha_syn, a.reset, a.syn);  // as tangent_row
         acc_t in = static_cast<acc_t>(cur);
         if (a.syn) {
           in = math::synaptic(syn, in, alpha_syn);
@@ -90,9 +83,9 @@ __global__ void neuron_forward_kernel(NeuronForwardArgs<scalar_t> a) {
       fired += s > acc_t(0);
       if (a.mem) a.mem[at] = static_cast<scalar_t>(h);
       if (a.v_trace) a.v_trace[at] = h;
-      if (a.trace[0]) a.trace[0][at] = static_cast<scalar_t>(tp);
-      if (a.trace[1]) a.trace[1][at] = static_cast<scalar_t>(tq);
-      if (a.trace[2]) a.trace[2][at] = static_cast<scalar_t>(tu);
+      if (a.trace[0]) a.trace[0][at] = static_cast<scalar_t>(tan.p);
+      if (a.trace[1]) a.trace[1][at] = static_cast<scalar_t>(tan.q);
+      if (a.trace[2]) a.trace[2][at] = static_cast<scalar_t>(tan.u);
       if (a.sg_dense) {
         const acc_t g = math::surrogate(h, threshold, a.slope, a.surrogate);
         a.sg_dense[at] = static_cast<scalar_t>(g);
@@ -104,10 +97,10 @@ __global__ void neuron_forward_kernel(NeuronForwardArgs<scalar_t> a) {
     if (a.syn_final) a.syn_final[k] = static_cast<scalar_t>(syn);
     if (a.tan_last) {
       const int64_t bn = a.B * a.N;
-      a.tan_last[k] = static_cast<scalar_t>(tp);
-      a.tan_last[bn + k] = static_cast<scalar_t>(tq);
-      a.tan_last[2 * bn + k] = static_cast<scalar_t>(tr);
-      a.tan_last[3 * bn + k] = static_cast<scalar_t>(tu);
+      a.tan_last[k] = static_cast<scalar_t>(tan.p);
+      a.tan_last[bn + k] = static_cast<scalar_t>(tan.q);
+      a.tan_last[2 * bn + k] = static_cast<scalar_t>(tan.r);
+      a.tan_last[3 * bn + k] = static_cast<scalar_t>(tan.u);
     }
     if (fired) atomic_add_count(a.counts, fired);
     if (nonzero) atomic_add_count(a.counts + 2, nonzero);
