@@ -560,6 +560,20 @@ inline void check_rlif_params(const at::Tensor& alpha, const at::Tensor& thresho
   }
 }
 
+// rlif_param_forward's arguments (CPU and CUDA).
+inline NeuronKinds check_rlif_param_forward_args(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rec_weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& v_init,
+    const c10::optional<at::Tensor>& s_init, const c10::optional<at::Tensor>& syn_init,
+    const at::Tensor& alpha, const at::Tensor& threshold, const c10::optional<at::Tensor>& alpha_syn,
+    double b_th, double slope, c10::string_view surrogate, c10::string_view reset) {
+  const char* op = "rlif_param_forward";
+  const NeuronKinds kinds = check_rlif_forward_args(x, weight, rec_weight, bias, v_init, s_init, 0.5,
+                                                  1.0, b_th, slope, surrogate, reset, op);
+  check_rlif_params(alpha, threshold, alpha_syn, syn_init, x, weight.size(0), op);
+  return kinds;
+}
+
 // The tensor-parameter inputs of the recurrent backwards; `entries` is how many values each
 // trace holds (the active entries, or T*B*N in dense mode).
 inline void check_rlif_param_grad_inputs(const at::Tensor& grad_spikes,

@@ -188,10 +188,9 @@ ParamOutputs rlif_param_forward_cpu(const at::Tensor& x_in, const at::Tensor& we
                                     const c10::optional<at::Tensor>& alpha_syn, double b_th,
                                     double slope, bool sparse, c10::string_view surrogate,
                                     c10::string_view reset, bool need_dparams) {
-  const char* op = "rlif_param_forward";
-  const NeuronKinds kinds = check_rlif_forward_args(x_in, weight_in, rec_in, bias, v_init, s_init, 0.5,
-                                                  1.0, b_th, slope, surrogate, reset, op);
-  check_rlif_params(alpha, threshold, alpha_syn, syn_init, x_in, weight_in.size(0), op);
+  const NeuronKinds kinds = check_rlif_param_forward_args(x_in, weight_in, rec_in, bias, v_init, s_init,
+                                                        syn_init, alpha, threshold, alpha_syn, b_th,
+                                                        slope, surrogate, reset);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), rec = rec_in.contiguous();
   const at::Tensor a = alpha.contiguous(), th = threshold.contiguous();
   const c10::optional<at::Tensor> as = contiguous(alpha_syn);

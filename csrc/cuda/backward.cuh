@@ -291,7 +291,7 @@ __global__ void column_sum_kernel(const at::opmath_type<scalar_t>* __restrict__ 
 // so that a wrong call cannot go unnoticed on a GPU, where reading the flag would cost a host
 // synchronisation. Launched with a few blocks whatever the sizes: it returns at once when the
 // flag is clear.
-constexpr int kPoisonOutputs = 6;  // the most gradients of one op (rlif_backward_sparse)
+constexpr int kPoisonOutputs = 10;  // the most gradients of one op (rlif_param_backward_sparse)
 
 template <typename scalar_t>
 struct PoisonArgs {

@@ -270,6 +270,56 @@ host::RlifGrads rlif_backward_dense_cuda(const at::Tensor& grad_spikes,
                                       need_ds);
 }
 
+host::RlifParamOutputs rlif_param_forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rec_weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& v_init,
+    const c10::optional<at::Tensor>& s_init, const c10::optional<at::Tensor>& syn_init,
+    const c10::optional<at::Tensor>& x_act_cnt, const c10::optional<at::Tensor>& x_act_idx,
+    const at::Tensor& alpha, const at::Tensor& threshold, const c10::optional<at::Tensor>& alpha_syn,
+    double b_th, double slope, bool sparse, c10::string_view surrogate, c10::string_view reset,
+    bool need_dparams) {
+  check_cuda(x, "rlif_param_forward", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return host::rlif_param_forward<L>(x, weight, rec_weight, bias, v_init, s_init, syn_init, x_act_cnt,
+                                     x_act_idx, alpha, threshold, alpha_syn, b_th, slope, sparse,
+                                     surrogate, reset, need_dparams);
+}
+
+host::RlifParamGrads rlif_param_backward_sparse_cuda(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_syn_final, const at::Tensor& weight,
+    const at::Tensor& rec_weight, const c10::optional<at::Tensor>& s_init, const at::Tensor& act_cnt,
+    const at::Tensor& act_idx, const at::Tensor& act_sg, const at::Tensor& act_p,
+    const at::Tensor& act_q, const at::Tensor& act_u, const at::Tensor& tan_last,
+    const at::Tensor& ev_cnt, const at::Tensor& ev_idx, const at::Tensor& ev_val,
+    const at::Tensor& spk_bits, const c10::optional<at::Tensor>& prev_cnt,
+    const c10::optional<at::Tensor>& prev_idx, const at::Tensor& alpha,
+    const c10::optional<at::Tensor>& alpha_syn, c10::string_view reset, bool need_dx, bool need_dw,
+    bool need_drec, bool need_db, bool need_dv, bool need_ds, bool need_dsyn, bool need_dparams) {
+  check_cuda(grad_spikes, "rlif_param_backward_sparse", "grad_spikes");
+  const c10::cuda::CUDAGuard guard(grad_spikes.device());
+  return host::rlif_param_backward_sparse<L>(
+      grad_spikes, grad_v_final, grad_syn_final, weight, rec_weight, s_init, act_cnt, act_idx, act_sg,
+      act_p, act_q, act_u, tan_last, ev_cnt, ev_idx, ev_val, spk_bits, prev_cnt, prev_idx, alpha,
+      alpha_syn, reset, need_dx, need_dw, need_drec, need_db, need_dv, need_ds, need_dsyn, need_dparams);
+}
+
+host::RlifParamGrads rlif_param_backward_dense_cuda(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_syn_final, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& rec_weight, const c10::optional<at::Tensor>& s_init, const at::Tensor& spikes,
+    const at::Tensor& sg, const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& act_u,
+    const at::Tensor& tan_last, const at::Tensor& alpha, const c10::optional<at::Tensor>& alpha_syn,
+    c10::string_view reset, bool need_dx, bool need_dw, bool need_drec, bool need_db, bool need_dv,
+    bool need_ds, bool need_dsyn, bool need_dparams) {
+  check_cuda(grad_spikes, "rlif_param_backward_dense", "grad_spikes");
+  const c10::cuda::CUDAGuard guard(grad_spikes.device());
+  return host::rlif_param_backward_dense<L>(
+      grad_spikes, grad_v_final, grad_syn_final, x, weight, rec_weight, s_init, spikes, sg, act_p,
+      act_q, act_u, tan_last, alpha, alpha_syn, reset, need_dx, need_dw, need_drec, need_db, need_dv,
+      need_ds, need_dsyn, need_dparams);
+}
+
 // The convolution ops (conv_host.h): dtypes as their CPU kernels (no float32-math wrapper).
 std::tuple<at::Tensor, at::Tensor> spike_pack_cuda(const at::Tensor& x) {
   check_cuda(x, "spike_pack", "x");
@@ -336,6 +386,9 @@ TORCH_LIBRARY_IMPL(sparsegrad, CUDA, m) {
   m.impl("rlif_forward", SG_FLOAT32_MATH(rlif_forward_cuda));
   m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(rlif_backward_sparse_cuda));
   m.impl("rlif_backward_dense", SG_FLOAT32_MATH(rlif_backward_dense_cuda));
+  m.impl("rlif_param_forward", SG_FLOAT32_MATH(rlif_param_forward_cuda));
+  m.impl("rlif_param_backward_sparse", SG_FLOAT32_MATH(rlif_param_backward_sparse_cuda));
+  m.impl("rlif_param_backward_dense", SG_FLOAT32_MATH(rlif_param_backward_dense_cuda));
   m.impl("spike_pack", &spike_pack_cuda);
   m.impl("spike_conv2d_forward", &spike_conv2d_forward_cuda);
   m.impl("conv_pool2d", &conv_pool2d_cuda);

@@ -164,6 +164,9 @@ TORCH_LIBRARY_IMPL(sparsegrad_emul, CPU, m) {
   m.impl("rlif_forward", SG_FLOAT32_MATH(cuda::host::rlif_forward<L>));
   m.impl("rlif_backward_sparse", SG_FLOAT32_MATH(cuda::host::rlif_backward_sparse<L>));
   m.impl("rlif_backward_dense", SG_FLOAT32_MATH(cuda::host::rlif_backward_dense<L>));
+  m.impl("rlif_param_forward", SG_FLOAT32_MATH(cuda::host::rlif_param_forward<L>));
+  m.impl("rlif_param_backward_sparse", SG_FLOAT32_MATH(cuda::host::rlif_param_backward_sparse<L>));
+  m.impl("rlif_param_backward_dense", SG_FLOAT32_MATH(cuda::host::rlif_param_backward_dense<L>));
   // the convolution ops take float32 / float64 (spike_pack any float) as their CPU kernels do
   m.impl("spike_pack", &cuda::host::spike_pack<L>);
   m.impl("spike_conv2d_forward", &cuda::host::spike_conv2d_forward<L>);
