@@ -287,8 +287,7 @@ class Runner:
 
     def recurrent_param_case(self, dtype, mode, *, syn=False, reset=None):
         """The recurrent layer with per-neuron learnable alpha / threshold (rlif_param_*), and
-        optionally a learnable synaptic current. Its kernels are CPU-only so far
-        (sparsegrad.ops.RLIF_PARAM_OPS): run only where the ops have a kernel."""
+        optionally a learnable synaptic current (sparsegrad.ops.RLIF_PARAM_OPS)."""
         T, B, n_in, n_out = self.base
 
         def fn():

@@ -521,16 +521,6 @@ def lif_layer(
 # ------------------------------------------------------------------------------------------
 # Recurrent LIF layer
 # ------------------------------------------------------------------------------------------
-def _require_rlif_param_kernels(device):
-    """The tensor-parameter recurrent ops have CPU kernels only (ops.RLIF_PARAM_OPS): refuse
-    other devices by name rather than let the dispatcher fail, or fall back silently."""
-    if torch.device(device).type != "cpu":
-        raise NotImplementedError(
-            f"rlif_layer with tensor alpha / threshold or alpha_syn has CPU kernels only so far "
-            f"(ops {', '.join(ops.RLIF_PARAM_OPS)}), and x is on {device}: use float alpha and "
-            f"threshold and no alpha_syn there (the CUDA kernels), or run the layer on the CPU")
-
-
 def rlif_layer_with_stats(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -571,7 +561,6 @@ def rlif_layer_with_stats(
     sparse = backward == "sparse"
     syn_final = None
     if tensor_params:
-        _require_rlif_param_kernels(x.device)
         # per-neuron rows in the kernel's dtype (float32 for half types)
         kd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
@@ -639,8 +628,8 @@ def rlif_layer(
     adds the synaptic current syn[t] = alpha_syn*syn[t-1] + I[t], I[t] the whole input current
     above (recurrent input included), which V integrates in place of I[t]; state and the
     returned LIFState then carry syn (state=(V, S, syn)). Tensor values are used as given (no
-    range check, as in sparsegrad.lif). Those run the tensor-parameter kernels (CPU only so
-    far: a CUDA input raises NotImplementedError), which keep the traces P = dV/dalpha,
+    range check, as in sparsegrad.lif). Those run the tensor-parameter kernels (CPU and
+    CUDA), which keep the traces P = dV/dalpha,
     Q = -dV/dthreshold, U = dV/dalpha_syn at the active entries only (docs/design.md §3c).
     """
     spikes, state_out, _, _ = rlif_layer_with_stats(

@@ -816,16 +816,15 @@ def _spike_conv2d_backward_fake(grad_out, pool_idx, bits, weight, in_shape, stri
             weight.new_empty((n, weight.shape[0], ho, wo)) if need_grad_conv else empty)
 
 
-#: The recurrent layer with tensor parameters (issue 18): CPU kernels only so far;
-#: functional.rlif_layer refuses CUDA tensors with them, naming these ops.
+#: The recurrent layer with tensor parameters (issue 18): CPU kernels (csrc/cpu/rlif_cpu.cpp)
+#: and CUDA kernels (csrc/cuda/recurrent.cuh, recurrent_host.h).
 RLIF_PARAM_OPS = ("rlif_param_forward", "rlif_param_backward_sparse", "rlif_param_backward_dense")
 
 #: Ops with a CPU kernel and no CUDA kernel (tests/test_cuda_registration.py and
 #: scripts/gpu_sanitize.py exempt exactly these): the fused tensor-parameter layer forward (on
 #: CUDA the tensor-parameter lif_layer runs li_readout_forward and lif_neuron_param_forward in
-#: its place) and the recurrent layer's tensor-parameter ops. The convolution ops have CUDA
-#: kernels (issue 20, csrc/cuda/conv.cuh).
-CPU_ONLY_OPS: tuple = ("lif_param_forward", *RLIF_PARAM_OPS)
+#: its place). The convolution ops have CUDA kernels (issue 20, csrc/cuda/conv.cuh).
+CPU_ONLY_OPS: tuple = ("lif_param_forward",)
 
 
 @torch.library.register_fake("sparsegrad::conv_unpool2d")

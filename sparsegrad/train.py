@@ -338,13 +338,6 @@ def _check_args(args) -> None:
         raise SystemExit(f"--lr must be > 0, got {args.lr}")
     if args.synaptic is not None and not 0.0 <= args.synaptic <= 1.0:
         raise SystemExit(f"--synaptic must be in [0, 1], got {args.synaptic}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.arch == "recurrent" and (args.learn_alpha or args.learn_threshold
-                                     or args.synaptic is not None) and \
-            torch.device(device).type != "cpu":
-        raise SystemExit("--learn-alpha, --learn-threshold and --synaptic with --arch recurrent "
-                         "run on the CPU only so far (the recurrent layer's tensor-parameter "
-                         "kernels): add --device cpu")
     for name in ("train_limit", "test_limit"):
         v = getattr(args, name)
         if v is not None and v < 1:

@@ -432,22 +432,28 @@ def test_kernels_bad_arguments():
                                5.0, True)
 
 
-def test_kernels_cuda_refused_clearly_and_listed_cpu_only():
+def test_kernels_registered_for_cuda_and_not_cpu_only():
+    """The tensor-parameter recurrent ops have CUDA kernels (csrc/cuda/recurrent_host.h; their
+    bodies are tested on the CPU by tests/test_rlif_param_emul.py); with a GPU, the layer on CUDA
+    equals the CPU layer."""
     from sparsegrad import ops
     for name in ops.RLIF_PARAM_OPS:
-        assert name in ops.CPU_ONLY_OPS
+        assert name not in ops.CPU_ONLY_OPS
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegrad::{name}", "CPU")
-        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegrad::{name}", "CUDA")
-    with pytest.raises(NotImplementedError, match="rlif_param_forward.*cuda:0"):
-        sparsegrad.functional._require_rlif_param_kernels(torch.device("cuda", 0))
-    sparsegrad.functional._require_rlif_param_kernels(torch.device("cpu"))
+        if sparsegrad.build_info()["cuda_compiled"]:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsegrad::{name}", "CUDA")
     if not torch.cuda.is_available():
         return
-    x, w, r, b = (t.cuda() for t in _inputs(15))
-    with pytest.raises(NotImplementedError, match="rlif_param_forward"):
-        sparsegrad.rlif_layer(x, w, r, b, alpha=torch.full((N,), 0.9, device="cuda",
-                                                           dtype=torch.float64))
-    sparsegrad.rlif_layer(x, w, r, b, alpha=0.9)  # float parameters keep their CUDA kernels
+    x, w, r, b, params = _problem(15, ("neuron", "neuron"), "neuron")
+    state = _state(15, True)
+    kw = dict(b_th=0.3, slope=5.0)
+    on_cpu = _run(sparsegrad.rlif_layer, x, w, r, b, params, state, **kw)
+    cuda = [t.cuda() for t in (x, w, r, b)]
+    on_gpu = _run(sparsegrad.rlif_layer, *cuda, {k: v.cuda() for k, v in params.items()},
+                  [t.cuda() for t in state], **kw)
+    assert torch.equal(on_gpu[0].cpu(), on_cpu[0])
+    for name in on_cpu[2]:
+        torch.testing.assert_close(on_gpu[2][name].cpu(), on_cpu[2][name], **F64, msg=name)
 
 
 def test_kernels_stacked_dx_on_producer_active_set():
