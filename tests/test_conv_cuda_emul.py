@@ -211,6 +211,33 @@ def test_conv_ops_emul_dense_reference(emul):
     assert not dx[~mask].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("geom", [(4, 16, 3, 10, 10, 1, 1, 1, 1, "max", 2),
+                                  (3, 32, 3, 9, 8, 2, 1, 1, 1, "none", 1),
+                                  (6, 16, 3, 8, 8, 1, 1, 2, 1, "avg", 2)],
+                         ids=["pad", "stride2", "dilation2"])
+def test_conv_forward_emul_gather_and_scatter_samples_same_bits(emul, dtype, geom):
+    """The CPU forward scatters the samples with few events and gathers the others (the CUDA
+    kernel always gathers), adding in the same order: the same bits for every sample, and ATen's
+    conv2d to round-off."""
+    x, weight, b, args, g = _problem(geom, 6, dtype, 0.0, 13)
+    cin, h, w = args[0]
+    for s, density in enumerate((0.02, 0.95, 0.3, 0.7, 0.0, 1.0)):  # events per position: cin * density
+        x[s] = (torch.rand(cin * h * w, generator=g) < density).to(dtype)
+    per_position = x.view(6, cin, h * w).sum((1, 2)) / (h * w)
+    assert (per_position < 2).any() and (per_position >= 2).any()  # both paths run
+    want = _forward(cpu_ops, x, weight, b, args)
+    assert_same_bits(_forward(emul, x, weight, b, args), want, "forward")
+    in_shape, stride, padding, dilation, groups, pool, pk = args
+    y = torch.nn.functional.conv2d(x.view(6, *in_shape), weight, b, stride, padding, dilation, groups)
+    if pool == "max":
+        y = torch.nn.functional.max_pool2d(y, pk)
+    elif pool == "avg":
+        y = torch.nn.functional.avg_pool2d(y, pk)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(want[2], y, **tol)
+
+
 def test_conv_ops_emul_flag_bad_compact_tensors(emul):
     """Contents only the data can show: the CPU raises on the host, the emulation through the
     kernels' error flag (on the GPU: NaN gradients, no synchronisation)."""

@@ -103,14 +103,22 @@ void pool_from_cl(const scalar_t* buf, const scalar_t* bias, const ConvGeom& g, 
                   uint8_t* idx, scalar_t* __restrict__ best, uint8_t* __restrict__ arg) {
   const int64_t pk = g.pk, cout = g.cout, plane = g.hp * g.wp;
   const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(pk * pk);
+  if (g.pool == kPoolNone) {  // a transpose in tiles of 16 positions: whole-line stores per channel
+    constexpr int64_t kTile = 16;
+    for (int64_t o0 = 0; o0 < plane; o0 += kTile) {
+      const int64_t m = std::min(kTile, plane - o0);
+      const scalar_t* __restrict__ rows = buf + o0 * cout;
+      for (int64_t co = 0; co < cout; ++co) {
+        const scalar_t add = bias ? bias[co] : scalar_t(0);
+        scalar_t* __restrict__ dst = out + co * plane + o0;
+        for (int64_t i = 0; i < m; ++i) dst[i] = rows[i * cout + co] + add;
+      }
+    }
+    return;
+  }
   for (int64_t py = 0; py < g.hp; ++py)
     for (int64_t px = 0; px < g.wp; ++px) {
       const int64_t o = py * g.wp + px;
-      if (g.pool == kPoolNone) {
-        const scalar_t* __restrict__ row = buf + (py * g.wo + px) * cout;
-        for (int64_t co = 0; co < cout; ++co) out[co * plane + o] = row[co] + (bias ? bias[co] : 0);
-        continue;
-      }
       for (int64_t co = 0; co < cout; ++co) {
         best[co] = g.pool == kPoolMax ? -std::numeric_limits<scalar_t>::infinity() : scalar_t(0);
         arg[co] = 0;
@@ -168,21 +176,68 @@ void gather_sample(const ConvGeom& g, const uint64_t* mask, const scalar_t* wt, 
     }
 }
 
-template <typename scalar_t>
-using GatherFn = void (*)(const ConvGeom&, const uint64_t*, const scalar_t*, scalar_t*);
+// The same sum by scattering, for samples with few events (gathering visits every output
+// position and tap whatever the events): for each tap k ascending, every event (ascending: channel,
+// then position) adds Wt[ci][k] to the output position that tap lands on. Each output position
+// thus receives its terms in gather_sample's order (taps, then channels), starting from zero:
+// the same bits (the CUDA kernel gathers). buf must be zeroed; events: the sample's input
+// entries j = ci*H*W + iy*W + ix, ascending.
+template <typename scalar_t, int NV>
+void scatter_sample(const ConvGeom& g, const int32_t* events, int64_t count, const scalar_t* wt,
+                    scalar_t* buf, std::vector<int32_t>& decoded) {
+  typedef scalar_t vec_t __attribute__((vector_size(64)));
+  constexpr int64_t L = 64 / sizeof(scalar_t);
+  const int64_t hw = g.h * g.w;
+  decoded.resize(static_cast<size_t>(3 * count));  // (ci, iy, ix) per event, decoded once
+  for (int64_t e = 0; e < count; ++e) {
+    const int64_t j = events[e], ci = j / hw, rem = j - ci * hw, iy = rem / g.w;
+    decoded[3 * e] = static_cast<int32_t>(ci);
+    decoded[3 * e + 1] = static_cast<int32_t>(iy);
+    decoded[3 * e + 2] = static_cast<int32_t>(rem - iy * g.w);
+  }
+  for (int64_t ky = 0; ky < g.kh; ++ky)
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const int64_t k = ky * g.kw + kx;
+      for (int64_t e = 0; e < count; ++e) {
+        const int32_t* d = decoded.data() + 3 * e;
+        const int64_t p = tap_output(g, d[1], d[2], ky, kx);
+        if (p < 0) continue;
+        const scalar_t* wr = wt + (d[0] * g.taps() + k) * g.cout;
+        scalar_t* dst = buf + p * g.cout;
+        for (int v = 0; v < NV; ++v) {
+          vec_t a, w;
+          __builtin_memcpy(&a, dst + v * L, sizeof(vec_t));
+          __builtin_memcpy(&w, wr + v * L, sizeof(vec_t));
+          a += w;
+          __builtin_memcpy(dst + v * L, &a, sizeof(vec_t));
+        }
+      }
+    }
+}
+
+// A sample is scattered below this many events per input position (measured on the DVS and
+// tutorial nets: scattering costs per event and tap, gathering per output position and tap).
+constexpr int64_t kScatterEventsPerPosition = 2;
 
 template <typename scalar_t>
-GatherFn<scalar_t> pick_gather(const ConvGeom& g) {
+struct TapsMajorFns {
+  void (*gather)(const ConvGeom&, const uint64_t*, const scalar_t*, scalar_t*) = nullptr;
+  void (*scatter)(const ConvGeom&, const int32_t*, int64_t, const scalar_t*, scalar_t*,
+                  std::vector<int32_t>&) = nullptr;
+};
+
+template <typename scalar_t>
+TapsMajorFns<scalar_t> pick_taps_major(const ConvGeom& g) {
   constexpr int64_t L = 64 / sizeof(scalar_t);
-  if (!forward_taps_major(g.groups, g.cin, g.cout, sizeof(scalar_t))) return nullptr;
+  if (!forward_taps_major(g.groups, g.cin, g.cout, sizeof(scalar_t))) return {};
   switch (g.cout / L) {
-    case 1: return &gather_sample<scalar_t, 1>;
-    case 2: return &gather_sample<scalar_t, 2>;
-    case 3: return &gather_sample<scalar_t, 3>;
-    case 4: return &gather_sample<scalar_t, 4>;
-    case 6: return &gather_sample<scalar_t, 6>;
-    case 8: return &gather_sample<scalar_t, 8>;
-    default: return nullptr;
+    case 1: return {&gather_sample<scalar_t, 1>, &scatter_sample<scalar_t, 1>};
+    case 2: return {&gather_sample<scalar_t, 2>, &scatter_sample<scalar_t, 2>};
+    case 3: return {&gather_sample<scalar_t, 3>, &scatter_sample<scalar_t, 3>};
+    case 4: return {&gather_sample<scalar_t, 4>, &scatter_sample<scalar_t, 4>};
+    case 6: return {&gather_sample<scalar_t, 6>, &scatter_sample<scalar_t, 6>};
+    case 8: return {&gather_sample<scalar_t, 8>, &scatter_sample<scalar_t, 8>};
+    default: return {};
   }
 }
 
@@ -239,20 +294,29 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cpu(
     scalar_t* op = out.data_ptr<scalar_t>();
     uint8_t* ip = g.pool == kPoolMax ? idx.data_ptr<uint8_t>() : nullptr;
     const int64_t plane = g.cout * g.hp * g.wp;
-    const GatherFn<scalar_t> gather = pick_gather<scalar_t>(g);
+    const TapsMajorFns<scalar_t> taps_major = pick_taps_major<scalar_t>(g);
+    const int64_t hw = g.h * g.w;
     at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
       std::vector<scalar_t> buf(static_cast<size_t>(g.ho * g.wo * g.cout));
       std::vector<scalar_t> best(static_cast<size_t>(g.cout));
       std::vector<uint8_t> arg(static_cast<size_t>(g.cout));
-      std::vector<uint64_t> mask(static_cast<size_t>(gather ? g.h * g.w : 0));
+      std::vector<uint64_t> mask(static_cast<size_t>(taps_major.gather ? hw : 0));
+      std::vector<int32_t> events, decoded;
       for (int64_t s = n0; s < n1; ++s) {
         scalar_t* __restrict__ b = buf.data();
-        if (gather) {
-          std::fill(mask.begin(), mask.end(), uint64_t(0));
-          for_each_event(bp + s * g.words(), 0, g.in_size(), [&](int64_t j) {
-            mask[j % (g.h * g.w)] |= uint64_t(1) << (j / (g.h * g.w));
-          });
-          gather(g, mask.data(), wt.data(), b);
+        if (taps_major.gather) {  // gather or scatter, the same order of additions
+          events.clear();
+          for_each_event(bp + s * g.words(), 0, g.in_size(),
+                         [&](int64_t j) { events.push_back(static_cast<int32_t>(j)); });
+          const int64_t count = static_cast<int64_t>(events.size());
+          if (count < kScatterEventsPerPosition * hw) {
+            std::fill(buf.begin(), buf.end(), scalar_t(0));
+            taps_major.scatter(g, events.data(), count, wt.data(), b, decoded);
+          } else {
+            std::fill(mask.begin(), mask.end(), uint64_t(0));
+            for (const int32_t j : events) mask[j % hw] |= uint64_t(1) << (j / hw);
+            taps_major.gather(g, mask.data(), wt.data(), b);
+          }
           pool_from_cl(b, bias_p, g, op + s * plane, ip ? ip + s * plane : nullptr, best.data(),
                        arg.data());
           continue;
