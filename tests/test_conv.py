@@ -429,6 +429,32 @@ def test_conv_pool2d_float_max_matches_scalar_rule_and_aten(width):
     assert torch.equal(idx.long()[clean], slot[clean])
 
 
+@pytest.mark.parametrize("width", [48, 38, 12, 7, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_unpool2d_max_matches_aten_and_checks_offsets(width, dtype):
+    """conv_unpool2d's 2x2 max case (16 windows at a time in float, masked at the row's end, no
+    zero fill) is max_unpool2d's: each window's gradient at its winner, zeros elsewhere, odd
+    sizes included (the positions outside every window get zero); an offset outside the window
+    is refused."""
+    g = torch.Generator().manual_seed(width)
+    h = 10
+    y = torch.randint(-2, 3, (3, 4, h, width), generator=g).to(dtype)
+    out, idx = torch.ops.sparsegrad.conv_pool2d(y, "max", 2)
+    grad = torch.randn(out.shape, generator=g, dtype=dtype)
+    grad[0, 0, 0] = -0.0
+    got = torch.ops.sparsegrad.conv_unpool2d(grad, idx, "max", 2, h, width)
+    wp = width // 2
+    py = torch.arange(out.shape[2]).view(-1, 1) * 2
+    px = torch.arange(wp).view(1, -1) * 2
+    flat = (py + idx.long() // 2) * width + px + idx.long() % 2
+    want = torch.nn.functional.max_unpool2d(grad, flat, 2, output_size=(h, width))
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    bad = idx.clone()
+    bad[2, 3, -1, -1] = 4
+    with pytest.raises(RuntimeError, match="pool_idx"):
+        torch.ops.sparsegrad.conv_unpool2d(grad, bad, "max", 2, h, width)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gather_and_scatter_forward_in_one_batch(dtype):
     """Samples with >= 2 events per input position take the gather form, sparser ones the

@@ -25,10 +25,16 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SG_CONV_AVX512 1
+#include <immintrin.h>
+#endif
 
 #include "conv_geom.h"
 #include "conv_math.h"
@@ -338,6 +344,90 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cpu(
   return {out, idx};
 }
 
+// 2x2 max pooling of one pair of float rows, 16 windows at a time (AVX-512): the same rule and
+// winner as the scalar loop (pool_takes: a greater value or a NaN takes over, in window order).
+// Returns how many windows it pooled (all, or none for other types or without AVX-512); the
+// caller pools the rest.
+template <typename scalar_t>
+inline int64_t max_pool2_rows16(const scalar_t*, const scalar_t*, int64_t, scalar_t*, uint8_t*) {
+  return 0;
+}
+
+inline int64_t max_pool2_rows16(const float* r0, const float* r1, int64_t wp, float* out,
+                                uint8_t* arg_out) {
+#if defined(SG_CONV_AVX512)
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t px = 0; px < wp; px += 16) {
+    // the last windows of a row by masked loads and stores (rows narrower than 16 windows too)
+    const int64_t left = std::min<int64_t>(16, wp - px);
+    const __mmask16 lo = left >= 8 ? __mmask16(0xffff) : __mmask16((1u << (2 * left)) - 1);
+    const __mmask16 hi = left <= 8 ? __mmask16(0) : __mmask16((1u << (2 * (left - 8))) - 1);
+    const __mmask16 keep = left == 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    const __m512 a0 = _mm512_maskz_loadu_ps(lo, r0 + 2 * px), a1 = _mm512_maskz_loadu_ps(hi, r0 + 2 * px + 16);
+    const __m512 b0 = _mm512_maskz_loadu_ps(lo, r1 + 2 * px), b1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * px + 16);
+    const __m512 v[4] = {_mm512_permutex2var_ps(a0, even, a1), _mm512_permutex2var_ps(a0, odd, a1),
+                         _mm512_permutex2var_ps(b0, even, b1), _mm512_permutex2var_ps(b0, odd, b1)};
+    __m512 best = v[0];
+    __m512i arg = _mm512_setzero_si512();
+    for (int k = 1; k < 4; ++k) {
+      const __mmask16 take = _mm512_cmp_ps_mask(v[k], best, _CMP_GT_OQ) |
+                             _mm512_cmp_ps_mask(v[k], v[k], _CMP_UNORD_Q);
+      best = _mm512_mask_mov_ps(best, take, v[k]);
+      arg = _mm512_mask_mov_epi32(arg, take, _mm512_set1_epi32(k));
+    }
+    _mm512_mask_storeu_ps(out + px, keep, best);
+    _mm_mask_storeu_epi8(arg_out + px, keep, _mm512_cvtepi32_epi8(arg));
+  }
+  return wp;
+#else
+  (void)r0, (void)r1, (void)wp, (void)out, (void)arg_out;
+  return 0;
+#endif
+}
+
+// Its backward for one pair of float rows: each window's gradient to its winner, zeros elsewhere,
+// 16 windows at a time (AVX-512; masked for the last ones). Returns how many windows it did
+// (all, or none without AVX-512); *worst receives the largest winner offset seen.
+template <typename scalar_t>
+inline int64_t max_unpool2_rows16(const scalar_t*, const uint8_t*, int64_t, scalar_t*, scalar_t*,
+                                  uint8_t*) {
+  return 0;
+}
+
+inline int64_t max_unpool2_rows16(const float* g, const uint8_t* slots, int64_t wp, float* r0,
+                                  float* r1, uint8_t* worst) {
+#if defined(SG_CONV_AVX512)
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  __m128i top = _mm_setzero_si128();
+  for (int64_t px = 0; px < wp; px += 16) {
+    const int64_t left = std::min<int64_t>(16, wp - px);
+    const __mmask16 keep = left == 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    const __mmask16 lo = left >= 8 ? __mmask16(0xffff) : __mmask16((1u << (2 * left)) - 1);
+    const __mmask16 hi = left <= 8 ? __mmask16(0) : __mmask16((1u << (2 * (left - 8))) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(keep, g + px);
+    const __m128i s8 = _mm_maskz_loadu_epi8(keep, slots + px);
+    top = _mm_max_epu8(top, s8);
+    const __m512i s = _mm512_cvtepu8_epi32(s8);
+    __m512 e[4];
+    for (int k = 0; k < 4; ++k)
+      e[k] = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(s, _mm512_set1_epi32(k)), v);
+    _mm512_mask_storeu_ps(r0 + 2 * px, lo, _mm512_permutex2var_ps(e[0], first, e[1]));
+    _mm512_mask_storeu_ps(r0 + 2 * px + 16, hi, _mm512_permutex2var_ps(e[0], second, e[1]));
+    _mm512_mask_storeu_ps(r1 + 2 * px, lo, _mm512_permutex2var_ps(e[2], first, e[3]));
+    _mm512_mask_storeu_ps(r1 + 2 * px + 16, hi, _mm512_permutex2var_ps(e[2], second, e[3]));
+  }
+  alignas(16) uint8_t lanes[16];
+  _mm_store_si128(reinterpret_cast<__m128i*>(lanes), top);
+  for (int l = 0; l < 16; ++l) *worst = std::max(*worst, lanes[l]);
+  return wp;
+#else
+  (void)g, (void)slots, (void)wp, (void)r0, (void)r1, (void)worst;
+  return 0;
+#endif
+}
+
 // Pooling of a dense conv output y [N, C, Ho, Wo] (the dense route): out [N, C, Ho/k, Wo/k] and
 // max pooling's uint8 winner offsets.
 std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, c10::string_view pool,
@@ -364,12 +454,21 @@ std::tuple<at::Tensor, at::Tensor> conv_pool2d_cpu(const at::Tensor& y_in, c10::
             const scalar_t* r1 = r0 + wo;
             scalar_t* o = op + (q * hp + py) * wp;
             uint8_t* oi = ip + (q * hp + py) * wp;
-            for (int64_t px = 0; px < wp; ++px) {
-              const scalar_t v[4] = {r0[2 * px], r0[2 * px + 1], r1[2 * px], r1[2 * px + 1]};
-              scalar_t best = v[0];
+            int64_t px = 0;
+            px = max_pool2_rows16(r0, r1, wp, o, oi);
+            for (; px < wp; ++px) {
+              scalar_t best = r0[2 * px];
               uint8_t arg = 0;
-              for (uint8_t k = 1; k < 4; ++k)
-                if (pool_takes(v[k], best)) best = v[k], arg = k;
+              const scalar_t v1 = r0[2 * px + 1], v2 = r1[2 * px], v3 = r1[2 * px + 1];
+              const bool t1 = pool_takes(v1, best);
+              best = t1 ? v1 : best;
+              arg = t1 ? uint8_t(1) : arg;
+              const bool t2 = pool_takes(v2, best);
+              best = t2 ? v2 : best;
+              arg = t2 ? uint8_t(2) : arg;
+              const bool t3 = pool_takes(v3, best);
+              best = t3 ? v3 : best;
+              arg = t3 ? uint8_t(3) : arg;
               o[px] = best;
               oi[px] = arg;
             }
@@ -398,11 +497,15 @@ at::Tensor conv_unpool2d_cpu(const at::Tensor& grad_in, const at::Tensor& pool_i
   const at::Tensor grad = grad_in.contiguous();
   const int64_t n = grad.size(0), c = grad.size(1), hp = grad.size(2), wp = grad.size(3);
   at::Tensor idx;
+  // 2x2 max pooling over whole windows: every output written once, row pair by row pair (no
+  // zero fill first), the winner offsets checked on the way
+  const bool pairs = kind == kPoolMax && pool_k == 2 && h == 2 * hp && w == 2 * wp;
   if (kind == kPoolMax) {
     idx = pool_idx_in.contiguous();
-    TORCH_CHECK(idx.numel() == 0 || idx.max().item<int64_t>() < pool_k * pool_k,
+    TORCH_CHECK(pairs || idx.numel() == 0 || idx.max().item<int64_t>() < pool_k * pool_k,
                 "pool_idx entries must lie in [0, pool_k**2 = ", pool_k * pool_k, ")");
   }
+  std::atomic<bool> bad_slot{false};
   at::Tensor out = at::empty({n, c, h, w}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "conv_unpool2d", [&] {
     const scalar_t* gp = grad.data_ptr<scalar_t>();
@@ -412,8 +515,28 @@ at::Tensor conv_unpool2d_cpu(const at::Tensor& grad_in, const at::Tensor& pool_i
     at::parallel_for(0, n * c, 16, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         scalar_t* dst = op + q * h * w;
-        std::fill(dst, dst + h * w, scalar_t(0));
         const scalar_t* src = gp + q * hp * wp;
+        if (pairs) {
+          const uint8_t* slots = ip + q * hp * wp;
+          uint8_t worst = 0;
+          for (int64_t py = 0; py < hp; ++py) {
+            scalar_t* r0 = dst + 2 * py * w;
+            scalar_t* r1 = r0 + w;
+            for (int64_t px = max_unpool2_rows16(src + py * wp, slots + py * wp, wp, r0, r1, &worst);
+                 px < wp; ++px) {
+              const scalar_t v = src[py * wp + px];
+              const uint8_t slot = slots[py * wp + px];
+              worst = std::max(worst, slot);
+              r0[2 * px] = slot == 0 ? v : scalar_t(0);
+              r0[2 * px + 1] = slot == 1 ? v : scalar_t(0);
+              r1[2 * px] = slot == 2 ? v : scalar_t(0);
+              r1[2 * px + 1] = slot == 3 ? v : scalar_t(0);
+            }
+          }
+          if (worst > 3) bad_slot = true;
+          continue;
+        }
+        std::fill(dst, dst + h * w, scalar_t(0));
         for (int64_t py = 0; py < hp; ++py)
           for (int64_t px = 0; px < wp; ++px) {
             const scalar_t v = src[py * wp + px];
@@ -428,6 +551,7 @@ at::Tensor conv_unpool2d_cpu(const at::Tensor& grad_in, const at::Tensor& pool_i
       }
     });
   });
+  TORCH_CHECK(!bad_slot, "pool_idx entries must lie in [0, pool_k**2 = ", pool_k * pool_k, ")");
   return out;
 }
 
