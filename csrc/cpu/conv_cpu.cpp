@@ -625,20 +625,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> spike_conv2d_backward
         const int64_t s0 = chunk_begin(chunk, n, chunks), s1 = chunk_begin(chunk + 1, n, chunks);
         for (int64_t s = s0; s < s1; ++s) {
           // Unpool the sample's gradient into buf[p][co].
-          std::fill(buf.begin(), buf.end(), scalar_t(0));
           scalar_t* __restrict__ b = buf.data();
           const scalar_t* gs = gp + s * plane;
           bool any = false;
-          for (int64_t co = 0; co < g.cout; ++co)
+          if (g.pool == kPoolNone) {
+            // every position written: no fill; a transpose in tiles of 16 positions, so that the
+            // stores stay within a few lines of buf
+            constexpr int64_t kTile = 16;
+            for (int64_t p0 = 0; p0 < npos; p0 += kTile) {
+              const int64_t m = std::min(kTile, npos - p0);
+              scalar_t* __restrict__ rows = b + p0 * g.cout;
+              for (int64_t co = 0; co < g.cout; ++co) {
+                const scalar_t* __restrict__ src = gs + co * npos + p0;
+                bool nz = false;
+                for (int64_t i = 0; i < m; ++i) {
+                  rows[i * g.cout + co] = src[i];
+                  nz |= src[i] != scalar_t(0);
+                }
+                any |= nz;
+              }
+            }
+          } else {
+            std::fill(buf.begin(), buf.end(), scalar_t(0));
+          }
+          for (int64_t co = 0; co < (g.pool == kPoolNone ? 0 : g.cout); ++co)
             for (int64_t py = 0; py < g.hp; ++py)
               for (int64_t px = 0; px < g.wp; ++px) {
                 const int64_t o = (co * g.hp + py) * g.wp + px;
                 const scalar_t v = gs[o];
                 if (v == scalar_t(0)) continue;
                 any = true;
-                if (g.pool == kPoolNone) {
-                  b[(py * g.wo + px) * g.cout + co] = v;
-                } else if (g.pool == kPoolMax) {
+                if (g.pool == kPoolMax) {
                   b[((py * g.pk) * g.wo + px * g.pk + win_off[ip[s * plane + o]]) * g.cout + co] = v;
                 } else {
                   for (int64_t a = 0; a < g.pk; ++a)
