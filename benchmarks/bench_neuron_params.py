@@ -180,14 +180,18 @@ def main(argv=None):
         "sparsegrad_syn": lambda: sparsegrad_net(syn_weights, syn=True),
         "snntorch_syn": lambda: SnnTorchNet(syn_weights, syn=True),
     }
-    # same model: logits agree with snnTorch's before timing
+    # Same model: logits agree with snnTorch's before timing. Within float32 round-off, not bit for
+    # bit: the two libraries sum the input current in different orders (events vs GEMM, and the
+    # GEMM's order depends on the CPU), which can flip a spike that lies within round-off of its
+    # threshold; one flipped spike moves the logits by ~1e-2 (seen on an Intel Xeon), a wrong
+    # neuron model by O(1). (snnTorch's spikes are float32 whatever the input, so no float64 check.)
     with torch.no_grad():
         for ours, theirs in (("sparsegrad_learn", "snntorch_learn"),
                              ("sparsegrad_syn", "snntorch_syn")):
             a, b = nets[ours]()(x), nets[theirs]()(x)
             err = float((a - b).abs().max())
             print(f"check {ours} vs {theirs}: max |logit difference| {err:.2e}")
-            if err > 1e-3:
+            if err > 5e-2:
                 raise SystemExit(f"{ours} and {theirs} disagree (max difference {err})")
     results = {}
     for name, make in nets.items():
