@@ -202,9 +202,7 @@ BwdOut li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& ar
       }
     };
     TraceProblem<scalar_t> p;
-    p.T = T; p.B = B; p.n_in = n_in; p.n_out = n_out;
-    p.alpha = static_cast<acc_t>(alpha);
-    p.scale = acc_t(1) - p.alpha;
+    set_readout_dims(p, T, B, n_in, n_out, static_cast<acc_t>(alpha));
     p.weight = weight.data_ptr<scalar_t>();
     p.dx = dx.data_ptr<scalar_t>();
     trace_backward<scalar_t>(p, emit_all);
