@@ -935,11 +935,14 @@ struct NeuronInject {
   static_assert(std::is_same<scalar_t, acc_t>::value, "dL/dI goes to the walk unrounded");
   const Walk* walk = nullptr;
   int64_t T = 0, n_out = 0;
-  acc_t* state = nullptr;  // [5][n_out]: g, gi, d_alpha, d_threshold, d_alpha_syn
+  // [5][stride]: g, gi, d_alpha, d_threshold, d_alpha_syn; stride whole tiles and the base
+  // aligned to them, so that no cache line holds two groups' lanes (written every step)
+  acc_t* state = nullptr;
+  int64_t stride = 0;
 
   typename Walk::State at(int64_t j0) const {
     acc_t* s = state + j0;
-    return {s, nullptr, s + n_out, s + 2 * n_out, s + 3 * n_out, s + 4 * n_out};
+    return {s, nullptr, s + stride, s + 2 * stride, s + 3 * stride, s + 4 * stride};
   }
   // As ReadoutInject's reduce "none" read of dL/dI: every lane of the span, zeros past N.
   bool operator()(int64_t b, int64_t t, int64_t j_lo, int64_t span, acc_t* buf) const {
@@ -1008,12 +1011,14 @@ ParamLayerGrads lif_param_backward_cpu(
     const NeuronBackwardWalk<scalar_t, RowParam<acc_t>> walk = make_backward_walk<scalar_t>(
         grad_spikes, gvf, gm, a_sg, c10::nullopt, bits, offsets, a_idx, pt.params<acc_t>(),
         sparse, true, 1.0, ex, need_dv ? dv.data_ptr<scalar_t>() : nullptr);
-    std::vector<acc_t> state(5 * std::max<int64_t>(1, N));
+    const int64_t tiles = std::max<int64_t>(1, Padded<acc_t>::tiles(N));
+    std::unique_ptr<typename TileVec<acc_t>::type[]> state(new typename TileVec<acc_t>::type[5 * tiles]);
     NeuronInject<scalar_t> inject;
     inject.walk = &walk;
     inject.T = T;
     inject.n_out = N;
-    inject.state = state.data();
+    inject.state = reinterpret_cast<acc_t*>(state.get());
+    inject.stride = tiles * tile_lanes<acc_t>();
     if (T == 0) {  // the tiled walk takes no step: the neuron's start and end only
       for (int64_t b = 0; b < B; ++b) {
         walk.begin(b, 0, N, inject.at(0));
