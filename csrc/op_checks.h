@@ -412,8 +412,8 @@ inline bool check_lif_neuron_param_backward_args(
     const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& act_u,
     const at::Tensor& tan_last, const c10::optional<at::Tensor>& rst_bits, const at::Tensor& alpha,
     const c10::optional<at::Tensor>& alpha_syn, bool sparse, bool dense_traces, bool need_dsyn,
-    bool need_dalpha, bool need_dthreshold, bool need_dalpha_syn) {
-  const char* op = "lif_neuron_param_backward";
+    bool need_dalpha, bool need_dthreshold, bool need_dalpha_syn,
+    const char* op = "lif_neuron_param_backward") {
   check_float_tensor(grad_spikes, op, "grad_spikes", 3);
   const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), N = grad_spikes.size(2);
   check_neuron_param(alpha, grad_spikes, N, op, "alpha");
@@ -465,6 +465,38 @@ inline bool check_lif_neuron_param_backward_args(
              rst_bits->scalar_type(), " ", rst_bits->sizes());
     check_device(*rst_bits, grad_spikes, op, "rst_bits");
   }
+  return has_rst;
+}
+
+// The fused tensor-parameter layer's backward: the neuron backward's arguments for the
+// N_out = weight.size(0) neurons, x's events (rows b*T + t) and the producer's active set, which
+// dx needs (dx is computed there only). Returns whether rst_bits was given.
+inline bool check_lif_param_backward_args(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_syn_final, const c10::optional<at::Tensor>& grad_mem,
+    const at::Tensor& act_cnt, const at::Tensor& act_idx, const at::Tensor& act_sg,
+    const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& act_u,
+    const at::Tensor& tan_last, const c10::optional<at::Tensor>& rst_bits, const at::Tensor& alpha,
+    const c10::optional<at::Tensor>& alpha_syn, const at::Tensor& weight, const at::Tensor& ev_cnt,
+    const at::Tensor& ev_idx, const at::Tensor& ev_val, const c10::optional<at::Tensor>& prev_cnt,
+    const c10::optional<at::Tensor>& prev_idx, bool sparse, bool dense_traces, bool need_dx,
+    bool need_dsyn, bool need_dalpha, bool need_dthreshold, bool need_dalpha_syn) {
+  const char* op = "lif_param_backward";
+  const bool has_rst = check_lif_neuron_param_backward_args(
+      grad_spikes, grad_v_final, grad_syn_final, grad_mem, act_cnt, act_idx, act_sg, act_p, act_q,
+      act_u, tan_last, rst_bits, alpha, alpha_syn, sparse, dense_traces, need_dsyn, need_dalpha,
+      need_dthreshold, need_dalpha_syn, op);
+  check_float_tensor(weight, op, "weight", 2);
+  check_like(weight, grad_spikes, op, "weight");
+  SG_CHECK(weight.size(0) == grad_spikes.size(2), op, "weight", "must have N_out = ",
+           grad_spikes.size(2), " rows (grad_spikes' last dim), got ", weight.sizes());
+  const int64_t rows = grad_spikes.size(0) * grad_spikes.size(1);
+  check_csr(ev_cnt, ev_idx, rows, grad_spikes, op, "ev_cnt", "ev_idx");
+  check_event_values(ev_val, ev_idx, grad_spikes, op);
+  check_optional_csr(prev_cnt, prev_idx, rows, grad_spikes, op);
+  SG_CHECK(!need_dx || prev_cnt.has_value(), op, "need_dx",
+           "needs the producer's active set (prev_cnt, prev_idx); without one dx is dense: "
+           "lif_neuron_param_backward's grad_current @ weight");
   return has_rst;
 }
 

@@ -124,6 +124,21 @@ inline void define_ops(torch::Library& m) {
       "Tensor? alpha_syn, bool sparse, bool dense_traces, bool need_dv, bool need_dsyn, "
       "bool need_dalpha, bool need_dthreshold, bool need_dalpha_syn) -> (Tensor grad_current, "
       "Tensor dv_init, Tensor dsyn_init, Tensor d_alpha, Tensor d_threshold, Tensor d_alpha_syn)");
+  // The fused layer's backward (lif_param_forward's; CPU only): lif_neuron_param_backward's
+  // arguments for N_out neurons, then li_readout_backward's (alpha = 0, reduce "none") for its
+  // dL/dI, which the neuron's reverse walk hands to the tiled walk row by row, never stored.
+  // dx is computed on the producer's active set only (need_dx needs prev_cnt, prev_idx; zeros
+  // elsewhere). Outputs as the two ops give them (empty where not asked).
+  m.def(
+      "lif_param_backward(Tensor grad_spikes, Tensor? grad_v_final, Tensor? grad_syn_final, "
+      "Tensor? grad_mem, Tensor act_cnt, Tensor act_idx, Tensor act_sg, Tensor act_p, "
+      "Tensor act_q, Tensor act_u, Tensor tan_last, Tensor? rst_bits, Tensor alpha, "
+      "Tensor? alpha_syn, Tensor weight, Tensor ev_cnt, Tensor ev_idx, Tensor ev_val, "
+      "Tensor? prev_cnt, Tensor? prev_idx, bool sparse, bool dense_traces, bool need_dx, "
+      "bool need_dw, bool need_db, bool need_dv, bool need_dsyn, bool need_dalpha, "
+      "bool need_dthreshold, bool need_dalpha_syn) -> (Tensor dx, Tensor dweight, Tensor dbias, "
+      "Tensor dv_init, Tensor dsyn_init, Tensor d_alpha, Tensor d_threshold, "
+      "Tensor d_alpha_syn)");
   // Recurrent LIF layer (issue 12): V[t] = alpha*V[t-1] + x[t] W^T + S[t-1] R^T + b, with the
   // surrogate's and reset's names as lif_forward's. Compact tensors as lif_forward's (CSRs over
   // rows b*T + t with int32 per-row counts), plus spk_bits [T, B, ceil(N/32)] int32: bit j % 32

@@ -257,10 +257,12 @@ class _LinearParamLIF(torch.autograd.Function):
     (the CSR the fused layer saves) are what the backward keeps of x. Also saved: the neuron op's active set
     with its surrogate and traces (sparse mode), the weight and the parameters, and the
     producer's active set when x came from a sparse sparsegrad layer: no dense [T, B, N] float
-    tensor in sparse mode. The backward gets G_I = dL/dI from the neuron op and hands it to
-    li_readout_backward (alpha = 0: the walk's trace is G_I itself): dW by x's events
-    (nnz(x) * N_out), db, and dx only at the producer's active set (|A_prev| * N_out); without
-    a producer, dx = G_I W as one matrix product."""
+    tensor in sparse mode. The backward's G_I = dL/dI goes from the neuron's reverse walk to
+    the tiled events walk of li_readout_backward (alpha = 0: the walk's trace is G_I itself):
+    dW by x's events (nnz(x) * N_out), db, and dx only at the producer's active set
+    (|A_prev| * N_out). On the CPU one op does both (lif_param_backward), so G_I is never
+    stored, with the two ops' bits; CUDA, and dx wanted without a producer (dx = G_I W, one
+    matrix product, needs G_I whole), run lif_neuron_param_backward and then the readout op."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, v_init, s_init, syn_init, a_row, th_row, as_row, b_th,
@@ -318,27 +320,37 @@ class _LinearParamLIF(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_dv, need_dsyn = has_v and need[3], has_syn0 and need[5]
         n_da, n_dth, n_das = traced[0] and need[6], traced[1] and need[7], traced[2] and need[8]
-        gc, dv, dsyn, da, dth, das = ops._ops.lif_neuron_param_backward.default(
-            g_spikes, g_v, g_syn, g_mem, ops._widen(act_cnt), ops._widen(act_idx), act_sg,
-            act_p, act_q, act_u, tan_last, rst_bits if has_rst else None, a_row,
-            as_row if has_syn else None, sparse, not sparse or return_mem, need_dv, need_dsyn,
-            n_da, n_dth, n_das)
         need_dx, need_dw, need_db = need[0], need[1], has_bias and need[2]
-        dx = dw = db = None
-        dx_walk = need_dx and has_prev
-        if T == 0:
-            dx = gc.new_zeros(0, B, n_in) if need_dx else None
-            dw = weight.new_zeros(weight.shape) if need_dw else None
-            db = weight.new_zeros(n_out) if need_db else None
-        elif need_dw or need_db or dx_walk:
-            # alpha = 0: the readout's reverse walk has G_I itself as its trace
-            prev_cnt, prev_idx = (ops._widen(t) for t in prev) if has_prev else (None, None)
-            dx, dw, db = ops._ops.li_readout_backward.default(
-                gc, ev_cnt.new_empty(0, dtype=torch.long), weight, ops._widen(ev_cnt),
-                ops._widen(ev_idx), ev_val, prev_cnt, prev_idx, T, 0.0, "none", dx_walk, need_dw,
-                need_db)
-        if need_dx and not dx_walk and T > 0:  # no producer: dx read everywhere
-            dx = (gc.reshape(T * B, n_out) @ weight).reshape(T, B, n_in)
+        rst = rst_bits if has_rst else None
+        asyn = as_row if has_syn else None
+        prev_cnt, prev_idx = (ops._widen(t) for t in prev) if has_prev else (None, None)
+        neuron_args = (g_spikes, g_v, g_syn, g_mem, ops._widen(act_cnt), ops._widen(act_idx),
+                       act_sg, act_p, act_q, act_u, tan_last, rst, a_row, asyn)
+        events = (ops._widen(ev_cnt), ops._widen(ev_idx), ev_val)
+        if weight.device.type == "cpu" and (has_prev or not need_dx):
+            # fused (lif_param_backward): dL/dI goes from the neuron's walk to the tiled walk
+            # row by row, never stored; the same bits as the two ops below
+            dx, dw, db, dv, dsyn, da, dth, das = ops._ops.lif_param_backward.default(
+                *neuron_args, weight, *events, prev_cnt, prev_idx, sparse,
+                not sparse or return_mem, need_dx, need_dw, need_db, need_dv, need_dsyn, n_da,
+                n_dth, n_das)
+        else:  # CUDA, or dx wanted everywhere (no producer: gc @ W needs gc whole)
+            gc, dv, dsyn, da, dth, das = ops._ops.lif_neuron_param_backward.default(
+                *neuron_args, sparse, not sparse or return_mem, need_dv, need_dsyn, n_da, n_dth,
+                n_das)
+            dx = dw = db = None
+            dx_walk = need_dx and has_prev
+            if T == 0:
+                dx = gc.new_zeros(0, B, n_in) if need_dx else None
+                dw = weight.new_zeros(weight.shape) if need_dw else None
+                db = weight.new_zeros(n_out) if need_db else None
+            elif need_dw or need_db or dx_walk:
+                # alpha = 0: the readout's reverse walk has G_I itself as its trace
+                dx, dw, db = ops._ops.li_readout_backward.default(
+                    gc, ev_cnt.new_empty(0, dtype=torch.long), weight, *events, prev_cnt,
+                    prev_idx, T, 0.0, "none", dx_walk, need_dw, need_db)
+            if need_dx and not dx_walk and T > 0:  # no producer: dx read everywhere
+                dx = (gc.reshape(T * B, n_out) @ weight).reshape(T, B, n_in)
         return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
                 dv if need_dv else None, None, dsyn if need_dsyn else None,
                 da.sum(0) if n_da else None, dth.sum(0) if n_dth else None,

@@ -196,6 +196,19 @@ def _lif_neuron_param_backward_fake(grad_spikes, grad_v_final, grad_syn_final, g
         need_dv, need_dsyn, need_dalpha, need_dthreshold, need_dalpha_syn))
 
 
+@torch.library.register_fake("sparsegrad::lif_param_backward")
+def _lif_param_backward_fake(grad_spikes, grad_v_final, grad_syn_final, grad_mem, act_cnt, act_idx,
+                             act_sg, act_p, act_q, act_u, tan_last, rst_bits, alpha, alpha_syn,
+                             weight, ev_cnt, ev_idx, ev_val, prev_cnt, prev_idx, sparse,
+                             dense_traces, need_dx, need_dw, need_db, need_dv, need_dsyn,
+                             need_dalpha, need_dthreshold, need_dalpha_syn):
+    T, B, N = grad_spikes.shape
+    new = grad_spikes.new_empty
+    return _grads_fake((T, B, weight.shape[1]), grad_spikes, weight, need_dx, need_dw,
+                       need_db) + tuple(new(B, N) if f else new(0) for f in (
+                           need_dv, need_dsyn, need_dalpha, need_dthreshold, need_dalpha_syn))
+
+
 @torch.library.register_fake("sparsegrad::rlif_forward")
 def _rlif_forward_fake(x, weight, rec_weight, bias, v_init, s_init, x_act_cnt, x_act_idx, alpha,
                        threshold, b_th, slope, sparse, surrogate="fast_sigmoid", reset="subtract"):
@@ -821,10 +834,11 @@ def _spike_conv2d_backward_fake(grad_out, pool_idx, bits, weight, in_shape, stri
 RLIF_PARAM_OPS = ("rlif_param_forward", "rlif_param_backward_sparse", "rlif_param_backward_dense")
 
 #: Ops with a CPU kernel and no CUDA kernel (tests/test_cuda_registration.py and
-#: scripts/gpu_sanitize.py exempt exactly these): the fused tensor-parameter layer forward (on
-#: CUDA the tensor-parameter lif_layer runs li_readout_forward and lif_neuron_param_forward in
-#: its place). The convolution ops have CUDA kernels (issue 20, csrc/cuda/conv.cuh).
-CPU_ONLY_OPS: tuple = ("lif_param_forward",)
+#: scripts/gpu_sanitize.py exempt exactly these): the fused tensor-parameter layer forward and
+#: backward (on CUDA the tensor-parameter lif_layer runs li_readout_forward and
+#: lif_neuron_param_forward, then lif_neuron_param_backward and li_readout_backward, in their
+#: place). The convolution ops have CUDA kernels (issue 20, csrc/cuda/conv.cuh).
+CPU_ONLY_OPS: tuple = ("lif_param_forward", "lif_param_backward")
 
 
 @torch.library.register_fake("sparsegrad::conv_unpool2d")

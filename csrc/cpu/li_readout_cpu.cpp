@@ -145,25 +145,10 @@ BwdOut li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& ar
   if (need_dx) dx = dx_in_walk ? at::empty({T, B, n_in}, opts) : at::zeros({T, B, n_in}, opts);
 
   if (need_dw || need_db || dx_in_walk) {
-    TiledProblem<scalar_t> p;
-    p.T = T; p.B = B; p.n_in = n_in; p.n_out = n_out;
-    p.alpha = static_cast<acc_t>(alpha);
-    p.scale = acc_t(1) - p.alpha;
-    p.ev_off = ev_ptr.data_ptr<int64_t>();
-    p.ev_idx = ev_idx.data_ptr<int32_t>();
-    p.ev_val = ev_val.numel() > 0 ? ev_val.data_ptr<scalar_t>() : nullptr;
     at::Tensor weight_t;
-    if (dx_in_walk) {
-      p.width = Padded<acc_t>::width(n_out);
-      weight_t = at::zeros({n_in, p.width}, weight.options());
-      if (weight.numel() > 0) weight_t.narrow(1, 0, n_out).copy_(weight.t());
-      p.weight_t = weight_t.data_ptr<scalar_t>();
-      p.prev_off = prev_ptr->data_ptr<int64_t>();
-      p.prev_idx = prev_idx->data_ptr<int32_t>();
-      p.dx = dx.data_ptr<scalar_t>();
-    }
-    p.dw = need_dw ? dw.data_ptr<scalar_t>() : nullptr;
-    p.db = need_db ? db.data_ptr<scalar_t>() : nullptr;
+    const TiledProblem<scalar_t> p = events_problem<scalar_t>(
+        T, B, weight, ev_ptr, ev_idx, ev_val, prev_ptr, prev_idx, alpha, weight_t,
+        dx_in_walk ? dx : at::Tensor(), need_dw ? dw : at::Tensor(), need_db ? db : at::Tensor());
 
     ReadoutInject<acc_t, scalar_t> inject;
     inject.g = g;
@@ -217,9 +202,7 @@ BwdOut li_readout_backward_impl(const at::Tensor& grad_out, const at::Tensor& ar
       }
     };
     TraceProblem<scalar_t> p;
-    p.T = T; p.B = B; p.n_in = n_in; p.n_out = n_out;
-    p.alpha = static_cast<acc_t>(alpha);
-    p.scale = acc_t(1) - p.alpha;
+    set_readout_dims(p, T, B, n_in, n_out, static_cast<acc_t>(alpha));
     p.weight = weight.data_ptr<scalar_t>();
     p.dx = dx.data_ptr<scalar_t>();
     trace_backward<scalar_t>(p, emit_all);

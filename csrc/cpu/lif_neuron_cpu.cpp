@@ -20,6 +20,7 @@
 #include "cpu/cpu_common.h"
 #include "cpu/neuron_rows.h"
 #include "cpu/row_kernels.h"
+#include "cpu/tiled_backward.h"
 
 namespace sparsegrad {
 namespace cpu {
@@ -455,158 +456,232 @@ struct BackwardExtras {
   bool track() const { return dparam[0] || dparam[1] || dparam[2]; }
 };
 
+// The reverse-time walk of the neuron ops' backward over a block of neurons j0 .. j0+n of one
+// batch element: begin() at t = T-1, step() for t = T-1 .. 0 (each gives the row's dL/dcurrent),
+// finish() after t = 0. Shared by the neuron ops (dL/dcurrent written as a tensor) and the fused
+// tensor-parameter layer (lif_param_backward: fed straight to the tiled walk), so both do the
+// same arithmetic in the same order.
+template <typename scalar_t, class Param>
+struct NeuronBackwardWalk {
+  using acc_t = at::opmath_type<scalar_t>;
+  // Per-neuron state of a block, indexed 0 .. n-1. g: G[t] = dL/dV[t] (leaky) or dL/dH[t]
+  // (SpikingJelly); carry: dL/dV_post[t] (SpikingJelly); gi: G_I (synaptic current);
+  // da, dth, das: the parameter gradients (track only).
+  struct State {
+    acc_t *g, *carry, *gi, *da, *dth, *das;
+  };
+  int64_t T = 0, B = 0, N = 0, W = 0;
+  const scalar_t *gs = nullptr, *gvf = nullptr, *gm = nullptr, *sg = nullptr, *rg = nullptr;
+  const int32_t* bits = nullptr;
+  const int64_t* offs = nullptr;  // sparse: the active set's row offsets (rows b*T + t)
+  const int32_t* idx = nullptr;
+  bool sparse = false, leaky = true, track = false;
+  int reset = kResetSubtract;
+  acc_t input_scale = 1;
+  NeuronParams<Param> prm;
+  const BackwardExtras<scalar_t>* ex = nullptr;
+  scalar_t* dvp = nullptr;
+
+  // the trace k of an entry (global index e of the active set, or position at in [T, B, N])
+  acc_t trace(int k, int64_t e, int64_t at) const {
+    const scalar_t* p = ex->tr[k];
+    return p == nullptr ? acc_t(0) : static_cast<acc_t>(p[ex->dense_traces ? at : e]);
+  }
+
+  void begin(int64_t b, int64_t j0, int64_t n, const State& s) const {
+    for (int64_t j = 0; j < n; ++j) s.g[j] = gvf ? static_cast<acc_t>(gvf[b * N + j0 + j]) : acc_t(0);
+    if (ex->syn)
+      for (int64_t j = 0; j < n; ++j)
+        s.gi[j] = ex->grad_syn_final ? static_cast<acc_t>(ex->grad_syn_final[b * N + j0 + j]) : acc_t(0);
+    if (track) {
+      std::fill(s.da, s.da + n, acc_t(0));
+      std::fill(s.dth, s.dth + n, acc_t(0));
+      std::fill(s.das, s.das + n, acc_t(0));
+      const scalar_t* tl = ex->tan_last;
+      auto last = [&](int q, int64_t j) { return static_cast<acc_t>(tl[(q * B + b) * N + j0 + j]); };
+      if (gvf)
+        for (int64_t j = 0; j < n; ++j)
+          math::param_grads(s.da[j], s.dth[j], s.das[j], s.g[j], last(0, j), last(1, j), last(3, j), false);
+      if (ex->grad_syn_final)
+        for (int64_t j = 0; j < n; ++j) s.das[j] += s.gi[j] * last(2, j);
+    }
+  }
+
+  // Step t of the walk; out[0 .. n) = dL/dcurrent of the row (t, b).
+  template <typename out_t>
+  void step(int64_t b, int64_t t, int64_t j0, int64_t n, const State& s, out_t* out) const {
+    acc_t* g = s.g;
+    acc_t *da = s.da, *dth = s.dth, *das = s.das;
+    const Param& alpha = prm.alpha;
+    const int64_t row = (t * B + b) * N + j0;
+    if (sparse && t > 0) prefetch_row(gs + row - B * N, n);  // the next step's row
+    if (leaky) {
+      if (t < T - 1) {  // G[t] = trace_decay(alpha, R[t+1]) * G[t+1] + ...
+        if (bits) {
+          const int32_t* r = bits + ((t + 1) * B + b) * W;
+          for (int64_t j = 0; j < n; ++j)
+            g[j] *= math::trace_decay(alpha[j0 + j], bit_set(r, j0 + j), reset);
+        } else {
+          for (int64_t j = 0; j < n; ++j) g[j] *= alpha[j0 + j];
+        }
+      }
+    } else {
+      // carry = dL/dV_post[t]: grad_v_final at the last step, else alpha * G[t+1]; the reset
+      // after step t passes it on times (1 - S[t]) (hard) or 1 (soft).
+      if (t < T - 1)
+        for (int64_t j = 0; j < n; ++j) g[j] *= alpha[j0 + j];
+      for (int64_t j = 0; j < n; ++j) s.carry[j] = g[j];
+      if (bits) zero_where_set(g, n, bits + (t * B + b) * W, j0);
+    }
+    if (gm) {
+      for (int64_t j = 0; j < n; ++j) g[j] += static_cast<acc_t>(gm[row + j]);
+      if (track)
+        for (int64_t j = 0; j < n; ++j)
+          math::param_grads(da[j], dth[j], das[j], static_cast<acc_t>(gm[row + j]),
+                            trace(0, 0, row + j), trace(1, 0, row + j), trace(2, 0, row + j), false);
+    }
+    if (sparse) {
+      const int64_t r = b * T + t;
+      const int32_t* lo = std::lower_bound(idx + offs[r], idx + offs[r + 1], static_cast<int32_t>(j0));
+      for (int64_t e = lo - idx; e < offs[r + 1] && idx[e] < j0 + n; ++e) {
+        const int64_t j = idx[e] - j0;
+        if (rg) g[j] += s.carry[j] * static_cast<acc_t>(rg[e]);
+        const acc_t delta = static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[e]);
+        g[j] += delta;
+        if (track && delta != acc_t(0))
+          math::param_grads(da[j], dth[j], das[j], delta, trace(0, e, row + j),
+                            trace(1, e, row + j), trace(2, e, row + j), true);
+      }
+    } else {
+      if (rg)
+        for (int64_t j = 0; j < n; ++j) g[j] += s.carry[j] * static_cast<acc_t>(rg[row + j]);
+      if (track) {
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t delta = static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[row + j]);
+          g[j] += delta;
+          if (delta != acc_t(0))
+            math::param_grads(da[j], dth[j], das[j], delta, trace(0, 0, row + j),
+                              trace(1, 0, row + j), trace(2, 0, row + j), true);
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j)
+          g[j] += static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[row + j]);
+      }
+    }
+    if (ex->syn) {  // G_I[t] = G_V[t] + alpha_syn * G_I[t+1]: the current reaches V through syn
+      for (int64_t j = 0; j < n; ++j) {
+        if (t < T - 1) s.gi[j] *= prm.alpha_syn[j0 + j];
+        s.gi[j] += g[j];
+        out[j] = static_cast<out_t>(s.gi[j]);
+      }
+    } else if (leaky) {
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(g[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(g[j] * input_scale);
+    }
+  }
+
+  // dv_init, dsyn_init and the parameter gradients of the block, after step 0 (or T = 0).
+  void finish(int64_t b, int64_t j0, int64_t n, const State& s) const {
+    const Param& alpha = prm.alpha;
+    if (dvp) {
+      const int32_t* r = bits && leaky ? bits + b * W : nullptr;
+      for (int64_t j = 0; j < n; ++j)
+        dvp[b * N + j0 + j] = static_cast<scalar_t>(  // T = 0: V_final is V_init, g = grad_v_final
+            T > 0 ? math::trace_decay(alpha[j0 + j], r != nullptr && bit_set(r, j0 + j), reset) * s.g[j]
+                  : s.g[j]);
+    }
+    if (ex->dsyn)  // syn[0] = alpha_syn * syn_init + I[0]; T = 0: syn_final is syn_init
+      for (int64_t j = 0; j < n; ++j)
+        ex->dsyn[b * N + j0 + j] = static_cast<scalar_t>(T > 0 ? prm.alpha_syn[j0 + j] * s.gi[j] : s.gi[j]);
+    const acc_t* dpar[3] = {s.da, s.dth, s.das};
+    for (int q = 0; q < 3; ++q)
+      if (ex->dparam[q])
+        for (int64_t j = 0; j < n; ++j) ex->dparam[q][b * N + j0 + j] = static_cast<scalar_t>(dpar[q][j]);
+  }
+};
+
+// The walk over the given tensors (op names the op in errors on the active set).
+template <typename scalar_t, class Param>
+NeuronBackwardWalk<scalar_t, Param> make_backward_walk(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_mem, const at::Tensor& act_sg,
+    const c10::optional<at::Tensor>& act_rg, const c10::optional<at::Tensor>& rst_bits,
+    const at::Tensor& offsets, const at::Tensor& act_idx, const NeuronParams<Param>& prm,
+    bool sparse, bool leaky, double input_scale, const BackwardExtras<scalar_t>& ex,
+    scalar_t* dvp) {
+  NeuronBackwardWalk<scalar_t, Param> w;
+  w.T = grad_spikes.size(0);
+  w.B = grad_spikes.size(1);
+  w.N = grad_spikes.size(2);
+  w.W = bit_words(w.N);
+  w.gs = grad_spikes.data_ptr<scalar_t>();
+  w.gvf = grad_v_final.has_value() ? grad_v_final->data_ptr<scalar_t>() : nullptr;
+  w.gm = grad_mem.has_value() ? grad_mem->data_ptr<scalar_t>() : nullptr;
+  w.sg = act_sg.data_ptr<scalar_t>();
+  w.rg = act_rg.has_value() ? act_rg->data_ptr<scalar_t>() : nullptr;
+  w.bits = rst_bits.has_value() ? rst_bits->data_ptr<int32_t>() : nullptr;
+  w.offs = sparse ? offsets.data_ptr<int64_t>() : nullptr;
+  w.idx = sparse ? act_idx.data_ptr<int32_t>() : nullptr;
+  w.sparse = sparse;
+  w.leaky = leaky;
+  w.track = ex.track();
+  w.reset = rst_bits.has_value() ? kResetZero : kResetSubtract;
+  w.input_scale = static_cast<at::opmath_type<scalar_t>>(input_scale);
+  w.prm = prm;
+  w.ex = &ex;
+  w.dvp = dvp;
+  return w;
+}
+
+// Row offsets of the active set (rows b*T + t), checked against the index length; empty when dense.
+inline at::Tensor active_offsets(const at::Tensor& act_cnt, const at::Tensor& act_idx, int64_t N,
+                                 bool sparse, const char* op) {
+  if (!sparse) return at::empty({0}, act_cnt.options().dtype(at::kLong));
+  at::Tensor offsets = row_offsets(act_cnt, act_idx.numel(), N, op, "act_cnt");
+  check_columns(offsets, act_idx, N, op, "act_idx");
+  return offsets;
+}
+
 template <typename scalar_t, class Param>
 std::tuple<at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
     const c10::optional<at::Tensor>& grad_mem, const at::Tensor& act_cnt, const at::Tensor& act_idx,
     const at::Tensor& act_sg, const c10::optional<at::Tensor>& act_rg,
     const c10::optional<at::Tensor>& rst_bits, const NeuronParams<Param>& prm, bool sparse,
-    bool need_dv, bool leaky, double input_scale_d, const BackwardExtras<scalar_t>& ex) {
+    bool need_dv, bool leaky, double input_scale, const BackwardExtras<scalar_t>& ex) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Walk = NeuronBackwardWalk<scalar_t, Param>;
   const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), N = grad_spikes.size(2);
-  const int64_t W = bit_words(N);
-  const acc_t input_scale = input_scale_d;
-  const Param& alpha = prm.alpha;
-  const int reset = rst_bits.has_value() ? kResetZero : kResetSubtract;
   const bool track = ex.track();
-
   auto grad_current = at::empty({T, B, N}, grad_spikes.options());
   auto dv = at::empty({need_dv ? B : 0, N}, grad_spikes.options());
   if (!need_dv) dv = dv.reshape({0});
-  const scalar_t* gs = grad_spikes.data_ptr<scalar_t>();
-  const scalar_t* gvf = grad_v_final.has_value() ? grad_v_final->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* gm = grad_mem.has_value() ? grad_mem->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* sg = act_sg.data_ptr<scalar_t>();
-  const scalar_t* rg = act_rg.has_value() ? act_rg->data_ptr<scalar_t>() : nullptr;
-  const int32_t* bits = rst_bits.has_value() ? rst_bits->data_ptr<int32_t>() : nullptr;
   scalar_t* gc = grad_current.data_ptr<scalar_t>();
-  scalar_t* dvp = need_dv ? dv.data_ptr<scalar_t>() : nullptr;
-
-  // Row offsets of the active set (rows b*T + t), checked against the index length.
-  const at::Tensor offsets = sparse ? row_offsets(act_cnt, act_idx.numel(), N, "lif_neuron_backward",
-                                                  "act_cnt")
-                                    : at::empty({0}, act_cnt.options().dtype(at::kLong));
-  if (sparse) check_columns(offsets, act_idx, N, "lif_neuron_backward", "act_idx");
-  const int64_t* offs = sparse ? offsets.data_ptr<int64_t>() : nullptr;
-  const int32_t* idx = sparse ? act_idx.data_ptr<int32_t>() : nullptr;
-  // the trace k of an entry (global index e of the active set, or position at in [T, B, N])
-  auto trace = [&](int k, int64_t e, int64_t at) -> acc_t {
-    const scalar_t* p = ex.tr[k];
-    return p == nullptr ? acc_t(0) : static_cast<acc_t>(p[ex.dense_traces ? at : e]);
-  };
+  const at::Tensor offsets = active_offsets(act_cnt, act_idx, N, sparse, "lif_neuron_backward");
+  const Walk walk = make_backward_walk<scalar_t>(grad_spikes, grad_v_final, grad_mem, act_sg, act_rg,
+                                                 rst_bits, offsets, act_idx, prm, sparse, leaky,
+                                                 input_scale, ex, need_dv ? dv.data_ptr<scalar_t>() : nullptr);
 
   const int64_t blocks = (N + kNeuronBlock - 1) / kNeuronBlock;
   at::parallel_for(0, B * blocks, grain_for(T * std::min(N, kNeuronBlock)), [&](int64_t k0, int64_t k1) {
-    // g: G[t] = dL/dV[t] (leaky) or dL/dH[t] (SpikingJelly); carry: dL/dV_post[t] (SpikingJelly).
     const int64_t nb = std::min(N, kNeuronBlock);
     std::vector<acc_t> g(nb), carry(leaky ? 0 : nb), gi(ex.syn ? nb : 0);
     std::vector<acc_t> dpar(track ? 3 * nb : 0);  // d_alpha, d_threshold, d_alpha_syn
     std::vector<scalar_t> gc_stage(nb);
+    const typename Walk::State s{g.data(), carry.data(), gi.data(), dpar.data(),
+                                 dpar.data() + (track ? nb : 0), dpar.data() + (track ? 2 * nb : 0)};
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b = k / blocks, j0 = (k % blocks) * kNeuronBlock;
       const int64_t n = std::min(N - j0, kNeuronBlock);
-      acc_t* da = dpar.data();
-      acc_t* dth = da + nb;
-      acc_t* das = dth + nb;
-      for (int64_t j = 0; j < n; ++j) g[j] = gvf ? static_cast<acc_t>(gvf[b * N + j0 + j]) : acc_t(0);
-      if (ex.syn)
-        for (int64_t j = 0; j < n; ++j)
-          gi[j] = ex.grad_syn_final ? static_cast<acc_t>(ex.grad_syn_final[b * N + j0 + j]) : acc_t(0);
-      if (track) {
-        std::fill(dpar.begin(), dpar.end(), acc_t(0));
-        const scalar_t* tl = ex.tan_last;
-        auto last = [&](int q, int64_t j) { return static_cast<acc_t>(tl[(q * B + b) * N + j0 + j]); };
-        if (gvf)
-          for (int64_t j = 0; j < n; ++j)
-            math::param_grads(da[j], dth[j], das[j], g[j], last(0, j), last(1, j), last(3, j), false);
-        if (ex.grad_syn_final)
-          for (int64_t j = 0; j < n; ++j) das[j] += gi[j] * last(2, j);
-      }
+      walk.begin(b, j0, n, s);
       for (int64_t t = T - 1; t >= 0; --t) {
-        const int64_t row = (t * B + b) * N + j0;
-        if (sparse && t > 0) prefetch_row(gs + row - B * N, n);  // the next step's row
-        if (leaky) {
-          if (t < T - 1) {  // G[t] = trace_decay(alpha, R[t+1]) * G[t+1] + ...
-            if (bits) {
-              const int32_t* r = bits + ((t + 1) * B + b) * W;
-              for (int64_t j = 0; j < n; ++j)
-                g[j] *= math::trace_decay(alpha[j0 + j], bit_set(r, j0 + j), reset);
-            } else {
-              for (int64_t j = 0; j < n; ++j) g[j] *= alpha[j0 + j];
-            }
-          }
-        } else {
-          // carry = dL/dV_post[t]: grad_v_final at the last step, else alpha * G[t+1]; the reset
-          // after step t passes it on times (1 - S[t]) (hard) or 1 (soft).
-          if (t < T - 1)
-            for (int64_t j = 0; j < n; ++j) g[j] *= alpha[j0 + j];
-          for (int64_t j = 0; j < n; ++j) carry[j] = g[j];
-          if (bits) zero_where_set(g.data(), n, bits + (t * B + b) * W, j0);
-        }
-        if (gm) {
-          for (int64_t j = 0; j < n; ++j) g[j] += static_cast<acc_t>(gm[row + j]);
-          if (track)
-            for (int64_t j = 0; j < n; ++j)
-              math::param_grads(da[j], dth[j], das[j], static_cast<acc_t>(gm[row + j]),
-                                trace(0, 0, row + j), trace(1, 0, row + j), trace(2, 0, row + j), false);
-        }
-        if (sparse) {
-          const int64_t r = b * T + t;
-          const int32_t* lo = std::lower_bound(idx + offs[r], idx + offs[r + 1], static_cast<int32_t>(j0));
-          for (int64_t e = lo - idx; e < offs[r + 1] && idx[e] < j0 + n; ++e) {
-            const int64_t j = idx[e] - j0;
-            if (rg) g[j] += carry[j] * static_cast<acc_t>(rg[e]);
-            const acc_t delta = static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[e]);
-            g[j] += delta;
-            if (track && delta != acc_t(0))
-              math::param_grads(da[j], dth[j], das[j], delta, trace(0, e, row + j),
-                                trace(1, e, row + j), trace(2, e, row + j), true);
-          }
-        } else {
-          if (rg)
-            for (int64_t j = 0; j < n; ++j) g[j] += carry[j] * static_cast<acc_t>(rg[row + j]);
-          if (track) {
-            for (int64_t j = 0; j < n; ++j) {
-              const acc_t delta = static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[row + j]);
-              g[j] += delta;
-              if (delta != acc_t(0))
-                math::param_grads(da[j], dth[j], das[j], delta, trace(0, 0, row + j),
-                                  trace(1, 0, row + j), trace(2, 0, row + j), true);
-            }
-          } else {
-            for (int64_t j = 0; j < n; ++j)
-              g[j] += static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[row + j]);
-          }
-        }
+        walk.step(b, t, j0, n, s, gc_stage.data());
         // dL/dcurrent of the row, staged and streamed out (stream_copy): the rows of one task lie
         // B*N apart, and a plain store would read each line in before writing it
-        if (ex.syn) {  // G_I[t] = G_V[t] + alpha_syn * G_I[t+1]: the current reaches V through syn
-          for (int64_t j = 0; j < n; ++j) {
-            if (t < T - 1) gi[j] *= prm.alpha_syn[j0 + j];
-            gi[j] += g[j];
-            gc_stage[j] = static_cast<scalar_t>(gi[j]);
-          }
-        } else if (leaky) {
-          for (int64_t j = 0; j < n; ++j) gc_stage[j] = static_cast<scalar_t>(g[j]);
-        } else {
-          for (int64_t j = 0; j < n; ++j) gc_stage[j] = static_cast<scalar_t>(g[j] * input_scale);
-        }
-        stream_copy(gc + row, gc_stage.data(), n);
+        stream_copy(gc + (t * B + b) * N + j0, gc_stage.data(), n);
       }
-      if (dvp) {
-        const int32_t* r = bits && leaky ? bits + b * W : nullptr;
-        for (int64_t j = 0; j < n; ++j)
-          dvp[b * N + j0 + j] = static_cast<scalar_t>(  // T = 0: V_final is V_init, g = grad_v_final
-              T > 0 ? math::trace_decay(alpha[j0 + j], r != nullptr && bit_set(r, j0 + j), reset) * g[j]
-                    : g[j]);
-      }
-      if (ex.dsyn)  // syn[0] = alpha_syn * syn_init + I[0]; T = 0: syn_final is syn_init
-        for (int64_t j = 0; j < n; ++j)
-          ex.dsyn[b * N + j0 + j] = static_cast<scalar_t>(T > 0 ? prm.alpha_syn[j0 + j] * gi[j] : gi[j]);
-      for (int q = 0; q < 3; ++q)
-        if (ex.dparam[q])
-          for (int64_t j = 0; j < n; ++j)
-            ex.dparam[q][b * N + j0 + j] = static_cast<scalar_t>(dpar[q * nb + j]);
+      walk.finish(b, j0, n, s);
     }
     stream_fence();
   });
@@ -772,6 +847,54 @@ ParamLayerOutputs lif_param_forward_cpu(
   return out;
 }
 
+// The tensor-parameter backward's parameters, traces and outputs dsyn_init, d_alpha,
+// d_threshold, d_alpha_syn ([B, N] or empty), shared by the neuron op and the fused layer.
+struct ParamBackwardTensors {
+  at::Tensor alpha, tan_last, dsyn, tr[3], dparam[3];
+  c10::optional<at::Tensor> alpha_syn, grad_syn_final;
+  bool track = false;
+
+  ParamBackwardTensors(const at::TensorOptions& opts, int64_t B, int64_t N, const at::Tensor& alpha_in,
+                       const c10::optional<at::Tensor>& alpha_syn_in,
+                       const c10::optional<at::Tensor>& grad_syn_final_in, const at::Tensor& act_p,
+                       const at::Tensor& act_q, const at::Tensor& act_u, const at::Tensor& tan_last_in,
+                       bool need_dsyn, bool need_dalpha, bool need_dthreshold, bool need_dalpha_syn)
+      : alpha(alpha_in.contiguous()),
+        tan_last(tan_last_in.contiguous()),
+        alpha_syn(contiguous(alpha_syn_in)),
+        grad_syn_final(contiguous(grad_syn_final_in)) {
+    dsyn = need_dsyn ? at::empty({B, N}, opts) : at::empty({0}, opts);
+    const bool need[3] = {need_dalpha, need_dthreshold, need_dalpha_syn};
+    for (int q = 0; q < 3; ++q) dparam[q] = need[q] ? at::empty({B, N}, opts) : at::empty({0}, opts);
+    tr[0] = act_p.contiguous();
+    tr[1] = act_q.contiguous();
+    tr[2] = act_u.contiguous();
+    track = need_dalpha || need_dthreshold || need_dalpha_syn;
+  }
+
+  // the backward reads alpha, and alpha_syn with a synaptic current only (never threshold)
+  template <typename acc_t>
+  NeuronParams<RowParam<acc_t>> params() const {
+    return {{alpha.data_ptr<acc_t>()}, {nullptr},
+            {alpha_syn.has_value() ? alpha_syn->data_ptr<acc_t>() : nullptr}};
+  }
+
+  template <typename scalar_t>
+  BackwardExtras<scalar_t> extras(bool dense_traces) const {
+    BackwardExtras<scalar_t> ex;
+    ex.syn = alpha_syn.has_value();
+    ex.grad_syn_final = ptr_or_null<scalar_t>(grad_syn_final);
+    ex.dsyn = dsyn.numel() ? dsyn.data_ptr<scalar_t>() : nullptr;
+    for (int q = 0; q < 3; ++q) {
+      ex.tr[q] = track && tr[q].numel() ? tr[q].data_ptr<scalar_t>() : nullptr;
+      ex.dparam[q] = dparam[q].numel() ? dparam[q].data_ptr<scalar_t>() : nullptr;
+    }
+    ex.tan_last = track ? tan_last.data_ptr<scalar_t>() : nullptr;
+    ex.dense_traces = dense_traces;
+    return ex;
+  }
+};
+
 ParamNeuronGrads lif_neuron_param_backward_cpu(
     const at::Tensor& grad_spikes_in, const c10::optional<at::Tensor>& grad_v_final,
     const c10::optional<at::Tensor>& grad_syn_final, const c10::optional<at::Tensor>& grad_mem,
@@ -786,41 +909,130 @@ ParamNeuronGrads lif_neuron_param_backward_cpu(
       act_q, act_u, tan_last, rst_bits, alpha_in, alpha_syn_in, sparse, dense_traces, need_dsyn,
       need_dalpha, need_dthreshold, need_dalpha_syn);
   const at::Tensor grad_spikes = grad_spikes_in.contiguous();
-  const int64_t B = grad_spikes.size(1), N = grad_spikes.size(2);
-  const auto opts = grad_spikes.options();
-  const at::Tensor alpha = alpha_in.contiguous();
-  const auto alpha_syn = contiguous(alpha_syn_in);
-  auto dsyn = need_dsyn ? at::empty({B, N}, opts) : at::empty({0}, opts);
-  at::Tensor dparam[3];
-  const bool need[3] = {need_dalpha, need_dthreshold, need_dalpha_syn};
-  for (int q = 0; q < 3; ++q) dparam[q] = need[q] ? at::empty({B, N}, opts) : at::empty({0}, opts);
-  const at::Tensor tr[3] = {act_p.contiguous(), act_q.contiguous(), act_u.contiguous()};
-  const at::Tensor tl = tan_last.contiguous();
+  const ParamBackwardTensors pt(grad_spikes.options(), grad_spikes.size(1), grad_spikes.size(2),
+                                alpha_in, alpha_syn_in, grad_syn_final, act_p, act_q, act_u,
+                                tan_last, need_dsyn, need_dalpha, need_dthreshold, need_dalpha_syn);
   std::tuple<at::Tensor, at::Tensor> gd;
   AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "lif_neuron_param_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // the backward reads alpha, and alpha_syn with a synaptic current only (never threshold)
-    const NeuronParams<RowParam<acc_t>> prm{
-        {alpha.data_ptr<acc_t>()}, {nullptr},
-        {alpha_syn.has_value() ? alpha_syn->data_ptr<acc_t>() : nullptr}};
-    BackwardExtras<scalar_t> ex;
-    ex.syn = alpha_syn.has_value();
-    const auto gsf = contiguous(grad_syn_final);
-    ex.grad_syn_final = ptr_or_null<scalar_t>(gsf);
-    ex.dsyn = need_dsyn ? dsyn.data_ptr<scalar_t>() : nullptr;
-    const bool track = need_dalpha || need_dthreshold || need_dalpha_syn;
-    for (int q = 0; q < 3; ++q) {
-      ex.tr[q] = track && tr[q].numel() ? tr[q].data_ptr<scalar_t>() : nullptr;
-      ex.dparam[q] = need[q] ? dparam[q].data_ptr<scalar_t>() : nullptr;
-    }
-    ex.tan_last = track ? tl.data_ptr<scalar_t>() : nullptr;
-    ex.dense_traces = dense_traces;
     gd = backward_impl<scalar_t>(grad_spikes, contiguous(grad_v_final), contiguous(grad_mem),
                                  act_cnt.contiguous(), act_idx.contiguous(), act_sg.contiguous(),
-                                 c10::nullopt, has_rst ? contiguous(rst_bits) : c10::nullopt, prm,
-                                 sparse, need_dv, true, 1.0, ex);
+                                 c10::nullopt, has_rst ? contiguous(rst_bits) : c10::nullopt,
+                                 pt.params<acc_t>(), sparse, need_dv, true, 1.0,
+                                 pt.extras<scalar_t>(dense_traces));
   });
-  return {std::get<0>(gd), std::get<1>(gd), dsyn, dparam[0], dparam[1], dparam[2]};
+  return {std::get<0>(gd), std::get<1>(gd), pt.dsyn, pt.dparam[0], pt.dparam[1], pt.dparam[2]};
+}
+
+// The fused layer's injections for the tiled walk (tiled_backward.h): at each step a group's
+// dL/dI rows come from the neuron's reverse walk of its neurons, so dL/dI [T, B, N] is never
+// stored. The walk's state lies in [N] arrays, each group on its own lanes (the groups run in
+// parallel); begin at t = T-1, finish after t = 0, as the tiled walk visits b, then t = T-1 .. 0.
+template <typename scalar_t>
+struct NeuronInject {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Walk = NeuronBackwardWalk<scalar_t, RowParam<acc_t>>;
+  static_assert(std::is_same<scalar_t, acc_t>::value, "dL/dI goes to the walk unrounded");
+  const Walk* walk = nullptr;
+  int64_t T = 0, n_out = 0;
+  // [5][stride]: g, gi, d_alpha, d_threshold, d_alpha_syn; stride whole tiles and the base
+  // aligned to them, so that no cache line holds two groups' lanes (written every step)
+  acc_t* state = nullptr;
+  int64_t stride = 0;
+
+  typename Walk::State at(int64_t j0) const {
+    acc_t* s = state + j0;
+    return {s, nullptr, s + stride, s + 2 * stride, s + 3 * stride, s + 4 * stride};
+  }
+  // As ReadoutInject's reduce "none" read of dL/dI: every lane of the span, zeros past N.
+  bool operator()(int64_t b, int64_t t, int64_t j_lo, int64_t span, acc_t* buf) const {
+    const int64_t n = std::max<int64_t>(0, std::min(span, n_out - j_lo));
+    const typename Walk::State s = at(j_lo);
+    if (t == T - 1) walk->begin(b, j_lo, n, s);
+    walk->step(b, t, j_lo, n, s, buf);
+    std::fill(buf + n, buf + span, acc_t(0));
+    if (t == 0) walk->finish(b, j_lo, n, s);
+    return n > 0;
+  }
+};
+
+using ParamLayerGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                   at::Tensor, at::Tensor, at::Tensor>;
+
+// The fused tensor-parameter layer's backward (op_schemas.h, lif_param_backward): the neuron's
+// reverse walk feeds dL/dI to the tiled events walk with trace decay 0 (what
+// li_readout_backward at alpha = 0 does with a stored dL/dI), in the same order per element, so
+// the gradients have the bits of lif_neuron_param_backward then li_readout_backward.
+ParamLayerGrads lif_param_backward_cpu(
+    const at::Tensor& grad_spikes_in, const c10::optional<at::Tensor>& grad_v_final,
+    const c10::optional<at::Tensor>& grad_syn_final, const c10::optional<at::Tensor>& grad_mem,
+    const at::Tensor& act_cnt, const at::Tensor& act_idx, const at::Tensor& act_sg,
+    const at::Tensor& act_p, const at::Tensor& act_q, const at::Tensor& act_u,
+    const at::Tensor& tan_last, const c10::optional<at::Tensor>& rst_bits,
+    const at::Tensor& alpha_in, const c10::optional<at::Tensor>& alpha_syn_in,
+    const at::Tensor& weight_in, const at::Tensor& ev_cnt, const at::Tensor& ev_idx_in,
+    const at::Tensor& ev_val_in, const c10::optional<at::Tensor>& prev_cnt,
+    const c10::optional<at::Tensor>& prev_idx_in, bool sparse, bool dense_traces, bool need_dx,
+    bool need_dw, bool need_db, bool need_dv, bool need_dsyn, bool need_dalpha,
+    bool need_dthreshold, bool need_dalpha_syn) {
+  const char* op = "lif_param_backward";
+  const bool has_rst = check_lif_param_backward_args(
+      grad_spikes_in, grad_v_final, grad_syn_final, grad_mem, act_cnt, act_idx, act_sg, act_p,
+      act_q, act_u, tan_last, rst_bits, alpha_in, alpha_syn_in, weight_in, ev_cnt, ev_idx_in,
+      ev_val_in, prev_cnt, prev_idx_in, sparse, dense_traces, need_dx, need_dsyn, need_dalpha,
+      need_dthreshold, need_dalpha_syn);
+  const at::Tensor grad_spikes = grad_spikes_in.contiguous(), weight = weight_in.contiguous();
+  const int64_t T = grad_spikes.size(0), B = grad_spikes.size(1), N = grad_spikes.size(2),
+                n_in = weight.size(1);
+  const at::Tensor ev_idx = ev_idx_in.contiguous(), ev_val = ev_val_in.contiguous();
+  const at::Tensor ev_ptr = row_offsets(ev_cnt, ev_idx.numel(), n_in, op, "ev_cnt");
+  check_index_range(ev_idx, n_in, op, "ev_idx");
+  const auto prev_idx = contiguous(prev_idx_in);
+  c10::optional<at::Tensor> prev_ptr;
+  if (prev_cnt.has_value()) prev_ptr = row_offsets(*prev_cnt, prev_idx->numel(), n_in, op, "prev_cnt");
+  if (prev_idx.has_value() && need_dx) check_index_range(*prev_idx, n_in, op, "prev_idx");
+  const at::Tensor a_idx = act_idx.contiguous(), a_sg = act_sg.contiguous();
+  const at::Tensor offsets = active_offsets(act_cnt.contiguous(), a_idx, N, sparse, op);
+  const auto gvf = contiguous(grad_v_final), gm = contiguous(grad_mem);
+  const auto bits = has_rst ? contiguous(rst_bits) : c10::nullopt;
+  const auto opts = grad_spikes.options();
+  const ParamBackwardTensors pt(opts, B, N, alpha_in, alpha_syn_in, grad_syn_final, act_p, act_q,
+                                act_u, tan_last, need_dsyn, need_dalpha, need_dthreshold,
+                                need_dalpha_syn);
+  // T = 0: no step, so nothing reaches W, b or x
+  auto layer_grad = [&](bool need, at::IntArrayRef shape) {
+    return !need ? at::empty({0}, opts) : T > 0 ? at::empty(shape, opts) : at::zeros(shape, opts);
+  };
+  const at::Tensor dw = layer_grad(need_dw, {N, n_in}), db = layer_grad(need_db, {N}),
+                   dx = layer_grad(need_dx, {T, B, n_in}), dv = layer_grad(need_dv, {B, N});
+  AT_DISPATCH_FLOATING_TYPES(grad_spikes.scalar_type(), "lif_param_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardExtras<scalar_t> ex = pt.extras<scalar_t>(dense_traces);
+    const NeuronBackwardWalk<scalar_t, RowParam<acc_t>> walk = make_backward_walk<scalar_t>(
+        grad_spikes, gvf, gm, a_sg, c10::nullopt, bits, offsets, a_idx, pt.params<acc_t>(),
+        sparse, true, 1.0, ex, need_dv ? dv.data_ptr<scalar_t>() : nullptr);
+    const int64_t tiles = std::max<int64_t>(1, Padded<acc_t>::tiles(N));
+    std::unique_ptr<typename TileVec<acc_t>::type[]> state(new typename TileVec<acc_t>::type[5 * tiles]);
+    NeuronInject<scalar_t> inject;
+    inject.walk = &walk;
+    inject.T = T;
+    inject.n_out = N;
+    inject.state = reinterpret_cast<acc_t*>(state.get());
+    inject.stride = tiles * tile_lanes<acc_t>();
+    if (T == 0) {  // the tiled walk takes no step: the neuron's start and end only
+      for (int64_t b = 0; b < B; ++b) {
+        walk.begin(b, 0, N, inject.at(0));
+        walk.finish(b, 0, N, inject.at(0));
+      }
+      return;
+    }
+    at::Tensor weight_t;
+    const TiledProblem<scalar_t> p = events_problem<scalar_t>(
+        T, B, weight, ev_ptr, ev_idx, ev_val, prev_ptr, prev_idx, 0.0, weight_t,
+        need_dx ? dx : at::Tensor(), need_dw ? dw : at::Tensor(), need_db ? db : at::Tensor());
+    tiled_backward<scalar_t>(p, inject);
+  });
+  return {dx, dw, db, dv, pt.dsyn, pt.dparam[0], pt.dparam[1], pt.dparam[2]};
 }
 
 }  // namespace
@@ -831,6 +1043,7 @@ TORCH_LIBRARY_IMPL(sparsegrad, CPU, m) {
   m.impl("lif_neuron_param_forward", SG_FLOAT32_MATH(lif_neuron_param_forward_cpu));
   m.impl("lif_neuron_param_backward", SG_FLOAT32_MATH(lif_neuron_param_backward_cpu));
   m.impl("lif_param_forward", SG_FLOAT32_MATH(lif_param_forward_cpu));
+  m.impl("lif_param_backward", SG_FLOAT32_MATH(lif_param_backward_cpu));
 }
 
 }  // namespace cpu

@@ -327,6 +327,47 @@ void write_restricted_dx(const TiledProblem<scalar_t>& p, const at::opmath_type<
   });
 }
 
+// A readout walk's sizes and decay (TiledProblem or TraceProblem): U = alpha U + (1 - alpha) I.
+template <class Problem, typename acc_t>
+void set_readout_dims(Problem& p, int64_t T, int64_t B, int64_t n_in, int64_t n_out, acc_t alpha) {
+  p.T = T; p.B = B; p.n_in = n_in; p.n_out = n_out;
+  p.alpha = alpha;
+  p.scale = acc_t(1) - alpha;
+}
+
+// The problem of a walk with trace decay alpha fed by dL/dU (the readout, and the fused
+// tensor-parameter layer at alpha = 0): dW by x's events, db, and dx on the producer's set when
+// prev_ptr is given (W^T padded into weight_t, which the caller keeps alive). The outputs are the
+// tensors given, or null where undefined.
+template <typename scalar_t>
+TiledProblem<scalar_t> events_problem(int64_t T, int64_t B, const at::Tensor& weight,
+                                      const at::Tensor& ev_ptr, const at::Tensor& ev_idx,
+                                      const at::Tensor& ev_val,
+                                      const c10::optional<at::Tensor>& prev_ptr,
+                                      const c10::optional<at::Tensor>& prev_idx, double alpha,
+                                      at::Tensor& weight_t, const at::Tensor& dx,
+                                      const at::Tensor& dw, const at::Tensor& db) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n_out = weight.size(0), n_in = weight.size(1);
+  TiledProblem<scalar_t> p;
+  set_readout_dims(p, T, B, n_in, n_out, static_cast<acc_t>(alpha));
+  p.ev_off = ev_ptr.data_ptr<int64_t>();
+  p.ev_idx = ev_idx.data_ptr<int32_t>();
+  p.ev_val = ev_val.numel() > 0 ? ev_val.data_ptr<scalar_t>() : nullptr;
+  if (dx.defined() && prev_ptr.has_value()) {
+    p.width = Padded<acc_t>::width(n_out);
+    weight_t = at::zeros({n_in, p.width}, weight.options());
+    if (weight.numel() > 0) weight_t.narrow(1, 0, n_out).copy_(weight.t());
+    p.weight_t = weight_t.data_ptr<scalar_t>();
+    p.prev_off = prev_ptr->data_ptr<int64_t>();
+    p.prev_idx = prev_idx->data_ptr<int32_t>();
+    p.dx = dx.data_ptr<scalar_t>();
+  }
+  p.dw = dw.defined() ? dw.data_ptr<scalar_t>() : nullptr;
+  p.db = db.defined() ? db.data_ptr<scalar_t>() : nullptr;
+  return p;
+}
+
 // dW, db, dv and (with prev_off) restricted dx of p, by the tiled walk.
 template <typename scalar_t, typename Inject>
 void tiled_backward(const TiledProblem<scalar_t>& p_in, const Inject& inject) {
