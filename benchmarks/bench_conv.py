@@ -233,7 +233,7 @@ def dvs_net_bench(args, device, dtype, batchnorm=False):
             if getattr(layer, "last_stats", None) is not None:
                 rates[f"layer{i}_spike_rate"] = layer.last_stats.spike_rate
                 rates[f"layer{i}_active_fraction"] = layer.last_stats.active_fraction
-    results = {}
+    results, cases = {}, {}
     for name, fwd, params in (("spikingjelly", sj_forward, list(net.parameters())),
                               ("sparsegrad sparse", lambda: model(x), list(model.parameters()))):
         opt = torch.optim.Adam(params, lr=1e-3)
@@ -244,13 +244,16 @@ def dvs_net_bench(args, device, dtype, batchnorm=False):
             loss.backward()
             opt.step()
 
-        times = common.measure(fwd, back, device=device, repeats=args.repeats, warmup=args.warmup)
+        cases[name] = (fwd, back, common.weight_reset(params))
         mem = common.guarded_peak_memory(lambda f=fwd, b=back: b(f()), device)
         _, nbytes, ntensors = common.saved_bytes(fwd, exclude=params + [x])
-        results[name] = dict(time=times, peak_memory=mem, saved_bytes=nbytes,
-                             saved_tensors=ntensors)
+        results[name] = dict(peak_memory=mem, saved_bytes=nbytes, saved_tensors=ntensors)
         if args.profile:
             results[name]["profile"] = profile_step(lambda f=fwd, b=back: b(f()), name)
+    # steps of the two libraries in alternation (common.measure_interleaved)
+    for name, times in common.measure_interleaved(cases, device=device, repeats=args.repeats,
+                                                  warmup=args.warmup).items():
+        results[name]["time"] = times
     base = results["spikingjelly"]
     rows = [[name, common.fmt_ms(r["time"]["forward"]), common.fmt_ms(r["time"]["backward"]),
              common.fmt_ms(r["time"]["total"]),
@@ -362,7 +365,7 @@ def main(argv=None):
             layer = hidden[i] if getattr(hidden[i], "last_stats", None) is not None else hidden[j]
             rates[f"active_fraction_{i}"] = layer.last_stats.active_fraction
 
-    results = {}
+    results, cases = {}, {}
     runners = {
         "snntorch": (lambda: snntorch_forward(original, utils, x), original.parameters()),
         "sparsegrad sparse": (lambda: converted["sparse"](x), converted["sparse"].parameters()),
@@ -371,10 +374,13 @@ def main(argv=None):
     for name, (fwd, params) in runners.items():
         params = list(params)
         run, back, step = make_step(fwd, params, loss_fn, y)
-        times = common.measure(run, back, device=device, repeats=args.repeats, warmup=args.warmup)
+        cases[name] = (run, back, common.weight_reset(params))
         mem = common.guarded_peak_memory(step, device)
         _, nbytes, ntensors = common.saved_bytes(fwd, exclude=params + [x])
-        results[name] = dict(time=times, peak_memory=mem, saved_bytes=nbytes, saved_tensors=ntensors)
+        results[name] = dict(peak_memory=mem, saved_bytes=nbytes, saved_tensors=ntensors)
+    for name, times in common.measure_interleaved(cases, device=device, repeats=args.repeats,
+                                                  warmup=args.warmup).items():
+        results[name]["time"] = times
 
     folding = folding_check(snn, surrogate, steps, (2, 8) if args.quick else FOLD_BATCHES, g, dtype)
 

@@ -131,14 +131,12 @@ class SnnTorchNet(nn.Module):
 
 
 def time_steps(model, x, y, steps, warmup):
-    """Median step time over `steps` training steps, every one from the same weights: after each
-    step the parameters are put back (outside the timed region). Training on the benchmark's
-    random labels drives the firing rates up (the synaptic network's from 2 % to 18 % in ten Adam
-    steps), and sparsegrad's cost follows the rates: without the reset each step would time
-    another network. Also returns the hidden layers' spike rates of the timed steps."""
+    """Median step time over `steps` training steps, every one from the same weights (the
+    parameters are put back after each step, untimed: common.weight_reset). Also returns the
+    hidden layers' spike rates of the timed steps."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
-    start = [p.detach().clone() for p in model.parameters()]
+    reset = common.weight_reset(model.parameters())
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
@@ -148,9 +146,7 @@ def time_steps(model, x, y, steps, warmup):
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-        with torch.no_grad():
-            for p, p0 in zip(model.parameters(), start):
-                p.copy_(p0)
+        reset()
     out = common.summarize(times)
     out["hidden_rates"] = hidden_rates(model, x)
     return out

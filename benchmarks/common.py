@@ -121,6 +121,37 @@ def inf_summary() -> dict:
                 max=math.inf, n=0, samples=[])
 
 
+def weight_reset(params) -> Callable[[], None]:
+    """A reset for measure(): puts the parameters back to their values now. Training steps on a
+    benchmark's fixed batch move the firing rates (random labels drove a synaptic SHD network
+    from 2 % to 18 % spikes in ten Adam steps), and a sparse method's cost follows the rates:
+    every timed step should run the same network."""
+    params = list(params)
+    start = [p.detach().clone() for p in params]
+
+    def reset():
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+    return reset
+
+
+def measure_interleaved(cases: Dict[str, tuple], *, device, repeats: int, warmup: int = 1
+                        ) -> Dict[str, Dict[str, dict]]:
+    """measure() for several methods in alternation: round r times one repetition of every case
+    (name -> (forward, backward, reset)), so that a slow period of a shared machine falls on all
+    of them alike and their ratios stay meaningful. Returns {name: measure()'s result}."""
+    samples = {name: ([], [], []) for name in cases}
+    for rep in range(warmup + repeats):
+        for name, (forward, backward, reset) in cases.items():
+            one = measure(forward, backward, device=device, repeats=1, warmup=0, reset=reset)
+            if rep >= warmup:
+                for acc, key in zip(samples[name], ("forward", "backward", "total")):
+                    acc.append(one[key]["median"] / 1e3)
+    return {name: {"forward": summarize(f), "backward": summarize(b), "total": summarize(t)}
+            for name, (f, b, t) in samples.items()}
+
+
 def measure(forward: Callable[[], object], backward: Optional[Callable[[object], None]] = None,
             *, device, repeats: int, warmup: int = 1,
             reset: Optional[Callable[[], None]] = None) -> Dict[str, dict]:
