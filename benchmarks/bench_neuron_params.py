@@ -130,25 +130,30 @@ class SnnTorchNet(nn.Module):
         return self.readout(h)
 
 
-def time_steps(model, x, y, steps, warmup):
-    """Median step time over `steps` training steps, every one from the same weights (the
-    parameters are put back after each step, untimed: common.weight_reset). Also returns the
-    hidden layers' spike rates of the timed steps."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+def time_steps(models, x, y, steps, warmup):
+    """Median step time of each model over `steps` training steps, the models' steps in
+    alternation (a slow period of a shared machine falls on all of them alike), every step from
+    the same weights (the parameters are put back after each step, untimed: common.weight_reset).
+    Also returns each model's hidden spike rates of the timed steps."""
     loss_fn = nn.CrossEntropyLoss()
-    reset = common.weight_reset(model.parameters())
-    times = []
+    runs = {}
+    for name, model in models.items():
+        runs[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3),
+                      common.weight_reset(model.parameters()), [])
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        reset()
-    out = common.summarize(times)
-    out["hidden_rates"] = hidden_rates(model, x)
+        for name, (model, opt, reset, times) in runs.items():
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            reset()
+    out = {}
+    for name, (model, _, _, times) in runs.items():
+        out[name] = common.summarize(times)
+        out[name]["hidden_rates"] = hidden_rates(model, x)
     return out
 
 
@@ -219,11 +224,10 @@ def main(argv=None):
             print(f"check {ours} vs {theirs}: max |logit difference| {err:.2e}")
             if err > 5e-2:
                 raise SystemExit(f"{ours} and {theirs} disagree (max difference {err})")
-    results = {}
-    for name, make in nets.items():
-        results[name] = time_steps(make(), x, y, args.repeats, args.warmup)
-        print(f"{name:18s} step median {results[name]['median']:9.1f} ms "
-              f"(IQR {results[name]['iqr']:.1f})")
+    results = time_steps({name: make() for name, make in nets.items()}, x, y, args.repeats,
+                         args.warmup)
+    for name, r in results.items():
+        print(f"{name:18s} step median {r['median']:9.1f} ms (IQR {r['iqr']:.1f})")
     med = {k: v["median"] for k, v in results.items()}
     ratios = {
         "learn_speedup_vs_snntorch": med["snntorch_learn"] / med["sparsegrad_learn"],
