@@ -297,9 +297,11 @@ class _LinearParamLIF(torch.autograd.Function):
             setattr(spikes, ops.SAVED_SET_ATTR, act_set)
         ctx.cfg = (T, B, n_in, sparse, reset == "zero", as_row is not None, bias is not None,
                    v_init is not None, syn_init is not None, has_prev, tuple(need), return_mem)
-        ctx.mark_non_differentiable(act_cnt, act_idx, stats)
+        # the events are returned too (unused by the callers): under torch.compile their
+        # data-dependent sizes must reach the traced region's outputs
+        ctx.mark_non_differentiable(act_cnt, act_idx, stats, ev_idx, ev_val)
         ctx.set_materialize_grads(False)
-        return spikes, v_final, syn_final, mem, act_cnt, act_idx, stats
+        return spikes, v_final, syn_final, mem, act_cnt, act_idx, stats, ev_idx, ev_val
 
     @staticmethod
     def backward(ctx, g_spikes, g_v, g_syn, g_mem, *_):
@@ -398,7 +400,7 @@ def _param_layer(x, weight, bias, alpha, threshold, alpha_syn, b_th, slope, surr
             for p in (alpha, threshold, alpha_syn)]
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and r is not None and r.requires_grad) for r in rows)
-    spikes, v_final, syn_final, _mem, act_cnt, act_idx, stats = _LinearParamLIF.apply(
+    spikes, v_final, syn_final, _mem, act_cnt, act_idx, stats, _ev_idx, _ev_val = _LinearParamLIF.apply(
         k(x), k(weight), k(bias), k(v_init), k(s_init), k(syn_init), rows[0], rows[1], rows[2],
         b_th, slope, sparse, surrogate, reset, need, False, x_cnt, x_idx)
     if kd != x.dtype:
@@ -697,7 +699,7 @@ def _readout_tensor_alpha(x, weight, bias, alpha, reduce, producer=(None, None))
     b = bias.to(kd) * keep if bias is not None else None
     never = torch.full((n_out,), math.inf, dtype=kd, device=x.device)  # never fires, never active
     need = (bool(torch.is_grad_enabled() and a_row.requires_grad), False, False)
-    _s, _v, _syn, mem, _c, _i, _st = _LinearParamLIF.apply(
+    _s, _v, _syn, mem, _c, _i, _st, _ei, _ev = _LinearParamLIF.apply(
         x.to(kd), w, b, None, None, None, a_row, never, None, 1.0, 1.0, True, "fast_sigmoid",
         "none", need, True, producer[0], producer[1])
     mem = mem.to(x.dtype)

@@ -294,3 +294,37 @@ def test_layer_backward_route(x_grad):
         else:
             assert fused != x_grad and two == x_grad
 
+
+
+class _TensorParamNet(torch.nn.Module):
+    """Two tensor-parameter LIF layers (learnable per-neuron alpha / threshold, then a learnable
+    synaptic current) and a readout."""
+
+    def __init__(self, backward):
+        super().__init__()
+        from sparsegrad.nn import LIF, LIReadout
+        self.l1 = LIF(20, 16, alpha=torch.linspace(0.8, 0.95, 16), learn_alpha=True,
+                      threshold=torch.linspace(0.9, 1.1, 16), learn_threshold=True, b_th=0.4,
+                      slope=5.0, backward=backward)
+        self.l2 = LIF(16, 12, alpha=0.9, alpha_syn=torch.full((12,), 0.6), learn_alpha_syn=True,
+                      b_th=0.4, slope=5.0, backward=backward)
+        self.readout = LIReadout(12, 4, alpha=0.8)
+
+    def forward(self, x):
+        return self.readout(self.l2(self.l1(x)))
+
+
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_tensor_parameter_layers_compile_fullgraph_matches_eager(backward):
+    """torch.compile(fullgraph=True) of tensor-parameter lif_layer networks (the autograd
+    Function returns the input events, whose data-dependent sizes must reach the graph's
+    outputs; it failed with PendingUnbackedSymbolNotFound before)."""
+    from conftest import assert_compile_matches_eager
+    torch.manual_seed(0)
+    x = (torch.rand(15, 5, 20) < 0.3).float()
+    labels = torch.randint(0, 4, (5,))
+    model = _TensorParamNet(backward)
+    with torch.no_grad():
+        model.l1.weight.mul_(3.0)
+        model.l2.weight.mul_(3.0)
+    assert_compile_matches_eager(model, x, labels)
