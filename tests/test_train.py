@@ -114,6 +114,6 @@ def test_learnable_parameters_and_synaptic_current(tmp_path):
     assert names["hidden.0.alpha"].shape == (64,) and names["hidden.1.threshold"].shape == (64,)
     assert "hidden.0.alpha_syn" not in names and model.hidden[0].alpha_syn == 0.5
     from sparsegrad.train import _check_args
-    with pytest.raises(SystemExit, match="CPU only so far"):
-        _check_args(build_parser().parse_args(["--arch", "recurrent", "--learn-alpha",
-                                               "--device", "cuda"]))
+    # the recurrent layer's tensor parameters have CUDA kernels: accepted on any device
+    _check_args(build_parser().parse_args(["--arch", "recurrent", "--learn-alpha", "--synaptic",
+                                           "0.5", "--device", "cuda"]))
