@@ -150,7 +150,7 @@ class RLIF(_LinearParams):
     ``learn_threshold`` / ``learn_alpha_syn`` make them nn.Parameters (state_dict keys
     ``alpha``, ``threshold``, ``alpha_syn``); a tensor alpha / alpha_syn is clamped to [0, 1] in
     the forward. With alpha_syn the state is (V, S, syn). Tensor parameters and alpha_syn run
-    on the CPU only so far (a CUDA input raises NotImplementedError).
+    the tensor-parameter kernels (CPU and CUDA).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,

@@ -727,7 +727,7 @@ def rlif_param_forward(x, weight, rec_weight, bias, v_init, s_init, syn_init, x_
                        sparse: bool, surrogate: str = "fast_sigmoid", reset: str = "subtract",
                        need_dparams: bool = False):
     """The recurrent layer with per-neuron alpha, threshold ([N] tensors) and optional alpha_syn
-    (CPU kernels only so far)."""
+    (CPU and CUDA kernels)."""
     return _ops.rlif_param_forward.default(
         x, weight, rec_weight, bias, v_init, s_init, syn_init, x_act_cnt, x_act_idx, alpha,
         threshold, alpha_syn, float(b_th), float(slope), bool(sparse), surrogate, reset,
