@@ -92,6 +92,10 @@ def main():
                             world_size=world)
     try:
         results = {backward: run(rank, world, backward) for backward in ("sparse", "dense")}
+        # both ranks done with every collective before either tears gloo down: a rank that
+        # destroys the group while its peer's last operation is in flight can abort in gloo's
+        # worker threads ("terminate called without an active exception", seen once in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     with open(out, "w") as f:
