@@ -8,6 +8,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace sparsegrad {
 
@@ -62,6 +63,17 @@ struct RowParam {
   const acc_t* ptr;  // [N]
   C10_HOST_DEVICE acc_t operator[](int64_t j) const { return ptr[j]; }
 };
+
+// Whether Param is a run-time parameter view (ParamView, RowParam) rather than the float API's
+// compile-time ScalarParam: the tensor-parameter kernels keep their extra state and traces then.
+template <class Param>
+struct IsScalarParam : std::false_type {};
+template <typename acc_t>
+struct IsScalarParam<ScalarParam<acc_t>> : std::true_type {};
+template <class Param>
+constexpr bool is_param_view() {
+  return !IsScalarParam<Param>::value;
+}
 
 namespace math {
 

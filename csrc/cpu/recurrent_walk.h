@@ -40,11 +40,7 @@ inline void for_each_bit(const int32_t* row, int64_t words, const Fn& fn) {
 // P = dV/dalpha, Q = -dV/dthreshold, R = dsyn/dalpha_syn, U = dV/dalpha_syn (math::tangent_*)
 // and keeps P, Q, U per active entry (dense mode: everywhere) and P, Q, R, U after the last step;
 // the backwards add math::param_grads where they form delta (docs/design.md, "Tensor parameters
-// and the synaptic current of the recurrent layer").
-template <typename Param>
-constexpr bool is_param_view() {
-  return !std::is_same<Param, ScalarParam<decltype(Param{}.value)>>::value;
-}
+// and the synaptic current of the recurrent layer"). is_param_view: lif_math.h.
 
 // ------------------------------------------------------------------------------------------
 // Forward

@@ -43,11 +43,6 @@ struct RlifParamForwardIO {
   at::Tensor syn_final, trace[3], tan_last;  // outputs (empty where absent)
 };
 
-template <typename Param, typename acc_t>
-constexpr bool is_tensor_param() {
-  return !std::is_same<Param, ScalarParam<acc_t>>::value;
-}
-
 template <class L, typename scalar_t, typename Param>
 RlifOutputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rec,
                               const c10::optional<at::Tensor>& bias,
@@ -56,7 +51,7 @@ RlifOutputs rlif_forward_impl(const at::Tensor& x, const at::Tensor& weight, con
                               double b_th, double slope, bool sparse, NeuronKinds kinds,
                               RlifParamForwardIO* prm = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kParams = is_tensor_param<Param, acc_t>();
+  constexpr bool kParams = is_param_view<Param>();
   const int64_t T = x.size(0), B = x.size(1), n = weight.size(0), words = bit_words(n), R = B * T;
   const auto acc_opts = acc_options(x);
   const auto int_opts = x.options().dtype(at::kInt);
@@ -242,8 +237,6 @@ struct RlifParamGradIO {
   at::Tensor dsyn, dparam[3];              // outputs: dsyn_init, d_alpha, d_threshold, d_alpha_syn
 };
 
-// G_I at every entry [T, B, N] (acc) by one launch per step; with prm, also G_V[0] (synaptic
-// current) and the accumulated parameter gradients [3, B, N] (acc, into prm).
 // The float API's alpha on the host (a tensor parameter's values may live on the device: the
 // state gradients then read prm->alpha).
 template <typename acc_t>
@@ -251,6 +244,8 @@ double scalar_value(ScalarParam<acc_t> p) { return static_cast<double>(p.value);
 template <typename acc_t>
 double scalar_value(ParamView<acc_t>) { return 0.0; }
 
+// G_I at every entry [T, B, N] (acc) by one launch per step; with prm, also G_V[0] (synaptic
+// current) and the accumulated parameter gradients [3, B, N] (acc, into *dparam_acc).
 template <class L, typename scalar_t, typename Param>
 at::Tensor rlif_reverse_walk(const at::Tensor& gS, const c10::optional<at::Tensor>& gV,
                              const at::Tensor& rec, const RlifEntries<scalar_t>& entries,
@@ -271,7 +266,7 @@ at::Tensor rlif_reverse_walk(const at::Tensor& gS, const c10::optional<at::Tenso
   a.g_init = ptr_or_null<scalar_t>(gV);
   a.rec = rec.data_ptr<scalar_t>();
   a.G = G.data_ptr<acc_t>();
-  if constexpr (is_tensor_param<Param, acc_t>()) {
+  if constexpr (is_param_view<Param>()) {
     if (prm->alpha_syn) {
       a.alpha_syn = Param{acc_t(0), prm->alpha_syn->data_ptr<acc_t>()};
       a.g_syn = ptr_or_null<scalar_t>(prm->grad_syn_final);
@@ -294,11 +289,12 @@ at::Tensor rlif_reverse_walk(const at::Tensor& gS, const c10::optional<at::Tenso
 // db, dv_init, ds_init, the s_init part of dR (into drec, [N, N]) from G and, with prm, dsyn_init
 // and the parameter gradients (dparam_acc, from the walk). T = 0: the final state is the initial
 // one, and S[-1] reaches nothing.
-inline void rlif_state_grads(const at::Tensor& G, const c10::optional<at::Tensor>& gV, const at::Tensor& rec,
-                      const c10::optional<at::Tensor>& s_init, double alpha, ResetKind reset,
-                      const at::TensorOptions& opts, bool need_db, bool need_dv, bool need_ds,
-                      at::Tensor* db, at::Tensor* dv, at::Tensor* ds, at::Tensor* drec,
-                      RlifParamGradIO* prm = nullptr, const at::Tensor* dparam_acc = nullptr) {
+inline void rlif_state_grads(const at::Tensor& G, const c10::optional<at::Tensor>& gV,
+                             const at::Tensor& rec, const c10::optional<at::Tensor>& s_init,
+                             double alpha, ResetKind reset, const at::TensorOptions& opts,
+                             bool need_db, bool need_dv, bool need_ds, at::Tensor* db,
+                             at::Tensor* dv, at::Tensor* ds, at::Tensor* drec,
+                             RlifParamGradIO* prm = nullptr, const at::Tensor* dparam_acc = nullptr) {
   const int64_t T = G.size(0), B = G.size(1), n = G.size(2);
   const bool syn = prm && prm->alpha_syn;
   auto given = [&](const c10::optional<at::Tensor>& g) {
