@@ -344,6 +344,21 @@ std::tuple<at::Tensor, at::Tensor> spike_conv2d_forward_cpu(
   return {out, idx};
 }
 
+#if defined(SG_CONV_AVX512)
+// Masks for 16 windows of a 2x2 pooling row from window px on, `left` = windows still to go
+// (rows narrower than 16 windows, and a row's last ones): keep, one lane per window; lo / hi,
+// the two 16-float halves of the row's 32 values.
+struct WindowMasks {
+  __mmask16 keep, lo, hi;
+};
+inline WindowMasks window_masks(int64_t left) {
+  left = std::min<int64_t>(16, left);
+  return {left == 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1),
+          left >= 8 ? __mmask16(0xffff) : __mmask16((1u << (2 * left)) - 1),
+          left <= 8 ? __mmask16(0) : __mmask16((1u << (2 * (left - 8))) - 1)};
+}
+#endif
+
 // 2x2 max pooling of one pair of float rows, 16 windows at a time (AVX-512): the same rule and
 // winner as the scalar loop (pool_takes: a greater value or a NaN takes over, in window order).
 // Returns how many windows it pooled (all, or none for other types or without AVX-512); the
@@ -359,11 +374,8 @@ inline int64_t max_pool2_rows16(const float* r0, const float* r1, int64_t wp, fl
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   for (int64_t px = 0; px < wp; px += 16) {
-    // the last windows of a row by masked loads and stores (rows narrower than 16 windows too)
-    const int64_t left = std::min<int64_t>(16, wp - px);
-    const __mmask16 lo = left >= 8 ? __mmask16(0xffff) : __mmask16((1u << (2 * left)) - 1);
-    const __mmask16 hi = left <= 8 ? __mmask16(0) : __mmask16((1u << (2 * (left - 8))) - 1);
-    const __mmask16 keep = left == 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    const WindowMasks m = window_masks(wp - px);  // the row's last windows masked
+    const __mmask16 lo = m.lo, hi = m.hi, keep = m.keep;
     const __m512 a0 = _mm512_maskz_loadu_ps(lo, r0 + 2 * px), a1 = _mm512_maskz_loadu_ps(hi, r0 + 2 * px + 16);
     const __m512 b0 = _mm512_maskz_loadu_ps(lo, r1 + 2 * px), b1 = _mm512_maskz_loadu_ps(hi, r1 + 2 * px + 16);
     const __m512 v[4] = {_mm512_permutex2var_ps(a0, even, a1), _mm512_permutex2var_ps(a0, odd, a1),
@@ -402,10 +414,8 @@ inline int64_t max_unpool2_rows16(const float* g, const uint8_t* slots, int64_t 
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
   __m128i top = _mm_setzero_si128();
   for (int64_t px = 0; px < wp; px += 16) {
-    const int64_t left = std::min<int64_t>(16, wp - px);
-    const __mmask16 keep = left == 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-    const __mmask16 lo = left >= 8 ? __mmask16(0xffff) : __mmask16((1u << (2 * left)) - 1);
-    const __mmask16 hi = left <= 8 ? __mmask16(0) : __mmask16((1u << (2 * (left - 8))) - 1);
+    const WindowMasks m = window_masks(wp - px);
+    const __mmask16 lo = m.lo, hi = m.hi, keep = m.keep;
     const __m512 v = _mm512_maskz_loadu_ps(keep, g + px);
     const __m128i s8 = _mm_maskz_loadu_epi8(keep, slots + px);
     top = _mm_max_epu8(top, s8);
