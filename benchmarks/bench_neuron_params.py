@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
 from torch import nn
@@ -131,30 +130,23 @@ class SnnTorchNet(nn.Module):
 
 
 def time_steps(models, x, y, steps, warmup):
-    """Median step time of each model over `steps` training steps, the models' steps in
-    alternation (a slow period of a shared machine falls on all of them alike), every step from
-    the same weights (the parameters are put back after each step, untimed: common.weight_reset).
-    Also returns each model's hidden spike rates of the timed steps."""
+    """Median training step time of each model, the models' steps in alternation and every step
+    from the same weights (common.measure_interleaved, common.weight_reset); also each model's
+    hidden spike rates of the timed steps."""
     loss_fn = nn.CrossEntropyLoss()
-    runs = {}
+    cases = {}
     for name, model in models.items():
-        runs[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3),
-                      common.weight_reset(model.parameters()), [])
-    for i in range(warmup + steps):
-        for name, (model, opt, reset, times) in runs.items():
-            t0 = time.perf_counter()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def back(out, opt=opt):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
+            loss_fn(out, y).backward()
             opt.step()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-            reset()
-    out = {}
-    for name, (model, _, _, times) in runs.items():
-        out[name] = common.summarize(times)
-        out[name]["hidden_rates"] = hidden_rates(model, x)
-    return out
+
+        cases[name] = (lambda m=model: m(x), back, common.weight_reset(model.parameters()))
+    times = common.measure_interleaved(cases, device="cpu", repeats=steps, warmup=warmup)
+    return {name: dict(times[name]["total"], hidden_rates=hidden_rates(model, x))
+            for name, model in models.items()}
 
 
 def hidden_rates(model, x):
