@@ -249,7 +249,7 @@ def dvs_net_bench(args, device, dtype, batchnorm=False):
         _, nbytes, ntensors = common.saved_bytes(fwd, exclude=params + [x])
         results[name] = dict(peak_memory=mem, saved_bytes=nbytes, saved_tensors=ntensors)
         if args.profile:
-            results[name]["profile"] = profile_step(lambda f=fwd, b=back: b(f()), name)
+            results[name]["profile"] = common.profile_step(lambda f=fwd, b=back: b(f()), name)
     # steps of the two libraries in alternation (common.measure_interleaved)
     for name, times in common.measure_interleaved(cases, device=device, repeats=args.repeats,
                                                   warmup=args.warmup).items():
@@ -270,25 +270,6 @@ def dvs_net_bench(args, device, dtype, batchnorm=False):
     print(f"spikes vs SpikingJelly: {check}")
     return dict(config=dict(cfg, batchnorm=batchnorm, b_th=args.b_th), rates=rates, check=check,
                 results=results)
-
-
-def profile_step(step, name, steps=3, top=25):
-    """Self CPU time per op and input shapes (torch.profiler), ms per step, largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(steps):
-            step()
-    rows = sorted(((e.self_cpu_time_total / 1e3 / steps, e.count / steps, e.key,
-                    str(e.input_shapes)[:70])
-                   for e in prof.key_averages(group_by_input_shape=True)), reverse=True)
-    total = sum(r[0] for r in rows)
-    print(f"{name}: self CPU time per step {total:.1f} ms (torch.profiler, {steps} steps)")
-    for ms, calls, key, shapes in rows[:top]:
-        print(f"  {ms:7.2f} ms  {calls:4.1f} calls  {key[:48]:48s} {shapes}")
-    return dict(total_ms=total, ops=[dict(ms=r[0], calls=r[1], op=r[2], shapes=r[3])
-                                     for r in rows[:top]])
 
 
 def batchnorm_cost(plain, with_bn):

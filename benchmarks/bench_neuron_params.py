@@ -149,6 +149,19 @@ def time_steps(models, x, y, steps, warmup):
             for name, model in models.items()}
 
 
+def profile(model, x, y, name):
+    """common.profile_step over training steps of the model, each from the same weights."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    reset = common.weight_reset(model.parameters())
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        opt.step()
+        reset()
+    return common.profile_step(step, name, top=12)
+
+
 def hidden_rates(model, x):
     """Spikes per neuron and step of the two hidden layers, at the model's current weights."""
     with torch.no_grad():
@@ -175,6 +188,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="also print (and save) the sparsegrad networks' per-op self CPU times")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     common._mallopt_timing_setting()  # the allocator setting of the other benchmarks (common.setup)
@@ -216,8 +231,12 @@ def main(argv=None):
             print(f"check {ours} vs {theirs}: max |logit difference| {err:.2e}")
             if err > 5e-2:
                 raise SystemExit(f"{ours} and {theirs} disagree (max difference {err})")
-    results = time_steps({name: make() for name, make in nets.items()}, x, y, args.repeats,
-                         args.warmup)
+    models = {name: make() for name, make in nets.items()}
+    results = time_steps(models, x, y, args.repeats, args.warmup)
+    if args.profile:  # where each sparsegrad network's step goes, op by op (torch.profiler)
+        for name, model in models.items():
+            if name.startswith("sparsegrad"):
+                results[name]["profile"] = profile(model, x, y, name)
     for name, r in results.items():
         print(f"{name:18s} step median {r['median']:9.1f} ms (IQR {r['iqr']:.1f})")
     med = {k: v["median"] for k, v in results.items()}

@@ -121,6 +121,25 @@ def inf_summary() -> dict:
                 max=math.inf, n=0, samples=[])
 
 
+def profile_step(step, name, steps=3, top=25):
+    """Self CPU time per op and input shapes (torch.profiler), ms per step, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    rows = sorted(((e.self_cpu_time_total / 1e3 / steps, e.count / steps, e.key,
+                    str(e.input_shapes)[:70])
+                   for e in prof.key_averages(group_by_input_shape=True)), reverse=True)
+    total = sum(r[0] for r in rows)
+    print(f"{name}: self CPU time per step {total:.1f} ms (torch.profiler, {steps} steps)")
+    for ms, calls, key, shapes in rows[:top]:
+        print(f"  {ms:7.2f} ms  {calls:4.1f} calls  {key[:48]:48s} {shapes}")
+    return dict(total_ms=total, ops=[dict(ms=r[0], calls=r[1], op=r[2], shapes=r[3])
+                                     for r in rows[:top]])
+
+
 def weight_reset(params) -> Callable[[], None]:
     """A reset for measure(): puts the parameters back to their values now. Training steps on a
     benchmark's fixed batch move the firing rates (random labels drove a synaptic SHD network

@@ -69,3 +69,15 @@ def test_bench_conv_cuda_without_gpu():
 
     with pytest.raises(SystemExit, match="--device cuda: torch.cuda.is_available"):
         bench_conv.main(["--quick", "--device", "cuda"])
+
+
+def test_bench_conv_ops_smoke(tmp_path):
+    """benchmarks/bench_conv_ops.py runs every op at the DVS net's sizes and writes its JSON."""
+    import bench_conv_ops
+    out = tmp_path / "ops.json"
+    rec = bench_conv_ops.main(["--repeats", "1", "--json", str(out)])
+    assert set(rec["results"]) == {"L1", "L2", "L3"}
+    for times in rec["results"].values():
+        assert set(times) == {"forward", "backward", "pool", "unpool"}
+        assert all(v > 0 for v in times.values())
+    assert json.loads(out.read_text())["machine"]["cpu"]
