@@ -442,3 +442,30 @@ def test_lif_half_types_run_the_float32_kernel(dtype):
     tol = 6e-2 if dtype == torch.bfloat16 else 8e-3
     torch.testing.assert_close(a.grad.float(), b.grad, rtol=tol,
                                atol=tol * float(b.grad.abs().max()))
+
+
+def test_backward_refuses_a_corrupt_active_set():
+    """The sparse backward indexes and binary-searches the active set's columns: an index out of
+    range or out of order within its row is refused with the argument's name, not followed."""
+    T, B, N = 6, 2, 40
+    current = _current((T, B, N), torch.float64, seed=4, scale=2.0)
+    out = ops.lif_neuron_forward(current, None, None, 0.85, 1.0, 0.5, 4.0, True, "fast_sigmoid",
+                                 "subtract", False)
+    cnt, idx, sg = out[2], out[3], out[4]
+    gs = torch.ones(T, B, N, dtype=torch.float64)
+    row = int(torch.nonzero(cnt.flatten() >= 2)[0])  # a row with two entries or more
+    first = int(cnt.flatten()[:row].sum())
+
+    def backward(bad_idx):
+        return ops.lif_neuron_backward(gs, None, None, cnt, bad_idx, sg, None, None, 0.85, True, False)
+
+    backward(idx)  # the forward's own set is accepted
+    swapped = idx.clone()
+    swapped[first], swapped[first + 1] = idx[first + 1], idx[first]
+    outside = idx.clone()
+    outside[first] = N
+    negative = idx.clone()
+    negative[first] = -1
+    for bad in (swapped, outside, negative):
+        with pytest.raises(RuntimeError, match="act_idx.*ascending within each row"):
+            backward(bad)

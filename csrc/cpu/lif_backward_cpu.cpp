@@ -26,37 +26,6 @@ inline Grads no_steps_grads(const at::Tensor& gS, const c10::optional<at::Tensor
           need_db ? at::zeros({n_out}, opts) : at::empty({0}, opts), dv};
 }
 
-// delta[e] = dL/dS * surrogate at each active entry (rows b*T + t): computed once, read by every
-// tile group's walk in order.
-template <typename scalar_t>
-std::unique_ptr<at::opmath_type<scalar_t>[]> active_deltas(const scalar_t* gS, const int64_t* off,
-                                                           const int32_t* idx, const scalar_t* sg,
-                                                           int64_t T, int64_t B, int64_t n_out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  profile::Scope timer(profile::kBwdDeltas);
-  const int64_t n = off[B * T];
-  std::unique_ptr<acc_t[]> delta(new acc_t[std::max<int64_t>(1, n)]);
-  // The rows of dL/dS an element reads are B * N_out apart: fetch them a few steps ahead.
-  // (Walking t-major instead, in dL/dS's memory order, measured slower: the compact arrays are
-  // b-major.)
-  constexpr int64_t kAhead = 8;
-  at::parallel_for(0, B, grain_for(T + n / std::max<int64_t>(B, 1)), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t t = 0; t < T; ++t) {
-        if (t + kAhead < T) {
-          const int64_t ra = b * T + t + kAhead;
-          const scalar_t* g_ahead = gS + ((t + kAhead) * B + b) * n_out;
-          for (int64_t e = off[ra]; e < off[ra + 1]; ++e) __builtin_prefetch(g_ahead + idx[e]);
-        }
-        const scalar_t* g_row = gS + (t * B + b) * n_out;
-        const int64_t r = b * T + t;
-        for (int64_t e = off[r]; e < off[r + 1]; ++e)
-          delta[e] = static_cast<acc_t>(g_row[idx[e]]) * static_cast<acc_t>(sg[e]);
-      }
-  });
-  return delta;
-}
-
 // W^T [N_in, N_out] padded with zeros to whole tiles, [N_in, width].
 inline at::Tensor padded_weight_t(const at::Tensor& weight, int64_t width) {
   at::Tensor wt = at::zeros({weight.size(1), width}, weight.options());

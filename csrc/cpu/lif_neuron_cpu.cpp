@@ -430,13 +430,42 @@ inline void zero_where_set(acc_t* __restrict__ g, int64_t n, const int32_t* word
   for (; j < n; ++j) g[j] = bit_set(words, j0 + j) ? acc_t(0) : g[j];
 }
 
-// Ask for a row's cache lines ahead of its sparse reads (the sparse walk touches them out of
-// order, which the hardware prefetcher does not follow).
-template <typename scalar_t>
-inline void prefetch_row(const scalar_t* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(scalar_t)); off += 64)
-    __builtin_prefetch(c + off, 0, 3);
+// Row loops of the backward walk, with restrict pointers so that they vectorise: the walk's
+// state rows, its output row and the parameter rows never overlap (through plain pointers the
+// compiler must assume they may, and the loops stay scalar).
+template <class Param, typename acc_t>
+inline void scale_row(int64_t n, acc_t* __restrict__ g, const Param& a, int64_t j0) {
+  for (int64_t j = 0; j < n; ++j) g[j] *= a[j0 + j];
+}
+
+// out = g * scale (scale 1: a copy, with the bits of g)
+template <typename acc_t, typename out_t>
+inline void scaled_copy_row(int64_t n, const acc_t* __restrict__ g, out_t* __restrict__ out,
+                            acc_t scale) {
+  if (scale == acc_t(1))
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(g[j]);
+  else
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(g[j] * scale);
+}
+
+// The synaptic current's gradient: G_I[t] = alpha_syn * G_I[t+1] + G_V[t] (decay: t < T-1; at
+// t = T-1, G_I starts from dL/dsyn_final), and out = G_I.
+template <class Param, typename acc_t, typename out_t>
+inline void syn_grad_row(int64_t n, bool decay, const acc_t* __restrict__ g, acc_t* __restrict__ gi,
+                         out_t* __restrict__ out, const Param& alpha_syn, int64_t j0) {
+  if (decay)
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t v = gi[j] * alpha_syn[j0 + j];
+      v += g[j];
+      gi[j] = v;
+      out[j] = static_cast<out_t>(v);
+    }
+  else
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t v = gi[j] + g[j];
+      gi[j] = v;
+      out[j] = static_cast<out_t>(v);
+    }
 }
 
 // Neurons per backward task: G for a block stays in L1.
@@ -475,6 +504,8 @@ struct NeuronBackwardWalk {
   const int32_t* bits = nullptr;
   const int64_t* offs = nullptr;  // sparse: the active set's row offsets (rows b*T + t)
   const int32_t* idx = nullptr;
+  // sparse: delta = dL/dS * surrogate at the active entries (active_deltas), owned by the walk
+  std::shared_ptr<const acc_t[]> delta;
   bool sparse = false, leaky = true, track = false;
   int reset = kResetSubtract;
   acc_t input_scale = 1;
@@ -514,7 +545,6 @@ struct NeuronBackwardWalk {
     acc_t *da = s.da, *dth = s.dth, *das = s.das;
     const Param& alpha = prm.alpha;
     const int64_t row = (t * B + b) * N + j0;
-    if (sparse && t > 0) prefetch_row(gs + row - B * N, n);  // the next step's row
     if (leaky) {
       if (t < T - 1) {  // G[t] = trace_decay(alpha, R[t+1]) * G[t+1] + ...
         if (bits) {
@@ -522,14 +552,13 @@ struct NeuronBackwardWalk {
           for (int64_t j = 0; j < n; ++j)
             g[j] *= math::trace_decay(alpha[j0 + j], bit_set(r, j0 + j), reset);
         } else {
-          for (int64_t j = 0; j < n; ++j) g[j] *= alpha[j0 + j];
+          scale_row(n, g, alpha, j0);
         }
       }
     } else {
       // carry = dL/dV_post[t]: grad_v_final at the last step, else alpha * G[t+1]; the reset
       // after step t passes it on times (1 - S[t]) (hard) or 1 (soft).
-      if (t < T - 1)
-        for (int64_t j = 0; j < n; ++j) g[j] *= alpha[j0 + j];
+      if (t < T - 1) scale_row(n, g, alpha, j0);
       for (int64_t j = 0; j < n; ++j) s.carry[j] = g[j];
       if (bits) zero_where_set(g, n, bits + (t * B + b) * W, j0);
     }
@@ -546,11 +575,11 @@ struct NeuronBackwardWalk {
       for (int64_t e = lo - idx; e < offs[r + 1] && idx[e] < j0 + n; ++e) {
         const int64_t j = idx[e] - j0;
         if (rg) g[j] += s.carry[j] * static_cast<acc_t>(rg[e]);
-        const acc_t delta = static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[e]);
-        g[j] += delta;
-        if (track && delta != acc_t(0))
-          math::param_grads(da[j], dth[j], das[j], delta, trace(0, e, row + j),
-                            trace(1, e, row + j), trace(2, e, row + j), true);
+        const acc_t d = delta[e];
+        g[j] += d;
+        if (track && d != acc_t(0))
+          math::param_grads(da[j], dth[j], das[j], d, trace(0, e, row + j), trace(1, e, row + j),
+                            trace(2, e, row + j), true);
       }
     } else {
       if (rg)
@@ -568,17 +597,10 @@ struct NeuronBackwardWalk {
           g[j] += static_cast<acc_t>(gs[row + j]) * static_cast<acc_t>(sg[row + j]);
       }
     }
-    if (ex->syn) {  // G_I[t] = G_V[t] + alpha_syn * G_I[t+1]: the current reaches V through syn
-      for (int64_t j = 0; j < n; ++j) {
-        if (t < T - 1) s.gi[j] *= prm.alpha_syn[j0 + j];
-        s.gi[j] += g[j];
-        out[j] = static_cast<out_t>(s.gi[j]);
-      }
-    } else if (leaky) {
-      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(g[j]);
-    } else {
-      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<out_t>(g[j] * input_scale);
-    }
+    if (ex->syn)  // the current reaches V through syn
+      syn_grad_row(n, t < T - 1, g, s.gi, out, prm.alpha_syn, j0);
+    else
+      scaled_copy_row(n, g, out, leaky ? acc_t(1) : input_scale);
   }
 
   // dv_init, dsyn_init and the parameter gradients of the block, after step 0 (or T = 0).
@@ -623,6 +645,7 @@ NeuronBackwardWalk<scalar_t, Param> make_backward_walk(
   w.bits = rst_bits.has_value() ? rst_bits->data_ptr<int32_t>() : nullptr;
   w.offs = sparse ? offsets.data_ptr<int64_t>() : nullptr;
   w.idx = sparse ? act_idx.data_ptr<int32_t>() : nullptr;
+  if (sparse) w.delta = active_deltas<scalar_t>(w.gs, w.offs, w.idx, w.sg, w.T, w.B, w.N);
   w.sparse = sparse;
   w.leaky = leaky;
   w.track = ex.track();
