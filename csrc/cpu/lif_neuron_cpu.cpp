@@ -192,6 +192,42 @@ struct EventCurrent {
   }
 };
 
+// The active set's value columns besides the indices: the surrogate, the reset's own term
+// (SpikingJelly, detach_reset=False) and the traces P, Q, U (compact traces).
+enum ActiveColumn : int { kColSg = 0, kColRg, kColP, kColQ, kColU, kActiveColumns };
+
+// The active entries one task of the forward appends for its batch elements, row by row (t
+// ascending within an element, so that each element's entries are one run): the indices and the
+// wanted columns, each in a thread-local scratch kept between calls, as the row kernels' event
+// lists are (per-call vectors grown entry by entry spent ~7 % of the synaptic SHD forward in
+// copies and page faults). Valid until the thread's next forward call.
+template <typename scalar_t>
+struct ActiveAppender {
+  Scratch* scratch[1 + kActiveColumns];
+  bool want[kActiveColumns];
+  int64_t used = 0;
+  int32_t* idx = nullptr;
+  scalar_t* col[kActiveColumns] = {};
+
+  explicit ActiveAppender(const bool (&wanted)[kActiveColumns]) {
+    static thread_local Scratch slots[1 + kActiveColumns];
+    for (int k = 0; k <= kActiveColumns; ++k) {
+      scratch[k] = &slots[k];
+      slots[k].shrink_if_large();
+    }
+    std::copy(wanted, wanted + kActiveColumns, want);
+    reserve(0);
+  }
+  // Room for n more entries, plus the slack that active_row may write past its count.
+  void reserve(int64_t n) {
+    const int64_t need = n + kScratchSlack;
+    const int64_t s = sizeof(scalar_t);
+    idx = reinterpret_cast<int32_t*>(scratch[0]->reserve(used * 4, need * 4));
+    for (int k = 0; k < kActiveColumns; ++k)
+      if (want[k]) col[k] = reinterpret_cast<scalar_t*>(scratch[1 + k]->reserve(used * s, need * s));
+  }
+};
+
 struct ForwardResult {
   at::Tensor spikes, v_final, syn_final, act_cnt, act_idx, act_sg, act_rg, act_p, act_q, act_u,
       tan_last, rst_bits, mem, stats;
@@ -245,12 +281,13 @@ ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N
   const bool need_tr[3] = {ex.need_p, ex.need_q, ex.need_u};
   scalar_t* tlast = track ? tan_last.data_ptr<scalar_t>() : nullptr;
 
-  std::vector<std::vector<int32_t>> act_idx(sparse ? B : 0);
-  std::vector<std::vector<scalar_t>> act_sg(sparse ? B : 0);
-  std::vector<std::vector<scalar_t>> act_rg(sparse && keep_rg ? B : 0);
-  // the traces P, Q, U at the active entries (sparse mode, compact traces)
-  std::vector<std::vector<scalar_t>> act_tr[3];
-  for (int k = 0; k < 3; ++k) act_tr[k].resize(sparse && !dense_tr && need_tr[k] ? B : 0);
+  // sparse: each element's run of active entries in its task's ActiveAppender
+  const bool want_col[kActiveColumns] = {true, keep_rg, !dense_tr && need_tr[0],
+                                         !dense_tr && need_tr[1], !dense_tr && need_tr[2]};
+  std::vector<int64_t> run_first(sparse ? B : 0), run_len(sparse ? B : 0);
+  std::vector<const int32_t*> run_idx(sparse ? B : 0);
+  std::vector<const scalar_t*> run_col[kActiveColumns];
+  for (auto& c : run_col) c.resize(sparse ? B : 0);
   // The reset's own gradient term at an entry (detach_reset=False): dV_post/dH beyond (1 - S).
   auto reset_term = [&](acc_t h, acc_t sg, int64_t j) -> acc_t {
     return reset == kResetZero ? (v_reset - h) * sg : -threshold[j] * sg;
@@ -266,7 +303,8 @@ ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N
     if (track)
       for (int k = 0; k < 4; ++k) tgp[k] = tg.data() + k * N;
     acc_t* tr_of[3] = {tgp[0], tgp[1], tgp[3]};  // P, Q, U: what the backward reads
-    std::vector<int32_t> row_idx(sparse ? N + 16 : 0);  // active_row writes past the count
+    c10::optional<ActiveAppender<scalar_t>> app;
+    if (sparse) app.emplace(want_col);
     // The membrane the spike is read from: V itself (leaky), or the charge H (SpikingJelly).
     acc_t* h = leaky ? v.data() : h_buf.data();
     for (int64_t b = b0; b < b1; ++b) {
@@ -279,6 +317,7 @@ ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N
           syn[j] = ex.syn_init ? static_cast<acc_t>(ex.syn_init[b * N + j]) : acc_t(0);
       std::fill(tg.begin(), tg.end(), acc_t(0));
       int64_t fired = 0, nonzero = 0;
+      if (sparse) run_first[b] = app->used;
       for (int64_t t = 0; t < T; ++t) {
         const int64_t row = (t * B + b) * N;
         const scalar_t* cur = source.row(b, t, cur_buf.data());
@@ -318,25 +357,25 @@ ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N
             if (dtr[k])
               for (int64_t j = 0; j < N; ++j) dtr[k][row + j] = static_cast<scalar_t>(tr_of[k][j]);
         if (sparse) {
-          const int64_t active = active_row(N, h, row_idx.data(), threshold, b_th);
+          app->reserve(N);
+          const int64_t at = app->used;
+          const int32_t* row_idx = app->idx + at;
+          const int64_t active = active_row(N, h, app->idx + at, threshold, b_th);
           cnt[b * T + t] = static_cast<int32_t>(active);
-          const size_t at = act_idx[b].size();
-          act_idx[b].insert(act_idx[b].end(), row_idx.begin(), row_idx.begin() + active);
-          act_sg[b].resize(at + active);
-          if (keep_rg) act_rg[b].resize(at + active);
-          scalar_t* sg_b = act_sg[b].data() + at;
+          scalar_t* sg_b = app->col[kColSg] + at;
           for (int64_t e = 0; e < active; ++e) {
             const int32_t j = row_idx[e];
             const acc_t g = math::surrogate(h[j], threshold[j], slope, surrogate);
             sg_b[e] = static_cast<scalar_t>(g);
-            if (keep_rg) act_rg[b][at + e] = static_cast<scalar_t>(reset_term(h[j], g, j));
+            if (keep_rg) app->col[kColRg][at + e] = static_cast<scalar_t>(reset_term(h[j], g, j));
           }
           for (int k = 0; k < 3; ++k) {
-            if (act_tr[k].empty()) continue;
-            act_tr[k][b].resize(at + active);
+            scalar_t* tr_b = app->col[kColP + k];
+            if (!want_col[kColP + k]) continue;
             for (int64_t e = 0; e < active; ++e)
-              act_tr[k][b][at + e] = static_cast<scalar_t>(tr_of[k][row_idx[e]]);
+              tr_b[at + e] = static_cast<scalar_t>(tr_of[k][row_idx[e]]);
           }
+          app->used += active;
         } else {
           surrogate_row(surrogate, N, h, sgd + row, threshold, slope);
           if (rgd)
@@ -353,7 +392,13 @@ ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N
             tlast[(k * B + b) * N + j] = static_cast<scalar_t>(tgp[k][j]);
       spike_count[b] = fired;
       nonzero_count[b] = nonzero;
+      if (sparse) run_len[b] = app->used - run_first[b];
     }
+    if (sparse)  // the scratch's final place, after the task's last reserve
+      for (int64_t b = b0; b < b1; ++b) {
+        run_idx[b] = app->idx;
+        for (int k = 0; k < kActiveColumns; ++k) run_col[k][b] = app->col[k];
+      }
     stream_fence();
   });
 
@@ -384,32 +429,26 @@ ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N
     return r;
   }
   std::vector<int64_t> base(B + 1, 0);
-  for (int64_t b = 0; b < B; ++b) base[b + 1] = base[b] + static_cast<int64_t>(act_idx[b].size());
+  for (int64_t b = 0; b < B; ++b) base[b + 1] = base[b] + run_len[b];
   st[1] = base[B];
   auto idx_out = at::empty({base[B]}, opts.dtype(at::kInt));
-  auto sg_out = at::empty({base[B]}, opts);
-  auto rg_out = at::empty({keep_rg ? base[B] : 0}, opts);
-  at::Tensor tr_out[3];
-  for (int k = 0; k < 3; ++k) tr_out[k] = at::empty({act_tr[k].empty() ? 0 : base[B]}, opts);
+  at::Tensor col_out[kActiveColumns];
+  for (int k = 0; k < kActiveColumns; ++k) col_out[k] = at::empty({want_col[k] ? base[B] : 0}, opts);
   int32_t* ip = idx_out.data_ptr<int32_t>();
-  scalar_t* sp = sg_out.data_ptr<scalar_t>();
-  scalar_t* rp = keep_rg ? rg_out.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, B, grain_for(base[B] / std::max<int64_t>(B, 1) + 1), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      std::copy(act_idx[b].begin(), act_idx[b].end(), ip + base[b]);
-      std::copy(act_sg[b].begin(), act_sg[b].end(), sp + base[b]);
-      if (rp) std::copy(act_rg[b].begin(), act_rg[b].end(), rp + base[b]);
-      for (int k = 0; k < 3; ++k)
-        if (!act_tr[k].empty())
-          std::copy(act_tr[k][b].begin(), act_tr[k][b].end(), tr_out[k].data_ptr<scalar_t>() + base[b]);
+      std::copy_n(run_idx[b] + run_first[b], run_len[b], ip + base[b]);
+      for (int k = 0; k < kActiveColumns; ++k)
+        if (want_col[k])
+          std::copy_n(run_col[k][b] + run_first[b], run_len[b], col_out[k].data_ptr<scalar_t>() + base[b]);
     }
   });
   r.act_idx = idx_out;
-  r.act_sg = sg_out;
-  r.act_rg = rg_out;
-  r.act_p = dense_tr ? tp_dense : tr_out[0];
-  r.act_q = dense_tr ? tq_dense : tr_out[1];
-  r.act_u = dense_tr ? tu_dense : tr_out[2];
+  r.act_sg = col_out[kColSg];
+  r.act_rg = col_out[kColRg];
+  r.act_p = dense_tr ? tp_dense : col_out[kColP];
+  r.act_q = dense_tr ? tq_dense : col_out[kColQ];
+  r.act_u = dense_tr ? tu_dense : col_out[kColU];
   return r;
 }
 
