@@ -145,8 +145,11 @@ def time_steps(models, x, y, steps, warmup):
 
         cases[name] = (lambda m=model: m(x), back, common.weight_reset(model.parameters()))
     times = common.measure_interleaved(cases, device="cpu", repeats=steps, warmup=warmup)
-    return {name: dict(times[name]["total"], hidden_rates=hidden_rates(model, x))
-            for name, model in models.items()}
+    out = {}
+    for name, model in models.items():
+        cases[name][2]()  # the weights every timed step started from (not one step past them)
+        out[name] = dict(times[name]["total"], hidden_rates=hidden_rates(model, x))
+    return out
 
 
 def profile(model, x, y, name):
