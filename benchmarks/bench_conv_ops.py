@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 LAYERS = {"L1": (2, 16, 48, 229), "L2": (16, 32, 24, 818), "L3": (32, 64, 12, 589)}
 SAMPLES = 160
@@ -70,16 +73,7 @@ def main(argv=None):
             pool=best_ms(lambda: ops.conv_pool2d(spikes, "max", 2), args.repeats),
             unpool=best_ms(lambda: ops.conv_unpool2d(g_pooled, win, "max", 2, h, h), args.repeats))
         print(f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in results[name].items()))
-    record = dict(config=vars(args), results=results,
-                  machine=dict(cpu=platform.processor() or platform.machine(),
-                               platform=platform.platform(), loadavg=os.getloadavg(),
-                               torch=torch.__version__))
-    try:
-        with open("/proc/cpuinfo") as f:
-            record["machine"]["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                                            if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    record = dict(config=vars(args), results=results, machine=common.machine_info("cpu"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 
 import torch
@@ -252,9 +251,7 @@ def main(argv=None):
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     record = dict(config=vars(args), hidden_rates=[r1, r2], synaptic_hidden_rates=[rs1, rs2],
-                  results=results, ratios=ratios,
-                  machine=dict(platform=platform.platform(), loadavg=os.getloadavg(),
-                               torch=torch.__version__))
+                  results=results, ratios=ratios, machine=common.machine_info("cpu"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
