@@ -359,8 +359,8 @@ ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N
         if (sparse) {
           app->reserve(N);
           const int64_t at = app->used;
-          const int32_t* row_idx = app->idx + at;
-          const int64_t active = active_row(N, h, app->idx + at, threshold, b_th);
+          int32_t* row_idx = app->idx + at;
+          const int64_t active = active_row(N, h, row_idx, threshold, b_th);
           cnt[b * T + t] = static_cast<int32_t>(active);
           scalar_t* sg_b = app->col[kColSg] + at;
           for (int64_t e = 0; e < active; ++e) {
@@ -370,10 +370,9 @@ ForwardResult forward_impl(const Source& source, int64_t T, int64_t B, int64_t N
             if (keep_rg) app->col[kColRg][at + e] = static_cast<scalar_t>(reset_term(h[j], g, j));
           }
           for (int k = 0; k < 3; ++k) {
-            scalar_t* tr_b = app->col[kColP + k];
             if (!want_col[kColP + k]) continue;
-            for (int64_t e = 0; e < active; ++e)
-              tr_b[at + e] = static_cast<scalar_t>(tr_of[k][row_idx[e]]);
+            scalar_t* tr_b = app->col[kColP + k] + at;
+            for (int64_t e = 0; e < active; ++e) tr_b[e] = static_cast<scalar_t>(tr_of[k][row_idx[e]]);
           }
           app->used += active;
         } else {
